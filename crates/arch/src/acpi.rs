@@ -1,0 +1,283 @@
+//! ACPI tables for a hardware-reduced ACPI platform: RSDP, XSDT, FADT, MADT and a DSDT with the
+//! S5 sleep state, a power button, the Generic Event Device that notifies it, and COM1.
+//!
+//! The platform registers are I/O ports at [`PM_BASE`]: sleep control, sleep status, reset, and
+//! the GED event byte (see the `acpi_pm` device).
+
+use acpi_tables::aml::{
+    self, Device, EISAName, Equal, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule,
+    Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
+    ResourceTemplate, Scope, Store, IO,
+};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{ACPI_MAX_SIZE, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+
+/// Base I/O port of the ACPI platform registers.
+pub const PM_BASE: u16 = 0x600;
+/// Offsets from [`PM_BASE`].
+pub const PM_SLEEP_CONTROL: u16 = 0;
+pub const PM_SLEEP_STATUS: u16 = 1;
+pub const PM_RESET: u16 = 2;
+pub const PM_GED_EVENT: u16 = 3;
+pub const PM_PORTS: u16 = 4;
+/// The value written to the reset register to reset the machine.
+pub const RESET_VALUE: u8 = 1;
+/// The S5 (soft off) sleep type the DSDT advertises.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// GED event bit: the power button was pressed.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1;
+/// The GSI of the Generic Event Device (free: hardware-reduced ACPI has no SCI).
+pub const GED_IRQ: u32 = 9;
+/// COM1's port and IRQ.
+pub const COM1_PORT: u16 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
+
+const OEM_ID: [u8; 6] = *b"VESSEL";
+const OEM_TABLE_ID: [u8; 8] = *b"VESSELVM";
+const OEM_REVISION: u32 = 1;
+
+/// Errors building the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ACPI tables ({0} bytes) do not fit in their {ACPI_MAX_SIZE}-byte area")]
+    TooLarge(u64),
+    #[error("cannot write the ACPI tables into guest memory: {0}")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+fn dsdt() -> Vec<u8> {
+    let mut sdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // Each table part is built and emitted in one statement: the AML builders borrow their
+    // children, which live until the statement ends.
+    Name::new(
+        Path::new("_S5_"),
+        &Package::new(vec![&S5_SLEEP_TYPE, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut sdt);
+
+    let ged_port = (PM_BASE + PM_GED_EVENT) as u32;
+    Scope::new(
+        Path::new("\\_SB_"),
+        vec![
+            // The power button, a control-method device notified by the GED.
+            &Device::new(
+                Path::new("PWRB"),
+                vec![
+                    &Name::new(Path::new("_HID"), &EISAName::new("PNP0C0C")),
+                    &Name::new(Path::new("_UID"), &0u8),
+                ],
+            ),
+            // The Generic Event Device: on its interrupt, _EVT reads the event byte and
+            // notifies the devices whose bits are set.
+            &Device::new(
+                Path::new("GED_"),
+                vec![
+                    &Name::new(Path::new("_HID"), &"ACPI0013"),
+                    &Name::new(Path::new("_UID"), &0u8),
+                    &Name::new(
+                        Path::new("_CRS"),
+                        &ResourceTemplate::new(vec![&Interrupt::new(
+                            true, true, false, false, GED_IRQ,
+                        )]),
+                    ),
+                    &OpRegion::new(Path::new("GDST"), OpRegionSpace::SystemIO, &ged_port, &1u8),
+                    &aml::Field::new(
+                        Path::new("GDST"),
+                        FieldAccessType::Byte,
+                        FieldLockRule::NoLock,
+                        FieldUpdateRule::WriteAsZeroes,
+                        vec![FieldEntry::Named(*b"GDAT", 8)],
+                    ),
+                    &Method::new(
+                        Path::new("_EVT"),
+                        1,
+                        true,
+                        vec![
+                            &Store::new(&Local(0), &Path::new("GDAT")),
+                            &aml::If::new(
+                                &Equal::new(
+                                    &aml::And::new(&Local(1), &Local(0), &GED_EVENT_POWER_BUTTON),
+                                    &GED_EVENT_POWER_BUTTON,
+                                ),
+                                vec![&Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)],
+                            ),
+                        ],
+                    ),
+                ],
+            ),
+            // COM1, so that guests find the console through ACPI too.
+            &Device::new(
+                Path::new("COM1"),
+                vec![
+                    &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
+                    &Name::new(Path::new("_UID"), &0u8),
+                    &Name::new(
+                        Path::new("_CRS"),
+                        &ResourceTemplate::new(vec![
+                            &IO::new(COM1_PORT, COM1_PORT, 1, 8),
+                            &Interrupt::new(true, true, false, false, COM1_IRQ),
+                        ]),
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut sdt);
+    sdt.update_checksum();
+    sdt.as_slice().to_vec()
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64);
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.reset_reg = io(PM_BASE + PM_RESET);
+    b.reset_value = RESET_VALUE;
+    b.sleep_control_reg = io(PM_BASE + PM_SLEEP_CONTROL);
+    b.sleep_status_reg = io(PM_BASE + PM_SLEEP_STATUS);
+    // IA-PC boot architecture: no VGA; no i8042 is announced (it exists only for reset).
+    b.iapc_boot_arch = (1u16 << 2).into();
+    b.hypervisor_vendor_identity = u64::from_le_bytes(*b"VESSEL\0\0").into();
+    let mut v = Vec::new();
+    b.finalize().to_aml_bytes(&mut v);
+    v
+}
+
+fn madt(cpus: u32) -> Vec<u8> {
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR as u32),
+    );
+    for id in 0..cpus {
+        m.add_structure(ProcessorLocalApic::new(id as u8, id as u8, EnabledStatus::Enabled));
+    }
+    m.add_structure(IoApic::new(cpus as u8, IOAPIC_ADDR as u32, 0));
+    let mut v = Vec::new();
+    m.to_aml_bytes(&mut v);
+    v
+}
+
+fn align8(x: u64) -> u64 {
+    (x + 7) & !7
+}
+
+/// Writes the ACPI tables for `cpus` vCPUs and returns the RSDP's address.
+pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, Error> {
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
+    // The XSDT holds two entries: FADT and MADT.
+    let xsdt_len = 36 + 2 * 8;
+    let dsdt_addr = align8(xsdt_addr + xsdt_len);
+    let dsdt = dsdt();
+    let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(dsdt_addr);
+    let madt_addr = align8(fadt_addr + fadt.len() as u64);
+    let madt = madt(cpus);
+    let end = madt_addr + madt.len() as u64;
+    if end - ACPI_START > ACPI_MAX_SIZE {
+        return Err(Error::TooLarge(end - ACPI_START));
+    }
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let mut xsdt_bytes = Vec::new();
+    xsdt.to_aml_bytes(&mut xsdt_bytes);
+    debug_assert_eq!(xsdt_bytes.len() as u64, xsdt_len);
+
+    let mut rsdp = Vec::new();
+    Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
+
+    for (addr, bytes) in [
+        (rsdp_addr, &rsdp),
+        (xsdt_addr, &xsdt_bytes),
+        (dsdt_addr, &dsdt),
+        (fadt_addr, &fadt),
+        (madt_addr, &madt),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(Error::Write)?;
+    }
+    Ok(GuestAddress(rsdp_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
+    }
+
+    fn table_at(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut t = vec![0u8; len as usize];
+        mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+        t
+    }
+
+    #[test]
+    fn tables_link_up_with_valid_checksums() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let rsdp = setup_acpi(&mem, 4).unwrap();
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, rsdp).unwrap();
+        assert_eq!(&r[0..8], b"RSD PTR ");
+        assert_eq!(sum(&r[0..20]), 0);
+        assert_eq!(sum(&r), 0);
+        let xsdt_addr = u64::from_le_bytes(r[24..32].try_into().unwrap());
+        let xsdt = table_at(&mem, xsdt_addr);
+        assert_eq!(&xsdt[0..4], b"XSDT");
+        assert_eq!(sum(&xsdt), 0);
+        let entries: Vec<u64> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let fadt = table_at(&mem, entries[0]);
+        assert_eq!(&fadt[0..4], b"FACP");
+        assert_eq!(sum(&fadt), 0);
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
+        // Sleep control register: I/O space at PM_BASE.
+        assert_eq!(fadt[244], 1);
+        assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().unwrap()), PM_BASE as u64);
+        let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let dsdt = table_at(&mem, dsdt_addr);
+        assert_eq!(&dsdt[0..4], b"DSDT");
+        assert_eq!(sum(&dsdt), 0);
+        let has = |pat: &[u8]| dsdt.windows(pat.len()).any(|w| w == pat);
+        assert!(has(b"_S5_") && has(b"PWRB") && has(b"GED_") && has(b"_EVT"));
+        let madt = table_at(&mem, entries[1]);
+        assert_eq!(&madt[0..4], b"APIC");
+        assert_eq!(sum(&madt), 0);
+        let (mut off, mut lapics, mut ioapics) = (44, 0, 0);
+        while off < madt.len() {
+            match madt[off] {
+                0 => lapics += 1,
+                1 => ioapics += 1,
+                t => panic!("unexpected MADT entry type {t}"),
+            }
+            off += madt[off + 1] as usize;
+        }
+        assert_eq!((lapics, ioapics), (4, 1));
+    }
+
+    #[test]
+    fn the_largest_vm_fits() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        setup_acpi(&mem, crate::MAX_VCPUS).unwrap();
+    }
+}

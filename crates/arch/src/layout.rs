@@ -1,0 +1,154 @@
+//! The guest physical memory map.
+//!
+//! ```text
+//! 0x0000_0500  GDT (Linux 64-bit boot), IDT at 0x520
+//! 0x0000_6000  PVH start_info, module list at 0x6800
+//! 0x0000_7000  Linux zero page, or the PVH memory map
+//! 0x0000_8ff0  initial stack (Linux 64-bit boot)
+//! 0x0000_9000  boot page tables: PML4, PDPT at 0xa000, four PDs at 0xb000..0xf000
+//! 0x0002_0000  kernel command line (up to 64 KiB)
+//! 0x0009_fc00  EBDA (reserved)
+//! 0x000e_0000  ACPI tables (RSDP first)
+//! 0x000f_0000  MP floating pointer and configuration table
+//! 0x0010_0000  kernel
+//!   ...        RAM; the initrd sits at the top of low RAM
+//! 0xc000_0000  32-bit MMIO hole (3 GiB..4 GiB): devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0x1_0000_0000 RAM above 4 GiB, for guests larger than 3 GiB
+//! ```
+
+use vm_memory::GuestAddress;
+
+pub const GDT_START: u64 = 0x500;
+pub const IDT_START: u64 = 0x520;
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const PVH_MODLIST_START: u64 = 0x6800;
+pub const ZERO_PAGE_START: u64 = 0x7000;
+pub const PVH_MEMMAP_START: u64 = 0x7000;
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const PML4_START: u64 = 0x9000;
+pub const PDPT_START: u64 = 0xa000;
+pub const PD_START: u64 = 0xb000;
+/// How many page directories the boot identity map uses (each maps 1 GiB with 2 MiB pages).
+pub const PD_COUNT: u64 = 4;
+pub const CMDLINE_START: u64 = 0x2_0000;
+pub const CMDLINE_MAX_SIZE: usize = 0x1_0000;
+pub const EBDA_START: u64 = 0x9_fc00;
+pub const LOW_RAM_END: u64 = 0xa_0000;
+pub const ACPI_START: u64 = 0xe_0000;
+pub const ACPI_MAX_SIZE: u64 = 0x1_0000;
+pub const MPTABLE_START: u64 = 0xf_0000;
+pub const BIOS_END: u64 = 0x10_0000;
+/// Where the kernel goes: the 1 MiB line.
+pub const HIMEM_START: u64 = 0x10_0000;
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+
+/// The smallest guest Vessel builds: room for the boot structures, a kernel and a stack.
+pub const MIN_MEMORY: u64 = 8 << 20;
+
+/// The RAM ranges for a guest of `size` bytes: one below the MMIO hole and, past 3 GiB, one
+/// above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_HOLE_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_HOLE_START as usize),
+            (
+                GuestAddress(MMIO_HOLE_END),
+                (size - MMIO_HOLE_START) as usize,
+            ),
+        ]
+    }
+}
+
+/// The end (exclusive) of RAM below the MMIO hole.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
+/// E820 entry types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Type {
+    Ram = 1,
+    Reserved = 2,
+}
+
+/// One E820 entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: E820Type,
+}
+
+/// The E820 memory map a guest of `size` bytes is given.
+pub fn e820_map(size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Type::Ram,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: LOW_RAM_END - EBDA_START,
+            kind: E820Type::Reserved,
+        },
+        E820Entry {
+            addr: ACPI_START,
+            size: BIOS_END - ACPI_START,
+            kind: E820Type::Reserved,
+        },
+        E820Entry {
+            addr: HIMEM_START,
+            size: low_ram_end(size) - HIMEM_START,
+            kind: E820Type::Ram,
+        },
+    ];
+    if size > MMIO_HOLE_START {
+        map.push(E820Entry {
+            addr: MMIO_HOLE_END,
+            size: size - MMIO_HOLE_START,
+            kind: E820Type::Ram,
+        });
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let m = e820_map(256 << 20);
+        assert_eq!(m.last().unwrap().addr + m.last().unwrap().size, 256 << 20);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_hole() {
+        let r = ram_ranges(5 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), 3 << 30));
+        assert_eq!(r[1], (GuestAddress(4 << 30), 2 << 30));
+        let total: u64 = e820_map(5 << 30)
+            .iter()
+            .filter(|e| e.kind == E820Type::Ram)
+            .map(|e| e.size)
+            .sum();
+        // RAM below 640 KiB and above 1 MiB, less the EBDA.
+        assert_eq!(total, (5 << 30) - (HIMEM_START - EBDA_START));
+    }
+
+    #[test]
+    fn boot_structures_fit_below_the_command_line() {
+        assert!(PD_START + PD_COUNT * 0x1000 <= 0x1_0000);
+        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+        assert!(ACPI_START + ACPI_MAX_SIZE <= MPTABLE_START);
+    }
+}

@@ -1,0 +1,57 @@
+//! Vessel's KVM layer.
+//!
+//! Thin, typed wrappers over `kvm-ioctls`: the system handle ([`Hypervisor`]), a VM ([`Vm`]) and
+//! its vCPUs ([`Vcpu`]). Every `unsafe` ioctl of the project lives in this crate. Nothing above it
+//! sees a raw KVM structure except the register and CPUID types re-exported here.
+
+mod cpu;
+mod kick;
+mod system;
+mod vm;
+
+pub use cpu::{Vcpu, VcpuExit};
+pub use kick::{install_kick_handler, KickHandle};
+pub use system::{HostInfo, Hypervisor};
+pub use vm::{IrqLine, Vm};
+
+/// KVM structures the layers above use to describe CPU state.
+pub mod kvm {
+    pub use kvm_bindings::{
+        kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+        kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    };
+}
+
+/// Errors from the KVM layer; each names the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled and do you have access to /dev/kvm?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("unsupported KVM API version {0} (need 12)")]
+    ApiVersion(i32),
+    #[error("KVM lacks a capability Vessel needs: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM operation `{op}` failed: {source}")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM set only {set} of {wanted} MSRs (first rejected: {first_rejected:#x})")]
+    PartialMsrs {
+        set: usize,
+        wanted: usize,
+        first_rejected: u32,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("signal setup failed: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Maps a `kvm_ioctls` error to [`Error::Kvm`] naming the operation.
+pub(crate) fn op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
