@@ -35,6 +35,8 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 pub const GED_EVENT_POWER_BUTTON: u8 = 1;
 /// The GSI of the Generic Event Device (free: hardware-reduced ACPI has no SCI).
 pub const GED_IRQ: u32 = 9;
+/// The CMOS RTC's index port.
+pub const RTC_PORT: u16 = 0x70;
 /// COM1's port and IRQ.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -109,6 +111,17 @@ fn dsdt() -> Vec<u8> {
                                 vec![&Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)],
                             ),
                         ],
+                    ),
+                ],
+            ),
+            // The CMOS RTC, so that guests bind their RTC driver through ACPI (no alarm IRQ).
+            &Device::new(
+                Path::new("RTC_"),
+                vec![
+                    &Name::new(Path::new("_HID"), &EISAName::new("PNP0B00")),
+                    &Name::new(
+                        Path::new("_CRS"),
+                        &ResourceTemplate::new(vec![&IO::new(RTC_PORT, RTC_PORT, 1, 2)]),
                     ),
                 ],
             ),
@@ -259,7 +272,7 @@ mod tests {
         assert_eq!(&dsdt[0..4], b"DSDT");
         assert_eq!(sum(&dsdt), 0);
         let has = |pat: &[u8]| dsdt.windows(pat.len()).any(|w| w == pat);
-        assert!(has(b"_S5_") && has(b"PWRB") && has(b"GED_") && has(b"_EVT"));
+        assert!(has(b"_S5_") && has(b"PWRB") && has(b"GED_") && has(b"_EVT") && has(b"RTC_"));
         let madt = table_at(&mem, entries[1]);
         assert_eq!(&madt[0..4], b"APIC");
         assert_eq!(sum(&madt), 0);

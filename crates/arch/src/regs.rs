@@ -199,7 +199,9 @@ pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 /// The MSRs every vCPU starts with, limited to those `supported` (KVM's MSR index list) holds:
-/// syscall MSRs cleared, fast strings on, MTRRs on with write-back as the default type.
+/// syscall MSRs cleared, fast strings on, MTRRs on with write-back as the default type. The TSC
+/// is left alone: KVM starts all vCPUs of a VM with synchronized TSCs, and writing it from here,
+/// one vCPU after the other, could only unsynchronize them.
 pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
     let e = |index, data| kvm_msr_entry {
         index,
@@ -215,7 +217,6 @@ pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
         e(MSR_KERNEL_GS_BASE, 0),
         e(MSR_SYSCALL_MASK, 0),
         e(MSR_LSTAR, 0),
-        e(MSR_IA32_TSC, 0),
         e(MSR_IA32_MISC_ENABLE, 1),
         e(MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
     ]
@@ -292,8 +293,9 @@ mod tests {
 
     #[test]
     fn msrs_are_filtered_and_lint_is_wired() {
-        let m = boot_msrs(&[MSR_IA32_TSC, MSR_MTRR_DEF_TYPE]);
+        let m = boot_msrs(&[MSR_IA32_TSC, MSR_MTRR_DEF_TYPE, MSR_STAR]);
         assert_eq!(m.len(), 2);
+        assert!(m.iter().all(|e| e.index != MSR_IA32_TSC));
         let mut l = kvm_lapic_state::default();
         set_lint(&mut l);
         assert_eq!((lapic_reg(&l, APIC_LVT0) >> 8) & 7, APIC_MODE_EXTINT);

@@ -6,11 +6,13 @@
 
 mod cpu;
 mod kick;
+mod probe;
 mod system;
 mod vm;
 
 pub use cpu::{Vcpu, VcpuExit};
 pub use kick::{install_kick_handler, KickHandle};
+pub use probe::{Ring0Probe, PROBE_ITERATIONS};
 pub use system::{HostInfo, Hypervisor};
 pub use vm::{IrqLine, Vm};
 
@@ -45,6 +47,8 @@ pub enum Error {
     },
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("host probe failed: {0}")]
+    Probe(String),
     #[error("signal setup failed: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
 }

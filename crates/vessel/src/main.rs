@@ -1,0 +1,57 @@
+//! `vessel`: the VM monitor and its tools.
+
+mod host_check;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// Vessel: a KVM virtualization platform.
+#[derive(Parser, Debug)]
+#[command(name = "vessel", version, about, propagate_version = true)]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. `debug` or `warn,vessel::boot=info`. Also VESSEL_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM: a kernel given with --kernel, or the bundled guest.
+    Run(run::RunArgs),
+    /// Say what this host's KVM offers and whether it runs guest kernels natively.
+    HostCheck(host_check::HostCheckArgs),
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("VESSEL_LOG").ok())
+        .unwrap_or_else(|| "warn,vessel::boot=info".to_string());
+    let env = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(env)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn main() {
+    let start = std::time::Instant::now();
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
+        Command::Run(args) => run::run(args, start).map_err(Into::into),
+        Command::HostCheck(args) => host_check::run(args).map_err(Into::into),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vessel: error: {e}");
+            std::process::exit(vmm::exit::EXIT_ERROR);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! `vessel run`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use arch::template::CpuTemplate;
+use clap::Args;
+use vmm::config::{parse_console, parse_protocol, parse_size};
+use vmm::{KernelSource, Vm, VmConfig};
+
+/// The bundled guest (guests/), built by build.rs.
+static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vessel-guest.elf"));
+
+/// The command line given to a kernel when --cmdline is absent.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Kernel to boot: bzImage, or ELF vmlinux (PVH entry used when present). Default: the
+    /// bundled guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory: 512M, 2G, ... (a plain number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// Serial console: stdio, file:PATH, socket:PATH or off.
+    #[arg(long, value_name = "WHERE", default_value = "stdio")]
+    console: String,
+    /// CPU features to hide or require, e.g. `x86-64-v2`, `-avx512f,-x2apic`, `+aes`.
+    #[arg(long, value_name = "SPEC")]
+    cpu_template: Option<String>,
+    /// Boot protocol: auto (PVH when the ELF kernel has the note), pvh, linux64.
+    #[arg(long, value_name = "PROTOCOL", default_value = "auto")]
+    boot_protocol: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] vmm::config::ConfigError),
+    #[error(transparent)]
+    Template(#[from] arch::template::Error),
+    #[error(transparent)]
+    Vm(#[from] vmm::Error),
+}
+
+fn config(args: RunArgs) -> Result<VmConfig, Error> {
+    let kernel = match args.kernel {
+        Some(p) => KernelSource::Path(p),
+        None => KernelSource::Bytes("bundled-guest", BUNDLED_GUEST),
+    };
+    Ok(VmConfig {
+        cpus: args.cpus,
+        memory: parse_size(&args.memory)?,
+        kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        console: parse_console(&args.console)?,
+        cpu_template: match &args.cpu_template {
+            Some(spec) => CpuTemplate::parse(spec)?,
+            None => CpuTemplate::default(),
+        },
+        boot_protocol: parse_protocol(&args.boot_protocol)?,
+    })
+}
+
+pub fn run(args: RunArgs, start: Instant) -> Result<i32, Error> {
+    let vm = Vm::build(config(args)?, start)?;
+    let reason = vm.run()?;
+    match &reason {
+        vmm::ExitReason::PowerOff | vmm::ExitReason::GuestExit(0) => {
+            tracing::info!("{reason}")
+        }
+        vmm::ExitReason::Crash(_) | vmm::ExitReason::Error(_) => {
+            eprintln!("vessel: {reason}")
+        }
+        _ => tracing::warn!("{reason}"),
+    }
+    Ok(reason.code())
+}

@@ -1,0 +1,219 @@
+//! The direct test host: the bundled guest on this machine's /dev/kvm.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn cpu_lines(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| l.starts_with("cpu ") && l.contains("ring 3 (cpl 3)"))
+        .collect()
+}
+
+#[test]
+fn run_boots_the_bundled_guest_and_exits_0() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let o = vessel(&["run"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("Vessel guest"), "{out}");
+    assert!(out.contains("(boot: pvh)"), "ELF with a PVH note boots through PVH: {out}");
+    assert!(out.contains("cmdline: console=ttyS0 panic=1"), "{out}");
+    assert_eq!(cpu_lines(&out).len(), 1, "{out}");
+    assert!(out.contains("all 1 cpus ran in ring 3"), "{out}");
+    // The boot-time marker is logged with the time since the process started.
+    assert!(stderr(&o).contains("guest boot marker after"), "{}", stderr(&o));
+}
+
+#[test]
+fn four_vcpus_each_report_from_ring_3() {
+    let o = vessel(&["run", "--cpus", "4"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("cpus: 4 (apic ids: 0 1 2 3)"), "{out}");
+    let lines = cpu_lines(&out);
+    assert_eq!(lines.len(), 4, "{out}");
+    for id in 0..4 {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("cpu {id}:"))),
+            "cpu {id} missing: {out}"
+        );
+    }
+    // The same workload gives the same checksum everywhere.
+    let sums: Vec<&str> = lines.iter().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    assert!(sums.windows(2).all(|w| w[0] == w[1]), "{out}");
+    assert!(out.contains("all 4 cpus ran in ring 3"), "{out}");
+}
+
+#[test]
+fn linux_64bit_boot_protocol_also_boots_it() {
+    let o = vessel(&["run", "--boot-protocol", "linux64", "--cpus", "2"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("(boot: linux64)"), "{out}");
+    assert_eq!(cpu_lines(&out).len(), 2, "{out}");
+}
+
+/// The guest's e820 lines, as (start, end inclusive, type).
+fn e820(out: &str) -> Vec<(u64, u64, String)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("e820: "))
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let range = parts.next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let p = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+            (p(a), p(b), parts.next().unwrap_or("").to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn guest_sees_the_memory_map_vessel_gives() {
+    let o = vessel(&["run", "--memory", "64M"]);
+    assert_code(&o, 0);
+    let map = e820(&stdout(&o));
+    assert!(
+        map.contains(&(0x10_0000, (64 << 20) - 1, "usable".into())),
+        "{map:x?}"
+    );
+    assert!(map.contains(&(0, 0x9_fbff, "usable".into())), "{map:x?}");
+}
+
+#[test]
+fn large_guests_get_memory_above_4g() {
+    // Guest memory is mapped lazily: a 5 GiB guest costs what it touches.
+    let o = vessel(&["run", "--memory", "5G"]);
+    assert_code(&o, 0);
+    let map = e820(&stdout(&o));
+    assert!(
+        map.contains(&(0x10_0000, 0xbfff_ffff, "usable".into())),
+        "RAM below the 3 GiB hole: {map:x?}"
+    );
+    assert!(
+        map.contains(&(1 << 32, (1u64 << 32) + (2 << 30) - 1, "usable".into())),
+        "RAM above 4 GiB: {map:x?}"
+    );
+}
+
+#[test]
+fn exit_device_status_is_the_exit_code() {
+    let o = vessel(&["run", "--cmdline", "action=exit:7"]);
+    assert_code(&o, 7);
+}
+
+#[test]
+fn acpi_poweroff_exits_0() {
+    let o = vessel(&["run", "--cmdline", "action=poweroff"]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("all 1 cpus ran in ring 3"));
+}
+
+#[test]
+fn reboot_exits_3() {
+    let o = vessel(&["run", "--cmdline", "action=reboot"]);
+    assert_code(&o, 3);
+}
+
+#[test]
+fn triple_fault_exits_4_with_a_message() {
+    let o = vessel(&["run", "--cmdline", "action=triplefault"]);
+    assert_code(&o, 4);
+    assert!(stderr(&o).contains("triple fault"), "{}", stderr(&o));
+}
+
+#[test]
+fn cpu_template_masks_features() {
+    let o = vessel(&["run", "--cpu-template", "x86-64-v2,-x2apic", "--cpus", "2"]);
+    assert_code(&o, 0);
+}
+
+#[test]
+fn console_to_a_file() {
+    let p = std::env::temp_dir().join(format!("vessel-console-{}.log", std::process::id()));
+    let arg = format!("file:{}", p.display());
+    let o = vessel(&["run", "--console", &arg]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).is_empty());
+    let log = std::fs::read_to_string(&p).unwrap();
+    assert!(log.contains("Vessel guest"), "{log}");
+    std::fs::remove_file(p).unwrap();
+}
+
+/// Starts a held guest (it spins after booting) and waits for its boot banner on the console
+/// socket; returns the child and what the socket showed.
+fn start_held_guest(sock: &std::path::Path) -> (std::process::Child, String) {
+    let arg = format!("socket:{}", sock.display());
+    let child = Command::new(VESSEL)
+        .args(["run", "--console", &arg, "--cmdline", "action=hold"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("console socket never appeared: {e}"),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("all 1 cpus ran in ring 3") {
+        assert!(Instant::now() < deadline, "guest output: {seen}");
+        if let Ok(n) = stream.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    (child, seen)
+}
+
+fn stop_with(child: std::process::Child, signal: &str) -> std::process::Output {
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn socket_console_and_sigterm() {
+    let sock = std::env::temp_dir().join(format!("vessel-term-{}.sock", std::process::id()));
+    let (child, seen) = start_held_guest(&sock);
+    assert!(seen.contains("Vessel guest"), "backlog replayed to the client: {seen}");
+    let o = stop_with(child, "-TERM");
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+    let _ = std::fs::remove_file(sock);
+}
+
+#[test]
+fn sigint_stops_the_vm() {
+    let sock = std::env::temp_dir().join(format!("vessel-int-{}.sock", std::process::id()));
+    let (child, _) = start_held_guest(&sock);
+    let o = stop_with(child, "-INT");
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    let _ = std::fs::remove_file(sock);
+}
+
+#[test]
+fn host_check_reports_the_ring0_verdict() {
+    let o = vessel(&["host-check", "--json"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(out.contains("\"ring0_native\""), "{out}");
+    assert!(out.contains("\"verdict\""), "{out}");
+    // On the development machines' kvm_pvm, ring 0 is emulated; elsewhere it is native.
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(out.contains("\"ring0_native\": false"), "{out}");
+    }
+}

@@ -1,0 +1,297 @@
+//! Building a VM from a [`VmConfig`] and running it to the end.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::acpi;
+use arch::boot::{self, BootEntry, KernelSpec};
+use arch::cpuid::{self, Topology};
+use arch::layout;
+use arch::regs;
+use devices::legacy::{AcpiPm, BootMarker, Cmos, ExitDevice, Serial, SerialInput, I8042};
+use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
+use hypervisor::{Hypervisor, Vcpu};
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{KernelSource, VmConfig};
+use crate::console::Console;
+use crate::control::{Control, RunState};
+use crate::exit::ExitReason;
+use crate::vcpu::{self, VcpuContext, VcpuHandle};
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kvm(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Template(#[from] arch::template::Error),
+    #[error("cannot allocate {size} MiB of guest memory: {reason}")]
+    Memory { size: u64, reason: String },
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Regs(#[from] regs::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    MpTable(#[from] arch::mptable::Error),
+    #[error(transparent)]
+    Console(#[from] crate::console::Error),
+    #[error("device setup: {0}")]
+    Bus(#[from] devices::BusError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+/// A VM that is built and ready to run.
+pub struct Vm {
+    config: VmConfig,
+    // Kept alive for the VM's life: KVM's memory slots point into it.
+    _mem: GuestMemoryMmap,
+    _vm: hypervisor::Vm,
+    vcpus: Vec<Vcpu>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    control: Arc<Control>,
+    console: Console,
+    serial: Arc<Mutex<Serial>>,
+    boot_marker: Arc<Mutex<BootMarker>>,
+    pub boot: BootEntry,
+}
+
+/// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
+struct TempKernel(PathBuf);
+
+impl TempKernel {
+    fn new(name: &str, bytes: &[u8]) -> std::io::Result<Self> {
+        let dir = std::env::temp_dir();
+        for attempt in 0..100u32 {
+            let p = dir.join(format!(".vessel-{name}-{}-{attempt}", std::process::id()));
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(mut f) => {
+                    std::io::Write::write_all(&mut f, bytes)?;
+                    return Ok(TempKernel(p));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("no free temporary file name"))
+    }
+}
+
+impl Drop for TempKernel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Vm {
+    /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
+    /// `start` is when the process started (for the boot-time marker).
+    pub fn build(config: VmConfig, start: Instant) -> Result<Vm, Error> {
+        let hv = Hypervisor::new()?;
+        config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
+        let info = hv.info();
+        let tsc_deadline = info
+            .caps
+            .iter()
+            .any(|(n, ok)| *n == "TSC_DEADLINE_TIMER" && *ok);
+
+        let mut base_cpuid = hv.supported_cpuid()?;
+        config.cpu_template.apply(&mut base_cpuid)?;
+        let msr_list = hv.msr_index_list()?;
+
+        let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+            Error::Memory {
+                size: config.memory >> 20,
+                reason: e.to_string(),
+            }
+        })?;
+        let vm = hv.create_vm()?;
+        vm.setup_irqchip_and_timers()?;
+        vm.register_memory(&mem)?;
+
+        let control = Arc::new(Control::new().map_err(io("cannot create the control channel"))?);
+        let events = event_sink(control.clone());
+
+        // Devices.
+        let mut console = Console::open(&config.console)?;
+        let serial_irq: Arc<dyn Interrupt> = Arc::new(vm.irq_line(acpi::COM1_IRQ)?.event);
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.take_output())));
+        let ged_irq: Arc<dyn Interrupt> = Arc::new(vm.irq_line(acpi::GED_IRQ)?.event);
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
+            events.clone(),
+            ged_irq,
+            acpi::S5_SLEEP_TYPE,
+            acpi::RESET_VALUE,
+        )));
+        let boot_marker = Arc::new(Mutex::new(BootMarker::new(start)));
+        let low = layout::low_ram_end(config.memory);
+        let cmos = Cmos::new(low, config.memory - low);
+
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), u64::from(acpi::COM1_PORT), 8)?;
+        pio.insert(shared(I8042::new(events.clone())), 0x60, 5)?;
+        pio.insert(shared(cmos), u64::from(acpi::RTC_PORT), 2)?;
+        pio.insert(shared(ExitDevice::new(events.clone())), 0xf4, 4)?;
+        pio.insert(boot_marker.clone(), 0x3f0, 1)?;
+        pio.insert(acpi_pm, u64::from(acpi::PM_BASE), u64::from(acpi::PM_PORTS))?;
+        let mmio = Bus::new();
+
+        // Firmware tables and the kernel.
+        arch::mptable::setup_mptable(&mem, config.cpus)?;
+        let rsdp = acpi::setup_acpi(&mem, config.cpus)?;
+        let (kernel_path, _temp) = match &config.kernel {
+            KernelSource::Path(p) => (p.clone(), None),
+            KernelSource::Bytes(name, bytes) => {
+                let t = TempKernel::new(name, bytes).map_err(io("cannot stage the bundled guest"))?;
+                (t.0.clone(), Some(t))
+            }
+        };
+        let spec = KernelSpec {
+            kernel: &kernel_path,
+            initrd: config.initrd.as_deref(),
+            cmdline: &config.cmdline,
+            protocol: config.boot_protocol,
+        };
+        let boot = boot::load(&mem, config.memory, &spec, Some(rsdp))?;
+
+        // vCPUs.
+        let topo = Topology {
+            cpus: config.cpus,
+            tsc_deadline,
+        };
+        let msrs = regs::boot_msrs(&msr_list);
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(u64::from(id))?;
+            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
+            vcpu.set_msrs(&msrs)?;
+            let mut lapic = vcpu.lapic()?;
+            regs::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic)?;
+            vcpu.set_fpu(&regs::boot_fpu())?;
+            if id == 0 {
+                let sregs = regs::setup_sregs(&mem, boot.protocol, vcpu.sregs()?)?;
+                vcpu.set_sregs(&sregs)?;
+                vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
+            }
+            vcpus.push(vcpu);
+        }
+        tracing::debug!(
+            "VM built: {} vCPUs, {} MiB, {:?} entry at {:#x}",
+            config.cpus,
+            config.memory >> 20,
+            boot.protocol,
+            boot.entry.0
+        );
+
+        Ok(Vm {
+            config,
+            _mem: mem,
+            _vm: vm,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            control,
+            console,
+            serial,
+            boot_marker,
+            boot,
+        })
+    }
+
+    /// Runs the VM until it stops, and returns why.
+    pub fn run(mut self) -> Result<ExitReason, Error> {
+        hypervisor::install_kick_handler()?;
+        let signals = install_stop_signals(&self.control)?;
+        self.console
+            .start_input(SerialInput(self.serial.clone()), self.control.clone())?;
+
+        let ctx = VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            control: self.control.clone(),
+        };
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for v in self.vcpus.drain(..) {
+            match vcpu::spawn(v, ctx.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.control.request_exit(ExitReason::Error(format!(
+                        "cannot start a vCPU thread: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+
+        let reason = loop {
+            self.control.wait_wake();
+            if let Some(sig) = signals.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
+                self.control.request_exit(ExitReason::Signal(sig.0));
+            }
+            if let Some(r) = self.control.exit_reason() {
+                break r;
+            }
+        };
+
+        self.control.set_state(RunState::Stopping);
+        for h in &handles {
+            h.kick.kick();
+        }
+        for h in handles {
+            if h.thread.join().is_err() {
+                tracing::error!("vCPU {} thread panicked", h.index);
+            }
+        }
+        if let Some(t) = devices::bus::lock(&self.boot_marker).boot_time() {
+            tracing::debug!("boot time {:?}", t);
+        }
+        tracing::debug!("VM with {} vCPUs ended: {reason}", self.config.cpus);
+        Ok(reason)
+    }
+}
+
+fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<D>> {
+    Arc::new(Mutex::new(d))
+}
+
+/// Maps device events to exit reasons.
+fn event_sink(control: Arc<Control>) -> VmEventSink {
+    Arc::new(move |e| {
+        control.request_exit(match e {
+            VmEvent::PowerOff => ExitReason::PowerOff,
+            VmEvent::Reset => ExitReason::Reset,
+            VmEvent::Exit(n) => ExitReason::GuestExit(n),
+        })
+    })
+}
+
+/// SIGINT and SIGTERM set a flag and wake the main thread.
+fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
+    let mut flags = Vec::new();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let flag = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(sig, flag.clone()).map_err(io("cannot install a signal handler"))?;
+        let wake = control.wake_handle().map_err(io("cannot install a signal handler"))?;
+        signal_hook::low_level::pipe::register(sig, wake)
+            .map_err(io("cannot install a signal handler"))?;
+        flags.push((sig, flag));
+    }
+    Ok(flags)
+}

@@ -1,0 +1,211 @@
+//! Ring-3 CPU helpers: port I/O (allowed by IOPL=3), the TSC, CPUID, the
+//! ring-0 services behind `int 0x80`, and physical memory access (all of
+//! 0..4 GiB is identity mapped and user accessible).
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::boot::{SYS_PARK, SYS_TRIPLE_FAULT, SYS_WRITE32};
+
+/// The exit device: writing N makes the VMM exit with status N (QEMU's
+/// `isa-debug-exit` exits with `(N << 1) | 1`).
+pub const EXIT_PORT: u16 = 0xf4;
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: ring 3 runs with IOPL=3, so port I/O is permitted; the ports
+    // the guest uses are device registers, not memory.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// The current privilege level: the low two bits of CS.
+pub fn cpl() -> u8 {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) }
+    (cs & 3) as u8
+}
+
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is allowed in ring 3 (CR4.TSD is clear) and has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+
+/// TSC frequency from CPUID (leaf 0x15, 0x16 or the hypervisor's 0x40000010),
+/// else a guess of 3 GHz. Only used for timeouts and small delays.
+pub fn tsc_hz() -> u64 {
+    let cached = TSC_HZ.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    let max_leaf = core::arch::x86_64::__cpuid(0).eax;
+    let mut hz = 0u64;
+    if max_leaf >= 0x15 {
+        let r = core::arch::x86_64::__cpuid(0x15);
+        if r.eax != 0 && r.ebx != 0 && r.ecx != 0 {
+            hz = u64::from(r.ecx) * u64::from(r.ebx) / u64::from(r.eax);
+        }
+    }
+    if hz == 0 && max_leaf >= 0x16 {
+        hz = u64::from(core::arch::x86_64::__cpuid(0x16).eax & 0xffff) * 1_000_000;
+    }
+    if hz == 0 && core::arch::x86_64::__cpuid(0x4000_0000).eax >= 0x4000_0010 {
+        hz = u64::from(core::arch::x86_64::__cpuid(0x4000_0010).eax) * 1000;
+    }
+    if hz < 100_000_000 {
+        hz = 3_000_000_000;
+    }
+    TSC_HZ.store(hz, Ordering::Relaxed);
+    hz
+}
+
+/// TSC ticks in `us` microseconds.
+pub fn us_to_ticks(us: u64) -> u64 {
+    tsc_hz() / 1000 * us / 1000
+}
+
+pub fn delay_us(us: u64) {
+    let start = rdtsc();
+    let ticks = us_to_ticks(us);
+    while rdtsc().wrapping_sub(start) < ticks {
+        pause();
+    }
+}
+
+/// Exit through the exit device; if that does not stop the VM, park.
+pub fn exit(code: u8) -> ! {
+    outb(EXIT_PORT, code);
+    park()
+}
+
+/// Park this CPU in ring 0 (`cli; hlt` forever).
+pub fn park() -> ! {
+    // SAFETY: the ring-0 service 0 never returns; it touches no memory.
+    unsafe { asm!("int 0x80", in("rax") SYS_PARK, options(noreturn, nostack)) }
+}
+
+/// Spin in ring 3 forever (the `hold` action).
+pub fn spin_forever() -> ! {
+    loop {
+        pause();
+    }
+}
+
+/// Load a zero-limit IDT in ring 0 and fault: a deliberate triple fault.
+pub fn triple_fault() -> ! {
+    // SAFETY: the ring-0 service 1 never returns.
+    unsafe { asm!("int 0x80", in("rax") SYS_TRIPLE_FAULT, options(noreturn, nostack)) }
+}
+
+/// A 32-bit store done from ring 0 (fallback for MMIO that ring 3 cannot do).
+///
+/// # Safety
+/// `addr` must be a device register (or memory) that may be written.
+#[allow(dead_code)]
+pub unsafe fn kernel_write32(addr: u64, value: u32) {
+    // SAFETY: the caller guarantees the store is harmless; service 2 does
+    // only `mov %esi, (%rdi)` and returns.
+    unsafe {
+        asm!("int 0x80", in("rax") SYS_WRITE32, in("rdi") addr, in("rsi") u64::from(value), options(nostack))
+    }
+}
+
+/// Physical memory below 4 GiB: identity mapped, user accessible.
+pub mod phys {
+    /// Largest physical address range the guest maps.
+    pub const LIMIT: u64 = 1 << 32;
+
+    /// Whether `[addr, addr + len)` lies inside the identity map.
+    pub fn mapped(addr: u64, len: u64) -> bool {
+        addr.checked_add(len).is_some_and(|end| end <= LIMIT)
+    }
+
+    /// Read a `T` at physical address `addr`.
+    fn read<T: Copy>(addr: u64) -> T {
+        assert!(
+            mapped(addr, core::mem::size_of::<T>() as u64),
+            "read outside the identity map"
+        );
+        // SAFETY: the range is mapped (checked above); `T` is one of the
+        // integer types below, any bit pattern is valid, and unaligned reads are fine.
+        unsafe { core::ptr::read_unaligned(addr as *const T) }
+    }
+
+    pub fn u8(addr: u64) -> u8 {
+        read(addr)
+    }
+
+    pub fn u16(addr: u64) -> u16 {
+        read(addr)
+    }
+
+    pub fn u32(addr: u64) -> u32 {
+        read(addr)
+    }
+
+    pub fn u64(addr: u64) -> u64 {
+        read(addr)
+    }
+
+    /// A byte slice of physical memory that is not written while in use
+    /// (boot information and firmware tables).
+    pub fn bytes(addr: u64, len: usize) -> &'static [u8] {
+        assert!(mapped(addr, len as u64), "slice outside the identity map");
+        // SAFETY: the range is mapped and readable; the guest never writes
+        // the boot structures and firmware tables it reads this way.
+        unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+    }
+
+    /// Volatile 32-bit MMIO read.
+    pub fn mmio_read32(addr: u64) -> u32 {
+        assert!(mapped(addr, 4));
+        // SAFETY: a device register inside the identity map (uncached page).
+        unsafe { core::ptr::read_volatile(addr as *const u32) }
+    }
+
+    /// Volatile 32-bit MMIO write.
+    pub fn mmio_write32(addr: u64, value: u32) {
+        assert!(mapped(addr, 4));
+        // SAFETY: a device register inside the identity map.
+        unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+    }
+
+    /// Volatile 8-bit MMIO write.
+    pub fn mmio_write8(addr: u64, value: u8) {
+        assert!(mapped(addr, 1));
+        // SAFETY: a device register inside the identity map.
+        unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
+    }
+}
