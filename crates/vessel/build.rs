@@ -47,7 +47,10 @@ fn main() {
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("cannot run cargo to build the bundled guest: {e}"));
-    assert!(status.success(), "building the bundled guest (guests/) failed");
+    assert!(
+        status.success(),
+        "building the bundled guest (guests/) failed"
+    );
     let built = target_dir.join("release/vessel-guest");
     std::fs::copy(&built, &staged)
         .unwrap_or_else(|e| panic!("cannot stage {}: {e}", built.display()));

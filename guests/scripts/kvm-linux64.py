@@ -17,9 +17,15 @@ COM1 output (0x3f8/0x3fd), the exit device (0xf4), the boot marker (0x3f0)
 and the i8042 reset (0x64). The in-kernel irqchip provides the local APICs,
 so INIT/SIPI start the APs.
 
-usage: kvm-linux64.py ELF [-s CPUS] [-m MIB] [-a CMDLINE]
+With --firmware FILE --rsdp ADDR, the bytes 0x9fc00..0x100000 of FILE (a dump
+of low guest memory holding MP/ACPI tables, e.g. from Vessel's arch crate)
+replace the generated MP table, and boot_params.acpi_rsdp_addr is set. Writes
+to the ACPI ports Vessel uses (sleep control 0x600, reset 0x602) are handled.
+
+usage: kvm-linux64.py ELF [-s CPUS] [-m MIB] [-a CMDLINE] [--firmware F --rsdp A]
 Exit status: the guest's exit-device value; 100 on a triple fault (shutdown),
-101 on an i8042 reset, 102 on a timeout, 103 on an unexpected exit.
+101 on a reset (i8042 or ACPI), 102 on a timeout, 103 on an unexpected exit,
+104 on an ACPI sleep request (SLP_EN).
 """
 
 import argparse
@@ -142,7 +148,7 @@ def load_elf(mem, path):
     return entry
 
 
-def setup_memory(mem, size, cpus, cmdline):
+def setup_memory(mem, size, cpus, cmdline, firmware, rsdp):
     # GDT: null, null, 0x10 code64, 0x18 data
     mem[0x500:0x520] = struct.pack("<4Q", 0, 0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)
     # Page tables: identity map 0..4 GiB with 2 MiB pages.
@@ -164,9 +170,13 @@ def setup_memory(mem, size, cpus, cmdline):
     bp[0x210] = 0xFF
     struct.pack_into("<I", bp, 0x228, 0x20000)
     struct.pack_into("<I", bp, 0x238, len(raw))
+    struct.pack_into("<Q", bp, 0x70, rsdp)
     mem[0x7000:0x8000] = bytes(bp)
-    table = mp_table(cpus, 0x9FC00)
-    mem[0x9FC00:0x9FC00 + len(table)] = table
+    if firmware:
+        mem[0x9FC00:0x100000] = open(firmware, "rb").read()[0x9FC00:0x100000]
+    else:
+        table = mp_table(cpus, 0x9FC00)
+        mem[0x9FC00:0x9FC00 + len(table)] = table
 
 
 class Machine:
@@ -184,7 +194,7 @@ class Machine:
         region = MemRegion(0, 0, 0, self.size, addr)
         ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, ctypes.addressof(region))
         self.entry = load_elf(self.mem, args.elf)
-        setup_memory(self.mem, self.size, args.cpus, args.cmdline)
+        setup_memory(self.mem, self.size, args.cpus, args.cmdline, args.firmware, args.rsdp)
         self.run_size = ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
         self.cpuid = cpuid_buffer(256)
         ioctl(self.kvm, KVM_GET_SUPPORTED_CPUID, ctypes.addressof(self.cpuid))
@@ -260,6 +270,10 @@ class Machine:
                 self.marker = (time.monotonic() - self.start) * 1000
             elif port == 0x64 and value == 0xFE:
                 self.finish(101, "i8042 reset")
+            elif port == 0x600 and value & 0x20:
+                self.finish(104, f"ACPI sleep request, SLP_TYP {(value >> 2) & 7}")
+            elif port == 0x602:
+                self.finish(101, "ACPI reset register")
         else:
             value = 0x60 if port == 0x3FD else 0xFF
             run[offset:offset + size * count] = bytes([value]) * (size * count)
@@ -278,6 +292,8 @@ def main():
     ap.add_argument("-m", "--mem", type=int, default=128, help="MiB")
     ap.add_argument("-a", "--cmdline", default="")
     ap.add_argument("-t", "--timeout", type=float, default=30)
+    ap.add_argument("--firmware", help="low-memory dump with MP/ACPI tables")
+    ap.add_argument("--rsdp", type=lambda x: int(x, 0), default=0)
     args = ap.parse_args()
     Machine(args).main(args.timeout)
 

@@ -5,6 +5,10 @@
 //! precomputed page tables, GDT, TSS and IDT, and `iretq`s into ring 3 with
 //! IOPL=3 and interrupts off. All real work happens in Rust in ring 3.
 //!
+//! Port I/O from ring 3 is allowed twice over: by IOPL=3 and by an all-zero
+//! I/O permission bitmap shared by every TSS. PVM does not keep a guest IOPL
+//! for ring 3; it emulates the faulting `in`/`out` and consults the bitmap.
+//!
 //! Entry points:
 //! - `pvh_start32`: PVH (Xen `XEN_ELFNOTE_PHYS32_ENTRY`), 32-bit protected
 //!   mode, paging off, `%ebx` = `hvm_start_info`.
@@ -16,6 +20,8 @@
 //! Ring 0 services for ring 3 (`int 0x80`, DPL 3), selected by `%rax`:
 //! 0 = park the CPU (`cli; hlt` forever), 1 = triple fault on purpose,
 //! 2 = 32-bit store of `%esi` to address `%rdi` (ring-0 MMIO fallback).
+//! PVM turns ring-3 software interrupts into #UD at the `int` instruction, so
+//! the #UD handler treats a #UD on `int $0x80` (bytes cd 80) as the call.
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, AtomicU64};

@@ -14,6 +14,9 @@ pub enum Action {
     TripleFault,
     /// `action=hold`: spin in ring 3 forever.
     Hold,
+    /// `action=fault`: execute `ud2` in ring 3, to exercise the exception
+    /// path (prints `FAIL: exception 6 ...`, exit status 2).
+    Fault,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +61,7 @@ fn parse_action(value: &[u8]) -> Option<Action> {
         b"reboot" => Action::Reboot,
         b"triplefault" => Action::TripleFault,
         b"hold" => Action::Hold,
+        b"fault" => Action::Fault,
         b"exit" => Action::Exit(0),
         _ => {
             let status = parse_number(value.strip_prefix(b"exit:")?)?;

@@ -129,6 +129,12 @@ pub fn triple_fault() -> ! {
     unsafe { asm!("int 0x80", in("rax") SYS_TRIPLE_FAULT, options(noreturn, nostack)) }
 }
 
+/// Raise #UD from ring 3 (the ring-0 handler reports it and exits 2).
+pub fn invalid_opcode() -> ! {
+    // SAFETY: `ud2` only raises an exception; the handler never returns.
+    unsafe { asm!("ud2", options(noreturn, nostack)) }
+}
+
 /// A 32-bit store done from ring 0 (fallback for MMIO that ring 3 cannot do).
 ///
 /// # Safety

@@ -85,6 +85,11 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     cpu::exit(EXIT_FAIL)
 }
 
+/// Referenced by the precompiled `core` in non-LTO (debug) builds; never
+/// called, since panics abort.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
 /// Displays bytes as text (invalid UTF-8 as '?').
 struct Bytes<'a>(&'a [u8]);
 
@@ -230,6 +235,7 @@ fn finish(action: Action, rsdp: Option<u64>) -> ! {
         Action::Exit(status) => cpu::exit(status),
         Action::Hold => cpu::spin_forever(),
         Action::TripleFault => cpu::triple_fault(),
+        Action::Fault => cpu::invalid_opcode(),
         Action::Poweroff => {
             if let Err(e) = acpi::poweroff(rsdp) {
                 fail!(EXIT_FAIL, "poweroff: {e}");

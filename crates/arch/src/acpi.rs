@@ -11,7 +11,9 @@ use acpi_tables::aml::{
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
@@ -148,7 +150,15 @@ fn dsdt() -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64);
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port as u64,
+        )
+    };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -175,7 +185,11 @@ fn madt(cpus: u32) -> Vec<u8> {
         LocalInterruptController::Address(LAPIC_ADDR as u32),
     );
     for id in 0..cpus {
-        m.add_structure(ProcessorLocalApic::new(id as u8, id as u8, EnabledStatus::Enabled));
+        m.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
     }
     m.add_structure(IoApic::new(cpus as u8, IOAPIC_ADDR as u32, 0));
     let mut v = Vec::new();
@@ -266,7 +280,10 @@ mod tests {
         assert_ne!(flags & (1 << 20), 0, "hardware-reduced");
         // Sleep control register: I/O space at PM_BASE.
         assert_eq!(fadt[244], 1);
-        assert_eq!(u64::from_le_bytes(fadt[248..256].try_into().unwrap()), PM_BASE as u64);
+        assert_eq!(
+            u64::from_le_bytes(fadt[248..256].try_into().unwrap()),
+            PM_BASE as u64
+        );
         let dsdt_addr = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
         let dsdt = table_at(&mem, dsdt_addr);
         assert_eq!(&dsdt[0..4], b"DSDT");

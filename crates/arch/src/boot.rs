@@ -12,7 +12,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -34,7 +36,9 @@ pub enum Error {
     UnknownFormat(PathBuf),
     #[error("cannot load kernel {path}: {reason} (a corrupt or truncated image, or too little guest memory)")]
     Load { path: PathBuf, reason: String },
-    #[error("kernel {0} has no 64-bit entry point (XLF_KERNEL_64): Vessel boots x86_64 kernels only")]
+    #[error(
+        "kernel {0} has no 64-bit entry point (XLF_KERNEL_64): Vessel boots x86_64 kernels only"
+    )]
     Not64Bit(PathBuf),
     #[error("kernel {0} has no PVH entry note, but the PVH boot protocol was requested")]
     NoPvhEntry(PathBuf),
@@ -141,12 +145,21 @@ pub fn load(
                 return Err(Error::Not64Bit(path));
             }
             // The 64-bit entry is 0x200 past the protected-mode code's start.
-            (BootProtocol::Linux64, GuestAddress(loaded.kernel_load.0 + 0x200))
+            (
+                BootProtocol::Linux64,
+                GuestAddress(loaded.kernel_load.0 + 0x200),
+            )
         }
     };
 
     let initrd = match spec.initrd {
-        Some(p) => Some(load_initrd(mem, mem_size, p, loaded.kernel_end, &loaded.setup_header)?),
+        Some(p) => Some(load_initrd(
+            mem,
+            mem_size,
+            p,
+            loaded.kernel_end,
+            &loaded.setup_header,
+        )?),
         None => None,
     };
 
@@ -155,7 +168,11 @@ pub fn load(
         _ => CMDLINE_MAX_SIZE,
     };
     let cmdline = Cmdline::try_from(spec.cmdline, capacity).map_err(|e| {
-        Error::Cmdline(format!("{e} ({} bytes; this kernel accepts {})", spec.cmdline.len(), capacity - 1))
+        Error::Cmdline(format!(
+            "{e} ({} bytes; this kernel accepts {})",
+            spec.cmdline.len(),
+            capacity - 1
+        ))
     })?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| Error::Cmdline(e.to_string()))?;
@@ -163,14 +180,9 @@ pub fn load(
 
     let e820 = e820_map(mem_size);
     match protocol {
-        BootProtocol::Linux64 => write_zero_page(
-            mem,
-            loaded.setup_header,
-            cmdline_len,
-            initrd,
-            &e820,
-            rsdp,
-        )?,
+        BootProtocol::Linux64 => {
+            write_zero_page(mem, loaded.setup_header, cmdline_len, initrd, &e820, rsdp)?
+        }
         BootProtocol::Pvh => write_start_info(mem, initrd, &e820, rsdp)?,
     }
     Ok(BootEntry { protocol, entry })
@@ -275,7 +287,11 @@ fn write_start_info(
         memmap_entries: memmap.len() as u32,
         rsdp_paddr: rsdp.map_or(0, |a| a.0),
         nr_modules: u32::from(initrd.is_some()),
-        modlist_paddr: if initrd.is_some() { PVH_MODLIST_START } else { 0 },
+        modlist_paddr: if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        },
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
@@ -288,7 +304,8 @@ fn write_start_info(
         };
         params.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
     }
-    PvhBootConfigurator::write_bootparams(&params, mem).map_err(|_| Error::Configure("PVH start_info"))
+    PvhBootConfigurator::write_bootparams(&params, mem)
+        .map_err(|_| Error::Configure("PVH start_info"))
 }
 
 #[cfg(test)]
@@ -321,7 +338,13 @@ mod tests {
         let p = temp("garbage", &[0x55; 4096]);
         let e = load(&m, 64 << 20, &spec(&p, ""), None).unwrap_err();
         assert!(matches!(e, Error::UnknownFormat(_)), "{e}");
-        let e = load(&m, 64 << 20, &spec(Path::new("/nonexistent/vmlinux"), ""), None).unwrap_err();
+        let e = load(
+            &m,
+            64 << 20,
+            &spec(Path::new("/nonexistent/vmlinux"), ""),
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
         let mut truncated_elf = ELF_MAGIC.to_vec();
         truncated_elf.extend_from_slice(&[2, 1, 1]);
@@ -342,7 +365,15 @@ mod tests {
         assert_eq!(addr % PAGE_SIZE, 0);
         assert!(addr + len <= size);
         let e820 = e820_map(size);
-        write_zero_page(&m, None, 5, Some((addr, len)), &e820, Some(GuestAddress(ACPI_START))).unwrap();
+        write_zero_page(
+            &m,
+            None,
+            5,
+            Some((addr, len)),
+            &e820,
+            Some(GuestAddress(ACPI_START)),
+        )
+        .unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(p.e820_entries as usize, e820.len());
         assert_eq!({ p.hdr.ramdisk_image } as u64, addr);

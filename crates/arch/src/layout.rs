@@ -45,6 +45,11 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
+// The boot structures do not overlap one another.
+const _: () = assert!(PD_START + PD_COUNT * 0x1000 <= 0x1_0000);
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () = assert!(ACPI_START + ACPI_MAX_SIZE <= MPTABLE_START);
+
 /// The smallest guest Vessel builds: room for the boot structures, a kernel and a stack.
 pub const MIN_MEMORY: u64 = 8 << 20;
 
@@ -143,12 +148,5 @@ mod tests {
             .sum();
         // RAM below 640 KiB and above 1 MiB, less the EBDA.
         assert_eq!(total, (5 << 30) - (HIMEM_START - EBDA_START));
-    }
-
-    #[test]
-    fn boot_structures_fit_below_the_command_line() {
-        assert!(PD_START + PD_COUNT * 0x1000 <= 0x1_0000);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(ACPI_START + ACPI_MAX_SIZE <= MPTABLE_START);
     }
 }

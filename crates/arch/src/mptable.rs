@@ -24,7 +24,10 @@ const MP_IRQ_SRC_NMI: u8 = 1;
 const ISA_IRQS: u8 = 16;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the MP configuration table body (entries) for `cpus` vCPUs, the IOAPIC taking the ID
@@ -117,12 +120,14 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         setup_mptable(&mem, 4).unwrap();
         let mut fp = [0u8; 16];
-        mem.read_slice(&mut fp, GuestAddress(MPTABLE_START)).unwrap();
+        mem.read_slice(&mut fp, GuestAddress(MPTABLE_START))
+            .unwrap();
         assert_eq!(&fp[0..4], b"_MP_");
         assert_eq!(checksum(&fp), 0);
         let len: u16 = mem.read_obj(GuestAddress(MPTABLE_START + 16 + 4)).unwrap();
         let mut table = vec![0u8; len as usize];
-        mem.read_slice(&mut table, GuestAddress(MPTABLE_START + 16)).unwrap();
+        mem.read_slice(&mut table, GuestAddress(MPTABLE_START + 16))
+            .unwrap();
         assert_eq!(checksum(&table), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
         assert_eq!(count, 4 + 1 + 1 + 16 + 2);

@@ -44,7 +44,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment a GDT entry describes.
 fn segment(entry: u64, index: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
@@ -144,7 +144,12 @@ fn setup_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
     write(mem, PDPT_START | PRESENT_RW, PML4_START, "page tables")?;
     for pd in 0..PD_COUNT {
         let pd_addr = PD_START + pd * 0x1000;
-        write(mem, pd_addr | PRESENT_RW, PDPT_START + pd * 8, "page tables")?;
+        write(
+            mem,
+            pd_addr | PRESENT_RW,
+            PDPT_START + pd * 8,
+            "page tables",
+        )?;
         let mut entries = [0u64; 512];
         for (i, e) in entries.iter_mut().enumerate() {
             *e = ((pd * 512 + i as u64) << 21) | PRESENT_RW | PAGE_SIZE_2M;
@@ -261,7 +266,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_the_expected_segments() {
         let code = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code.l, code.db, code.g, code.type_, code.present), (1, 0, 1, 0xb, 1));
+        assert_eq!(
+            (code.l, code.db, code.g, code.type_, code.present),
+            (1, 0, 1, 0xb, 1)
+        );
         assert_eq!(code.limit, 0xffff_ffff);
         assert_eq!(code.selector, 8);
         let data = segment(gdt_entry(0xc093, 0, 0xfffff), 2);
@@ -277,7 +285,9 @@ mod tests {
         assert_eq!(s.cr3, PML4_START);
         let pml4: u64 = m.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPT_START | 3);
-        let last_pd: u64 = m.read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8)).unwrap();
+        let last_pd: u64 = m
+            .read_obj(GuestAddress(PD_START + 3 * 0x1000 + 511 * 8))
+            .unwrap();
         assert_eq!(last_pd, 0xffe0_0083);
         let r = boot_regs(BootProtocol::Linux64, 0x100200);
         assert_eq!((r.rip, r.rsi), (0x100200, ZERO_PAGE_START));

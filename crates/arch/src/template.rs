@@ -145,7 +145,16 @@ const DEPENDENTS: &[(&str, &[&str])] = &[
     ("xsave", &["avx", "xsaveopt", "xsavec", "xsaves"]),
     (
         "avx",
-        &["avx2", "fma", "f16c", "avx512f", "vaes", "vpclmulqdq", "xop", "fma4"],
+        &[
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "vaes",
+            "vpclmulqdq",
+            "xop",
+            "fma4",
+        ],
     ),
     (
         "avx512f",
@@ -172,13 +181,43 @@ const DEPENDENTS: &[(&str, &[&str])] = &[
 
 /// Features above the x86-64-v2 level (hidden by the `x86-64-v2` preset).
 const ABOVE_V2: &[&str] = &[
-    "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave", "avx512f", "sha",
-    "vaes", "vpclmulqdq", "gfni", "adx", "rdseed", "amx-tile", "amx-bf16", "amx-int8",
-    "waitpkg", "serialize", "xop", "fma4", "tbm", "la57",
+    "avx",
+    "avx2",
+    "bmi1",
+    "bmi2",
+    "f16c",
+    "fma",
+    "movbe",
+    "abm",
+    "xsave",
+    "avx512f",
+    "sha",
+    "vaes",
+    "vpclmulqdq",
+    "gfni",
+    "adx",
+    "rdseed",
+    "amx-tile",
+    "amx-bf16",
+    "amx-int8",
+    "waitpkg",
+    "serialize",
+    "xop",
+    "fma4",
+    "tbm",
+    "la57",
 ];
 /// Features above the x86-64-v3 level (hidden by the `x86-64-v3` preset).
 const ABOVE_V3: &[&str] = &[
-    "avx512f", "amx-tile", "amx-bf16", "amx-int8", "waitpkg", "serialize", "xop", "fma4", "tbm",
+    "avx512f",
+    "amx-tile",
+    "amx-bf16",
+    "amx-int8",
+    "waitpkg",
+    "serialize",
+    "xop",
+    "fma4",
+    "tbm",
     "la57",
 ];
 
@@ -332,7 +371,10 @@ mod tests {
     #[test]
     fn presets_and_requirements() {
         let mut c = cpuid();
-        CpuTemplate::parse("x86-64-v2, +x2apic").unwrap().apply(&mut c).unwrap();
+        CpuTemplate::parse("x86-64-v2, +x2apic")
+            .unwrap()
+            .apply(&mut c)
+            .unwrap();
         assert_eq!(c.as_slice()[0].ecx, 1 << 21);
         let err = CpuTemplate::parse("sha").unwrap().apply(&mut cpuid());
         assert_eq!(err, Err(Error::Unavailable("sha".into())));
@@ -345,6 +387,8 @@ mod tests {
             Err(Error::UnknownFeature(n)) if n == "avx9000"
         ));
         assert_eq!(CpuTemplate::parse("avx,,"), Err(Error::Empty));
-        assert!(Error::UnknownFeature("x".into()).to_string().contains("avx2"));
+        assert!(Error::UnknownFeature("x".into())
+            .to_string()
+            .contains("avx2"));
     }
 }

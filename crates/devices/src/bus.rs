@@ -131,13 +131,16 @@ mod tests {
                 other: 0x3f8
             })
         );
-        assert!(bus.insert(Arc::new(Mutex::new(Reg::default())), u64::MAX, 2).is_err());
-        bus.insert(Arc::new(Mutex::new(Reg::default())), 0x3f0, 8).unwrap();
+        assert!(bus
+            .insert(Arc::new(Mutex::new(Reg::default())), u64::MAX, 2)
+            .is_err());
+        bus.insert(Arc::new(Mutex::new(Reg::default())), 0x3f0, 8)
+            .unwrap();
 
         let mut d = [0u8; 1];
         assert!(bus.read(0x3fd, &mut d));
         assert_eq!(d, [5]);
-        assert!(bus.write(0x3f8, &[b'x']));
+        assert!(bus.write(0x3f8, b"x"));
         assert_eq!(a.lock().unwrap().last, vec![(0, vec![b'x'])]);
         // Past the end, or straddling it: nobody's.
         assert!(!bus.read(0x400, &mut d));

@@ -41,7 +41,8 @@ pub fn run(args: HostCheckArgs) -> Result<i32, hypervisor::Error> {
     let native = probe.is_native();
     let module = kvm_module();
     let verdict = if native {
-        "guest ring 0 runs natively: Linux guests and the bundled guest boot at full speed".to_string()
+        "guest ring 0 runs natively: Linux guests and the bundled guest boot at full speed"
+            .to_string()
     } else {
         format!(
             "guest ring 0 is emulated one instruction at a time (about {:.2} us each{}): the bundled \

@@ -36,7 +36,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     console: String,
     /// CPU features to hide or require, e.g. `x86-64-v2`, `-avx512f,-x2apic`, `+aes`.
-    #[arg(long, value_name = "SPEC")]
+    #[arg(long, value_name = "SPEC", allow_hyphen_values = true)]
     cpu_template: Option<String>,
     /// Boot protocol: auto (PVH when the ELF kernel has the note), pvh, linux64.
     #[arg(long, value_name = "PROTOCOL", default_value = "auto")]

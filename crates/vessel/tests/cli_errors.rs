@@ -14,7 +14,10 @@ fn rejects(args: &[&str], needle: &str) {
     let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
     assert!(lines[0].starts_with("vessel: error: "), "{args:?}: {err}");
-    assert!(lines[0].contains(needle), "{args:?}: '{needle}' not in: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: '{needle}' not in: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(stdout(&o).is_empty(), "no guest output expected");
 }
@@ -27,27 +30,42 @@ fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
 
 #[test]
 fn missing_kernel() {
-    rejects(&["--kernel", "/nonexistent/vmlinuz"], "/nonexistent/vmlinuz");
+    rejects(
+        &["--kernel", "/nonexistent/vmlinuz"],
+        "/nonexistent/vmlinuz",
+    );
 }
 
 #[test]
 fn corrupt_kernels() {
     let garbage = temp_file("garbage", &[0xa5; 8192]);
-    rejects(&["--kernel", garbage.to_str().unwrap()], "neither an ELF vmlinux nor a bzImage");
+    rejects(
+        &["--kernel", garbage.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
     let empty = temp_file("empty", &[]);
-    rejects(&["--kernel", empty.to_str().unwrap()], "neither an ELF vmlinux nor a bzImage");
+    rejects(
+        &["--kernel", empty.to_str().unwrap()],
+        "neither an ELF vmlinux nor a bzImage",
+    );
     // An ELF header cut short.
     let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
     elf.resize(40, 0);
     let truncated = temp_file("truncated", &elf);
-    rejects(&["--kernel", truncated.to_str().unwrap()], "cannot load kernel");
+    rejects(
+        &["--kernel", truncated.to_str().unwrap()],
+        "cannot load kernel",
+    );
     // A bzImage header with nothing behind it.
     let mut bz = vec![0u8; 0x400];
     bz[0x1fe] = 0x55;
     bz[0x1ff] = 0xaa;
     bz[0x202..0x206].copy_from_slice(b"HdrS");
     let bzimage = temp_file("bzimage", &bz);
-    rejects(&["--kernel", bzimage.to_str().unwrap()], "cannot load kernel");
+    rejects(
+        &["--kernel", bzimage.to_str().unwrap()],
+        "cannot load kernel",
+    );
     for p in [garbage, empty, truncated, bzimage] {
         std::fs::remove_file(p).unwrap();
     }
@@ -55,7 +73,10 @@ fn corrupt_kernels() {
 
 #[test]
 fn missing_initrd() {
-    rejects(&["--initrd", "/nonexistent/initrd.img"], "/nonexistent/initrd.img");
+    rejects(
+        &["--initrd", "/nonexistent/initrd.img"],
+        "/nonexistent/initrd.img",
+    );
 }
 
 #[test]
@@ -85,7 +106,10 @@ fn too_many_cpus() {
 
 #[test]
 fn unknown_cpu_template_feature() {
-    rejects(&["--cpu-template", "-avx,-warpdrive"], "unknown CPU feature 'warpdrive'");
+    rejects(
+        &["--cpu-template", "-avx,-warpdrive"],
+        "unknown CPU feature 'warpdrive'",
+    );
 }
 
 #[test]

@@ -22,12 +22,19 @@ fn run_boots_the_bundled_guest_and_exits_0() {
     assert_code(&o, 0);
     let out = stdout(&o);
     assert!(out.contains("Vessel guest"), "{out}");
-    assert!(out.contains("(boot: pvh)"), "ELF with a PVH note boots through PVH: {out}");
+    assert!(
+        out.contains("(boot: pvh)"),
+        "ELF with a PVH note boots through PVH: {out}"
+    );
     assert!(out.contains("cmdline: console=ttyS0 panic=1"), "{out}");
     assert_eq!(cpu_lines(&out).len(), 1, "{out}");
     assert!(out.contains("all 1 cpus ran in ring 3"), "{out}");
     // The boot-time marker is logged with the time since the process started.
-    assert!(stderr(&o).contains("guest boot marker after"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("guest boot marker after"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -45,7 +52,10 @@ fn four_vcpus_each_report_from_ring_3() {
         );
     }
     // The same workload gives the same checksum everywhere.
-    let sums: Vec<&str> = lines.iter().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    let sums: Vec<&str> = lines
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
     assert!(sums.windows(2).all(|w| w[0] == w[1]), "{out}");
     assert!(out.contains("all 4 cpus ran in ring 3"), "{out}");
 }
@@ -190,7 +200,10 @@ fn stop_with(child: std::process::Child, signal: &str) -> std::process::Output {
 fn socket_console_and_sigterm() {
     let sock = std::env::temp_dir().join(format!("vessel-term-{}.sock", std::process::id()));
     let (child, seen) = start_held_guest(&sock);
-    assert!(seen.contains("Vessel guest"), "backlog replayed to the client: {seen}");
+    assert!(
+        seen.contains("Vessel guest"),
+        "backlog replayed to the client: {seen}"
+    );
     let o = stop_with(child, "-TERM");
     assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
     let _ = std::fs::remove_file(sock);

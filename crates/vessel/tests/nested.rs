@@ -17,7 +17,14 @@ fn static_vessel() -> PathBuf {
     let root = repo_root();
     let target_dir = root.join("target/static");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "vessel", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vessel",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -36,7 +43,10 @@ fn debian_kernel_boots_on_2_vcpus_and_powers_off() {
         .arg("--vessel")
         .arg(&vessel)
         .args(["--cpus", "2", "--memory", "512M", "--timeout", "600"])
-        .args(["--l2-cmd", "echo RTC=$(cat /sys/class/rtc/rtc0/since_epoch) NOW=$(date +%s)"])
+        .args([
+            "--l2-cmd",
+            "echo RTC=$(cat /sys/class/rtc/rtc0/since_epoch) NOW=$(date +%s)",
+        ])
         .output()
         .expect("run tests/nested/run.sh");
     let log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
@@ -64,7 +74,10 @@ fn debian_kernel_boots_on_2_vcpus_and_powers_off() {
         .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse().ok()))
         .collect();
     assert_eq!(nums.len(), 2, "{rtc_line}");
-    assert!((nums[0] - nums[1]).abs() <= 5, "RTC far from the clock: {rtc_line}");
+    assert!(
+        (nums[0] - nums[1]).abs() <= 5,
+        "RTC far from the clock: {rtc_line}"
+    );
     // poweroff -f in the guest reached Vessel through ACPI S5 and ended it with 0.
     assert!(log.contains("reboot: Power down"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");

@@ -81,9 +81,9 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
 
 /// Formats a byte count the way users typed it, for messages.
 pub fn format_size(bytes: u64) -> String {
-    if bytes >= 1 << 30 && bytes % (1 << 30) == 0 {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
         format!("{}G", bytes >> 30)
-    } else if bytes % (1 << 20) == 0 {
+    } else if bytes.is_multiple_of(1 << 20) {
         format!("{}M", bytes >> 20)
     } else {
         format!("{bytes} bytes")

@@ -39,8 +39,14 @@ pub enum Error {
 
 enum Input {
     None,
-    Stdin { tty: bool },
-    Socket(UnixListener, Arc<Mutex<Option<UnixStream>>>, Arc<Mutex<VecDeque<u8>>>),
+    Stdin {
+        tty: bool,
+    },
+    Socket(
+        UnixListener,
+        Arc<Mutex<Option<UnixStream>>>,
+        Arc<Mutex<VecDeque<u8>>>,
+    ),
 }
 
 /// An opened console: the serial port's output writer, and the input side to start once the
@@ -249,7 +255,11 @@ fn accept_loop(
             // Replay recent output, then make this the client (replacing an older one).
             let b = lock(&backlog);
             let (a, c) = b.as_slices();
-            if stream.write_all(a).and_then(|_| stream.write_all(c)).is_err() {
+            if stream
+                .write_all(a)
+                .and_then(|_| stream.write_all(c))
+                .is_err()
+            {
                 continue;
             }
             *lock(&client) = Some(stream);

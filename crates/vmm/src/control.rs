@@ -104,7 +104,10 @@ impl Control {
     pub fn wait_parked(&self, n: u32) {
         let mut p = lock(&self.parked);
         while *p < n {
-            p = self.parked_changed.wait(p).unwrap_or_else(|e| e.into_inner());
+            p = self
+                .parked_changed
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 }

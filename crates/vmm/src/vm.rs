@@ -80,7 +80,11 @@ impl TempKernel {
         let dir = std::env::temp_dir();
         for attempt in 0..100u32 {
             let p = dir.join(format!(".vessel-{name}-{}-{attempt}", std::process::id()));
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+            {
                 Ok(mut f) => {
                     std::io::Write::write_all(&mut f, bytes)?;
                     return Ok(TempKernel(p));
@@ -115,12 +119,13 @@ impl Vm {
         config.cpu_template.apply(&mut base_cpuid)?;
         let msr_list = hv.msr_index_list()?;
 
-        let mem = GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
-            Error::Memory {
-                size: config.memory >> 20,
-                reason: e.to_string(),
-            }
-        })?;
+        let mem =
+            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+                Error::Memory {
+                    size: config.memory >> 20,
+                    reason: e.to_string(),
+                }
+            })?;
         let vm = hv.create_vm()?;
         vm.setup_irqchip_and_timers()?;
         vm.register_memory(&mem)?;
@@ -158,7 +163,8 @@ impl Vm {
         let (kernel_path, _temp) = match &config.kernel {
             KernelSource::Path(p) => (p.clone(), None),
             KernelSource::Bytes(name, bytes) => {
-                let t = TempKernel::new(name, bytes).map_err(io("cannot stage the bundled guest"))?;
+                let t =
+                    TempKernel::new(name, bytes).map_err(io("cannot stage the bundled guest"))?;
                 (t.0.clone(), Some(t))
             }
         };
@@ -287,8 +293,11 @@ fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>
     let mut flags = Vec::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let flag = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(sig, flag.clone()).map_err(io("cannot install a signal handler"))?;
-        let wake = control.wake_handle().map_err(io("cannot install a signal handler"))?;
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(io("cannot install a signal handler"))?;
+        let wake = control
+            .wake_handle()
+            .map_err(io("cannot install a signal handler"))?;
         signal_hook::low_level::pipe::register(sig, wake)
             .map_err(io("cannot install a signal handler"))?;
         flags.push((sig, flag));

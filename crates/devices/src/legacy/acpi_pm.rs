@@ -97,12 +97,20 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
         let irq = Arc::new(Count::default());
-        let mut pm = AcpiPm::new(Arc::new(move |e| s.lock().unwrap().push(e)), irq.clone(), 5, 1);
+        let mut pm = AcpiPm::new(
+            Arc::new(move |e| s.lock().unwrap().push(e)),
+            irq.clone(),
+            5,
+            1,
+        );
         pm.write(SLEEP_CONTROL, &[3 << 2 | SLP_EN]); // S3: not supported
         pm.write(SLEEP_CONTROL, &[5 << 2]); // no SLP_EN
         pm.write(SLEEP_CONTROL, &[5 << 2 | SLP_EN]);
         pm.write(RESET, &[1]);
-        assert_eq!(*seen.lock().unwrap(), vec![VmEvent::PowerOff, VmEvent::Reset]);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![VmEvent::PowerOff, VmEvent::Reset]
+        );
 
         pm.press_power_button(1).unwrap();
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);

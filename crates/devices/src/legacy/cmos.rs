@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(read(&mut c, REG_WEEKDAY), 7);
         assert_eq!(read(&mut c, REG_STATUS_D), STATUS_D_VALID);
         // NMI-mask bit on the index is ignored; memory size is there.
-        assert_eq!(read(&mut c, 0x80 | 0x35), ((256 - 16) * 16 >> 8) as u8);
+        assert_eq!(read(&mut c, 0x80 | 0x35), (((256 - 16) * 16) >> 8) as u8);
     }
 
     #[test]
