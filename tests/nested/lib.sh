@@ -14,7 +14,7 @@ DEFAULT_CACHE_DIR="$REPO_ROOT/.cache/nested"
 # check that the vessel binary is static; xz-utils/zstd decompress kernel
 # modules when the Debian kernel ships them compressed; kmod's depmod builds
 # modules.dep for the unpacked kernel.
-HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip file xz-utils zstd kmod)
+HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip file xz-utils zstd lz4 kmod)
 
 msg() { printf 'nested: %s\n' "$*" >&2; }
 die() { printf 'nested: error: %s\n' "$*" >&2; exit 1; }

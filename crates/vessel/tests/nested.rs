@@ -1,6 +1,6 @@
 //! The nested test host: a real Debian kernel booted by Vessel inside a QEMU-emulated AMD-V
-//! machine (see tests/nested/README.md). Slow (about 30 s) and needs `qemu-system-x86_64`,
-//! which tests/nested/prepare.sh installs.
+//! machine (see tests/nested/README.md). Slow (about 30 s a run) and needs the packages and
+//! kernel that `scripts/setup --tests` installs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,14 +17,7 @@ fn static_vessel() -> PathBuf {
     let root = repo_root();
     let target_dir = root.join("target/static");
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vessel",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
+        .args(["build", "--release", "-p", "vessel", "--target", "x86_64-unknown-linux-gnu"])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -35,23 +28,78 @@ fn static_vessel() -> PathBuf {
     target_dir.join("x86_64-unknown-linux-gnu/release/vessel")
 }
 
-#[test]
-fn debian_kernel_boots_on_2_vcpus_and_powers_off() {
+/// Runs tests/nested/run.sh with `args` and returns its console log, failing on a failed run.
+fn nested_run(args: &[&str]) -> String {
     let vessel = static_vessel();
     let out = Command::new("bash")
         .arg(repo_root().join("tests/nested/run.sh"))
         .arg("--vessel")
         .arg(&vessel)
-        .args(["--cpus", "2", "--memory", "512M", "--timeout", "600"])
-        .args([
-            "--l2-cmd",
-            "echo RTC=$(cat /sys/class/rtc/rtc0/since_epoch) NOW=$(date +%s)",
-        ])
+        .args(["--timeout", "600"])
+        .args(args)
         .output()
         .expect("run tests/nested/run.sh");
     let log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "nested run failed: {err}\n{log}");
+    log
+}
+
+/// The nested host's Debian kernel (a bzImage), from tests/nested/prepare.sh's record.
+fn debian_bzimage() -> PathBuf {
+    let env = std::fs::read_to_string(repo_root().join(".cache/nested/nested.env"))
+        .expect("tests/nested/prepare.sh has run (scripts/setup --tests)");
+    let line = env
+        .lines()
+        .find_map(|l| l.strip_prefix("NESTED_KERNEL="))
+        .expect("NESTED_KERNEL in nested.env");
+    PathBuf::from(line.trim_matches('\''))
+}
+
+/// Extracts the ELF vmlinux from a bzImage: the setup header locates the compressed payload,
+/// whose magic says which decompressor to run.
+fn extract_vmlinux(bzimage: &Path, out: &Path) {
+    let d = std::fs::read(bzimage).unwrap();
+    let setup_sects = if d[0x1f1] == 0 { 4 } else { d[0x1f1] as usize };
+    let pm = (setup_sects + 1) * 512;
+    let word = |o: usize| u32::from_le_bytes(d[o..o + 4].try_into().unwrap()) as usize;
+    let (off, len) = (word(0x248), word(0x24c));
+    let payload = &d[pm + off..pm + off + len];
+    let tool: &[&str] = match payload {
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
+        [0xfd, b'7', b'z', b'X', b'Z', ..] => &["xz", "-dc"],
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
+        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        _ => panic!("unknown kernel payload compression {:02x?}", &payload[..4]),
+    };
+    let compressed = out.with_extension("payload");
+    std::fs::write(&compressed, payload).unwrap();
+    let f = std::fs::File::create(out).unwrap();
+    let status = Command::new(tool[0])
+        .args(&tool[1..])
+        .arg(&compressed)
+        .stdout(f)
+        .status()
+        .expect("run the kernel decompressor");
+    std::fs::remove_file(&compressed).unwrap();
+    // The payload may carry trailing padding some decompressors complain about; the ELF
+    // header check below is what matters.
+    if !status.success() {
+        eprintln!("{} exited with {status}", tool[0]);
+    }
+    assert_eq!(&std::fs::read(out).unwrap()[..4], b"\x7fELF");
+}
+
+#[test]
+fn debian_kernel_boots_on_2_vcpus_and_powers_off() {
+    let log = nested_run(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--l2-cmd",
+        "echo RTC=$(cat /sys/class/rtc/rtc0/since_epoch) NOW=$(date +%s)",
+    ]);
     // Both vCPUs came up, through the MADT Vessel wrote.
     assert!(log.contains("smp: Brought up 1 node, 2 CPUs"), "{log}");
     assert!(log.contains("L2: cpus=2"), "{log}");
@@ -74,11 +122,27 @@ fn debian_kernel_boots_on_2_vcpus_and_powers_off() {
         .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse().ok()))
         .collect();
     assert_eq!(nums.len(), 2, "{rtc_line}");
-    assert!(
-        (nums[0] - nums[1]).abs() <= 5,
-        "RTC far from the clock: {rtc_line}"
-    );
+    assert!((nums[0] - nums[1]).abs() <= 5, "RTC far from the clock: {rtc_line}");
     // poweroff -f in the guest reached Vessel through ACPI S5 and ended it with 0.
     assert!(log.contains("reboot: Power down"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}
+
+#[test]
+fn vmlinux_boots_through_its_pvh_entry() {
+    let vmlinux = repo_root().join("target/nested-vmlinux");
+    extract_vmlinux(&debian_bzimage(), &vmlinux);
+    let l1_file = format!("{}:/l2/vmlinux", vmlinux.display());
+    let log = nested_run(&[
+        "--l1-file",
+        &l1_file,
+        "--vessel-args",
+        "run --log-level debug --kernel /l2/vmlinux --initrd /l2/initrd.cpio.gz --cpus 2 \
+         --memory 256M --cmdline 'console=ttyS0 panic=1'",
+    ]);
+    assert!(log.contains("Pvh entry at"), "vessel used the PVH entry: {log}");
+    assert!(log.contains("smp: Brought up 1 node, 2 CPUs"), "{log}");
+    assert!(log.contains("L2: cpus=2"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+    let _ = std::fs::remove_file(vmlinux);
 }
