@@ -22,6 +22,8 @@ enum Command {
     Run(run::RunArgs),
     /// Say what this host's KVM offers and whether it runs guest kernels natively.
     HostCheck(host_check::HostCheckArgs),
+    /// Create, inspect, snapshot, convert and check disk images (raw, qcow2).
+    Image(block::cli::ImageArgs),
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -47,6 +49,7 @@ fn main() {
     let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => run::run(args, start).map_err(Into::into),
         Command::HostCheck(args) => host_check::run(args).map_err(Into::into),
+        Command::Image(args) => block::cli::run(args).map_err(Into::into),
     };
     match result {
         Ok(code) => std::process::exit(code),
