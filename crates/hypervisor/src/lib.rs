@@ -14,7 +14,7 @@ pub use cpu::{Vcpu, VcpuExit};
 pub use kick::{install_kick_handler, KickHandle};
 pub use probe::{Ring0Probe, PROBE_ITERATIONS};
 pub use system::{HostInfo, Hypervisor};
-pub use vm::{IrqLine, Vm};
+pub use vm::{IoSpace, IrqLine, Vm};
 
 /// KVM structures the layers above use to describe CPU state.
 pub mod kvm {

@@ -1,7 +1,7 @@
 //! A KVM virtual machine: memory slots, the in-kernel interrupt controllers and timers, irqfds.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -12,6 +12,13 @@ use crate::{op, Result, Vcpu};
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// The identity-map page KVM needs on Intel hosts, the page just below the TSS.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Which address space an ioeventfd watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoSpace {
+    Pio,
+    Mmio,
+}
 
 /// A KVM VM.
 pub struct Vm {
@@ -84,6 +91,45 @@ impl Vm {
             .register_irqfd(&event, gsi)
             .map_err(op("KVM_IRQFD"))?;
         Ok(IrqLine { gsi, event })
+    }
+
+    /// Makes guest writes to `addr` signal `fd` inside KVM, without an exit to the VM monitor.
+    /// With `datamatch`, only 32-bit writes of that value do (a virtio queue index).
+    pub fn register_ioevent(
+        &self,
+        fd: &EventFd,
+        space: IoSpace,
+        addr: u64,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        let a = match space {
+            IoSpace::Pio => IoEventAddress::Pio(addr),
+            IoSpace::Mmio => IoEventAddress::Mmio(addr),
+        };
+        match datamatch {
+            Some(v) => self.fd.register_ioevent(fd, &a, v),
+            None => self.fd.register_ioevent(fd, &a, NoDatamatch),
+        }
+        .map_err(op("KVM_IOEVENTFD"))
+    }
+
+    /// Undoes [`Vm::register_ioevent`] (same arguments).
+    pub fn unregister_ioevent(
+        &self,
+        fd: &EventFd,
+        space: IoSpace,
+        addr: u64,
+        datamatch: Option<u32>,
+    ) -> Result<()> {
+        let a = match space {
+            IoSpace::Pio => IoEventAddress::Pio(addr),
+            IoSpace::Mmio => IoEventAddress::Mmio(addr),
+        };
+        match datamatch {
+            Some(v) => self.fd.unregister_ioevent(fd, &a, v),
+            None => self.fd.unregister_ioevent(fd, &a, NoDatamatch),
+        }
+        .map_err(op("KVM_IOEVENTFD (deassign)"))
     }
 
     /// Creates vCPU `id` (its initial APIC ID).
