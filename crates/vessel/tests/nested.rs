@@ -17,7 +17,14 @@ fn static_vessel() -> PathBuf {
     let root = repo_root();
     let target_dir = root.join("target/static");
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "vessel", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vessel",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -122,7 +129,10 @@ fn debian_kernel_boots_on_2_vcpus_and_powers_off() {
         .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse().ok()))
         .collect();
     assert_eq!(nums.len(), 2, "{rtc_line}");
-    assert!((nums[0] - nums[1]).abs() <= 5, "RTC far from the clock: {rtc_line}");
+    assert!(
+        (nums[0] - nums[1]).abs() <= 5,
+        "RTC far from the clock: {rtc_line}"
+    );
     // poweroff -f in the guest reached Vessel through ACPI S5 and ended it with 0.
     assert!(log.contains("reboot: Power down"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
@@ -140,7 +150,10 @@ fn vmlinux_boots_through_its_pvh_entry() {
         "run --log-level debug --kernel /l2/vmlinux --initrd /l2/initrd.cpio.gz --cpus 2 \
          --memory 256M --cmdline 'console=ttyS0 panic=1'",
     ]);
-    assert!(log.contains("Pvh entry at"), "vessel used the PVH entry: {log}");
+    assert!(
+        log.contains("Pvh entry at"),
+        "vessel used the PVH entry: {log}"
+    );
     assert!(log.contains("smp: Brought up 1 node, 2 CPUs"), "{log}");
     assert!(log.contains("L2: cpus=2"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
