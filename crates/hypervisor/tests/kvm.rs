@@ -32,7 +32,8 @@ fn ioeventfd_signals_without_an_exit() {
     let code = [0xba, 0x00, 0x70, 0xee, 0xba, 0x01, 0x70, 0xee, 0xf4];
     let (vm, mut vcpu, _mem) = real_mode_vm(&code);
     let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    vm.register_ioevent(&evt, IoSpace::Pio, 0x7000, None).unwrap();
+    vm.register_ioevent(&evt, IoSpace::Pio, 0x7000, None)
+        .unwrap();
     // The write to 0x7000 is absorbed by KVM; the one to 0x7001 exits.
     match vcpu.run().unwrap() {
         VcpuExit::IoOut(0x7001, _) => {}
@@ -40,7 +41,8 @@ fn ioeventfd_signals_without_an_exit() {
     }
     assert_eq!(evt.read().unwrap(), 1);
     assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
-    vm.unregister_ioevent(&evt, IoSpace::Pio, 0x7000, None).unwrap();
+    vm.unregister_ioevent(&evt, IoSpace::Pio, 0x7000, None)
+        .unwrap();
 }
 
 #[test]
