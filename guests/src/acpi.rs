@@ -330,3 +330,31 @@ pub fn reset(rsdp: Option<u64>) -> bool {
         phys::u8(fadt.addr + FADT_RESET_VALUE),
     )
 }
+
+/// The DSDT's AML (the bytes after the table header), through the FADT.
+pub fn dsdt(rsdp: u64) -> Option<&'static [u8]> {
+    let fadt = find_table(rsdp, b"FACP")?;
+    let x_dsdt = if fadt.len as u64 >= FADT_X_DSDT + 8 {
+        phys::u64(fadt.addr + FADT_X_DSDT)
+    } else {
+        0
+    };
+    let dsdt =
+        Table::at(x_dsdt).or_else(|| Table::at(u64::from(phys::u32(fadt.addr + FADT_DSDT))))?;
+    Some(&dsdt.body()[36..])
+}
+
+/// The MCFG entry for PCI segment 0: (ECAM base, first bus, last bus).
+pub fn mcfg_bus0(rsdp: u64) -> Option<(u64, u8, u8)> {
+    let mcfg = find_table(rsdp, b"MCFG")?;
+    // Header (36 bytes), 8 reserved, then 16-byte entries: base u64,
+    // segment u16, start bus u8, end bus u8, reserved u32.
+    let mut entry = mcfg.addr + 44;
+    while entry + 16 <= mcfg.addr + u64::from(mcfg.len) {
+        if phys::u16(entry + 8) == 0 {
+            return Some((phys::u64(entry), phys::u8(entry + 10), phys::u8(entry + 11)));
+        }
+        entry += 16;
+    }
+    None
+}

@@ -19,11 +19,65 @@ pub enum Action {
     Fault,
 }
 
+/// Which virtio tests run (`virtio=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VirtioSel {
+    /// No `virtio=` option: test every supported device found, silently
+    /// do nothing if there is none.
+    Default,
+    /// `virtio=all`: like the default, but print `virtio: none found`.
+    All,
+    /// `virtio=off` (or `none`): no discovery at all.
+    Off,
+    /// `virtio=blk,rng,net,vsock` (any subset): only these types, each of
+    /// which must be found (bit i = `VIRTIO_TYPES[i]`).
+    Only(u8),
+}
+
+/// The device type names `virtio=` accepts, in bit order of [`VirtioSel::Only`].
+pub const VIRTIO_TYPES: [&str; 4] = ["blk", "rng", "net", "vsock"];
+
+/// Most `virtio_mmio.device=` entries kept.
+pub const MAX_MMIO: usize = 16;
+
+/// One `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioRange {
+    pub base: u64,
+    pub size: u64,
+}
+
+/// Options of the virtio-net test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetOptions {
+    /// `net=echo-peer`: UDP echo through the peer.
+    pub echo: bool,
+    /// `netip=A.B.C.D` (default 10.0.2.15).
+    pub ip: [u8; 4],
+    /// `netpeer=A.B.C.D[:PORT]` (default 10.0.2.2:7777).
+    pub peer: [u8; 4],
+    pub port: u16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     pub action: Action,
     /// `work=N`: workload size multiplier (default 1).
     pub work: u64,
+    pub virtio: VirtioSel,
+    pub net: NetOptions,
+    /// `vsock=PORT`: host port the virtio-vsock test connects to.
+    pub vsock_port: Option<u32>,
+    /// `pcibar=assign`: assign the virtio PCI devices' memory BARs even if
+    /// the firmware did (exercises the assignment path).
+    pub pci_assign: bool,
+    /// `pciwindow=ADDR`: where BAR assignment starts (default 0xe0000000).
+    pub pci_window: u64,
+    /// `pciecam=ADDR`: ECAM base of PCI bus 0 when there is no MCFG.
+    pub pci_ecam: Option<u64>,
+    /// `virtio_mmio.device=` entries, in command-line order.
+    pub mmio: [MmioRange; MAX_MMIO],
+    pub mmio_len: usize,
 }
 
 impl Default for Options {
@@ -31,6 +85,19 @@ impl Default for Options {
         Options {
             action: Action::Exit(0),
             work: 1,
+            virtio: VirtioSel::Default,
+            net: NetOptions {
+                echo: false,
+                ip: [10, 0, 2, 15],
+                peer: [10, 0, 2, 2],
+                port: 7777,
+            },
+            vsock_port: None,
+            pci_assign: false,
+            pci_window: 0xe000_0000,
+            pci_ecam: None,
+            mmio: [MmioRange::default(); MAX_MMIO],
+            mmio_len: 0,
         }
     }
 }
@@ -49,10 +116,112 @@ impl Options {
                 opts.work = parse_number(value)
                     .filter(|&n| (1..=MAX_WORK).contains(&n))
                     .ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"virtio=") {
+                opts.virtio = parse_virtio(value).ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"net=") {
+                (value == b"echo-peer").then_some(()).ok_or(word)?;
+                opts.net.echo = true;
+            } else if let Some(value) = word.strip_prefix(b"netip=") {
+                opts.net.ip = parse_ipv4(value).ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"netpeer=") {
+                let (ip, port) = match value.iter().position(|&b| b == b':') {
+                    Some(i) => (&value[..i], Some(&value[i + 1..])),
+                    None => (value, None),
+                };
+                opts.net.peer = parse_ipv4(ip).ok_or(word)?;
+                if let Some(port) = port {
+                    opts.net.port = parse_number(port)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|&p| p != 0)
+                        .ok_or(word)?;
+                }
+            } else if let Some(value) = word.strip_prefix(b"vsock=") {
+                let port = parse_number(value).and_then(|p| u32::try_from(p).ok());
+                opts.vsock_port = Some(port.ok_or(word)?);
+            } else if let Some(value) = word.strip_prefix(b"pcibar=") {
+                (value == b"assign").then_some(()).ok_or(word)?;
+                opts.pci_assign = true;
+            } else if let Some(value) = word.strip_prefix(b"pciwindow=") {
+                opts.pci_window = parse_number(value)
+                    .filter(|&a| a % 4096 == 0 && a < 1 << 32)
+                    .ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"pciecam=") {
+                let base = parse_number(value).filter(|&a| a % (1 << 20) == 0 && a < 1 << 32);
+                opts.pci_ecam = Some(base.ok_or(word)?);
+            } else if let Some(value) = word.strip_prefix(b"virtio_mmio.device=") {
+                let range = parse_mmio(value).ok_or(word)?;
+                if opts.mmio_len < MAX_MMIO {
+                    opts.mmio[opts.mmio_len] = range;
+                    opts.mmio_len += 1;
+                }
             }
         }
         Ok(opts)
     }
+
+    /// The `virtio_mmio.device=` entries.
+    pub fn mmio(&self) -> &[MmioRange] {
+        &self.mmio[..self.mmio_len]
+    }
+}
+
+/// `all`, `off`/`none`, or a comma-separated subset of [`VIRTIO_TYPES`].
+fn parse_virtio(value: &[u8]) -> Option<VirtioSel> {
+    match value {
+        b"all" => return Some(VirtioSel::All),
+        b"off" | b"none" => return Some(VirtioSel::Off),
+        _ => {}
+    }
+    let mut mask = 0u8;
+    for item in value.split(|&b| b == b',') {
+        let bit = VIRTIO_TYPES.iter().position(|t| t.as_bytes() == item)?;
+        mask |= 1 << bit;
+    }
+    Some(VirtioSel::Only(mask))
+}
+
+/// Dotted-quad IPv4 address.
+fn parse_ipv4(text: &[u8]) -> Option<[u8; 4]> {
+    let mut ip = [0u8; 4];
+    let mut parts = text.split(|&b| b == b'.');
+    for byte in ip.iter_mut() {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        *byte = u8::try_from(parse_number(part)?).ok()?;
+    }
+    parts.next().is_none().then_some(ip)
+}
+
+/// Linux's `<size>@<baseaddr>:<irq>[:<id>]`; size and base are numbers with
+/// an optional K/M/G suffix (Linux's `memparse`).
+fn parse_mmio(value: &[u8]) -> Option<MmioRange> {
+    let at = value.iter().position(|&b| b == b'@')?;
+    let size = parse_size(&value[..at])?;
+    let mut rest = value[at + 1..].split(|&b| b == b':');
+    let base = parse_size(rest.next()?)?;
+    let irq = rest.next()?;
+    parse_number(irq)?;
+    if let Some(id) = rest.next() {
+        parse_number(id)?;
+    }
+    if rest.next().is_some() || size == 0 {
+        return None;
+    }
+    Some(MmioRange { base, size })
+}
+
+/// A number with an optional K, M or G (binary) suffix.
+fn parse_size(text: &[u8]) -> Option<u64> {
+    let (digits, shift) = match text.last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n = parse_number(digits)?;
+    (n.leading_zeros() >= shift).then_some(n << shift)
 }
 
 fn parse_action(value: &[u8]) -> Option<Action> {

@@ -44,6 +44,22 @@ pub fn inw(port: u16) -> u16 {
     value
 }
 
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// The current privilege level: the low two bits of CS.
 pub fn cpl() -> u8 {
     let cs: u16;
@@ -206,6 +222,27 @@ pub mod phys {
         assert!(mapped(addr, 4));
         // SAFETY: a device register inside the identity map.
         unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+    }
+
+    /// Volatile 8-bit MMIO read.
+    pub fn mmio_read8(addr: u64) -> u8 {
+        assert!(mapped(addr, 1));
+        // SAFETY: a device register inside the identity map.
+        unsafe { core::ptr::read_volatile(addr as *const u8) }
+    }
+
+    /// Volatile 16-bit MMIO read.
+    pub fn mmio_read16(addr: u64) -> u16 {
+        assert!(mapped(addr, 2));
+        // SAFETY: a device register inside the identity map.
+        unsafe { core::ptr::read_volatile(addr as *const u16) }
+    }
+
+    /// Volatile 16-bit MMIO write.
+    pub fn mmio_write16(addr: u64, value: u16) {
+        assert!(mapped(addr, 2));
+        // SAFETY: a device register inside the identity map.
+        unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
     }
 
     /// Volatile 8-bit MMIO write.

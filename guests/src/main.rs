@@ -19,6 +19,7 @@ mod cpu;
 mod mem;
 mod serial;
 mod smp;
+mod virtio;
 mod work;
 
 use core::fmt::{self, Write};
@@ -174,6 +175,11 @@ fn bsp_main() -> ! {
     }
     check_reports(n);
     println!("all {n} cpus ran in ring 3");
+    // The work buffers are free again: the virtio drivers' memory starts
+    // there (the AP stacks below stay untouched).
+    if !virtio::run(&info, &opts, rsdp, plan.work_base) {
+        cpu::exit(virtio::EXIT_VIRTIO);
+    }
     finish(opts.action, rsdp)
 }
 
