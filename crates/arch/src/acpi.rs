@@ -6,7 +6,7 @@
 
 use acpi_tables::aml::{
     self, Device, EISAName, Equal, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule,
-    Interrupt, Local, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
+    Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
     ResourceTemplate, Scope, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -56,7 +56,35 @@ pub enum Error {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device the DSDT announces (as `LNRO0005`, which Linux's virtio-mmio driver
+/// binds through ACPI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+}
+
+fn virtio_mmio_aml(index: usize, d: &MmioDevice, sink: &mut dyn acpi_tables::AmlSink) {
+    let name = format!("V{index:03X}");
+    Device::new(
+        Path::new(&name),
+        vec![
+            &Name::new(Path::new("_HID"), &"LNRO0005"),
+            &Name::new(Path::new("_UID"), &(index as u32)),
+            &Name::new(
+                Path::new("_CRS"),
+                &ResourceTemplate::new(vec![
+                    &Memory32Fixed::new(true, d.base as u32, d.size as u32),
+                    &Interrupt::new(true, true, false, false, d.irq),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+fn dsdt(mmio: &[MmioDevice]) -> Vec<u8> {
     let mut sdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // Each table part is built and emitted in one statement: the AML builders borrow their
     // children, which live until the statement ends.
@@ -145,8 +173,24 @@ fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut sdt);
+    if !mmio.is_empty() {
+        let mut devices = Vec::new();
+        for (i, d) in mmio.iter().enumerate() {
+            virtio_mmio_aml(i, d, &mut devices);
+        }
+        Scope::new(Path::new("\\_SB_"), vec![&RawAml(devices)]).to_aml_bytes(&mut sdt);
+    }
     sdt.update_checksum();
     sdt.as_slice().to_vec()
+}
+
+/// Already-encoded AML, to nest in a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -201,14 +245,19 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
-/// Writes the ACPI tables for `cpus` vCPUs and returns the RSDP's address.
-pub fn setup_acpi(mem: &GuestMemoryMmap, cpus: u32) -> Result<GuestAddress, Error> {
+/// Writes the ACPI tables for `cpus` vCPUs and the `mmio` virtio devices and returns the RSDP's
+/// address.
+pub fn setup_acpi(
+    mem: &GuestMemoryMmap,
+    cpus: u32,
+    mmio: &[MmioDevice],
+) -> Result<GuestAddress, Error> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
     // The XSDT holds two entries: FADT and MADT.
     let xsdt_len = 36 + 2 * 8;
     let dsdt_addr = align8(xsdt_addr + xsdt_len);
-    let dsdt = dsdt();
+    let dsdt = dsdt(mmio);
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align8(fadt_addr + fadt.len() as u64);
@@ -259,7 +308,12 @@ mod tests {
     #[test]
     fn tables_link_up_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let rsdp = setup_acpi(&mem, 4).unwrap();
+        let mmio = [MmioDevice {
+            base: 0xd000_0000,
+            size: 0x1000,
+            irq: 5,
+        }];
+        let rsdp = setup_acpi(&mem, 4, &mmio).unwrap();
         let mut r = [0u8; 36];
         mem.read_slice(&mut r, rsdp).unwrap();
         assert_eq!(&r[0..8], b"RSD PTR ");
@@ -290,6 +344,7 @@ mod tests {
         assert_eq!(sum(&dsdt), 0);
         let has = |pat: &[u8]| dsdt.windows(pat.len()).any(|w| w == pat);
         assert!(has(b"_S5_") && has(b"PWRB") && has(b"GED_") && has(b"_EVT") && has(b"RTC_"));
+        assert!(has(b"LNRO0005") && has(b"V000"));
         let madt = table_at(&mem, entries[1]);
         assert_eq!(&madt[0..4], b"APIC");
         assert_eq!(sum(&madt), 0);
@@ -308,6 +363,13 @@ mod tests {
     #[test]
     fn the_largest_vm_fits() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        setup_acpi(&mem, crate::MAX_VCPUS).unwrap();
+        let mmio: Vec<MmioDevice> = (0..9)
+            .map(|i| MmioDevice {
+                base: 0xd000_0000 + i * 0x1000,
+                size: 0x1000,
+                irq: 5,
+            })
+            .collect();
+        setup_acpi(&mem, crate::MAX_VCPUS, &mmio).unwrap();
     }
 }

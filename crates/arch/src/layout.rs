@@ -13,6 +13,7 @@
 //! 0x0010_0000  kernel
 //!   ...        RAM; the initrd sits at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (3 GiB..4 GiB): devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xd000_0000  virtio-mmio register windows, 4 KiB each
 //! 0x1_0000_0000 RAM above 4 GiB, for guests larger than 3 GiB
 //! ```
 
@@ -42,6 +43,12 @@ pub const BIOS_END: u64 = 0x10_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// virtio-mmio devices: one 4 KiB register window each, from here up.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The ISA interrupt lines free for virtio-mmio devices (4 is COM1, 8 the RTC, 9 the GED), one
+/// per device: the most virtio-mmio devices a VM can have.
+pub const VIRTIO_MMIO_IRQS: [u32; 9] = [5, 6, 7, 10, 11, 12, 13, 14, 15];
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use arch::template::CpuTemplate;
 use clap::Args;
-use vmm::config::{parse_console, parse_protocol, parse_size};
+use vmm::config::{parse_console, parse_disk, parse_protocol, parse_size, parse_transport};
 use vmm::{KernelSource, Vm, VmConfig};
 
 /// The bundled guest (guests/), built by build.rs.
@@ -41,6 +41,16 @@ pub struct RunArgs {
     /// Boot protocol: auto (PVH when the ELF kernel has the note), pvh, linux64.
     #[arg(long, value_name = "PROTOCOL", default_value = "auto")]
     boot_protocol: String,
+    /// A virtio disk (raw or qcow2), repeatable:
+    /// `path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID][,queues=N]`.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// A virtio entropy device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// Transport of the virtio devices: mmio or pci.
+    #[arg(long, value_name = "TRANSPORT", default_value = "mmio")]
+    transport: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +80,13 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
             None => CpuTemplate::default(),
         },
         boot_protocol: parse_protocol(&args.boot_protocol)?,
+        disks: args
+            .disk
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<_, _>>()?,
+        rng: args.rng,
+        transport: parse_transport(&args.transport)?,
     })
 }
 

@@ -159,3 +159,41 @@ fn vmlinux_boots_through_its_pvh_entry() {
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
     let _ = std::fs::remove_file(vmlinux);
 }
+
+#[test]
+fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
+    // A disk with a known first sector, carried into L1's initramfs.
+    let disk = repo_root().join("target/nested-disk.raw");
+    let mut data = b"HOST-PATTERN-0123456789".to_vec();
+    data.resize(16 << 20, 0);
+    std::fs::write(&disk, &data).unwrap();
+    let l1_file = format!("{}:/disk.raw", disk.display());
+    let log = nested_run(&[
+        "--l1-file",
+        &l1_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
+         --disk path=/disk.raw,serial=nested-disk --rng \
+         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_blk,virtio_rng'",
+        "--l2-cmd",
+        "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
+         echo SERIAL=$(cat /sys/block/vda/serial); \
+         echo RNG=$(cat /sys/devices/virtual/misc/hw_random/rng_current); \
+         echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
+         grep virtio /proc/interrupts",
+    ]);
+    let _ = std::fs::remove_file(&disk);
+    // Debian's kernel has no virtio_mmio.device= support: it found both devices in the DSDT.
+    assert!(log.contains("[vda] 32768 512-byte logical blocks"), "{log}");
+    assert!(log.contains("SECTOR0=HOST-PATTERN-0123456789"), "{log}");
+    assert!(log.contains("SERIAL=nested-disk"), "{log}");
+    assert!(log.contains("RNG=virtio_rng.0"), "{log}");
+    let random = log
+        .lines()
+        .find_map(|l| l.strip_prefix("RANDOM="))
+        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
+    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+    // Interrupts reach the guest through the IOAPIC.
+    assert!(log.contains("IO-APIC   5-edge      virtio0"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}

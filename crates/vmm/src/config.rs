@@ -26,6 +26,36 @@ pub enum KernelSource {
     Bytes(&'static str, &'static [u8]),
 }
 
+/// How a disk's writes reach the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Through the host page cache; guest flushes become fsync (the default).
+    #[default]
+    Writeback,
+    /// Guest flushes are ignored: fastest, and data is lost if the host crashes.
+    Unsafe,
+}
+
+/// A disk given with `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// The device serial (up to 20 bytes) the guest reads with GET_ID.
+    pub serial: Option<String>,
+    /// Request queues.
+    pub queues: u16,
+}
+
+/// Which virtio transport the VM's devices use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    #[default]
+    Mmio,
+    Pci,
+}
+
 /// Everything needed to build a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -39,6 +69,10 @@ pub struct VmConfig {
     pub cpu_template: CpuTemplate,
     /// Force a boot protocol (`None`: PVH if the ELF has the note, else Linux 64-bit).
     pub boot_protocol: Option<BootProtocol>,
+    pub disks: Vec<DiskConfig>,
+    /// A virtio entropy device.
+    pub rng: bool,
+    pub transport: Transport,
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -58,6 +92,73 @@ pub enum ConfigError {
     BadConsole(String),
     #[error("invalid --boot-protocol '{0}': expected auto, pvh or linux64")]
     BadProtocol(String),
+    #[error("invalid --disk '{spec}': {why}")]
+    BadDisk { spec: String, why: String },
+    #[error("invalid --transport '{0}': expected mmio or pci")]
+    BadTransport(String),
+    #[error("too many virtio devices: {requested} (this VM's transport has room for {limit})")]
+    TooManyDevices { requested: usize, limit: usize },
+    #[error("the virtio-pci transport is not available yet; use --transport mmio")]
+    PciUnavailable,
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses a `--disk` value: `path=FILE[,readonly=on|off][,cache=writeback|unsafe]
+/// [,serial=ID][,queues=N]`; a bare `FILE` is accepted as the path.
+pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadDisk {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let mut disk = DiskConfig {
+        path: PathBuf::new(),
+        read_only: false,
+        cache: CacheMode::default(),
+        serial: None,
+        queues: 1,
+    };
+    for (i, item) in spec.split(',').enumerate() {
+        match item.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => disk.path = p.into(),
+            Some(("readonly" | "ro", v)) => {
+                disk.read_only = parse_bool(v).ok_or_else(|| bad("readonly takes on or off"))?
+            }
+            Some(("cache", "writeback")) => disk.cache = CacheMode::Writeback,
+            Some(("cache", "unsafe")) => disk.cache = CacheMode::Unsafe,
+            Some(("cache", _)) => return Err(bad("cache takes writeback or unsafe")),
+            Some(("serial", v)) if v.len() <= 20 && v.is_ascii() => disk.serial = Some(v.into()),
+            Some(("serial", _)) => return Err(bad("serial is at most 20 ASCII characters")),
+            Some(("queues", v)) => {
+                disk.queues = v
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=64).contains(q))
+                    .ok_or_else(|| bad("queues takes a number from 1 to 64"))?
+            }
+            None if i == 0 && !item.is_empty() => disk.path = item.into(),
+            _ => return Err(bad(&format!("unknown or empty option '{item}'"))),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(bad("path= is required"));
+    }
+    Ok(disk)
+}
+
+/// Parses a `--transport` value.
+pub fn parse_transport(s: &str) -> Result<Transport, ConfigError> {
+    match s {
+        "mmio" => Ok(Transport::Mmio),
+        "pci" => Ok(Transport::Pci),
+        _ => Err(ConfigError::BadTransport(s.to_string())),
+    }
 }
 
 /// Parses a memory size: `512M`, `2G`, `1048576K`, `4GiB`; a plain number is MiB (as in QEMU).
@@ -137,6 +238,17 @@ impl VmConfig {
         if self.memory < arch::layout::MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(format_size(self.memory)));
         }
+        let devices = self.disks.len() + usize::from(self.rng);
+        match self.transport {
+            Transport::Mmio if devices > arch::layout::VIRTIO_MMIO_IRQS.len() => {
+                return Err(ConfigError::TooManyDevices {
+                    requested: devices,
+                    limit: arch::layout::VIRTIO_MMIO_IRQS.len(),
+                })
+            }
+            Transport::Pci if devices > 0 => return Err(ConfigError::PciUnavailable),
+            _ => {}
+        }
         if let Some(host) = host_memory {
             if self.memory > host {
                 return Err(ConfigError::MemoryTooLarge {
@@ -163,7 +275,49 @@ mod tests {
             console: ConsoleConfig::Off,
             cpu_template: CpuTemplate::default(),
             boot_protocol: None,
+            disks: Vec::new(),
+            rng: false,
+            transport: Transport::Mmio,
         }
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("path=/d.img,readonly=on,cache=unsafe,serial=abc,queues=4").unwrap();
+        assert_eq!(d.path, PathBuf::from("/d.img"));
+        assert!(d.read_only);
+        assert_eq!(d.cache, CacheMode::Unsafe);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert_eq!(d.queues, 4);
+        assert_eq!(
+            parse_disk("/x.qcow2").unwrap().path,
+            PathBuf::from("/x.qcow2")
+        );
+        for bad in [
+            "",
+            "readonly=on",
+            "path=/a,readonly=maybe",
+            "path=/a,cache=none2",
+            "path=/a,queues=0",
+            "path=/a,serial=012345678901234567890",
+            "path=/a,colour=red",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_transport("pci"), Ok(Transport::Pci));
+        assert!(parse_transport("isa").is_err());
+    }
+
+    #[test]
+    fn device_limits() {
+        let mut c = cfg(1, 64 << 20);
+        c.disks = vec![parse_disk("/a").unwrap(); 10];
+        assert!(matches!(
+            c.validate(8, None),
+            Err(ConfigError::TooManyDevices { .. })
+        ));
+        c.disks.truncate(1);
+        assert_eq!(c.validate(8, None), Ok(()));
     }
 
     #[test]

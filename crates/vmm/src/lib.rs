@@ -7,6 +7,7 @@ pub mod console;
 pub mod control;
 pub mod exit;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use config::{ConsoleConfig, KernelSource, VmConfig};

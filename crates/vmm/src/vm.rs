@@ -44,6 +44,8 @@ pub enum Error {
     Console(#[from] crate::console::Error),
     #[error("device setup: {0}")]
     Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -69,6 +71,7 @@ pub struct Vm {
     console: Console,
     serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
+    _virtio: crate::virtio::VirtioDevices,
     pub boot: BootEntry,
 }
 
@@ -155,11 +158,21 @@ impl Vm {
         pio.insert(shared(ExitDevice::new(events.clone())), 0xf4, 4)?;
         pio.insert(boot_marker.clone(), 0x3f0, 1)?;
         pio.insert(acpi_pm, u64::from(acpi::PM_BASE), u64::from(acpi::PM_PORTS))?;
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
+        let virtio = crate::virtio::setup(&vm, &mem, &mut mmio, &config)?;
 
         // Firmware tables and the kernel.
         arch::mptable::setup_mptable(&mem, config.cpus)?;
-        let rsdp = acpi::setup_acpi(&mem, config.cpus)?;
+        let rsdp = acpi::setup_acpi(&mem, config.cpus, &virtio.acpi)?;
+        // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
+        // on its command line instead (announcing both would make Linux probe each twice).
+        let mut cmdline = config.cmdline.clone();
+        if config.cmdline.split_whitespace().any(|w| w == "acpi=off") {
+            for p in &virtio.cmdline {
+                cmdline.push(' ');
+                cmdline.push_str(p);
+            }
+        }
         let (kernel_path, _temp) = match &config.kernel {
             KernelSource::Path(p) => (p.clone(), None),
             KernelSource::Bytes(name, bytes) => {
@@ -171,7 +184,7 @@ impl Vm {
         let spec = KernelSpec {
             kernel: &kernel_path,
             initrd: config.initrd.as_deref(),
-            cmdline: &config.cmdline,
+            cmdline: &cmdline,
             protocol: config.boot_protocol,
         };
         let boot = boot::load(&mem, config.memory, &spec, Some(rsdp))?;
@@ -217,6 +230,7 @@ impl Vm {
             console,
             serial,
             boot_marker,
+            _virtio: virtio,
             boot,
         })
     }

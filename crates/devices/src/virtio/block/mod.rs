@@ -1,0 +1,230 @@
+//! virtio-blk: the block device (virtio 1.2 §5.2) on a [`block::DiskBackend`].
+//!
+//! Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES. Features: VERSION_1, RO (read-only
+//! backends), SEG_MAX, BLK_SIZE (512), FLUSH, DISCARD and WRITE_ZEROES (writable backends), MQ
+//! (more than one queue), INDIRECT_DESC, EVENT_IDX. One worker thread per queue.
+
+mod engine;
+pub mod request;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use block::DiskBackend;
+use virtio_queue::QueueState;
+use vm_memory::GuestMemoryMmap;
+
+use super::worker::QueueWorker;
+use super::{
+    feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
+    MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+pub use request::BlockHandler;
+
+pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+pub const VIRTIO_BLK_F_RO: u32 = 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+pub const VIRTIO_BLK_F_MQ: u32 = 12;
+pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+
+/// Sector size of the virtio-blk protocol (capacity and request offsets).
+pub const SECTOR_SIZE: u64 = 512;
+/// Bytes of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+/// Data segments per request (a chain has two more: header and status).
+pub const SEG_MAX: u32 = 126;
+/// Limits advertised for DISCARD and WRITE_ZEROES.
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+pub const MAX_DISCARD_SEGMENTS: u32 = 16;
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 4096 / SECTOR_SIZE as u32;
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+pub const MAX_WRITE_ZEROES_SEGMENTS: u32 = 16;
+/// Most queues a device may have.
+pub const MAX_QUEUES: u16 = 64;
+/// Length of the configuration space (through `write_zeroes_may_unmap` and its padding).
+pub const CONFIG_LEN: usize = 60;
+
+/// Errors building a block device.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlockError {
+    #[error("{0} queues requested; 1 to {MAX_QUEUES} are possible")]
+    NumQueues(u16),
+    #[error("queue size {0} must be a power of two from 4 to {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("serial '{0}' is longer than 20 bytes")]
+    SerialTooLong(String),
+}
+
+/// Options of a block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockOptions {
+    /// Returned by GET_ID (Linux: `/sys/block/vdX/serial`), at most 20 bytes.
+    pub serial: String,
+    /// Number of request queues (`MQ` when more than one).
+    pub num_queues: u16,
+    /// Maximum size of each queue.
+    pub queue_size: u16,
+}
+
+impl Default for BlockOptions {
+    fn default() -> Self {
+        BlockOptions {
+            serial: String::new(),
+            num_queues: 1,
+            queue_size: MAX_QUEUE_SIZE,
+        }
+    }
+}
+
+/// The block device.
+pub struct Block {
+    disk: Arc<dyn DiskBackend>,
+    id: [u8; ID_BYTES],
+    features: u64,
+    acked: u64,
+    queue_sizes: Vec<u16>,
+    config: [u8; CONFIG_LEN],
+    workers: Vec<QueueWorker>,
+}
+
+impl Block {
+    /// A block device on `disk`. Read-only backends get the RO feature and refuse writes.
+    pub fn new(disk: Arc<dyn DiskBackend>, opts: BlockOptions) -> Result<Block, BlockError> {
+        if opts.num_queues == 0 || opts.num_queues > MAX_QUEUES {
+            return Err(BlockError::NumQueues(opts.num_queues));
+        }
+        let qs = opts.queue_size;
+        if !(4..=MAX_QUEUE_SIZE).contains(&qs) || !qs.is_power_of_two() {
+            return Err(BlockError::QueueSize(qs));
+        }
+        if opts.serial.len() > ID_BYTES {
+            return Err(BlockError::SerialTooLong(opts.serial));
+        }
+        let mut id = [0u8; ID_BYTES];
+        id[..opts.serial.len()].copy_from_slice(opts.serial.as_bytes());
+
+        let read_only = disk.read_only();
+        let mut features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_BLK_SIZE)
+            | feature(VIRTIO_BLK_F_FLUSH);
+        if read_only {
+            features |= feature(VIRTIO_BLK_F_RO);
+        } else {
+            features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        if opts.num_queues > 1 {
+            features |= feature(VIRTIO_BLK_F_MQ);
+        }
+        // A chain must fit the queue: header + data segments + status <= queue size.
+        let seg_max = SEG_MAX.min(u32::from(qs) - 2);
+
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put =
+            |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0, &(disk.size() / SECTOR_SIZE).to_le_bytes()); // capacity
+        put(12, &seg_max.to_le_bytes()); // seg_max
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(34, &opts.num_queues.to_le_bytes()); // num_queues
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+        put(48, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        put(52, &MAX_WRITE_ZEROES_SEGMENTS.to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+
+        Ok(Block {
+            disk,
+            id,
+            features,
+            acked: 0,
+            queue_sizes: vec![qs; usize::from(opts.num_queues)],
+            config,
+            workers: Vec::new(),
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size() / SECTOR_SIZE
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features;
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    fn config_len(&self) -> usize {
+        CONFIG_LEN
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Nothing is writable without CONFIG_WCE, which is not offered.
+        tracing::debug!("virtio-blk: config write at {offset:#x} ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if !self.workers.is_empty() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if !queues.iter().any(|q| q.index == 0) {
+            return Err(ActivateError::MissingQueue(0));
+        }
+        let mut workers = Vec::with_capacity(queues.len());
+        for q in queues {
+            let handler = BlockHandler::new(self.disk.clone(), self.acked, self.id);
+            let name = format!("virtio-blk-q{}", q.index);
+            let w = QueueWorker::spawn(name, q, mem.clone(), interrupt.clone(), handler)
+                .map_err(|e| ActivateError::Worker(e.into()))?;
+            workers.push(w);
+        }
+        self.workers = workers;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping a worker stops and joins its thread.
+        self.workers.clear();
+        self.acked = 0;
+    }
+
+    fn queue_states(&self) -> Vec<(u16, QueueState)> {
+        self.workers
+            .iter()
+            .map(|w| (w.index(), w.queue_state()))
+            .collect()
+    }
+}

@@ -1,0 +1,691 @@
+//! virtio-blk tests: requests driven through queues in guest memory, as a driver would.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use block::{DiskBackend, Format};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::*;
+use super::*;
+use crate::virtio::queue::{process_queue, Chain};
+use crate::virtio::testing::{mem, CountingInterrupt, TestQueue, R, W};
+use crate::virtio::{has_feature, VirtioDevice};
+
+/// A disk in memory.
+struct MemDisk {
+    data: Mutex<Vec<u8>>,
+    ro: bool,
+    flushes: AtomicU32,
+    discards: Mutex<Vec<(u64, u64)>>,
+}
+
+impl MemDisk {
+    fn new(size: usize, ro: bool) -> Arc<MemDisk> {
+        Arc::new(MemDisk {
+            data: Mutex::new(vec![0; size]),
+            ro,
+            flushes: AtomicU32::new(0),
+            discards: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn check(&self, off: u64, len: u64) -> block::Result<()> {
+        let size = self.size();
+        match off.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(block::Error::OutOfRange {
+                path: "mem".into(),
+                offset: off,
+                len,
+                size,
+            }),
+        }
+    }
+
+    fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
+        self.data.lock().unwrap()[off..off + len].to_vec()
+    }
+}
+
+impl DiskBackend for MemDisk {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> block::Result<()> {
+        self.check(off, buf.len() as u64)?;
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> block::Result<()> {
+        self.check(off, buf.len() as u64)?;
+        if self.ro {
+            return Err(block::Error::ReadOnly("mem".into()));
+        }
+        let mut d = self.data.lock().unwrap();
+        d[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> block::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn discard(&self, off: u64, len: u64) -> block::Result<()> {
+        self.discards.lock().unwrap().push((off, len));
+        self.write_zeroes(off, len)
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> block::Result<()> {
+        self.check(off, len)?;
+        let mut d = self.data.lock().unwrap();
+        d[off as usize..(off + len) as usize].fill(0);
+        Ok(())
+    }
+    fn read_only(&self) -> bool {
+        self.ro
+    }
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+}
+
+const HDR: u64 = 0x10000;
+const DATA: u64 = 0x20000;
+const STATUS: u64 = 0x80000;
+
+/// A driver building requests: each request gets its own header and status slot.
+struct Driver<'a> {
+    m: &'a GuestMemoryMmap,
+    tq: TestQueue<'a>,
+    n: u64,
+}
+
+impl<'a> Driver<'a> {
+    fn new(m: &'a GuestMemoryMmap) -> Self {
+        Driver {
+            m,
+            tq: TestQueue::new(m, 256),
+            n: 0,
+        }
+    }
+
+    /// Write a header for request `n`; returns its address.
+    fn header(&mut self, kind: u32, sector: u64) -> u64 {
+        let at = HDR + 16 * self.n;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.m.write_slice(&h, GuestAddress(at)).unwrap();
+        at
+    }
+
+    fn status_slot(&mut self) -> u64 {
+        let at = STATUS + self.n;
+        self.m.write_obj(0xffu8, GuestAddress(at)).unwrap();
+        self.n += 1;
+        at
+    }
+
+    /// A request: header, `data` buffers, status byte. Returns the status address.
+    fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32, u16)]) -> u64 {
+        let h = self.header(kind, sector);
+        let s = self.status_slot();
+        let mut descs = vec![(h, 16, R)];
+        descs.extend_from_slice(data);
+        descs.push((s, 1, W));
+        self.tq.add_chain(&descs);
+        s
+    }
+
+    fn status(&self, at: u64) -> u8 {
+        self.m.read_obj(GuestAddress(at)).unwrap()
+    }
+}
+
+fn handler(disk: &Arc<MemDisk>, features: u64) -> BlockHandler {
+    let mut id = [0u8; ID_BYTES];
+    id[..13].copy_from_slice(b"vessel-serial");
+    BlockHandler::new(disk.clone(), features, id)
+}
+
+fn run(d: &Driver, h: &mut BlockHandler) {
+    let mut q = d.tq.queue();
+    let mut c = Chain::default();
+    process_queue(&mut q, d.m, &mut c, h).unwrap();
+}
+
+fn rw_features() -> u64 {
+    feature(VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_BLK_F_FLUSH)
+        | feature(VIRTIO_BLK_F_DISCARD)
+        | feature(VIRTIO_BLK_F_WRITE_ZEROES)
+}
+
+#[test]
+fn config_and_features() {
+    let disk = MemDisk::new(1 << 20, false);
+    let dev = Block::new(
+        disk.clone(),
+        BlockOptions {
+            serial: "x".into(),
+            num_queues: 2,
+            queue_size: 128,
+        },
+    )
+    .unwrap();
+    let mut b = [0u8; 8];
+    dev.read_config(0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 2048);
+    let mut b4 = [0u8; 4];
+    dev.read_config(12, &mut b4);
+    assert_eq!(u32::from_le_bytes(b4), 126);
+    dev.read_config(20, &mut b4);
+    assert_eq!(u32::from_le_bytes(b4), 512);
+    let mut b2 = [0u8; 2];
+    dev.read_config(34, &mut b2);
+    assert_eq!(u16::from_le_bytes(b2), 2);
+    dev.read_config(40, &mut b4);
+    assert_eq!(u32::from_le_bytes(b4), MAX_DISCARD_SEGMENTS);
+    let f = dev.features();
+    for bit in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+    ] {
+        assert!(has_feature(f, bit), "bit {bit}");
+    }
+    assert!(!has_feature(f, VIRTIO_BLK_F_RO));
+    assert_eq!(dev.queue_max_sizes(), &[128, 128]);
+
+    let ro = Block::new(MemDisk::new(4096, true), BlockOptions::default()).unwrap();
+    assert!(has_feature(ro.features(), VIRTIO_BLK_F_RO));
+    assert!(!has_feature(ro.features(), VIRTIO_BLK_F_DISCARD));
+    assert!(!has_feature(ro.features(), VIRTIO_BLK_F_MQ));
+
+    let bad = |o: BlockOptions| Block::new(disk.clone(), o).err();
+    assert_eq!(
+        bad(BlockOptions {
+            num_queues: 0,
+            ..Default::default()
+        }),
+        Some(BlockError::NumQueues(0))
+    );
+    assert_eq!(
+        bad(BlockOptions {
+            queue_size: 100,
+            ..Default::default()
+        }),
+        Some(BlockError::QueueSize(100))
+    );
+    assert!(bad(BlockOptions {
+        serial: "x".repeat(21),
+        ..Default::default()
+    })
+    .is_some());
+}
+
+#[test]
+fn write_read_flush_get_id() {
+    let m = mem();
+    let disk = MemDisk::new(1 << 20, false);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+    // OUT of 1024 bytes at sector 2, over two descriptors.
+    let out = d.request(VIRTIO_BLK_T_OUT, 2, &[(DATA, 300, R), (DATA + 300, 724, R)]);
+    // IN of 1024 bytes back, over three descriptors, into another buffer.
+    let back = DATA + 0x10000;
+    let inp = d.request(
+        VIRTIO_BLK_T_IN,
+        2,
+        &[(back, 512, W), (back + 512, 12, W), (back + 524, 500, W)],
+    );
+    let flush = d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    let id = d.request(VIRTIO_BLK_T_GET_ID, 0, &[(DATA + 0x20000, 20, W)]);
+    run(&d, &mut h);
+    assert_eq!(
+        [out, inp, flush, id].map(|s| d.status(s)),
+        [VIRTIO_BLK_S_OK; 4]
+    );
+    assert_eq!(disk.bytes(1024, 1024), pattern);
+    let mut got = vec![0u8; 1024];
+    m.read_slice(&mut got, GuestAddress(back)).unwrap();
+    assert_eq!(got, pattern);
+    assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
+    let mut serial = [0u8; 20];
+    m.read_slice(&mut serial, GuestAddress(DATA + 0x20000))
+        .unwrap();
+    assert_eq!(&serial[..13], b"vessel-serial");
+    assert_eq!(&serial[13..], &[0; 7]);
+    // Used lengths: bytes written including the status byte.
+    assert_eq!(d.tq.used(0).1, 1);
+    assert_eq!(d.tq.used(1).1, 1025);
+    assert_eq!(d.tq.used(2).1, 1);
+    assert_eq!(d.tq.used(3).1, 21);
+}
+
+#[test]
+fn large_transfers_go_through_the_bounce_buffer_in_pieces() {
+    let m = mem();
+    let disk = MemDisk::new(4 << 20, false);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let len = 600 * 1024;
+    let pattern: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    m.write_slice(&pattern, GuestAddress(0x100000)).unwrap();
+    let out = d.request(VIRTIO_BLK_T_OUT, 8, &[(0x100000, len as u32, R)]);
+    let inp = d.request(VIRTIO_BLK_T_IN, 8, &[(0x200000, len as u32, W)]);
+    run(&d, &mut h);
+    assert_eq!([d.status(out), d.status(inp)], [VIRTIO_BLK_S_OK; 2]);
+    let mut got = vec![0u8; len];
+    m.read_slice(&mut got, GuestAddress(0x200000)).unwrap();
+    assert!(got == pattern);
+}
+
+fn segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[0..8].copy_from_slice(&sector.to_le_bytes());
+    s[8..12].copy_from_slice(&sectors.to_le_bytes());
+    s[12..16].copy_from_slice(&flags.to_le_bytes());
+    s
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let m = mem();
+    let disk = MemDisk::new(64 * 512, false);
+    disk.data.lock().unwrap().fill(0xaa);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let seg = |m: &GuestMemoryMmap, at: u64, segs: &[[u8; 16]]| {
+        for (i, s) in segs.iter().enumerate() {
+            m.write_slice(s, GuestAddress(at + 16 * i as u64)).unwrap();
+        }
+        (at, 16 * segs.len() as u32, R)
+    };
+    let a = seg(&m, DATA, &[segment(0, 8, 0), segment(16, 2, 0)]);
+    let discard = d.request(VIRTIO_BLK_T_DISCARD, 0, &[a]);
+    let b = seg(
+        &m,
+        DATA + 0x100,
+        &[segment(8, 4, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)],
+    );
+    let zeroes = d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[b]);
+    let c = seg(&m, DATA + 0x200, &[segment(20, 1, 1)]);
+    let discard_unmap = d.request(VIRTIO_BLK_T_DISCARD, 0, &[c]);
+    let e = seg(&m, DATA + 0x300, &[segment(20, 1, 2)]);
+    let zeroes_reserved = d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[e]);
+    let many: Vec<[u8; 16]> = (0..17).map(|i| segment(i, 1, 0)).collect();
+    let f = seg(&m, DATA + 0x400, &many);
+    let too_many = d.request(VIRTIO_BLK_T_DISCARD, 0, &[f]);
+    // The second segment is past the end: nothing is discarded, not even the first.
+    let g = seg(&m, DATA + 0x800, &[segment(30, 1, 0), segment(63, 2, 0)]);
+    let past_end = d.request(VIRTIO_BLK_T_DISCARD, 0, &[g]);
+    let k = seg(&m, DATA + 0x900, &[segment(0, MAX_DISCARD_SECTORS + 1, 0)]);
+    let too_big = d.request(VIRTIO_BLK_T_DISCARD, 0, &[k]);
+    let odd = d.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA, 20, R)]);
+    run(&d, &mut h);
+    assert_eq!(d.status(discard), VIRTIO_BLK_S_OK);
+    assert_eq!(d.status(zeroes), VIRTIO_BLK_S_OK);
+    assert_eq!(d.status(discard_unmap), VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(d.status(zeroes_reserved), VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(d.status(too_many), VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.status(past_end), VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.status(too_big), VIRTIO_BLK_S_IOERR);
+    assert_eq!(d.status(odd), VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        *disk.discards.lock().unwrap(),
+        vec![(0, 8 * 512), (16 * 512, 2 * 512)]
+    );
+    let data = disk.bytes(0, 64 * 512);
+    assert!(data[..12 * 512].iter().all(|&b| b == 0));
+    assert!(data[12 * 512..16 * 512].iter().all(|&b| b == 0xaa));
+    assert!(data[16 * 512..18 * 512].iter().all(|&b| b == 0));
+    assert!(data[18 * 512..].iter().all(|&b| b == 0xaa));
+
+    // Not negotiated: unsupported.
+    let mut h = handler(&disk, feature(VIRTIO_F_VERSION_1));
+    let mut d = Driver::new(&m);
+    let a = seg(&m, DATA, &[segment(40, 1, 0)]);
+    let s1 = d.request(VIRTIO_BLK_T_DISCARD, 0, &[a]);
+    let s2 = d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[a]);
+    run(&d, &mut h);
+    assert_eq!([d.status(s1), d.status(s2)], [VIRTIO_BLK_S_UNSUPP; 2]);
+}
+
+#[test]
+fn read_only_refuses_writes() {
+    let m = mem();
+    let disk = MemDisk::new(64 * 512, true);
+    disk.data.lock().unwrap().fill(0x55);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let out = d.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, R)]);
+    m.write_slice(&segment(0, 1, 0), GuestAddress(DATA + 0x1000))
+        .unwrap();
+    let discard = d.request(VIRTIO_BLK_T_DISCARD, 0, &[(DATA + 0x1000, 16, R)]);
+    let zero = d.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(DATA + 0x1000, 16, R)]);
+    let inp = d.request(VIRTIO_BLK_T_IN, 0, &[(DATA + 0x2000, 512, W)]);
+    let flush = d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    run(&d, &mut h);
+    assert_eq!(
+        [out, discard, zero].map(|s| d.status(s)),
+        [VIRTIO_BLK_S_IOERR; 3]
+    );
+    assert_eq!([d.status(inp), d.status(flush)], [VIRTIO_BLK_S_OK; 2]);
+    assert!(disk.bytes(0, 64 * 512).iter().all(|&b| b == 0x55));
+}
+
+#[test]
+fn out_of_range_unaligned_and_unsupported() {
+    let m = mem();
+    let disk = MemDisk::new(64 * 512 + 100, false);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let last = d.request(VIRTIO_BLK_T_IN, 63, &[(DATA, 512, W)]);
+    let past = d.request(VIRTIO_BLK_T_IN, 63, &[(DATA, 1024, W)]);
+    let beyond = d.request(VIRTIO_BLK_T_OUT, 64, &[(DATA, 512, R)]);
+    let huge = d.request(VIRTIO_BLK_T_IN, u64::MAX, &[(DATA, 512, W)]);
+    let huge2 = d.request(VIRTIO_BLK_T_OUT, u64::MAX / 512 + 1, &[(DATA, 512, R)]);
+    let odd = d.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 100, W)]);
+    let unsupp = d.request(99, 0, &[]);
+    let scsi = d.request(2, 0, &[(DATA, 512, W)]);
+    run(&d, &mut h);
+    assert_eq!(d.status(last), VIRTIO_BLK_S_OK);
+    for s in [past, beyond, huge, huge2, odd] {
+        assert_eq!(d.status(s), VIRTIO_BLK_S_IOERR, "status at {s:#x}");
+    }
+    assert_eq!(d.status(unsupp), VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(d.status(scsi), VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(d.tq.used_idx(), 8);
+}
+
+#[test]
+fn malformed_chains_fail_alone() {
+    let m = mem();
+    let disk = MemDisk::new(64 * 512, false);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let mut expect: Vec<(u64, Option<u8>)> = Vec::new();
+    let good = |d: &mut Driver, expect: &mut Vec<(u64, Option<u8>)>| {
+        let s = d.request(VIRTIO_BLK_T_IN, 1, &[(DATA + 0x8000, 512, W)]);
+        expect.push((s, Some(VIRTIO_BLK_S_OK)));
+    };
+
+    // A loop: header -> status -> header. The status byte was reached: IOERR.
+    let hdr = d.header(VIRTIO_BLK_T_IN, 0);
+    let s = d.status_slot();
+    // add_raw restarts at descriptor 0; use it first.
+    d.tq.add_raw(&[(hdr, 16, R | 1, 1), (s, 1, W | 1, 0)]);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    good(&mut d, &mut expect);
+
+    // Data outside guest memory.
+    let s = d.request(VIRTIO_BLK_T_IN, 0, &[(0x7_0000_0000, 512, W)]);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    // Data whose address range wraps.
+    let s = d.request(VIRTIO_BLK_T_IN, 0, &[(u64::MAX - 100, 512, W)]);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    good(&mut d, &mut expect);
+
+    // Header device-writable.
+    let hdr = d.header(VIRTIO_BLK_T_IN, 0);
+    let s = d.status_slot();
+    d.tq.add_chain(&[(hdr, 16, W), (DATA, 512, W), (s, 1, W)]);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    // Status byte device-readable: nothing can be reported, nothing is done.
+    let hdr = d.header(VIRTIO_BLK_T_OUT, 0);
+    let s = d.status_slot();
+    d.tq.add_chain(&[(hdr, 16, R), (DATA, 512, R), (s, 1, R)]);
+    expect.push((s, None));
+    // Zero-length status.
+    let hdr = d.header(VIRTIO_BLK_T_FLUSH, 0);
+    let s = d.status_slot();
+    d.tq.add_chain(&[(hdr, 16, R), (s, 0, W)]);
+    expect.push((s, None));
+    // Readable data after writable data.
+    let hdr = d.header(VIRTIO_BLK_T_OUT, 0);
+    let s = d.status_slot();
+    d.tq.add_chain(&[(hdr, 16, R), (DATA, 1, W), (DATA, 512, R), (s, 1, W)]);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    good(&mut d, &mut expect);
+
+    // Too many descriptors: an indirect table of SEG_MAX + 3.
+    let hdr = d.header(VIRTIO_BLK_T_IN, 0);
+    let s = d.status_slot();
+    let mut descs = vec![(hdr, 16, R)];
+    descs.extend((0..=SEG_MAX).map(|i| (DATA + 512 * u64::from(i), 512, W)));
+    descs.push((s, 1, W));
+    d.tq.add_indirect(&descs, 0x60000);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    // An indirect table longer than any chain may be: walk refused, unserved.
+    let s = d.status_slot();
+    let big: Vec<_> = (0..300).map(|_| (hdr, 16, R)).collect();
+    d.tq.add_indirect(&big, 0x70000);
+    expect.push((s, None));
+    // Header too short.
+    let hdr = d.header(VIRTIO_BLK_T_IN, 0);
+    let s = d.status_slot();
+    d.tq.add_chain(&[(hdr, 8, R), (s, 1, W)]);
+    expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
+    good(&mut d, &mut expect);
+
+    run(&d, &mut h);
+    for (i, (s, want)) in expect.iter().enumerate() {
+        let got = d.status(*s);
+        match want {
+            Some(w) => assert_eq!(got, *w, "request {i}"),
+            None => assert_eq!(got, 0xff, "request {i} must stay untouched"),
+        }
+    }
+    assert_eq!(usize::from(d.tq.used_idx()), expect.len());
+    // Unserved chains have a used length of 0.
+    assert_eq!(d.tq.used(6).1, 0);
+    assert_eq!(d.tq.used(7).1, 0);
+    // Nothing was written to the disk by the bad OUT.
+    assert!(disk.bytes(0, 512).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn lengths_that_overflow_get_ioerr() {
+    // 2.25 GiB of reserved (untouched) guest memory, used twice by one chain.
+    let big = 0x9000_0000u64;
+    let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), big as usize)]).unwrap();
+    let disk = MemDisk::new(64 * 512, false);
+    let mut h = handler(&disk, rw_features());
+    let mut d = Driver::new(&m);
+    let len = (big - 0x100000) as u32;
+    let s = d.request(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[(0x100000, len, W), (0x100000, len, W)],
+    );
+    run(&d, &mut h);
+    assert_eq!(d.status(s), VIRTIO_BLK_S_IOERR);
+}
+
+fn active_queue(tq: &TestQueue, index: u16) -> (ActiveQueue, EventFd) {
+    let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = evt.try_clone().unwrap();
+    (
+        ActiveQueue {
+            index,
+            queue: tq.queue(),
+            notifier: evt,
+        },
+        kick,
+    )
+}
+
+#[test]
+fn multiqueue_workers_serve_and_corruption_needs_reset() {
+    let m = mem();
+    let disk = MemDisk::new(64 * 512, false);
+    let mut dev = Block::new(
+        disk.clone(),
+        BlockOptions {
+            num_queues: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    dev.ack_features(rw_features());
+    let mut d0 = Driver::new(&m);
+    let tq1 = TestQueue::new_at(&m, 256, 0x100000);
+    let (a0, k0) = active_queue(&d0.tq, 0);
+    let (a1, k1) = active_queue(&tq1, 1);
+    let int = Arc::new(CountingInterrupt::default());
+    dev.activate(m.clone(), int.clone(), vec![a0, a1]).unwrap();
+    assert!(matches!(
+        dev.activate(m.clone(), int.clone(), vec![]),
+        Err(ActivateError::AlreadyActive)
+    ));
+
+    let s0 = d0.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    k0.write(1).unwrap();
+    d0.tq.wait_used(1);
+    assert_eq!(d0.status(s0), VIRTIO_BLK_S_OK);
+
+    // Queue 1: a header and status by hand.
+    let mut d1 = Driver {
+        m: &m,
+        tq: tq1,
+        n: 100,
+    };
+    let s1 = d1.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    k1.write(1).unwrap();
+    d1.tq.wait_used(1);
+    assert_eq!(d1.status(s1), VIRTIO_BLK_S_OK);
+    assert_eq!(disk.flushes.load(Ordering::SeqCst), 2);
+    let states = dev.queue_states();
+    assert_eq!(states.len(), 2);
+    assert!(states.iter().all(|(_, s)| s.next_used == 1));
+
+    // Corrupt queue 1's available index: NEEDS_RESET; queue 0 keeps working.
+    d1.tq.set_avail_idx(1000);
+    k1.write(1).unwrap();
+    let start = std::time::Instant::now();
+    while !*int.needs_reset.lock().unwrap() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let s0 = d0.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    k0.write(1).unwrap();
+    d0.tq.wait_used(2);
+    assert_eq!(d0.status(s0), VIRTIO_BLK_S_OK);
+
+    dev.reset();
+    assert!(dev.queue_states().is_empty());
+    assert_eq!(dev.acked_features(), 0);
+}
+
+#[test]
+fn missing_queue_zero_refused() {
+    let m = mem();
+    let mut dev = Block::new(MemDisk::new(4096, false), BlockOptions::default()).unwrap();
+    let int = Arc::new(CountingInterrupt::default());
+    assert!(matches!(
+        dev.activate(m, int, vec![]),
+        Err(ActivateError::MissingQueue(0))
+    ));
+}
+
+#[test]
+fn raw_file_through_mmio() {
+    use crate::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+    use crate::virtio::testing::{AVAIL, DESC, USED};
+    use crate::virtio::{STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
+    use crate::BusDevice;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let disk: Arc<dyn DiskBackend> = Arc::from(
+        block::open(
+            &path,
+            block::OpenOptions {
+                format: Some(Format::Raw),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let dev = Block::new(
+        disk,
+        BlockOptions {
+            serial: "raw0".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let m = mem();
+    let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let mut t = MmioTransport::new(m.clone(), irq.clone(), Box::new(dev)).unwrap();
+    let w = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let r = |t: &mut MmioTransport, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(r(&mut t, 0x8), 2);
+    let mut cap = [0u8; 8];
+    t.read(0x100, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
+    w(&mut t, 0x70, STATUS_ACKNOWLEDGE);
+    w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    w(&mut t, 0x14, 0);
+    let lo = r(&mut t, 0x10);
+    w(&mut t, 0x14, 1);
+    let hi = r(&mut t, 0x10);
+    w(&mut t, 0x24, 0);
+    w(&mut t, 0x20, lo);
+    w(&mut t, 0x24, 1);
+    w(&mut t, 0x20, hi);
+    let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    w(&mut t, 0x70, ok);
+    assert_eq!(r(&mut t, 0x70), ok);
+    w(&mut t, 0x30, 0);
+    w(&mut t, 0x38, 256);
+    w(&mut t, 0x80, DESC as u32);
+    w(&mut t, 0x90, AVAIL as u32);
+    w(&mut t, 0xa0, USED as u32);
+    w(&mut t, 0x44, 1);
+    let mut d = Driver::new(&m);
+    w(&mut t, 0x70, ok | STATUS_DRIVER_OK);
+    assert_eq!(r(&mut t, 0x70), ok | STATUS_DRIVER_OK);
+
+    m.write_slice(&[0x5a; 4096], GuestAddress(DATA)).unwrap();
+    let out = d.request(VIRTIO_BLK_T_OUT, 100, &[(DATA, 4096, R)]);
+    let flush = d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    let inp = d.request(VIRTIO_BLK_T_IN, 100, &[(DATA + 0x10000, 4096, W)]);
+    let id = d.request(VIRTIO_BLK_T_GET_ID, 0, &[(DATA + 0x20000, 20, W)]);
+    let past = d.request(VIRTIO_BLK_T_IN, 2047, &[(DATA, 1024, W)]);
+    w(&mut t, QUEUE_NOTIFY_OFFSET, 0);
+    d.tq.wait_used(5);
+    assert_eq!(
+        [out, flush, inp, id].map(|s| d.status(s)),
+        [VIRTIO_BLK_S_OK; 4]
+    );
+    assert_eq!(d.status(past), VIRTIO_BLK_S_IOERR);
+    let mut back = [0u8; 4096];
+    m.read_slice(&mut back, GuestAddress(DATA + 0x10000))
+        .unwrap();
+    assert!(back.iter().all(|&b| b == 0x5a));
+    let mut serial = [0u8; 4];
+    m.read_slice(&mut serial, GuestAddress(DATA + 0x20000))
+        .unwrap();
+    assert_eq!(&serial, b"raw0");
+    assert_eq!(r(&mut t, 0x60) & 1, 1);
+    // The data is in the file.
+    w(&mut t, 0x70, 0);
+    let file = std::fs::read(&path).unwrap();
+    assert!(file[100 * 512..100 * 512 + 4096].iter().all(|&b| b == 0x5a));
+    // Snapshot of a reset device: status 0.
+    assert_eq!(t.state().status, 0);
+}

@@ -1,0 +1,359 @@
+//! Virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]: it offers features and queues, exposes a config space
+//! and, once the driver has set everything up, is *activated* with guest memory, an interrupt
+//! sink ([`VirtioInterrupt`]) and its queues, each with the [`EventFd`] the driver's notifications
+//! arrive on. Devices process their queues on worker threads ([`worker`]) that wait on those
+//! eventfds, so a KVM ioeventfd can replace the MMIO `QueueNotify` write without a device change.
+//!
+//! The transport ([`mmio::MmioTransport`]) is a [`crate::BusDevice`] implementing virtio-mmio
+//! version 2 (virtio 1.2 §4.2.2): it owns the status state machine, the queue registers and the
+//! interrupt status register.
+//!
+//! Guest input is never trusted: descriptor chains are walked by [`queue`], which bounds their
+//! length, detects loops and checks every buffer against guest memory; a bad chain fails only its
+//! own request, and unrecoverable ring corruption sets `DEVICE_NEEDS_RESET`.
+
+pub mod block;
+pub mod mmio;
+pub mod queue;
+pub mod rng;
+pub mod worker;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::io;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device types (virtio 1.2 §5).
+pub const TYPE_BLOCK: u32 = 2;
+/// Entropy device.
+pub const TYPE_RNG: u32 = 4;
+
+/// Feature bits shared by all devices (virtio 1.2 §6).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// `used_event` / `avail_event` notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Device status bits (virtio 1.2 §2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// The largest queue any device here offers. Chains are walked with a bitmap of this many
+/// entries, and it bounds what a guest can make a device allocate per request.
+pub const MAX_QUEUE_SIZE: u16 = 256;
+
+/// The bit for feature `bit` in a 64-bit feature word.
+pub const fn feature(bit: u32) -> u64 {
+    1u64 << bit
+}
+
+/// Whether `features` has `bit` set.
+pub const fn has_feature(features: u64, bit: u32) -> bool {
+    features & feature(bit) != 0
+}
+
+/// What an interrupt is for; a transport with one line (MMIO) records it in its interrupt status
+/// register, a transport with vectors (PCI MSI-X, later) picks the vector from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The device configuration changed (or the device needs a reset).
+    Config,
+    /// Buffers were used in this queue.
+    Queue(u16),
+}
+
+/// How an active device signals the driver.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raise an interrupt of the given type.
+    fn trigger(&self, kind: VirtioInterruptType) -> io::Result<()>;
+    /// The device hit an error it cannot recover from (a corrupt ring): set `DEVICE_NEEDS_RESET`
+    /// and tell the driver with a configuration-change interrupt.
+    fn set_needs_reset(&self);
+}
+
+/// A queue handed to [`VirtioDevice::activate`].
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Index of the queue in the device.
+    pub index: u16,
+    /// The validated queue (ready, size and ring addresses checked against guest memory).
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue.
+    pub notifier: EventFd,
+}
+
+/// Why a device could not be activated. The transport answers with `DEVICE_NEEDS_RESET`.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("device needs queue {0}, which the driver did not make ready")]
+    MissingQueue(u16),
+    #[error("device is already active")]
+    AlreadyActive,
+    #[error("cannot start the device's worker: {0}")]
+    Worker(#[source] io::Error),
+    #[error("saved device state does not match this device: {0}")]
+    StateMismatch(String),
+}
+
+/// The snapshot of a device's virtio-level state: what it offered, what the driver accepted, and
+/// its configuration space (to check on restore that the backend still matches).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioDeviceState {
+    pub device_type: u32,
+    pub avail_features: u64,
+    pub acked_features: u64,
+    pub config: Vec<u8>,
+}
+
+/// A virtio device, as the transport sees it.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn features(&self) -> u64;
+    /// Features the driver accepted (a subset of [`VirtioDevice::features`], checked by the
+    /// transport before it calls this at `FEATURES_OK`).
+    fn ack_features(&mut self, features: u64);
+    /// Features accepted so far.
+    fn acked_features(&self) -> u64;
+    /// Length of the configuration space in bytes.
+    fn config_len(&self) -> usize;
+    /// Read from the configuration space; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write to the configuration space (ignored by devices without writable fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Start serving the queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// Stop serving (joining any worker) and forget the negotiated features: the device is as
+    /// new. Called on a driver reset, and safe to call on an inactive device.
+    fn reset(&mut self);
+    /// The live state of the active queues (index and state), for snapshots. Consistent between
+    /// requests: a worker holds a queue's lock for a whole processing pass.
+    fn queue_states(&self) -> Vec<(u16, QueueState)>;
+
+    /// The device's virtio state.
+    fn state(&self) -> VirtioDeviceState {
+        let mut config = vec![0u8; self.config_len()];
+        self.read_config(0, &mut config);
+        VirtioDeviceState {
+            device_type: self.device_type(),
+            avail_features: self.features(),
+            acked_features: self.acked_features(),
+            config,
+        }
+    }
+
+    /// Restore the state saved by [`VirtioDevice::state`] into an inactive device built with the
+    /// same backend and options.
+    fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), ActivateError> {
+        let now = self.state();
+        if state.device_type != now.device_type {
+            return Err(ActivateError::StateMismatch(format!(
+                "device type {} saved, {} now",
+                state.device_type, now.device_type
+            )));
+        }
+        if state.avail_features != now.avail_features {
+            return Err(ActivateError::StateMismatch(format!(
+                "features {:#x} saved, {:#x} offered now",
+                state.avail_features, now.avail_features
+            )));
+        }
+        if state.config != now.config {
+            return Err(ActivateError::StateMismatch(
+                "configuration space differs (disk size or options changed?)".into(),
+            ));
+        }
+        if state.acked_features & !now.avail_features != 0 {
+            return Err(ActivateError::StateMismatch(
+                "acknowledged features were never offered".into(),
+            ));
+        }
+        self.ack_features(state.acked_features);
+        Ok(())
+    }
+}
+
+/// A serializable mirror of [`virtio_queue::QueueState`] (which has no serde support).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(s: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(s: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: s.max_size,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+        }
+    }
+}
+
+/// Copy the bytes of `config` at `offset` into `data`; bytes past the end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block::request::*;
+    use super::block::*;
+    use super::*;
+    use virtio_bindings::{virtio_blk as vb, virtio_config as vc, virtio_ids, virtio_ring as vr};
+
+    #[test]
+    fn constants_match_the_linux_headers() {
+        assert_eq!(TYPE_BLOCK, virtio_ids::VIRTIO_ID_BLOCK);
+        assert_eq!(TYPE_RNG, virtio_ids::VIRTIO_ID_RNG);
+        assert_eq!(VIRTIO_F_VERSION_1, vc::VIRTIO_F_VERSION_1);
+        assert_eq!(VIRTIO_RING_F_INDIRECT_DESC, vr::VIRTIO_RING_F_INDIRECT_DESC);
+        assert_eq!(VIRTIO_RING_F_EVENT_IDX, vr::VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(
+            [
+                STATUS_ACKNOWLEDGE,
+                STATUS_DRIVER,
+                STATUS_DRIVER_OK,
+                STATUS_FEATURES_OK,
+                STATUS_NEEDS_RESET,
+                STATUS_FAILED
+            ],
+            [
+                vc::VIRTIO_CONFIG_S_ACKNOWLEDGE,
+                vc::VIRTIO_CONFIG_S_DRIVER,
+                vc::VIRTIO_CONFIG_S_DRIVER_OK,
+                vc::VIRTIO_CONFIG_S_FEATURES_OK,
+                vc::VIRTIO_CONFIG_S_NEEDS_RESET,
+                vc::VIRTIO_CONFIG_S_FAILED
+            ]
+        );
+        assert_eq!(
+            [
+                VIRTIO_BLK_F_SEG_MAX,
+                VIRTIO_BLK_F_RO,
+                VIRTIO_BLK_F_BLK_SIZE,
+                VIRTIO_BLK_F_FLUSH,
+                VIRTIO_BLK_F_MQ,
+                VIRTIO_BLK_F_DISCARD,
+                VIRTIO_BLK_F_WRITE_ZEROES
+            ],
+            [
+                vb::VIRTIO_BLK_F_SEG_MAX,
+                vb::VIRTIO_BLK_F_RO,
+                vb::VIRTIO_BLK_F_BLK_SIZE,
+                vb::VIRTIO_BLK_F_FLUSH,
+                vb::VIRTIO_BLK_F_MQ,
+                vb::VIRTIO_BLK_F_DISCARD,
+                vb::VIRTIO_BLK_F_WRITE_ZEROES
+            ]
+        );
+        assert_eq!(
+            [
+                VIRTIO_BLK_T_IN,
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_FLUSH,
+                VIRTIO_BLK_T_GET_ID,
+                VIRTIO_BLK_T_DISCARD,
+                VIRTIO_BLK_T_WRITE_ZEROES
+            ],
+            [
+                vb::VIRTIO_BLK_T_IN,
+                vb::VIRTIO_BLK_T_OUT,
+                vb::VIRTIO_BLK_T_FLUSH,
+                vb::VIRTIO_BLK_T_GET_ID,
+                vb::VIRTIO_BLK_T_DISCARD,
+                vb::VIRTIO_BLK_T_WRITE_ZEROES
+            ]
+        );
+        assert_eq!(
+            [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP].map(u32::from),
+            [
+                vb::VIRTIO_BLK_S_OK,
+                vb::VIRTIO_BLK_S_IOERR,
+                vb::VIRTIO_BLK_S_UNSUPP
+            ]
+        );
+        assert_eq!(ID_BYTES as u32, vb::VIRTIO_BLK_ID_BYTES);
+        assert_eq!(
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            vb::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        );
+        // The config layout: write_zeroes_may_unmap at 56, 60 bytes up to secure erase.
+        assert!(std::mem::size_of::<vb::virtio_blk_config>() >= CONFIG_LEN);
+        use std::mem::offset_of;
+        type C = vb::virtio_blk_config;
+        assert_eq!(
+            [
+                offset_of!(C, capacity),
+                offset_of!(C, seg_max),
+                offset_of!(C, blk_size),
+                offset_of!(C, num_queues),
+                offset_of!(C, max_discard_sectors),
+                offset_of!(C, max_discard_seg),
+                offset_of!(C, discard_sector_alignment),
+                offset_of!(C, max_write_zeroes_sectors),
+                offset_of!(C, max_write_zeroes_seg),
+                offset_of!(C, write_zeroes_may_unmap),
+            ],
+            [0, 12, 20, 34, 36, 40, 44, 48, 52, 56]
+        );
+    }
+}

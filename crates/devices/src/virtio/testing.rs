@@ -1,0 +1,199 @@
+//! Test helpers: a driver's view of a split queue in guest memory.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{VirtioInterrupt, VirtioInterruptType};
+
+/// Device-readable descriptor flags.
+pub const R: u16 = 0;
+/// Device-writable descriptor flags.
+pub const W: u16 = 2;
+const NEXT: u16 = 1;
+const INDIRECT: u16 = 4;
+
+pub const DESC: u64 = 0x1000;
+pub const AVAIL: u64 = 0x3000;
+pub const USED: u64 = 0x4000;
+
+/// 4 MiB of guest memory at 0.
+pub fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+}
+
+/// A split queue at [`DESC`], [`AVAIL`] and [`USED`], driven as a driver would.
+pub struct TestQueue<'a> {
+    mem: &'a GuestMemoryMmap,
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl<'a> TestQueue<'a> {
+    pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        Self::new_at(mem, size, 0)
+    }
+
+    /// Rings at [`DESC`], [`AVAIL`], [`USED`] plus `shift`.
+    pub fn new_at(mem: &'a GuestMemoryMmap, size: u16, shift: u64) -> Self {
+        let z = vec![0u8; 0x1000];
+        for a in [DESC, DESC + 0x1000, AVAIL, USED] {
+            mem.write_slice(&z, GuestAddress(a + shift)).unwrap();
+        }
+        TestQueue {
+            mem,
+            size,
+            desc: DESC + shift,
+            avail: AVAIL + shift,
+            used: USED + shift,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+
+    /// A ready `Queue` for these rings.
+    pub fn queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).unwrap();
+        q.set_size(self.size);
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .unwrap();
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .unwrap();
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    fn write_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem
+            .write_slice(&raw, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
+    }
+
+    fn alloc(&mut self) -> u16 {
+        let i = self.next_desc;
+        self.next_desc = (self.next_desc + 1) % self.size;
+        i
+    }
+
+    /// Make `head` available.
+    pub fn push_head(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(self.avail_idx);
+    }
+
+    /// Write the available index directly.
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.mem
+            .write_obj(idx.to_le(), GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    /// A well-linked chain of `(addr, len, flags)`; returns its head.
+    pub fn add_chain(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
+        let idx: Vec<u16> = descs.iter().map(|_| self.alloc()).collect();
+        for (k, &(addr, len, flags)) in descs.iter().enumerate() {
+            let (f, next) = match idx.get(k + 1) {
+                Some(&n) => (flags | NEXT, n),
+                None => (flags, 0),
+            };
+            self.write_desc(self.desc, idx[k], addr, len, f, next);
+        }
+        self.push_head(idx[0]);
+        idx[0]
+    }
+
+    /// Descriptors `(addr, len, flags, next)` written as given, at consecutive indices from 0
+    /// (starting over); the first is made available.
+    pub fn add_raw(&mut self, descs: &[(u64, u32, u16, u16)]) -> u16 {
+        self.next_desc = 0;
+        for &(addr, len, flags, next) in descs {
+            let i = self.alloc();
+            self.write_desc(self.desc, i, addr, len, flags, next);
+        }
+        self.push_head(0);
+        0
+    }
+
+    /// A chain whose one descriptor points at an indirect table (at `table`) of `descs`.
+    pub fn add_indirect(&mut self, descs: &[(u64, u32, u16)], table: u64) -> u16 {
+        let n = descs.len() as u16;
+        for (k, &(addr, len, flags)) in descs.iter().enumerate() {
+            let k = k as u16;
+            let (f, next) = if k + 1 < n && flags & INDIRECT == 0 {
+                (flags | NEXT, k + 1)
+            } else {
+                (flags, 0)
+            };
+            self.write_desc(table, k, addr, len, f, next);
+        }
+        let head = self.alloc();
+        self.write_desc(self.desc, head, table, u32::from(n) * 16, INDIRECT, 0);
+        self.push_head(head);
+        head
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        u16::from_le(self.mem.read_obj(GuestAddress(self.used + 2)).unwrap())
+    }
+
+    /// The `i`th used element: (id, len).
+    pub fn used(&self, i: u16) -> (u32, u32) {
+        let at = self.used + 4 + 8 * u64::from(i % self.size);
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (u32::from_le(id), u32::from_le(len))
+    }
+
+    /// Wait (up to 5 s) until the used index reaches `n`.
+    pub fn wait_used(&self, n: u16) {
+        let start = Instant::now();
+        while self.used_idx() != n {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "used index stuck at {} (want {n})",
+                self.used_idx()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// A [`VirtioInterrupt`] that counts.
+#[derive(Default)]
+pub struct CountingInterrupt {
+    pub queue: AtomicU32,
+    pub config: AtomicU32,
+    pub needs_reset: Mutex<bool>,
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn trigger(&self, kind: VirtioInterruptType) -> std::io::Result<()> {
+        match kind {
+            VirtioInterruptType::Config => self.config.fetch_add(1, Ordering::SeqCst),
+            VirtioInterruptType::Queue(_) => self.queue.fetch_add(1, Ordering::SeqCst),
+        };
+        Ok(())
+    }
+    fn set_needs_reset(&self) {
+        *self.needs_reset.lock().unwrap() = true;
+        self.config.fetch_add(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,214 @@
+//! virtio devices on the direct test host: the bundled guest's ring-3 drivers against Vessel's
+//! virtio-mmio block and entropy devices.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("vessel-virtio-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn raw_disk(path: &std::path::Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// What the guest wrote at `sector` of a disk.
+fn sector(path: &std::path::Path, sector: u64) -> Vec<u8> {
+    let data = std::fs::read(path).unwrap();
+    data[(sector * 512) as usize..(sector * 512 + 512) as usize].to_vec()
+}
+
+#[test]
+fn block_writes_reach_the_host_file() {
+    let dir = TempDir::new("raw");
+    let disk = dir.file("disk.raw");
+    raw_disk(&disk, 32 << 20);
+    let spec = format!("path={},serial=disk-serial-1", disk.display());
+    let o = vessel(&["run", "--disk", &spec]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains(
+            "virtio-blk mmio@0xd0000000 65536 sectors: write/read/flush ok serial 'disk-serial-1'"
+        ),
+        "{out}"
+    );
+    // Found through the DSDT: the command line stays as given.
+    assert!(!out.contains("virtio_mmio.device="), "{out}");
+    let s8 = sector(&disk, 8);
+    assert!(
+        s8.starts_with(b"vessel virtio-blk sector 8"),
+        "{:?}",
+        &s8[..32]
+    );
+    let last = sector(&disk, 65535);
+    assert!(
+        last.starts_with(b"vessel virtio-blk sector 65535"),
+        "{:?}",
+        &last[..32]
+    );
+}
+
+#[test]
+fn without_acpi_devices_are_on_the_command_line() {
+    let o = vessel(&["run", "--rng", "--cmdline", "acpi=off"]);
+    assert_code(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("cmdline: acpi=off virtio_mmio.device=4K@0xd0000000:5"),
+        "{out}"
+    );
+    assert!(out.contains("virtio-rng mmio@0xd0000000: ok"), "{out}");
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let dir = TempDir::new("ro");
+    let disk = dir.file("disk.raw");
+    raw_disk(&disk, 1 << 20);
+    let spec = format!("path={},readonly=on", disk.display());
+    let o = vessel(&["run", "--disk", &spec]);
+    assert_code(&o, 0);
+    assert!(
+        stdout(&o).contains("2048 sectors: read-only, read ok"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        std::fs::read(&disk).unwrap().iter().all(|b| *b == 0),
+        "nothing written"
+    );
+}
+
+#[test]
+fn qcow2_overlay_disk_stays_consistent() {
+    let dir = TempDir::new("qcow2");
+    let base = dir.file("base.qcow2");
+    let top = dir.file("top.qcow2");
+    let ok = |args: &[&str]| {
+        let o = vessel(args);
+        assert_code(&o, 0);
+    };
+    ok(&[
+        "image",
+        "create",
+        "-f",
+        "qcow2",
+        "--size",
+        "64M",
+        base.to_str().unwrap(),
+    ]);
+    ok(&[
+        "image",
+        "clone",
+        "--from",
+        base.to_str().unwrap(),
+        top.to_str().unwrap(),
+    ]);
+    let spec = format!("path={},queues=2", top.display());
+    let o = vessel(&["run", "--disk", &spec, "--cpus", "2"]);
+    assert_code(&o, 0);
+    assert!(
+        stdout(&o).contains("131072 sectors: write/read/flush ok"),
+        "{}",
+        stdout(&o)
+    );
+    // The writes went to the overlay; both images are consistent.
+    ok(&["image", "check", top.to_str().unwrap()]);
+    ok(&["image", "check", base.to_str().unwrap()]);
+}
+
+#[test]
+fn entropy_device() {
+    let o = vessel(&["run", "--rng"]);
+    assert_code(&o, 0);
+    assert!(
+        stdout(&o).contains("virtio-rng mmio@0xd0000000: ok"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_disk_in_use_is_locked() {
+    let dir = TempDir::new("lock");
+    let disk = dir.file("disk.raw");
+    raw_disk(&disk, 1 << 20);
+    let spec = format!("path={}", disk.display());
+    let log = dir.file("console.log");
+    let console = format!("file:{}", log.display());
+    let mut first = Command::new(VESSEL)
+        .args([
+            "run",
+            "--disk",
+            &spec,
+            "--console",
+            &console,
+            "--cmdline",
+            "action=hold",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("virtio-blk")
+    {
+        assert!(Instant::now() < deadline, "first VM never used its disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = vessel(&["run", "--disk", &spec]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
+    let err = stderr(&second);
+    assert!(err.contains("vessel: error: cannot open disk"), "{err}");
+    assert!(err.to_lowercase().contains("lock"), "{err}");
+}
+
+#[test]
+fn bad_disk_options_are_refused() {
+    for (spec, needle) in [
+        (
+            "path=/nonexistent/disk.img",
+            "cannot open disk /nonexistent/disk.img",
+        ),
+        (
+            "path=/tmp/x,cache=sometimes",
+            "cache takes writeback or unsafe",
+        ),
+        ("readonly=on", "path= is required"),
+    ] {
+        let o = vessel(&["run", "--disk", spec]);
+        assert_eq!(o.status.code(), Some(1), "{spec}");
+        assert!(stderr(&o).contains(needle), "{spec}: {}", stderr(&o));
+    }
+    let o = vessel(&["run", "--transport", "pci", "--rng"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("virtio-pci transport is not available yet"));
+}

@@ -1,0 +1,147 @@
+//! The VM's virtio devices: backends opened from the configuration, each behind a
+//! virtio-mmio transport with its own register window, interrupt line and queue ioeventfds,
+//! announced to the guest through ACPI and the kernel command line.
+
+use std::sync::{Arc, Mutex};
+
+use arch::acpi::MmioDevice;
+use arch::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_IRQS, VIRTIO_MMIO_SIZE};
+use block::DiskBackend;
+use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::mmio::{cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::rng::Rng;
+use devices::virtio::VirtioDevice;
+use devices::{Bus, Interrupt};
+use hypervisor::IoSpace;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{CacheMode, DiskConfig, VmConfig};
+
+/// Errors setting up virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open disk {path}: {source}")]
+    Disk {
+        path: String,
+        #[source]
+        source: block::Error,
+    },
+    #[error("disk {path}: {source}")]
+    Block {
+        path: String,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    #[error("virtio-mmio transport: {0}")]
+    Transport(#[from] devices::virtio::mmio::MmioError),
+    #[error(transparent)]
+    Kvm(#[from] hypervisor::Error),
+    #[error("virtio device placement: {0}")]
+    Bus(#[from] devices::BusError),
+}
+
+/// A disk whose flushes are dropped (`cache=unsafe`).
+struct NoFlush(Box<dyn DiskBackend>);
+
+impl DiskBackend for NoFlush {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> block::Result<()> {
+        self.0.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> block::Result<()> {
+        self.0.write_at(buf, off)
+    }
+    fn flush(&self) -> block::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, off: u64, len: u64) -> block::Result<()> {
+        self.0.discard(off, len)
+    }
+    fn write_zeroes(&self, off: u64, len: u64) -> block::Result<()> {
+        self.0.write_zeroes(off, len)
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn format(&self) -> block::Format {
+        self.0.format()
+    }
+}
+
+fn block_device(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+    let path = d.path.display().to_string();
+    let opts = block::OpenOptions {
+        read_only: d.read_only,
+        ..Default::default()
+    };
+    let disk = block::open(&d.path, opts).map_err(|source| Error::Disk {
+        path: path.clone(),
+        source,
+    })?;
+    let disk: Arc<dyn DiskBackend> = match d.cache {
+        CacheMode::Writeback => Arc::from(disk),
+        CacheMode::Unsafe => Arc::new(NoFlush(disk)),
+    };
+    let opts = BlockOptions {
+        serial: d.serial.clone().unwrap_or_default(),
+        num_queues: d.queues,
+        ..Default::default()
+    };
+    Block::new(disk, opts)
+        .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+        .map_err(|source| Error::Block { path, source })
+}
+
+/// The virtio devices of a VM, as placed.
+#[derive(Default)]
+pub struct VirtioDevices {
+    /// For the DSDT.
+    pub acpi: Vec<MmioDevice>,
+    /// `virtio_mmio.device=` parameters for the kernel command line.
+    pub cmdline: Vec<String>,
+    /// The transports, for snapshots and hot-plug later.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Opens every configured device's backend and places it on the MMIO bus.
+pub fn setup(
+    vm: &hypervisor::Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    config: &VmConfig,
+) -> Result<VirtioDevices, Error> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &config.disks {
+        devices.push(block_device(d)?);
+    }
+    if config.rng {
+        devices.push(Box::new(Rng::new()));
+    }
+    let mut out = VirtioDevices::default();
+    // The configuration was validated: there is an interrupt line for every device.
+    for ((i, device), irq) in devices.into_iter().enumerate().zip(VIRTIO_MMIO_IRQS) {
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
+        let line: Arc<dyn Interrupt> = Arc::new(vm.irq_line(irq)?.event);
+        let transport = MmioTransport::new(mem.clone(), line, device)?;
+        for (q, fd) in transport.queue_notifiers().iter().enumerate() {
+            vm.register_ioevent(
+                fd,
+                IoSpace::Mmio,
+                base + QUEUE_NOTIFY_OFFSET,
+                Some(q as u32),
+            )?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        out.acpi.push(MmioDevice {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            irq,
+        });
+        out.cmdline.push(cmdline_device(base, irq));
+        out.transports.push(transport);
+    }
+    Ok(out)
+}
