@@ -61,9 +61,10 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
 /// A VM that is built and ready to run.
 pub struct Vm {
     config: VmConfig,
-    // Kept alive for the VM's life: KVM's memory slots point into it.
-    _mem: GuestMemoryMmap,
+    // Fields drop in order: the VM goes first, then the guest memory its slots point into
+    // (unmapping memory under a live VM would make KVM invalidate every mapping first).
     _vm: hypervisor::Vm,
+    _mem: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -221,8 +222,8 @@ impl Vm {
 
         Ok(Vm {
             config,
-            _mem: mem,
             _vm: vm,
+            _mem: mem,
             vcpus,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
