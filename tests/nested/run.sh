@@ -23,7 +23,7 @@
 #   --l2-modules LIST    kernel modules (+deps) in the L2 initramfs
 #   --l1-file SRC:DST    extra file in the L1 initramfs (repeatable)
 #   --l2-file SRC:DST    extra file in the L2 initramfs (repeatable)
-#   --l1-cpus N          L1 vCPUs (default 2)
+#   --l1-cpus N          L1 vCPUs (default 1: two make multi-threaded TCG flaky)
 #   --l1-memory MB       L1 memory in MiB (default 2048)
 #   --l1-append STR      extra L1 kernel parameters (e.g. "loglevel=7")
 #   --expect STR         also require this fixed string in the log (repeatable)
@@ -48,7 +48,10 @@ fail_setup() { printf 'nested: FAIL: %s\n' "$*"; exit 2; }
 
 VESSEL="" VESSEL_ARGS="" HAVE_VESSEL_ARGS=0
 L2_CPUS=2 L2_MEM=512M L2_APPEND=""
-L1_CPUS=2 L1_MEM=2048 L1_APPEND=""
+# One L1 vCPU: QEMU's multi-threaded TCG with two vCPUs and emulated SVM crashes L1 or L2
+# now and then (about one run in four, also with QEMU itself as the L1 VMM); with one it has not.
+# L2 still gets two vCPUs, time-shared on it.
+L1_CPUS=1 L1_MEM=2048 L1_APPEND=""
 TIMEOUT=300 LOG="" KEEP=0 REFERENCE=0
 CACHE_DIR="${NESTED_CACHE_DIR:-$DEFAULT_CACHE_DIR}"
 BUILD_ARGS=() EXPECT=()

@@ -9,11 +9,13 @@ use acpi_tables::aml::{
     Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path,
     ResourceTemplate, Scope, Store, IO,
 };
+use acpi_tables::aml::{AddressSpace as AmlAddressSpace, AddressSpaceCacheable};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
@@ -84,7 +86,110 @@ fn virtio_mmio_aml(index: usize, d: &MmioDevice, sink: &mut dyn acpi_tables::Aml
     .to_aml_bytes(sink);
 }
 
-fn dsdt(mmio: &[MmioDevice]) -> Vec<u8> {
+/// A PCI host bridge the tables announce: ECAM for buses `0..=last_bus` at `ecam_base` (in the
+/// MCFG, and reserved as motherboard resources), configuration mechanism #1 at 0xcf8, and the
+/// 32-bit MMIO window `[mmio_base, mmio_end)` the BARs live in. Devices use MSI-X; the `_PRT`
+/// routes INTA# of each slot to a GSI ([`crate::layout::pci_intx_gsi`]) for guests that do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciHostBridge {
+    pub ecam_base: u64,
+    pub ecam_size: u64,
+    pub last_bus: u8,
+    pub mmio_base: u64,
+    pub mmio_end: u64,
+}
+
+impl PciHostBridge {
+    /// The host bridge of Vessel's layout.
+    pub fn standard() -> Self {
+        use crate::layout::{PCI_ECAM_BASE, PCI_ECAM_SIZE, PCI_MMIO_BASE, PCI_MMIO_END};
+        PciHostBridge {
+            ecam_base: PCI_ECAM_BASE,
+            ecam_size: PCI_ECAM_SIZE,
+            last_bus: ((PCI_ECAM_SIZE >> 20) - 1) as u8,
+            mmio_base: PCI_MMIO_BASE,
+            mmio_end: PCI_MMIO_END,
+        }
+    }
+}
+
+/// `_PRT`: INTA# of slots 1..=31 to GSIs, as `{ address 0xSSSSFFFF, pin 0, source 0, GSI }`.
+fn pci_prt() -> Vec<u8> {
+    let entries: Vec<(u32, u32)> = (1..=crate::layout::PCI_MAX_DEVICES as u8)
+        .map(|slot| {
+            (
+                (u32::from(slot) << 16) | 0xffff,
+                crate::layout::pci_intx_gsi(slot),
+            )
+        })
+        .collect();
+    let packages: Vec<Package> = entries
+        .iter()
+        .map(|(addr, gsi)| Package::new(vec![addr, &0u8, &0u8, gsi]))
+        .collect();
+    let refs: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    let mut v = Vec::new();
+    Name::new(Path::new("_PRT"), &Package::new(refs)).to_aml_bytes(&mut v);
+    v
+}
+
+/// `\_SB.PCI0` and `\_SB.MRES` (the ECAM area as motherboard resources).
+fn pci_aml(p: &PciHostBridge, sink: &mut dyn acpi_tables::AmlSink) {
+    let prt = RawAml(pci_prt());
+    Device::new(
+        Path::new("PCI0"),
+        vec![
+            &Name::new(Path::new("_HID"), &EISAName::new("PNP0A08")),
+            &Name::new(Path::new("_CID"), &EISAName::new("PNP0A03")),
+            &Name::new(Path::new("_ADR"), &0u8),
+            &Name::new(Path::new("_SEG"), &0u8),
+            &Name::new(Path::new("_UID"), &0u8),
+            &Name::new(Path::new("_BBN"), &0u8),
+            &prt,
+            &Name::new(
+                Path::new("_CRS"),
+                &ResourceTemplate::new(vec![
+                    &AmlAddressSpace::new_bus_number(0u16, u16::from(p.last_bus)),
+                    &IO::new(0xcf8, 0xcf8, 1, 8),
+                    &AmlAddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        p.mmio_base as u32,
+                        (p.mmio_end - 1) as u32,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+    Device::new(
+        Path::new("MRES"),
+        vec![
+            &Name::new(Path::new("_HID"), &EISAName::new("PNP0C02")),
+            &Name::new(Path::new("_UID"), &1u8),
+            &Name::new(
+                Path::new("_CRS"),
+                &ResourceTemplate::new(vec![&Memory32Fixed::new(
+                    false,
+                    p.ecam_base as u32,
+                    p.ecam_size as u32,
+                )]),
+            ),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+fn mcfg(p: &PciHostBridge) -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(p.ecam_base, 0, 0, p.last_bus);
+    let mut v = Vec::new();
+    m.to_aml_bytes(&mut v);
+    v
+}
+
+fn dsdt(mmio: &[MmioDevice], pci: Option<&PciHostBridge>) -> Vec<u8> {
     let mut sdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     // Each table part is built and emitted in one statement: the AML builders borrow their
     // children, which live until the statement ends.
@@ -180,6 +285,11 @@ fn dsdt(mmio: &[MmioDevice]) -> Vec<u8> {
         }
         Scope::new(Path::new("\\_SB_"), vec![&RawAml(devices)]).to_aml_bytes(&mut sdt);
     }
+    if let Some(p) = pci {
+        let mut devices = Vec::new();
+        pci_aml(p, &mut devices);
+        Scope::new(Path::new("\\_SB_"), vec![&RawAml(devices)]).to_aml_bytes(&mut sdt);
+    }
     sdt.update_checksum();
     sdt.as_slice().to_vec()
 }
@@ -252,17 +362,29 @@ pub fn setup_acpi(
     cpus: u32,
     mmio: &[MmioDevice],
 ) -> Result<GuestAddress, Error> {
+    setup_acpi_with_pci(mem, cpus, mmio, None)
+}
+
+/// [`setup_acpi`], plus a PCI host bridge (in the DSDT, and an MCFG) if `pci` is given.
+pub fn setup_acpi_with_pci(
+    mem: &GuestMemoryMmap,
+    cpus: u32,
+    mmio: &[MmioDevice],
+    pci: Option<&PciHostBridge>,
+) -> Result<GuestAddress, Error> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align8(rsdp_addr + Rsdp::len() as u64);
-    // The XSDT holds two entries: FADT and MADT.
-    let xsdt_len = 36 + 2 * 8;
+    // The XSDT holds FADT, MADT and, with PCI, the MCFG.
+    let xsdt_len = 36 + if pci.is_some() { 3 } else { 2 } * 8;
     let dsdt_addr = align8(xsdt_addr + xsdt_len);
-    let dsdt = dsdt(mmio);
+    let dsdt = dsdt(mmio, pci);
     let fadt_addr = align8(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align8(fadt_addr + fadt.len() as u64);
     let madt = madt(cpus);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align8(madt_addr + madt.len() as u64);
+    let mcfg = pci.map(mcfg).unwrap_or_default();
+    let end = mcfg_addr + mcfg.len() as u64;
     if end - ACPI_START > ACPI_MAX_SIZE {
         return Err(Error::TooLarge(end - ACPI_START));
     }
@@ -270,6 +392,9 @@ pub fn setup_acpi(
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if pci.is_some() {
+        xsdt.add_entry(mcfg_addr);
+    }
     let mut xsdt_bytes = Vec::new();
     xsdt.to_aml_bytes(&mut xsdt_bytes);
     debug_assert_eq!(xsdt_bytes.len() as u64, xsdt_len);
@@ -283,6 +408,7 @@ pub fn setup_acpi(
         (dsdt_addr, &dsdt),
         (fadt_addr, &fadt),
         (madt_addr, &madt),
+        (mcfg_addr, &mcfg),
     ] {
         mem.write_slice(bytes, GuestAddress(addr))
             .map_err(Error::Write)?;
@@ -358,6 +484,49 @@ mod tests {
             off += madt[off + 1] as usize;
         }
         assert_eq!((lapics, ioapics), (4, 1));
+    }
+
+    #[test]
+    fn pci_host_bridge_and_mcfg() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let pci = PciHostBridge::standard();
+        assert_eq!(pci.last_bus, 0);
+        let rsdp = setup_acpi_with_pci(&mem, 2, &[], Some(&pci)).unwrap();
+        let xsdt_addr: u64 = mem.read_obj(GuestAddress(rsdp.0 + 24)).unwrap();
+        let xsdt = table_at(&mem, xsdt_addr);
+        assert_eq!(sum(&xsdt), 0);
+        let entries: Vec<u64> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(entries.len(), 3);
+        let mcfg = table_at(&mem, entries[2]);
+        assert_eq!(&mcfg[0..4], b"MCFG");
+        assert_eq!(sum(&mcfg), 0);
+        // Header (36) + reserved (8), then one allocation: base, segment, start and end bus.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(
+            u64::from_le_bytes(mcfg[44..52].try_into().unwrap()),
+            crate::layout::PCI_ECAM_BASE
+        );
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0]);
+        let fadt = table_at(&mem, entries[0]);
+        let dsdt = table_at(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+        assert_eq!(sum(&dsdt), 0);
+        let has = |pat: &[u8]| dsdt.windows(pat.len()).any(|w| w == pat);
+        // PNP0A08 and PNP0A03 as EISA IDs, the bridge and the ECAM reservation.
+        assert!(has(b"PCI0") && has(b"MRES") && has(b"_SEG") && has(b"_BBN") && has(b"_CRS"));
+        // _PRT: slot 1 INTA# (DWordConst 0x0001ffff) to GSI 16, slot 31 to GSI 22.
+        assert!(has(b"_PRT"));
+        assert!(has(&[0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 0x10]));
+        assert!(has(&[0x0c, 0xff, 0xff, 0x1f, 0x00, 0x00, 0x00, 0x0a, 0x16]));
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x08]) && has(&[0x41, 0xd0, 0x0a, 0x03]));
+        assert!(has(&(crate::layout::PCI_MMIO_BASE as u32).to_le_bytes()));
+        // Without PCI: no MCFG, no PCI0.
+        let mem2 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        setup_acpi(&mem2, 2, &[]).unwrap();
+        let x2: u64 = mem2.read_obj(GuestAddress(ACPI_START + 24)).unwrap();
+        assert_eq!(table_at(&mem2, x2).len(), 36 + 16);
     }
 
     #[test]

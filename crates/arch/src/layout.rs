@@ -14,6 +14,8 @@
 //!   ...        RAM; the initrd sits at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (3 GiB..4 GiB): devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0xd000_0000  virtio-mmio register windows, 4 KiB each
+//! 0xe000_0000  PCI ECAM, bus 0 only (1 MiB; the MCFG says so)          (--transport pci)
+//! 0xe010_0000  32-bit PCI MMIO window for BARs, up to the IOAPIC        (--transport pci)
 //! 0x1_0000_0000 RAM above 4 GiB, for guests larger than 3 GiB
 //! ```
 
@@ -49,6 +51,25 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The ISA interrupt lines free for virtio-mmio devices (4 is COM1, 8 the RTC, 9 the GED), one
 /// per device: the most virtio-mmio devices a VM can have.
 pub const VIRTIO_MMIO_IRQS: [u32; 9] = [5, 6, 7, 10, 11, 12, 13, 14, 15];
+/// PCI: the ECAM area of bus 0 (32 devices x 8 functions x 4 KiB), announced in the MCFG and
+/// reserved by a motherboard-resources device in the DSDT.
+pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// PCI: the 32-bit MMIO window the host bridge decodes. The VM monitor assigns BARs from its
+/// start; the guest may move them anywhere inside it.
+pub const PCI_MMIO_BASE: u64 = PCI_ECAM_BASE + PCI_ECAM_SIZE;
+pub const PCI_MMIO_END: u64 = IOAPIC_ADDR;
+/// PCI devices on bus 0: slots 1 to 31 (slot 0 is the host bridge).
+pub const PCI_MAX_DEVICES: usize = 31;
+/// PCI INTx (the fallback for guests that do not use MSI-X): INTA# of slot S is IOAPIC pin
+/// 16 + (S - 1) mod 8, level-triggered, active low (the DSDT's `_PRT` says so).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The GSI of INTA# of PCI slot `slot` (1 to 31).
+pub const fn pci_intx_gsi(slot: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (slot.saturating_sub(1) as u32) % PCI_INTX_GSI_COUNT
+}
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
@@ -56,6 +77,9 @@ pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 const _: () = assert!(PD_START + PD_COUNT * 0x1000 <= 0x1_0000);
 const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () = assert!(ACPI_START + ACPI_MAX_SIZE <= MPTABLE_START);
+// The PCI areas lie in the hole, above the virtio-mmio windows and below the IOAPIC.
+const _: () = assert!(VIRTIO_MMIO_BASE + 0x100_0000 <= PCI_ECAM_BASE);
+const _: () = assert!(PCI_MMIO_BASE < PCI_MMIO_END && PCI_MMIO_END <= IOAPIC_ADDR);
 
 /// The smallest guest Vessel builds: room for the boot structures, a kernel and a stack.
 pub const MIN_MEMORY: u64 = 8 << 20;

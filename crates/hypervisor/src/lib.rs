@@ -6,12 +6,15 @@
 
 mod cpu;
 mod kick;
+pub mod mem;
+mod msi;
 mod probe;
 mod system;
 mod vm;
 
 pub use cpu::{Vcpu, VcpuExit};
 pub use kick::{install_kick_handler, KickHandle};
+pub use msi::{LevelIrqLine, MsiRouter, MsiVector, FIRST_MSI_GSI, MAX_MSI_VECTORS};
 pub use probe::{Ring0Probe, PROBE_ITERATIONS};
 pub use system::{HostInfo, Hypervisor};
 pub use vm::{IoSpace, IrqLine, Vm};

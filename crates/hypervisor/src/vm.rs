@@ -1,5 +1,7 @@
 //! A KVM virtual machine: memory slots, the in-kernel interrupt controllers and timers, irqfds.
 
+use std::sync::Arc;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -20,9 +22,11 @@ pub enum IoSpace {
     Mmio,
 }
 
-/// A KVM VM.
+/// A KVM VM. Clones are handles to the same VM (for device code that re-programs interrupt
+/// routes or moves ioeventfds while the vCPUs run).
+#[derive(Clone)]
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     max_memslots: usize,
 }
 
@@ -35,7 +39,15 @@ pub struct IrqLine {
 
 impl Vm {
     pub(crate) fn new(fd: VmFd, max_memslots: usize) -> Self {
-        Vm { fd, max_memslots }
+        Vm {
+            fd: Arc::new(fd),
+            max_memslots,
+        }
+    }
+
+    /// The KVM VM file descriptor, for the other modules of this crate.
+    pub(crate) fn fd(&self) -> &VmFd {
+        &self.fd
     }
 
     /// Creates the in-kernel PIC, IOAPIC and LAPICs and the PIT, and the TSS/identity-map pages

@@ -19,9 +19,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a VM: a kernel given with --kernel, or the bundled guest.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Say what this host's KVM offers and whether it runs guest kernels natively.
     HostCheck(host_check::HostCheckArgs),
+    /// Control a running VM through its API socket (`vessel run --api-socket`).
+    Ctl(api::ctl::CtlArgs),
     /// Create, inspect, snapshot, convert and check disk images (raw, qcow2).
     Image(block::cli::ImageArgs),
 }
@@ -47,9 +49,10 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
-        Command::Run(args) => run::run(args, start).map_err(Into::into),
+        Command::Run(args) => run::run(*args, start).map_err(Into::into),
         Command::HostCheck(args) => host_check::run(args).map_err(Into::into),
         Command::Image(args) => block::cli::run(args).map_err(Into::into),
+        Command::Ctl(args) => api::ctl::run(&args).map_err(Into::into),
     };
     match result {
         Ok(code) => std::process::exit(code),

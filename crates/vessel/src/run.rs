@@ -5,7 +5,10 @@ use std::time::Instant;
 
 use arch::template::CpuTemplate;
 use clap::Args;
-use vmm::config::{parse_console, parse_disk, parse_protocol, parse_size, parse_transport};
+use vmm::config::{
+    parse_balloon, parse_console, parse_disk, parse_protocol, parse_size, parse_transport,
+    parse_virtio_console, parse_vsock,
+};
 use vmm::{KernelSource, Vm, VmConfig};
 
 /// The bundled guest (guests/), built by build.rs.
@@ -45,9 +48,28 @@ pub struct RunArgs {
     /// `path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID][,queues=N]`.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// A virtio network device on a tap interface (created if absent), repeatable:
+    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     /// A virtio entropy device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// A virtio-vsock device: `cid=N,socket=PATH`. Guest connections to host port P go to the
+    /// Unix socket `PATH_P`; host clients connect to `PATH` and write `CONNECT <port>\n`.
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<String>,
+    /// A virtio console (a second console besides the serial one): stdio, file:PATH,
+    /// socket:PATH or off.
+    #[arg(long, value_name = "WHERE")]
+    virtio_console: Option<String>,
+    /// A virtio memory balloon: `[size=SIZE][,stats=on][,free-page-reporting=on]
+    /// [,deflate-on-oom=on]`; SIZE is the memory the guest is asked to give back.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<String>,
+    /// Serve the control API (REST over HTTP) on this Unix socket; `vessel ctl` is its client.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Transport of the virtio devices: mmio or pci.
     #[arg(long, value_name = "TRANSPORT", default_value = "mmio")]
     transport: String,
@@ -86,7 +108,20 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
             .map(|d| parse_disk(d))
             .collect::<Result<_, _>>()?,
         rng: args.rng,
+        nets: args
+            .net
+            .iter()
+            .map(|n| vmm::config::parse_net(n))
+            .collect::<Result<_, _>>()?,
+        vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
+        virtio_console: args
+            .virtio_console
+            .as_deref()
+            .map(parse_virtio_console)
+            .transpose()?,
+        balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
         transport: parse_transport(&args.transport)?,
+        api_socket: args.api_socket,
     })
 }
 

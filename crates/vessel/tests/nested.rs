@@ -197,3 +197,83 @@ fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
     assert!(log.contains("IO-APIC   5-edge      virtio0"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
+
+#[test]
+fn debian_kernel_drives_virtio_pci_devices_with_msix() {
+    // A disk with a known first sector, carried into L1's initramfs.
+    let disk = repo_root().join("target/nested-disk-pci.raw");
+    let mut data = b"HOST-PATTERN-PCI-012345".to_vec();
+    data.resize(16 << 20, 0);
+    std::fs::write(&disk, &data).unwrap();
+    let l1_file = format!("{}:/disk.raw", disk.display());
+    let log = nested_run(&[
+        "--l1-file",
+        &l1_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
+         --transport pci --disk path=/disk.raw,serial=nested-pci-disk --rng \
+         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_pci,virtio_blk,virtio_rng'",
+        "--l2-cmd",
+        "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
+         echo SERIAL=$(cat /sys/block/vda/serial); \
+         echo RNG=$(cat /sys/devices/virtual/misc/hw_random/rng_current); \
+         echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
+         grep -i pci /proc/interrupts; \
+         echo LSPCI; for d in /sys/bus/pci/devices/*; do echo $d $(cat $d/vendor $d/device); done",
+    ]);
+    let _ = std::fs::remove_file(&disk);
+    // Linux found the host bridge and ECAM through ACPI, and both functions on bus 0.
+    assert!(log.contains("PNP0A08"), "{log}");
+    assert!(log.contains("0000:00:01.0 0x1af4 0x1042"), "{log}");
+    assert!(log.contains("0000:00:02.0 0x1af4 0x1044"), "{log}");
+    assert!(log.contains("[vda] 32768 512-byte logical blocks"), "{log}");
+    assert!(log.contains("SECTOR0=HOST-PATTERN-PCI-012345"), "{log}");
+    assert!(log.contains("SERIAL=nested-pci-disk"), "{log}");
+    assert!(log.contains("RNG=virtio_rng.0"), "{log}");
+    let random = log
+        .lines()
+        .find_map(|l| l.strip_prefix("RANDOM="))
+        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
+    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+    // Interrupts arrive as MSI-X messages (older kernels say PCI-MSI for MSI-X too): a config
+    // vector and a queue vector per device.
+    let msix: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("PCI-MSI") && l.contains("virtio"))
+        .collect();
+    assert!(msix.iter().any(|l| l.contains("virtio0-req.0")), "{log}");
+    assert!(msix.iter().any(|l| l.contains("virtio1-")), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}
+
+#[test]
+fn debian_kernel_falls_back_to_pci_intx_without_msi() {
+    let disk = repo_root().join("target/nested-disk-intx.raw");
+    let mut data = b"HOST-PATTERN-INTX-01234".to_vec();
+    data.resize(16 << 20, 0);
+    std::fs::write(&disk, &data).unwrap();
+    let l1_file = format!("{}:/disk.raw", disk.display());
+    let log = nested_run(&[
+        "--l1-file",
+        &l1_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
+         --transport pci --disk path=/disk.raw --rng \
+         --cmdline 'console=ttyS0 panic=1 pci=nomsi l2mods=virtio_pci,virtio_blk,virtio_rng'",
+        "--l2-cmd",
+        "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
+         echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
+         grep virtio /proc/interrupts",
+    ]);
+    let _ = std::fs::remove_file(&disk);
+    assert!(log.contains("SECTOR0=HOST-PATTERN-INTX-01234"), "{log}");
+    let random = log
+        .lines()
+        .find_map(|l| l.strip_prefix("RANDOM="))
+        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
+    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+    // The _PRT routes slot 1 to GSI 16 and slot 2 to GSI 17, level-triggered.
+    assert!(log.contains("IO-APIC  16-fasteoi   virtio0"), "{log}");
+    assert!(log.contains("IO-APIC  17-fasteoi   virtio1"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}

@@ -48,6 +48,39 @@ pub struct DiskConfig {
     pub queues: u16,
 }
 
+/// A network device given with `--net`: a virtio-net device on a tap interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface (created if it does not exist).
+    pub tap: String,
+    /// The guest's MAC address (random, locally administered, if absent).
+    pub mac: Option<devices::virtio::net::MacAddr>,
+    /// Queue pairs (a multi-queue tap when more than one).
+    pub queues: u16,
+}
+
+/// A virtio-vsock device given with `--vsock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// Host clients connect here; guest connections to port N go to `<socket>_N`.
+    pub socket: PathBuf,
+}
+
+/// A virtio-balloon device given with `--balloon`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BalloonConfig {
+    /// The initial target: bytes the guest is asked to give back.
+    pub size: u64,
+    /// The statistics queue.
+    pub stats: bool,
+    /// Free page reporting: the guest reports free pages, which are given back to the host.
+    pub free_page_reporting: bool,
+    /// The guest may deflate when it runs out of memory.
+    pub deflate_on_oom: bool,
+}
+
 /// Which virtio transport the VM's devices use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Transport {
@@ -72,7 +105,17 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// A virtio entropy device.
     pub rng: bool,
+    /// Network devices on taps.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// A virtio console (a second console, besides the serial port).
+    pub virtio_console: Option<ConsoleConfig>,
+    /// A virtio memory balloon.
+    pub balloon: Option<BalloonConfig>,
     pub transport: Transport,
+    /// Where the control API listens (`--api-socket`).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -94,12 +137,22 @@ pub enum ConfigError {
     BadProtocol(String),
     #[error("invalid --disk '{spec}': {why}")]
     BadDisk { spec: String, why: String },
+    #[error("invalid --net '{spec}': {why}")]
+    BadNet { spec: String, why: String },
     #[error("invalid --transport '{0}': expected mmio or pci")]
     BadTransport(String),
     #[error("too many virtio devices: {requested} (this VM's transport has room for {limit})")]
     TooManyDevices { requested: usize, limit: usize },
-    #[error("the virtio-pci transport is not available yet; use --transport mmio")]
-    PciUnavailable,
+    #[error("invalid --vsock '{spec}': {why}")]
+    BadVsock { spec: String, why: String },
+    #[error("invalid --virtio-console '{0}': expected stdio, off, file:PATH or socket:PATH")]
+    BadVirtioConsole(String),
+    #[error("--virtio-console stdio needs the serial console off the terminal (--console off, file:PATH or socket:PATH)")]
+    StdioTwice,
+    #[error("invalid --balloon '{spec}': {why}")]
+    BadBalloon { spec: String, why: String },
+    #[error("--balloon size {size} is not below the guest memory of {memory}")]
+    BalloonTooLarge { size: String, memory: String },
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -150,6 +203,120 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         return Err(bad("path= is required"));
     }
     Ok(disk)
+}
+
+/// Parses a `--vsock` value: `cid=N,socket=PATH`.
+pub fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadVsock {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let (mut cid, mut socket) = (None, None);
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|c| (3..u64::from(u32::MAX)).contains(c))
+                        .ok_or_else(|| bad("cid takes a number from 3 to 4294967294"))?,
+                )
+            }
+            Some(("socket" | "uds_path" | "path", p)) if !p.is_empty() => {
+                socket = Some(PathBuf::from(p))
+            }
+            _ => return Err(bad(&format!("unknown or empty option '{item}'"))),
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or_else(|| bad("cid= is required"))?,
+        socket: socket.ok_or_else(|| bad("socket= is required"))?,
+    })
+}
+
+/// Parses a `--virtio-console` value (the same forms as `--console`).
+pub fn parse_virtio_console(s: &str) -> Result<ConsoleConfig, ConfigError> {
+    parse_console(s).map_err(|_| ConfigError::BadVirtioConsole(s.to_string()))
+}
+
+/// Parses a `--balloon` value: `[size=SIZE][,stats=on][,free-page-reporting=on]
+/// [,deflate-on-oom=on]` (empty: a balloon of size 0 with no options).
+pub fn parse_balloon(spec: &str) -> Result<BalloonConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadBalloon {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let mut b = BalloonConfig::default();
+    for item in spec.split(',').filter(|i| !i.is_empty()) {
+        let flag = |v: &str, name: &str| {
+            parse_bool(v).ok_or_else(|| bad(&format!("{name} takes on or off")))
+        };
+        match item.split_once('=') {
+            Some(("size", v)) => {
+                b.size = parse_size(v).map_err(|_| bad("size takes a size such as 512M"))?
+            }
+            Some(("stats", v)) => b.stats = flag(v, "stats")?,
+            Some(("free-page-reporting" | "free_page_reporting", v)) => {
+                b.free_page_reporting = flag(v, "free-page-reporting")?
+            }
+            Some(("deflate-on-oom" | "deflate_on_oom", v)) => {
+                b.deflate_on_oom = flag(v, "deflate-on-oom")?
+            }
+            _ => return Err(bad(&format!("unknown option '{item}'"))),
+        }
+    }
+    Ok(b)
+}
+
+/// Parses a `--net` value: `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`.
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadNet {
+        spec: spec.to_string(),
+        why: why.to_string(),
+    };
+    let max = devices::virtio::net::MAX_QUEUE_PAIRS;
+    let mut net = NetConfig {
+        tap: String::new(),
+        mac: None,
+        queues: 1,
+    };
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some(("tap" | "ifname", name)) => {
+                let ok = !name.is_empty()
+                    && name.len() <= 15
+                    && name != "."
+                    && name != ".."
+                    && !name
+                        .chars()
+                        .any(|c| c == '/' || c == ':' || c == '%' || c.is_whitespace());
+                if !ok {
+                    return Err(bad(
+                        "tap takes an interface name of 1 to 15 characters without '/', ':', '%' or spaces",
+                    ));
+                }
+                net.tap = name.to_string();
+            }
+            Some(("mac", v)) => {
+                net.mac = Some(
+                    devices::virtio::net::MacAddr::parse_unicast(v)
+                        .map_err(|e| bad(&e.to_string()))?,
+                )
+            }
+            Some(("queues", v)) => {
+                net.queues = v
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=max).contains(q))
+                    .ok_or_else(|| bad(&format!("queues takes a number from 1 to {max}")))?
+            }
+            _ => return Err(bad(&format!("unknown or empty option '{item}'"))),
+        }
+    }
+    if net.tap.is_empty() {
+        return Err(bad("tap= is required"));
+    }
+    Ok(net)
 }
 
 /// Parses a `--transport` value.
@@ -238,7 +405,32 @@ impl VmConfig {
         if self.memory < arch::layout::MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(format_size(self.memory)));
         }
-        let devices = self.disks.len() + usize::from(self.rng);
+        for (i, n) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(ConfigError::BadNet {
+                    spec: format!("tap={}", n.tap),
+                    why: "the tap is used by another --net".into(),
+                });
+            }
+        }
+        let devices = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.virtio_console.is_some())
+            + usize::from(self.balloon.is_some());
+        if self.virtio_console == Some(ConsoleConfig::Stdio) && self.console == ConsoleConfig::Stdio
+        {
+            return Err(ConfigError::StdioTwice);
+        }
+        if let Some(b) = &self.balloon {
+            if b.size >= self.memory {
+                return Err(ConfigError::BalloonTooLarge {
+                    size: format_size(b.size),
+                    memory: format_size(self.memory),
+                });
+            }
+        }
         match self.transport {
             Transport::Mmio if devices > arch::layout::VIRTIO_MMIO_IRQS.len() => {
                 return Err(ConfigError::TooManyDevices {
@@ -246,7 +438,12 @@ impl VmConfig {
                     limit: arch::layout::VIRTIO_MMIO_IRQS.len(),
                 })
             }
-            Transport::Pci if devices > 0 => return Err(ConfigError::PciUnavailable),
+            Transport::Pci if devices > arch::layout::PCI_MAX_DEVICES => {
+                return Err(ConfigError::TooManyDevices {
+                    requested: devices,
+                    limit: arch::layout::PCI_MAX_DEVICES,
+                })
+            }
             _ => {}
         }
         if let Some(host) = host_memory {
@@ -277,8 +474,105 @@ mod tests {
             boot_protocol: None,
             disks: Vec::new(),
             rng: false,
+            nets: Vec::new(),
+            vsock: None,
+            virtio_console: None,
+            balloon: None,
             transport: Transport::Mmio,
+            api_socket: None,
         }
+    }
+
+    #[test]
+    fn vsock_console_and_balloon() {
+        assert_eq!(
+            parse_vsock("cid=3,socket=/tmp/v.sock"),
+            Ok(VsockConfig {
+                cid: 3,
+                socket: "/tmp/v.sock".into()
+            })
+        );
+        for bad in [
+            "",
+            "cid=3",
+            "socket=/a",
+            "cid=2,socket=/a",
+            "cid=x,socket=/a",
+            "cid=3,socket=/a,x=1",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_virtio_console("off"), Ok(ConsoleConfig::Off));
+        assert_eq!(
+            parse_virtio_console("tcp:1"),
+            Err(ConfigError::BadVirtioConsole("tcp:1".into()))
+        );
+        assert_eq!(parse_balloon(""), Ok(BalloonConfig::default()));
+        assert_eq!(
+            parse_balloon("size=64M,stats=on,free-page-reporting=on,deflate-on-oom=on"),
+            Ok(BalloonConfig {
+                size: 64 << 20,
+                stats: true,
+                free_page_reporting: true,
+                deflate_on_oom: true
+            })
+        );
+        for bad in ["size=", "stats=maybe", "colour=red"] {
+            assert!(parse_balloon(bad).is_err(), "{bad}");
+        }
+        let mut c = cfg(1, 64 << 20);
+        c.balloon = Some(parse_balloon("size=64M").unwrap());
+        assert!(matches!(
+            c.validate(8, None),
+            Err(ConfigError::BalloonTooLarge { .. })
+        ));
+        c.balloon = Some(parse_balloon("size=32M").unwrap());
+        c.console = ConsoleConfig::Stdio;
+        c.virtio_console = Some(ConsoleConfig::Stdio);
+        assert_eq!(c.validate(8, None), Err(ConfigError::StdioTwice));
+        c.console = ConsoleConfig::Off;
+        c.vsock = parse_vsock("cid=3,socket=/a").ok();
+        assert_eq!(c.validate(8, None), Ok(()));
+    }
+
+    #[test]
+    fn nets() {
+        let n = parse_net("tap=vtap0,mac=52:54:00:12:34:56,queues=4").unwrap();
+        assert_eq!(n.tap, "vtap0");
+        assert_eq!(n.mac.unwrap().to_string(), "52:54:00:12:34:56");
+        assert_eq!(n.queues, 4);
+        assert_eq!(parse_net("tap=t").unwrap().queues, 1);
+        for bad in [
+            "",
+            "vtap0",
+            "mac=52:54:00:12:34:56",
+            "tap=",
+            "tap=a/b",
+            "tap=sixteen-chars-xx",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,mac=52:54:00:12:34",
+            "tap=t,queues=0",
+            "tap=t,queues=17",
+            "tap=t,colour=red",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+        let e = parse_net("tap=t,mac=zz").unwrap_err().to_string();
+        assert!(e.starts_with("invalid --net 'tap=t,mac=zz': "), "{e}");
+        let mut c = cfg(1, 64 << 20);
+        c.nets = vec![parse_net("tap=a").unwrap(), parse_net("tap=b").unwrap()];
+        assert_eq!(c.validate(8, None), Ok(()));
+        c.nets.push(parse_net("tap=a").unwrap());
+        assert!(matches!(
+            c.validate(8, None),
+            Err(ConfigError::BadNet { .. })
+        ));
+        c.nets = vec![parse_net("tap=a").unwrap(); 1];
+        c.disks = vec![parse_disk("/a").unwrap(); arch::layout::VIRTIO_MMIO_IRQS.len()];
+        assert!(matches!(
+            c.validate(8, None),
+            Err(ConfigError::TooManyDevices { .. })
+        ));
     }
 
     #[test]
@@ -316,6 +610,18 @@ mod tests {
             c.validate(8, None),
             Err(ConfigError::TooManyDevices { .. })
         ));
+        // PCI has room for 31.
+        c.transport = Transport::Pci;
+        assert_eq!(c.validate(8, None), Ok(()));
+        c.disks = vec![parse_disk("/a").unwrap(); 32];
+        assert_eq!(
+            c.validate(8, None),
+            Err(ConfigError::TooManyDevices {
+                requested: 32,
+                limit: 31
+            })
+        );
+        c.transport = Transport::Mmio;
         c.disks.truncate(1);
         assert_eq!(c.validate(8, None), Ok(()));
     }

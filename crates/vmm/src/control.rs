@@ -110,6 +110,29 @@ impl Control {
                 .unwrap_or_else(|e| e.into_inner());
         }
     }
+
+    /// Like [`Control::wait_parked`], giving up after `limit`; returns whether they parked.
+    pub fn wait_parked_timeout(&self, n: u32, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut p = lock(&self.parked);
+        while *p < n {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            p = self
+                .parked_changed
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// How many vCPU threads are parked now.
+    pub fn parked(&self) -> u32 {
+        *lock(&self.parked)
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +156,9 @@ mod tests {
         let c2 = c.clone();
         let t = std::thread::spawn(move || c2.vcpu_checkpoint());
         c.wait_parked(1);
+        assert!(c.wait_parked_timeout(1, std::time::Duration::from_millis(1)));
+        assert!(!c.wait_parked_timeout(2, std::time::Duration::from_millis(10)));
+        assert_eq!(c.parked(), 1);
         c.set_state(RunState::Stopping);
         assert!(!t.join().unwrap());
     }

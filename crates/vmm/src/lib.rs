@@ -2,10 +2,12 @@
 //! their exits to the devices, and ends the VM with an [`ExitReason`] whose exit code is
 //! documented in [`exit`].
 
+pub mod api;
 pub mod config;
 pub mod console;
 pub mod control;
 pub mod exit;
+pub mod pci;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

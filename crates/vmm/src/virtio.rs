@@ -7,15 +7,19 @@ use std::sync::{Arc, Mutex};
 use arch::acpi::MmioDevice;
 use arch::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_IRQS, VIRTIO_MMIO_SIZE};
 use block::DiskBackend;
+use devices::virtio::balloon::{Balloon, BalloonHandle, BalloonOptions, DiscardMemory};
 use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::console::{Console, ConsoleBackend};
 use devices::virtio::mmio::{cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::Net;
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::{Bus, Interrupt};
 use hypervisor::IoSpace;
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{CacheMode, DiskConfig, VmConfig};
+use crate::config::{BalloonConfig, CacheMode, ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
 
 /// Errors setting up virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +36,22 @@ pub enum Error {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    #[error("network device on tap {tap}: {source}")]
+    Net {
+        tap: String,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
+    #[error("virtio-console: {0}")]
+    Console(#[from] devices::virtio::console::ConsoleError),
+    #[error("virtio-balloon: {0}")]
+    Balloon(#[from] devices::virtio::balloon::BalloonError),
+    #[error("virtio-vsock: {0}")]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     #[error("virtio-mmio transport: {0}")]
     Transport(#[from] devices::virtio::mmio::MmioError),
+    #[error(transparent)]
+    Pci(#[from] crate::pci::Error),
     #[error(transparent)]
     Kvm(#[from] hypervisor::Error),
     #[error("virtio device placement: {0}")]
@@ -94,6 +112,59 @@ fn block_device(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Error> {
         .map_err(|source| Error::Block { path, source })
 }
 
+/// A virtio-net device on the configured tap, opened (or created) now.
+fn net_device(n: &crate::config::NetConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+    Net::with_tap(&n.tap, n.mac, n.queues)
+        .map(|d| Box::new(d) as Box<dyn VirtioDevice>)
+        .map_err(|source| Error::Net {
+            tap: n.tap.clone(),
+            source,
+        })
+}
+
+fn vsock_device(v: &VsockConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+    Ok(Box::new(Vsock::new(v.cid, &v.socket)?))
+}
+
+/// A virtio console on the same kinds of host backends as the serial console (without raw
+/// terminal mode: `--virtio-console stdio` is for piped or line-mode use).
+fn virtio_console_device(c: &ConsoleConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+    let backend = match c {
+        ConsoleConfig::Stdio => ConsoleBackend::stdio()?,
+        ConsoleConfig::File(p) => ConsoleBackend::file(p)?,
+        ConsoleConfig::Socket(p) => ConsoleBackend::socket(p)?,
+        ConsoleConfig::Off => ConsoleBackend::off(),
+    };
+    Ok(Box::new(Console::new(backend)?))
+}
+
+/// Gives discarded guest pages back to the host (`madvise`, in the hypervisor crate).
+pub struct HostDiscard;
+
+impl DiscardMemory for HostDiscard {
+    fn discard(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: vm_memory::GuestAddress,
+        len: u64,
+    ) -> std::io::Result<()> {
+        hypervisor::mem::discard(mem, addr, len).map_err(std::io::Error::other)
+    }
+}
+
+/// A balloon on the host's memory, and the handle the VMM keeps.
+pub fn balloon_device(b: &BalloonConfig) -> Result<(Balloon, BalloonHandle), Error> {
+    let opts = BalloonOptions {
+        target: b.size,
+        stats: b.stats,
+        free_page_reporting: b.free_page_reporting,
+        deflate_on_oom: b.deflate_on_oom,
+    };
+    let balloon = Balloon::new(opts, Arc::new(HostDiscard))?;
+    let handle = balloon.handle();
+    Ok((balloon, handle))
+}
+
 /// The virtio devices of a VM, as placed.
 #[derive(Default)]
 pub struct VirtioDevices {
@@ -103,6 +174,11 @@ pub struct VirtioDevices {
     pub cmdline: Vec<String>,
     /// The transports, for snapshots and hot-plug later.
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// With `--transport pci`: the PCI host and its virtio-pci functions (and no MMIO
+    /// transports).
+    pub pci: Option<crate::pci::PciHost>,
+    /// The balloon's handle (target, statistics), for the API later.
+    pub balloon: Option<BalloonHandle>,
 }
 
 /// Opens every configured device's backend and places it on the MMIO bus.
@@ -116,10 +192,32 @@ pub fn setup(
     for d in &config.disks {
         devices.push(block_device(d)?);
     }
+    for n in &config.nets {
+        devices.push(net_device(n)?);
+    }
     if config.rng {
         devices.push(Box::new(Rng::new()));
     }
-    let mut out = VirtioDevices::default();
+    if let Some(v) = &config.vsock {
+        devices.push(vsock_device(v)?);
+    }
+    if let Some(c) = &config.virtio_console {
+        devices.push(virtio_console_device(c)?);
+    }
+    let mut balloon = None;
+    if let Some(b) = &config.balloon {
+        let (device, handle) = balloon_device(b)?;
+        devices.push(Box::new(device));
+        balloon = Some(handle);
+    }
+    let mut out = VirtioDevices {
+        balloon,
+        ..Default::default()
+    };
+    if config.transport == crate::config::Transport::Pci {
+        out.pci = Some(crate::pci::setup(vm, mem, mmio, devices)?);
+        return Ok(out);
+    }
     // The configuration was validated: there is an interrupt line for every device.
     for ((i, device), irq) in devices.into_iter().enumerate().zip(VIRTIO_MMIO_IRQS) {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;

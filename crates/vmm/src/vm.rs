@@ -46,6 +46,8 @@ pub enum Error {
     Bus(#[from] devices::BusError),
     #[error(transparent)]
     Virtio(#[from] crate::virtio::Error),
+    #[error("control API: {0}")]
+    Api(#[from] api::server::ServeError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -73,6 +75,8 @@ pub struct Vm {
     serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
     _virtio: crate::virtio::VirtioDevices,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    started: Instant,
     pub boot: BootEntry,
 }
 
@@ -158,13 +162,25 @@ impl Vm {
         pio.insert(shared(cmos), u64::from(acpi::RTC_PORT), 2)?;
         pio.insert(shared(ExitDevice::new(events.clone())), 0xf4, 4)?;
         pio.insert(boot_marker.clone(), 0x3f0, 1)?;
-        pio.insert(acpi_pm, u64::from(acpi::PM_BASE), u64::from(acpi::PM_PORTS))?;
+        pio.insert(
+            acpi_pm.clone(),
+            u64::from(acpi::PM_BASE),
+            u64::from(acpi::PM_PORTS),
+        )?;
         let mut mmio = Bus::new();
         let virtio = crate::virtio::setup(&vm, &mem, &mut mmio, &config)?;
 
         // Firmware tables and the kernel.
         arch::mptable::setup_mptable(&mem, config.cpus)?;
-        let rsdp = acpi::setup_acpi(&mem, config.cpus, &virtio.acpi)?;
+        if let Some(pci) = &virtio.pci {
+            pio.insert(
+                pci.config_io.clone(),
+                devices::pci::PCI_CONFIG_IO_PORT,
+                devices::pci::PCI_CONFIG_IO_SIZE,
+            )?;
+        }
+        let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
+        let rsdp = acpi::setup_acpi_with_pci(&mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
         // on its command line instead (announcing both would make Linux probe each twice).
         let mut cmdline = config.cmdline.clone();
@@ -232,6 +248,8 @@ impl Vm {
             serial,
             boot_marker,
             _virtio: virtio,
+            acpi_pm,
+            started: start,
             boot,
         })
     }
@@ -242,6 +260,20 @@ impl Vm {
         let signals = install_stop_signals(&self.control)?;
         self.console
             .start_input(SerialInput(self.serial.clone()), self.control.clone())?;
+
+        let handle = Arc::new(crate::api::VmHandle::new(
+            self.control.clone(),
+            self.config.cpus,
+            self.config.memory,
+            self.started,
+            self.boot_marker.clone(),
+            self.acpi_pm.clone(),
+            crate::api::device_list(&self.config),
+        ));
+        let server = match &self.config.api_socket {
+            Some(path) => Some(api::server::serve(path, handle.clone())?),
+            None => None,
+        };
 
         let ctx = VcpuContext {
             pio: self.pio.clone(),
@@ -261,6 +293,8 @@ impl Vm {
             }
         }
 
+        *devices::bus::lock(&handle.kicks) = handles.iter().map(|h| h.kick).collect();
+
         let reason = loop {
             self.control.wait_wake();
             if let Some(sig) = signals.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
@@ -271,6 +305,9 @@ impl Vm {
             }
         };
 
+        if let Some(server) = server {
+            server.stop();
+        }
         self.control.set_state(RunState::Stopping);
         for h in &handles {
             h.kick.kick();

@@ -122,23 +122,23 @@ impl VirtioInterrupt for Shared {
     }
 }
 
-/// What the driver wrote into one queue's registers.
+/// What the driver wrote into one queue's registers (shared with the PCI transport).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct QueueRegs {
-    max_size: u16,
+pub(crate) struct QueueRegs {
+    pub(crate) max_size: u16,
     /// 0 for a value that does not fit 16 bits (invalid either way).
-    size: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
+    pub(crate) size: u16,
+    pub(crate) ready: bool,
+    pub(crate) desc: u64,
+    pub(crate) avail: u64,
+    pub(crate) used: u64,
     /// Ring positions to start from (non-zero only after a restore).
-    next_avail: u16,
-    next_used: u16,
+    pub(crate) next_avail: u16,
+    pub(crate) next_used: u16,
 }
 
 impl QueueRegs {
-    fn new(max_size: u16) -> Self {
+    pub(crate) fn new(max_size: u16) -> Self {
         QueueRegs {
             max_size,
             size: max_size,
@@ -152,7 +152,7 @@ impl QueueRegs {
     }
 
     /// A `Queue` from these registers, or why not.
-    fn build(&self, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+    pub(crate) fn build(&self, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
         let size = self.size;
         if size == 0 || !size.is_power_of_two() || size > self.max_size {
             return Err(format!(
@@ -181,7 +181,7 @@ impl QueueRegs {
         Ok(q)
     }
 
-    fn snapshot(&self) -> QueueSnapshot {
+    pub(crate) fn snapshot(&self) -> QueueSnapshot {
         QueueSnapshot {
             max_size: self.max_size,
             next_avail: self.next_avail,

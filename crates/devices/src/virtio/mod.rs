@@ -14,10 +14,15 @@
 //! length, detects loops and checks every buffer against guest memory; a bad chain fails only its
 //! own request, and unrecoverable ring corruption sets `DEVICE_NEEDS_RESET`.
 
+pub mod balloon;
 pub mod block;
+pub mod console;
 pub mod mmio;
+pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]

@@ -1,0 +1,42 @@
+//! The trait the VMM implements to be driven by the API.
+
+use crate::types::{
+    ApiError, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus, RestoreRequest,
+    SnapshotRequest, VmInfo,
+};
+
+/// What the API server asks of a VM.
+///
+/// Methods are synchronous: the VMM is made of threads. The server calls each one on tokio's
+/// blocking pool, so a slow call (a snapshot) delays only its own request, and several calls
+/// may run at once: the implementation serializes what must be serialized. A method that
+/// panics fails its request with a 500; the server and the VM carry on.
+///
+/// Errors carry their HTTP status: [`ApiError::conflict`] when the VM's state forbids the
+/// request (pausing a paused VM), [`ApiError::bad_request`] for invalid arguments,
+/// [`ApiError::not_implemented`] for what this VM cannot do, [`ApiError::internal`] for
+/// failures. Only requests that parsed and validated reach the controller.
+pub trait VmController: Send + Sync + 'static {
+    /// State, size, devices, version.
+    fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Parks every vCPU (at an instruction boundary); returns once they are parked.
+    fn pause(&self) -> Result<(), ApiError>;
+    /// Releases the parked vCPUs.
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Presses the ACPI power button; returns at once (the guest decides when to power off).
+    fn shutdown(&self) -> Result<(), ApiError>;
+    /// Resets the machine (ends `vessel run` with the reset exit code).
+    fn reset(&self) -> Result<(), ApiError>;
+    /// Writes a snapshot of the paused VM; returns when it is complete.
+    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError>;
+    /// Restores a snapshot into this (not yet started, or paused) VM.
+    fn restore(&self, req: RestoreRequest) -> Result<(), ApiError>;
+    /// Starts a live migration to `req.to`; returns once it has started.
+    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError>;
+    /// Starts listening for an incoming migration; returns once listening.
+    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError>;
+    /// Progress of the current (or last) migration.
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError>;
+    /// Cancels the running migration; the source VM keeps running.
+    fn migrate_cancel(&self) -> Result<(), ApiError>;
+}

@@ -1,0 +1,477 @@
+//! `vessel ctl --api-socket PATH <verb>`: the command-line client of a VM's API.
+//!
+//! The `vessel` binary embeds [`CtlArgs`] (a `clap::Parser`, usable as a subcommand's
+//! arguments) and calls [`run`]: `Ok(code)` is the process exit code, `Err` a one-line error.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::client::{Client, ClientError};
+use crate::types::{
+    MigrateReceiveRequest, MigrateSendRequest, MigrationPhase, MigrationStatus, RestoreMemory,
+    RestoreRequest, SnapshotRequest, VmInfo, DEFAULT_DOWNTIME_MS,
+};
+
+/// How often `migrate send` polls the migration's progress.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why `vessel ctl` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot write the output: {0}")]
+    Output(#[from] io::Error),
+}
+
+/// Control a running VM through its API socket.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "vessel ctl")]
+pub struct CtlArgs {
+    /// The VM's API socket (`vessel run --api-socket PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Print the server's JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CtlCommand {
+    /// Checks that the API answers.
+    Ping,
+    /// The VM's state, size and devices.
+    Info,
+    /// Parks every vCPU.
+    Pause,
+    /// Releases the vCPUs.
+    Resume,
+    /// Presses the ACPI power button (the guest decides when to power off).
+    Shutdown,
+    /// Resets the machine.
+    Reset,
+    /// Writes a snapshot of the paused VM.
+    Snapshot {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Only the memory dirtied since the last snapshot.
+        #[arg(long)]
+        diff: bool,
+        /// Also snapshot the disks.
+        #[arg(long)]
+        disk_snapshot: bool,
+    },
+    /// Restores a snapshot.
+    Restore {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// How memory is brought back.
+        #[arg(long, value_enum, default_value_t = MemoryArg::Lazy)]
+        memory: MemoryArg,
+    },
+    /// Live migration.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+    /// Prints the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum MigrateCommand {
+    /// Sends the VM to a waiting `migrate receive`, showing progress until it ends.
+    Send {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// The longest pause allowed for the final round, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = DEFAULT_DOWNTIME_MS)]
+        downtime: u64,
+        /// A bandwidth cap, in megabits per second.
+        #[arg(long, value_name = "MBPS")]
+        bandwidth: Option<u64>,
+        /// Return once started instead of following the progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Waits for an incoming migration.
+    Receive {
+        /// `tcp:HOST:PORT` or `unix:PATH`.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Follow the migration until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The current (or last) migration's progress.
+    Status,
+    /// Cancels the running migration; the source VM carries on.
+    Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MemoryArg {
+    Lazy,
+    Eager,
+    Userfaultfd,
+}
+
+impl From<MemoryArg> for RestoreMemory {
+    fn from(m: MemoryArg) -> Self {
+        match m {
+            MemoryArg::Lazy => RestoreMemory::Lazy,
+            MemoryArg::Eager => RestoreMemory::Eager,
+            MemoryArg::Userfaultfd => RestoreMemory::Userfaultfd,
+        }
+    }
+}
+
+/// Runs one `vessel ctl` command, printing to stdout (progress to stderr).
+pub fn run(args: &CtlArgs) -> Result<i32, CtlError> {
+    run_with(args, &mut io::stdout().lock())
+}
+
+/// [`run`], printing to `out`.
+pub fn run_with(args: &CtlArgs, out: &mut dyn Write) -> Result<i32, CtlError> {
+    run_polling(args, out, POLL_INTERVAL)
+}
+
+fn run_polling(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i32, CtlError> {
+    let client = Client::new(&args.api_socket);
+    let json = args.json;
+    match &args.command {
+        CtlCommand::Ping => {
+            let p = client.ping()?;
+            if json {
+                print_json(out, &p)?;
+            } else {
+                writeln!(out, "ok: Vessel API {} ({})", p.api_version, p.version)?;
+            }
+        }
+        CtlCommand::Info => {
+            let info = client.info()?;
+            if json {
+                print_json(out, &info)?;
+            } else {
+                print_info(out, &info)?;
+            }
+        }
+        CtlCommand::Pause => done(out, json, client.pause(), "paused")?,
+        CtlCommand::Resume => done(out, json, client.resume(), "resumed")?,
+        CtlCommand::Shutdown => done(out, json, client.shutdown(), "power button pressed")?,
+        CtlCommand::Reset => done(out, json, client.reset(), "reset")?,
+        CtlCommand::Snapshot {
+            dir,
+            diff,
+            disk_snapshot,
+        } => {
+            let req = SnapshotRequest {
+                dir: dir.clone(),
+                diff: *diff,
+                disk_snapshot: *disk_snapshot,
+            };
+            let msg = format!("snapshot written to {}", dir.display());
+            done(out, json, client.snapshot(&req), &msg)?;
+        }
+        CtlCommand::Restore { dir, memory } => {
+            let req = RestoreRequest {
+                dir: dir.clone(),
+                memory: (*memory).into(),
+            };
+            let msg = format!("restored from {}", dir.display());
+            done(out, json, client.restore(&req), &msg)?;
+        }
+        CtlCommand::Openapi => {
+            let doc = client.openapi()?;
+            print_json(out, &doc)?;
+        }
+        CtlCommand::Migrate(m) => return migrate(&client, m, json, out, poll),
+    }
+    Ok(0)
+}
+
+fn migrate(
+    client: &Client,
+    cmd: &MigrateCommand,
+    json: bool,
+    out: &mut dyn Write,
+    poll: Duration,
+) -> Result<i32, CtlError> {
+    match cmd {
+        MigrateCommand::Send {
+            to,
+            downtime,
+            bandwidth,
+            no_wait,
+        } => {
+            client.migrate_send(&MigrateSendRequest {
+                to: to.clone(),
+                downtime_ms: *downtime,
+                bandwidth_mbps: *bandwidth,
+            })?;
+            if *no_wait {
+                done(out, json, Ok(()), &format!("migration to {to} started"))?;
+                return Ok(0);
+            }
+            follow(client, json, out, poll)
+        }
+        MigrateCommand::Receive { listen, wait } => {
+            client.migrate_receive(&MigrateReceiveRequest {
+                listen: listen.clone(),
+            })?;
+            if !*wait {
+                done(out, json, Ok(()), &format!("listening on {listen}"))?;
+                return Ok(0);
+            }
+            follow(client, json, out, poll)
+        }
+        MigrateCommand::Status => {
+            let s = client.migration_status()?;
+            if json {
+                print_json(out, &s)?;
+            } else {
+                writeln!(out, "{}", summary(&s))?;
+            }
+            Ok(0)
+        }
+        MigrateCommand::Cancel => {
+            done(out, json, client.migrate_cancel(), "migration cancelled")?;
+            Ok(0)
+        }
+    }
+}
+
+/// Polls the migration's status with a progress bar until it ends; 0 if it completed.
+fn follow(
+    client: &Client,
+    json: bool,
+    out: &mut dyn Write,
+    poll: Duration,
+) -> Result<i32, CtlError> {
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(0);
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    };
+    let mut last: Option<MigrationStatus> = None;
+    let status = loop {
+        let s = match client.migration_status() {
+            Ok(s) => s,
+            // After stop-and-copy the source VM hands over and may exit with its API socket.
+            Err(ClientError::Connect { .. })
+                if last
+                    .as_ref()
+                    .is_some_and(|l| l.phase == MigrationPhase::StopAndCopy) =>
+            {
+                bar.finish_and_clear();
+                writeln!(
+                    out,
+                    "the VM exited after stop-and-copy: migration handed over"
+                )?;
+                return Ok(0);
+            }
+            Err(e) => {
+                bar.abandon();
+                return Err(e.into());
+            }
+        };
+        bar.set_length(s.transferred_bytes + s.remaining_bytes);
+        bar.set_position(s.transferred_bytes);
+        bar.set_message(progress_message(&s));
+        if s.phase.is_finished() {
+            break s;
+        }
+        last = Some(s);
+        std::thread::sleep(poll);
+    };
+    bar.finish_and_clear();
+    if json {
+        print_json(out, &status)?;
+    } else {
+        writeln!(out, "{}", summary(&status))?;
+    }
+    Ok(if status.phase == MigrationPhase::Completed {
+        0
+    } else {
+        1
+    })
+}
+
+fn progress_message(s: &MigrationStatus) -> String {
+    let mut m = format!("{} round {}", s.phase, s.round);
+    if s.dirty_rate > 0 {
+        m.push_str(&format!(", dirtying {}/s", bytes(s.dirty_rate)));
+    }
+    if s.expected_downtime_ms > 0 {
+        m.push_str(&format!(", downtime ~{} ms", s.expected_downtime_ms));
+    }
+    m
+}
+
+/// One line about a migration.
+pub fn summary(s: &MigrationStatus) -> String {
+    let mut line = format!("migration: {}", s.phase);
+    if let Some(role) = s.role {
+        line.push_str(match role {
+            crate::types::MigrationRole::Send => " (sending)",
+            crate::types::MigrationRole::Receive => " (receiving)",
+        });
+    }
+    if s.phase != MigrationPhase::None {
+        line.push_str(&format!(
+            ", round {}, {} transferred, {} remaining, {:.1} s",
+            s.round,
+            bytes(s.transferred_bytes),
+            bytes(s.remaining_bytes),
+            s.elapsed_ms as f64 / 1000.0
+        ));
+    }
+    if let Some(d) = s.downtime_ms {
+        line.push_str(&format!(", downtime {d} ms"));
+    }
+    if let Some(e) = &s.error {
+        line.push_str(&format!(": {e}"));
+    }
+    line
+}
+
+fn done(
+    out: &mut dyn Write,
+    json: bool,
+    result: Result<(), ClientError>,
+    message: &str,
+) -> Result<(), CtlError> {
+    result?;
+    if json {
+        writeln!(out, "{{}}")?;
+    } else {
+        writeln!(out, "{message}")?;
+    }
+    Ok(())
+}
+
+fn print_json(out: &mut dyn Write, v: &impl serde::Serialize) -> Result<(), CtlError> {
+    let text = serde_json::to_string_pretty(v).map_err(io::Error::other)?;
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+fn print_info(out: &mut dyn Write, i: &VmInfo) -> io::Result<()> {
+    writeln!(out, "state:    {}", i.state)?;
+    if let Some(r) = &i.exit_reason {
+        writeln!(out, "exit:     {r}")?;
+    }
+    writeln!(out, "vcpus:    {}", i.vcpus)?;
+    writeln!(out, "memory:   {}", bytes(i.memory_bytes))?;
+    writeln!(out, "uptime:   {:.1} s", i.uptime_ms as f64 / 1000.0)?;
+    if let Some(b) = i.boot_time_ms {
+        writeln!(out, "boot:     {b} ms")?;
+    }
+    writeln!(out, "version:  {}", i.version)?;
+    writeln!(out, "devices:  {}", i.devices.len())?;
+    for d in &i.devices {
+        write!(out, "  {:<10} {:<14}", d.id, d.kind)?;
+        if let Some(a) = &d.address {
+            write!(out, " {a}")?;
+        }
+        if let Some(irq) = d.irq {
+            write!(out, " irq {irq}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// `1536` → `1.5 KiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn run_for_test(
+    args: &CtlArgs,
+    out: &mut dyn Write,
+    poll: Duration,
+) -> Result<i32, CtlError> {
+    run_polling(args, out, poll)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_verb() {
+        let p = |args: &[&str]| {
+            let mut v = vec!["vessel-ctl", "--api-socket", "/run/v.sock"];
+            v.extend_from_slice(args);
+            CtlArgs::try_parse_from(v)
+        };
+        for ok in [
+            &["ping"][..],
+            &["info"],
+            &["--json", "info"],
+            &["pause"],
+            &["resume"],
+            &["shutdown"],
+            &["reset"],
+            &["snapshot", "--dir", "/s", "--diff"],
+            &["restore", "--dir", "/s", "--memory", "userfaultfd"],
+            &["migrate", "send", "--to", "tcp:h:1", "--downtime", "50"],
+            &["migrate", "receive", "--listen", "tcp:0.0.0.0:1"],
+            &["migrate", "status"],
+            &["migrate", "cancel"],
+            &["openapi"],
+        ] {
+            p(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let a = p(&["migrate", "send", "--to", "x"]).unwrap();
+        match a.command {
+            CtlCommand::Migrate(MigrateCommand::Send {
+                downtime,
+                bandwidth,
+                ..
+            }) => assert_eq!((downtime, bandwidth), (300, None)),
+            c => panic!("{c:?}"),
+        }
+        for bad in [
+            &["snapshot"][..],
+            &["restore", "--dir", "/s", "--memory", "x"],
+            &["migrate", "send"],
+            &["migrate", "send", "--to", "x", "--downtime", "-1"],
+            &["frobnicate"],
+        ] {
+            assert!(p(bad).is_err(), "{bad:?}");
+        }
+        assert!(CtlArgs::try_parse_from(["vessel-ctl", "info"]).is_err());
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(2 << 30), "2.0 GiB");
+    }
+}

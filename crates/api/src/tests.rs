@@ -1,0 +1,728 @@
+//! The server, client and ctl together, over real Unix sockets, against a fake VM.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::client::{Client, ClientError};
+use crate::ctl::{self, CtlArgs, CtlError};
+use crate::server::{serve, ServeError, ServerHandle, MAX_BODY_BYTES};
+use crate::types::*;
+use crate::VmController;
+use clap::Parser;
+
+/// A fake VM: records every call; can be told to fail or panic.
+#[derive(Default)]
+struct FakeVm {
+    calls: Mutex<Vec<String>>,
+    fail: Mutex<Option<ApiError>>,
+    panic_on: Mutex<Option<&'static str>>,
+    statuses: Mutex<VecDeque<MigrationStatus>>,
+}
+
+impl FakeVm {
+    fn record(&self, call: &'static str, arg: String) -> Result<(), ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{call}{arg}").trim().to_string());
+        if *self.panic_on.lock().unwrap() == Some(call) {
+            panic!("fake VM told to panic in {call}");
+        }
+        match self.fail.lock().unwrap().clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn fail_with(&self, e: Option<ApiError>) {
+        *self.fail.lock().unwrap() = e;
+    }
+}
+
+fn fake_info() -> VmInfo {
+    VmInfo {
+        state: VmState::Running,
+        vcpus: 2,
+        memory_bytes: 512 << 20,
+        boot_time_ms: Some(42),
+        uptime_ms: 1500,
+        devices: vec![DeviceInfo {
+            id: "serial0".into(),
+            kind: "serial".into(),
+            address: Some("pio 0x3f8".into()),
+            irq: Some(4),
+        }],
+        version: "0.1.0".into(),
+        exit_reason: None,
+    }
+}
+
+impl VmController for FakeVm {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.record("info", String::new())?;
+        Ok(fake_info())
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        self.record("pause", String::new())
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        self.record("resume", String::new())
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.record("shutdown", String::new())
+    }
+    fn reset(&self) -> Result<(), ApiError> {
+        self.record("reset", String::new())
+    }
+    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
+        self.record("snapshot", format!(" {req:?}"))
+    }
+    fn restore(&self, req: RestoreRequest) -> Result<(), ApiError> {
+        self.record("restore", format!(" {req:?}"))
+    }
+    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
+        self.record("migrate_send", format!(" {req:?}"))
+    }
+    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
+        self.record("migrate_receive", format!(" {req:?}"))
+    }
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        self.record("migration_status", String::new())?;
+        let mut q = self.statuses.lock().unwrap();
+        Ok(if q.len() > 1 {
+            q.pop_front().unwrap_or_default()
+        } else {
+            q.front().cloned().unwrap_or_default()
+        })
+    }
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        self.record("migrate_cancel", String::new())
+    }
+}
+
+fn socket_path() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "vessel-api-test-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+fn start() -> (Arc<FakeVm>, ServerHandle, Client) {
+    let vm = Arc::new(FakeVm::default());
+    let path = socket_path();
+    let handle = serve(&path, vm.clone()).unwrap();
+    let client = Client::new(&path).with_timeout(Some(Duration::from_secs(30)));
+    (vm, handle, client)
+}
+
+fn json_body(r: &crate::client::RawResponse) -> Value {
+    assert_eq!(
+        r.content_type.as_deref(),
+        Some("application/json"),
+        "status {} body {:?}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+/// Asserts an error response: its status and a JSON message containing `needle`.
+fn assert_error(r: &crate::client::RawResponse, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{:?}", String::from_utf8_lossy(&r.body));
+    let v = json_body(r);
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+}
+
+#[test]
+fn every_route_through_the_client() {
+    let (vm, _h, c) = start();
+    let pong = c.ping().unwrap();
+    assert_eq!(pong.api_version, "v1");
+    assert_eq!(c.info().unwrap(), fake_info());
+    c.pause().unwrap();
+    c.resume().unwrap();
+    c.shutdown().unwrap();
+    c.reset().unwrap();
+    c.snapshot(&SnapshotRequest {
+        dir: "/snap".into(),
+        diff: true,
+        disk_snapshot: false,
+    })
+    .unwrap();
+    c.restore(&RestoreRequest {
+        dir: "/snap".into(),
+        memory: RestoreMemory::Userfaultfd,
+    })
+    .unwrap();
+    c.migrate_send(&MigrateSendRequest {
+        to: "tcp:127.0.0.1:4444".into(),
+        downtime_ms: 100,
+        bandwidth_mbps: Some(1000),
+    })
+    .unwrap();
+    c.migrate_receive(&MigrateReceiveRequest {
+        listen: "unix:/tmp/m.sock".into(),
+    })
+    .unwrap();
+    assert_eq!(c.migration_status().unwrap().phase, MigrationPhase::None);
+    c.migrate_cancel().unwrap();
+    let doc = c.openapi().unwrap();
+    assert_eq!(
+        doc,
+        serde_json::from_str::<Value>(crate::OPENAPI_JSON).unwrap()
+    );
+    assert_eq!(
+        vm.calls(),
+        [
+            "info",
+            "pause",
+            "resume",
+            "shutdown",
+            "reset",
+            r#"snapshot SnapshotRequest { dir: "/snap", diff: true, disk_snapshot: false }"#,
+            r#"restore RestoreRequest { dir: "/snap", memory: Userfaultfd }"#,
+            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000) }"#,
+            r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock" }"#,
+            "migration_status",
+            "migrate_cancel",
+        ]
+    );
+}
+
+#[test]
+fn openapi_covers_every_route_and_schema() {
+    let doc: Value = serde_json::from_str(crate::OPENAPI_JSON).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.0"));
+    let paths = doc["paths"].as_object().unwrap();
+    for ep in Endpoint::ALL {
+        let method = ep.method().as_str().to_ascii_lowercase();
+        let op = &paths
+            .get(&ep.path())
+            .unwrap_or_else(|| panic!("{} missing from openapi.json", ep.path()))[&method];
+        assert!(op.is_object(), "{method} {} missing", ep.path());
+        assert_eq!(
+            paths[&ep.path()].as_object().unwrap().len(),
+            1,
+            "{}: one method per route",
+            ep.path()
+        );
+    }
+    assert_eq!(
+        paths.len(),
+        Endpoint::ALL.len(),
+        "openapi.json has extra paths"
+    );
+    // Every $ref resolves.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap();
+        assert!(schemas.contains_key(name), "{r} does not resolve");
+    }
+    // The schemas' properties match the types' JSON.
+    let check = |schema: &str, v: Value| {
+        let props = schemas[schema]["properties"].as_object().unwrap();
+        for k in v.as_object().unwrap().keys() {
+            assert!(
+                props.contains_key(k),
+                "{schema}.{k} missing from openapi.json"
+            );
+        }
+    };
+    check("VmInfo", serde_json::to_value(fake_info()).unwrap());
+    check(
+        "DeviceInfo",
+        serde_json::to_value(&fake_info().devices[0]).unwrap(),
+    );
+    let status = MigrationStatus {
+        role: Some(MigrationRole::Send),
+        downtime_ms: Some(1),
+        error: Some("x".into()),
+        ..Default::default()
+    };
+    check("MigrationStatus", serde_json::to_value(&status).unwrap());
+    check(
+        "MigrateSendRequest",
+        serde_json::to_value(MigrateSendRequest {
+            to: "x".into(),
+            downtime_ms: 1,
+            bandwidth_mbps: Some(1),
+        })
+        .unwrap(),
+    );
+    let phases = schemas["MigrationPhase"]["enum"].as_array().unwrap();
+    for p in [
+        MigrationPhase::None,
+        MigrationPhase::Setup,
+        MigrationPhase::Listening,
+        MigrationPhase::Precopy,
+        MigrationPhase::StopAndCopy,
+        MigrationPhase::Completed,
+        MigrationPhase::Cancelled,
+        MigrationPhase::Failed,
+    ] {
+        assert!(phases.contains(&serde_json::to_value(p).unwrap()), "{p}");
+    }
+}
+
+#[test]
+fn bad_requests_are_json_4xx_and_never_reach_the_vm() {
+    let (vm, _h, c) = start();
+    let snap = "/api/v1/vm.snapshot";
+    assert_error(
+        &c.raw("PUT", snap, Some(b"{not json")).unwrap(),
+        400,
+        "invalid",
+    );
+    assert_error(
+        &c.raw("PUT", snap, Some(br#"{"dir":"/s","dif":true}"#))
+            .unwrap(),
+        400,
+        "unknown field",
+    );
+    assert_error(
+        &c.raw("PUT", snap, Some(br#"{"diff":true}"#)).unwrap(),
+        400,
+        "dir",
+    );
+    assert_error(&c.raw("PUT", snap, None).unwrap(), 400, "needs a JSON body");
+    assert_error(
+        &c.raw(
+            "PUT",
+            "/api/v1/vm.restore",
+            Some(br#"{"dir":"/s","memory":"x"}"#),
+        )
+        .unwrap(),
+        400,
+        "unknown variant",
+    );
+    assert_error(
+        &c.raw("PUT", "/api/v1/vm.pause", Some(br#"{"force":true}"#))
+            .unwrap(),
+        400,
+        "unknown field",
+    );
+    assert_error(
+        &c.raw("GET", "/api/v1/vm.nope", None).unwrap(),
+        404,
+        "no such route",
+    );
+    assert_error(&c.raw("GET", "/", None).unwrap(), 404, "no such route");
+    assert_error(
+        &c.raw("GET", "/api/v1/vm.pause", None).unwrap(),
+        405,
+        "method",
+    );
+    assert_error(
+        &c.raw("PUT", "/api/v1/vm.info", None).unwrap(),
+        405,
+        "method",
+    );
+    assert_error(
+        &c.raw("DELETE", "/api/v1/vm.reset", None).unwrap(),
+        405,
+        "method",
+    );
+    let big = vec![b' '; MAX_BODY_BYTES + 1];
+    assert_error(&c.raw("PUT", snap, Some(&big)).unwrap(), 413, "");
+    let mut big = br#"{"dir":""#.to_vec();
+    big.extend(std::iter::repeat_n(b'a', 4 * MAX_BODY_BYTES));
+    big.extend_from_slice(br#""}"#);
+    assert_error(&c.raw("PUT", snap, Some(&big)).unwrap(), 413, "");
+    assert!(vm.calls().is_empty(), "{:?}", vm.calls());
+    // Empty and `{}` bodies are fine for actions.
+    assert_eq!(
+        c.raw("PUT", "/api/v1/vm.pause", Some(b"{}"))
+            .unwrap()
+            .status,
+        204
+    );
+    assert_eq!(
+        c.raw("PUT", "/api/v1/vm.pause", Some(b" \n"))
+            .unwrap()
+            .status,
+        204
+    );
+    assert_eq!(vm.calls(), ["pause", "pause"]);
+}
+
+#[test]
+fn controller_errors_keep_status_and_message() {
+    let (vm, _h, c) = start();
+    vm.fail_with(Some(ApiError::conflict("the VM is already paused")));
+    let e = c.pause().unwrap_err();
+    let api = e.api_error().unwrap();
+    assert_eq!(
+        (api.status, api.message.as_str()),
+        (409, "the VM is already paused")
+    );
+    assert!(e.to_string().contains("already paused"), "{e}");
+    let r = c.raw("GET", "/api/v1/vm.info", None).unwrap();
+    assert_error(&r, 409, "already paused");
+    // A status that is not an error status is a 500.
+    vm.fail_with(Some(ApiError::new(200, "confused")));
+    assert_error(
+        &c.raw("PUT", "/api/v1/vm.reset", None).unwrap(),
+        500,
+        "confused",
+    );
+    vm.fail_with(Some(ApiError::not_implemented(
+        "no migration in this build",
+    )));
+    let e = c
+        .migrate_send(&MigrateSendRequest {
+            to: "x".into(),
+            downtime_ms: 1,
+            bandwidth_mbps: None,
+        })
+        .unwrap_err();
+    assert_eq!(e.api_error().unwrap().status, 501);
+}
+
+#[test]
+fn a_panicking_controller_is_a_500_and_the_server_carries_on() {
+    let (vm, h, c) = start();
+    *vm.panic_on.lock().unwrap() = Some("reset");
+    assert_error(
+        &c.raw("PUT", "/api/v1/vm.reset", None).unwrap(),
+        500,
+        "internal error",
+    );
+    c.pause().unwrap();
+    assert_eq!(c.info().unwrap().vcpus, 2);
+    h.stop();
+}
+
+#[test]
+fn garbage_on_the_socket_does_not_disturb_the_server() {
+    let (vm, h, c) = start();
+    for junk in [
+        &b"garbage\r\n\r\n"[..],
+        b"\x00\x01\x02\xff\r\n\r\n",
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\n",
+    ] {
+        let mut s = UnixStream::connect(h.socket_path()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(
+            !out.starts_with(b"HTTP/1.1 2"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    c.ping().unwrap();
+    assert!(vm.calls().is_empty(), "{:?}", vm.calls());
+}
+
+#[test]
+fn concurrent_requests() {
+    let (vm, _h, c) = start();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    if i % 2 == 0 {
+                        assert_eq!(c.info().unwrap().vcpus, 2);
+                    } else {
+                        c.pause().unwrap();
+                        let r = c.raw("PUT", "/api/v1/vm.snapshot", Some(b"{")).unwrap();
+                        assert_eq!(r.status, 400);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let calls = vm.calls();
+    assert_eq!(calls.len(), 200);
+    assert_eq!(calls.iter().filter(|c| *c == "pause").count(), 100);
+}
+
+#[test]
+fn stale_socket_is_replaced_and_other_files_are_refused() {
+    let vm: Arc<FakeVm> = Arc::new(FakeVm::default());
+    // Stale: a socket nobody listens on.
+    let path = socket_path();
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let h = serve(&path, vm.clone()).unwrap();
+    Client::new(&path).ping().unwrap();
+    // Live: refused, and the live server is untouched.
+    match serve(&path, vm.clone()) {
+        Err(e @ ServeError::InUse { .. }) => assert!(e.to_string().contains("serving")),
+        other => panic!("{other:?}"),
+    }
+    Client::new(&path).ping().unwrap();
+    h.stop();
+    assert!(!path.exists(), "stop removes the socket");
+    assert!(matches!(
+        Client::new(&path).ping(),
+        Err(ClientError::Connect { .. })
+    ));
+    // A regular file: refused and left as it was.
+    std::fs::write(&path, b"precious").unwrap();
+    match serve(&path, vm.clone()) {
+        Err(e @ ServeError::NotASocket { .. }) => {
+            assert!(e.to_string().contains("not a socket"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_file(&path).unwrap();
+    // A directory, and a path whose parent is missing.
+    std::fs::create_dir(&path).unwrap();
+    assert!(matches!(
+        serve(&path, vm.clone()),
+        Err(ServeError::NotASocket { .. })
+    ));
+    std::fs::remove_dir(&path).unwrap();
+    assert!(matches!(
+        serve("/nonexistent-dir/x.sock", vm),
+        Err(ServeError::Io { .. })
+    ));
+}
+
+#[test]
+fn stop_does_not_remove_a_replaced_socket() {
+    let vm: Arc<FakeVm> = Arc::new(FakeVm::default());
+    let path = socket_path();
+    let h = serve(&path, vm.clone()).unwrap();
+    // Someone replaced the socket file: stopping must leave theirs alone.
+    std::fs::remove_file(&path).unwrap();
+    let theirs = UnixListener::bind(&path).unwrap();
+    drop(h);
+    assert!(path.exists());
+    drop(theirs);
+    std::fs::remove_file(&path).unwrap();
+}
+
+fn ctl(path: &std::path::Path, args: &[&str]) -> (Result<i32, CtlError>, String) {
+    let mut v = vec!["vessel-ctl", "--api-socket", path.to_str().unwrap()];
+    v.extend_from_slice(args);
+    let args = CtlArgs::try_parse_from(v).unwrap();
+    let mut out = Vec::new();
+    let r = ctl::run_for_test(&args, &mut out, Duration::from_millis(5));
+    (r, String::from_utf8(out).unwrap())
+}
+
+#[test]
+fn ctl_verbs() {
+    let (vm, h, _c) = start();
+    let p = h.socket_path().to_path_buf();
+    let (r, out) = ctl(&p, &["info"]);
+    assert_eq!(r.unwrap(), 0);
+    assert!(
+        out.contains("state:    running") && out.contains("serial0"),
+        "{out}"
+    );
+    let (r, out) = ctl(&p, &["--json", "info"]);
+    assert_eq!(r.unwrap(), 0);
+    assert_eq!(serde_json::from_str::<VmInfo>(&out).unwrap(), fake_info());
+    let (r, out) = ctl(&p, &["pause"]);
+    assert_eq!((r.unwrap(), out.as_str()), (0, "paused\n"));
+    let (r, out) = ctl(&p, &["ping"]);
+    assert_eq!(
+        (r.unwrap(), out.starts_with("ok: Vessel API v1")),
+        (0, true)
+    );
+    let (r, _) = ctl(&p, &["snapshot", "--dir", "/s", "--disk-snapshot"]);
+    assert_eq!(r.unwrap(), 0);
+    let (r, _) = ctl(&p, &["restore", "--dir", "/s", "--memory", "eager"]);
+    assert_eq!(r.unwrap(), 0);
+    let (r, out) = ctl(&p, &["openapi"]);
+    assert_eq!(r.unwrap(), 0);
+    assert!(out.contains("vm.migrate-send"));
+    let (r, out) = ctl(&p, &["migrate", "status"]);
+    assert_eq!((r.unwrap(), out.as_str()), (0, "migration: none\n"));
+    assert_eq!(
+        vm.calls()[2..5],
+        [
+            "pause".to_string(),
+            r#"snapshot SnapshotRequest { dir: "/s", diff: false, disk_snapshot: true }"#.into(),
+            r#"restore RestoreRequest { dir: "/s", memory: Eager }"#.into(),
+        ]
+    );
+    vm.fail_with(Some(ApiError::conflict("not paused")));
+    let (r, _) = ctl(&p, &["resume"]);
+    let e = r.unwrap_err();
+    assert_eq!(e.to_string(), "not paused (HTTP 409)");
+    drop(h);
+    let (r, _) = ctl(&p, &["info"]);
+    assert!(matches!(
+        r,
+        Err(CtlError::Client(ClientError::Connect { .. }))
+    ));
+}
+
+fn status(phase: MigrationPhase, round: u32, done: u64, left: u64) -> MigrationStatus {
+    MigrationStatus {
+        phase,
+        role: Some(MigrationRole::Send),
+        round,
+        total_bytes: 1 << 30,
+        transferred_bytes: done,
+        remaining_bytes: left,
+        dirty_rate: 1 << 20,
+        expected_downtime_ms: 20,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn ctl_migrate_send_follows_progress_until_the_end() {
+    let (vm, h, _c) = start();
+    let p = h.socket_path().to_path_buf();
+    let progress = [
+        status(MigrationPhase::Setup, 0, 0, 1 << 30),
+        status(MigrationPhase::Precopy, 1, 1 << 29, 1 << 29),
+        status(MigrationPhase::Precopy, 2, 1 << 30, 1 << 20),
+        status(MigrationPhase::StopAndCopy, 3, (1 << 30) + (1 << 20), 0),
+        MigrationStatus {
+            downtime_ms: Some(12),
+            ..status(MigrationPhase::Completed, 3, (1 << 30) + (1 << 20), 0)
+        },
+    ];
+    *vm.statuses.lock().unwrap() = progress.iter().cloned().collect();
+    let (r, out) = ctl(
+        &p,
+        &[
+            "migrate",
+            "send",
+            "--to",
+            "tcp:127.0.0.1:1",
+            "--bandwidth",
+            "100",
+        ],
+    );
+    assert_eq!(r.unwrap(), 0, "{out}");
+    assert!(
+        out.starts_with("migration: completed (sending), round 3"),
+        "{out}"
+    );
+    assert!(out.contains("downtime 12 ms"), "{out}");
+    let polls = vm
+        .calls()
+        .iter()
+        .filter(|c| *c == "migration_status")
+        .count();
+    assert_eq!(polls, 5);
+
+    *vm.statuses.lock().unwrap() = [MigrationStatus {
+        error: Some("connection reset".into()),
+        ..status(MigrationPhase::Failed, 2, 5, 5)
+    }]
+    .into();
+    let (r, out) = ctl(&p, &["--json", "migrate", "send", "--to", "x"]);
+    assert_eq!(r.unwrap(), 1);
+    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(s.error.as_deref(), Some("connection reset"));
+
+    *vm.statuses.lock().unwrap() = [status(MigrationPhase::Cancelled, 2, 5, 5)].into();
+    let (r, out) = ctl(&p, &["migrate", "receive", "--listen", "x", "--wait"]);
+    assert_eq!(r.unwrap(), 1);
+    assert!(out.starts_with("migration: cancelled"), "{out}");
+
+    let (r, out) = ctl(&p, &["migrate", "send", "--to", "x", "--no-wait"]);
+    assert_eq!((r.unwrap(), out.as_str()), (0, "migration to x started\n"));
+    let (r, out) = ctl(&p, &["migrate", "cancel"]);
+    assert_eq!((r.unwrap(), out.as_str()), (0, "migration cancelled\n"));
+}
+
+#[test]
+fn stop_is_prompt_with_an_idle_connection_open() {
+    let (_vm, h, c) = start();
+    let path = h.socket_path().to_path_buf();
+    // A keep-alive client that made one request and then sits idle.
+    let mut idle = UnixStream::connect(&path).unwrap();
+    idle.write_all(b"GET /api/v1/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(idle.read(&mut buf).unwrap() > 0);
+    // A half-sent request too.
+    let mut half = UnixStream::connect(&path).unwrap();
+    half.write_all(b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        .unwrap();
+    c.ping().unwrap();
+    let t = std::time::Instant::now();
+    h.stop();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(!path.exists());
+}
+
+fn handler_bug() -> &'static str {
+    panic!("handler bug")
+}
+
+#[test]
+fn a_panic_in_request_handling_is_a_json_500() {
+    use axum::routing::get;
+    // The real router's layers, around a handler that panics.
+    let app = crate::server::with_layers(
+        axum::Router::new().route("/p", get(|| async { handler_bug() })),
+    );
+    let path = socket_path();
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let p2 = path.clone();
+    let t = std::thread::spawn(move || {
+        let c = Client::new(&p2);
+        let r = c.raw("GET", "/p", None).unwrap();
+        // Still serving: the next request gets its (404) answer.
+        let next = c.raw("GET", "/q", None).map(|r| r.status);
+        let _ = tx.send(());
+        (r, next.ok() == Some(404))
+    });
+    rt.block_on(async move {
+        let l = tokio::net::UnixListener::from_std(listener).unwrap();
+        axum::serve(l, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    let (r, still_serving) = t.join().unwrap();
+    assert_error(&r, 500, "internal error");
+    assert!(still_serving);
+    std::fs::remove_file(&path).unwrap();
+}

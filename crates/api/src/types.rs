@@ -1,0 +1,448 @@
+//! The API's JSON types, shared by the server, the client and the VMM's controller.
+//!
+//! Field names are `snake_case`; enum values are lower-case words joined by `-`
+//! (`shutting-down`, `stop-and-copy`), as in the route names. Request bodies reject unknown
+//! fields, so a typo is a 400, not a silently ignored option. These names are the API's contract:
+//! `openapi.json` describes them and its tests check the two agree.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The API version in every route (`/api/v1/...`).
+pub const API_VERSION: &str = "v1";
+
+/// The HTTP method of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Put,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+        }
+    }
+}
+
+/// Every route of the API. The server's router is built from [`Endpoint::ALL`], the client
+/// calls through it and a test checks `openapi.json` against it, so the three cannot drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Ping,
+    OpenApi,
+    Info,
+    Pause,
+    Resume,
+    Shutdown,
+    Reset,
+    Snapshot,
+    Restore,
+    MigrateSend,
+    MigrateReceive,
+    MigrationStatus,
+    MigrateCancel,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 13] = [
+        Endpoint::Ping,
+        Endpoint::OpenApi,
+        Endpoint::Info,
+        Endpoint::Pause,
+        Endpoint::Resume,
+        Endpoint::Shutdown,
+        Endpoint::Reset,
+        Endpoint::Snapshot,
+        Endpoint::Restore,
+        Endpoint::MigrateSend,
+        Endpoint::MigrateReceive,
+        Endpoint::MigrationStatus,
+        Endpoint::MigrateCancel,
+    ];
+
+    /// The last path segment (`vm.pause`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Ping => "ping",
+            Endpoint::OpenApi => "openapi.json",
+            Endpoint::Info => "vm.info",
+            Endpoint::Pause => "vm.pause",
+            Endpoint::Resume => "vm.resume",
+            Endpoint::Shutdown => "vm.shutdown",
+            Endpoint::Reset => "vm.reset",
+            Endpoint::Snapshot => "vm.snapshot",
+            Endpoint::Restore => "vm.restore",
+            Endpoint::MigrateSend => "vm.migrate-send",
+            Endpoint::MigrateReceive => "vm.migrate-receive",
+            Endpoint::MigrationStatus => "vm.migration-status",
+            Endpoint::MigrateCancel => "vm.migrate-cancel",
+        }
+    }
+
+    /// The full path (`/api/v1/vm.pause`).
+    pub fn path(self) -> String {
+        format!("/api/{API_VERSION}/{}", self.name())
+    }
+
+    /// Queries are GET; everything that acts on the VM is PUT.
+    pub fn method(self) -> Method {
+        match self {
+            Endpoint::Ping | Endpoint::OpenApi | Endpoint::Info | Endpoint::MigrationStatus => {
+                Method::Get
+            }
+            _ => Method::Put,
+        }
+    }
+}
+
+/// The run state of a VM, as the API reports it.
+///
+/// Mirrors `vmm::control::RunState` (Running, Paused, Stopping) plus `stopped`, once the vCPUs
+/// have been joined and an exit reason recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// A shutdown was requested (ACPI power button) or the VM is stopping its vCPUs.
+    ShuttingDown,
+    Stopped,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting-down",
+            VmState::Stopped => "stopped",
+        })
+    }
+}
+
+/// One device of the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// A stable identifier (`serial0`, `block0`, `rng0`, ...).
+    pub id: String,
+    /// What it is (`serial`, `virtio-block`, `virtio-rng`, `i8042`, ...).
+    pub kind: String,
+    /// Where the guest finds it, for example `mmio 0xd0000000` or `pio 0x3f8`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Its interrupt line, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq: Option<u32>,
+}
+
+/// `GET /api/v1/vm.info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// Milliseconds from the start of `vessel run` to the guest's boot-complete marker (port
+    /// 0x3f0); absent until the guest writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_time_ms: Option<u64>,
+    /// Milliseconds since the VM started.
+    pub uptime_ms: u64,
+    pub devices: Vec<DeviceInfo>,
+    /// Vessel's version.
+    pub version: String,
+    /// Why the VM stopped, once it has (`guest powered off`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<String>,
+}
+
+/// `GET /api/v1/ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// Vessel's API crate version.
+    pub version: String,
+    /// Always [`API_VERSION`].
+    pub api_version: String,
+}
+
+impl Pong {
+    pub fn current() -> Self {
+        Pong {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: API_VERSION.to_string(),
+        }
+    }
+}
+
+/// `PUT /api/v1/vm.snapshot`: the VM must be paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// The directory the snapshot is written to (created if missing, must be empty).
+    pub dir: PathBuf,
+    /// Write only the memory dirtied since the previous snapshot.
+    #[serde(default)]
+    pub diff: bool,
+    /// Also snapshot the disks (qcow2 internal snapshots / overlays).
+    #[serde(default)]
+    pub disk_snapshot: bool,
+}
+
+/// How a restored VM gets its memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMemory {
+    /// Map the memory file copy-on-write; pages are read on first touch.
+    #[default]
+    Lazy,
+    /// Read all of memory before the vCPUs start.
+    Eager,
+    /// Serve page faults from the file through userfaultfd.
+    Userfaultfd,
+}
+
+/// `PUT /api/v1/vm.restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub memory: RestoreMemory,
+}
+
+/// The default downtime a live migration aims for.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+fn default_downtime_ms() -> u64 {
+    DEFAULT_DOWNTIME_MS
+}
+
+/// `PUT /api/v1/vm.migrate-send`: starts sending the VM; returns at once, progress is in
+/// `vm.migration-status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateSendRequest {
+    /// Destination: `tcp:HOST:PORT` or `unix:PATH`.
+    pub to: String,
+    /// The longest pause the final stop-and-copy round may take.
+    #[serde(default = "default_downtime_ms")]
+    pub downtime_ms: u64,
+    /// A bandwidth cap in megabits per second; none means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbps: Option<u64>,
+}
+
+/// `PUT /api/v1/vm.migrate-receive`: waits for an incoming migration; returns at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateReceiveRequest {
+    /// Where to listen: `tcp:HOST:PORT` or `unix:PATH`.
+    pub listen: String,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// No migration has been started.
+    #[default]
+    None,
+    /// Connecting, exchanging the configuration.
+    Setup,
+    /// Waiting for a sender (receive side).
+    Listening,
+    /// Copying memory while the VM runs, round after round.
+    Precopy,
+    /// The VM is paused and the last dirty pages and device state are sent.
+    StopAndCopy,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl MigrationPhase {
+    /// Whether the migration has ended (successfully or not).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::None
+                | MigrationPhase::Completed
+                | MigrationPhase::Cancelled
+                | MigrationPhase::Failed
+        )
+    }
+}
+
+impl std::fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MigrationPhase::None => "none",
+            MigrationPhase::Setup => "setup",
+            MigrationPhase::Listening => "listening",
+            MigrationPhase::Precopy => "precopy",
+            MigrationPhase::StopAndCopy => "stop-and-copy",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Cancelled => "cancelled",
+            MigrationPhase::Failed => "failed",
+        })
+    }
+}
+
+/// Which side of a migration this VM is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationRole {
+    Send,
+    Receive,
+}
+
+/// `GET /api/v1/vm.migration-status`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub phase: MigrationPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<MigrationRole>,
+    /// The pre-copy round (1 is the full copy); 0 before the first.
+    #[serde(default)]
+    pub round: u32,
+    /// Guest memory size: what the first round sends.
+    #[serde(default)]
+    pub total_bytes: u64,
+    /// Bytes sent (or received) so far, all rounds together.
+    #[serde(default)]
+    pub transferred_bytes: u64,
+    /// Bytes still dirty: what the next round would send.
+    #[serde(default)]
+    pub remaining_bytes: u64,
+    /// Bytes the guest dirties per second, measured over the last round.
+    #[serde(default)]
+    pub dirty_rate: u64,
+    /// Measured throughput, bytes per second.
+    #[serde(default)]
+    pub bandwidth: u64,
+    /// What stop-and-copy would take now, at the measured bandwidth.
+    #[serde(default)]
+    pub expected_downtime_ms: u64,
+    /// The downtime actually taken, once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Milliseconds since the migration started.
+    #[serde(default)]
+    pub elapsed_ms: u64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An API error: an HTTP status and a message. On the wire it is `{"message": "..."}` with the
+/// status as the response's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The HTTP status (not serialized: it is the response's status).
+    #[serde(skip, default = "internal_status")]
+    pub status: u16,
+    pub message: String,
+}
+
+fn internal_status() -> u16 {
+    500
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request is malformed or invalid.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: no such route or object.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 409: the request is valid but not in the VM's current state (pause a paused VM,
+    /// snapshot a running one, cancel when no migration runs).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+
+    /// 501: not supported by this VM or build.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self::new(501, message)
+    }
+
+    /// 500: the VMM failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+
+    /// 503: the VM is not able to take requests (stopping).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn enum_values_are_stable() {
+        assert_eq!(
+            serde_json::to_value(VmState::ShuttingDown).unwrap(),
+            json!("shutting-down")
+        );
+        assert_eq!(
+            serde_json::to_value(MigrationPhase::StopAndCopy).unwrap(),
+            json!("stop-and-copy")
+        );
+        assert_eq!(
+            serde_json::to_value(RestoreMemory::Userfaultfd).unwrap(),
+            json!("userfaultfd")
+        );
+        for s in [
+            VmState::Running,
+            VmState::Paused,
+            VmState::ShuttingDown,
+            VmState::Stopped,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.to_string()));
+        }
+    }
+
+    #[test]
+    fn request_defaults_and_unknown_fields() {
+        let r: MigrateSendRequest = serde_json::from_str(r#"{"to":"tcp:1.2.3.4:5"}"#).unwrap();
+        assert_eq!(r.downtime_ms, 300);
+        assert_eq!(r.bandwidth_mbps, None);
+        let r: RestoreRequest = serde_json::from_str(r#"{"dir":"/x"}"#).unwrap();
+        assert_eq!(r.memory, RestoreMemory::Lazy);
+        let r: SnapshotRequest = serde_json::from_str(r#"{"dir":"/x"}"#).unwrap();
+        assert!(!r.diff && !r.disk_snapshot);
+        assert!(serde_json::from_str::<SnapshotRequest>(r#"{"dir":"/x","dif":true}"#).is_err());
+        assert!(serde_json::from_str::<RestoreRequest>(r#"{"dir":"/x","memory":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn api_error_wire_form() {
+        let e = ApiError::conflict("already paused");
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            json!({"message": "already paused"})
+        );
+        let back: ApiError = serde_json::from_str(r#"{"message":"m"}"#).unwrap();
+        assert_eq!(back.message, "m");
+        assert_eq!(e.to_string(), "already paused");
+    }
+}

@@ -1,0 +1,421 @@
+//! virtio-net: the network device (virtio 1.2 §5.1) on a [`NetBackend`], normally a tap.
+//!
+//! Queues: a receive and a transmit queue per queue pair (`rx0, tx0, rx1, tx1, ...`), then the
+//! control queue. Every frame carries the 12-byte `virtio_net_hdr_v1`, passed through to the tap
+//! as it is (`IFF_VNET_HDR`), so checksum and segmentation offloads work end to end: the tap's
+//! offloads (`TUNSETOFFLOAD`) follow the negotiated `GUEST_*` features.
+//!
+//! One worker thread per queue pair ([`worker`]) waits on the backend and both queues'
+//! notifications. Receive ([`rx`]): a frame read from the backend goes into the next available
+//! chain, or chains with `MRG_RXBUF`; with no room, the frame is kept and the backend is not
+//! polled until the driver adds buffers. Transmit ([`tx`]): each chain is gathered into one
+//! write. A malformed chain or an oversized frame drops only that packet. The control queue
+//! ([`ctrl`]) accepts RX-mode and MAC-table commands (no filtering is done) and
+//! `VQ_PAIRS_SET`, which attaches and detaches the tap's queues.
+
+mod backend;
+mod ctrl;
+mod rx;
+mod tx;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueState;
+use vm_memory::GuestMemoryMmap;
+
+pub use ::net::MacAddr;
+pub use backend::NetBackend;
+
+use super::worker::QueueWorker;
+use super::{
+    feature, has_feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice,
+    VirtioInterrupt, MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+use ctrl::CtrlHandler;
+use worker::PairWorker;
+
+/// Device type (virtio 1.2 §5.1).
+pub const TYPE_NET: u32 = 1;
+
+pub const VIRTIO_NET_F_CSUM: u32 = 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u32 = 1;
+pub const VIRTIO_NET_F_MAC: u32 = 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
+pub const VIRTIO_NET_F_GUEST_ECN: u32 = 9;
+pub const VIRTIO_NET_F_GUEST_UFO: u32 = 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
+pub const VIRTIO_NET_F_HOST_ECN: u32 = 13;
+pub const VIRTIO_NET_F_HOST_UFO: u32 = 14;
+pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
+pub const VIRTIO_NET_F_STATUS: u32 = 16;
+pub const VIRTIO_NET_F_CTRL_VQ: u32 = 17;
+pub const VIRTIO_NET_F_CTRL_RX: u32 = 18;
+pub const VIRTIO_NET_F_MQ: u32 = 22;
+
+/// `status` bit of the configuration space.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Bytes of the header on every frame (`virtio_net_hdr_v1`, with `num_buffers`).
+pub const HDR_LEN: usize = ::net::tap::VNET_HDR_LEN;
+/// The largest Ethernet frame (without the header) either way: 64 KiB of GSO payload and
+/// headers plus the Ethernet header. Longer frames are dropped.
+pub const MAX_FRAME_LEN: usize = 64 * 1024 + 14;
+/// The largest packet (header + frame).
+pub const MAX_PACKET_LEN: usize = HDR_LEN + MAX_FRAME_LEN;
+/// The shortest frame passed on: an Ethernet header.
+pub const MIN_FRAME_LEN: usize = 14;
+/// Most queue pairs.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// Length of the configuration space: mac, status, max_virtqueue_pairs.
+pub const CONFIG_LEN: usize = 10;
+
+/// Offloads the guest may receive, and the tap flag each needs.
+const GUEST_OFFLOADS: [(u32, u32); 5] = [
+    (VIRTIO_NET_F_GUEST_CSUM, ::net::tap::TUN_F_CSUM),
+    (VIRTIO_NET_F_GUEST_TSO4, ::net::tap::TUN_F_TSO4),
+    (VIRTIO_NET_F_GUEST_TSO6, ::net::tap::TUN_F_TSO6),
+    (VIRTIO_NET_F_GUEST_ECN, ::net::tap::TUN_F_TSO_ECN),
+    (VIRTIO_NET_F_GUEST_UFO, ::net::tap::TUN_F_UFO),
+];
+
+/// Errors building a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{0} queue pairs requested; 1 to {MAX_QUEUE_PAIRS} are possible")]
+    QueuePairs(usize),
+    #[error("MAC address: {0}")]
+    Mac(#[from] ::net::MacError),
+    #[error(transparent)]
+    Tap(#[from] ::net::TapError),
+}
+
+/// The tap flags for the offloads in the guest features `acked`.
+pub fn tap_offloads(acked: u64) -> u32 {
+    GUEST_OFFLOADS
+        .iter()
+        .filter(|(bit, _)| has_feature(acked, *bit))
+        .fold(0, |flags, (_, f)| flags | f)
+}
+
+/// The device-specific state of a network device, for snapshots (the queues are saved by the
+/// transport). The pending receive frame of a worker, if any, is not saved: it is dropped, as a
+/// network may drop any frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: MacAddr,
+    pub queue_pairs: u16,
+    pub acked_features: u64,
+    /// Queue pairs the driver enabled with `VQ_PAIRS_SET` (1 without `MQ`).
+    pub active_pairs: u16,
+}
+
+/// The network device.
+pub struct Net {
+    backends: Arc<[Arc<dyn NetBackend>]>,
+    mac: MacAddr,
+    features: u64,
+    acked: u64,
+    queue_sizes: Vec<u16>,
+    config: [u8; CONFIG_LEN],
+    active_pairs: Arc<AtomicU16>,
+    workers: Vec<PairWorker>,
+    ctrl: Option<QueueWorker>,
+}
+
+impl Net {
+    /// A network device with one queue pair per backend (`MQ` when more than one), the MAC
+    /// address `mac` or a random locally administered one.
+    pub fn new(backends: Vec<Arc<dyn NetBackend>>, mac: Option<MacAddr>) -> Result<Net, NetError> {
+        let pairs = backends.len();
+        if pairs == 0 || pairs > usize::from(MAX_QUEUE_PAIRS) {
+            return Err(NetError::QueuePairs(pairs));
+        }
+        let mac = match mac {
+            Some(m) => m,
+            None => MacAddr::random_local()?,
+        };
+        let mut features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_NET_F_MAC)
+            | feature(VIRTIO_NET_F_STATUS)
+            | feature(VIRTIO_NET_F_MRG_RXBUF)
+            | feature(VIRTIO_NET_F_CTRL_VQ)
+            | feature(VIRTIO_NET_F_CTRL_RX)
+            // The tap takes any header the guest writes: checksum and segmentation offloads.
+            | feature(VIRTIO_NET_F_CSUM)
+            | feature(VIRTIO_NET_F_HOST_TSO4)
+            | feature(VIRTIO_NET_F_HOST_TSO6)
+            | feature(VIRTIO_NET_F_HOST_ECN)
+            | feature(VIRTIO_NET_F_HOST_UFO);
+        // Guest offloads: those the backend accepts (UFO is refused by some kernels).
+        let all = GUEST_OFFLOADS.iter().fold(0, |a, (_, f)| a | f);
+        let backend = &backends[0];
+        for (try_flags, without) in [
+            (all, 0u32),
+            (all & !::net::tap::TUN_F_UFO, VIRTIO_NET_F_GUEST_UFO),
+        ] {
+            if backend.set_offload(try_flags).is_ok() {
+                for (bit, _) in GUEST_OFFLOADS {
+                    if without == 0 || bit != without {
+                        features |= feature(bit);
+                    }
+                }
+                break;
+            }
+        }
+        if let Err(e) = backend.set_offload(0) {
+            tracing::warn!("virtio-net: cannot clear the backend's offloads: {e}");
+        }
+        if pairs > 1 {
+            features |= feature(VIRTIO_NET_F_MQ);
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..6].copy_from_slice(&mac.bytes());
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        config[8..10].copy_from_slice(&(pairs as u16).to_le_bytes());
+        Ok(Net {
+            backends: backends.into(),
+            mac,
+            features,
+            acked: 0,
+            queue_sizes: vec![MAX_QUEUE_SIZE; pairs * 2 + 1],
+            config,
+            active_pairs: Arc::new(AtomicU16::new(1)),
+            workers: Vec::new(),
+            ctrl: None,
+        })
+    }
+
+    /// A network device on tap `name` (created if absent) with `queue_pairs` queue pairs.
+    pub fn with_tap(name: &str, mac: Option<MacAddr>, queue_pairs: u16) -> Result<Net, NetError> {
+        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(NetError::QueuePairs(usize::from(queue_pairs)));
+        }
+        let taps = ::net::Tap::open_queues(name, usize::from(queue_pairs))?;
+        let backends = taps
+            .into_iter()
+            .map(|t| Arc::new(t) as Arc<dyn NetBackend>)
+            .collect();
+        Net::new(backends, mac)
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Number of queue pairs.
+    pub fn queue_pairs(&self) -> u16 {
+        self.backends.len() as u16
+    }
+
+    /// The device-specific state.
+    pub fn net_state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            queue_pairs: self.queue_pairs(),
+            acked_features: self.acked,
+            active_pairs: self.active_pairs.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Restore [`Net::net_state`] into an inactive device with the same backend and options.
+    pub fn restore_net_state(&mut self, state: &NetState) -> Result<(), ActivateError> {
+        if state.mac != self.mac || state.queue_pairs != self.queue_pairs() {
+            return Err(ActivateError::StateMismatch(format!(
+                "network device {} with {} queue pairs saved, {} with {} now",
+                state.mac,
+                state.queue_pairs,
+                self.mac,
+                self.queue_pairs()
+            )));
+        }
+        if state.acked_features & !self.features != 0
+            || state.active_pairs == 0
+            || state.active_pairs > self.queue_pairs()
+        {
+            return Err(ActivateError::StateMismatch(
+                "saved network features or queue pairs are not possible here".into(),
+            ));
+        }
+        self.acked = state.acked_features;
+        self.active_pairs
+            .store(state.active_pairs, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn ctrl_index(&self) -> u16 {
+        self.queue_pairs() * 2
+    }
+}
+
+/// Attach the backends' queues of the first `active` pairs, detach the others (only for more
+/// than one pair: a single queue is always attached).
+pub(super) fn apply_active_pairs(
+    backends: &[Arc<dyn NetBackend>],
+    active: u16,
+) -> std::io::Result<()> {
+    if backends.len() < 2 {
+        return Ok(());
+    }
+    // Attach first, so the interface never has no queue.
+    for b in &backends[..usize::from(active)] {
+        b.set_queue_enabled(true)?;
+    }
+    for b in &backends[usize::from(active)..] {
+        b.set_queue_enabled(false)?;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features;
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    fn config_len(&self) -> usize {
+        CONFIG_LEN
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // The MAC is writable only in legacy devices.
+        tracing::debug!("virtio-net: config write at {offset:#x} ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if !self.workers.is_empty() || self.ctrl.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        for need in [0, 1] {
+            if !queues.iter().any(|q| q.index == need) {
+                return Err(ActivateError::MissingQueue(need));
+            }
+        }
+        let offloads = tap_offloads(self.acked);
+        self.backends[0]
+            .set_offload(offloads)
+            .map_err(ActivateError::Worker)?;
+        if !has_feature(self.acked, VIRTIO_NET_F_MQ) {
+            self.active_pairs.store(1, Ordering::SeqCst);
+        }
+        apply_active_pairs(&self.backends, self.active_pairs.load(Ordering::SeqCst))
+            .map_err(ActivateError::Worker)?;
+
+        let mrg = has_feature(self.acked, VIRTIO_NET_F_MRG_RXBUF);
+        let ctrl_index = self.ctrl_index();
+        let mut slots: Vec<Option<ActiveQueue>> = (0..=ctrl_index).map(|_| None).collect();
+        for q in queues {
+            if let Some(s) = slots.get_mut(usize::from(q.index)) {
+                *s = Some(q);
+            }
+        }
+        let ctrl_queue = slots.pop().flatten();
+        let mut workers = Vec::new();
+        let mut slots = slots.into_iter();
+        for (pair, backend) in self.backends.iter().enumerate() {
+            let (Some(Some(rxq)), Some(Some(txq))) = (slots.next(), slots.next()) else {
+                continue;
+            };
+            let w = PairWorker::spawn(
+                format!("virtio-net-q{pair}"),
+                rxq,
+                txq,
+                mem.clone(),
+                interrupt.clone(),
+                backend.clone(),
+                mrg,
+            )
+            .map_err(|e| ActivateError::Worker(e.into()))?;
+            workers.push(w);
+        }
+        if let Some(q) = ctrl_queue {
+            if has_feature(self.acked, VIRTIO_NET_F_CTRL_VQ) {
+                let wakers = workers
+                    .iter()
+                    .map(|w| w.waker())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(ActivateError::Worker)?;
+                let handler =
+                    CtrlHandler::new(self.backends.clone(), self.active_pairs.clone(), wakers);
+                let w = QueueWorker::spawn("virtio-net-ctrl".into(), q, mem, interrupt, handler)
+                    .map_err(|e| ActivateError::Worker(e.into()))?;
+                self.ctrl = Some(w);
+            }
+        }
+        self.workers = workers;
+        let names = ["csum", "tso4", "tso6", "ecn", "ufo"];
+        let on: Vec<&str> = (0..names.len())
+            .filter(|i| offloads & (1 << i) != 0)
+            .map(|i| names[i])
+            .collect();
+        tracing::info!(
+            "virtio-net {}: {} of {} queue pairs served{}, guest offloads [{}]{}",
+            self.mac,
+            self.workers.len(),
+            self.backends.len(),
+            if self.ctrl.is_some() {
+                " with a control queue"
+            } else {
+                ""
+            },
+            on.join(","),
+            if mrg { ", mergeable rx buffers" } else { "" }
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping a worker stops and joins its thread.
+        self.workers.clear();
+        self.ctrl = None;
+        self.acked = 0;
+        self.active_pairs.store(1, Ordering::SeqCst);
+        if let Err(e) = self.backends[0].set_offload(0) {
+            tracing::warn!("virtio-net: cannot clear the backend's offloads: {e}");
+        }
+    }
+
+    fn queue_states(&self) -> Vec<(u16, QueueState)> {
+        let mut v: Vec<(u16, QueueState)> =
+            self.workers.iter().flat_map(|w| w.queue_states()).collect();
+        if let Some(c) = &self.ctrl {
+            v.push((c.index(), c.queue_state()));
+        }
+        v
+    }
+}

@@ -1,0 +1,427 @@
+//! The worker thread of one queue pair: epoll on the backend, both queues' notification eventfds
+//! and an exit eventfd.
+//!
+//! Receive: while the backend polls readable, frames are read and delivered. A frame that finds
+//! no room is kept (one at most) and the backend leaves the epoll set until the driver notifies
+//! the receive queue, so an idle guest costs nothing and no frame is lost here (the kernel's tap
+//! queue drops what overflows it). Transmit: every notification serves the available chains.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::rx::{deliver, RxOutcome};
+use super::tx::{TxHandler, TxStats};
+use super::{NetBackend, MAX_PACKET_LEN};
+use crate::bus::lock;
+use crate::virtio::queue::{process_queue, Chain, QueueError};
+use crate::virtio::worker::WorkerError;
+use crate::virtio::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
+
+const TOKEN_RX: u64 = 0;
+const TOKEN_TX: u64 = 1;
+const TOKEN_BACKEND: u64 = 2;
+const TOKEN_EXIT: u64 = 3;
+const TOKEN_WAKE: u64 = 4;
+
+/// Frames delivered per wake-up before the worker looks at its other events again.
+const RX_BUDGET: usize = 256;
+
+/// Counters of a receive queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RxStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub dropped: u64,
+}
+
+/// A running queue-pair worker. Dropping it stops the thread.
+pub struct PairWorker {
+    rx_index: u16,
+    tx_index: u16,
+    rx: Arc<Mutex<Queue>>,
+    tx: Arc<Mutex<Queue>>,
+    exit: EventFd,
+    wake: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Pair {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    backend: Arc<dyn NetBackend>,
+    epoll: Epoll,
+    rx_index: u16,
+    tx_index: u16,
+    rx: Arc<Mutex<Queue>>,
+    tx: Arc<Mutex<Queue>>,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    wake: EventFd,
+    mrg: bool,
+    /// One packet read from the backend; `pending` bytes of it wait for receive buffers.
+    rx_buf: Vec<u8>,
+    pending: Option<usize>,
+    /// The pending frame waits for receive buffers (the driver was asked to notify).
+    waiting: bool,
+    /// The backend failed (say, the tap was deleted): it is not polled any more.
+    backend_failed: bool,
+    backend_polled: bool,
+    pool: Vec<Chain>,
+    tx_buf: Vec<u8>,
+    tx_chain: Chain,
+    rx_stats: RxStats,
+    tx_stats: TxStats,
+    broken: bool,
+}
+
+impl PairWorker {
+    /// Serve the receive queue `rx` and the transmit queue `tx` with `backend` on a new thread.
+    pub fn spawn(
+        name: String,
+        rx: ActiveQueue,
+        tx: ActiveQueue,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        backend: Arc<dyn NetBackend>,
+        mrg: bool,
+    ) -> Result<PairWorker, WorkerError> {
+        let exit = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
+        let exit_thread = exit.try_clone().map_err(WorkerError::EventFd)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
+        let wake_thread = wake.try_clone().map_err(WorkerError::EventFd)?;
+        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+        for (fd, token) in [
+            (rx.notifier.as_raw_fd(), TOKEN_RX),
+            (tx.notifier.as_raw_fd(), TOKEN_TX),
+            (exit_thread.as_raw_fd(), TOKEN_EXIT),
+            (wake_thread.as_raw_fd(), TOKEN_WAKE),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(WorkerError::Epoll)?;
+        }
+        let (rx_index, tx_index) = (rx.index, tx.index);
+        let rxq = Arc::new(Mutex::new(rx.queue));
+        let txq = Arc::new(Mutex::new(tx.queue));
+        let mut pair = Pair {
+            mem,
+            interrupt,
+            backend,
+            epoll,
+            rx_index,
+            tx_index,
+            rx: rxq.clone(),
+            tx: txq.clone(),
+            rx_kick: rx.notifier,
+            tx_kick: tx.notifier,
+            wake: wake_thread,
+            mrg,
+            rx_buf: vec![0; MAX_PACKET_LEN + 1],
+            pending: None,
+            waiting: false,
+            backend_failed: false,
+            backend_polled: false,
+            pool: Vec::new(),
+            tx_buf: Vec::new(),
+            tx_chain: Chain::default(),
+            rx_stats: RxStats::default(),
+            tx_stats: TxStats::default(),
+            broken: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let _keep = exit_thread;
+                pair.run();
+            })
+            .map_err(WorkerError::Spawn)?;
+        Ok(PairWorker {
+            rx_index,
+            tx_index,
+            rx: rxq,
+            tx: txq,
+            exit,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle that makes the worker look again at whether its backend queue is enabled (after
+    /// the control queue attached or detached it).
+    pub fn waker(&self) -> io::Result<EventFd> {
+        self.wake.try_clone()
+    }
+
+    /// The queues' states, each taken between two processing passes.
+    pub fn queue_states(&self) -> Vec<(u16, QueueState)> {
+        vec![
+            (self.rx_index, lock(&self.rx).state()),
+            (self.tx_index, lock(&self.tx).state()),
+        ]
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if let Err(e) = self.exit.write(1) {
+                tracing::error!(
+                    "virtio-net queue {}: cannot stop worker: {e}",
+                    self.rx_index
+                );
+                return;
+            }
+            if t.join().is_err() {
+                tracing::error!("virtio-net queue {}: worker panicked", self.rx_index);
+            }
+        }
+    }
+}
+
+impl Drop for PairWorker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Pair {
+    fn run(&mut self) {
+        // The backend wakes the worker for receive work; the driver's receive notifications are
+        // only wanted when the queue runs out of buffers.
+        let disabled = lock(&self.rx).disable_notification(&self.mem);
+        if let Err(e) = disabled {
+            self.fatal(self.rx_index, QueueError::Ring(e.to_string()));
+        }
+        self.update_poll();
+        // The driver may have queued packets before the thread existed (or a restored queue may
+        // hold some).
+        self.tx_pass();
+        self.rx_pass();
+        let mut events = [EpollEvent::default(); 5];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(
+                        "virtio-net queue {}: epoll: {e}; worker stops",
+                        self.rx_index
+                    );
+                    return;
+                }
+            };
+            let mut rx = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => return,
+                    TOKEN_TX => {
+                        // A non-blocking read: it only clears the counter.
+                        let _ = self.tx_kick.read();
+                        self.tx_pass();
+                    }
+                    TOKEN_RX => {
+                        let _ = self.rx_kick.read();
+                        rx = true;
+                    }
+                    TOKEN_BACKEND => rx = true,
+                    TOKEN_WAKE => {
+                        let _ = self.wake.read();
+                        self.update_poll();
+                        rx = true;
+                    }
+                    _ => {}
+                }
+            }
+            if rx {
+                self.rx_pass();
+            }
+        }
+    }
+
+    fn fatal(&mut self, queue: u16, e: QueueError) {
+        tracing::warn!("virtio-net queue {queue}: {e}; device needs a reset");
+        self.broken = true;
+        self.update_poll();
+        self.interrupt.set_needs_reset();
+    }
+
+    fn notify(&self, queue: u16) {
+        if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(queue)) {
+            tracing::warn!("virtio-net queue {queue}: interrupt: {e}");
+        }
+    }
+
+    /// Poll the backend only while frames can go somewhere: not broken, the backend queue
+    /// enabled (a detached tap queue polls as an error forever) and working, and no frame
+    /// waiting for receive buffers.
+    fn update_poll(&mut self) {
+        let on = !self.broken && !self.backend_failed && !self.waiting && self.backend.is_enabled();
+        if self.backend_polled == on {
+            return;
+        }
+        let fd = self.backend.raw_fd();
+        let r = if on {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
+            )
+        } else {
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        };
+        match r {
+            Ok(()) => self.backend_polled = on,
+            Err(e) => tracing::error!("virtio-net queue {}: epoll: {e}", self.rx_index),
+        }
+    }
+
+    fn tx_pass(&mut self) {
+        if self.broken {
+            return;
+        }
+        let q = self.tx.clone();
+        let mut q = lock(&q);
+        let mut handler = TxHandler {
+            backend: &*self.backend,
+            buf: &mut self.tx_buf,
+            stats: &mut self.tx_stats,
+        };
+        match process_queue(&mut q, &self.mem, &mut self.tx_chain, &mut handler) {
+            Ok(p) => {
+                if p.notify {
+                    self.notify(self.tx_index);
+                }
+                if p.pending {
+                    // More to do: come back through epoll, so that a stop request and receive
+                    // work are seen between two passes.
+                    let _ = self.tx_kick.write(1);
+                }
+            }
+            Err(e) => {
+                drop(q);
+                self.fatal(self.tx_index, e);
+            }
+        }
+    }
+
+    /// Read and deliver frames until the backend has none, the budget is spent or the receive
+    /// queue is full (then the backend is left alone until the driver adds buffers).
+    fn rx_pass(&mut self) {
+        if self.broken || self.backend_failed || !self.backend.is_enabled() {
+            return;
+        }
+        let q = self.rx.clone();
+        let mut q = lock(&q);
+        let mut used = false;
+        let mut result = Ok(());
+        for _ in 0..RX_BUDGET {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(len) if len > MAX_PACKET_LEN => {
+                        // Filled the whole buffer: possibly truncated.
+                        self.rx_stats.dropped += 1;
+                        continue;
+                    }
+                    Ok(len) => len,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            "virtio-net queue {}: backend read: {e}; receiving stops",
+                            self.rx_index
+                        );
+                        self.backend_failed = true;
+                        break;
+                    }
+                },
+            };
+            self.pending = Some(len);
+            let outcome = match deliver(
+                &mut q,
+                &self.mem,
+                &mut self.rx_buf[..len],
+                self.mrg,
+                &mut self.pool,
+            ) {
+                Ok(o) => o,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            used |= outcome.used();
+            match outcome {
+                RxOutcome::Delivered(_) => {
+                    self.pending = None;
+                    self.rx_stats.packets += 1;
+                    self.rx_stats.bytes += len as u64;
+                }
+                RxOutcome::Dropped { why, .. } => {
+                    self.pending = None;
+                    self.rx_stats.dropped += 1;
+                    if self.rx_stats.dropped <= 10 {
+                        tracing::warn!(
+                            "virtio-net queue {}: received frame of {len} bytes dropped: {why:?}",
+                            self.rx_index
+                        );
+                    }
+                }
+                RxOutcome::NoBuffers { seen_avail, .. } => {
+                    // Ask the driver for a notification when it adds buffers past those seen,
+                    // then check it did not just do so.
+                    let next = q.next_avail();
+                    q.set_next_avail(seen_avail);
+                    let more = q.enable_notification(&self.mem);
+                    q.set_next_avail(next);
+                    match more {
+                        Ok(true) => continue,
+                        Ok(false) => {
+                            self.waiting = true;
+                            break;
+                        }
+                        Err(e) => {
+                            result = Err(QueueError::Ring(e.to_string()));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if self.pending.is_none() && self.waiting {
+            // The frame that waited went in: poll the backend again, with notifications off
+            // (the backend is what wakes the worker now).
+            self.waiting = false;
+            if let Err(e) = q.disable_notification(&self.mem) {
+                result = Err(QueueError::Ring(e.to_string()));
+            }
+        }
+        self.update_poll();
+        if let Err(e) = result {
+            drop(q);
+            self.fatal(self.rx_index, e);
+            return;
+        }
+        if used {
+            match q.needs_notification(&self.mem) {
+                Ok(true) => self.notify(self.rx_index),
+                Ok(false) => {}
+                Err(e) => {
+                    drop(q);
+                    self.fatal(self.rx_index, QueueError::Ring(e.to_string()));
+                }
+            }
+        }
+    }
+}

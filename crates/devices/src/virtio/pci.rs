@@ -1,0 +1,1066 @@
+//! The virtio-pci modern transport (virtio 1.2 §4.1).
+//!
+//! A [`VirtioPciDevice`] is a PCI function (vendor 0x1af4, device 0x1040 + type, revision 1)
+//! with one 64-bit memory BAR ([`VIRTIO_BAR`], [`BAR_SIZE`] bytes) holding every structure:
+//!
+//! ```text
+//! 0x0000  common configuration (0x38 bytes)   0x3000  notifications: queue N at 0x3000 + 4 N
+//! 0x1000  ISR status (1 byte, read clears)    0x4000  MSI-X table (16 bytes per vector)
+//! 0x2000  device configuration                0x6000  MSI-X PBA
+//! ```
+//!
+//! The vendor capabilities COMMON/NOTIFY/ISR/DEVICE_CFG point there (notify_off_multiplier 4,
+//! queue_notify_off = the queue index), then the MSI-X capability: one vector for configuration
+//! changes and one per queue, as the driver assigns them (`VIRTIO_MSI_NO_VECTOR` = none). With
+//! MSI-X disabled, interrupts set the ISR and pulse the optional INTx line.
+//!
+//! The status state machine and the queue validation are the virtio-mmio transport's: the same
+//! ordering rules, the same feature check at FEATURES_OK, the same queue checks at DRIVER_OK
+//! (shared `QueueRegs`), and `DEVICE_NEEDS_RESET` when activation fails.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mmio::QueueRegs;
+use super::{
+    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
+    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::bus::lock;
+use crate::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR};
+use crate::pci::msix::{MsiVectors, Msix, MsixState};
+use crate::pci::{BarKind, PciConfig, PciConfigState, PciDevice, PciError, PciHeader};
+use crate::Interrupt;
+
+/// The virtio PCI vendor ID.
+pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
+/// Modern device IDs are this plus the device type.
+pub const VIRTIO_PCI_DEVICE_ID_BASE: u16 = 0x1040;
+/// The subsystem ID of modern devices.
+pub const VIRTIO_PCI_SUBSYSTEM_ID: u16 = 0x40;
+/// "No vector" in the MSI-X vector registers.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+/// The BAR holding every structure (64-bit: BARs 0 and 1).
+pub const VIRTIO_BAR: usize = 0;
+pub const BAR_SIZE: u64 = 0x8000;
+pub const COMMON_CFG_OFFSET: u64 = 0x0000;
+pub const COMMON_CFG_LEN: u64 = 0x38;
+pub const ISR_CFG_OFFSET: u64 = 0x1000;
+pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
+pub const DEVICE_CFG_MAX: u64 = 0x1000;
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
+pub const MSIX_PBA_OFFSET: u64 = 0x6000;
+/// Queues the notification area has room for.
+pub const MAX_QUEUES: usize = 1024;
+/// Vectors the table has room for (queues + 1 at most).
+const MAX_VECTORS: usize = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / 16) as usize;
+
+/// `cfg_type` of the vendor capabilities.
+pub const CAP_COMMON_CFG: u8 = 1;
+pub const CAP_NOTIFY_CFG: u8 = 2;
+pub const CAP_ISR_CFG: u8 = 3;
+pub const CAP_DEVICE_CFG: u8 = 4;
+
+/// ISR bits.
+pub const ISR_QUEUE: u32 = 1;
+pub const ISR_CONFIG: u32 = 2;
+
+/// The guest address of queue `q`'s notification register in a BAR at `bar_addr`: register an
+/// ioeventfd there (any width, no datamatch) with [`VirtioPciDevice::queue_notifiers`]`[q]`.
+pub fn notify_address(bar_addr: u64, q: u16) -> u64 {
+    bar_addr + NOTIFY_OFFSET + u64::from(q) * u64::from(NOTIFY_OFF_MULTIPLIER)
+}
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    #[error("device has {0} queues; virtio-pci here supports {MAX_QUEUES}")]
+    TooManyQueues(usize),
+    #[error("cannot create queue eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("PCI function: {0}")]
+    Pci(#[from] PciError),
+    #[error("saved state does not match this device: {0}")]
+    StateMismatch(String),
+    #[error("cannot restore an active device; reset it first")]
+    Active,
+    #[error("restoring device state: {0}")]
+    Device(#[source] ActivateError),
+    #[error("saved queue {0} is invalid: {1}")]
+    Queue(u16, String),
+}
+
+/// The PCI class of a virtio device type: (base class, subclass, programming interface).
+fn class_of(device_type: u32) -> (u8, u8, u8) {
+    match device_type {
+        1 => (0x02, 0x00, 0x00), // network controller
+        2 => (0x01, 0x00, 0x00), // mass storage (as QEMU: SCSI)
+        3 => (0x07, 0x80, 0x00), // communication: other
+        _ => (0xff, 0x00, 0x00), // unclassified
+    }
+}
+
+/// State shared with the device's workers.
+struct Shared {
+    isr: AtomicU32,
+    needs_reset: AtomicBool,
+    msix: Mutex<Msix>,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+    intx: Option<Arc<dyn Interrupt>>,
+}
+
+impl VirtioInterrupt for Shared {
+    fn trigger(&self, kind: VirtioInterruptType) -> std::io::Result<()> {
+        let (bit, vector) = match kind {
+            VirtioInterruptType::Config => (ISR_CONFIG, self.config_vector.load(Ordering::SeqCst)),
+            VirtioInterruptType::Queue(q) => (
+                ISR_QUEUE,
+                self.queue_vectors
+                    .get(usize::from(q))
+                    .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::SeqCst)),
+            ),
+        };
+        self.isr.fetch_or(bit, Ordering::SeqCst);
+        let mut msix = lock(&self.msix);
+        if msix.enabled() {
+            if vector == VIRTIO_MSI_NO_VECTOR {
+                return Ok(());
+            }
+            return msix.notify(vector).map(|_| ());
+        }
+        drop(msix);
+        match &self.intx {
+            Some(line) => line.trigger(),
+            None => Ok(()),
+        }
+    }
+
+    fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        if let Err(e) = self.trigger(VirtioInterruptType::Config) {
+            tracing::warn!("virtio-pci: config interrupt: {e}");
+        }
+    }
+}
+
+/// The INTx side of a function, for the VM monitor's resample loop.
+#[derive(Clone)]
+pub struct IntxHandle(Arc<Shared>);
+
+impl IntxHandle {
+    /// The guest's EOI de-asserted the (level-triggered) line: assert it again if an interrupt
+    /// is still pending in the ISR (and MSI-X is off).
+    pub fn resampled(&self) {
+        let s = &self.0;
+        if s.isr.load(Ordering::SeqCst) == 0 || lock(&s.msix).enabled() {
+            return;
+        }
+        if let Some(line) = &s.intx {
+            if let Err(e) = line.trigger() {
+                tracing::warn!("virtio-pci: INTx: {e}");
+            }
+        }
+    }
+}
+
+/// The transport's state for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    pub pci: PciConfigState,
+    pub msix: MsixState,
+    /// Device status as the driver set it (without `NEEDS_RESET`).
+    pub status: u32,
+    pub needs_reset: bool,
+    pub isr: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u16,
+    pub config_generation: u8,
+    pub config_vector: u16,
+    pub queue_vectors: Vec<u16>,
+    pub queues: Vec<QueueSnapshot>,
+    pub device: VirtioDeviceState,
+}
+
+/// A virtio device behind a virtio-pci function.
+pub struct VirtioPciDevice {
+    config: PciConfig,
+    msix_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    shared: Arc<Shared>,
+    notifiers: Vec<EventFd>,
+    queues: Vec<QueueRegs>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u16,
+    config_generation: u8,
+    active: bool,
+}
+
+fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let cap_len = if extra.is_some() { 20u8 } else { 16 };
+    let mut b = vec![cap_len, cfg_type, VIRTIO_BAR as u8, 0, 0, 0];
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(x) = extra {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    b
+}
+
+impl VirtioPciDevice {
+    /// Put `device` behind a virtio-pci function. `vectors` delivers its MSI-X vectors (queues +
+    /// 1 of them); `intx` is the optional legacy interrupt line (pin INTA#).
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+        vectors: Arc<dyn MsiVectors>,
+        intx: Option<Arc<dyn Interrupt>>,
+    ) -> Result<VirtioPciDevice, VirtioPciError> {
+        let sizes = device.queue_max_sizes().to_vec();
+        if sizes.len() > MAX_QUEUES || sizes.len() + 1 > MAX_VECTORS {
+            return Err(VirtioPciError::TooManyQueues(sizes.len()));
+        }
+        let notifiers = sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let msix = Msix::new(Self::vector_count(sizes.len()), vectors)?;
+        let dtype = device.device_type();
+        let mut config = PciConfig::new(&PciHeader {
+            vendor_id: VIRTIO_PCI_VENDOR_ID,
+            device_id: VIRTIO_PCI_DEVICE_ID_BASE.wrapping_add(dtype as u16),
+            revision: 1,
+            class: class_of(dtype),
+            subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
+            subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
+            interrupt_pin: u8::from(intx.is_some()),
+        });
+        config.add_bar(VIRTIO_BAR, BAR_SIZE, BarKind::Mem64)?;
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &vendor_cap(CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_LEN, None),
+            &[],
+        )?;
+        let notify_len = (sizes.len().max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &vendor_cap(
+                CAP_NOTIFY_CFG,
+                NOTIFY_OFFSET,
+                notify_len,
+                Some(NOTIFY_OFF_MULTIPLIER),
+            ),
+            &[],
+        )?;
+        config.add_capability(
+            CAP_ID_VENDOR,
+            &vendor_cap(CAP_ISR_CFG, ISR_CFG_OFFSET, 1, None),
+            &[],
+        )?;
+        let dev_len = (device.config_len() as u64).min(DEVICE_CFG_MAX);
+        if dev_len > 0 {
+            config.add_capability(
+                CAP_ID_VENDOR,
+                &vendor_cap(CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, dev_len, None),
+                &[],
+            )?;
+        }
+        let (body, wmask) = msix.capability(
+            VIRTIO_BAR as u8,
+            MSIX_TABLE_OFFSET as u32,
+            VIRTIO_BAR as u8,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap = config.add_capability(CAP_ID_MSIX, &body, &wmask)?;
+        Ok(VirtioPciDevice {
+            config,
+            msix_cap,
+            device,
+            mem,
+            shared: Arc::new(Shared {
+                isr: AtomicU32::new(0),
+                needs_reset: AtomicBool::new(false),
+                msix: Mutex::new(msix),
+                config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+                queue_vectors: sizes
+                    .iter()
+                    .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                    .collect(),
+                intx,
+            }),
+            notifiers,
+            queues: sizes.into_iter().map(QueueRegs::new).collect(),
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            active: false,
+        })
+    }
+
+    /// MSI-X vectors for a device with `queues` queues: one per queue and one for config.
+    pub fn vector_count(queues: usize) -> u16 {
+        (queues + 1).min(MAX_VECTORS) as u16
+    }
+
+    /// One eventfd per queue, in queue order: signalled on a notification. Register them as
+    /// ioeventfds at [`notify_address`] wherever the BAR is.
+    pub fn queue_notifiers(&self) -> &[EventFd] {
+        &self.notifiers
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// Whether the driver has set `DRIVER_OK` and the device runs.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The handle the VM monitor's INTx resample loop calls.
+    pub fn intx_handle(&self) -> IntxHandle {
+        IntxHandle(self.shared.clone())
+    }
+
+    /// The device status as the guest reads it.
+    pub fn device_status(&self) -> u32 {
+        let nr = if self.shared.needs_reset.load(Ordering::SeqCst) {
+            STATUS_NEEDS_RESET
+        } else {
+            0
+        };
+        self.status | nr
+    }
+
+    /// The state to save (vCPUs paused).
+    pub fn state(&self) -> VirtioPciState {
+        let mut queues: Vec<QueueSnapshot> = self.queues.iter().map(QueueRegs::snapshot).collect();
+        let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
+        for q in queues.iter_mut().filter(|q| q.ready) {
+            q.event_idx_enabled = event_idx;
+        }
+        if self.active {
+            for (i, s) in self.device.queue_states() {
+                if let Some(q) = queues.get_mut(usize::from(i)) {
+                    q.next_avail = s.next_avail;
+                    q.next_used = s.next_used;
+                }
+            }
+        }
+        VirtioPciState {
+            pci: self.config.state(),
+            msix: lock(&self.shared.msix).state(),
+            status: self.status,
+            needs_reset: self.shared.needs_reset.load(Ordering::SeqCst),
+            isr: self.shared.isr.load(Ordering::SeqCst),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            config_vector: self.shared.config_vector.load(Ordering::SeqCst),
+            queue_vectors: self
+                .shared
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            queues,
+            device: self.device.state(),
+        }
+    }
+
+    /// Restore saved state into a fresh function whose device was built with the same backend
+    /// and options; a running device is activated again. Add the function to the root bus
+    /// afterwards, so that its BARs are mapped where the saved registers say.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioPciError> {
+        if self.active {
+            return Err(VirtioPciError::Active);
+        }
+        let n = self.queues.len();
+        if s.queues.len() != n || s.queue_vectors.len() != n {
+            return Err(VirtioPciError::StateMismatch(format!(
+                "{} queues saved, {n} now",
+                s.queues.len()
+            )));
+        }
+        for (i, (saved, regs)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != regs.max_size {
+                return Err(VirtioPciError::Queue(
+                    i as u16,
+                    format!(
+                        "maximum size {} saved, {} now",
+                        saved.max_size, regs.max_size
+                    ),
+                ));
+            }
+        }
+        self.config.restore(&s.pci)?;
+        lock(&self.shared.msix).restore(&s.msix)?;
+        self.device.reset();
+        self.device
+            .restore(&s.device)
+            .map_err(VirtioPciError::Device)?;
+        self.queues = s
+            .queues
+            .iter()
+            .map(|q| QueueRegs {
+                max_size: q.max_size,
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc_table,
+                avail: q.avail_ring,
+                used: q.used_ring,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+            })
+            .collect();
+        self.status = s.status & !STATUS_NEEDS_RESET;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        self.shared
+            .needs_reset
+            .store(s.needs_reset, Ordering::SeqCst);
+        self.shared.isr.store(s.isr, Ordering::SeqCst);
+        self.shared
+            .config_vector
+            .store(s.config_vector, Ordering::SeqCst);
+        for (v, saved) in self.shared.queue_vectors.iter().zip(&s.queue_vectors) {
+            v.store(*saved, Ordering::SeqCst);
+        }
+        if self.status & STATUS_DRIVER_OK != 0 && !s.needs_reset {
+            self.activate()
+                .map_err(|(i, e)| VirtioPciError::Queue(i, e))?;
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        self.active = false;
+        for q in &mut self.queues {
+            *q = QueueRegs::new(q.max_size);
+        }
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.shared.isr.store(0, Ordering::SeqCst);
+        self.shared.needs_reset.store(false, Ordering::SeqCst);
+        self.shared
+            .config_vector
+            .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        for v in &self.shared.queue_vectors {
+            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+
+    /// Build the ready queues and start the device (as virtio-mmio does).
+    fn activate(&mut self) -> Result<(), (u16, String)> {
+        let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
+        let mut active = Vec::new();
+        for (i, regs) in self.queues.iter().enumerate() {
+            if !regs.ready {
+                continue;
+            }
+            let index = i as u16;
+            let queue = regs.build(event_idx, &self.mem).map_err(|e| (index, e))?;
+            let notifier = self.notifiers[i]
+                .try_clone()
+                .map_err(|e| (index, format!("eventfd: {e}")))?;
+            active.push(ActiveQueue {
+                index,
+                queue,
+                notifier,
+            });
+        }
+        let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
+        self.device
+            .activate(self.mem.clone(), interrupt, active)
+            .map_err(|e| (u16::MAX, e.to_string()))?;
+        self.active = true;
+        Ok(())
+    }
+
+    /// The device status state machine: the rules of the virtio-mmio transport.
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let value = value & !STATUS_NEEDS_RESET;
+        let old = self.status;
+        if value & old != old {
+            tracing::debug!("virtio-pci: status {value:#x} clears bits of {old:#x}; ignored");
+            return;
+        }
+        let new = value & !old;
+        let requires = [
+            (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
+            (STATUS_FEATURES_OK, STATUS_DRIVER),
+            (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
+        ];
+        for (bit, needed) in requires {
+            if new & bit != 0 && value & needed == 0 {
+                tracing::debug!("virtio-pci: status {value:#x} out of order; ignored");
+                return;
+            }
+        }
+        let mut value = value;
+        if new & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let wanted = self.driver_features;
+            if wanted & !offered != 0 || !has_feature(wanted, VIRTIO_F_VERSION_1) {
+                tracing::debug!(
+                    "virtio-pci: driver features {wanted:#x} not acceptable (offered {offered:#x})"
+                );
+                value &= !STATUS_FEATURES_OK;
+            } else {
+                self.device.ack_features(wanted);
+            }
+        }
+        self.status = value;
+        if new & STATUS_DRIVER_OK != 0 && value & STATUS_FAILED == 0 {
+            if let Err((queue, reason)) = self.activate() {
+                if queue == u16::MAX {
+                    tracing::warn!("virtio-pci: device activation failed: {reason}");
+                } else {
+                    tracing::warn!("virtio-pci: queue {queue} is invalid: {reason}");
+                }
+                self.shared.set_needs_reset();
+            }
+        }
+    }
+
+    /// The selected queue, if its registers may be written now.
+    fn writable_queue(&mut self, reg: u64) -> Option<&mut QueueRegs> {
+        let ok = self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        match self.queues.get_mut(usize::from(self.queue_sel)) {
+            Some(q) if ok && (!q.ready || reg == 0x1c) => Some(q),
+            _ => {
+                tracing::debug!(
+                    "virtio-pci: queue register {reg:#x} written in state {:#x}; ignored",
+                    self.status
+                );
+                None
+            }
+        }
+    }
+
+    /// The common configuration structure as the guest would read it now.
+    fn common_bytes(&self) -> [u8; COMMON_CFG_LEN as usize] {
+        let mut b = [0u8; COMMON_CFG_LEN as usize];
+        let features = match self.device_features_sel {
+            0 => self.device.features() as u32,
+            1 => (self.device.features() >> 32) as u32,
+            _ => 0,
+        };
+        let driver = match self.driver_features_sel {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        };
+        b[0x00..0x04].copy_from_slice(&self.device_features_sel.to_le_bytes());
+        b[0x04..0x08].copy_from_slice(&features.to_le_bytes());
+        b[0x08..0x0c].copy_from_slice(&self.driver_features_sel.to_le_bytes());
+        b[0x0c..0x10].copy_from_slice(&driver.to_le_bytes());
+        let cv = self.shared.config_vector.load(Ordering::SeqCst);
+        b[0x10..0x12].copy_from_slice(&cv.to_le_bytes());
+        b[0x12..0x14].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
+        b[0x14] = self.device_status() as u8;
+        b[0x15] = self.config_generation;
+        b[0x16..0x18].copy_from_slice(&self.queue_sel.to_le_bytes());
+        let sel = usize::from(self.queue_sel);
+        if let Some(q) = self.queues.get(sel) {
+            let qv = self.shared.queue_vectors[sel].load(Ordering::SeqCst);
+            b[0x18..0x1a].copy_from_slice(&q.size.to_le_bytes());
+            b[0x1a..0x1c].copy_from_slice(&qv.to_le_bytes());
+            b[0x1c..0x1e].copy_from_slice(&u16::from(q.ready).to_le_bytes());
+            b[0x1e..0x20].copy_from_slice(&self.queue_sel.to_le_bytes());
+            b[0x20..0x28].copy_from_slice(&q.desc.to_le_bytes());
+            b[0x28..0x30].copy_from_slice(&q.avail.to_le_bytes());
+            b[0x30..0x38].copy_from_slice(&q.used.to_le_bytes());
+        }
+        b
+    }
+
+    /// A vector number as the device stores it: one past the table is "no vector".
+    fn checked_vector(&self, v: u16) -> u16 {
+        if v < lock(&self.shared.msix).count() {
+            v
+        } else {
+            VIRTIO_MSI_NO_VECTOR
+        }
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 8];
+        raw[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+        let v = u64::from_le_bytes(raw);
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_features_sel = v as u32,
+            (0x08, 4) => self.driver_features_sel = v as u32,
+            (0x0c, 4) => {
+                let s = self.status;
+                if s & STATUS_DRIVER == 0 || s & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0 {
+                    tracing::debug!("virtio-pci: driver features written in state {s:#x}");
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
+                    _ if v != 0 => self.driver_features |= feature(63),
+                    _ => {}
+                }
+            }
+            (0x10, 2) => {
+                let cv = self.checked_vector(v as u16);
+                self.shared.config_vector.store(cv, Ordering::SeqCst);
+            }
+            (0x14, 1) => self.set_status(v as u32),
+            (0x16, 2) => self.queue_sel = v as u16,
+            (0x18, 2) => {
+                if let Some(q) = self.writable_queue(offset) {
+                    q.size = v as u16;
+                }
+            }
+            (0x1a, 2) => {
+                let qv = self.checked_vector(v as u16);
+                if let Some(slot) = self.shared.queue_vectors.get(usize::from(self.queue_sel)) {
+                    slot.store(qv, Ordering::SeqCst);
+                }
+            }
+            (0x1c, 2) => {
+                if let Some(q) = self.writable_queue(offset) {
+                    q.ready = v == 1;
+                }
+            }
+            (0x20..=0x37, 4 | 8) if offset.is_multiple_of(data.len() as u64) => {
+                if let Some(q) = self.writable_queue(offset) {
+                    let field = match offset {
+                        0x20..=0x27 => &mut q.desc,
+                        0x28..=0x2f => &mut q.avail,
+                        _ => &mut q.used,
+                    };
+                    *field = match (data.len(), offset & 4) {
+                        (8, _) => v,
+                        (_, 0) => (*field & !0xffff_ffff) | v,
+                        _ => (*field & 0xffff_ffff) | (v << 32),
+                    };
+                }
+            }
+            _ => tracing::debug!(
+                "virtio-pci: {}-byte write of {v:#x} to common config {offset:#x} ignored",
+                data.len()
+            ),
+        }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfig {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfig {
+        &mut self.config
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let ctl = self.msix_cap + 2;
+        if offset < ctl + 2 && offset.saturating_add(data.len()) > ctl {
+            let control = (self.config.read_reg(self.msix_cap) >> 16) as u16;
+            lock(&self.shared.msix).set_control(control);
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != VIRTIO_BAR {
+            return;
+        }
+        let len = data.len() as u64;
+        match offset {
+            o if o.saturating_add(len) <= COMMON_CFG_LEN => {
+                let b = self.common_bytes();
+                data.copy_from_slice(&b[o as usize..(o + len) as usize]);
+            }
+            ISR_CFG_OFFSET => {
+                // Reading clears it.
+                data[0] = self.shared.isr.swap(0, Ordering::SeqCst) as u8;
+            }
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_MAX).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG_OFFSET, data);
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.shared.msix).read_table(o - MSIX_TABLE_OFFSET, data);
+            }
+            o if o >= MSIX_PBA_OFFSET => {
+                lock(&self.shared.msix).read_pba(o - MSIX_PBA_OFFSET, data);
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != VIRTIO_BAR {
+            return;
+        }
+        let len = data.len() as u64;
+        match offset {
+            o if o.saturating_add(len) <= COMMON_CFG_LEN => self.common_write(o, data),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_MAX).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG_OFFSET, data);
+            }
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
+                match self.notifiers.get(q as usize) {
+                    Some(evt) => {
+                        if let Err(e) = evt.write(1) {
+                            tracing::warn!("virtio-pci: queue {q} notify: {e}");
+                        }
+                    }
+                    None => {
+                        tracing::debug!("virtio-pci: notify of queue {q}, which does not exist")
+                    }
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.shared.msix).write_table(o - MSIX_TABLE_OFFSET, data);
+            }
+            _ => tracing::debug!("virtio-pci: {len}-byte write to BAR offset {offset:#x} ignored"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::msix::tests::FakeVectors;
+    use crate::pci::msix::CONTROL_ENABLE;
+    use crate::virtio::rng::Rng;
+    use crate::virtio::testing::{mem, TestQueue, AVAIL, DESC, R, USED, W};
+
+    fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMemoryMmap) {
+        let m = mem();
+        let fake = Arc::new(FakeVectors::default());
+        let d = VirtioPciDevice::new(m.clone(), Box::new(Rng::new()), fake.clone(), None).unwrap();
+        (d, fake, m)
+    }
+
+    fn cfg(d: &mut VirtioPciDevice, off: usize, len: usize) -> u32 {
+        let mut b = [0u8; 4];
+        d.config_read(off, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    fn r(d: &mut VirtioPciDevice, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.bar_read(VIRTIO_BAR, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn w(d: &mut VirtioPciDevice, off: u64, len: usize, v: u64) {
+        d.bar_write(VIRTIO_BAR, off, &v.to_le_bytes()[..len]);
+    }
+
+    /// Walks the capability list: (id, offset) of each.
+    fn caps(d: &mut VirtioPciDevice) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        let mut p = cfg(d, 0x34, 1) as usize;
+        while p != 0 && out.len() < 16 {
+            out.push((cfg(d, p, 1) as u8, p));
+            p = cfg(d, p + 1, 1) as usize;
+        }
+        out
+    }
+
+    const OK: u64 = (STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK) as u64;
+
+    fn negotiate(d: &mut VirtioPciDevice, features: u64) -> u64 {
+        w(d, 0x14, 1, STATUS_ACKNOWLEDGE.into());
+        w(d, 0x14, 1, (STATUS_ACKNOWLEDGE | STATUS_DRIVER).into());
+        w(d, 0x08, 4, 0);
+        w(d, 0x0c, 4, features & 0xffff_ffff);
+        w(d, 0x08, 4, 1);
+        w(d, 0x0c, 4, features >> 32);
+        w(d, 0x14, 1, OK);
+        r(d, 0x14, 1)
+    }
+
+    fn setup_queue(d: &mut VirtioPciDevice, q: u16, size: u16) {
+        w(d, 0x16, 2, q.into());
+        assert_eq!(r(d, 0x1c, 2), 0);
+        w(d, 0x18, 2, size.into());
+        w(d, 0x20, 4, DESC);
+        w(d, 0x24, 4, 0);
+        w(d, 0x28, 8, AVAIL);
+        w(d, 0x30, 4, USED);
+        w(d, 0x34, 4, 0);
+        w(d, 0x1c, 2, 1);
+    }
+
+    #[test]
+    fn identification_and_capabilities() {
+        let (mut d, _, _) = rng();
+        assert_eq!(cfg(&mut d, 0, 4), 0x1044_1af4);
+        assert_eq!(cfg(&mut d, 8, 4), 0xff00_0001);
+        assert_eq!(cfg(&mut d, 0x2c, 4), 0x0040_1af4);
+        assert_eq!(cfg(&mut d, 0x10, 4) & 0xf, 4, "64-bit memory BAR");
+        let list = caps(&mut d);
+        let vendor: Vec<u32> = list
+            .iter()
+            .filter(|(id, _)| *id == CAP_ID_VENDOR)
+            .map(|&(_, p)| cfg(&mut d, p + 3, 1))
+            .collect();
+        // The rng has no configuration space, so no DEVICE_CFG.
+        assert_eq!(vendor, vec![1, 2, 3]);
+        let &(_, msix) = list.iter().find(|(id, _)| *id == CAP_ID_MSIX).unwrap();
+        assert_eq!(cfg(&mut d, msix + 2, 2), 1, "two vectors: table size - 1");
+        assert_eq!(cfg(&mut d, msix + 4, 4), MSIX_TABLE_OFFSET as u32);
+        assert_eq!(cfg(&mut d, msix + 8, 4), MSIX_PBA_OFFSET as u32);
+        let &(_, notify) = list
+            .iter()
+            .find(|&&(id, p)| id == CAP_ID_VENDOR && cfg(&mut d, p + 3, 1) == 2)
+            .unwrap();
+        assert_eq!(cfg(&mut d, notify + 2, 1), 20);
+        assert_eq!(cfg(&mut d, notify + 8, 4), NOTIFY_OFFSET as u32);
+        assert_eq!(cfg(&mut d, notify + 16, 4), NOTIFY_OFF_MULTIPLIER);
+        // Common config basics.
+        assert_eq!(r(&mut d, 0x12, 2), 1);
+        let f = d.device().features();
+        assert_eq!(r(&mut d, 0x04, 4), f & 0xffff_ffff);
+        w(&mut d, 0x00, 4, 1);
+        assert_eq!(r(&mut d, 0x04, 4), 1, "VERSION_1 is bit 32");
+        assert_eq!(r(&mut d, 0x18, 2), 256);
+        assert_eq!(r(&mut d, 0x10, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        assert_eq!(notify_address(0xe000_0000, 3), 0xe000_300c);
+        // A block device has a device configuration.
+        let disk = tempfile::NamedTempFile::new().unwrap();
+        disk.as_file().set_len(1 << 20).unwrap();
+        let backend = block::open(disk.path(), block::OpenOptions::default()).unwrap();
+        let blk = crate::virtio::block::Block::new(Arc::from(backend), Default::default()).unwrap();
+        let mut b =
+            VirtioPciDevice::new(mem(), Box::new(blk), Arc::new(FakeVectors::default()), None)
+                .unwrap();
+        assert_eq!(cfg(&mut b, 0, 4), 0x1042_1af4);
+        assert_eq!(cfg(&mut b, 8, 4) >> 8, 0x01_0000);
+        assert!(caps(&mut b)
+            .iter()
+            .any(|&(id, p)| id == CAP_ID_VENDOR && cfg(&mut b, p + 3, 1) == 4));
+        assert_eq!(r(&mut b, DEVICE_CFG_OFFSET, 8), 2048, "capacity in sectors");
+    }
+
+    #[test]
+    fn status_machine_and_validation() {
+        let (mut d, _, _) = rng();
+        // Out of order: ignored.
+        w(&mut d, 0x14, 1, STATUS_DRIVER.into());
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        // Without VERSION_1: FEATURES_OK stays clear.
+        assert_eq!(
+            negotiate(&mut d, 0),
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        );
+        w(&mut d, 0x14, 1, 0);
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        // Features not offered: refused too.
+        assert_eq!(
+            negotiate(&mut d, feature(VIRTIO_F_VERSION_1) | 1),
+            u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        );
+        w(&mut d, 0x14, 1, 0);
+        assert_eq!(negotiate(&mut d, feature(VIRTIO_F_VERSION_1)), OK);
+        // Queue registers before FEATURES_OK are ignored; a bad size makes DRIVER_OK fail.
+        w(&mut d, 0x16, 2, 0);
+        w(&mut d, 0x18, 2, 3);
+        w(&mut d, 0x20, 4, DESC);
+        w(&mut d, 0x28, 4, AVAIL);
+        w(&mut d, 0x30, 4, USED);
+        w(&mut d, 0x1c, 2, 1);
+        assert_eq!(r(&mut d, 0x1c, 2), 1);
+        // Ready queues are read-only.
+        w(&mut d, 0x18, 2, 16);
+        assert_eq!(r(&mut d, 0x18, 2), 3);
+        w(&mut d, 0x14, 1, OK | u64::from(STATUS_DRIVER_OK));
+        assert!(!d.is_active());
+        assert_ne!(r(&mut d, 0x14, 1) & u64::from(STATUS_NEEDS_RESET), 0);
+        assert_eq!(r(&mut d, ISR_CFG_OFFSET, 1), u64::from(ISR_CONFIG));
+        assert_eq!(r(&mut d, ISR_CFG_OFFSET, 1), 0, "read clears");
+        // Vectors past the table read back as NO_VECTOR.
+        w(&mut d, 0x10, 2, 5);
+        assert_eq!(r(&mut d, 0x10, 2), u64::from(VIRTIO_MSI_NO_VECTOR));
+        w(&mut d, 0x10, 2, 1);
+        assert_eq!(r(&mut d, 0x10, 2), 1);
+        w(&mut d, 0x14, 1, 0);
+        assert_eq!(r(&mut d, 0x14, 1), 0);
+        assert_eq!(
+            r(&mut d, 0x10, 2),
+            u64::from(VIRTIO_MSI_NO_VECTOR),
+            "reset clears vectors"
+        );
+        // Queue select past the queues: zeros, writes ignored.
+        w(&mut d, 0x16, 2, 9);
+        assert_eq!(r(&mut d, 0x18, 2), 0);
+        w(&mut d, 0x1a, 2, 0);
+    }
+
+    #[test]
+    fn rng_queue_with_msix_end_to_end() {
+        let (mut d, fake, m) = rng();
+        let msix = caps(&mut d)
+            .iter()
+            .find(|(id, _)| *id == CAP_ID_MSIX)
+            .unwrap()
+            .1;
+        d.config_write(msix + 2, &CONTROL_ENABLE.to_le_bytes());
+        // Vector 1 for the queue, programmed and unmasked.
+        let e = MSIX_TABLE_OFFSET + 16;
+        w(&mut d, e, 4, 0xfee0_0000);
+        w(&mut d, e + 4, 4, 0);
+        w(&mut d, e + 8, 4, 0x45);
+        w(&mut d, e + 12, 4, 0);
+        assert_eq!(r(&mut d, e + 8, 4), 0x45);
+        assert_eq!(negotiate(&mut d, feature(VIRTIO_F_VERSION_1)), OK);
+        setup_queue(&mut d, 0, 16);
+        w(&mut d, 0x1a, 2, 1);
+        assert_eq!(r(&mut d, 0x1a, 2), 1);
+        assert_eq!(
+            (r(&mut d, 0x20, 8), r(&mut d, 0x28, 8), r(&mut d, 0x30, 8)),
+            (DESC, AVAIL, USED)
+        );
+        assert_eq!(r(&mut d, 0x1e, 2), 0, "queue_notify_off");
+        let mut tq = TestQueue::new(&m, 16);
+        w(&mut d, 0x14, 1, OK | u64::from(STATUS_DRIVER_OK));
+        assert!(d.is_active());
+        tq.add_chain(&[(0x10000, 64, W)]);
+        tq.add_chain(&[(0x10100, 16, R)]);
+        // Any-width write to the queue's notify address.
+        w(&mut d, NOTIFY_OFFSET, 2, 0);
+        tq.wait_used(2);
+        assert_eq!(tq.used(0), (0, 64));
+        assert_eq!(tq.used(1), (1, 0));
+        let start = std::time::Instant::now();
+        while fake.fired.lock().unwrap().is_empty() {
+            assert!(start.elapsed().as_secs() < 5, "no MSI-X interrupt");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(fake.fired.lock().unwrap().iter().all(|&v| v == 1));
+        assert_eq!(fake.routes.lock().unwrap()[0].1.data, 0x45);
+        // The saved state round-trips through serde.
+        let s = d.state();
+        let back: VirtioPciState =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert!(d.restore(&s).is_err(), "active");
+        w(&mut d, 0x14, 1, 0);
+        let (mut d2, _, _) = rng();
+        d2.restore(&back).unwrap();
+        assert!(d2.is_active());
+        w(&mut d2, 0x14, 1, 0);
+    }
+
+    #[derive(Default)]
+    struct Line(std::sync::atomic::AtomicU32);
+    impl Interrupt for Line {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn intx_without_msix_and_resampling() {
+        let line = Arc::new(Line::default());
+        let fake = Arc::new(FakeVectors::default());
+        let mut d = VirtioPciDevice::new(
+            mem(),
+            Box::new(Rng::new()),
+            fake.clone(),
+            Some(line.clone()),
+        )
+        .unwrap();
+        assert_eq!(cfg(&mut d, 0x3d, 1), 1, "INTA#");
+        let intx = d.intx_handle();
+        d.shared.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        assert_eq!(line.0.load(Ordering::SeqCst), 1);
+        // EOI with the ISR still set: asserted again; after the ISR read, not.
+        intx.resampled();
+        assert_eq!(line.0.load(Ordering::SeqCst), 2);
+        assert_eq!(r(&mut d, ISR_CFG_OFFSET, 1), u64::from(ISR_QUEUE));
+        intx.resampled();
+        assert_eq!(line.0.load(Ordering::SeqCst), 2);
+        // With MSI-X on, the line stays quiet.
+        let msix = caps(&mut d)
+            .iter()
+            .find(|(id, _)| *id == CAP_ID_MSIX)
+            .unwrap()
+            .1;
+        d.config_write(msix + 2, &CONTROL_ENABLE.to_le_bytes());
+        d.shared.trigger(VirtioInterruptType::Config).unwrap();
+        intx.resampled();
+        assert_eq!(line.0.load(Ordering::SeqCst), 2);
+        assert!(
+            fake.fired.lock().unwrap().is_empty(),
+            "config vector is NO_VECTOR"
+        );
+    }
+
+    #[test]
+    fn guest_garbage_is_harmless() {
+        let (mut d, _, _) = rng();
+        for off in [
+            0u64,
+            3,
+            0x37,
+            0x38,
+            0xfff,
+            ISR_CFG_OFFSET + 1,
+            0x2fff,
+            0x3ffe,
+            0x4ffc,
+            0x5fff,
+            0x6000,
+            0x7ff8,
+            0x7fff,
+            0x8000,
+            u64::MAX - 8,
+        ] {
+            for len in [1usize, 2, 3, 4, 8] {
+                let mut b = [0u8; 8];
+                d.bar_read(VIRTIO_BAR, off, &mut b[..len]);
+                d.bar_write(VIRTIO_BAR, off, &[0xff; 8][..len]);
+                d.bar_read(3, off, &mut b[..len]);
+                d.bar_write(3, off, &b[..len]);
+            }
+        }
+        for off in [0usize, 0x10, 0x3c, 0xfe, 0xff, 0x100, usize::MAX] {
+            d.config_write(off, &[0xff; 4]);
+            let mut b = [0u8; 4];
+            d.config_read(off, &mut b);
+        }
+    }
+}

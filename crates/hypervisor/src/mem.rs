@@ -1,0 +1,166 @@
+//! Giving guest memory back to the host: the `madvise` behind virtio-balloon inflation and free
+//! page reporting.
+//!
+//! [`discard`] takes guest-physical ranges, never raw host pointers: it checks the range against
+//! the guest memory map first, so it can only ever drop pages of guest RAM (which Rust code only
+//! reaches through vm-memory's volatile accessors, never through references).
+
+use std::io;
+
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+/// Granularity of [`discard`].
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors of [`discard`].
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("range {addr:#x}+{len:#x} is not page aligned")]
+    Unaligned { addr: u64, len: u64 },
+    #[error("range {addr:#x}+{len:#x} is not in guest memory")]
+    OutsideMemory { addr: u64, len: u64 },
+    #[error("madvise of {addr:#x}+{len:#x}: {source}")]
+    Madvise {
+        addr: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Drops the host pages backing the guest-physical range `addr..addr+len` (page aligned; it may
+/// span regions, but every byte must be guest RAM). Afterwards the range reads as zeroes and no
+/// longer counts in the VMM's resident memory; the guest faults fresh pages in on its next
+/// touch. Anonymous private memory gets `MADV_DONTNEED`, file-backed (shared) memory
+/// `MADV_REMOVE`, which also frees the file's blocks.
+pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), MemError> {
+    let raw = addr.raw_value();
+    if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(MemError::Unaligned { addr: raw, len });
+    }
+    let outside = || MemError::OutsideMemory { addr: raw, len };
+    if len == 0 {
+        return Ok(());
+    }
+    let end = raw.checked_add(len).ok_or_else(outside)?;
+    // Check all of it before dropping any of it.
+    let mut at = raw;
+    while at < end {
+        let region = mem.find_region(GuestAddress(at)).ok_or_else(outside)?;
+        let region_end = region.start_addr().raw_value() + region.len();
+        at = region_end.min(end);
+    }
+    let mut at = raw;
+    while at < end {
+        let region = mem.find_region(GuestAddress(at)).ok_or_else(outside)?;
+        let offset = at - region.start_addr().raw_value();
+        let n = (region.len() - offset).min(end - at);
+        let host = region
+            .get_host_address(MemoryRegionAddress(offset))
+            .map_err(|_| outside())?;
+        let advice = if region.file_offset().is_some() {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: `host..host+n` lies inside one mapping of guest memory (found through the
+        // region that owns `at`, `n` bounded by the region's end), which stays mapped while
+        // `mem` is borrowed. Discarding it only replaces its contents with zeroes (or fresh
+        // file pages); guest memory is never behind a Rust reference, only accessed through
+        // vm-memory's volatile copies, so no Rust invariant depends on its contents.
+        let r = unsafe { libc::madvise(host.cast(), n as usize, advice) };
+        if r != 0 {
+            return Err(MemError::Madvise {
+                addr: at,
+                len: n,
+                source: io::Error::last_os_error(),
+            });
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Resident bytes of this process's mappings that contain `addr` (a host address), from
+/// `/proc/self/smaps`; for tests and diagnostics.
+pub fn resident_bytes_at(host_addr: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&host_addr);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().ok()?;
+                return Some(kib * 1024);
+            }
+        }
+    }
+    None
+}
+
+/// The host address of guest address `addr`, for [`resident_bytes_at`].
+pub fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<usize> {
+    mem.get_host_address(addr).ok().map(|p| p as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn discarded_pages_read_zero_and_leave_rss() {
+        let size = 64 << 20;
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let host = host_address(&m, GuestAddress(0)).unwrap();
+        let page = vec![0xa5u8; PAGE_SIZE as usize];
+        for p in 0..(size as u64 / PAGE_SIZE) {
+            m.write_slice(&page, GuestAddress(p * PAGE_SIZE)).unwrap();
+        }
+        let before = resident_bytes_at(host).unwrap();
+        assert!(before >= size as u64 - (1 << 20), "rss {before}");
+        discard(&m, GuestAddress(PAGE_SIZE), 48 << 20).unwrap();
+        let after = resident_bytes_at(host).unwrap();
+        assert!(after + (40 << 20) <= before, "rss {before} -> {after}");
+        let mut b = [0u8; 8];
+        m.read_slice(&mut b, GuestAddress(PAGE_SIZE)).unwrap();
+        assert_eq!(b, [0; 8]);
+        m.read_slice(&mut b, GuestAddress(0)).unwrap();
+        assert_eq!(b, [0xa5; 8]);
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_untouched() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 1 << 20),
+            (GuestAddress(2 << 20), 1 << 20),
+        ])
+        .unwrap();
+        m.write_obj(7u8, GuestAddress(0xff000)).unwrap();
+        assert!(matches!(
+            discard(&m, GuestAddress(1), 4096),
+            Err(MemError::Unaligned { .. })
+        ));
+        // Runs into the hole: nothing is dropped.
+        assert!(matches!(
+            discard(&m, GuestAddress(0xff000), 0x2000),
+            Err(MemError::OutsideMemory { .. })
+        ));
+        assert!(matches!(
+            discard(&m, GuestAddress(u64::MAX - 4095), 4096),
+            Err(MemError::OutsideMemory { .. })
+        ));
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0xff000)).unwrap(), 7);
+        discard(&m, GuestAddress(0), 0).unwrap();
+    }
+}

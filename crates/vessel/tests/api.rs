@@ -1,0 +1,155 @@
+//! The control API: `vessel run --api-socket` and `vessel ctl`, against the bundled guest.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Vm {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Vm {
+    /// Starts a held guest (it spins in ring 3 after booting) with an API socket.
+    fn start(name: &str, extra: &[&str]) -> Vm {
+        let dir = std::env::temp_dir().join(format!("vessel-api-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let console = format!("file:{}", dir.join("console.log").display());
+        let child = Command::new(VESSEL)
+            .args(["run", "--console", &console, "--cmdline", "action=hold"])
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let vm = Vm { child, socket, dir };
+        vm.wait_for_console("all 1 cpus ran in ring 3");
+        vm
+    }
+
+    fn wait_for_console(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+            if log.contains(text) && self.socket.exists() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "guest never printed '{text}': {log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["ctl", "--api-socket", self.socket.to_str().unwrap()];
+        full.extend_from_slice(args);
+        vessel(&full)
+    }
+
+    /// CPU time (user + system, in clock ticks) the VMM process has used.
+    fn cpu_ticks(&self) -> u64 {
+        cpu_ticks(self.child.id())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces): state is field 3, utime 14.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn json_field<'a>(out: &'a str, key: &str) -> &'a str {
+    let at = out
+        .find(&format!("\"{key}\""))
+        .unwrap_or_else(|| panic!("{key} in {out}"));
+    let v = out[at..].split_once(':').unwrap().1.trim_start();
+    v.split([',', '}', '\n'])
+        .next()
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+}
+
+#[test]
+fn info_pause_resume() {
+    let vm = Vm::start("pause", &["--rng"]);
+    let o = vm.ctl(&["--json", "info"]);
+    assert_code(&o, 0);
+    let info = stdout(&o);
+    assert_eq!(json_field(&info, "state"), "running", "{info}");
+    assert_eq!(json_field(&info, "vcpus"), "1", "{info}");
+    assert!(info.contains("virtio-rng"), "{info}");
+    assert!(info.contains("\"boot_time_ms\""), "{info}");
+
+    // A held guest spins in ring 3: a running VM burns CPU, a paused one does not.
+    let busy = |vm: &Vm| {
+        let a = vm.cpu_ticks();
+        std::thread::sleep(Duration::from_millis(500));
+        vm.cpu_ticks() - a
+    };
+    assert!(busy(&vm) >= 20, "the held guest should be spinning");
+    assert_code(&vm.ctl(&["pause"]), 0);
+    let o = vm.ctl(&["--json", "info"]);
+    assert_eq!(json_field(&stdout(&o), "state"), "paused");
+    assert!(busy(&vm) <= 5, "a paused VM must not run its vCPUs");
+    // Pausing twice is a conflict with a message, and changes nothing.
+    let o = vm.ctl(&["pause"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already paused"), "{}", stderr(&o));
+    assert_code(&vm.ctl(&["resume"]), 0);
+    assert!(busy(&vm) >= 20, "resumed");
+}
+
+#[test]
+fn reset_ends_the_vm_with_code_3() {
+    let mut vm = Vm::start("reset", &[]);
+    assert_code(&vm.ctl(&["reset"]), 0);
+    let status = vm.child.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
+}
+
+#[test]
+fn unimplemented_verbs_and_bad_sockets_fail_cleanly() {
+    let vm = Vm::start("errors", &[]);
+    let o = vm.ctl(&["snapshot", "--dir", "/tmp/nowhere"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not available yet"), "{}", stderr(&o));
+    // The VM is undisturbed.
+    let o = vm.ctl(&["--json", "info"]);
+    assert_eq!(json_field(&stdout(&o), "state"), "running");
+    let o = vessel(&["ctl", "--api-socket", "/nonexistent/api.sock", "info"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).starts_with("vessel: error:"), "{}", stderr(&o));
+}
+
+#[test]
+fn an_api_socket_path_that_is_a_file_is_refused() {
+    let p = std::env::temp_dir().join(format!("vessel-api-file-{}", std::process::id()));
+    std::fs::write(&p, b"keep me").unwrap();
+    let o = vessel(&["run", "--api-socket", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
+    std::fs::remove_file(&p).unwrap();
+}

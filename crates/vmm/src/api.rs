@@ -1,0 +1,223 @@
+//! The VM's side of the control API (`vessel run --api-socket`): [`api::VmController`] over the
+//! run control, the vCPU kick handles and the ACPI power button.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api::types::{
+    ApiError, DeviceInfo, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus,
+    RestoreRequest, SnapshotRequest, VmInfo, VmState,
+};
+use api::VmController;
+use devices::bus::lock;
+use devices::legacy::{AcpiPm, BootMarker};
+use hypervisor::KickHandle;
+
+use crate::control::{Control, RunState};
+use crate::exit::ExitReason;
+
+/// How long a pause may take before the API gives up on it.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the API needs of a running VM.
+pub struct VmHandle {
+    pub control: Arc<Control>,
+    pub kicks: Mutex<Vec<KickHandle>>,
+    pub vcpus: u32,
+    pub memory: u64,
+    pub started: Instant,
+    pub boot_marker: Arc<Mutex<BootMarker>>,
+    pub acpi_pm: Arc<Mutex<AcpiPm>>,
+    pub devices: Vec<DeviceInfo>,
+    /// Serializes pause and resume.
+    transition: Mutex<()>,
+    shutdown_requested: AtomicBool,
+}
+
+impl VmHandle {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        control: Arc<Control>,
+        vcpus: u32,
+        memory: u64,
+        started: Instant,
+        boot_marker: Arc<Mutex<BootMarker>>,
+        acpi_pm: Arc<Mutex<AcpiPm>>,
+        devices: Vec<DeviceInfo>,
+    ) -> Self {
+        VmHandle {
+            control,
+            kicks: Mutex::new(Vec::new()),
+            vcpus,
+            memory,
+            started,
+            boot_marker,
+            acpi_pm,
+            devices,
+            transition: Mutex::new(()),
+            shutdown_requested: AtomicBool::new(false),
+        }
+    }
+
+    fn stopping(&self) -> Result<(), ApiError> {
+        match self.control.exit_reason() {
+            Some(r) => Err(ApiError::conflict(format!("the VM is stopping: {r}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Parks every vCPU between two runs.
+    pub fn pause(&self) -> Result<(), ApiError> {
+        let _t = lock(&self.transition);
+        self.stopping()?;
+        if self.control.state() == RunState::Paused {
+            return Err(ApiError::conflict("the VM is already paused"));
+        }
+        self.control.set_state(RunState::Paused);
+        for k in lock(&self.kicks).iter() {
+            k.kick();
+        }
+        if !self.control.wait_parked_timeout(self.vcpus, PAUSE_TIMEOUT) {
+            self.control.set_state(RunState::Running);
+            return Err(ApiError::internal(format!(
+                "only {} of {} vCPUs stopped within {PAUSE_TIMEOUT:?}; the VM keeps running",
+                self.control.parked(),
+                self.vcpus
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<(), ApiError> {
+        let _t = lock(&self.transition);
+        self.stopping()?;
+        if self.control.state() != RunState::Paused {
+            return Err(ApiError::conflict("the VM is not paused"));
+        }
+        self.control.set_state(RunState::Running);
+        Ok(())
+    }
+}
+
+const NOT_YET: &str = "not available yet: snapshots, restore and migration are being built";
+
+impl VmController for VmHandle {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        let exit = self.control.exit_reason();
+        let state = match (self.control.state(), &exit) {
+            (_, Some(_)) | (RunState::Stopping, _) => VmState::ShuttingDown,
+            (RunState::Paused, _) => VmState::Paused,
+            _ if self.shutdown_requested.load(Ordering::SeqCst) => VmState::ShuttingDown,
+            _ => VmState::Running,
+        };
+        Ok(VmInfo {
+            state,
+            vcpus: self.vcpus,
+            memory_bytes: self.memory,
+            boot_time_ms: lock(&self.boot_marker)
+                .boot_time()
+                .map(|d| d.as_millis() as u64),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            devices: self.devices.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            exit_reason: exit.map(|r| r.to_string()),
+        })
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        VmHandle::pause(self)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        VmHandle::resume(self)
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.stopping()?;
+        if self.control.state() == RunState::Paused {
+            return Err(ApiError::conflict(
+                "the VM is paused: resume it so that its OS can handle the power button",
+            ));
+        }
+        lock(&self.acpi_pm)
+            .press_power_button(arch::acpi::GED_EVENT_POWER_BUTTON)
+            .map_err(|e| ApiError::internal(format!("cannot press the power button: {e}")))?;
+        self.shutdown_requested.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn reset(&self) -> Result<(), ApiError> {
+        self.stopping()?;
+        self.control.request_exit(ExitReason::Reset);
+        Ok(())
+    }
+
+    fn snapshot(&self, _req: SnapshotRequest) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(NOT_YET))
+    }
+
+    fn restore(&self, _req: RestoreRequest) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(NOT_YET))
+    }
+
+    fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(NOT_YET))
+    }
+
+    fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(NOT_YET))
+    }
+
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        Err(ApiError::not_implemented(NOT_YET))
+    }
+
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(NOT_YET))
+    }
+}
+
+/// The devices of a VM built from `config`, in the order `virtio::setup` places them.
+pub fn device_list(config: &crate::config::VmConfig) -> Vec<DeviceInfo> {
+    use crate::config::Transport;
+    let mut list = vec![DeviceInfo {
+        id: "serial0".into(),
+        kind: "serial".into(),
+        address: Some(format!("pio {:#x}", arch::acpi::COM1_PORT)),
+        irq: Some(arch::acpi::COM1_IRQ),
+    }];
+    let mut kinds: Vec<(&str, usize)> = vec![
+        ("block", config.disks.len()),
+        ("net", config.nets.len()),
+        ("rng", usize::from(config.rng)),
+        ("vsock", usize::from(config.vsock.is_some())),
+        ("console", usize::from(config.virtio_console.is_some())),
+        ("balloon", usize::from(config.balloon.is_some())),
+    ];
+    kinds.retain(|(_, n)| *n > 0);
+    let mut slot = 0usize;
+    for (kind, n) in kinds {
+        for i in 0..n {
+            let (address, irq) = match config.transport {
+                Transport::Mmio => (
+                    format!(
+                        "mmio {:#x}",
+                        arch::layout::VIRTIO_MMIO_BASE
+                            + slot as u64 * arch::layout::VIRTIO_MMIO_SIZE
+                    ),
+                    arch::layout::VIRTIO_MMIO_IRQS.get(slot).copied(),
+                ),
+                Transport::Pci => (format!("pci 00:{:02x}.0", slot + 1), None),
+            };
+            list.push(DeviceInfo {
+                id: format!("{kind}{i}"),
+                kind: format!("virtio-{kind}"),
+                address: Some(address),
+                irq,
+            });
+            slot += 1;
+        }
+    }
+    list
+}
