@@ -2,65 +2,16 @@
 //! machine (see tests/nested/README.md). Slow (about 30 s a run) and needs the packages and
 //! kernel that `scripts/setup --tests` installs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use common::nested::*;
 
-/// A statically linked vessel for the L1 initramfs: $VESSEL_STATIC_BIN, or built here.
-fn static_vessel() -> PathBuf {
-    if let Some(p) = std::env::var_os("VESSEL_STATIC_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = repo_root();
-    let target_dir = root.join("target/static");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vessel",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .current_dir(&root)
-        .status()
-        .expect("run cargo to build a static vessel");
-    assert!(status.success(), "static vessel build failed");
-    target_dir.join("x86_64-unknown-linux-gnu/release/vessel")
-}
-
-/// Runs tests/nested/run.sh with `args` and returns its console log, failing on a failed run.
-fn nested_run(args: &[&str]) -> String {
-    let vessel = static_vessel();
-    let out = Command::new("bash")
-        .arg(repo_root().join("tests/nested/run.sh"))
-        .arg("--vessel")
-        .arg(&vessel)
-        .args(["--timeout", "600"])
-        .args(args)
-        .output()
-        .expect("run tests/nested/run.sh");
-    let log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "nested run failed: {err}\n{log}");
-    log
-}
-
-/// The nested host's Debian kernel (a bzImage), from tests/nested/prepare.sh's record.
+/// The nested host's Debian kernel (a bzImage).
 fn debian_bzimage() -> PathBuf {
-    let env = std::fs::read_to_string(repo_root().join(".cache/nested/nested.env"))
-        .expect("tests/nested/prepare.sh has run (scripts/setup --tests)");
-    let line = env
-        .lines()
-        .find_map(|l| l.strip_prefix("NESTED_KERNEL="))
-        .expect("NESTED_KERNEL in nested.env");
-    PathBuf::from(line.trim_matches('\''))
+    nested_env("NESTED_KERNEL")
 }
 
 /// Extracts the ELF vmlinux from a bzImage: the setup header locates the compressed payload,

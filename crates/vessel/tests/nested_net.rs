@@ -6,55 +6,9 @@
 //! Both sides print MD5 sums, which must match. Slow (TCG) and needs what
 //! `scripts/setup --tests` installs.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A statically linked vessel for the L1 initramfs: $VESSEL_STATIC_BIN, or built here (as
-/// tests/nested.rs does).
-fn static_vessel() -> PathBuf {
-    if let Some(p) = std::env::var_os("VESSEL_STATIC_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = repo_root();
-    let target_dir = root.join("target/static");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "vessel",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .current_dir(&root)
-        .status()
-        .expect("run cargo to build a static vessel");
-    assert!(status.success(), "static vessel build failed");
-    target_dir.join("x86_64-unknown-linux-gnu/release/vessel")
-}
-
-/// The L1 kernel's module directory, from tests/nested/prepare.sh's record.
-fn nested_moddir() -> PathBuf {
-    let status = Command::new("bash")
-        .arg(repo_root().join("tests/nested/prepare.sh"))
-        .status()
-        .expect("run tests/nested/prepare.sh");
-    assert!(status.success(), "tests/nested/prepare.sh failed");
-    let env = std::fs::read_to_string(repo_root().join(".cache/nested/nested.env"))
-        .expect("tests/nested/prepare.sh has run (scripts/setup --tests)");
-    let line = env
-        .lines()
-        .find_map(|l| l.strip_prefix("NESTED_MODDIR="))
-        .expect("NESTED_MODDIR in nested.env");
-    PathBuf::from(line.trim_matches('\''))
-}
+use common::nested::*;
 
 /// L1's side, run from the vessel argument list (a command substitution that prints nothing):
 /// load tun, configure the tap Vessel creates, serve a random file, fetch L2's file once it is
@@ -130,35 +84,28 @@ fn md5_after(log: &str, marker: &str) -> String {
 
 #[test]
 fn debian_kernel_talks_tcp_through_a_tap() {
-    let vessel = static_vessel();
-    let tun = nested_moddir().join("kernel/drivers/net/tun.ko");
+    let tun = nested_env("NESTED_MODDIR").join("kernel/drivers/net/tun.ko");
     let setup = repo_root().join(format!("target/nested-net-setup-{}.sh", std::process::id()));
     std::fs::write(&setup, L1_SETUP).unwrap();
-    let out = Command::new("bash")
-        .arg(repo_root().join("tests/nested/run.sh"))
-        .arg("--vessel")
-        .arg(&vessel)
-        .args(["--timeout", "900"])
-        .arg("--l1-file")
-        .arg(format!("{}:/lib/modules/tun.ko", tun.display()))
-        .arg("--l1-file")
-        .arg(format!("{}:/net-setup.sh", setup.display()))
-        .args([
-            "--vessel-args",
-            "run --log-level warn,devices::virtio::net=info \
-             --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
-             --net tap=vtap0,mac=52:54:00:12:34:56,queues=2 \
-             --cmdline 'console=ttyS0 reboot=k panic=1 l2mods=virtio_mmio,virtio_net' \
-             $(sh /net-setup.sh)",
-            "--l2-cmd",
-            L2_CMD,
-        ])
-        .output()
-        .expect("run tests/nested/run.sh");
+    let tun_file = format!("{}:/lib/modules/tun.ko", tun.display());
+    let setup_file = format!("{}:/net-setup.sh", setup.display());
+    let log = nested_run(&[
+        "--timeout",
+        "900",
+        "--l1-file",
+        &tun_file,
+        "--l1-file",
+        &setup_file,
+        "--vessel-args",
+        "run --log-level warn,devices::virtio::net=info \
+         --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
+         --net tap=vtap0,mac=52:54:00:12:34:56,queues=2 \
+         --cmdline 'console=ttyS0 reboot=k panic=1 l2mods=virtio_mmio,virtio_net' \
+         $(sh /net-setup.sh)",
+        "--l2-cmd",
+        L2_CMD,
+    ]);
     let _ = std::fs::remove_file(&setup);
-    let log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "nested run failed: {err}\n{log}");
     assert!(
         log.contains("L2NET: mac 52:54:00:12:34:56 queues rx-0 rx-1 tx-0 tx-1"),
         "{log}"

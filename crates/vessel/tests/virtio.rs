@@ -3,42 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("vessel-virtio-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn raw_disk(path: &std::path::Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-}
-
-/// What the guest wrote at `sector` of a disk.
-fn sector(path: &std::path::Path, sector: u64) -> Vec<u8> {
-    let data = std::fs::read(path).unwrap();
-    data[(sector * 512) as usize..(sector * 512 + 512) as usize].to_vec()
-}
 
 #[test]
 fn block_writes_reach_the_host_file() {

@@ -3,39 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use common::*;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("vessel-vpci-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn raw_disk(path: &Path, size: u64) {
-    std::fs::File::create(path).unwrap().set_len(size).unwrap();
-}
-
-/// What the guest wrote at `sector` of a disk.
-fn sector(path: &Path, sector: u64) -> Vec<u8> {
-    let data = std::fs::read(path).unwrap();
-    data[(sector * 512) as usize..(sector * 512 + 512) as usize].to_vec()
-}
 
 /// blk in slot 1 and rng in slot 2 on `cpus` vCPUs; `extra` goes on the guest command line.
 fn blk_and_rng(name: &str, cpus: &str, extra: &str) {

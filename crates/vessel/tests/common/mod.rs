@@ -2,8 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+
+pub mod nested;
 
 pub const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 
@@ -58,4 +61,36 @@ pub fn have_kvm() -> bool {
         .write(true)
         .open("/dev/kvm")
         .is_ok()
+}
+
+/// A scratch directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("vessel-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sparse raw disk image of `size` bytes.
+pub fn raw_disk(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// The 512 bytes at `sector` of a disk image.
+pub fn sector(path: &Path, sector: u64) -> Vec<u8> {
+    let data = std::fs::read(path).unwrap();
+    data[(sector * 512) as usize..(sector * 512 + 512) as usize].to_vec()
 }

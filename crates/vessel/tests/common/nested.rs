@@ -1,0 +1,70 @@
+//! Helpers for tests on the nested test host (tests/nested/).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A statically linked vessel for the L1 initramfs: $VESSEL_STATIC_BIN, or built here.
+pub fn static_vessel() -> PathBuf {
+    if let Some(p) = std::env::var_os("VESSEL_STATIC_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = repo_root();
+    let target_dir = root.join("target/static");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vessel",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(&root)
+        .status()
+        .expect("run cargo to build a static vessel");
+    assert!(status.success(), "static vessel build failed");
+    target_dir.join("x86_64-unknown-linux-gnu/release/vessel")
+}
+
+/// Runs tests/nested/run.sh with `args` (later options override earlier ones, such as the
+/// default 600 s timeout) and returns its console log, failing on a failed run.
+pub fn nested_run(args: &[&str]) -> String {
+    let vessel = static_vessel();
+    let out = Command::new("bash")
+        .arg(repo_root().join("tests/nested/run.sh"))
+        .arg("--vessel")
+        .arg(&vessel)
+        .args(["--timeout", "600"])
+        .args(args)
+        .output()
+        .expect("run tests/nested/run.sh");
+    let log = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nested run failed: {err}\n{log}");
+    log
+}
+
+/// A path tests/nested/prepare.sh records in nested.env (`NESTED_KERNEL`, `NESTED_MODDIR`, ...);
+/// runs prepare.sh first (idempotent, fast when the cache is warm).
+pub fn nested_env(key: &str) -> PathBuf {
+    let status = Command::new("bash")
+        .arg(repo_root().join("tests/nested/prepare.sh"))
+        .status()
+        .expect("run tests/nested/prepare.sh");
+    assert!(status.success(), "tests/nested/prepare.sh failed");
+    let env = std::fs::read_to_string(repo_root().join(".cache/nested/nested.env"))
+        .expect("tests/nested/prepare.sh wrote nested.env");
+    let prefix = format!("{key}=");
+    let line = env
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{key} in nested.env"));
+    PathBuf::from(line.trim_matches('\''))
+}
