@@ -79,6 +79,88 @@ pub fn cmdline_device(base: u64, irq: u32) -> String {
     )
 }
 
+/// The queues the driver made ready, built and validated against guest memory, each with a
+/// clone of its notification eventfd: what [`VirtioDevice::activate`] takes. On error, the
+/// index of the offending queue and the reason. Shared by the mmio and pci transports.
+pub(crate) fn ready_queues(
+    queues: &[QueueRegs],
+    notifiers: &[EventFd],
+    mem: &GuestMemoryMmap,
+    event_idx: bool,
+) -> Result<Vec<ActiveQueue>, (u16, String)> {
+    let mut active = Vec::new();
+    for (i, (regs, fd)) in queues.iter().zip(notifiers).enumerate() {
+        if !regs.ready {
+            continue;
+        }
+        let index = i as u16;
+        let queue = regs.build(event_idx, mem).map_err(|e| (index, e))?;
+        let notifier = fd
+            .try_clone()
+            .map_err(|e| (index, format!("eventfd: {e}")))?;
+        active.push(ActiveQueue {
+            index,
+            queue,
+            notifier,
+        });
+    }
+    Ok(active)
+}
+
+/// The device-status rules both transports share: bits are only added, in order
+/// (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK), and FEATURES_OK is only accepted for features
+/// the device offered, VERSION_1 included (then acknowledged to the device). Returns the new
+/// status and the bits it newly sets, or `None` if the write is ignored. A write of 0 (reset)
+/// is the caller's.
+pub(crate) fn status_transition(
+    transport: &str,
+    old: u32,
+    value: u32,
+    device: &mut dyn VirtioDevice,
+    driver_features: u64,
+) -> Option<(u32, u32)> {
+    // NEEDS_RESET is the device's to set; a driver writing back what it read may include it.
+    let mut value = value & !STATUS_NEEDS_RESET;
+    if value & old != old {
+        tracing::debug!("{transport}: status {value:#x} clears bits of {old:#x}; ignored");
+        return None;
+    }
+    let new = value & !old;
+    let requires = [
+        (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
+        (STATUS_FEATURES_OK, STATUS_DRIVER),
+        (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
+    ];
+    for (bit, needed) in requires {
+        if new & bit != 0 && value & needed == 0 {
+            tracing::debug!("{transport}: status {value:#x} out of order; ignored");
+            return None;
+        }
+    }
+    if new & STATUS_FEATURES_OK != 0 {
+        let offered = device.features();
+        if driver_features & !offered != 0 || !has_feature(driver_features, VIRTIO_F_VERSION_1) {
+            tracing::debug!(
+                "{transport}: driver features {driver_features:#x} not acceptable (offered {offered:#x})"
+            );
+            // FEATURES_OK stays clear: the driver reads it back and gives up.
+            value &= !STATUS_FEATURES_OK;
+        } else {
+            device.ack_features(driver_features);
+        }
+    }
+    Some((value, new))
+}
+
+/// Logs why activation at DRIVER_OK failed (the caller then sets NEEDS_RESET).
+pub(crate) fn log_activation_failure(transport: &str, queue: u16, reason: &str) {
+    if queue == u16::MAX {
+        tracing::warn!("{transport}: device activation failed: {reason}");
+    } else {
+        tracing::warn!("{transport}: queue {queue} is invalid: {reason}");
+    }
+}
+
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
@@ -402,22 +484,7 @@ impl MmioTransport {
     /// (or `u16::MAX` for the device itself) and the reason.
     fn activate(&mut self) -> Result<(), (u16, String)> {
         let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-        let mut active = Vec::new();
-        for (i, regs) in self.queues.iter().enumerate() {
-            if !regs.ready {
-                continue;
-            }
-            let index = i as u16;
-            let queue = regs.build(event_idx, &self.mem).map_err(|e| (index, e))?;
-            let notifier = self.notifiers[i]
-                .try_clone()
-                .map_err(|e| (index, format!("eventfd: {e}")))?;
-            active.push(ActiveQueue {
-                index,
-                queue,
-                notifier,
-            });
-        }
+        let active = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)?;
         let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
         self.device
             .activate(self.mem.clone(), interrupt, active)
@@ -431,47 +498,19 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        // NEEDS_RESET is the device's to set; a driver writing back what it read may include it.
-        let value = value & !STATUS_NEEDS_RESET;
-        let old = self.status;
-        if value & old != old {
-            tracing::debug!("virtio-mmio: status {value:#x} clears bits of {old:#x}; ignored");
+        let Some((value, new)) = status_transition(
+            "virtio-mmio",
+            self.status,
+            value,
+            &mut *self.device,
+            self.driver_features,
+        ) else {
             return;
-        }
-        let new = value & !old;
-        let requires = [
-            (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
-            (STATUS_FEATURES_OK, STATUS_DRIVER),
-            (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
-        ];
-        for (bit, needed) in requires {
-            if new & bit != 0 && value & needed == 0 {
-                tracing::debug!("virtio-mmio: status {value:#x} out of order; ignored");
-                return;
-            }
-        }
-        let mut value = value;
-        if new & STATUS_FEATURES_OK != 0 {
-            let offered = self.device.features();
-            let wanted = self.driver_features;
-            if wanted & !offered != 0 || !has_feature(wanted, VIRTIO_F_VERSION_1) {
-                tracing::debug!(
-                    "virtio-mmio: driver features {wanted:#x} not acceptable (offered {offered:#x})"
-                );
-                // FEATURES_OK stays clear: the driver reads it back and gives up.
-                value &= !STATUS_FEATURES_OK;
-            } else {
-                self.device.ack_features(wanted);
-            }
-        }
+        };
         self.status = value;
         if new & STATUS_DRIVER_OK != 0 && value & STATUS_FAILED == 0 {
             if let Err((queue, reason)) = self.activate() {
-                if queue == u16::MAX {
-                    tracing::warn!("virtio-mmio: device activation failed: {reason}");
-                } else {
-                    tracing::warn!("virtio-mmio: queue {queue} is invalid: {reason}");
-                }
+                log_activation_failure("virtio-mmio", queue, &reason);
                 self.shared.set_needs_reset();
             }
         }

@@ -25,12 +25,11 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mmio::QueueRegs;
+use super::mmio::{log_activation_failure, ready_queues, status_transition, QueueRegs};
 use super::{
-    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice,
-    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    feature, has_feature, ActivateError, QueueSnapshot, VirtioDevice, VirtioDeviceState,
+    VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
+    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::lock;
 use crate::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR};
@@ -480,22 +479,7 @@ impl VirtioPciDevice {
     /// Build the ready queues and start the device (as virtio-mmio does).
     fn activate(&mut self) -> Result<(), (u16, String)> {
         let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-        let mut active = Vec::new();
-        for (i, regs) in self.queues.iter().enumerate() {
-            if !regs.ready {
-                continue;
-            }
-            let index = i as u16;
-            let queue = regs.build(event_idx, &self.mem).map_err(|e| (index, e))?;
-            let notifier = self.notifiers[i]
-                .try_clone()
-                .map_err(|e| (index, format!("eventfd: {e}")))?;
-            active.push(ActiveQueue {
-                index,
-                queue,
-                notifier,
-            });
-        }
+        let active = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)?;
         let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
         self.device
             .activate(self.mem.clone(), interrupt, active)
@@ -510,45 +494,19 @@ impl VirtioPciDevice {
             self.reset();
             return;
         }
-        let value = value & !STATUS_NEEDS_RESET;
-        let old = self.status;
-        if value & old != old {
-            tracing::debug!("virtio-pci: status {value:#x} clears bits of {old:#x}; ignored");
+        let Some((value, new)) = status_transition(
+            "virtio-pci",
+            self.status,
+            value,
+            &mut *self.device,
+            self.driver_features,
+        ) else {
             return;
-        }
-        let new = value & !old;
-        let requires = [
-            (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
-            (STATUS_FEATURES_OK, STATUS_DRIVER),
-            (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
-        ];
-        for (bit, needed) in requires {
-            if new & bit != 0 && value & needed == 0 {
-                tracing::debug!("virtio-pci: status {value:#x} out of order; ignored");
-                return;
-            }
-        }
-        let mut value = value;
-        if new & STATUS_FEATURES_OK != 0 {
-            let offered = self.device.features();
-            let wanted = self.driver_features;
-            if wanted & !offered != 0 || !has_feature(wanted, VIRTIO_F_VERSION_1) {
-                tracing::debug!(
-                    "virtio-pci: driver features {wanted:#x} not acceptable (offered {offered:#x})"
-                );
-                value &= !STATUS_FEATURES_OK;
-            } else {
-                self.device.ack_features(wanted);
-            }
-        }
+        };
         self.status = value;
         if new & STATUS_DRIVER_OK != 0 && value & STATUS_FAILED == 0 {
             if let Err((queue, reason)) = self.activate() {
-                if queue == u16::MAX {
-                    tracing::warn!("virtio-pci: device activation failed: {reason}");
-                } else {
-                    tracing::warn!("virtio-pci: queue {queue} is invalid: {reason}");
-                }
+                log_activation_failure("virtio-pci", queue, &reason);
                 self.shared.set_needs_reset();
             }
         }
@@ -763,6 +721,7 @@ mod tests {
     use crate::pci::msix::CONTROL_ENABLE;
     use crate::virtio::rng::Rng;
     use crate::virtio::testing::{mem, TestQueue, AVAIL, DESC, R, USED, W};
+    use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1};
 
     fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMemoryMmap) {
         let m = mem();
