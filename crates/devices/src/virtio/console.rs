@@ -328,15 +328,9 @@ impl VirtioDevice for Console {
     }
 
     fn queue_states(&self) -> Vec<(u16, QueueState)> {
-        match &self.worker {
-            Some(w) => w
-                .queues
-                .iter()
-                .enumerate()
-                .map(|(i, q)| (i as u16, lock(q).state()))
-                .collect(),
-            None => Vec::new(),
-        }
+        self.worker
+            .as_ref()
+            .map_or_else(Vec::new, |w| super::numbered_queue_states(&w.queues))
     }
 }
 

@@ -258,6 +258,18 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[start..start + n]);
 }
 
+/// The state of each of `queues`, numbered from 0 in order: [`VirtioDevice::queue_states`] for
+/// devices whose worker shares all its queues.
+pub(crate) fn numbered_queue_states(
+    queues: &[Arc<std::sync::Mutex<Queue>>],
+) -> Vec<(u16, QueueState)> {
+    queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| (i as u16, crate::bus::lock(q).state()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::block::request::*;
