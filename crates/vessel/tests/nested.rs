@@ -111,14 +111,37 @@ fn vmlinux_boots_through_its_pvh_entry() {
     let _ = std::fs::remove_file(vmlinux);
 }
 
-#[test]
-fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
-    // A disk with a known first sector, carried into L1's initramfs.
-    let disk = repo_root().join("target/nested-disk.raw");
-    let mut data = b"HOST-PATTERN-0123456789".to_vec();
+/// A 16 MiB disk whose first sector starts with `pattern` (23 bytes: what [`L2_PROBE`] reads
+/// back), and the `--l1-file` argument that carries it into L1 as /disk.raw.
+fn patterned_disk(name: &str, pattern: &[u8; 23]) -> (PathBuf, String) {
+    let disk = repo_root().join(format!("target/{name}.raw"));
+    let mut data = pattern.to_vec();
     data.resize(16 << 20, 0);
     std::fs::write(&disk, &data).unwrap();
     let l1_file = format!("{}:/disk.raw", disk.display());
+    (disk, l1_file)
+}
+
+/// L2 commands that print the first sector of /dev/vda, its serial, the hwrng in use and
+/// 16 bytes read from it.
+const L2_PROBE: &str = "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
+     echo SERIAL=$(cat /sys/block/vda/serial); \
+     echo RNG=$(cat /sys/devices/virtual/misc/hw_random/rng_current); \
+     echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); ";
+
+/// Checks that the probe read 16 random bytes from the hwrng.
+fn assert_random(log: &str) {
+    let random = log
+        .lines()
+        .find_map(|l| l.strip_prefix("RANDOM="))
+        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
+    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+}
+
+#[test]
+fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
+    let (disk, l1_file) = patterned_disk("nested-disk", b"HOST-PATTERN-0123456789");
+    let probe = format!("{L2_PROBE} grep virtio /proc/interrupts");
     let log = nested_run(&[
         "--l1-file",
         &l1_file,
@@ -127,11 +150,7 @@ fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
          --disk path=/disk.raw,serial=nested-disk --rng \
          --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_blk,virtio_rng'",
         "--l2-cmd",
-        "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
-         echo SERIAL=$(cat /sys/block/vda/serial); \
-         echo RNG=$(cat /sys/devices/virtual/misc/hw_random/rng_current); \
-         echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
-         grep virtio /proc/interrupts",
+        &probe,
     ]);
     let _ = std::fs::remove_file(&disk);
     // Debian's kernel has no virtio_mmio.device= support: it found both devices in the DSDT.
@@ -139,11 +158,7 @@ fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
     assert!(log.contains("SECTOR0=HOST-PATTERN-0123456789"), "{log}");
     assert!(log.contains("SERIAL=nested-disk"), "{log}");
     assert!(log.contains("RNG=virtio_rng.0"), "{log}");
-    let random = log
-        .lines()
-        .find_map(|l| l.strip_prefix("RANDOM="))
-        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
-    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+    assert_random(&log);
     // Interrupts reach the guest through the IOAPIC.
     assert!(log.contains("IO-APIC   5-edge      virtio0"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
@@ -151,12 +166,11 @@ fn debian_kernel_finds_virtio_mmio_devices_through_acpi() {
 
 #[test]
 fn debian_kernel_drives_virtio_pci_devices_with_msix() {
-    // A disk with a known first sector, carried into L1's initramfs.
-    let disk = repo_root().join("target/nested-disk-pci.raw");
-    let mut data = b"HOST-PATTERN-PCI-012345".to_vec();
-    data.resize(16 << 20, 0);
-    std::fs::write(&disk, &data).unwrap();
-    let l1_file = format!("{}:/disk.raw", disk.display());
+    let (disk, l1_file) = patterned_disk("nested-disk-pci", b"HOST-PATTERN-PCI-012345");
+    let probe = format!(
+        "{L2_PROBE} grep -i pci /proc/interrupts; echo LSPCI; \
+         for d in /sys/bus/pci/devices/*; do echo $d $(cat $d/vendor $d/device); done"
+    );
     let log = nested_run(&[
         "--l1-file",
         &l1_file,
@@ -165,12 +179,7 @@ fn debian_kernel_drives_virtio_pci_devices_with_msix() {
          --transport pci --disk path=/disk.raw,serial=nested-pci-disk --rng \
          --cmdline 'console=ttyS0 panic=1 l2mods=virtio_pci,virtio_blk,virtio_rng'",
         "--l2-cmd",
-        "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
-         echo SERIAL=$(cat /sys/block/vda/serial); \
-         echo RNG=$(cat /sys/devices/virtual/misc/hw_random/rng_current); \
-         echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
-         grep -i pci /proc/interrupts; \
-         echo LSPCI; for d in /sys/bus/pci/devices/*; do echo $d $(cat $d/vendor $d/device); done",
+        &probe,
     ]);
     let _ = std::fs::remove_file(&disk);
     // Linux found the host bridge and ECAM through ACPI, and both functions on bus 0.
@@ -181,11 +190,7 @@ fn debian_kernel_drives_virtio_pci_devices_with_msix() {
     assert!(log.contains("SECTOR0=HOST-PATTERN-PCI-012345"), "{log}");
     assert!(log.contains("SERIAL=nested-pci-disk"), "{log}");
     assert!(log.contains("RNG=virtio_rng.0"), "{log}");
-    let random = log
-        .lines()
-        .find_map(|l| l.strip_prefix("RANDOM="))
-        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
-    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+    assert_random(&log);
     // Interrupts arrive as MSI-X messages (older kernels say PCI-MSI for MSI-X too): a config
     // vector and a queue vector per device.
     let msix: Vec<&str> = log
@@ -199,11 +204,8 @@ fn debian_kernel_drives_virtio_pci_devices_with_msix() {
 
 #[test]
 fn debian_kernel_falls_back_to_pci_intx_without_msi() {
-    let disk = repo_root().join("target/nested-disk-intx.raw");
-    let mut data = b"HOST-PATTERN-INTX-01234".to_vec();
-    data.resize(16 << 20, 0);
-    std::fs::write(&disk, &data).unwrap();
-    let l1_file = format!("{}:/disk.raw", disk.display());
+    let (disk, l1_file) = patterned_disk("nested-disk-intx", b"HOST-PATTERN-INTX-01234");
+    let probe = format!("{L2_PROBE} grep virtio /proc/interrupts");
     let log = nested_run(&[
         "--l1-file",
         &l1_file,
@@ -212,17 +214,11 @@ fn debian_kernel_falls_back_to_pci_intx_without_msi() {
          --transport pci --disk path=/disk.raw --rng \
          --cmdline 'console=ttyS0 panic=1 pci=nomsi l2mods=virtio_pci,virtio_blk,virtio_rng'",
         "--l2-cmd",
-        "echo SECTOR0=$(dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 23); \
-         echo RANDOM=$(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n'); \
-         grep virtio /proc/interrupts",
+        &probe,
     ]);
     let _ = std::fs::remove_file(&disk);
     assert!(log.contains("SECTOR0=HOST-PATTERN-INTX-01234"), "{log}");
-    let random = log
-        .lines()
-        .find_map(|l| l.strip_prefix("RANDOM="))
-        .unwrap_or_else(|| panic!("no RANDOM line in:\n{log}"));
-    assert_eq!(random.trim().len(), 32, "16 random bytes: {random}");
+    assert_random(&log);
     // The _PRT routes slot 1 to GSI 16 and slot 2 to GSI 17, level-triggered.
     assert!(log.contains("IO-APIC  16-fasteoi   virtio0"), "{log}");
     assert!(log.contains("IO-APIC  17-fasteoi   virtio1"), "{log}");
