@@ -54,7 +54,10 @@ echo "L2VSOCK: listener done after $i s"
 #[test]
 fn debian_kernel_echoes_through_vsock_both_ways() {
     let tool = static_tool("vsock-echo");
-    let setup = repo_root().join(format!("target/nested-vsock-setup-{}.sh", std::process::id()));
+    let setup = repo_root().join(format!(
+        "target/nested-vsock-setup-{}.sh",
+        std::process::id()
+    ));
     std::fs::write(&setup, VSOCK_L1).unwrap();
     let l1_tool = format!("{}:/vsock-echo", tool.display());
     let l2_tool = l1_tool.clone();
@@ -84,5 +87,87 @@ fn debian_kernel_echoes_through_vsock_both_ways() {
     assert!(log.contains("VSOCK: listening on 6000"), "{log}");
     assert!(log.contains("L1VSOCK: host-to-guest ok"), "{log}");
     assert!(log.contains("VSOCK: served one connection"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}
+
+/// L1's side of the balloon test: Vessel's resident memory every second while it runs.
+const BALLOON_L1: &str = r#"#!/bin/sh
+exec >/dev/console 2>&1
+(
+    i=0
+    while [ -z "$(pidof vessel)" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    pid=$(pidof vessel)
+    while [ -d /proc/$pid ]; do
+        echo "L1RSS: $(grep VmRSS /proc/$pid/status | tr -s ' ' | cut -d' ' -f2) kB"
+        sleep 1
+    done
+) &
+"#;
+
+/// L2's side: dirty 320 MiB (a tmpfs file, then removed: free in the guest, resident on the
+/// host), then load the balloon driver, which inflates to the 256 MiB target; wait until the
+/// guest's MemTotal shows it, and give L1 time to sample.
+const BALLOON_L2: &str = r#"mkdir -p /scratch && mount -t tmpfs -o size=400m tmpfs /scratch
+dd if=/dev/zero of=/scratch/fill bs=1M count=320 2>/dev/null && sync
+rm /scratch/fill
+echo "L2BALLOON: dirtied, $(grep MemTotal /proc/meminfo | tr -s ' ')"
+sleep 3
+echo "L2BALLOON: loading the driver"
+modprobe virtio_balloon
+before=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
+i=0
+while [ $i -lt 120 ]; do
+    now=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
+    [ $((before - now)) -ge 250000 ] && break
+    i=$((i + 1)); sleep 1
+done
+echo "L2BALLOON: inflated after $i s, MemTotal $now kB"
+sleep 4
+echo "L2BALLOON: done"
+"#;
+
+/// The `L1RSS:` samples (kB) in the log, in order. (L1 and L2 share one console, so lines of
+/// the two may interleave; a sample cut by L2's output is skipped.)
+fn rss_samples(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("L1RSS: "))
+        .filter_map(|l| l.strip_suffix(" kB")?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn debian_kernel_balloon_returns_memory_to_the_host() {
+    let setup = repo_root().join(format!(
+        "target/nested-balloon-setup-{}.sh",
+        std::process::id()
+    ));
+    std::fs::write(&setup, BALLOON_L1).unwrap();
+    let setup_file = format!("{}:/balloon-setup.sh", setup.display());
+    let log = nested_run(&[
+        "--timeout",
+        "900",
+        "--l1-file",
+        &setup_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 512M \
+         --balloon size=256M \
+         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio' $(sh /balloon-setup.sh)",
+        "--l2-cmd",
+        BALLOON_L2,
+    ]);
+    let _ = std::fs::remove_file(&setup);
+    assert!(log.contains("L2BALLOON: done"), "{log}");
+    // Sampled until Vessel exits: the peak is before the driver loaded, the last after it
+    // inflated (the guest waits for MemTotal to drop, then 4 s for L1 to sample).
+    let rss = rss_samples(&log);
+    let peak = rss.iter().copied().max().unwrap_or(0);
+    let last = *rss.last().unwrap_or(&u64::MAX);
+    // The guest dirtied 320 MiB, so Vessel held at least that; inflating 256 MiB gave back
+    // most of it (allow for pages the guest kept busy).
+    assert!(peak >= 320 * 1024, "peak RSS {peak} kB\n{log}");
+    assert!(
+        last + 200 * 1024 <= peak,
+        "RSS after inflating: {last} kB, peak {peak} kB\n{log}"
+    );
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
