@@ -19,7 +19,16 @@ use crate::config::{KernelSource, VmConfig};
 use crate::console::Console;
 use crate::control::{Control, RunState};
 use crate::exit::ExitReason;
+use crate::session::{ApiSwitch, Ended};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
+
+/// Host-side settings of a VM restored from a snapshot (the machine comes from the snapshot).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub memory: api::types::RestoreMemory,
+    pub console: crate::config::ConsoleConfig,
+    pub api_socket: Option<PathBuf>,
+}
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +135,19 @@ impl Vm {
         let mut vm = Vm::create(config, mem, start)?;
         vm.load_boot()?;
         Ok(vm)
+    }
+
+    /// Rebuilds the VM saved in the snapshot directory `dir`, ready to run from where it was.
+    pub fn restore(
+        dir: &std::path::Path,
+        opts: RestoreOptions,
+        start: Instant,
+    ) -> Result<Vm, Error> {
+        let _ = (dir, opts, start);
+        Err(Error::Io {
+            what: "restore",
+            source: std::io::Error::other("not available yet"),
+        })
     }
 
     /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
@@ -273,8 +295,35 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs the VM until it stops, and returns why.
-    pub fn run(mut self) -> Result<ExitReason, Error> {
+    /// Runs the VM until it stops, and returns why; serves the control API on the configured
+    /// socket meanwhile.
+    pub fn run(self) -> Result<ExitReason, Error> {
+        let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
+            info: api::types::VmInfo {
+                state: api::types::VmState::Running,
+                vcpus: self.config.cpus,
+                memory_bytes: self.config.memory,
+                boot_time_ms: None,
+                uptime_ms: 0,
+                devices: Vec::new(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                exit_reason: None,
+            },
+        })));
+        let server = match &self.config.api_socket {
+            Some(path) => Some(api::server::serve(path, switch.clone())?),
+            None => None,
+        };
+        let result = self.run_attached(&switch);
+        if let Some(server) = server {
+            server.stop();
+        }
+        result
+    }
+
+    /// Runs the VM until it stops, with the API behind `switch` talking to it meanwhile (and
+    /// reporting how it ended afterwards).
+    pub fn run_attached(mut self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
         hypervisor::install_kick_handler()?;
         let signals = install_stop_signals(&self.control)?;
         self.console
@@ -289,10 +338,7 @@ impl Vm {
             self.acpi_pm.clone(),
             crate::api::device_list(&self.config),
         ));
-        let server = match &self.config.api_socket {
-            Some(path) => Some(api::server::serve(path, handle.clone())?),
-            None => None,
-        };
+        switch.set(handle.clone());
 
         let ctx = VcpuContext {
             pio: self.pio.clone(),
@@ -324,9 +370,6 @@ impl Vm {
             }
         };
 
-        if let Some(server) = server {
-            server.stop();
-        }
         self.control.set_state(RunState::Stopping);
         for h in &handles {
             h.kick.kick();
@@ -340,6 +383,11 @@ impl Vm {
             tracing::debug!("boot time {:?}", t);
         }
         tracing::debug!("VM with {} vCPUs ended: {reason}", self.config.cpus);
+        if let Ok(mut info) = api::VmController::info(&*handle) {
+            info.state = api::types::VmState::Stopped;
+            info.exit_reason = Some(reason.to_string());
+            switch.set(Arc::new(Ended { info }));
+        }
         Ok(reason)
     }
 }
@@ -359,10 +407,25 @@ fn event_sink(control: Arc<Control>) -> VmEventSink {
     })
 }
 
+/// The signals that stop Vessel.
+const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+
+/// SIGINT and SIGTERM set a flag (for a main thread that polls).
+pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
+    let mut flags = Vec::new();
+    for sig in STOP_SIGNALS {
+        let flag = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(io("cannot install a signal handler"))?;
+        flags.push((sig, flag));
+    }
+    Ok(flags)
+}
+
 /// SIGINT and SIGTERM set a flag and wake the main thread.
 fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
     let mut flags = Vec::new();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for sig in STOP_SIGNALS {
         let flag = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(sig, flag.clone())
             .map_err(io("cannot install a signal handler"))?;
