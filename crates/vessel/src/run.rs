@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// Transport of the virtio devices: mmio or pci.
     #[arg(long, value_name = "TRANSPORT", default_value = "mmio")]
     transport: String,
+    /// What a guest reset does: exit (Vessel ends with code 3) or restart (the VM boots again
+    /// in this process).
+    #[arg(long, value_name = "ACTION", default_value = "exit")]
+    on_reboot: String,
     /// Restore the VM saved in this snapshot directory (`vessel ctl snapshot`) instead of
     /// booting: the machine (vCPUs, memory, devices) comes from the snapshot; the console and
     /// API socket from this command.
@@ -153,6 +157,7 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
         balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
         transport: parse_transport(&args.transport)?,
         api_socket: args.api_socket,
+        on_reboot: vmm::config::parse_on_reboot(&args.on_reboot)?,
     })
 }
 

@@ -91,6 +91,26 @@ pub struct BalloonConfig {
     pub deflate_on_oom: bool,
 }
 
+/// What a guest-initiated reset does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnReboot {
+    /// Vessel exits with the reset code (3), as Firecracker does.
+    #[default]
+    Exit,
+    /// The VM restarts in the same process: devices reset, memory emptied, the kernel loaded
+    /// again (disks, taps, console and API stay).
+    Restart,
+}
+
+/// Parses `--on-reboot`.
+pub fn parse_on_reboot(s: &str) -> Result<OnReboot, ConfigError> {
+    match s {
+        "exit" => Ok(OnReboot::Exit),
+        "restart" => Ok(OnReboot::Restart),
+        _ => Err(ConfigError::BadOnReboot(s.to_string())),
+    }
+}
+
 /// Which virtio transport the VM's devices use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Transport {
@@ -137,6 +157,9 @@ pub struct VmConfig {
     /// Where the control API listens (`--api-socket`).
     #[serde(skip)]
     pub api_socket: Option<PathBuf>,
+    /// What a guest reset does.
+    #[serde(skip)]
+    pub on_reboot: OnReboot,
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -152,6 +175,8 @@ pub enum ConfigError {
     MemoryTooSmall(String),
     #[error("--memory {requested} is larger than this host's {host_mib} MiB of RAM")]
     MemoryTooLarge { requested: String, host_mib: u64 },
+    #[error("invalid --on-reboot '{0}': expected exit or restart")]
+    BadOnReboot(String),
     #[error("invalid --console '{0}': expected stdio, off, file:PATH or socket:PATH")]
     BadConsole(String),
     #[error("invalid --boot-protocol '{0}': expected auto, pvh or linux64")]

@@ -15,7 +15,7 @@ use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
 use hypervisor::Hypervisor;
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{KernelSource, OnReboot, VmConfig};
 use crate::console::Console;
 use crate::control::{Control, RunState};
 use crate::exit::ExitReason;
@@ -74,7 +74,7 @@ pub struct Vm {
     config: VmConfig,
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
-    _vm: hypervisor::Vm,
+    vm_fd: hypervisor::Vm,
     mem: GuestMemoryMmap,
     vcpus: Vec<vcpu::SharedVcpu>,
     pio: Arc<Bus>,
@@ -88,6 +88,16 @@ pub struct Vm {
     started: Instant,
     /// Where the kernel was entered (none for a restored VM).
     pub boot: Option<BootEntry>,
+    /// The MSRs a snapshot saves.
+    msr_indices: Vec<u32>,
+    /// The vCPUs and irqchip as they were before the first instruction, for a guest reset.
+    power_on: Option<PowerOn>,
+}
+
+/// What a reset restores.
+struct PowerOn {
+    vm: hypervisor::VmState,
+    vcpus: Vec<hypervisor::VcpuState>,
 }
 
 /// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
@@ -164,6 +174,7 @@ impl Vm {
         let mut base_cpuid = hv.supported_cpuid()?;
         config.cpu_template.apply(&mut base_cpuid)?;
         let msr_list = hv.msr_index_list()?;
+        let msr_indices = hv.msrs_to_save()?;
 
         let vm = hv.create_vm()?;
         vm.setup_irqchip_and_timers()?;
@@ -231,10 +242,21 @@ impl Vm {
             config.cpus,
             config.memory >> 20
         );
+        let power_on = if config.on_reboot == OnReboot::Restart {
+            Some(PowerOn {
+                vm: vm.save_state()?,
+                vcpus: vcpus
+                    .iter()
+                    .map(|v| devices::bus::lock(v).save_state(&msr_indices))
+                    .collect::<Result<_, _>>()?,
+            })
+        } else {
+            None
+        };
 
         Ok(Vm {
             config,
-            _vm: vm,
+            vm_fd: vm,
             mem,
             vcpus,
             pio: Arc::new(pio),
@@ -247,6 +269,8 @@ impl Vm {
             acpi_pm,
             started: start,
             boot: None,
+            msr_indices,
+            power_on,
         })
     }
 
@@ -295,6 +319,80 @@ impl Vm {
         Ok(())
     }
 
+    /// Runs the vCPU threads until something stops the VM; returns why, with every vCPU
+    /// thread joined.
+    fn run_vcpus(
+        &mut self,
+        handle: &crate::api::VmHandle,
+        signals: &[(i32, Arc<AtomicBool>)],
+    ) -> ExitReason {
+        let ctx = VcpuContext {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+            control: self.control.clone(),
+        };
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            match vcpu::spawn(v.clone(), ctx.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.control.request_exit(ExitReason::Error(format!(
+                        "cannot start a vCPU thread: {e}"
+                    )));
+                    break;
+                }
+            }
+        }
+        *devices::bus::lock(&handle.kicks) = handles.iter().map(|h| h.kick).collect();
+
+        let reason = loop {
+            self.control.wait_wake();
+            if let Some(sig) = signals.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
+                self.control.request_exit(ExitReason::Signal(sig.0));
+            }
+            if let Some(r) = self.control.exit_reason() {
+                break r;
+            }
+        };
+
+        self.control.set_state(RunState::Stopping);
+        for h in &handles {
+            h.kick.kick();
+        }
+        for h in handles {
+            if h.thread.join().is_err() {
+                tracing::error!("vCPU {} thread panicked", h.index);
+            }
+        }
+        devices::bus::lock(&handle.kicks).clear();
+        reason
+    }
+
+    /// A guest-initiated reset with `--on-reboot restart`: every device back to its power-on
+    /// state, memory emptied and the kernel loaded again, the vCPUs and irqchip as before the
+    /// first instruction. The vCPU threads are stopped.
+    fn reboot(&mut self) -> Result<(), Error> {
+        let Some(power_on) = &self.power_on else {
+            return Ok(());
+        };
+        self.virtio.reset_all();
+        for r in arch::layout::ram_ranges(self.config.memory) {
+            hypervisor::mem::discard(&self.mem, r.0, r.1 as u64).map_err(|e| Error::Io {
+                what: "cannot empty guest memory",
+                source: std::io::Error::other(e),
+            })?;
+        }
+        for (v, state) in self.vcpus.iter().zip(&power_on.vcpus) {
+            devices::bus::lock(v).restore_state(state)?;
+        }
+        self.vm_fd
+            .restore_state(&power_on.vm, hypervisor::ClockMode::Continue)?;
+        self.load_boot()?;
+        self.control.clear_exit();
+        self.control.set_state(RunState::Running);
+        Ok(())
+    }
+
     /// Runs the VM until it stops, and returns why; serves the control API on the configured
     /// socket meanwhile.
     pub fn run(self) -> Result<ExitReason, Error> {
@@ -340,45 +438,17 @@ impl Vm {
         ));
         switch.set(handle.clone());
 
-        let ctx = VcpuContext {
-            pio: self.pio.clone(),
-            mmio: self.mmio.clone(),
-            control: self.control.clone(),
-        };
-        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            match vcpu::spawn(v.clone(), ctx.clone()) {
-                Ok(h) => handles.push(h),
-                Err(e) => {
-                    self.control.request_exit(ExitReason::Error(format!(
-                        "cannot start a vCPU thread: {e}"
-                    )));
-                    break;
-                }
-            }
-        }
-
-        *devices::bus::lock(&handle.kicks) = handles.iter().map(|h| h.kick).collect();
-
         let reason = loop {
-            self.control.wait_wake();
-            if let Some(sig) = signals.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
-                self.control.request_exit(ExitReason::Signal(sig.0));
+            let reason = self.run_vcpus(&handle, &signals);
+            let restart = reason == ExitReason::Reset && self.power_on.is_some();
+            if !restart {
+                break reason;
             }
-            if let Some(r) = self.control.exit_reason() {
-                break r;
+            match self.reboot() {
+                Ok(()) => tracing::info!("the guest reset the VM: restarting it"),
+                Err(e) => break ExitReason::Error(format!("cannot restart the VM: {e}")),
             }
         };
-
-        self.control.set_state(RunState::Stopping);
-        for h in &handles {
-            h.kick.kick();
-        }
-        for h in handles {
-            if h.thread.join().is_err() {
-                tracing::error!("vCPU {} thread panicked", h.index);
-            }
-        }
         if let Some(t) = devices::bus::lock(&self.boot_marker).boot_time() {
             tracing::debug!("boot time {:?}", t);
         }
