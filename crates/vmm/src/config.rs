@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use arch::regs::BootProtocol;
 use arch::template::CpuTemplate;
 
 /// Where the serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ConsoleConfig {
     /// The terminal: raw mode when stdin is a TTY, Ctrl-A x quits.
     Stdio,
@@ -15,6 +17,7 @@ pub enum ConsoleConfig {
     /// A Unix socket Vessel listens on; one client at a time reads and types.
     Socket(PathBuf),
     /// Discarded.
+    #[default]
     Off,
 }
 
@@ -26,8 +29,15 @@ pub enum KernelSource {
     Bytes(&'static str, &'static [u8]),
 }
 
+/// No kernel: a VM restored from a snapshot boots nothing.
+impl Default for KernelSource {
+    fn default() -> Self {
+        KernelSource::Path(PathBuf::new())
+    }
+}
+
 /// How a disk's writes reach the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum CacheMode {
     /// Through the host page cache; guest flushes become fsync (the default).
     #[default]
@@ -37,7 +47,7 @@ pub enum CacheMode {
 }
 
 /// A disk given with `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -49,7 +59,7 @@ pub struct DiskConfig {
 }
 
 /// A network device given with `--net`: a virtio-net device on a tap interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The tap interface (created if it does not exist).
     pub tap: String,
@@ -60,7 +70,7 @@ pub struct NetConfig {
 }
 
 /// A virtio-vsock device given with `--vsock`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     /// The guest's context id (3 or more).
     pub cid: u64,
@@ -69,7 +79,7 @@ pub struct VsockConfig {
 }
 
 /// A virtio-balloon device given with `--balloon`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BalloonConfig {
     /// The initial target: bytes the guest is asked to give back.
     pub size: u64,
@@ -82,7 +92,7 @@ pub struct BalloonConfig {
 }
 
 /// Which virtio transport the VM's devices use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Transport {
     #[default]
     Mmio,
@@ -90,17 +100,27 @@ pub enum Transport {
 }
 
 /// Everything needed to build a VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// A snapshot records the machine part (vCPUs, memory, devices and their backends); what only
+/// matters to booting (kernel, command line, template: the CPUID is saved per vCPU) or belongs
+/// to the host process (console, API socket) is not saved and comes from the restoring command.
 pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    #[serde(skip)]
     pub kernel: KernelSource,
+    #[serde(skip)]
     pub initrd: Option<PathBuf>,
+    #[serde(skip)]
     pub cmdline: String,
+    #[serde(skip)]
     pub console: ConsoleConfig,
+    #[serde(skip)]
     pub cpu_template: CpuTemplate,
     /// Force a boot protocol (`None`: PVH if the ELF has the note, else Linux 64-bit).
+    #[serde(skip)]
     pub boot_protocol: Option<BootProtocol>,
     pub disks: Vec<DiskConfig>,
     /// A virtio entropy device.
@@ -115,6 +135,7 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     pub transport: Transport,
     /// Where the control API listens (`--api-socket`).
+    #[serde(skip)]
     pub api_socket: Option<PathBuf>,
 }
 

@@ -12,14 +12,23 @@ use arch::layout;
 use arch::regs;
 use devices::legacy::{AcpiPm, BootMarker, Cmos, ExitDevice, Serial, SerialInput, I8042};
 use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
-use hypervisor::{Hypervisor, Vcpu};
+use hypervisor::Hypervisor;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{KernelSource, VmConfig};
 use crate::console::Console;
 use crate::control::{Control, RunState};
 use crate::exit::ExitReason;
+use crate::session::{ApiSwitch, Ended};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
+
+/// Host-side settings of a VM restored from a snapshot (the machine comes from the snapshot).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub memory: api::types::RestoreMemory,
+    pub console: crate::config::ConsoleConfig,
+    pub api_socket: Option<PathBuf>,
+}
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -66,18 +75,19 @@ pub struct Vm {
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
     _vm: hypervisor::Vm,
-    _mem: GuestMemoryMmap,
-    vcpus: Vec<Vcpu>,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<vcpu::SharedVcpu>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<Control>,
     console: Console,
     serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
-    _virtio: crate::virtio::VirtioDevices,
+    virtio: crate::virtio::VirtioDevices,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     started: Instant,
-    pub boot: BootEntry,
+    /// Where the kernel was entered (none for a restored VM).
+    pub boot: Option<BootEntry>,
 }
 
 /// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
@@ -115,6 +125,34 @@ impl Vm {
     /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
     /// `start` is when the process started (for the boot-time marker).
     pub fn build(config: VmConfig, start: Instant) -> Result<Vm, Error> {
+        let mem =
+            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+                Error::Memory {
+                    size: config.memory >> 20,
+                    reason: e.to_string(),
+                }
+            })?;
+        let mut vm = Vm::create(config, mem, start)?;
+        vm.load_boot()?;
+        Ok(vm)
+    }
+
+    /// Rebuilds the VM saved in the snapshot directory `dir`, ready to run from where it was.
+    pub fn restore(
+        dir: &std::path::Path,
+        opts: RestoreOptions,
+        start: Instant,
+    ) -> Result<Vm, Error> {
+        let _ = (dir, opts, start);
+        Err(Error::Io {
+            what: "restore",
+            source: std::io::Error::other("not available yet"),
+        })
+    }
+
+    /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
+    /// wiring and FPU as at power-on), with nothing loaded into memory yet.
+    fn create(config: VmConfig, mem: GuestMemoryMmap, start: Instant) -> Result<Vm, Error> {
         let hv = Hypervisor::new()?;
         config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
         let info = hv.info();
@@ -127,13 +165,6 @@ impl Vm {
         config.cpu_template.apply(&mut base_cpuid)?;
         let msr_list = hv.msr_index_list()?;
 
-        let mem =
-            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
-                Error::Memory {
-                    size: config.memory >> 20,
-                    reason: e.to_string(),
-                }
-            })?;
         let vm = hv.create_vm()?;
         vm.setup_irqchip_and_timers()?;
         vm.register_memory(&mem)?;
@@ -170,8 +201,6 @@ impl Vm {
         let mut mmio = Bus::new();
         let virtio = crate::virtio::setup(&vm, &mem, &mut mmio, &config)?;
 
-        // Firmware tables and the kernel.
-        arch::mptable::setup_mptable(&mem, config.cpus)?;
         if let Some(pci) = &virtio.pci {
             pio.insert(
                 pci.config_io.clone(),
@@ -179,8 +208,58 @@ impl Vm {
                 devices::pci::PCI_CONFIG_IO_SIZE,
             )?;
         }
+
+        // vCPUs.
+        let topo = Topology {
+            cpus: config.cpus,
+            tsc_deadline,
+        };
+        let msrs = regs::boot_msrs(&msr_list);
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(u64::from(id))?;
+            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
+            vcpu.set_msrs(&msrs)?;
+            let mut lapic = vcpu.lapic()?;
+            regs::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic)?;
+            vcpu.set_fpu(&regs::boot_fpu())?;
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        tracing::debug!(
+            "VM built: {} vCPUs, {} MiB",
+            config.cpus,
+            config.memory >> 20
+        );
+
+        Ok(Vm {
+            config,
+            _vm: vm,
+            mem,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            control,
+            console,
+            serial,
+            boot_marker,
+            virtio,
+            acpi_pm,
+            started: start,
+            boot: None,
+        })
+    }
+
+    /// Writes the firmware tables and the kernel into memory and points the boot vCPU at the
+    /// kernel's entry.
+    fn load_boot(&mut self) -> Result<(), Error> {
+        let config = &self.config;
+        let mem = &self.mem;
+        let virtio = &self.virtio;
+        // Firmware tables and the kernel.
+        arch::mptable::setup_mptable(mem, config.cpus)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
-        let rsdp = acpi::setup_acpi_with_pci(&mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
+        let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
         // on its command line instead (announcing both would make Linux probe each twice).
         let mut cmdline = config.cmdline.clone();
@@ -204,58 +283,47 @@ impl Vm {
             cmdline: &cmdline,
             protocol: config.boot_protocol,
         };
-        let boot = boot::load(&mem, config.memory, &spec, Some(rsdp))?;
+        let boot = boot::load(mem, config.memory, &spec, Some(rsdp))?;
 
-        // vCPUs.
-        let topo = Topology {
-            cpus: config.cpus,
-            tsc_deadline,
-        };
-        let msrs = regs::boot_msrs(&msr_list);
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for id in 0..config.cpus {
-            let vcpu = vm.create_vcpu(u64::from(id))?;
-            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
-            vcpu.set_msrs(&msrs)?;
-            let mut lapic = vcpu.lapic()?;
-            regs::set_lint(&mut lapic);
-            vcpu.set_lapic(&lapic)?;
-            vcpu.set_fpu(&regs::boot_fpu())?;
-            if id == 0 {
-                let sregs = regs::setup_sregs(&mem, boot.protocol, vcpu.sregs()?)?;
-                vcpu.set_sregs(&sregs)?;
-                vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
-            }
-            vcpus.push(vcpu);
-        }
-        tracing::debug!(
-            "VM built: {} vCPUs, {} MiB, {:?} entry at {:#x}",
-            config.cpus,
-            config.memory >> 20,
-            boot.protocol,
-            boot.entry.0
-        );
-
-        Ok(Vm {
-            config,
-            _vm: vm,
-            _mem: mem,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            control,
-            console,
-            serial,
-            boot_marker,
-            _virtio: virtio,
-            acpi_pm,
-            started: start,
-            boot,
-        })
+        let vcpu = devices::bus::lock(&self.vcpus[0]);
+        let sregs = regs::setup_sregs(mem, boot.protocol, vcpu.sregs()?)?;
+        vcpu.set_sregs(&sregs)?;
+        vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
+        drop(vcpu);
+        tracing::debug!("{:?} entry at {:#x}", boot.protocol, boot.entry.0);
+        self.boot = Some(boot);
+        Ok(())
     }
 
-    /// Runs the VM until it stops, and returns why.
-    pub fn run(mut self) -> Result<ExitReason, Error> {
+    /// Runs the VM until it stops, and returns why; serves the control API on the configured
+    /// socket meanwhile.
+    pub fn run(self) -> Result<ExitReason, Error> {
+        let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
+            info: api::types::VmInfo {
+                state: api::types::VmState::Running,
+                vcpus: self.config.cpus,
+                memory_bytes: self.config.memory,
+                boot_time_ms: None,
+                uptime_ms: 0,
+                devices: Vec::new(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                exit_reason: None,
+            },
+        })));
+        let server = match &self.config.api_socket {
+            Some(path) => Some(api::server::serve(path, switch.clone())?),
+            None => None,
+        };
+        let result = self.run_attached(&switch);
+        if let Some(server) = server {
+            server.stop();
+        }
+        result
+    }
+
+    /// Runs the VM until it stops, with the API behind `switch` talking to it meanwhile (and
+    /// reporting how it ended afterwards).
+    pub fn run_attached(mut self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
         hypervisor::install_kick_handler()?;
         let signals = install_stop_signals(&self.control)?;
         self.console
@@ -270,10 +338,7 @@ impl Vm {
             self.acpi_pm.clone(),
             crate::api::device_list(&self.config),
         ));
-        let server = match &self.config.api_socket {
-            Some(path) => Some(api::server::serve(path, handle.clone())?),
-            None => None,
-        };
+        switch.set(handle.clone());
 
         let ctx = VcpuContext {
             pio: self.pio.clone(),
@@ -281,8 +346,8 @@ impl Vm {
             control: self.control.clone(),
         };
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for v in self.vcpus.drain(..) {
-            match vcpu::spawn(v, ctx.clone()) {
+        for v in &self.vcpus {
+            match vcpu::spawn(v.clone(), ctx.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     self.control.request_exit(ExitReason::Error(format!(
@@ -305,9 +370,6 @@ impl Vm {
             }
         };
 
-        if let Some(server) = server {
-            server.stop();
-        }
         self.control.set_state(RunState::Stopping);
         for h in &handles {
             h.kick.kick();
@@ -321,6 +383,11 @@ impl Vm {
             tracing::debug!("boot time {:?}", t);
         }
         tracing::debug!("VM with {} vCPUs ended: {reason}", self.config.cpus);
+        if let Ok(mut info) = api::VmController::info(&*handle) {
+            info.state = api::types::VmState::Stopped;
+            info.exit_reason = Some(reason.to_string());
+            switch.set(Arc::new(Ended { info }));
+        }
         Ok(reason)
     }
 }
@@ -340,10 +407,25 @@ fn event_sink(control: Arc<Control>) -> VmEventSink {
     })
 }
 
+/// The signals that stop Vessel.
+const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+
+/// SIGINT and SIGTERM set a flag (for a main thread that polls).
+pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
+    let mut flags = Vec::new();
+    for sig in STOP_SIGNALS {
+        let flag = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(io("cannot install a signal handler"))?;
+        flags.push((sig, flag));
+    }
+    Ok(flags)
+}
+
 /// SIGINT and SIGTERM set a flag and wake the main thread.
 fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
     let mut flags = Vec::new();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for sig in STOP_SIGNALS {
         let flag = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(sig, flag.clone())
             .map_err(io("cannot install a signal handler"))?;
