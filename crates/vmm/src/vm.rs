@@ -69,27 +69,34 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// A VM that is built and ready to run.
-pub struct Vm {
-    config: VmConfig,
+/// The parts of a VM that a snapshot saves and a restore rebuilds. Shared with the control
+/// API, whose thread takes snapshots while the vCPUs are parked.
+pub struct Machine {
+    pub(crate) config: VmConfig,
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
-    vm_fd: hypervisor::Vm,
-    mem: GuestMemoryMmap,
-    vcpus: Vec<vcpu::SharedVcpu>,
+    pub(crate) vm_fd: hypervisor::Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<vcpu::SharedVcpu>,
+    pub(crate) virtio: crate::virtio::VirtioDevices,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) cmos: Arc<Mutex<Cmos>>,
+    pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
+    /// The MSRs a snapshot saves.
+    pub(crate) msr_indices: Vec<u32>,
+}
+
+/// A VM that is built and ready to run.
+pub struct Vm {
+    machine: Arc<Machine>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<Control>,
     console: Console,
-    serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
-    virtio: crate::virtio::VirtioDevices,
-    acpi_pm: Arc<Mutex<AcpiPm>>,
     started: Instant,
     /// Where the kernel was entered (none for a restored VM).
     pub boot: Option<BootEntry>,
-    /// The MSRs a snapshot saves.
-    msr_indices: Vec<u32>,
     /// The vCPUs and irqchip as they were before the first instruction, for a guest reset.
     power_on: Option<PowerOn>,
 }
@@ -196,12 +203,12 @@ impl Vm {
         )));
         let boot_marker = Arc::new(Mutex::new(BootMarker::new(start)));
         let low = layout::low_ram_end(config.memory);
-        let cmos = Cmos::new(low, config.memory - low);
+        let cmos = shared(Cmos::new(low, config.memory - low));
 
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(acpi::COM1_PORT), 8)?;
         pio.insert(shared(I8042::new(events.clone())), 0x60, 5)?;
-        pio.insert(shared(cmos), u64::from(acpi::RTC_PORT), 2)?;
+        pio.insert(cmos.clone(), u64::from(acpi::RTC_PORT), 2)?;
         pio.insert(shared(ExitDevice::new(events.clone())), 0xf4, 4)?;
         pio.insert(boot_marker.clone(), 0x3f0, 1)?;
         pio.insert(
@@ -255,21 +262,24 @@ impl Vm {
         };
 
         Ok(Vm {
-            config,
-            vm_fd: vm,
-            mem,
-            vcpus,
+            machine: Arc::new(Machine {
+                config,
+                vm_fd: vm,
+                mem,
+                vcpus,
+                virtio,
+                serial,
+                cmos,
+                acpi_pm,
+                msr_indices,
+            }),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             control,
             console,
-            serial,
             boot_marker,
-            virtio,
-            acpi_pm,
             started: start,
             boot: None,
-            msr_indices,
             power_on,
         })
     }
@@ -277,9 +287,9 @@ impl Vm {
     /// Writes the firmware tables and the kernel into memory and points the boot vCPU at the
     /// kernel's entry.
     fn load_boot(&mut self) -> Result<(), Error> {
-        let config = &self.config;
-        let mem = &self.mem;
-        let virtio = &self.virtio;
+        let config = &self.machine.config;
+        let mem = &self.machine.mem;
+        let virtio = &self.machine.virtio;
         // Firmware tables and the kernel.
         arch::mptable::setup_mptable(mem, config.cpus)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
@@ -309,7 +319,7 @@ impl Vm {
         };
         let boot = boot::load(mem, config.memory, &spec, Some(rsdp))?;
 
-        let vcpu = devices::bus::lock(&self.vcpus[0]);
+        let vcpu = devices::bus::lock(&self.machine.vcpus[0]);
         let sregs = regs::setup_sregs(mem, boot.protocol, vcpu.sregs()?)?;
         vcpu.set_sregs(&sregs)?;
         vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
@@ -331,8 +341,8 @@ impl Vm {
             mmio: self.mmio.clone(),
             control: self.control.clone(),
         };
-        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.machine.vcpus.len());
+        for v in &self.machine.vcpus {
             match vcpu::spawn(v.clone(), ctx.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -375,17 +385,17 @@ impl Vm {
         let Some(power_on) = &self.power_on else {
             return Ok(());
         };
-        self.virtio.reset_all();
-        for r in arch::layout::ram_ranges(self.config.memory) {
-            hypervisor::mem::discard(&self.mem, r.0, r.1 as u64).map_err(|e| Error::Io {
+        self.machine.virtio.reset_all();
+        for r in arch::layout::ram_ranges(self.machine.config.memory) {
+            hypervisor::mem::discard(&self.machine.mem, r.0, r.1 as u64).map_err(|e| Error::Io {
                 what: "cannot empty guest memory",
                 source: std::io::Error::other(e),
             })?;
         }
-        for (v, state) in self.vcpus.iter().zip(&power_on.vcpus) {
+        for (v, state) in self.machine.vcpus.iter().zip(&power_on.vcpus) {
             devices::bus::lock(v).restore_state(state)?;
         }
-        self.vm_fd
+        self.machine.vm_fd
             .restore_state(&power_on.vm, hypervisor::ClockMode::Continue)?;
         self.load_boot()?;
         self.control.clear_exit();
@@ -399,8 +409,8 @@ impl Vm {
         let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
             info: api::types::VmInfo {
                 state: api::types::VmState::Running,
-                vcpus: self.config.cpus,
-                memory_bytes: self.config.memory,
+                vcpus: self.machine.config.cpus,
+                memory_bytes: self.machine.config.memory,
                 boot_time_ms: None,
                 uptime_ms: 0,
                 devices: Vec::new(),
@@ -408,7 +418,7 @@ impl Vm {
                 exit_reason: None,
             },
         })));
-        let server = match &self.config.api_socket {
+        let server = match &self.machine.config.api_socket {
             Some(path) => Some(api::server::serve(path, switch.clone())?),
             None => None,
         };
@@ -425,16 +435,16 @@ impl Vm {
         hypervisor::install_kick_handler()?;
         let signals = install_stop_signals(&self.control)?;
         self.console
-            .start_input(SerialInput(self.serial.clone()), self.control.clone())?;
+            .start_input(SerialInput(self.machine.serial.clone()), self.control.clone())?;
 
         let handle = Arc::new(crate::api::VmHandle::new(
             self.control.clone(),
-            self.config.cpus,
-            self.config.memory,
+            self.machine.config.cpus,
+            self.machine.config.memory,
             self.started,
             self.boot_marker.clone(),
-            self.acpi_pm.clone(),
-            crate::api::device_list(&self.config),
+            self.machine.acpi_pm.clone(),
+            crate::api::device_list(&self.machine.config),
         ));
         switch.set(handle.clone());
 
@@ -452,7 +462,7 @@ impl Vm {
         if let Some(t) = devices::bus::lock(&self.boot_marker).boot_time() {
             tracing::debug!("boot time {:?}", t);
         }
-        tracing::debug!("VM with {} vCPUs ended: {reason}", self.config.cpus);
+        tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
         if let Ok(mut info) = api::VmController::info(&*handle) {
             info.state = api::types::VmState::Stopped;
             info.exit_reason = Some(reason.to_string());
