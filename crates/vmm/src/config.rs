@@ -160,6 +160,10 @@ pub struct VmConfig {
     /// What a guest reset does.
     #[serde(skip)]
     pub on_reboot: OnReboot,
+    /// Open disks without taking their locks (an incoming migration: the source holds them
+    /// until it exits).
+    #[serde(skip)]
+    pub skip_disk_locks: bool,
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -527,6 +531,7 @@ mod tests {
             transport: Transport::Mmio,
             api_socket: None,
             on_reboot: OnReboot::Exit,
+            skip_disk_locks: false,
         }
     }
 

@@ -88,10 +88,12 @@ impl DiskBackend for NoFlush {
     }
 }
 
-fn block_device(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+fn block_device(d: &DiskConfig, lock: bool) -> Result<Box<dyn VirtioDevice>, Error> {
     let path = d.path.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
+        lock,
+        repair_dirty: lock,
         ..Default::default()
     };
     let disk = block::open(&d.path, opts).map_err(|source| Error::Disk {
@@ -203,7 +205,7 @@ pub fn setup(
 ) -> Result<VirtioDevices, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &config.disks {
-        devices.push(block_device(d)?);
+        devices.push(block_device(d, !config.skip_disk_locks)?);
     }
     for n in &config.nets {
         devices.push(net_device(n)?);

@@ -198,9 +198,7 @@ impl Vm {
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let mut vm = Vm::create(config, mem, start)?;
-        vm.machine.restore_state(&snap)?;
-        vm.restored = true;
+        let vm = Vm::create_restored(config, mem, start, &snap)?;
         tracing::debug!(
             "restored {} vCPUs and {} MiB from {} in {:?}",
             snap.vcpus.len(),
@@ -208,6 +206,20 @@ impl Vm {
             dir.display(),
             start.elapsed()
         );
+        Ok(vm)
+    }
+
+    /// Builds the machine of `snap` with `config` on `mem` (which holds the saved memory) and
+    /// loads the saved state; the devices start when it runs.
+    pub(crate) fn create_restored(
+        config: VmConfig,
+        mem: GuestMemoryMmap,
+        start: Instant,
+        snap: &crate::snapshot::VmSnapshot,
+    ) -> Result<Vm, Error> {
+        let mut vm = Vm::create(config, mem, start)?;
+        vm.machine.restore_state(snap)?;
+        vm.restored = true;
         Ok(vm)
     }
 
@@ -490,7 +502,8 @@ impl Vm {
         if self.restored {
             self.machine.resume_devices()?;
         }
-        let handle = Arc::new(crate::api::VmHandle::new(
+        let handle = Arc::new_cyclic(|me| crate::api::VmHandle::new(
+            me.clone(),
             self.machine.clone(),
             self.control.clone(),
             self.machine.config.cpus,

@@ -84,7 +84,7 @@ fn device_err(index: usize) -> impl Fn(String) -> SnapshotError {
 
 impl Machine {
     /// Stops every device thread (see `VirtioDevice::pause`).
-    fn pause_devices(&self) {
+    pub(crate) fn pause_devices(&self) {
         for t in &self.virtio.transports {
             lock(t).pause();
         }
@@ -109,7 +109,7 @@ impl Machine {
     }
 
     /// Reads the state of everything but memory. vCPUs parked, devices paused.
-    fn state(&self, memory: Vec<MemoryRegionInfo>) -> Result<VmSnapshot, SnapshotError> {
+    pub(crate) fn state(&self, memory: Vec<MemoryRegionInfo>) -> Result<VmSnapshot, SnapshotError> {
         let vcpus = self
             .vcpus
             .iter()
