@@ -15,8 +15,8 @@ use devices::legacy::{AcpiPm, BootMarker};
 use hypervisor::KickHandle;
 
 use crate::control::{Control, RunState};
-use crate::migration::Outgoing;
 use crate::exit::ExitReason;
+use crate::migration::Outgoing;
 
 /// How long a pause may take before the API gives up on it.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -106,14 +106,18 @@ impl VmHandle {
         if self.control.state() == RunState::Paused {
             return Ok(false);
         }
-        self.pause().map_err(|e| crate::migration::MigrationError::Build(e.message))?;
+        self.pause()
+            .map_err(|e| crate::migration::MigrationError::Build(e.message))?;
         Ok(true)
     }
 
     /// Undoes [`VmHandle::pause_for_migration`] after a failed migration.
     pub fn resume_after_migration(&self) {
         if let Err(e) = self.resume() {
-            tracing::error!("cannot resume the VM after a failed migration: {}", e.message);
+            tracing::error!(
+                "cannot resume the VM after a failed migration: {}",
+                e.message
+            );
         }
     }
 
@@ -239,6 +243,8 @@ impl VmController for VmHandle {
             .upgrade()
             .ok_or_else(|| ApiError::internal("the VM is going away"))?;
         let out = Arc::new(Outgoing::default());
+        // Started, as far as a client polling the status can tell, before this returns.
+        lock(&out.status).phase = api::types::MigrationPhase::Setup;
         *slot = Some(out.clone());
         drop(slot);
         std::thread::Builder::new()
@@ -249,10 +255,13 @@ impl VmController for VmHandle {
                         tracing::info!("migrated to {} (downtime {downtime:?})", req.to);
                         // Let a client following the migration see it complete, briefly.
                         let until = Instant::now() + Duration::from_secs(3);
-                        while !out.final_status_read.load(Ordering::SeqCst) && Instant::now() < until {
+                        while !out.final_status_read.load(Ordering::SeqCst)
+                            && Instant::now() < until
+                        {
                             std::thread::sleep(Duration::from_millis(20));
                         }
-                        me.control.request_exit(ExitReason::Migrated(req.to.clone()));
+                        me.control
+                            .request_exit(ExitReason::Migrated(req.to.clone()));
                     }
                     Err(e) => tracing::warn!("migration to {} failed: {e}", req.to),
                 }

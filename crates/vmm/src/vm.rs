@@ -502,17 +502,19 @@ impl Vm {
         if self.restored {
             self.machine.resume_devices()?;
         }
-        let handle = Arc::new_cyclic(|me| crate::api::VmHandle::new(
-            me.clone(),
-            self.machine.clone(),
-            self.control.clone(),
-            self.machine.config.cpus,
-            self.machine.config.memory,
-            self.started,
-            self.boot_marker.clone(),
-            self.machine.acpi_pm.clone(),
-            crate::api::device_list(&self.machine.config),
-        ));
+        let handle = Arc::new_cyclic(|me| {
+            crate::api::VmHandle::new(
+                me.clone(),
+                self.machine.clone(),
+                self.control.clone(),
+                self.machine.config.cpus,
+                self.machine.config.memory,
+                self.started,
+                self.boot_marker.clone(),
+                self.machine.acpi_pm.clone(),
+                crate::api::device_list(&self.machine.config),
+            )
+        });
         switch.set(handle.clone());
 
         let reason = loop {

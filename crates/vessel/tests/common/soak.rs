@@ -35,8 +35,15 @@ pub struct Console {
 
 impl Console {
     pub fn spawn(args: &[&str]) -> Console {
-        let mut child = Command::new(super::VESSEL)
-            .args(args)
+        let mut all = vec![super::VESSEL];
+        all.extend_from_slice(args);
+        Console::spawn_command(&all)
+    }
+
+    /// Runs `args[0]` with the rest (a wrapper such as `ip netns exec NS vessel ...`).
+    pub fn spawn_command(args: &[&str]) -> Console {
+        let mut child = Command::new(args[0])
+            .args(&args[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -170,10 +170,14 @@ mod tests {
     fn frames_round_trip_and_garbage_is_refused() {
         let mut wire = Vec::new();
         write_frame(&mut wire, Tag::Pages, &[b"ab", b"cd"]).unwrap();
-        write_json(&mut wire, Tag::Round, &Round {
-            round: 2,
-            remaining_bytes: 9,
-        })
+        write_json(
+            &mut wire,
+            Tag::Round,
+            &Round {
+                round: 2,
+                remaining_bytes: 9,
+            },
+        )
         .unwrap();
         write_frame(&mut wire, Tag::Error, &[b"disk busy"]).unwrap();
         let mut r = wire.as_slice();

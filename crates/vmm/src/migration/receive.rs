@@ -155,7 +155,12 @@ pub fn receive(
             }
             Tag::State => {
                 let bad = || protocol::ProtocolError::Bad("malformed state".to_string());
-                let sum = u32::from_le_bytes(buf.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+                let sum = u32::from_le_bytes(
+                    buf.get(..4)
+                        .ok_or_else(bad)?
+                        .try_into()
+                        .map_err(|_| bad())?,
+                );
                 break (sum, buf[4..].to_vec());
             }
             other => {

@@ -251,8 +251,8 @@ pub fn send(
         let last = m.vm_fd.dirty_bitmap(&m.mem)?;
         pages.dirty(&last)?;
         let state = m.state(layout_of(&m.mem))?;
-        let state = serde_json::to_vec(&state)
-            .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
+        let state =
+            serde_json::to_vec(&state).map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
         let sum = digest(&m.mem, &state)?;
         protocol::write_frame(pages.stream, Tag::State, &[&sum.to_le_bytes(), &state])?;
         protocol::expect(pages.stream, &mut buf, Tag::Ready)?;
