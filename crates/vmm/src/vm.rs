@@ -349,6 +349,7 @@ impl Vm {
         let virtio = &self.machine.virtio;
         // Firmware tables and the kernel.
         arch::mptable::setup_mptable(mem, config.cpus)?;
+        acpi::setup_reset_vector(mem)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
         let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
