@@ -49,21 +49,21 @@ const REG_DEVICE_ID: u64 = 0x008;
 const REG_VENDOR_ID: u64 = 0x00c;
 const REG_DEVICE_FEATURES: u64 = 0x010;
 const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
+pub(crate) const REG_DRIVER_FEATURES: u64 = 0x020;
+pub(crate) const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(crate) const REG_QUEUE_SEL: u64 = 0x030;
 const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub(crate) const REG_QUEUE_NUM: u64 = 0x038;
+pub(crate) const REG_QUEUE_READY: u64 = 0x044;
+pub(crate) const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub(crate) const REG_STATUS: u64 = 0x070;
+pub(crate) const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub(crate) const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub(crate) const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub(crate) const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub(crate) const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub(crate) const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_SHM_LEN_LOW: u64 = 0x0b0;
 const REG_SHM_LEN_HIGH: u64 = 0x0b4;
 const REG_SHM_BASE_LOW: u64 = 0x0b8;
@@ -990,7 +990,11 @@ mod tests {
         assert_eq!(r(&mut t2, REG_STATUS), OK | STATUS_DRIVER_OK);
         // Restored paused: the device starts at resume, from the saved positions.
         assert!(log2.lock().unwrap().activated.is_empty());
-        assert_eq!(t2.state(), back, "the state of a restored, paused transport");
+        assert_eq!(
+            t2.state(),
+            back,
+            "the state of a restored, paused transport"
+        );
         t2.pause();
         assert_eq!(log2.lock().unwrap().pauses, 0, "nothing to pause yet");
         t2.resume().unwrap();
