@@ -26,6 +26,8 @@ pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 
 use std::io;
