@@ -134,9 +134,15 @@ fn reset_ends_the_vm_with_code_3() {
 #[test]
 fn unimplemented_verbs_and_bad_sockets_fail_cleanly() {
     let vm = Vm::start("errors", &[]);
-    let o = vm.ctl(&["snapshot", "--dir", "/tmp/nowhere"]);
+    let dir = vm.dir.join("snap");
+    let o = vm.ctl(&["snapshot", "--diff", "--dir", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not available yet"), "{}", stderr(&o));
+    assert!(!dir.join("state").exists());
+    // Restoring or receiving belongs to a new process.
+    let o = vm.ctl(&["restore", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("vessel serve"), "{}", stderr(&o));
     // The VM is undisturbed.
     let o = vm.ctl(&["--json", "info"]);
     assert_eq!(json_field(&stdout(&o), "state"), "running");
