@@ -2,26 +2,41 @@
 //!
 //! Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES. Features: VERSION_1, RO (read-only
 //! backends), SEG_MAX, BLK_SIZE (512), FLUSH, DISCARD and WRITE_ZEROES (writable backends), MQ
-//! (more than one queue), INDIRECT_DESC, EVENT_IDX. One worker thread per queue.
+//! (more than one queue), INDIRECT_DESC, EVENT_IDX.
+//!
+//! One worker thread per queue ([`worker`]) parses requests ([`request`]) and hands them to an
+//! I/O engine ([`engine`]: io_uring, a thread pool, or synchronous calls), several in flight and
+//! completing in any order, within an optional rate limit shared by the queues ([`limiter`]).
 
-mod engine;
+pub mod engine;
+mod limiter;
 pub mod request;
+mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_engines;
 
 use std::sync::Arc;
 
 use block::DiskBackend;
+use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 
-use super::worker::QueueWorker;
+use self::engine::threads::{ThreadPool, POOL_THREADS};
+use self::engine::EngineSetup;
+use self::limiter::SharedLimiter;
+use self::request::Parser;
+use self::worker::{BlockQueue, BlockWorker};
+use crate::rate_limiter::RateLimiterConfig;
 use super::{
     feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
     MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+pub use engine::{EngineError, EngineKind};
 pub use request::BlockHandler;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
@@ -58,6 +73,10 @@ pub enum BlockError {
     QueueSize(u16),
     #[error("serial '{0}' is longer than 20 bytes")]
     SerialTooLong(String),
+    #[error("{0}")]
+    Engine(String),
+    #[error("rate limit: {0}")]
+    RateLimit(String),
 }
 
 /// Options of a block device.
@@ -69,6 +88,10 @@ pub struct BlockOptions {
     pub num_queues: u16,
     /// Maximum size of each queue.
     pub queue_size: u16,
+    /// The I/O engine (`Auto`: io_uring for raw files when the kernel allows it, else threads).
+    pub engine: EngineKind,
+    /// Bandwidth and operations per second, for the whole device.
+    pub rate_limit: RateLimiterConfig,
 }
 
 impl Default for BlockOptions {
@@ -77,8 +100,21 @@ impl Default for BlockOptions {
             serial: String::new(),
             num_queues: 1,
             queue_size: MAX_QUEUE_SIZE,
+            engine: EngineKind::Auto,
+            rate_limit: RateLimiterConfig::default(),
         }
     }
+}
+
+/// The device-specific state of a block device, for snapshots (the queues are saved by the
+/// transport; the backend is reopened from the configuration). Requests in flight are not part
+/// of it: a snapshot is taken with the device quiesced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub acked_features: u64,
+    /// The engine asked for (resolved again on restore: the host may differ).
+    pub engine: EngineKind,
+    pub rate_limit: RateLimiterConfig,
 }
 
 /// The block device.
@@ -89,7 +125,14 @@ pub struct Block {
     acked: u64,
     queue_sizes: Vec<u16>,
     config: [u8; CONFIG_LEN],
-    workers: Vec<QueueWorker>,
+    /// The engine asked for, and the one serving.
+    requested_engine: EngineKind,
+    engine: EngineKind,
+    rate_limit: RateLimiterConfig,
+    limiter: Option<Arc<SharedLimiter>>,
+    workers: Vec<BlockWorker>,
+    /// The I/O threads of the threads and io_uring engines, while active.
+    pool: Option<Arc<ThreadPool>>,
 }
 
 impl Block {
@@ -107,6 +150,17 @@ impl Block {
         }
         let mut id = [0u8; ID_BYTES];
         id[..opts.serial.len()].copy_from_slice(opts.serial.as_bytes());
+        let engine = engine::resolve(opts.engine, &*disk, engine::uring::available())
+            .map_err(|e| BlockError::Engine(e.to_string()))?;
+        let limiter = SharedLimiter::new(opts.rate_limit)
+            .map_err(|e| BlockError::RateLimit(e.to_string()))?;
+        tracing::debug!(
+            "virtio-blk: {} disk of {} bytes, engine {engine} (asked: {}){}",
+            disk.format(),
+            disk.size(),
+            opts.engine,
+            if limiter.is_some() { ", rate limited" } else { "" }
+        );
 
         let read_only = disk.read_only();
         let mut features = feature(VIRTIO_F_VERSION_1)
@@ -147,13 +201,76 @@ impl Block {
             acked: 0,
             queue_sizes: vec![qs; usize::from(opts.num_queues)],
             config,
+            requested_engine: opts.engine,
+            engine,
+            rate_limit: opts.rate_limit,
+            limiter,
             workers: Vec::new(),
+            pool: None,
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.size() / SECTOR_SIZE
+    }
+
+    /// The engine serving the disk (never `Auto`).
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// The device-specific state, for snapshots.
+    pub fn block_state(&self) -> BlockState {
+        BlockState {
+            acked_features: self.acked,
+            engine: self.requested_engine,
+            rate_limit: self.rate_limit,
+        }
+    }
+
+    /// Check a saved state against this (inactive) device, built from the same configuration.
+    pub fn restore_block_state(&mut self, state: &BlockState) -> Result<(), ActivateError> {
+        if state.rate_limit != self.rate_limit || state.engine != self.requested_engine {
+            return Err(ActivateError::StateMismatch(
+                "block engine or rate limit differ from the saved ones".into(),
+            ));
+        }
+        if state.acked_features & !self.features != 0 {
+            return Err(ActivateError::StateMismatch(
+                "acknowledged features were never offered".into(),
+            ));
+        }
+        self.acked = state.acked_features;
+        Ok(())
+    }
+
+    /// The engine for one queue; an `auto` io_uring that cannot start falls back to threads.
+    fn queue_engine(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        depth: u16,
+    ) -> Result<Box<dyn engine::Engine>, ActivateError> {
+        let setup = |kind, pool| EngineSetup {
+            kind,
+            disk: &self.disk,
+            mem,
+            pool,
+            depth,
+        };
+        match engine::build(setup(self.engine, self.pool.as_ref())) {
+            Ok(e) => Ok(e),
+            Err(e)
+                if self.engine == EngineKind::IoUring
+                    && self.requested_engine == EngineKind::Auto =>
+            {
+                tracing::warn!("virtio-blk: {e}; using engine=threads");
+                self.engine = EngineKind::Threads;
+                engine::build(setup(EngineKind::Threads, self.pool.as_ref()))
+                    .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))
+            }
+            Err(e) => Err(ActivateError::Worker(std::io::Error::other(e))),
+        }
     }
 }
 
@@ -203,21 +320,46 @@ impl VirtioDevice for Block {
         if !queues.iter().any(|q| q.index == 0) {
             return Err(ActivateError::MissingQueue(0));
         }
+        if self.engine != EngineKind::Sync && self.pool.is_none() {
+            let pool = ThreadPool::new(self.disk.clone(), POOL_THREADS, "virtio-blk")
+                .map_err(ActivateError::Worker)?;
+            self.pool = Some(pool);
+        }
+        let parser = Parser::new(&*self.disk, self.acked, self.id);
         let mut workers = Vec::with_capacity(queues.len());
-        for q in queues {
-            let handler = BlockHandler::new(self.disk.clone(), self.acked, self.id);
-            let name = format!("virtio-blk-q{}", q.index);
-            let w = QueueWorker::spawn(name, q, mem.clone(), interrupt.clone(), handler)
+        for ActiveQueue {
+            index,
+            queue,
+            notifier,
+        } in queues
+        {
+            let engine = self.queue_engine(&mem, virtio_queue::QueueT::size(&queue))?;
+            let bq = BlockQueue::new(
+                queue,
+                mem.clone(),
+                parser.clone(),
+                engine,
+                self.limiter.clone(),
+            )
+            .map_err(ActivateError::Worker)?;
+            let name = format!("virtio-blk-q{index}");
+            let w = BlockWorker::spawn(name, index, notifier, interrupt.clone(), bq)
                 .map_err(|e| ActivateError::Worker(e.into()))?;
             workers.push(w);
         }
         self.workers = workers;
+        tracing::debug!(
+            "virtio-blk: {} queues active, engine {}",
+            self.workers.len(),
+            self.engine
+        );
         Ok(())
     }
 
     fn reset(&mut self) {
-        // Dropping a worker stops and joins its thread.
+        // Dropping a worker stops its thread after its requests in flight; then the pool.
         self.workers.clear();
+        self.pool = None;
         self.acked = 0;
     }
 
