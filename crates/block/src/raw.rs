@@ -135,9 +135,9 @@ impl RawBackend {
             return Route::Direct;
         };
         let a = self.align;
-        if (off | len as u64) % a != 0 {
+        if !(off | len as u64).is_multiple_of(a) {
             Route::Buffered(buffered)
-        } else if (ptr as usize as u64) % a != 0 {
+        } else if !(ptr as usize as u64).is_multiple_of(a) {
             Route::Bounce
         } else {
             Route::Direct
@@ -290,7 +290,11 @@ mod tests {
         for (boff, off, len) in [(0, 4096, 4096), (1, 512, 2048), (0, 512, 512)] {
             let b = &mut big.as_mut_slice()[boff..boff + len];
             d.read_at(b, off as u64).unwrap();
-            assert_eq!(b, &want(off, len)[..], "read at {off}+{len}, buffer +{boff}");
+            assert_eq!(
+                b,
+                &want(off, len)[..],
+                "read at {off}+{len}, buffer +{boff}"
+            );
         }
         let data = vec![0xabu8; 1536];
         d.write_at(&data[..], 1536).unwrap();

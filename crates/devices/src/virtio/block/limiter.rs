@@ -34,9 +34,7 @@ impl SharedLimiter {
             return Ok(None);
         }
         let limiter = RateLimiter::new(cfg)?;
-        let timer = limiter
-            .as_raw_fd()
-            .ok_or(RateLimiterError::EmptyBucket)?;
+        let timer = limiter.as_raw_fd().ok_or(RateLimiterError::EmptyBucket)?;
         Ok(Some(Arc::new(SharedLimiter {
             state: Mutex::new(State {
                 limiter,

@@ -30,12 +30,12 @@ use self::engine::EngineSetup;
 use self::limiter::SharedLimiter;
 use self::request::Parser;
 use self::worker::{BlockQueue, BlockWorker};
-use crate::rate_limiter::RateLimiterConfig;
 use super::{
     feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
     MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::rate_limiter::RateLimiterConfig;
 pub use engine::{EngineError, EngineKind};
 pub use request::BlockHandler;
 
@@ -159,7 +159,11 @@ impl Block {
             disk.format(),
             disk.size(),
             opts.engine,
-            if limiter.is_some() { ", rate limited" } else { "" }
+            if limiter.is_some() {
+                ", rate limited"
+            } else {
+                ""
+            }
         );
 
         let read_only = disk.read_only();

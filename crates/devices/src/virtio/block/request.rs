@@ -94,7 +94,6 @@ impl RequestError {
     }
 }
 
-
 /// What a chain turned out to be.
 #[derive(Debug)]
 pub(crate) enum Parsed {

@@ -147,12 +147,7 @@ impl<'a> Driver<'a> {
     }
 
     /// A queue for this driver's rings, served by `kind` on `disk` (a fresh thread pool).
-    pub fn block_queue(
-        &self,
-        disk: &Arc<TestDisk>,
-        features: u64,
-        kind: EngineKind,
-    ) -> BlockQueue {
+    pub fn block_queue(&self, disk: &Arc<TestDisk>, features: u64, kind: EngineKind) -> BlockQueue {
         let disk: Arc<dyn DiskBackend> = disk.clone();
         self.block_queue_on(&disk, features, kind, None)
     }
@@ -185,14 +180,29 @@ impl<'a> Driver<'a> {
         .unwrap()
     }
 
+    /// A driver for an existing queue, numbering its slots from `n`.
+    pub fn with_queue(m: &'a GuestMemoryMmap, tq: TestQueue<'a>, n: u64) -> Self {
+        Driver {
+            m,
+            tq,
+            n,
+            heads: HashMap::new(),
+        }
+    }
+
+    /// Head of the request whose status byte is at `status`.
+    pub fn head(&self, status: u64) -> u16 {
+        self.heads[&status]
+    }
+
     /// Used length of the request whose status byte is at `status` (its last used entry).
     pub fn used_len(&self, status: u64) -> Option<u32> {
         let head = u32::from(*self.heads.get(&status)?);
         (0..self.tq.used_idx())
+            .rev()
             .map(|i| self.tq.used(i))
-            .filter(|(id, _)| *id == head)
+            .find(|(id, _)| *id == head)
             .map(|(_, len)| len)
-            .last()
     }
 
     /// Write a header for request `n`; returns its address.
@@ -383,7 +393,11 @@ fn large_transfers_go_through_the_bounce_buffer_in_pieces() {
         run(&mut bq);
         let inp = d.request(VIRTIO_BLK_T_IN, 8, &[(0x200000, len as u32, W)]);
         run(&mut bq);
-        assert_eq!([d.status(out), d.status(inp)], [VIRTIO_BLK_S_OK; 2], "{kind}");
+        assert_eq!(
+            [d.status(out), d.status(inp)],
+            [VIRTIO_BLK_S_OK; 2],
+            "{kind}"
+        );
         let mut got = vec![0u8; len];
         m.read_slice(&mut got, GuestAddress(0x200000)).unwrap();
         assert!(got == pattern, "{kind}");
@@ -488,7 +502,11 @@ fn read_only_refuses_writes() {
             [VIRTIO_BLK_S_IOERR; 3],
             "{kind}"
         );
-        assert_eq!([d.status(inp), d.status(flush)], [VIRTIO_BLK_S_OK; 2], "{kind}");
+        assert_eq!(
+            [d.status(inp), d.status(flush)],
+            [VIRTIO_BLK_S_OK; 2],
+            "{kind}"
+        );
         assert!(disk.bytes(0, 64 * 512).iter().all(|&b| b == 0x55), "{kind}");
     }
 }
@@ -575,9 +593,8 @@ fn malformed_chains_fail_alone_with(kind: EngineKind) {
     // Readable data after writable data.
     let hdr = d.header(VIRTIO_BLK_T_OUT, 0);
     let s = d.status_slot();
-    let head = d
-        .tq
-        .add_chain(&[(hdr, 16, R), (DATA, 1, W), (DATA, 512, R), (s, 1, W)]);
+    let head =
+        d.tq.add_chain(&[(hdr, 16, R), (DATA, 1, W), (DATA, 512, R), (s, 1, W)]);
     d.track(s, head);
     expect.push((s, Some(VIRTIO_BLK_S_IOERR)));
     good(&mut d, &mut expect);
@@ -642,7 +659,7 @@ fn lengths_that_overflow_get_ioerr() {
     }
 }
 
-fn active_queue(tq: &TestQueue, index: u16) -> (ActiveQueue, EventFd) {
+pub(super) fn active_queue(tq: &TestQueue, index: u16) -> (ActiveQueue, EventFd) {
     let evt = EventFd::new(EFD_NONBLOCK).unwrap();
     let kick = evt.try_clone().unwrap();
     (
@@ -693,12 +710,7 @@ fn multiqueue_with(kind: EngineKind) {
     assert_eq!(d0.status(s0), VIRTIO_BLK_S_OK);
 
     // Queue 1: a header and status by hand.
-    let mut d1 = Driver {
-        m: &m,
-        tq: tq1,
-        n: 100,
-        heads: HashMap::new(),
-    };
+    let mut d1 = Driver::with_queue(&m, tq1, 100);
     let s1 = d1.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
     k1.write(1).unwrap();
     d1.tq.wait_used(1);
@@ -838,7 +850,10 @@ fn raw_file_through_mmio_with(kind: EngineKind) {
     // The data is in the file.
     w(&mut t, 0x70, 0);
     let file = std::fs::read(&path).unwrap();
-    assert!(file[100 * 512..100 * 512 + 4096].iter().all(|&b| b == 0x5a), "{kind}");
+    assert!(
+        file[100 * 512..100 * 512 + 4096].iter().all(|&b| b == 0x5a),
+        "{kind}"
+    );
     // Snapshot of a reset device: status 0.
     assert_eq!(t.state().status, 0);
 }

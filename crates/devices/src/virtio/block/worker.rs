@@ -249,12 +249,7 @@ impl BlockQueue {
         let mut done = std::mem::take(&mut self.done);
         self.engine.reap(&mut done);
         for c in done.drain(..) {
-            if self
-                .slots
-                .get_mut(c.token)
-                .and_then(Option::take)
-                .is_some()
-            {
+            if self.slots.get_mut(c.token).and_then(Option::take).is_some() {
                 self.free.push(c.token);
             }
         }
@@ -299,6 +294,21 @@ impl BlockQueue {
             p = self.process()?;
         }
         Ok(p)
+    }
+
+    /// The next available-ring index the queue will take.
+    #[cfg(test)]
+    pub(crate) fn next_avail(&self) -> u16 {
+        lock(&self.queue).next_avail()
+    }
+
+    /// Wait up to 100 ms for a completion (tests).
+    #[cfg(test)]
+    pub(crate) fn wait_completion(&self) {
+        match self.engine.completion_fd() {
+            Some(fd) => wait_readable(fd, Duration::from_millis(100)),
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
     }
 
     /// The engine's completion eventfd, if it has one.

@@ -283,9 +283,10 @@ pub(crate) struct EngineSetup<'a> {
 /// Build the engine `setup.kind` (already resolved: not `Auto`).
 pub(crate) fn build(setup: EngineSetup) -> Result<Box<dyn Engine>, EngineError> {
     let pool = || {
-        setup.pool.cloned().ok_or_else(|| {
-            EngineError::Io(std::io::Error::other("the device has no thread pool"))
-        })
+        setup
+            .pool
+            .cloned()
+            .ok_or_else(|| EngineError::Io(std::io::Error::other("the device has no thread pool")))
     };
     Ok(match setup.kind {
         EngineKind::Sync | EngineKind::Auto => {

@@ -63,6 +63,8 @@ pub(crate) struct UringEngine {
     /// Operations finished at submission (no I/O needed, or refused).
     ready: Vec<Completion>,
     reaped: Vec<(usize, io::Result<()>)>,
+    /// Operations handed to the pool.
+    pooled: u64,
 }
 
 impl UringEngine {
@@ -83,7 +85,20 @@ impl UringEngine {
             mem,
             ready: Vec::new(),
             reaped: Vec::new(),
+            pooled: 0,
         })
+    }
+
+    /// Operations handed to the thread pool so far.
+    #[cfg(test)]
+    pub(crate) fn pooled(&self) -> u64 {
+        self.pooled
+    }
+
+    /// Operations on the ring, submitted and not yet reaped.
+    #[cfg(test)]
+    pub(crate) fn ring_in_flight(&self) -> usize {
+        self.ring.in_flight()
     }
 
     /// Start a read or write on the ring if its buffers allow it; gives `data` back otherwise.
@@ -95,7 +110,7 @@ impl UringEngine {
             return Err(data);
         }
         if let Some(align) = self.direct {
-            if (data.offset | data.len) % align != 0 || !iov.aligned(align) {
+            if !(data.offset | data.len).is_multiple_of(align) || !iov.aligned(align) {
                 return Err(data);
             }
         }
@@ -113,7 +128,8 @@ impl UringEngine {
         Ok(())
     }
 
-    fn to_pool(&self, token: usize, op: Op) {
+    fn send_to_pool(&mut self, token: usize, op: Op) {
+        self.pooled += 1;
         self.pool.run(Job {
             token,
             op,
@@ -132,12 +148,12 @@ impl Engine for UringEngine {
             }),
             Op::Read(d) => {
                 if let Err(d) = self.try_ring(token, false, d) {
-                    self.to_pool(token, Op::Read(d));
+                    self.send_to_pool(token, Op::Read(d));
                 }
             }
             Op::Write(d) => {
                 if let Err(d) = self.try_ring(token, true, d) {
-                    self.to_pool(token, Op::Write(d));
+                    self.send_to_pool(token, Op::Write(d));
                 }
             }
             Op::Flush if !self.flush => self.ready.push(Completion {
@@ -152,7 +168,7 @@ impl Engine for UringEngine {
                     });
                 }
             }
-            op @ (Op::Discard(_) | Op::WriteZeroes(_)) => self.to_pool(token, op),
+            op @ (Op::Discard(_) | Op::WriteZeroes(_)) => self.send_to_pool(token, op),
         }
     }
 
