@@ -74,7 +74,7 @@ pub struct Vm {
     console: Console,
     serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
-    _virtio: crate::virtio::VirtioDevices,
+    virtio: crate::virtio::VirtioDevices,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     started: Instant,
     pub boot: BootEntry,
@@ -247,7 +247,7 @@ impl Vm {
             console,
             serial,
             boot_marker,
-            _virtio: virtio,
+            virtio,
             acpi_pm,
             started: start,
             boot,
@@ -268,7 +268,7 @@ impl Vm {
             self.started,
             self.boot_marker.clone(),
             self.acpi_pm.clone(),
-            crate::api::device_list(&self.config),
+            crate::api::device_list(&self.config, &self.virtio.disk_engines),
         ));
         let server = match &self.config.api_socket {
             Some(path) => Some(api::server::serve(path, handle.clone())?),
