@@ -130,6 +130,83 @@ fn reboot_exits_3() {
     assert_code(&o, 3);
 }
 
+/// Runs vessel until its stdout has `want` lines containing `needle`, then stops it with
+/// SIGTERM; returns the output so far. Fails after 60 s.
+fn run_until_lines(args: &[&str], needle: &str, want: usize) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    });
+    let mut out = String::new();
+    let mut seen = 0;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        seen += usize::from(line.contains(needle));
+        out.push_str(&line);
+        out.push('\n');
+        if seen >= want {
+            break;
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    drop(watchdog);
+    assert!(
+        seen >= want,
+        "{seen} of {want} '{needle}' lines ({status}):\n{out}"
+    );
+    out
+}
+
+#[test]
+fn reboot_restarts_in_place_with_on_reboot_restart() {
+    let dir = TempDir::new("reboot");
+    let disk = dir.file("disk.img");
+    raw_disk(&disk, 16 << 20);
+    for transport in ["mmio", "pci"] {
+        let spec = format!("path={}", disk.display());
+        // The guest reboots as soon as it is done: each boot starts both CPUs and drives both
+        // devices from scratch, so the devices and vCPUs were reset each time.
+        let out = run_until_lines(
+            &[
+                "run",
+                "--cpus",
+                "2",
+                "--transport",
+                transport,
+                "--rng",
+                "--disk",
+                &spec,
+                "--on-reboot",
+                "restart",
+                "--cmdline",
+                "action=reboot",
+            ],
+            "virtio-rng",
+            3,
+        );
+        assert!(
+            out.matches("all 2 cpus ran in ring 3").count() >= 3,
+            "{out}"
+        );
+        assert!(out.matches("write/read/flush ok").count() >= 3, "{out}");
+        assert!(!out.contains("FAIL"), "{out}");
+    }
+}
+
 #[test]
 fn triple_fault_exits_4_with_a_message() {
     let o = vessel(&["run", "--cmdline", "action=triplefault"]);

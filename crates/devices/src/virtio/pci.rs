@@ -455,6 +455,13 @@ impl VirtioPciDevice {
         Ok(())
     }
 
+    /// A machine reset (the guest rebooted): the device stops and forgets the driver, as on a
+    /// driver reset. (Configuration space, for PCI, is the caller's: restore its power-on
+    /// state.)
+    pub fn hard_reset(&mut self) {
+        self.reset();
+    }
+
     fn reset(&mut self) {
         self.device.reset();
         self.active = false;
