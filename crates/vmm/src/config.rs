@@ -584,6 +584,7 @@ mod tests {
             balloon: None,
             transport: Transport::Mmio,
             api_socket: None,
+            on_reboot: OnReboot::default(),
         }
     }
 
