@@ -270,6 +270,23 @@ fn io_uring_moves_data_between_the_file_and_guest_memory() {
         m.read_slice(&mut b, GuestAddress(0x30001)).unwrap();
         assert!(b.iter().all(|&x| x == 0x77));
         assert_eq!(e.pooled(), u64::from(direct));
+
+        // Dropped with operations in flight: the drop waits for them.
+        m.write_slice(&[0u8; 8 * 4096], GuestAddress(0x10000))
+            .unwrap();
+        for t in 0..8u64 {
+            e.submit(
+                t as usize,
+                Op::Read(data(t * 4096, &[(0x10000 + t * 4096, 4096)])),
+            );
+        }
+        e.flush_submissions();
+        drop(e);
+        m.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+        assert!(
+            got == pattern[..8 * 4096],
+            "direct={direct}: reads finished before the drop"
+        );
     }
 }
 
