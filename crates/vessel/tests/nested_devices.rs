@@ -171,3 +171,89 @@ fn debian_kernel_balloon_returns_memory_to_the_host() {
     );
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
+
+/// `/init` of the ext4 root file system: the first boot writes a file, syncs and reboots; the
+/// second finds the file and powers off.
+const ROOTFS_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "ROOTFS: / is $(grep ' / ' /proc/mounts | cut -d' ' -f1,3,4)"
+if [ -f /persist ]; then
+    echo "ROOTFS: after reboot: $(cat /persist)"
+    poweroff -f
+else
+    echo "written before reboot $(cat /proc/sys/kernel/random/uuid)" > /persist
+    sync
+    echo "ROOTFS: wrote $(cat /persist), rebooting"
+    reboot -f
+fi
+sleep 10
+"#;
+
+#[test]
+fn debian_kernel_ext4_root_survives_write_sync_and_reboot() {
+    // An ext4 image with busybox and the init above (mkfs.ext4 -d copies a directory in).
+    let tree = repo_root().join(format!("target/nested-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    for d in ["proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static");
+    let init = tree.join("init");
+    std::fs::write(&init, ROOTFS_INIT).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let image = repo_root().join(format!("target/nested-rootfs-{}.ext4", std::process::id()));
+    let _ = std::fs::remove_file(&image);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "vessel-root", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4");
+    let l1_file = format!("{}:/root.ext4", image.display());
+    let log = nested_run(&[
+        "--timeout",
+        "900",
+        "--l1-file",
+        &l1_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
+         --disk path=/root.ext4 --on-reboot restart \
+         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_blk l2root=/dev/vda'",
+    ]);
+    let _ = std::fs::remove_dir_all(&tree);
+    // Mounted read-write as the root, written, synced; the VM reset and booted again in the
+    // same Vessel, and the second boot read the file back.
+    assert!(log.contains("ROOTFS: / is /dev/vda ext4 rw"), "{log}");
+    let wrote = log
+        .lines()
+        .find_map(|l| l.strip_prefix("ROOTFS: wrote "))
+        .unwrap_or_else(|| panic!("no write in:\n{log}"));
+    let content = wrote.trim_end_matches(", rebooting");
+    assert!(
+        log.contains(&format!("ROOTFS: after reboot: {content}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("restarting") || log.matches("Linux version").count() >= 2,
+        "{log}"
+    );
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+    // And the host sees a clean file system with the file in it.
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&image)
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let _ = std::fs::remove_file(&image);
+}

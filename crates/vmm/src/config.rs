@@ -178,6 +178,10 @@ pub struct VmConfig {
     /// What a guest reset does.
     #[serde(skip)]
     pub on_reboot: OnReboot,
+    /// Open disks without taking their locks (an incoming migration: the source holds them
+    /// until it exits).
+    #[serde(skip)]
+    pub skip_disk_locks: bool,
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -584,7 +588,8 @@ mod tests {
             balloon: None,
             transport: Transport::Mmio,
             api_socket: None,
-            on_reboot: OnReboot::default(),
+            on_reboot: OnReboot::Exit,
+            skip_disk_locks: false,
         }
     }
 

@@ -93,12 +93,14 @@ impl DiskBackend for NoFlush {
     }
 }
 
-/// A block device for `d`, and the engine serving it.
-fn block_device(d: &DiskConfig) -> Result<(Box<dyn VirtioDevice>, EngineKind), Error> {
+/// A block device for `d` (its images locked if `lock`), and the engine serving it.
+fn block_device(d: &DiskConfig, lock: bool) -> Result<(Box<dyn VirtioDevice>, EngineKind), Error> {
     let path = d.path.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
         direct: d.cache == CacheMode::None,
+        lock,
+        repair_dirty: lock,
         ..Default::default()
     };
     let disk = block::open(&d.path, opts).map_err(|source| Error::Disk {
@@ -230,7 +232,7 @@ pub fn setup(
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut disk_engines = Vec::with_capacity(config.disks.len());
     for d in &config.disks {
-        let (device, engine) = block_device(d)?;
+        let (device, engine) = block_device(d, !config.skip_disk_locks)?;
         devices.push(device);
         disk_engines.push(engine);
     }

@@ -57,6 +57,8 @@ pub enum Error {
     Virtio(#[from] crate::virtio::Error),
     #[error("control API: {0}")]
     Api(#[from] api::server::ServeError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -69,29 +71,38 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// A VM that is built and ready to run.
-pub struct Vm {
-    config: VmConfig,
+/// The parts of a VM that a snapshot saves and a restore rebuilds. Shared with the control
+/// API, whose thread takes snapshots while the vCPUs are parked.
+pub struct Machine {
+    pub(crate) config: VmConfig,
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
-    vm_fd: hypervisor::Vm,
-    mem: GuestMemoryMmap,
-    vcpus: Vec<vcpu::SharedVcpu>,
+    pub(crate) vm_fd: hypervisor::Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<vcpu::SharedVcpu>,
+    pub(crate) virtio: crate::virtio::VirtioDevices,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) cmos: Arc<Mutex<Cmos>>,
+    pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
+    /// The MSRs a snapshot saves.
+    pub(crate) msr_indices: Vec<u32>,
+}
+
+/// A VM that is built and ready to run.
+pub struct Vm {
+    machine: Arc<Machine>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<Control>,
     console: Console,
-    serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
-    virtio: crate::virtio::VirtioDevices,
-    acpi_pm: Arc<Mutex<AcpiPm>>,
     started: Instant,
     /// Where the kernel was entered (none for a restored VM).
     pub boot: Option<BootEntry>,
-    /// The MSRs a snapshot saves.
-    msr_indices: Vec<u32>,
     /// The vCPUs and irqchip as they were before the first instruction, for a guest reset.
     power_on: Option<PowerOn>,
+    /// Loaded from a snapshot: the devices start when the vCPUs do.
+    restored: bool,
 }
 
 /// What a reset restores.
@@ -153,11 +164,63 @@ impl Vm {
         opts: RestoreOptions,
         start: Instant,
     ) -> Result<Vm, Error> {
-        let _ = (dir, opts, start);
-        Err(Error::Io {
-            what: "restore",
-            source: std::io::Error::other("not available yet"),
-        })
+        use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
+        let snap: VmSnapshot =
+            format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        let hv = Hypervisor::new()?;
+        crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
+        let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.memory)
+            .iter()
+            .map(|(a, s)| (a.0, *s as u64))
+            .collect();
+        let have: Vec<(u64, u64)> = snap.memory.iter().map(|r| (r.guest_addr, r.size)).collect();
+        if want != have {
+            return Err(SnapshotError::Mismatch(format!(
+                "memory regions {have:x?} where {} MiB of RAM has {want:x?}",
+                snap.config.memory >> 20
+            ))
+            .into());
+        }
+        let mode = match opts.memory {
+            api::types::RestoreMemory::Lazy => memory::RestoreMemory::Lazy,
+            api::types::RestoreMemory::Eager => memory::RestoreMemory::Eager,
+            api::types::RestoreMemory::Userfaultfd => {
+                return Err(SnapshotError::Mismatch(
+                    "userfaultfd restore is not available yet: use lazy or eager".to_string(),
+                )
+                .into())
+            }
+        };
+        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, mode)
+            .map_err(SnapshotError::from)?;
+        let mut config = snap.config.clone();
+        config.console = opts.console;
+        config.api_socket = opts.api_socket;
+        // Nothing to boot again: a reset of a restored VM ends it.
+        config.on_reboot = crate::config::OnReboot::Exit;
+        let vm = Vm::create_restored(config, mem, start, &snap)?;
+        tracing::debug!(
+            "restored {} vCPUs and {} MiB from {} in {:?}",
+            snap.vcpus.len(),
+            snap.config.memory >> 20,
+            dir.display(),
+            start.elapsed()
+        );
+        Ok(vm)
+    }
+
+    /// Builds the machine of `snap` with `config` on `mem` (which holds the saved memory) and
+    /// loads the saved state; the devices start when it runs.
+    pub(crate) fn create_restored(
+        config: VmConfig,
+        mem: GuestMemoryMmap,
+        start: Instant,
+        snap: &crate::snapshot::VmSnapshot,
+    ) -> Result<Vm, Error> {
+        let mut vm = Vm::create(config, mem, start)?;
+        vm.machine.restore_state(snap)?;
+        vm.restored = true;
+        Ok(vm)
     }
 
     /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
@@ -196,12 +259,12 @@ impl Vm {
         )));
         let boot_marker = Arc::new(Mutex::new(BootMarker::new(start)));
         let low = layout::low_ram_end(config.memory);
-        let cmos = Cmos::new(low, config.memory - low);
+        let cmos = shared(Cmos::new(low, config.memory - low));
 
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(acpi::COM1_PORT), 8)?;
         pio.insert(shared(I8042::new(events.clone())), 0x60, 5)?;
-        pio.insert(shared(cmos), u64::from(acpi::RTC_PORT), 2)?;
+        pio.insert(cmos.clone(), u64::from(acpi::RTC_PORT), 2)?;
         pio.insert(shared(ExitDevice::new(events.clone())), 0xf4, 4)?;
         pio.insert(boot_marker.clone(), 0x3f0, 1)?;
         pio.insert(
@@ -255,33 +318,38 @@ impl Vm {
         };
 
         Ok(Vm {
-            config,
-            vm_fd: vm,
-            mem,
-            vcpus,
+            machine: Arc::new(Machine {
+                config,
+                vm_fd: vm,
+                mem,
+                vcpus,
+                virtio,
+                serial,
+                cmos,
+                acpi_pm,
+                msr_indices,
+            }),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             control,
             console,
-            serial,
             boot_marker,
-            virtio,
-            acpi_pm,
             started: start,
             boot: None,
-            msr_indices,
             power_on,
+            restored: false,
         })
     }
 
     /// Writes the firmware tables and the kernel into memory and points the boot vCPU at the
     /// kernel's entry.
     fn load_boot(&mut self) -> Result<(), Error> {
-        let config = &self.config;
-        let mem = &self.mem;
-        let virtio = &self.virtio;
+        let config = &self.machine.config;
+        let mem = &self.machine.mem;
+        let virtio = &self.machine.virtio;
         // Firmware tables and the kernel.
         arch::mptable::setup_mptable(mem, config.cpus)?;
+        acpi::setup_reset_vector(mem)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
         let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
@@ -309,7 +377,7 @@ impl Vm {
         };
         let boot = boot::load(mem, config.memory, &spec, Some(rsdp))?;
 
-        let vcpu = devices::bus::lock(&self.vcpus[0]);
+        let vcpu = devices::bus::lock(&self.machine.vcpus[0]);
         let sregs = regs::setup_sregs(mem, boot.protocol, vcpu.sregs()?)?;
         vcpu.set_sregs(&sregs)?;
         vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
@@ -331,8 +399,8 @@ impl Vm {
             mmio: self.mmio.clone(),
             control: self.control.clone(),
         };
-        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.machine.vcpus.len());
+        for v in &self.machine.vcpus {
             match vcpu::spawn(v.clone(), ctx.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -375,17 +443,20 @@ impl Vm {
         let Some(power_on) = &self.power_on else {
             return Ok(());
         };
-        self.virtio.reset_all();
-        for r in arch::layout::ram_ranges(self.config.memory) {
-            hypervisor::mem::discard(&self.mem, r.0, r.1 as u64).map_err(|e| Error::Io {
-                what: "cannot empty guest memory",
-                source: std::io::Error::other(e),
+        self.machine.virtio.reset_all();
+        for r in arch::layout::ram_ranges(self.machine.config.memory) {
+            hypervisor::mem::discard(&self.machine.mem, r.0, r.1 as u64).map_err(|e| {
+                Error::Io {
+                    what: "cannot empty guest memory",
+                    source: std::io::Error::other(e),
+                }
             })?;
         }
-        for (v, state) in self.vcpus.iter().zip(&power_on.vcpus) {
+        for (v, state) in self.machine.vcpus.iter().zip(&power_on.vcpus) {
             devices::bus::lock(v).restore_state(state)?;
         }
-        self.vm_fd
+        self.machine
+            .vm_fd
             .restore_state(&power_on.vm, hypervisor::ClockMode::Continue)?;
         self.load_boot()?;
         self.control.clear_exit();
@@ -399,8 +470,8 @@ impl Vm {
         let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
             info: api::types::VmInfo {
                 state: api::types::VmState::Running,
-                vcpus: self.config.cpus,
-                memory_bytes: self.config.memory,
+                vcpus: self.machine.config.cpus,
+                memory_bytes: self.machine.config.memory,
                 boot_time_ms: None,
                 uptime_ms: 0,
                 devices: Vec::new(),
@@ -408,7 +479,7 @@ impl Vm {
                 exit_reason: None,
             },
         })));
-        let server = match &self.config.api_socket {
+        let server = match &self.machine.config.api_socket {
             Some(path) => Some(api::server::serve(path, switch.clone())?),
             None => None,
         };
@@ -424,18 +495,27 @@ impl Vm {
     pub fn run_attached(mut self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
         hypervisor::install_kick_handler()?;
         let signals = install_stop_signals(&self.control)?;
-        self.console
-            .start_input(SerialInput(self.serial.clone()), self.control.clone())?;
-
-        let handle = Arc::new(crate::api::VmHandle::new(
+        self.console.start_input(
+            SerialInput(self.machine.serial.clone()),
             self.control.clone(),
-            self.config.cpus,
-            self.config.memory,
-            self.started,
-            self.boot_marker.clone(),
-            self.acpi_pm.clone(),
-            crate::api::device_list(&self.config, &self.virtio.disk_engines),
-        ));
+        )?;
+
+        if self.restored {
+            self.machine.resume_devices()?;
+        }
+        let handle = Arc::new_cyclic(|me| {
+            crate::api::VmHandle::new(
+                me.clone(),
+                self.machine.clone(),
+                self.control.clone(),
+                self.machine.config.cpus,
+                self.machine.config.memory,
+                self.started,
+                self.boot_marker.clone(),
+                self.machine.acpi_pm.clone(),
+                crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
+            )
+        });
         switch.set(handle.clone());
 
         let reason = loop {
@@ -452,7 +532,7 @@ impl Vm {
         if let Some(t) = devices::bus::lock(&self.boot_marker).boot_time() {
             tracing::debug!("boot time {:?}", t);
         }
-        tracing::debug!("VM with {} vCPUs ended: {reason}", self.config.cpus);
+        tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
         if let Ok(mut info) = api::VmController::info(&*handle) {
             info.state = api::types::VmState::Stopped;
             info.exit_reason = Some(reason.to_string());

@@ -31,8 +31,8 @@ use self::limiter::SharedLimiter;
 use self::request::Parser;
 use self::worker::{BlockQueue, BlockWorker};
 use super::{
-    feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
-    MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
+    VirtioInterrupt, MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::rate_limiter::RateLimiterConfig;
@@ -106,14 +106,18 @@ impl Default for BlockOptions {
     }
 }
 
-/// The device-specific state of a block device, for snapshots (the queues are saved by the
-/// transport; the backend is reopened from the configuration). Requests in flight are not part
-/// of it: a snapshot is taken with the device quiesced.
+/// The block device's own state for snapshots: its serial (guest-visible through GET_ID, so
+/// checked on restore), the engine asked for and the rate limit. Capacity, queues and
+/// read-only-ness are in the features and the configuration space. Requests in flight are not
+/// part of it: a paused device has none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
-    pub acked_features: u64,
+    pub serial: String,
     /// The engine asked for (resolved again on restore: the host may differ).
+    #[serde(default)]
     pub engine: EngineKind,
+    /// The device's rate limit, taken over by a restored device.
+    #[serde(default)]
     pub rate_limit: RateLimiterConfig,
 }
 
@@ -224,31 +228,6 @@ impl Block {
         self.engine
     }
 
-    /// The device-specific state, for snapshots.
-    pub fn block_state(&self) -> BlockState {
-        BlockState {
-            acked_features: self.acked,
-            engine: self.requested_engine,
-            rate_limit: self.rate_limit,
-        }
-    }
-
-    /// Check a saved state against this (inactive) device, built from the same configuration.
-    pub fn restore_block_state(&mut self, state: &BlockState) -> Result<(), ActivateError> {
-        if state.rate_limit != self.rate_limit || state.engine != self.requested_engine {
-            return Err(ActivateError::StateMismatch(
-                "block engine or rate limit differ from the saved ones".into(),
-            ));
-        }
-        if state.acked_features & !self.features != 0 {
-            return Err(ActivateError::StateMismatch(
-                "acknowledged features were never offered".into(),
-            ));
-        }
-        self.acked = state.acked_features;
-        Ok(())
-    }
-
     /// The engine for one queue; an `auto` io_uring that cannot start falls back to threads.
     fn queue_engine(
         &mut self,
@@ -275,6 +254,11 @@ impl Block {
             }
             Err(e) => Err(ActivateError::Worker(std::io::Error::other(e))),
         }
+    }
+
+    fn serial(&self) -> String {
+        let end = self.id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+        String::from_utf8_lossy(&self.id[..end]).into_owned()
     }
 }
 
@@ -372,5 +356,57 @@ impl VirtioDevice for Block {
             .iter()
             .map(|w| (w.index(), w.queue_state()))
             .collect()
+    }
+
+    fn pause(&mut self) {
+        // Each worker stops taking requests and completes those in flight (status and used
+        // entry written) before its thread stops; then the pool is idle.
+        for w in &mut self.workers {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        for w in &mut self.workers {
+            w.resume().map_err(|e| ActivateError::Worker(e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::Block(BlockState {
+            serial: self.serial(),
+            engine: self.requested_engine,
+            rate_limit: self.rate_limit,
+        })
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::Block(b) if b.serial == self.serial() => {
+                if b.engine != self.requested_engine {
+                    tracing::info!(
+                        "virtio-blk: engine {} saved, {} asked now; keeping {}",
+                        b.engine,
+                        self.requested_engine,
+                        self.engine
+                    );
+                }
+                if b.rate_limit != self.rate_limit {
+                    self.limiter = SharedLimiter::new(b.rate_limit)
+                        .map_err(|e| ActivateError::StateMismatch(format!("rate limit: {e}")))?;
+                    self.rate_limit = b.rate_limit;
+                }
+                Ok(())
+            }
+            DeviceSpecificState::Block(b) => Err(ActivateError::StateMismatch(format!(
+                "disk serial '{}' saved, '{}' now",
+                b.serial,
+                self.serial()
+            ))),
+            other => Err(ActivateError::StateMismatch(format!(
+                "block device state expected, {other:?} saved"
+            ))),
+        }
     }
 }

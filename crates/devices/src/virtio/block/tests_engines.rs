@@ -1,6 +1,7 @@
 //! Engine behaviour: requests in flight completing out of order, the in-flight cap, I/O errors
 //! from the file, io_uring on guest memory, `O_DIRECT`, rate limits, engine choice and state.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ use crate::virtio::testing::{mem, CountingInterrupt, TestQueue, R, W};
 use crate::virtio::VirtioDevice;
 
 const DATA: u64 = 0x20000;
+/// A stop flag never raised.
+static NEVER: AtomicBool = AtomicBool::new(false);
 
 /// A disk whose reads at offset 0 wait until the gate opens (no plain file: threads only).
 struct GatedDisk {
@@ -79,11 +82,11 @@ impl DiskBackend for GatedDisk {
 /// Process until `n` used entries are there (up to 5 s).
 fn process_until(bq: &mut BlockQueue, d: &Driver, n: u16) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    bq.process().unwrap();
+    bq.process(&NEVER).unwrap();
     while d.tq.used_idx() != n {
         assert!(Instant::now() < deadline, "used index {}", d.tq.used_idx());
         bq.wait_completion();
-        bq.process().unwrap();
+        bq.process(&NEVER).unwrap();
     }
 }
 
@@ -98,7 +101,7 @@ fn requests_in_flight_complete_out_of_order() {
     let slow = d.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, W)]);
     let fast1 = d.request(VIRTIO_BLK_T_IN, 8, &[(DATA + 0x1000, 512, W)]);
     let fast2 = d.request(VIRTIO_BLK_T_IN, 16, &[(DATA + 0x2000, 512, W)]);
-    bq.process().unwrap();
+    bq.process(&NEVER).unwrap();
     assert!(bq.in_flight() >= 2, "{} in flight", bq.in_flight());
     process_until(&mut bq, &d, 2);
     assert_eq!(d.status(slow), 0xff, "the gated request is still running");
@@ -128,13 +131,13 @@ fn in_flight_requests_are_capped_at_the_queue_size() {
     for _ in 0..7 {
         d.tq.push_head(head);
     }
-    bq.process().unwrap();
+    bq.process(&NEVER).unwrap();
     assert_eq!(bq.in_flight(), 8);
     assert_eq!(bq.next_avail(), 8);
     for _ in 0..5 {
         d.tq.push_head(head);
     }
-    bq.process().unwrap();
+    bq.process(&NEVER).unwrap();
     assert_eq!(bq.in_flight(), 8, "no more than the queue size in flight");
     assert_eq!(bq.next_avail(), 8, "the others stay in the ring");
     gated.release();
@@ -351,7 +354,7 @@ fn rate_limits_delay_requests_which_wait_in_the_ring() {
         let reqs: Vec<u64> = (0..10)
             .map(|i| d.request(VIRTIO_BLK_T_IN, i, &[(DATA + i * 512, 512, W)]))
             .collect();
-        bq.process().unwrap();
+        bq.process(&NEVER).unwrap();
         assert_eq!(
             bq.next_avail(),
             2,
@@ -491,22 +494,44 @@ fn engine_choice() {
 
 #[test]
 fn block_state_has_the_engine_and_rate_limit() {
+    use crate::virtio::DeviceSpecificState;
     let opts = BlockOptions {
+        serial: "s1".into(),
         engine: EngineKind::Threads,
         rate_limit: ops_limit(100, 1000),
         ..Default::default()
     };
-    let mut dev = Block::new(TestDisk::new(4096, false), opts.clone()).unwrap();
-    dev.ack_features(rw_features());
-    let st = dev.block_state();
-    assert_eq!(st.engine, EngineKind::Threads);
-    assert_eq!(st.rate_limit, ops_limit(100, 1000));
+    let dev = Block::new(TestDisk::new(4096, false), opts.clone()).unwrap();
+    let st = dev.device_state();
+    let DeviceSpecificState::Block(b) = &st else {
+        panic!("{st:?}");
+    };
+    assert_eq!(b.engine, EngineKind::Threads);
+    assert_eq!(b.rate_limit, ops_limit(100, 1000));
     let json = serde_json::to_string(&st).unwrap();
     assert!(json.contains("\"engine\":\"threads\""), "{json}");
-    assert_eq!(serde_json::from_str::<BlockState>(&json).unwrap(), st);
-    let mut again = Block::new(TestDisk::new(4096, false), opts).unwrap();
-    again.restore_block_state(&st).unwrap();
-    assert_eq!(again.acked_features(), st.acked_features);
+    assert_eq!(
+        serde_json::from_str::<DeviceSpecificState>(&json).unwrap(),
+        st
+    );
+    // A state saved before engines and limits existed still loads.
+    let old: BlockState = serde_json::from_str(r#"{"serial":"s1"}"#).unwrap();
+    assert_eq!(old.engine, EngineKind::Auto);
+    assert!(old.rate_limit.is_unlimited());
+    // A restored device takes the saved rate limit over.
+    let mut again = Block::new(
+        TestDisk::new(4096, false),
+        BlockOptions {
+            serial: "s1".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    again.restore_device_state(&st).unwrap();
+    let DeviceSpecificState::Block(b2) = again.device_state() else {
+        panic!()
+    };
+    assert_eq!(b2.rate_limit, ops_limit(100, 1000));
     let mut other = Block::new(TestDisk::new(4096, false), BlockOptions::default()).unwrap();
-    assert!(other.restore_block_state(&st).is_err());
+    assert!(other.restore_device_state(&st).is_err(), "another serial");
 }

@@ -8,14 +8,16 @@
 //! limiter refuses a request, the request goes back to the ring (the available index is
 //! rewound) and the worker takes no more until the limiter wakes it.
 //!
-//! On stop (device reset or drop), the worker takes no new requests and waits for those in
-//! flight, without touching the rings again; if they do not finish in time the engine, with
-//! the guest memory and buffers it holds, is leaked rather than freed under the kernel's feet.
+//! On a pause (snapshot, migration) or a stop (device reset or drop) the worker takes no new
+//! requests and completes those in flight, status and used entries included, before its thread
+//! ends (a paused device has nothing in flight). Should the disk not answer for
+//! [`DRAIN_TIMEOUT`], the thread ends anyway; an io_uring engine dropped then keeps the guest
+//! memory mapped rather than free it under the kernel's feet (see `engine/ring.rs`).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
@@ -28,7 +30,7 @@ use super::limiter::SharedLimiter;
 use super::request::{Parsed, Parser, VIRTIO_BLK_S_OK};
 use crate::bus::lock;
 use crate::virtio::queue::{pop_head, walk_chain, Chain, Progress, QueueError};
-use crate::virtio::worker::WorkerError;
+use crate::virtio::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
 
 /// How long a stopping worker waits for its requests in flight.
@@ -153,7 +155,7 @@ impl BlockQueue {
     /// ring is empty, the in-flight table is full, the limiter refuses, or the pass has served
     /// as many chains as the queue has entries (`pending`: call again). An `Err` is a corrupt
     /// ring: the queue must not be used again before a reset.
-    pub(crate) fn process(&mut self) -> Result<Progress, QueueError> {
+    pub(crate) fn process(&mut self, stop: &AtomicBool) -> Result<Progress, QueueError> {
         let queue = self.queue.clone();
         let mut q = lock(&queue);
         let mem = self.mem.clone();
@@ -172,6 +174,11 @@ impl BlockQueue {
                 }
                 q.disable_notification(&mem).map_err(ring_err)?;
                 loop {
+                    if stop.load(Ordering::Acquire) {
+                        // A pause: take no more; the caller completes what is in flight.
+                        pending = true;
+                        break 'passes;
+                    }
                     if self.free.is_empty() {
                         // Full: a completion wakes the worker.
                         break 'passes;
@@ -256,31 +263,21 @@ impl BlockQueue {
         self.done = done;
     }
 
-    /// Wait up to `timeout` for the requests in flight, dropping their results; false if some
-    /// are still running.
-    pub(crate) fn drain(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.discard_completions();
-            if self.in_flight() == 0 {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            match self.engine.completion_fd() {
-                Some(fd) => wait_readable(fd, left.min(Duration::from_millis(100))),
-                None => std::thread::sleep(Duration::from_millis(1)),
-            }
-        }
+    /// Complete what the engine finished (status bytes, used entries), taking nothing new;
+    /// returns whether the driver must be interrupted.
+    fn complete_only(&mut self) -> Result<bool, QueueError> {
+        let queue = self.queue.clone();
+        let mut q = lock(&queue);
+        let used = self.complete(&mut q)?;
+        Ok(used > 0 && q.needs_notification(&self.mem).map_err(ring_err)?)
     }
 
     /// Wait (up to 5 s, for tests) until no request is in flight, completing them.
     #[cfg(test)]
     pub(crate) fn run_to_idle(&mut self) -> Result<Progress, QueueError> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut p = self.process()?;
+        let never = AtomicBool::new(false);
+        let mut p = self.process(&never)?;
         while self.in_flight() > 0 || p.pending || self.limited {
             assert!(Instant::now() < deadline, "requests never completed");
             if self.limited {
@@ -291,7 +288,7 @@ impl BlockQueue {
             } else if let Some(fd) = self.engine.completion_fd() {
                 wait_readable(fd, Duration::from_millis(100));
             }
-            p = self.process()?;
+            p = self.process(&never)?;
         }
         Ok(p)
     }
@@ -323,120 +320,178 @@ const TOKEN_COMPLETION: u64 = 2;
 const TOKEN_TIMER: u64 = 3;
 const TOKEN_WAKE: u64 = 4;
 
-/// A running block queue worker. Dropping it stops the thread.
+/// What a block queue's thread owns (kept while paused).
+struct BlockServing {
+    index: u16,
+    bq: BlockQueue,
+    notifier: EventFd,
+    self_kick: EventFd,
+    epoll: Epoll,
+    stop: StopSignal,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    /// The ring is corrupt: serve nothing until a reset.
+    broken: bool,
+}
+
+impl BlockServing {
+    fn notify(&self) {
+        if let Err(e) = self
+            .interrupt
+            .trigger(VirtioInterruptType::Queue(self.index))
+        {
+            tracing::warn!("virtio-blk queue {}: interrupt: {e}", self.index);
+        }
+    }
+
+    fn fail(&mut self, e: QueueError) {
+        tracing::warn!("virtio-blk queue {}: {e}; device needs a reset", self.index);
+        self.broken = true;
+        self.interrupt.set_needs_reset();
+    }
+
+    fn serve(&mut self) {
+        if self.broken {
+            self.bq.discard_completions();
+            return;
+        }
+        match self.bq.process(self.stop.flag()) {
+            Ok(p) => {
+                if p.notify {
+                    self.notify();
+                }
+                if p.pending && !self.stop.requested() {
+                    // More to do: come back through epoll, so that a stop request is seen
+                    // between two passes.
+                    let _ = self.self_kick.write(1);
+                }
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    /// Complete every request in flight, writing their used entries (a pause or a stop), for
+    /// up to [`DRAIN_TIMEOUT`].
+    fn finish_in_flight(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            if self.broken {
+                self.bq.discard_completions();
+            } else {
+                match self.bq.complete_only() {
+                    Ok(true) => self.notify(),
+                    Ok(false) => {}
+                    Err(e) => self.fail(e),
+                }
+            }
+            if self.bq.in_flight() == 0 {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::error!(
+                    "virtio-blk queue {}: {} requests still in flight after {:?}",
+                    self.index,
+                    self.bq.in_flight(),
+                    DRAIN_TIMEOUT
+                );
+                return;
+            }
+            match self.bq.completion_fd() {
+                Some(fd) => wait_readable(fd, left.min(Duration::from_millis(100))),
+                None => return,
+            }
+        }
+    }
+}
+
+impl WorkerLoop for BlockServing {
+    fn run(&mut self) {
+        self.serve();
+        let mut events = [EpollEvent::default(); 5];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-blk queue {}: epoll: {e}; worker stops", self.index);
+                    self.finish_in_flight();
+                    return;
+                }
+            };
+            let ready = |t: u64| events[..n].iter().any(|ev| ev.data() == t);
+            if ready(TOKEN_EXIT) {
+                self.finish_in_flight();
+                return;
+            }
+            if ready(TOKEN_QUEUE) {
+                // A non-blocking read: it only clears the counter.
+                let _ = self.notifier.read();
+            }
+            if ready(TOKEN_TIMER) || ready(TOKEN_WAKE) {
+                self.bq.limiter_woke(ready(TOKEN_TIMER));
+            }
+            self.serve();
+        }
+    }
+}
+
+/// A block queue's worker thread, which can be paused. Dropping it stops the thread after the
+/// requests in flight complete.
 pub(crate) struct BlockWorker {
     index: u16,
     queue: Arc<Mutex<Queue>>,
-    exit: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<BlockServing>,
 }
 
 impl BlockWorker {
-    /// Serve `active` with `bq` on a new thread named `name`. Available requests are taken once
-    /// at start, then after every notification, completion or limiter wake-up.
+    /// Serve queue `index` with `bq` on a new thread named `name`. Available requests are taken
+    /// at start (and on every resume), then after every notification, completion or limiter
+    /// wake-up.
     pub(crate) fn spawn(
         name: String,
         index: u16,
         notifier: EventFd,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut bq: BlockQueue,
+        bq: BlockQueue,
     ) -> Result<BlockWorker, WorkerError> {
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
-        let exit_thread = exit.try_clone().map_err(WorkerError::EventFd)?;
-        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
-        let mut fds = vec![
-            (notifier.as_raw_fd(), TOKEN_QUEUE),
-            (exit_thread.as_raw_fd(), TOKEN_EXIT),
-            (bq.wake.as_raw_fd(), TOKEN_WAKE),
-        ];
-        if let Some(fd) = bq.completion_fd() {
-            fds.push((fd, TOKEN_COMPLETION));
-        }
-        if let Some(l) = &bq.limiter {
-            fds.push((l.timer_fd(), TOKEN_TIMER));
-        }
-        for (fd, token) in fds {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(WorkerError::Epoll)?;
-        }
         let queue = bq.queue.clone();
-        let self_kick = notifier.try_clone().map_err(WorkerError::EventFd)?;
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let _keep = exit_thread;
-                let mut broken = false;
-                let serve = |bq: &mut BlockQueue, broken: &mut bool| {
-                    if *broken {
-                        bq.discard_completions();
-                        return;
-                    }
-                    match bq.process() {
-                        Ok(p) => {
-                            if p.notify {
-                                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index))
-                                {
-                                    tracing::warn!("virtio-blk queue {index}: interrupt: {e}");
-                                }
-                            }
-                            if p.pending {
-                                // More to do: come back through epoll, so that a stop request
-                                // is seen between two passes.
-                                let _ = self_kick.write(1);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("virtio-blk queue {index}: {e}; device needs a reset");
-                            *broken = true;
-                            interrupt.set_needs_reset();
-                        }
-                    }
-                };
-                serve(&mut bq, &mut broken);
-                let mut events = [EpollEvent::default(); 5];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::error!("virtio-blk queue {index}: epoll: {e}; worker stops");
-                            break;
-                        }
-                    };
-                    let ready = |t: u64| events[..n].iter().any(|ev| ev.data() == t);
-                    if ready(TOKEN_EXIT) {
-                        break;
-                    }
-                    if ready(TOKEN_QUEUE) {
-                        // A non-blocking read: it only clears the counter.
-                        let _ = notifier.read();
-                    }
-                    if ready(TOKEN_TIMER) || ready(TOKEN_WAKE) {
-                        bq.limiter_woke(ready(TOKEN_TIMER));
-                    }
-                    serve(&mut bq, &mut broken);
-                }
-                if !bq.drain(DRAIN_TIMEOUT) {
-                    tracing::error!(
-                        "virtio-blk queue {index}: {} requests still in flight after {:?}; \
-                         leaking their buffers",
-                        bq.in_flight(),
-                        DRAIN_TIMEOUT
-                    );
-                    std::mem::forget(bq);
-                }
+        let thread = DeviceThread::spawn(name, move |stop| {
+            let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            let mut fds = vec![
+                (notifier.as_raw_fd(), TOKEN_QUEUE),
+                (stop.raw_fd(), TOKEN_EXIT),
+                (bq.wake.as_raw_fd(), TOKEN_WAKE),
+            ];
+            if let Some(fd) = bq.completion_fd() {
+                fds.push((fd, TOKEN_COMPLETION));
+            }
+            if let Some(l) = &bq.limiter {
+                fds.push((l.timer_fd(), TOKEN_TIMER));
+            }
+            for (fd, token) in fds {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)?;
+            }
+            Ok(BlockServing {
+                index,
+                bq,
+                self_kick: notifier.try_clone().map_err(WorkerError::EventFd)?,
+                notifier,
+                epoll,
+                stop,
+                interrupt,
+                broken: false,
             })
-            .map_err(WorkerError::Spawn)?;
+        })?;
         Ok(BlockWorker {
             index,
             queue,
-            exit,
-            thread: Some(thread),
+            thread,
         })
     }
 
@@ -445,27 +500,19 @@ impl BlockWorker {
         self.index
     }
 
-    /// The queue's state, taken between two processing passes.
+    /// The queue's state, taken between two processing passes (or while paused).
     pub(crate) fn queue_state(&self) -> virtio_queue::QueueState {
         lock(&self.queue).state()
     }
 
-    /// Stop the thread and wait for it (and for the requests in flight).
-    pub(crate) fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if let Err(e) = self.exit.write(1) {
-                tracing::error!("virtio-blk queue {}: cannot stop worker: {e}", self.index);
-                return;
-            }
-            if t.join().is_err() {
-                tracing::error!("virtio-blk queue {}: worker panicked", self.index);
-            }
-        }
+    /// Stop taking requests, complete those in flight, and stop the thread (keeping its
+    /// state).
+    pub(crate) fn pause(&mut self) {
+        self.thread.pause();
     }
-}
 
-impl Drop for BlockWorker {
-    fn drop(&mut self) {
-        self.stop();
+    /// Serve again after [`BlockWorker::pause`].
+    pub(crate) fn resume(&mut self) -> Result<(), WorkerError> {
+        self.thread.resume()
     }
 }
