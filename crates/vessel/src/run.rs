@@ -82,9 +82,10 @@ pub struct RunArgs {
     /// Restore the VM saved in this snapshot directory (`vessel ctl snapshot`) instead of
     /// booting: the machine (vCPUs, memory, devices) comes from the snapshot; the console and
     /// API socket from this command.
+    /// With --restore, --net (one per saved network device) and --vsock give the restored VM
+    /// new backends, MACs and guest CID: a clone beside the original needs its own.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cpu_template", "disk", "net", "rng", "vsock", "virtio_console",
-        "balloon",
+        "kernel", "initrd", "cpu_template", "disk", "rng", "virtio_console", "balloon",
     ])]
     restore: Option<PathBuf>,
     /// How a restored VM's memory comes in: lazy (on first touch) or eager (all before the
@@ -180,6 +181,12 @@ pub fn run(args: RunArgs, start: Instant) -> Result<i32, Error> {
                 memory: parse_restore_memory(&args.restore_memory)?,
                 console: parse_console(&args.console)?,
                 api_socket: args.api_socket.clone(),
+                nets: args
+                    .net
+                    .iter()
+                    .map(|n| vmm::config::parse_net(n))
+                    .collect::<Result<_, _>>()?,
+                vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
             };
             Vm::restore(dir, opts, start)?
         }

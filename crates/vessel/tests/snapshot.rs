@@ -202,3 +202,58 @@ fn corrupt_or_foreign_state_is_refused() {
     );
     vm.soak_lines(CPUS, 1);
 }
+
+#[test]
+fn clones_get_their_own_vsock_socket_and_cid() {
+    let tmp = TempDir::new("vsock-clones");
+    let dir = tmp.file("snap");
+    let socket = tmp.file("api.sock");
+    let v0 = format!("cid=3,socket={}", tmp.file("v0.sock").display());
+    let mut vm = Console::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--vsock",
+        &v0,
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(CPUS, 1);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", dir.to_str().unwrap()]),
+        0,
+    );
+    // Two clones beside the original, each with its own socket and CID.
+    let mut clones = Vec::new();
+    for (cid, name) in [(4, "v1.sock"), (5, "v2.sock")] {
+        let spec = format!("cid={cid},socket={}", tmp.file(name).display());
+        clones.push(Console::spawn(&[
+            "run",
+            "--restore",
+            dir.to_str().unwrap(),
+            "--vsock",
+            &spec,
+        ]));
+    }
+    for c in &mut clones {
+        c.soak_lines(CPUS, 2);
+    }
+    for name in ["v0.sock", "v1.sock", "v2.sock"] {
+        assert!(tmp.file(name).exists(), "{name}");
+    }
+    vm.soak_lines(CPUS, 1);
+    // Network devices are rebound all or none: this VM has none.
+    let o = vessel(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--net",
+        "tap=vclone0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("0 network devices"), "{}", stderr(&o));
+}

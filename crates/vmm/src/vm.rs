@@ -28,6 +28,10 @@ pub struct RestoreOptions {
     pub memory: api::types::RestoreMemory,
     pub console: crate::config::ConsoleConfig,
     pub api_socket: Option<PathBuf>,
+    /// New taps (and MACs) for the network devices, all or none (clones).
+    pub nets: Vec<crate::config::NetConfig>,
+    /// A new socket (and guest CID) for the vsock device (clones).
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 /// Errors building or starting a VM.
@@ -165,8 +169,9 @@ impl Vm {
         start: Instant,
     ) -> Result<Vm, Error> {
         use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
-        let snap: VmSnapshot =
+        let mut snap: VmSnapshot =
             format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        snap.rebind(&opts.nets, opts.vsock.as_ref())?;
         let hv = Hypervisor::new()?;
         crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
         let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.memory)
