@@ -46,7 +46,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PROTOCOL", default_value = "auto")]
     boot_protocol: String,
     /// A virtio disk (raw or qcow2), repeatable:
-    /// `path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID][,queues=N]`.
+    /// `path=FILE[,readonly=on][,cache=writeback|none|unsafe][,serial=ID][,queues=N]
+    /// [,engine=auto|io_uring|threads|sync][,bw=BYTES][,iops=N][,bw_burst=BYTES][,iops_burst=N]`.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio network device on a tap interface (created if absent), repeatable:

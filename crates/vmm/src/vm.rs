@@ -508,7 +508,7 @@ impl Vm {
                 self.started,
                 self.boot_marker.clone(),
                 self.machine.acpi_pm.clone(),
-                crate::api::device_list(&self.machine.config),
+                crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
             )
         });
         switch.set(handle.clone());
