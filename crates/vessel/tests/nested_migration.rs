@@ -58,6 +58,9 @@ ip addr add 10.0.2.15/24 dev eth0
 N=150
 ( i=0; while [ $i -lt $N ]; do echo "ping $i"; i=$((i + 1)); sleep 0.3; done; sleep 8 ) \
     | nc 10.0.2.2 7000 > /tmp/echo.out &
+tcp=$!
+( while :; do echo "L2MIG: beat $(cut -d' ' -f1 /proc/uptime) echoed $(wc -l < /tmp/echo.out)"; sleep 3; done ) &
+beat=$!
 i=0
 while [ $i -lt $N ]; do
     printf 'rec %08d\n' $i | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null
@@ -65,7 +68,8 @@ while [ $i -lt $N ]; do
     i=$((i + 1))
     sleep 0.3
 done
-wait
+wait $tcp
+kill $beat
 bad=0
 i=0
 while [ $i -lt $N ]; do
