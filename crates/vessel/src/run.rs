@@ -49,7 +49,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio network device on a tap interface (created if absent), repeatable:
-    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`.
+    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`, with rate limits per second for the
+    /// device: `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` (K/M/G suffixes) and one-time
+    /// bursts `[,tx_bw_burst=BYTES]` (likewise `tx_pps_burst`, `rx_bw_burst`, `rx_pps_burst`).
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio entropy device fed from the host's getrandom.
