@@ -37,6 +37,10 @@ use vm_memory::GuestMemoryMmap;
 
 pub use ::net::MacAddr;
 pub use backend::NetBackend;
+// The queue handlers on their own, for fuzz targets.
+pub use ctrl::CtrlHandler;
+pub use rx::{deliver, DropReason, RxOutcome};
+pub use tx::{TxError, TxHandler, TxStats};
 
 use super::worker::QueueWorker;
 use super::{
@@ -45,7 +49,6 @@ use super::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::rate_limiter::{RateLimiterConfig, RateLimiterError};
-use ctrl::CtrlHandler;
 use limit::SharedLimiter;
 use worker::{Limiters, PairOptions, PairWorker};
 
