@@ -125,6 +125,10 @@ impl Tap {
     /// Opens (creating it if needed) tap `name` with `queues` queues (multi-queue when more
     /// than one), each non-blocking, with virtio-net headers of [`VNET_HDR_LEN`] bytes and no
     /// offloads yet.
+    ///
+    /// A single queue is opened multi-queue too when the interface allows it (it is new, or
+    /// was made multi-queue), so that another process can attach a queue of its own: the target
+    /// of a live migration on the same host. An existing single-queue tap is opened as such.
     pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, TapError> {
         check_name(name)?;
         if queues == 0 || queues > MAX_QUEUES {
@@ -133,8 +137,20 @@ impl Tap {
                 queues,
             });
         }
-        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
         if queues > 1 {
+            return Tap::open_with(name, queues, true);
+        }
+        match Tap::open_with(name, 1, true) {
+            Err(TapError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Tap::open_with(name, 1, false)
+            }
+            r => r,
+        }
+    }
+
+    fn open_with(name: &str, queues: usize, multi: bool) -> Result<Vec<Tap>, TapError> {
+        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if multi {
             flags |= IFF_MULTI_QUEUE;
         }
         let mut taps = Vec::with_capacity(queues);

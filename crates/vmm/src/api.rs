@@ -2,7 +2,7 @@
 //! run control, the vCPU kick handles and the ACPI power button.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use api::types::{
@@ -16,12 +16,16 @@ use hypervisor::KickHandle;
 
 use crate::control::{Control, RunState};
 use crate::exit::ExitReason;
+use crate::migration::Outgoing;
 
 /// How long a pause may take before the API gives up on it.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the API needs of a running VM.
 pub struct VmHandle {
+    /// This handle, for the migration thread.
+    me: Weak<VmHandle>,
+    pub machine: Arc<crate::vm::Machine>,
     pub control: Arc<Control>,
     pub kicks: Mutex<Vec<KickHandle>>,
     pub vcpus: u32,
@@ -33,11 +37,15 @@ pub struct VmHandle {
     /// Serializes pause and resume.
     transition: Mutex<()>,
     shutdown_requested: AtomicBool,
+    /// The current or last outgoing migration.
+    migration: Mutex<Option<Arc<Outgoing>>>,
 }
 
 impl VmHandle {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        me: Weak<VmHandle>,
+        machine: Arc<crate::vm::Machine>,
         control: Arc<Control>,
         vcpus: u32,
         memory: u64,
@@ -47,6 +55,8 @@ impl VmHandle {
         devices: Vec<DeviceInfo>,
     ) -> Self {
         VmHandle {
+            me,
+            machine,
             control,
             kicks: Mutex::new(Vec::new()),
             vcpus,
@@ -57,6 +67,7 @@ impl VmHandle {
             devices,
             transition: Mutex::new(()),
             shutdown_requested: AtomicBool::new(false),
+            migration: Mutex::new(None),
         }
     }
 
@@ -89,6 +100,27 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Parks the vCPUs for a migration's stop-and-copy; returns whether this paused them (a
+    /// VM the user paused stays paused on the target too).
+    pub fn pause_for_migration(&self) -> Result<bool, crate::migration::MigrationError> {
+        if self.control.state() == RunState::Paused {
+            return Ok(false);
+        }
+        self.pause()
+            .map_err(|e| crate::migration::MigrationError::Build(e.message))?;
+        Ok(true)
+    }
+
+    /// Undoes [`VmHandle::pause_for_migration`] after a failed migration.
+    pub fn resume_after_migration(&self) {
+        if let Err(e) = self.resume() {
+            tracing::error!(
+                "cannot resume the VM after a failed migration: {}",
+                e.message
+            );
+        }
+    }
+
     pub fn resume(&self) -> Result<(), ApiError> {
         let _t = lock(&self.transition);
         self.stopping()?;
@@ -99,8 +131,6 @@ impl VmHandle {
         Ok(())
     }
 }
-
-const NOT_YET: &str = "not available yet: snapshots, restore and migration are being built";
 
 impl VmController for VmHandle {
     fn info(&self) -> Result<VmInfo, ApiError> {
@@ -153,28 +183,114 @@ impl VmController for VmHandle {
         Ok(())
     }
 
-    fn snapshot(&self, _req: SnapshotRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
+        if req.diff {
+            return Err(ApiError::not_implemented(
+                "not available yet: diff snapshots (write a full one)",
+            ));
+        }
+        if req.disk_snapshot {
+            return Err(ApiError::not_implemented(
+                "not available yet: disk snapshots with the VM snapshot",
+            ));
+        }
+        // A running VM is paused for the snapshot and resumed after; a paused one stays so.
+        let was_paused = self.control.state() == RunState::Paused;
+        if !was_paused {
+            self.pause()?;
+        }
+        let t = lock(&self.transition);
+        let taken = Instant::now();
+        let result = self.machine.snapshot(&req.dir);
+        drop(t);
+        if !was_paused {
+            self.resume()?;
+        }
+        let info = result.map_err(|e| match e {
+            crate::snapshot::SnapshotError::Dir { .. } => ApiError::bad_request(e.to_string()),
+            _ => ApiError::internal(e.to_string()),
+        })?;
+        tracing::info!(
+            "snapshot in {}: {} of {} MiB written in {:?} (devices paused {:?})",
+            req.dir.display(),
+            info.memory.written >> 20,
+            info.memory.total >> 20,
+            taken.elapsed(),
+            info.devices_paused
+        );
+        Ok(())
     }
 
     fn restore(&self, _req: RestoreRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        Err(ApiError::conflict(
+            "this process runs a VM already: restore in a new one (vessel serve, or vessel \
+             run --restore DIR)",
+        ))
     }
 
-    fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
+        self.stopping()?;
+        crate::migration::Addr::parse(&req.to).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mut slot = lock(&self.migration);
+        if slot
+            .as_ref()
+            .is_some_and(|m| !lock(&m.status).phase.is_finished())
+        {
+            return Err(ApiError::conflict("a migration is running already"));
+        }
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ApiError::internal("the VM is going away"))?;
+        let out = Arc::new(Outgoing::default());
+        // Started, as far as a client polling the status can tell, before this returns.
+        lock(&out.status).phase = api::types::MigrationPhase::Setup;
+        *slot = Some(out.clone());
+        drop(slot);
+        std::thread::Builder::new()
+            .name("vessel-migrate".into())
+            .spawn(move || {
+                match crate::migration::send(&me, &req, &out) {
+                    Ok(downtime) => {
+                        tracing::info!("migrated to {} (downtime {downtime:?})", req.to);
+                        // Let a client following the migration see it complete, briefly.
+                        let until = Instant::now() + Duration::from_secs(3);
+                        while !out.final_status_read.load(Ordering::SeqCst)
+                            && Instant::now() < until
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        me.control
+                            .request_exit(ExitReason::Migrated(req.to.clone()));
+                    }
+                    Err(e) => tracing::warn!("migration to {} failed: {e}", req.to),
+                }
+            })
+            .map_err(|e| ApiError::internal(format!("cannot start the migration: {e}")))?;
+        Ok(())
     }
 
     fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        Err(ApiError::conflict(
+            "this process runs a VM already: receive a migration in a new one (vessel serve)",
+        ))
     }
 
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        Ok(match lock(&self.migration).as_ref() {
+            Some(m) => m.status(),
+            None => MigrationStatus::default(),
+        })
     }
 
     fn migrate_cancel(&self) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        match lock(&self.migration).as_ref() {
+            Some(m) if !lock(&m.status).phase.is_finished() => {
+                m.cancel.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            _ => Err(ApiError::conflict("no migration is running")),
+        }
     }
 }
 

@@ -88,10 +88,12 @@ impl DiskBackend for NoFlush {
     }
 }
 
-fn block_device(d: &DiskConfig) -> Result<Box<dyn VirtioDevice>, Error> {
+fn block_device(d: &DiskConfig, lock: bool) -> Result<Box<dyn VirtioDevice>, Error> {
     let path = d.path.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
+        lock,
+        repair_dirty: lock,
         ..Default::default()
     };
     let disk = block::open(&d.path, opts).map_err(|source| Error::Disk {
@@ -184,6 +186,19 @@ pub struct VirtioDevices {
     pub balloon: Option<BalloonHandle>,
 }
 
+impl VirtioDevices {
+    /// A machine reset: every device stops and waits for a driver again; PCI functions get
+    /// their power-on configuration space back.
+    pub fn reset_all(&self) {
+        for t in &self.transports {
+            devices::bus::lock(t).hard_reset();
+        }
+        if let Some(pci) = &self.pci {
+            pci.reset_all();
+        }
+    }
+}
+
 /// Opens every configured device's backend and places it on the MMIO bus.
 pub fn setup(
     vm: &hypervisor::Vm,
@@ -193,7 +208,7 @@ pub fn setup(
 ) -> Result<VirtioDevices, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &config.disks {
-        devices.push(block_device(d)?);
+        devices.push(block_device(d, !config.skip_disk_locks)?);
     }
     for n in &config.nets {
         devices.push(net_device(n)?);

@@ -6,10 +6,10 @@
 //! offsets (desc, avail, used; aligned down) for the inflate, deflate, statistics and reporting
 //! queues, 1 byte script length L, L x 4 bytes of script, then guest memory contents.
 //!
-//! Script records `op, a, b, c`: serve queue `op % 4` (the statistics queue as the worker does);
-//! give the held statistics buffer back (a statistics request); write `a, b, c` into the
-//! configuration at offset `a % 12`; read the configuration; set the target to `a | b << 8`
-//! pages; write `c` into guest memory at `(a | b << 8) * 2` (the driver adding buffers).
+//! Script records `op, a, b, c`: serve queue `op % 4` (the statistics queue as the worker does:
+//! a new buffer replaces the one held); write `a, b, c` into the configuration at offset
+//! `a % 12`; read the configuration; set the target to `a | b << 8` pages; write `c` into guest
+//! memory at `(a | b << 8) * 2` (the driver adding buffers).
 //!
 //! Discards must be page aligned (the device's contract with the VMM); they zero the pages.
 
@@ -20,6 +20,7 @@
 mod common;
 
 use std::io;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use devices::virtio::balloon::{
@@ -96,27 +97,22 @@ fuzz_target!(|data: &[u8]| {
         .map(|&r| PagesHandler::new(r, handle.clone(), discard.clone()))
         .collect();
     let mut chain = Chain::default();
-    let mut held: Option<(u16, u16)> = None;
+    let never = AtomicBool::new(false);
     let mut broken = [false; 4];
     for rec in script.chunks_exact(4) {
         let (a, b, c) = (rec[1], rec[2], rec[3]);
         match rec[0] % 9 {
-            op @ 0..=3 => {
-                let i = usize::from(op);
+            op @ 0..=4 => {
+                let i = usize::from(op % 4);
                 let Some(q) = queues[i].as_mut().filter(|_| !broken[i]) else {
                     continue;
                 };
                 let r = if roles[i] == Role::Stats {
-                    serve_stats(q, &mem, &mut chain, &handle, 2, &mut held).map(|_| ())
+                    serve_stats(q, &mem, &mut chain, &handle, &never).map(|_| ())
                 } else {
                     process_queue(q, &mem, &mut chain, &mut handlers[i]).map(|_| ())
                 };
                 broken[i] = r.is_err();
-            }
-            4 => {
-                if let (Some((_, head)), Some(q)) = (held.take(), queues[2].as_mut()) {
-                    let _ = q.add_used(&mem, head, 0);
-                }
             }
             5 => dev.write_config(u64::from(a % 12), &[a, b, c][..usize::from(c % 4)]),
             6 => {

@@ -27,9 +27,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{log_activation_failure, ready_queues, status_transition, QueueRegs};
 use super::{
-    feature, has_feature, ActivateError, QueueSnapshot, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
+    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::lock;
 use crate::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR};
@@ -207,6 +207,8 @@ pub struct VirtioPciDevice {
     queue_sel: u16,
     config_generation: u8,
     active: bool,
+    /// A restored running device, validated and waiting for [`VirtioPciDevice::resume`].
+    restored: Option<Vec<ActiveQueue>>,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -310,6 +312,7 @@ impl VirtioPciDevice {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            restored: None,
         })
     }
 
@@ -387,9 +390,40 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Stop the device's workers (see [`VirtioDevice::pause`]): when this returns the device
+    /// writes nothing to guest memory and raises no interrupt. Idempotent; nothing on an
+    /// inactive device.
+    pub fn pause(&mut self) {
+        // A restored device not yet started has nothing running.
+        if self.active && self.restored.is_none() {
+            self.device.pause();
+        }
+    }
+
+    /// Serve again after [`VirtioPciDevice::pause`], or start a restored device. Nothing on a
+    /// running or inactive device.
+    pub fn resume(&mut self) -> Result<(), VirtioPciError> {
+        if let Some(queues) = self.restored.take() {
+            let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
+            self.device
+                .activate(self.mem.clone(), interrupt, queues)
+                .map_err(VirtioPciError::Device)?;
+            // A level the old process asserted for a pending ISR: assert it again (MSI-X
+            // pending bits are in the restored PBA).
+            self.intx_handle().resampled();
+            return Ok(());
+        }
+        if self.active {
+            self.device.resume().map_err(VirtioPciError::Device)?;
+        }
+        Ok(())
+    }
+
     /// Restore saved state into a fresh function whose device was built with the same backend
-    /// and options; a running device is activated again. Add the function to the root bus
-    /// afterwards, so that its BARs are mapped where the saved registers say.
+    /// and options. A device that was running is left *paused* (its queues checked now) until
+    /// [`VirtioPciDevice::resume`], which the VM monitor calls once the interrupt controllers
+    /// and MSI routes are restored. Add the function to the root bus afterwards, so that its
+    /// BARs are mapped where the saved registers say.
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioPciError> {
         if self.active {
             return Err(VirtioPciError::Active);
@@ -449,15 +483,26 @@ impl VirtioPciDevice {
             v.store(*saved, Ordering::SeqCst);
         }
         if self.status & STATUS_DRIVER_OK != 0 && !s.needs_reset {
-            self.activate()
+            let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
+            let queues = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)
                 .map_err(|(i, e)| VirtioPciError::Queue(i, e))?;
+            self.restored = Some(queues);
+            self.active = true;
         }
         Ok(())
+    }
+
+    /// A machine reset (the guest rebooted): the device stops and forgets the driver, as on a
+    /// driver reset. (Configuration space, for PCI, is the caller's: restore its power-on
+    /// state.)
+    pub fn hard_reset(&mut self) {
+        self.reset();
     }
 
     fn reset(&mut self) {
         self.device.reset();
         self.active = false;
+        self.restored = None;
         for q in &mut self.queues {
             *q = QueueRegs::new(q.max_size);
         }
@@ -720,8 +765,8 @@ mod tests {
     use crate::pci::msix::tests::FakeVectors;
     use crate::pci::msix::CONTROL_ENABLE;
     use crate::virtio::rng::Rng;
-    use crate::virtio::testing::{mem, TestQueue, AVAIL, DESC, R, USED, W};
-    use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1};
+    use crate::virtio::testing::{mem, settle, TestQueue, AVAIL, DESC, R, USED, W};
+    use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
     fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMemoryMmap) {
         let m = mem();
@@ -940,6 +985,50 @@ mod tests {
         d2.restore(&back).unwrap();
         assert!(d2.is_active());
         w(&mut d2, 0x14, 1, 0);
+    }
+
+    #[test]
+    fn pause_snapshot_and_restore_continue_the_queue() {
+        let (mut d, fake, m) = rng();
+        let f = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(negotiate(&mut d, f), OK);
+        setup_queue(&mut d, 0, 16);
+        let mut tq = TestQueue::new(&m, 16);
+        w(&mut d, 0x14, 1, OK | u64::from(STATUS_DRIVER_OK));
+        for i in 0..3 {
+            tq.add_chain(&[(0x10000 + i * 0x100, 16, W)]);
+        }
+        w(&mut d, NOTIFY_OFFSET, 2, 0);
+        tq.wait_used(3);
+        d.pause();
+        d.pause();
+        for i in 3..5 {
+            tq.add_chain(&[(0x10000 + i * 0x100, 16, W)]);
+        }
+        w(&mut d, NOTIFY_OFFSET, 2, 0);
+        settle();
+        assert_eq!(tq.used_idx(), 3, "paused");
+        let s = d.state();
+        assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (3, 3));
+        assert_eq!(s.device.specific, crate::virtio::DeviceSpecificState::None);
+        let json = serde_json::to_string(&s).unwrap();
+        drop(d);
+        let mut d2 = VirtioPciDevice::new(m.clone(), Box::new(Rng::new()), fake, None).unwrap();
+        d2.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert!(d2.is_active());
+        d2.pause();
+        settle();
+        assert_eq!(tq.used_idx(), 3, "a restored device waits for resume");
+        d2.resume().unwrap();
+        d2.resume().unwrap();
+        tq.wait_used(5);
+        tq.add_chain(&[(0x10500, 16, W)]);
+        w(&mut d2, NOTIFY_OFFSET, 2, 0);
+        tq.wait_used(6);
+        settle();
+        assert_eq!(tq.used_idx(), 6);
+        let ids: Vec<(u32, u32)> = (0..6).map(|i| tq.used(i)).collect();
+        assert_eq!(ids, (0..6).map(|i| (i, 16)).collect::<Vec<_>>());
     }
 
     #[derive(Default)]

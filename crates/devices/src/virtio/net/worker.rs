@@ -15,7 +15,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -27,8 +26,8 @@ use super::rx::{deliver, RxOutcome};
 use super::tx::{TxHandler, TxStats};
 use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN};
 use crate::bus::lock;
-use crate::virtio::queue::{process_queue, Chain, QueueError};
-use crate::virtio::worker::WorkerError;
+use crate::virtio::queue::{process_queue_until, Chain, QueueError};
+use crate::virtio::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use crate::virtio::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
 
 const TOKEN_RX: u64 = 0;
@@ -56,9 +55,8 @@ pub struct PairWorker {
     tx_index: u16,
     rx: Arc<Mutex<Queue>>,
     tx: Arc<Mutex<Queue>>,
-    exit: EventFd,
     wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<Pair>,
 }
 
 /// The device's rate limiters (`None`: no limit that way).
@@ -89,6 +87,7 @@ struct Pair {
     tx_kick: EventFd,
     /// Written by the control queue and by the rate limiters' timers.
     wake: Arc<EventFd>,
+    stop: StopSignal,
     mrg: bool,
     limiters: Limiters,
     /// Transmission waits for the transmit limiter.
@@ -125,78 +124,73 @@ impl PairWorker {
         opts: PairOptions,
     ) -> Result<PairWorker, WorkerError> {
         let PairOptions { mrg, limiters } = opts;
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
-        let exit_thread = exit.try_clone().map_err(WorkerError::EventFd)?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?);
-        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
-        let timers = [
-            limiters.tx.as_ref().map(|l| (l.timer_fd(), TOKEN_TX_TIMER)),
-            limiters.rx.as_ref().map(|l| (l.timer_fd(), TOKEN_RX_TIMER)),
-        ];
-        for (fd, token) in [
-            (rx.notifier.as_raw_fd(), TOKEN_RX),
-            (tx.notifier.as_raw_fd(), TOKEN_TX),
-            (exit_thread.as_raw_fd(), TOKEN_EXIT),
-            (wake.as_raw_fd(), TOKEN_WAKE),
-        ]
-        .into_iter()
-        .chain(timers.into_iter().flatten())
-        {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(WorkerError::Epoll)?;
-        }
+        let wake_thread = wake.clone();
         let (rx_index, tx_index) = (rx.index, tx.index);
         let rxq = Arc::new(Mutex::new(rx.queue));
         let txq = Arc::new(Mutex::new(tx.queue));
-        let mut pair = Pair {
-            mem,
-            interrupt,
-            backend,
-            epoll,
-            rx_index,
-            tx_index,
-            rx: rxq.clone(),
-            tx: txq.clone(),
-            rx_kick: rx.notifier,
-            tx_kick: tx.notifier,
-            wake: wake.clone(),
-            mrg,
-            limiters,
-            tx_limited: false,
-            rx_limited: false,
-            rx_granted: false,
-            rx_buf: vec![0; MAX_PACKET_LEN + 1],
-            pending: None,
-            waiting: false,
-            backend_failed: false,
-            backend_polled: false,
-            pool: Vec::new(),
-            tx_buf: Vec::new(),
-            tx_chain: Chain::default(),
-            rx_stats: RxStats::default(),
-            tx_stats: TxStats::default(),
-            broken: false,
-        };
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let _keep = exit_thread;
-                pair.run();
+        let (rx_shared, tx_shared) = (rxq.clone(), txq.clone());
+        let thread = DeviceThread::spawn(name, move |stop| {
+            let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            let timers = [
+                limiters.tx.as_ref().map(|l| (l.timer_fd(), TOKEN_TX_TIMER)),
+                limiters.rx.as_ref().map(|l| (l.timer_fd(), TOKEN_RX_TIMER)),
+            ];
+            for (fd, token) in [
+                (rx.notifier.as_raw_fd(), TOKEN_RX),
+                (tx.notifier.as_raw_fd(), TOKEN_TX),
+                (stop.raw_fd(), TOKEN_EXIT),
+                (wake_thread.as_raw_fd(), TOKEN_WAKE),
+            ]
+            .into_iter()
+            .chain(timers.into_iter().flatten())
+            {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)?;
+            }
+            Ok(Pair {
+                mem,
+                interrupt,
+                backend,
+                epoll,
+                rx_index,
+                tx_index,
+                rx: rx_shared,
+                tx: tx_shared,
+                rx_kick: rx.notifier,
+                tx_kick: tx.notifier,
+                wake: wake_thread,
+                stop,
+                mrg,
+                limiters,
+                tx_limited: false,
+                rx_limited: false,
+                rx_granted: false,
+                rx_buf: vec![0; MAX_PACKET_LEN + 1],
+                pending: None,
+                waiting: false,
+                backend_failed: false,
+                backend_polled: false,
+                pool: Vec::new(),
+                tx_buf: Vec::new(),
+                tx_chain: Chain::default(),
+                rx_stats: RxStats::default(),
+                tx_stats: TxStats::default(),
+                broken: false,
             })
-            .map_err(WorkerError::Spawn)?;
+        })?;
         Ok(PairWorker {
             rx_index,
             tx_index,
             rx: rxq,
             tx: txq,
-            exit,
             wake,
-            thread: Some(thread),
+            thread,
         })
     }
 
@@ -206,18 +200,15 @@ impl PairWorker {
         self.wake.try_clone()
     }
 
-    /// CPU time the worker thread has used so far.
+    /// CPU time the worker thread has used so far (zero while paused).
     #[cfg(test)]
     pub(super) fn cpu_time(&self) -> std::time::Duration {
-        use std::os::unix::thread::JoinHandleExt;
-        let t = self
-            .thread
-            .as_ref()
-            .expect("a running worker")
-            .as_pthread_t();
+        let Some(t) = self.thread.as_pthread_t() else {
+            return std::time::Duration::ZERO;
+        };
         let mut clock: libc::clockid_t = 0;
-        // SAFETY: `t` is a live thread (it is joined only in `stop`, which takes the handle) and
-        // `clock` a valid place for the result.
+        // SAFETY: `t` is a running thread (it is joined only through `&mut self`) and `clock` a
+        // valid place for the result.
         assert_eq!(unsafe { libc::pthread_getcpuclockid(t, &mut clock) }, 0);
         let mut ts = libc::timespec {
             tv_sec: 0,
@@ -228,7 +219,7 @@ impl PairWorker {
         std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 
-    /// The queues' states, each taken between two processing passes.
+    /// The queues' states, each taken between two requests (or while paused).
     pub fn queue_states(&self) -> Vec<(u16, QueueState)> {
         vec![
             (self.rx_index, lock(&self.rx).state()),
@@ -236,30 +227,19 @@ impl PairWorker {
         ]
     }
 
-    /// Stop the thread and wait for it.
-    pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if let Err(e) = self.exit.write(1) {
-                tracing::error!(
-                    "virtio-net queue {}: cannot stop worker: {e}",
-                    self.rx_index
-                );
-                return;
-            }
-            if t.join().is_err() {
-                tracing::error!("virtio-net queue {}: worker panicked", self.rx_index);
-            }
-        }
+    /// Stop the thread after the frame it is on; a received frame still waiting for buffers
+    /// is kept for [`PairWorker::resume`].
+    pub fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    /// Serve again after a pause. Nothing on a running worker.
+    pub fn resume(&mut self) -> Result<(), WorkerError> {
+        self.thread.resume()
     }
 }
 
-impl Drop for PairWorker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-impl Pair {
+impl WorkerLoop for Pair {
     fn run(&mut self) {
         // The backend wakes the worker for receive work; the driver's receive notifications are
         // only wanted when the queue runs out of buffers.
@@ -328,7 +308,9 @@ impl Pair {
             }
         }
     }
+}
 
+impl Pair {
     fn fatal(&mut self, queue: u16, e: QueueError) {
         tracing::warn!("virtio-net queue {queue}: {e}; device needs a reset");
         self.broken = true;
@@ -383,7 +365,13 @@ impl Pair {
             stats: &mut self.tx_stats,
             limiter: self.limiters.tx.as_deref().map(|l| (l, &self.wake)),
         };
-        match process_queue(&mut q, &self.mem, &mut self.tx_chain, &mut handler) {
+        match process_queue_until(
+            &mut q,
+            &self.mem,
+            &mut self.tx_chain,
+            &mut handler,
+            self.stop.flag(),
+        ) {
             Ok(p) => {
                 if p.notify {
                     self.notify(self.tx_index);
@@ -414,6 +402,10 @@ impl Pair {
         let mut used = false;
         let mut result = Ok(());
         for _ in 0..RX_BUDGET {
+            if self.stop.requested() {
+                // Pausing: the rest waits in the backend (and a pending frame here).
+                break;
+            }
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.backend.recv(&mut self.rx_buf) {
