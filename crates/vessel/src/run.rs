@@ -46,7 +46,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PROTOCOL", default_value = "auto")]
     boot_protocol: String,
     /// A virtio disk (raw or qcow2), repeatable:
-    /// `path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID][,queues=N]`.
+    /// `path=FILE[,readonly=on][,cache=writeback|none|unsafe][,serial=ID][,queues=N]
+    /// [,engine=auto|io_uring|threads|sync][,bw=BYTES][,iops=N][,bw_burst=BYTES][,iops_burst=N]`.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio network device on a tap interface (created if absent), repeatable:
@@ -147,11 +148,7 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
             .map(|d| parse_disk(d))
             .collect::<Result<_, _>>()?,
         rng: args.rng,
-        nets: args
-            .net
-            .iter()
-            .map(|n| vmm::config::parse_net(n))
-            .collect::<Result<_, _>>()?,
+        nets: parse_nets(&args.net)?,
         vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
         virtio_console: args
             .virtio_console
@@ -164,6 +161,13 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
         on_reboot: vmm::config::parse_on_reboot(&args.on_reboot)?,
         skip_disk_locks: false,
     })
+}
+
+fn parse_nets(specs: &[String]) -> Result<Vec<vmm::config::NetConfig>, Error> {
+    Ok(specs
+        .iter()
+        .map(|n| vmm::config::parse_net(n))
+        .collect::<Result<_, _>>()?)
 }
 
 fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
@@ -183,11 +187,7 @@ pub fn run(args: RunArgs, start: Instant) -> Result<i32, Error> {
                 memory: parse_restore_memory(&args.restore_memory)?,
                 console: parse_console(&args.console)?,
                 api_socket: args.api_socket.clone(),
-                nets: args
-                    .net
-                    .iter()
-                    .map(|n| vmm::config::parse_net(n))
-                    .collect::<Result<_, _>>()?,
+                nets: parse_nets(&args.net)?,
                 vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
             };
             Vm::restore(dir, opts, start)?

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::soak::{Console, SoakLine};
+use common::soak::{last_iters, Console, SoakLine};
 use common::*;
 
 const CPUS: usize = 2;
@@ -36,20 +36,6 @@ fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
     vessel(&full)
 }
 
-/// The last iteration each CPU reported in `lines`.
-fn last_iters(lines: &[SoakLine]) -> Vec<u64> {
-    (0..CPUS)
-        .map(|c| {
-            lines
-                .iter()
-                .filter(|l| l.cpu == c)
-                .map(|l| l.iter)
-                .max()
-                .unwrap()
-        })
-        .collect()
-}
-
 /// Takes a snapshot of a soaking VM into `dir`; returns the iterations reported before it
 /// (the snapshot was taken after them) and those reported after it (possibly before the
 /// snapshot point: the console lags).
@@ -61,7 +47,7 @@ fn snapshot_soak(dir: &Path, socket: &Path) -> (Vec<u64>, Vec<u64>) {
     // The VM goes on after a snapshot.
     let after = vm.soak_lines(CPUS, 2);
     assert_eq!(vm.stop(), Some(143));
-    (last_iters(&before), last_iters(&after))
+    (last_iters(&before, CPUS), last_iters(&after, CPUS))
 }
 
 #[test]

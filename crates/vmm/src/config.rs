@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use arch::regs::BootProtocol;
 use arch::template::CpuTemplate;
 use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+use devices::virtio::block::EngineKind;
 
 /// Where the serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -43,8 +44,20 @@ pub enum CacheMode {
     /// Through the host page cache; guest flushes become fsync (the default).
     #[default]
     Writeback,
+    /// Around the host page cache (`O_DIRECT`); guest flushes become fsync.
+    None,
     /// Guest flushes are ignored: fastest, and data is lost if the host crashes.
     Unsafe,
+}
+
+impl CacheMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+            CacheMode::Unsafe => "unsafe",
+        }
+    }
 }
 
 /// A disk given with `--disk`.
@@ -57,6 +70,10 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Request queues.
     pub queues: u16,
+    /// The I/O engine.
+    pub engine: EngineKind,
+    /// Bandwidth and operations per second (`bw=`, `iops=`, with their bursts).
+    pub rate_limit: RateLimiterConfig,
 }
 
 /// A network device given with `--net`: a virtio-net device on a tap interface.
@@ -220,8 +237,20 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Parses a `--disk` value: `path=FILE[,readonly=on|off][,cache=writeback|unsafe]
-/// [,serial=ID][,queues=N]`; a bare `FILE` is accepted as the path.
+/// Parses a rate or a burst: a number, with an optional K, M or G suffix (powers of 1024);
+/// a plain number is taken as is (bytes or operations). Zero is refused.
+fn parse_rate(v: &str) -> Option<u64> {
+    let n = if v.bytes().all(|b| b.is_ascii_digit()) {
+        v.parse().ok()?
+    } else {
+        parse_size(v).ok()?
+    };
+    (n > 0).then_some(n)
+}
+
+/// Parses a `--disk` value: `path=FILE[,readonly=on|off][,cache=writeback|none|unsafe]
+/// [,serial=ID][,queues=N][,engine=auto|io_uring|threads|sync][,bw=BYTES/s][,iops=N]
+/// [,bw_burst=BYTES][,iops_burst=N]`; a bare `FILE` is accepted as the path.
 pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadDisk {
         spec: spec.to_string(),
@@ -233,7 +262,10 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
         cache: CacheMode::default(),
         serial: None,
         queues: 1,
+        engine: EngineKind::Auto,
+        rate_limit: RateLimiterConfig::default(),
     };
+    let (mut bw, mut iops, mut bw_burst, mut iops_burst) = (None, None, None, None);
     for (i, item) in spec.split(',').enumerate() {
         match item.split_once('=') {
             Some(("path", p)) if !p.is_empty() => disk.path = p.into(),
@@ -241,8 +273,9 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                 disk.read_only = parse_bool(v).ok_or_else(|| bad("readonly takes on or off"))?
             }
             Some(("cache", "writeback")) => disk.cache = CacheMode::Writeback,
+            Some(("cache", "none")) => disk.cache = CacheMode::None,
             Some(("cache", "unsafe")) => disk.cache = CacheMode::Unsafe,
-            Some(("cache", _)) => return Err(bad("cache takes writeback or unsafe")),
+            Some(("cache", _)) => return Err(bad("cache takes writeback, none or unsafe")),
             Some(("serial", v)) if v.len() <= 20 && v.is_ascii() => disk.serial = Some(v.into()),
             Some(("serial", _)) => return Err(bad("serial is at most 20 ASCII characters")),
             Some(("queues", v)) => {
@@ -252,6 +285,20 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
                     .filter(|q| (1..=64).contains(q))
                     .ok_or_else(|| bad("queues takes a number from 1 to 64"))?
             }
+            Some(("engine", v)) => disk.engine = v.parse().map_err(|e: String| bad(&e))?,
+            Some((key @ ("bw" | "iops" | "bw_burst" | "iops_burst"), v)) => {
+                let n = parse_rate(v).ok_or_else(|| {
+                    bad(&format!(
+                        "{key} takes a number above 0, with an optional K, M or G suffix"
+                    ))
+                })?;
+                *match key {
+                    "bw" => &mut bw,
+                    "iops" => &mut iops,
+                    "bw_burst" => &mut bw_burst,
+                    _ => &mut iops_burst,
+                } = Some(n);
+            }
             None if i == 0 && !item.is_empty() => disk.path = item.into(),
             _ => return Err(bad(&format!("unknown or empty option '{item}'"))),
         }
@@ -259,6 +306,16 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     if disk.path.as_os_str().is_empty() {
         return Err(bad("path= is required"));
     }
+    if bw_burst.is_some() && bw.is_none() {
+        return Err(bad("bw_burst needs bw"));
+    }
+    if iops_burst.is_some() && iops.is_none() {
+        return Err(bad("iops_burst needs iops"));
+    }
+    disk.rate_limit = RateLimiterConfig {
+        bandwidth: bw.map(|r| TokenBucketConfig::per_second(r, bw_burst.unwrap_or(0))),
+        ops: iops.map(|r| TokenBucketConfig::per_second(r, iops_burst.unwrap_or(0))),
+    };
     Ok(disk)
 }
 
@@ -323,23 +380,6 @@ pub fn parse_balloon(spec: &str) -> Result<BalloonConfig, ConfigError> {
         }
     }
     Ok(b)
-}
-
-/// A rate: a number above zero with an optional K, M or G suffix (powers of 1024).
-fn parse_rate(v: &str) -> Option<u64> {
-    let (num, shift) = match v.chars().last()? {
-        'K' | 'k' => (&v[..v.len() - 1], 10),
-        'M' | 'm' => (&v[..v.len() - 1], 20),
-        'G' | 'g' => (&v[..v.len() - 1], 30),
-        _ => (v, 0),
-    };
-    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    num.parse::<u64>()
-        .ok()?
-        .checked_mul(1 << shift)
-        .filter(|&n| n > 0)
 }
 
 /// The rate-limit options of `--net`: `{rx,tx}_{bw,pps}[_burst]`.
@@ -739,7 +779,7 @@ mod tests {
                 "tap=t,tx_pps=",
                 "tx_pps takes a number of packets above zero",
             ),
-            ("tap=t,rx_bw=1T", "rx_bw takes a number of bytes"),
+            ("tap=t,rx_bw=1P", "rx_bw takes a number of bytes"),
             ("tap=t,rx_bw=-5", "rx_bw takes"),
             ("tap=t,rx_bw=1.5M", "rx_bw takes"),
             ("tap=t,rx_pps=99999999999999999999", "rx_pps takes"),
@@ -776,9 +816,45 @@ mod tests {
             "path=/a,queues=0",
             "path=/a,serial=012345678901234567890",
             "path=/a,colour=red",
+            "path=/a,engine=aio",
+            "path=/a,bw=0",
+            "path=/a,iops=-5",
+            "path=/a,iops=many",
+            "path=/a,bw=10X",
+            "path=/a,bw_burst=1M",
+            "path=/a,iops_burst=10",
         ] {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }
+        let e = parse_disk("path=/a,engine=aio").unwrap_err().to_string();
+        assert!(
+            e.contains("expected auto, io_uring, threads or sync"),
+            "{e}"
+        );
+        let d =
+            parse_disk("path=/a,cache=none,engine=io_uring,bw=10M,iops=200,bw_burst=1G").unwrap();
+        assert_eq!(d.cache, CacheMode::None);
+        assert_eq!(d.engine, EngineKind::IoUring);
+        assert_eq!(
+            d.rate_limit,
+            RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig::per_second(10 << 20, 1 << 30)),
+                ops: Some(TokenBucketConfig::per_second(200, 0)),
+            }
+        );
+        let d = parse_disk("/a,engine=threads,iops=1K,iops_burst=50,bw=4096").unwrap();
+        assert_eq!(d.engine, EngineKind::Threads);
+        assert_eq!(
+            d.rate_limit.ops,
+            Some(TokenBucketConfig::per_second(1024, 50))
+        );
+        assert_eq!(
+            d.rate_limit.bandwidth,
+            Some(TokenBucketConfig::per_second(4096, 0))
+        );
+        let plain = parse_disk("/a").unwrap();
+        assert_eq!(plain.engine, EngineKind::Auto);
+        assert!(plain.rate_limit.is_unlimited());
         assert_eq!(parse_transport("pci"), Ok(Transport::Pci));
         assert!(parse_transport("isa").is_err());
     }

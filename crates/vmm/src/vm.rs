@@ -186,17 +186,7 @@ impl Vm {
             ))
             .into());
         }
-        let mode = match opts.memory {
-            api::types::RestoreMemory::Lazy => memory::RestoreMemory::Lazy,
-            api::types::RestoreMemory::Eager => memory::RestoreMemory::Eager,
-            api::types::RestoreMemory::Userfaultfd => {
-                return Err(SnapshotError::Mismatch(
-                    "userfaultfd restore is not available yet: use lazy or eager".to_string(),
-                )
-                .into())
-            }
-        };
-        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, mode)
+        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
             .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
         config.console = opts.console;
@@ -518,7 +508,7 @@ impl Vm {
                 self.started,
                 self.boot_marker.clone(),
                 self.machine.acpi_pm.clone(),
-                crate::api::device_list(&self.machine.config),
+                crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
             )
         });
         switch.set(handle.clone());

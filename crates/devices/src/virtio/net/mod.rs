@@ -15,12 +15,11 @@
 //!
 //! Rate limits ([`Net::set_rate_limiters`]): one token-bucket limiter per direction (packets
 //! and frame bytes, the virtio-net header not counted), shared by all queue pairs
-//! ([`limit`]). Transmit chains beyond the budget stay in the ring; received frames beyond it
+//! ([`SharedLimiter`]). Transmit chains beyond the budget stay in the ring; received frames beyond it
 //! stay in the tap's kernel queue.
 
 mod backend;
 mod ctrl;
-mod limit;
 mod rx;
 mod tx;
 mod worker;
@@ -48,8 +47,7 @@ use super::{
     VirtioDevice, VirtioInterrupt, MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::rate_limiter::{RateLimiterConfig, RateLimiterError};
-use limit::SharedLimiter;
+use crate::rate_limiter::{RateLimiterConfig, RateLimiterError, SharedLimiter};
 use worker::{Limiters, PairOptions, PairWorker};
 
 /// Device type (virtio 1.2 §5.1).

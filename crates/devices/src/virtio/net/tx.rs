@@ -9,8 +9,8 @@ use std::sync::Arc;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::limit::SharedLimiter;
 use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN};
+use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{Chain, ChainHandler, Cursor, MAX_CHAIN_DESCRIPTORS};
 
 /// Why a transmitted packet was dropped.
@@ -69,7 +69,7 @@ impl TxHandler<'_> {
             return Err(TxError::TooBig(len));
         }
         if let Some((limiter, waker)) = self.limiter {
-            if !limiter.consume(len - HDR_LEN as u64, waker) {
+            if !limiter.consume(1, len - HDR_LEN as u64, waker) {
                 return Ok(Sent::Limited);
             }
         }

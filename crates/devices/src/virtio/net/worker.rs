@@ -21,11 +21,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::limit::SharedLimiter;
 use super::rx::{deliver, RxOutcome};
 use super::tx::{TxHandler, TxStats};
 use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN};
 use crate::bus::lock;
+use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{process_queue_until, Chain, QueueError};
 use crate::virtio::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use crate::virtio::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
@@ -431,7 +431,7 @@ impl Pair {
             if !self.rx_granted {
                 if let Some(l) = &self.limiters.rx {
                     let bytes = len.saturating_sub(HDR_LEN) as u64;
-                    if !l.consume(bytes, &self.wake) {
+                    if !l.consume(1, bytes, &self.wake) {
                         // Keep the frame; leave the backend alone until the timer fires.
                         self.rx_limited = true;
                         break;
