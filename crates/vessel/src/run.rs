@@ -51,7 +51,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio network device on a tap interface (created if absent), repeatable:
-    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`.
+    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`, with rate limits per second for the
+    /// device: `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` (K/M/G suffixes) and one-time
+    /// bursts `[,tx_bw_burst=BYTES]` (likewise `tx_pps_burst`, `rx_bw_burst`, `rx_pps_burst`).
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio entropy device fed from the host's getrandom.
@@ -83,7 +85,8 @@ pub struct RunArgs {
     /// booting: the machine (vCPUs, memory, devices) comes from the snapshot; the console and
     /// API socket from this command.
     /// With --restore, --net (one per saved network device) and --vsock give the restored VM
-    /// new backends, MACs and guest CID: a clone beside the original needs its own.
+    /// new backends, MACs, network rate limits and guest CID: a clone beside the original needs
+    /// its own backends.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initrd", "cpu_template", "disk", "rng", "virtio_console", "balloon",
     ])]

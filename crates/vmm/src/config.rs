@@ -85,6 +85,12 @@ pub struct NetConfig {
     pub mac: Option<devices::virtio::net::MacAddr>,
     /// Queue pairs (a multi-queue tap when more than one).
     pub queues: u16,
+    /// What the guest may receive: frame bytes and packets per second, for the whole device.
+    #[serde(default)]
+    pub rx_limit: RateLimiterConfig,
+    /// What the guest may transmit.
+    #[serde(default)]
+    pub tx_limit: RateLimiterConfig,
 }
 
 /// A virtio-vsock device given with `--vsock`.
@@ -376,7 +382,47 @@ pub fn parse_balloon(spec: &str) -> Result<BalloonConfig, ConfigError> {
     Ok(b)
 }
 
-/// Parses a `--net` value: `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`.
+/// The rate-limit options of `--net`: `{rx,tx}_{bw,pps}[_burst]`.
+const RATE_OPTIONS: [&str; 8] = [
+    "rx_bw",
+    "rx_pps",
+    "tx_bw",
+    "tx_pps",
+    "rx_bw_burst",
+    "rx_pps_burst",
+    "tx_bw_burst",
+    "tx_pps_burst",
+];
+
+/// The limiters from the rate options given (indexed as [`RATE_OPTIONS`]).
+fn rate_limiters(
+    rates: &[Option<u64>; 8],
+) -> Result<(RateLimiterConfig, RateLimiterConfig), String> {
+    let bucket = |i: usize| -> Result<Option<TokenBucketConfig>, String> {
+        match (rates[i], rates[i + 4]) {
+            (Some(rate), burst) => Ok(Some(TokenBucketConfig::per_second(
+                rate,
+                burst.unwrap_or(0),
+            ))),
+            (None, Some(_)) => Err(format!("{} needs {}", RATE_OPTIONS[i + 4], RATE_OPTIONS[i])),
+            (None, None) => Ok(None),
+        }
+    };
+    Ok((
+        RateLimiterConfig {
+            bandwidth: bucket(0)?,
+            ops: bucket(1)?,
+        },
+        RateLimiterConfig {
+            bandwidth: bucket(2)?,
+            ops: bucket(3)?,
+        },
+    ))
+}
+
+/// Parses a `--net` value: `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]` and rate limits
+/// `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` per second, each with an optional
+/// one-time `_burst` on top (`tx_bw_burst=BYTES`, ...).
 pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let bad = |why: &str| ConfigError::BadNet {
         spec: spec.to_string(),
@@ -387,8 +433,26 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
         tap: String::new(),
         mac: None,
         queues: 1,
+        rx_limit: RateLimiterConfig::default(),
+        tx_limit: RateLimiterConfig::default(),
     };
+    let mut rates = [None; 8];
     for item in spec.split(',') {
+        if let Some((key, v)) = item.split_once('=') {
+            if let Some(i) = RATE_OPTIONS.iter().position(|o| *o == key) {
+                let what = if key.contains("bw") {
+                    "bytes"
+                } else {
+                    "packets"
+                };
+                rates[i] = Some(parse_rate(v).ok_or_else(|| {
+                    bad(&format!(
+                        "{key} takes a number of {what} above zero, with an optional K, M or G suffix (powers of 1024)"
+                    ))
+                })?);
+                continue;
+            }
+        }
         match item.split_once('=') {
             Some(("tap" | "ifname", name)) => {
                 let ok = !name.is_empty()
@@ -424,6 +488,7 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     if net.tap.is_empty() {
         return Err(bad("tap= is required"));
     }
+    (net.rx_limit, net.tx_limit) = rate_limiters(&rates).map_err(|e| bad(&e))?;
     Ok(net)
 }
 
@@ -652,6 +717,7 @@ mod tests {
         assert_eq!(n.mac.unwrap().to_string(), "52:54:00:12:34:56");
         assert_eq!(n.queues, 4);
         assert_eq!(parse_net("tap=t").unwrap().queues, 1);
+        assert!(n.rx_limit.is_unlimited() && n.tx_limit.is_unlimited());
         for bad in [
             "",
             "vtap0",
@@ -683,6 +749,51 @@ mod tests {
             c.validate(8, None),
             Err(ConfigError::TooManyDevices { .. })
         ));
+    }
+
+    #[test]
+    fn net_rate_limits() {
+        let n =
+            parse_net("tap=t,tx_bw=10M,tx_pps=1000,rx_bw=512k,rx_pps=2K,tx_bw_burst=1G").unwrap();
+        let per_s = TokenBucketConfig::per_second;
+        assert_eq!(
+            n.tx_limit,
+            RateLimiterConfig {
+                bandwidth: Some(per_s(10 << 20, 1 << 30)),
+                ops: Some(per_s(1000, 0)),
+            }
+        );
+        assert_eq!(
+            n.rx_limit,
+            RateLimiterConfig {
+                bandwidth: Some(per_s(512 << 10, 0)),
+                ops: Some(per_s(2048, 0)),
+            }
+        );
+        let n = parse_net("tap=t,rx_pps=10,rx_pps_burst=5").unwrap();
+        assert_eq!(n.rx_limit.ops, Some(per_s(10, 5)));
+        assert!(n.rx_limit.bandwidth.is_none() && n.tx_limit.is_unlimited());
+        for (spec, want) in [
+            ("tap=t,tx_bw=0", "tx_bw takes a number of bytes above zero"),
+            (
+                "tap=t,tx_pps=",
+                "tx_pps takes a number of packets above zero",
+            ),
+            ("tap=t,rx_bw=1P", "rx_bw takes a number of bytes"),
+            ("tap=t,rx_bw=-5", "rx_bw takes"),
+            ("tap=t,rx_bw=1.5M", "rx_bw takes"),
+            ("tap=t,rx_pps=99999999999999999999", "rx_pps takes"),
+            ("tap=t,tx_bw=17179869184G", "tx_bw takes"),
+            ("tap=t,tx_bw_burst=1M", "tx_bw_burst needs tx_bw"),
+            ("tap=t,rx_pps=5,tx_pps_burst=1", "tx_pps_burst needs tx_pps"),
+            ("tap=t,tx_rate=5", "unknown or empty option 'tx_rate=5'"),
+        ] {
+            let e = parse_net(spec).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("invalid --net '{spec}': ")) && e.contains(want),
+                "{spec}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -141,7 +141,10 @@ fn block_device(d: &DiskConfig, lock: bool) -> Result<(Box<dyn VirtioDevice>, En
 /// A virtio-net device on the configured tap, opened (or created) now.
 fn net_device(n: &crate::config::NetConfig) -> Result<Box<dyn VirtioDevice>, Error> {
     Net::with_tap(&n.tap, n.mac, n.queues)
-        .map(|d| Box::new(d) as Box<dyn VirtioDevice>)
+        .and_then(|mut d| {
+            d.set_rate_limiters(n.rx_limit, n.tx_limit)?;
+            Ok(Box::new(d) as Box<dyn VirtioDevice>)
+        })
         .map_err(|source| Error::Net {
             tap: n.tap.clone(),
             source,

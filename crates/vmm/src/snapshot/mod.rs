@@ -259,8 +259,8 @@ impl VmSnapshot {
 
     /// Gives the restored VM new host-side backends for its network devices (all of them, in
     /// order: a clone needs its own taps) and its vsock device (a clone needs its own socket),
-    /// with a new MAC or guest CID where given; the saved ones otherwise. Each device is then
-    /// built with the address its state holds.
+    /// with a new MAC, guest CID or network rate limits (each direction) where given; the saved
+    /// ones otherwise. Each device is then built with the address and limits its state holds.
     pub fn rebind(
         &mut self,
         nets: &[crate::config::NetConfig],
@@ -275,9 +275,23 @@ impl VmSnapshot {
             )));
         }
         for i in 0..self.config.nets.len() {
-            let saved_mac = match self.device_mut(first_net + i).map(|d| &d.specific) {
-                Some(devices::virtio::DeviceSpecificState::Net(n)) => n.mac,
-                _ => return Err(mismatch(format!("no saved state for network device {i}"))),
+            let (saved_mac, saved_rx, saved_tx) =
+                match self.device_mut(first_net + i).map(|d| &d.specific) {
+                    Some(devices::virtio::DeviceSpecificState::Net(n)) => {
+                        (n.mac, n.rx_rate_limiter, n.tx_rate_limiter)
+                    }
+                    _ => return Err(mismatch(format!("no saved state for network device {i}"))),
+                };
+            let given = |l: devices::rate_limiter::RateLimiterConfig, saved| {
+                if l.is_unlimited() {
+                    saved
+                } else {
+                    l
+                }
+            };
+            let (rx_limit, tx_limit) = match nets.get(i) {
+                Some(n) => (given(n.rx_limit, saved_rx), given(n.tx_limit, saved_tx)),
+                None => (saved_rx, saved_tx),
             };
             let (tap, mac) = match nets.get(i) {
                 Some(n) => {
@@ -293,9 +307,13 @@ impl VmSnapshot {
             };
             if let Some(d) = self.device_mut(first_net + i) {
                 d.set_net_mac(mac).map_err(|e| mismatch(e.to_string()))?;
+                d.set_net_rate_limiters(rx_limit, tx_limit)
+                    .map_err(|e| mismatch(e.to_string()))?;
             }
             self.config.nets[i].tap = tap;
             self.config.nets[i].mac = Some(mac);
+            self.config.nets[i].rx_limit = rx_limit;
+            self.config.nets[i].tx_limit = tx_limit;
         }
         if let Some(v) = vsock {
             let Some(saved) = &self.config.vsock else {

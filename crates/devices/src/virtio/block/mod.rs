@@ -9,7 +9,6 @@
 //! completing in any order, within an optional rate limit shared by the queues ([`limiter`]).
 
 pub mod engine;
-mod limiter;
 pub mod request;
 mod worker;
 
@@ -27,7 +26,6 @@ use vm_memory::GuestMemoryMmap;
 
 use self::engine::threads::{ThreadPool, POOL_THREADS};
 use self::engine::EngineSetup;
-use self::limiter::SharedLimiter;
 use self::request::Parser;
 use self::worker::{BlockQueue, BlockWorker};
 use super::{
@@ -36,6 +34,7 @@ use super::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::rate_limiter::RateLimiterConfig;
+use crate::rate_limiter::SharedLimiter;
 pub use engine::{EngineError, EngineKind};
 pub use request::BlockHandler;
 

@@ -169,7 +169,7 @@ impl<'a> Driver<'a> {
             depth: self.tq.size,
         })
         .unwrap();
-        let limiter = limit.and_then(|l| limiter::SharedLimiter::new(l).unwrap());
+        let limiter = limit.and_then(|l| crate::rate_limiter::SharedLimiter::new(l).unwrap());
         BlockQueue::new(
             self.tq.queue(),
             self.m.clone(),

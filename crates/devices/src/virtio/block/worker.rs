@@ -26,9 +26,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::engine::{wait_readable, Completion, Engine};
-use super::limiter::SharedLimiter;
 use super::request::{Parsed, Parser, VIRTIO_BLK_S_OK};
 use crate::bus::lock;
+use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{pop_head, walk_chain, Chain, Progress, QueueError};
 use crate::virtio::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
@@ -248,7 +248,11 @@ impl BlockQueue {
         self.engine.flush_submissions();
         used += self.complete(&mut q)?;
         let notify = used > 0 && q.needs_notification(&mem).map_err(ring_err)?;
-        Ok(Progress { notify, pending })
+        Ok(Progress {
+            notify,
+            pending,
+            deferred: self.limited,
+        })
     }
 
     /// Forget finished requests without touching the rings (a broken or stopping queue).
