@@ -243,3 +243,80 @@ fn clones_get_their_own_vsock_socket_and_cid() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("0 network devices"), "{}", stderr(&o));
 }
+
+/// Rewrites the snapshot's state file with `edit` applied to its JSON body (header fixed up).
+fn edit_state(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("state");
+    let text = std::fs::read(&path).unwrap();
+    let mut lines = text.splitn(3, |&c| c == b'\n');
+    let magic = lines.next().unwrap().to_vec();
+    let header: serde_json::Value = serde_json::from_slice(lines.next().unwrap()).unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(lines.next().unwrap()).unwrap();
+    edit(&mut body);
+    let body = serde_json::to_vec(&body).unwrap();
+    let mut header = header;
+    header["body_len"] = body.len().into();
+    header["body_crc32"] = crc32fast::hash(&body).into();
+    let mut out = magic;
+    out.push(b'\n');
+    out.extend_from_slice(&serde_json::to_vec(&header).unwrap());
+    out.push(b'\n');
+    out.extend_from_slice(&body);
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
+    let tmp = TempDir::new("cpu");
+    let dir = tmp.file("snap");
+    snapshot_soak(&dir, &tmp.file("api.sock"));
+    // A leaf 7 feature this host's CPU lacks, written into every saved vCPU's CPUID.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> = flags
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let candidates = [
+        ("amx_tile", "amx-tile", 3usize, 24u32), // EDX (register index 3 of eax..edx)
+        ("amx_int8", "amx-int8", 3, 25),
+        ("serialize", "serialize", 3, 14),
+        ("avx512f", "avx512f", 1, 16),
+        ("sha_ni", "sha", 1, 29),
+    ];
+    let Some(&(_, name, reg, bit)) = candidates.iter().find(|c| !flags.contains(&c.0)) else {
+        eprintln!("skipped: this CPU has every candidate feature");
+        return;
+    };
+    edit_state(&dir, |body| {
+        for v in body["vcpus"].as_array_mut().unwrap() {
+            for e in v["cpuid"].as_array_mut().unwrap() {
+                let bytes: Vec<u8> = e
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect();
+                let word =
+                    |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+                // kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding.
+                if word(0) == 7 && word(1) == 0 {
+                    let at = (3 + reg) * 4;
+                    let v = word(3 + reg) | (1 << bit);
+                    let arr = e.as_array_mut().unwrap();
+                    for (k, b) in v.to_le_bytes().iter().enumerate() {
+                        arr[at + k] = (*b).into();
+                    }
+                }
+            }
+        }
+    });
+    let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot run the saved VM") && stderr(&o).contains(name),
+        "{}",
+        stderr(&o)
+    );
+}
