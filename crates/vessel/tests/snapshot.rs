@@ -270,7 +270,7 @@ fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
     let tmp = TempDir::new("cpu");
     let dir = tmp.file("snap");
     snapshot_soak(&dir, &tmp.file("api.sock"));
-    // A leaf 7 feature this host's CPU lacks, written into every saved vCPU's CPUID.
+    // A feature this host's CPU lacks, written into every saved vCPU's CPUID.
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap();
     let flags: Vec<&str> = flags
         .lines()
@@ -278,14 +278,18 @@ fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
         .unwrap()
         .split_whitespace()
         .collect();
+    // (cpuinfo flag, Vessel's name, leaf, register 0..3 = eax..edx, bit): Intel-only and
+    // AMD-only features, so that every host lacks some.
     let candidates = [
-        ("amx_tile", "amx-tile", 3usize, 24u32), // EDX (register index 3 of eax..edx)
-        ("amx_int8", "amx-int8", 3, 25),
-        ("serialize", "serialize", 3, 14),
-        ("avx512f", "avx512f", 1, 16),
-        ("sha_ni", "sha", 1, 29),
+        ("amx_tile", "amx-tile", 7u32, 3usize, 24u32),
+        ("amx_int8", "amx-int8", 7, 3, 25),
+        ("avx512f", "avx512f", 7, 1, 16),
+        ("sse4a", "sse4a", 0x8000_0001, 2, 6),
+        ("xop", "xop", 0x8000_0001, 2, 11),
+        ("fma4", "fma4", 0x8000_0001, 2, 16),
+        ("tbm", "tbm", 0x8000_0001, 2, 21),
     ];
-    let Some(&(_, name, reg, bit)) = candidates.iter().find(|c| !flags.contains(&c.0)) else {
+    let Some(&(_, name, leaf, reg, bit)) = candidates.iter().find(|c| !flags.contains(&c.0)) else {
         eprintln!("skipped: this CPU has every candidate feature");
         return;
     };
@@ -301,7 +305,7 @@ fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
                 let word =
                     |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
                 // kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding.
-                if word(0) == 7 && word(1) == 0 {
+                if word(0) == leaf && word(1) == 0 {
                     let at = (3 + reg) * 4;
                     let v = word(3 + reg) | (1 << bit);
                     let arr = e.as_array_mut().unwrap();
