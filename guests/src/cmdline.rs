@@ -17,6 +17,9 @@ pub enum Action {
     /// `action=fault`: execute `ud2` in ring 3, to exercise the exception
     /// path (prints `FAIL: exception 6 ...`, exit status 2).
     Fault,
+    /// `action=soak`: every CPU runs the self-checking soak workload forever
+    /// (see `soak.rs`).
+    Soak,
 }
 
 /// Which virtio tests run (`virtio=`).
@@ -288,6 +291,7 @@ fn parse_action(value: &[u8]) -> Option<Action> {
         b"triplefault" => Action::TripleFault,
         b"hold" => Action::Hold,
         b"fault" => Action::Fault,
+        b"soak" => Action::Soak,
         b"exit" => Action::Exit(0),
         _ => {
             let status = parse_number(value.strip_prefix(b"exit:")?)?;
@@ -297,7 +301,7 @@ fn parse_action(value: &[u8]) -> Option<Action> {
 }
 
 /// A decimal or `0x` hexadecimal number.
-fn parse_number(text: &[u8]) -> Option<u64> {
+pub(crate) fn parse_number(text: &[u8]) -> Option<u64> {
     let (digits, radix) = match text.strip_prefix(b"0x") {
         Some(hex) => (hex, 16),
         None => (text, 10),

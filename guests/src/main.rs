@@ -19,6 +19,7 @@ mod cpu;
 mod mem;
 mod serial;
 mod smp;
+mod soak;
 mod virtio;
 mod work;
 
@@ -145,6 +146,10 @@ fn bsp_main() -> ! {
     NCPUS.store(n, Ordering::Relaxed);
     WORK_BASE.store(plan.work_base, Ordering::Relaxed);
     WORK_BYTES.store(plan.work_bytes, Ordering::Relaxed);
+    if opts.action == Action::Soak {
+        soak::arm(info.cmdline(), n, plan.work_base, plan.work_bytes)
+            .unwrap_or_else(|word| fail!(EXIT_FAIL, "bad option '{}'", Bytes(word)));
+    }
     if n > 1 {
         smp::start_aps(cpus.ids(), bsp_id, plan.stacks);
     }
@@ -186,6 +191,7 @@ fn bsp_main() -> ! {
 fn ap_main(index: usize) -> ! {
     if index < NCPUS.load(Ordering::Relaxed) {
         run_cpu(index, smp::apic_id());
+        soak::ap(index);
     }
     cpu::park()
 }
@@ -242,6 +248,7 @@ fn finish(action: Action, rsdp: Option<u64>) -> ! {
         Action::Hold => cpu::spin_forever(),
         Action::TripleFault => cpu::triple_fault(),
         Action::Fault => cpu::invalid_opcode(),
+        Action::Soak => soak::bsp(),
         Action::Poweroff => {
             if let Err(e) = acpi::poweroff(rsdp) {
                 fail!(EXIT_FAIL, "poweroff: {e}");

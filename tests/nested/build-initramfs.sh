@@ -26,7 +26,7 @@ set -euo pipefail
 OUT="" VESSEL="" L2_CMD="" HAVE_L2_CMD=0
 VESSEL_ARGS=""
 CACHE_DIR="${NESTED_CACHE_DIR:-$DEFAULT_CACHE_DIR}"
-L2_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng vmw_vsock_virtio_transport"
+L2_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng vmw_vsock_virtio_transport virtio_balloon"
 L1_FILES=() L2_FILES=() L1_TREES=() CHECK_STATIC=1
 
 while [ $# -gt 0 ]; do

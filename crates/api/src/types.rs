@@ -106,6 +106,8 @@ impl Endpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
+    /// `vessel serve`: no VM yet; waiting for a restore or an incoming migration.
+    Empty,
     Running,
     Paused,
     /// A shutdown was requested (ACPI power button) or the VM is stopping its vCPUs.
@@ -116,6 +118,7 @@ pub enum VmState {
 impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            VmState::Empty => "empty",
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::ShuttingDown => "shutting-down",

@@ -7,6 +7,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod compat;
 pub mod cpuid;
 pub mod layout;
 pub mod mptable;

@@ -34,15 +34,30 @@ pub enum VcpuExit<'a> {
     Other(&'static str),
 }
 
+/// What the host's KVM offers for saving and restoring a vCPU's state (checked once, when the
+/// vCPU is created).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct VcpuCaps {
+    /// `KVM_CAP_XSAVE`: KVM_GET/SET_XSAVE work (else only KVM_GET/SET_FPU).
+    pub xsave: bool,
+    /// `KVM_CAP_XSAVE2`: the size in bytes of the XSAVE area KVM_GET_XSAVE2 fills (0: no cap).
+    pub xsave2_size: usize,
+    /// `KVM_CAP_XCRS`.
+    pub xcrs: bool,
+    /// `KVM_CAP_GET_TSC_KHZ`.
+    pub get_tsc_khz: bool,
+}
+
 /// A KVM vCPU.
 pub struct Vcpu {
-    fd: VcpuFd,
+    pub(crate) fd: VcpuFd,
     id: u32,
+    pub(crate) caps: VcpuCaps,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, id: u32) -> Self {
-        Vcpu { fd, id }
+    pub(crate) fn new(fd: VcpuFd, id: u32, caps: VcpuCaps) -> Self {
+        Vcpu { fd, id, caps }
     }
 
     /// The vCPU index (and initial APIC ID).

@@ -5,10 +5,12 @@
 //! sees a raw KVM structure except the register and CPUID types re-exported here.
 
 mod cpu;
+pub mod dirty;
 mod kick;
 pub mod mem;
 mod msi;
 mod probe;
+pub mod state;
 mod system;
 mod vm;
 
@@ -16,6 +18,7 @@ pub use cpu::{Vcpu, VcpuExit};
 pub use kick::{install_kick_handler, KickHandle};
 pub use msi::{LevelIrqLine, MsiRouter, MsiVector, FIRST_MSI_GSI, MAX_MSI_VECTORS};
 pub use probe::{Ring0Probe, PROBE_ITERATIONS};
+pub use state::{ClockMode, FpuState, LegacyFpu, MsrEntry, VcpuState, VmState};
 pub use system::{HostInfo, Hypervisor};
 pub use vm::{IoSpace, IrqLine, Vm};
 
@@ -54,6 +57,26 @@ pub enum Error {
     Probe(String),
     #[error("signal setup failed: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("invalid saved state: {0}")]
+    BadState(&'static str),
+    #[error("KVM refused to restore MSR(s) {}", hex_list(.0))]
+    MsrsRefused(Vec<u32>),
+    #[error(
+        "the saved TSC runs at {saved} kHz, this host's at {host} kHz, and KVM cannot scale it: {source}"
+    )]
+    TscFrequency {
+        saved: u32,
+        host: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn hex_list(v: &[u32]) -> String {
+    v.iter()
+        .map(|i| format!("{i:#x}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -61,7 +61,11 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
         let host = region
             .get_host_address(MemoryRegionAddress(offset))
             .map_err(|_| outside())?;
-        let advice = if region.file_offset().is_some() {
+        // A private file mapping (a snapshot restored lazily) must not punch holes into the
+        // snapshot's file: dropping the private copies suffices (the pages read back as the
+        // file's, at no memory cost).
+        let shared_file = region.file_offset().is_some() && region.flags() & libc::MAP_SHARED != 0;
+        let advice = if shared_file {
             libc::MADV_REMOVE
         } else {
             libc::MADV_DONTNEED
@@ -82,6 +86,46 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
         at += n;
     }
     Ok(())
+}
+
+/// Which pages of the guest-physical range `addr..addr+len` (page aligned, inside one region)
+/// are resident in this process (`mincore`): pages the guest never touched are not, and can be
+/// left out of a snapshot.
+pub fn resident_pages(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+) -> Result<Vec<bool>, MemError> {
+    let raw = addr.raw_value();
+    if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(MemError::Unaligned { addr: raw, len });
+    }
+    let outside = || MemError::OutsideMemory { addr: raw, len };
+    let region = mem.find_region(addr).ok_or_else(outside)?;
+    let offset = raw - region.start_addr().raw_value();
+    if region.len() - offset < len {
+        return Err(outside());
+    }
+    let pages = (len / PAGE_SIZE) as usize;
+    let mut vec = vec![0u8; pages];
+    if pages == 0 {
+        return Ok(Vec::new());
+    }
+    let host = region
+        .get_host_address(MemoryRegionAddress(offset))
+        .map_err(|_| outside())?;
+    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked against the
+    // region above), which stays mapped while `mem` is borrowed; mincore only reads the page
+    // tables and writes one byte per page into `vec`, which has exactly that many bytes.
+    let r = unsafe { libc::mincore(host.cast(), len as usize, vec.as_mut_ptr()) };
+    if r != 0 {
+        return Err(MemError::Madvise {
+            addr: raw,
+            len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
 }
 
 /// Resident bytes of this process's mappings that contain `addr` (a host address), from
@@ -117,6 +161,19 @@ pub fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<usize> 
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn resident_pages_are_the_touched_ones() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        m.write_slice(&[1u8], GuestAddress(3 * PAGE_SIZE)).unwrap();
+        m.write_slice(&[1u8], GuestAddress(7 * PAGE_SIZE + 5))
+            .unwrap();
+        let r = resident_pages(&m, GuestAddress(0), 16 * PAGE_SIZE).unwrap();
+        let touched: Vec<usize> = (0..16).filter(|&i| r[i]).collect();
+        assert_eq!(touched, vec![3, 7]);
+        assert!(resident_pages(&m, GuestAddress(1 << 20), PAGE_SIZE).is_err());
+        assert!(resident_pages(&m, GuestAddress(1), PAGE_SIZE).is_err());
+    }
 
     #[test]
     fn discarded_pages_read_zero_and_leave_rss() {

@@ -41,7 +41,7 @@ impl Ring0Probe {
 impl Hypervisor {
     /// Runs a short ring-0 (real-mode) loop in a scratch VM and times it.
     pub fn probe_ring0(&self) -> Result<Ring0Probe> {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)])
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])
             .map_err(|_| crate::Error::MissingCap("anonymous memory for the probe VM"))?;
         mem.write_slice(&probe_code(), GuestAddress(0x1000))
             .map_err(|_| crate::Error::MissingCap("probe VM memory"))?;

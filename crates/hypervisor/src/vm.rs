@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, NoDatamatch, VmFd};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::cpu::VcpuCaps;
 use crate::{op, Result, Vcpu};
 
 /// Where KVM keeps the TSS it needs for real-mode emulation on Intel hosts: three pages just below
@@ -69,9 +71,20 @@ impl Vm {
         Ok(())
     }
 
-    /// Registers every region of `mem` as a KVM memory slot. The regions must stay mapped for
-    /// as long as this VM exists; the caller keeps `mem` alive alongside the VM.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<()> {
+    /// Registers every region of `mem` as a KVM memory slot (region `i` is slot `i`). The regions
+    /// must stay mapped for as long as this VM exists; the caller keeps `mem` alive alongside
+    /// the VM.
+    pub fn register_memory<B: Bitmap>(&self, mem: &GuestMemoryMmap<B>) -> Result<()> {
+        self.set_memory_slots(mem, 0)
+    }
+
+    /// (Re-)registers every region of `mem` as slot `i` with `flags` (re-registering a slot with
+    /// only other flags is how KVM turns dirty logging on and off).
+    pub(crate) fn set_memory_slots<B: Bitmap>(
+        &self,
+        mem: &GuestMemoryMmap<B>,
+        flags: u32,
+    ) -> Result<()> {
         for (slot, region) in mem.iter().enumerate() {
             if slot >= self.max_memslots {
                 return Err(crate::Error::MissingCap("enough memory slots"));
@@ -81,7 +94,7 @@ impl Vm {
                 .map_err(|_| crate::Error::MissingCap("host-mapped guest memory"))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -147,6 +160,12 @@ impl Vm {
     /// Creates vCPU `id` (its initial APIC ID).
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu> {
         let fd = self.fd.create_vcpu(id).map_err(op("KVM_CREATE_VCPU"))?;
-        Ok(Vcpu::new(fd, id as u32))
+        let caps = VcpuCaps {
+            xsave: self.fd.check_extension(Cap::Xsave),
+            xsave2_size: usize::try_from(self.fd.check_extension_int(Cap::Xsave2)).unwrap_or(0),
+            xcrs: self.fd.check_extension(Cap::Xcrs),
+            get_tsc_khz: self.fd.check_extension(Cap::GetTscKhz),
+        };
+        Ok(Vcpu::new(fd, id as u32, caps))
     }
 }

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Boot a VM: a kernel given with --kernel, or the bundled guest.
     Run(Box<run::RunArgs>),
+    /// Start an empty VMM with a control API, waiting for a snapshot to restore.
+    Serve(run::ServeArgs),
     /// Say what this host's KVM offers and whether it runs guest kernels natively.
     HostCheck(host_check::HostCheckArgs),
     /// Control a running VM through its API socket (`vessel run --api-socket`).
@@ -50,6 +52,7 @@ fn main() {
     init_logging(cli.log_level.as_deref());
     let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
         Command::Run(args) => run::run(*args, start).map_err(Into::into),
+        Command::Serve(args) => run::serve(args, start).map_err(Into::into),
         Command::HostCheck(args) => host_check::run(args).map_err(Into::into),
         Command::Image(args) => block::cli::run(args).map_err(Into::into),
         Command::Ctl(args) => api::ctl::run(&args).map_err(Into::into),

@@ -9,6 +9,7 @@ use vmm::config::{
     parse_balloon, parse_console, parse_disk, parse_protocol, parse_size, parse_transport,
     parse_virtio_console, parse_vsock,
 };
+use vmm::vm::RestoreOptions;
 use vmm::{KernelSource, Vm, VmConfig};
 
 /// The bundled guest (guests/), built by build.rs.
@@ -73,6 +74,38 @@ pub struct RunArgs {
     /// Transport of the virtio devices: mmio or pci.
     #[arg(long, value_name = "TRANSPORT", default_value = "mmio")]
     transport: String,
+    /// What a guest reset does: exit (Vessel ends with code 3) or restart (the VM boots again
+    /// in this process).
+    #[arg(long, value_name = "ACTION", default_value = "exit")]
+    on_reboot: String,
+    /// Restore the VM saved in this snapshot directory (`vessel ctl snapshot`) instead of
+    /// booting: the machine (vCPUs, memory, devices) comes from the snapshot; the console and
+    /// API socket from this command.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cpu_template", "disk", "net", "rng", "vsock", "virtio_console",
+        "balloon",
+    ])]
+    restore: Option<PathBuf>,
+    /// How a restored VM's memory comes in: lazy (on first touch) or eager (all before the
+    /// guest runs).
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "lazy",
+        requires = "restore"
+    )]
+    restore_memory: String,
+}
+
+/// `vessel serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The control API's Unix socket: `vessel ctl --api-socket PATH restore DIR` starts a VM.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Serial console of the VM to come: stdio, file:PATH, socket:PATH or off.
+    #[arg(long, value_name = "WHERE", default_value = "stdio")]
+    console: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +116,8 @@ pub enum Error {
     Template(#[from] arch::template::Error),
     #[error(transparent)]
     Vm(#[from] vmm::Error),
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn config(args: RunArgs) -> Result<VmConfig, Error> {
@@ -122,12 +157,47 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
         balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
         transport: parse_transport(&args.transport)?,
         api_socket: args.api_socket,
+        on_reboot: vmm::config::parse_on_reboot(&args.on_reboot)?,
     })
 }
 
+fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
+    match s {
+        "lazy" => Ok(api::types::RestoreMemory::Lazy),
+        "eager" => Ok(api::types::RestoreMemory::Eager),
+        _ => Err(Error::Usage(format!(
+            "invalid --restore-memory '{s}': expected lazy or eager"
+        ))),
+    }
+}
+
 pub fn run(args: RunArgs, start: Instant) -> Result<i32, Error> {
-    let vm = Vm::build(config(args)?, start)?;
-    let reason = vm.run()?;
+    let vm = match &args.restore {
+        Some(dir) => {
+            let opts = RestoreOptions {
+                memory: parse_restore_memory(&args.restore_memory)?,
+                console: parse_console(&args.console)?,
+                api_socket: args.api_socket.clone(),
+            };
+            Vm::restore(dir, opts, start)?
+        }
+        None => Vm::build(config(args)?, start)?,
+    };
+    report(vm.run()?)
+}
+
+/// `vessel serve`: an empty VMM with an API, waiting for a snapshot to restore.
+pub fn serve(args: ServeArgs, start: Instant) -> Result<i32, Error> {
+    let opts = RestoreOptions {
+        console: parse_console(&args.console)?,
+        api_socket: Some(args.api_socket.clone()),
+        ..Default::default()
+    };
+    report(vmm::session::serve(&args.api_socket, opts, start)?)
+}
+
+/// Says how the VM ended; returns the exit code.
+fn report(reason: vmm::ExitReason) -> Result<i32, Error> {
     match &reason {
         vmm::ExitReason::PowerOff | vmm::ExitReason::GuestExit(0) => {
             tracing::info!("{reason}")

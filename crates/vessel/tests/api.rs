@@ -103,13 +103,14 @@ fn info_pause_resume() {
     assert!(info.contains("virtio-rng"), "{info}");
     assert!(info.contains("\"boot_time_ms\""), "{info}");
 
-    // A held guest spins in ring 3: a running VM burns CPU, a paused one does not.
+    // A held guest spins in ring 3: a running VM burns CPU, a paused one does not. (Over a
+    // second; a loaded machine still gives a spinning process more than a tenth of a core.)
     let busy = |vm: &Vm| {
         let a = vm.cpu_ticks();
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(1000));
         vm.cpu_ticks() - a
     };
-    assert!(busy(&vm) >= 20, "the held guest should be spinning");
+    assert!(busy(&vm) >= 10, "the held guest should be spinning");
     assert_code(&vm.ctl(&["pause"]), 0);
     let o = vm.ctl(&["--json", "info"]);
     assert_eq!(json_field(&stdout(&o), "state"), "paused");
@@ -119,7 +120,7 @@ fn info_pause_resume() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already paused"), "{}", stderr(&o));
     assert_code(&vm.ctl(&["resume"]), 0);
-    assert!(busy(&vm) >= 20, "resumed");
+    assert!(busy(&vm) >= 10, "resumed");
 }
 
 #[test]

@@ -2,9 +2,10 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -130,6 +131,83 @@ fn reboot_exits_3() {
     assert_code(&o, 3);
 }
 
+/// Runs vessel until its stdout has `want` lines containing `needle`, then stops it with
+/// SIGTERM; returns the output so far. Fails after 60 s.
+fn run_until_lines(args: &[&str], needle: &str, want: usize) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    });
+    let mut out = String::new();
+    let mut seen = 0;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        seen += usize::from(line.contains(needle));
+        out.push_str(&line);
+        out.push('\n');
+        if seen >= want {
+            break;
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    drop(watchdog);
+    assert!(
+        seen >= want,
+        "{seen} of {want} '{needle}' lines ({status}):\n{out}"
+    );
+    out
+}
+
+#[test]
+fn reboot_restarts_in_place_with_on_reboot_restart() {
+    let dir = TempDir::new("reboot");
+    let disk = dir.file("disk.img");
+    raw_disk(&disk, 16 << 20);
+    for transport in ["mmio", "pci"] {
+        let spec = format!("path={}", disk.display());
+        // The guest reboots as soon as it is done: each boot starts both CPUs and drives both
+        // devices from scratch, so the devices and vCPUs were reset each time.
+        let out = run_until_lines(
+            &[
+                "run",
+                "--cpus",
+                "2",
+                "--transport",
+                transport,
+                "--rng",
+                "--disk",
+                &spec,
+                "--on-reboot",
+                "restart",
+                "--cmdline",
+                "action=reboot",
+            ],
+            "virtio-rng",
+            3,
+        );
+        assert!(
+            out.matches("all 2 cpus ran in ring 3").count() >= 3,
+            "{out}"
+        );
+        assert!(out.matches("write/read/flush ok").count() >= 3, "{out}");
+        assert!(!out.contains("FAIL"), "{out}");
+    }
+}
+
 #[test]
 fn triple_fault_exits_4_with_a_message() {
     let o = vessel(&["run", "--cmdline", "action=triplefault"]);
@@ -229,4 +307,106 @@ fn host_check_reports_the_ring0_verdict() {
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(out.contains("\"ring0_native\": false"), "{out}");
     }
+}
+
+/// One `soak cpu=N iter=I t=MS sum=0xHEX ok` line.
+#[derive(Debug, Clone, PartialEq)]
+struct SoakLine {
+    cpu: usize,
+    iter: u64,
+    t: u64,
+    sum: u64,
+}
+
+fn parse_soak(line: &str) -> Option<SoakLine> {
+    let rest = line.strip_prefix("soak cpu=")?;
+    let mut f = rest.split(' ');
+    let cpu = f.next()?.parse().ok()?;
+    let iter = f.next()?.strip_prefix("iter=")?.parse().ok()?;
+    let t = f.next()?.strip_prefix("t=")?.parse().ok()?;
+    let sum = u64::from_str_radix(f.next()?.strip_prefix("sum=0x")?, 16).ok()?;
+    (f.next()? == "ok" && f.next().is_none()).then_some(SoakLine { cpu, iter, t, sum })
+}
+
+/// A running `vessel`, killed if the test ends without stopping it.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn soak_runs_on_every_vcpu_until_stopped() {
+    let mut child = Command::new(VESSEL)
+        .args(["run", "--cpus", "2", "--cmdline", "action=soak soakms=50"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut vm = Running(Some(child));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut per_cpu: Vec<Vec<SoakLine>> = vec![Vec::new(); 2];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while per_cpu.iter().any(|l| l.len() < 4) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(l) => l,
+            Err(e) => panic!("{e:?} before 4 soak lines per cpu; output:\n{seen}"),
+        };
+        let line = line.replace('\r', "");
+        seen.push_str(&line);
+        seen.push('\n');
+        assert!(
+            !line.contains("MISMATCH") && !line.starts_with("FAIL"),
+            "{seen}"
+        );
+        if line.starts_with("soak cpu=") {
+            let s = parse_soak(&line).unwrap_or_else(|| panic!("bad soak line '{line}'"));
+            per_cpu[s.cpu].push(s);
+        }
+    }
+    assert!(
+        seen.contains(
+            "soak: 2 cpus, 512 pages of 4 KiB each, 16 per iteration, report every 50 ms"
+        ),
+        "{seen}"
+    );
+    for lines in &per_cpu {
+        for w in lines.windows(2) {
+            assert!(w[1].iter > w[0].iter, "the counter advances: {seen}");
+            // A line is printed only once 50 ms of TSC time have passed since the last one.
+            assert!(w[1].t >= w[0].t + 50, "TSC time advances: {seen}");
+            assert_ne!(w[1].sum, w[0].sum, "{seen}");
+        }
+    }
+    let child = vm.0.take().unwrap();
+    let o = stop_with(child, "-TERM");
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+}
+
+#[test]
+fn soak_rejects_a_bad_period() {
+    let o = vessel(&["run", "--cmdline", "action=soak soakms=0"]);
+    assert_code(&o, 1);
+    assert!(
+        stdout(&o).contains("FAIL: bad option 'soakms=0'"),
+        "{}",
+        stdout(&o)
+    );
 }

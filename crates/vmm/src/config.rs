@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use arch::regs::BootProtocol;
 use arch::template::CpuTemplate;
 
 /// Where the serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ConsoleConfig {
     /// The terminal: raw mode when stdin is a TTY, Ctrl-A x quits.
     Stdio,
@@ -15,6 +17,7 @@ pub enum ConsoleConfig {
     /// A Unix socket Vessel listens on; one client at a time reads and types.
     Socket(PathBuf),
     /// Discarded.
+    #[default]
     Off,
 }
 
@@ -26,8 +29,15 @@ pub enum KernelSource {
     Bytes(&'static str, &'static [u8]),
 }
 
+/// No kernel: a VM restored from a snapshot boots nothing.
+impl Default for KernelSource {
+    fn default() -> Self {
+        KernelSource::Path(PathBuf::new())
+    }
+}
+
 /// How a disk's writes reach the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum CacheMode {
     /// Through the host page cache; guest flushes become fsync (the default).
     #[default]
@@ -37,7 +47,7 @@ pub enum CacheMode {
 }
 
 /// A disk given with `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -49,7 +59,7 @@ pub struct DiskConfig {
 }
 
 /// A network device given with `--net`: a virtio-net device on a tap interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The tap interface (created if it does not exist).
     pub tap: String,
@@ -60,7 +70,7 @@ pub struct NetConfig {
 }
 
 /// A virtio-vsock device given with `--vsock`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     /// The guest's context id (3 or more).
     pub cid: u64,
@@ -69,7 +79,7 @@ pub struct VsockConfig {
 }
 
 /// A virtio-balloon device given with `--balloon`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BalloonConfig {
     /// The initial target: bytes the guest is asked to give back.
     pub size: u64,
@@ -81,8 +91,28 @@ pub struct BalloonConfig {
     pub deflate_on_oom: bool,
 }
 
+/// What a guest-initiated reset does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnReboot {
+    /// Vessel exits with the reset code (3), as Firecracker does.
+    #[default]
+    Exit,
+    /// The VM restarts in the same process: devices reset, memory emptied, the kernel loaded
+    /// again (disks, taps, console and API stay).
+    Restart,
+}
+
+/// Parses `--on-reboot`.
+pub fn parse_on_reboot(s: &str) -> Result<OnReboot, ConfigError> {
+    match s {
+        "exit" => Ok(OnReboot::Exit),
+        "restart" => Ok(OnReboot::Restart),
+        _ => Err(ConfigError::BadOnReboot(s.to_string())),
+    }
+}
+
 /// Which virtio transport the VM's devices use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Transport {
     #[default]
     Mmio,
@@ -90,17 +120,27 @@ pub enum Transport {
 }
 
 /// Everything needed to build a VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// A snapshot records the machine part (vCPUs, memory, devices and their backends); what only
+/// matters to booting (kernel, command line, template: the CPUID is saved per vCPU) or belongs
+/// to the host process (console, API socket) is not saved and comes from the restoring command.
 pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    #[serde(skip)]
     pub kernel: KernelSource,
+    #[serde(skip)]
     pub initrd: Option<PathBuf>,
+    #[serde(skip)]
     pub cmdline: String,
+    #[serde(skip)]
     pub console: ConsoleConfig,
+    #[serde(skip)]
     pub cpu_template: CpuTemplate,
     /// Force a boot protocol (`None`: PVH if the ELF has the note, else Linux 64-bit).
+    #[serde(skip)]
     pub boot_protocol: Option<BootProtocol>,
     pub disks: Vec<DiskConfig>,
     /// A virtio entropy device.
@@ -115,7 +155,11 @@ pub struct VmConfig {
     pub balloon: Option<BalloonConfig>,
     pub transport: Transport,
     /// Where the control API listens (`--api-socket`).
+    #[serde(skip)]
     pub api_socket: Option<PathBuf>,
+    /// What a guest reset does.
+    #[serde(skip)]
+    pub on_reboot: OnReboot,
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -131,6 +175,8 @@ pub enum ConfigError {
     MemoryTooSmall(String),
     #[error("--memory {requested} is larger than this host's {host_mib} MiB of RAM")]
     MemoryTooLarge { requested: String, host_mib: u64 },
+    #[error("invalid --on-reboot '{0}': expected exit or restart")]
+    BadOnReboot(String),
     #[error("invalid --console '{0}': expected stdio, off, file:PATH or socket:PATH")]
     BadConsole(String),
     #[error("invalid --boot-protocol '{0}': expected auto, pvh or linux64")]

@@ -66,6 +66,11 @@ impl Control {
         self.wake();
     }
 
+    /// Forgets the exit reason (a reset VM starts again).
+    pub fn clear_exit(&self) {
+        *lock(&self.exit) = None;
+    }
+
     pub fn exit_reason(&self) -> Option<ExitReason> {
         lock(&self.exit).clone()
     }

@@ -8,6 +8,8 @@ pub mod console;
 pub mod control;
 pub mod exit;
 pub mod pci;
+pub mod session;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

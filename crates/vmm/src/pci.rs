@@ -148,6 +148,53 @@ pub struct PciHost {
     pub acpi: PciHostBridge,
     /// The virtio functions, in slot order from 1.
     pub transports: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// Each function's slot and configuration space as the firmware left it, for a reset.
+    power_on: Vec<(u8, Vec<u8>)>,
+}
+
+/// Capability ID of MSI-X.
+const CAP_ID_MSIX: u8 = 0x11;
+/// Configuration space read back at power-on and written again on reset.
+const CONFIG_SPACE: usize = 256;
+
+impl PciHost {
+    /// A machine reset: each function stops its device, and its command register, BARs and
+    /// MSI-X enable go back to what the firmware set (through the root, which moves the BAR
+    /// mappings and queue ioeventfds).
+    pub fn reset_all(&self) {
+        for t in &self.transports {
+            devices::bus::lock(t).hard_reset();
+        }
+        let mut root = devices::bus::lock(&self.root);
+        for (slot, cfg) in &self.power_on {
+            let dword = |off: usize| &cfg[off..off + 4];
+            // Decoding off first, so that the BARs move while unmapped.
+            root.config_write(0, *slot, 0, 4, &[0, 0]);
+            for off in (0x10..0x28).step_by(4) {
+                root.config_write(0, *slot, 0, off, dword(off));
+            }
+            if let Some(cap) = find_capability(cfg, CAP_ID_MSIX) {
+                // Message control: MSI-X disabled, function unmasked.
+                root.config_write(0, *slot, 0, cap + 2, &[0, 0]);
+            }
+            root.config_write(0, *slot, 0, 4, &cfg[4..6]);
+        }
+    }
+}
+
+/// The offset of capability `id` in a configuration space, following the list from 0x34.
+fn find_capability(cfg: &[u8], id: u8) -> Option<usize> {
+    let mut at = usize::from(cfg[0x34] & !3);
+    for _ in 0..48 {
+        if at < 0x40 || at + 2 > cfg.len() {
+            return None;
+        }
+        if cfg[at] == id {
+            return Some(at);
+        }
+        at = usize::from(cfg[at + 1] & !3);
+    }
+    None
 }
 
 /// Builds bus 0 with `devices` in slots 1, 2, ... as virtio-pci functions; puts ECAM and the PCI
@@ -216,6 +263,15 @@ pub fn setup(
         );
         transports.push(t);
     }
+    let power_on = (1..=transports.len() as u8)
+        .map(|slot| {
+            let mut cfg = vec![0u8; CONFIG_SPACE];
+            for off in (0..CONFIG_SPACE).step_by(4) {
+                root.config_read(0, slot, 0, off, &mut cfg[off..off + 4]);
+            }
+            (slot, cfg)
+        })
+        .collect();
     let root = Arc::new(Mutex::new(root));
     mmio.insert(
         Arc::new(Mutex::new(PciEcam::new(root.clone()))),
@@ -232,6 +288,7 @@ pub fn setup(
         root,
         acpi: PciHostBridge::standard(),
         transports,
+        power_on,
     })
 }
 

@@ -1,8 +1,9 @@
 //! vCPU threads: one per vCPU, each running `KVM_RUN` and dispatching exits to the buses.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::bus::lock;
 use devices::Bus;
 use hypervisor::{KickHandle, Vcpu, VcpuExit};
 
@@ -29,15 +30,20 @@ pub struct VcpuHandle {
     pub thread: JoinHandle<()>,
 }
 
+/// A vCPU shared between its thread, which holds the lock while the vCPU runs, and the main
+/// thread, which may take it while the vCPU is parked (to save or load its state).
+pub type SharedVcpu = Arc<Mutex<Vcpu>>;
+
 /// Starts vCPU `vcpu`'s thread.
-pub fn spawn(mut vcpu: Vcpu, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
-    let index = vcpu.id();
+pub fn spawn(vcpu: SharedVcpu, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
+    let index = lock(&vcpu).id();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
-            vcpu.bind_to_current_thread();
-            run_loop(&mut vcpu, &ctx);
-            vcpu.unbind_thread();
+            // The vCPU's run page does not move: it stays in the same Arc'ed mutex.
+            lock(&vcpu).bind_to_current_thread();
+            run_loop(&vcpu, &ctx);
+            lock(&vcpu).unbind_thread();
         })?;
     Ok(VcpuHandle {
         index,
@@ -48,9 +54,11 @@ pub fn spawn(mut vcpu: Vcpu, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
 
 /// Runs until the VM stops. Never panics on guest behaviour: every exit either is handled or
 /// ends the VM with a reason.
-fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) {
-    let index = vcpu.id();
+fn run_loop(shared: &SharedVcpu, ctx: &VcpuContext) {
+    let index = lock(shared).id();
     while ctx.control.vcpu_checkpoint() {
+        let mut guard = lock(shared);
+        let vcpu = &mut *guard;
         let stop = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {

@@ -181,6 +181,19 @@ pub struct VirtioDevices {
     pub balloon: Option<BalloonHandle>,
 }
 
+impl VirtioDevices {
+    /// A machine reset: every device stops and waits for a driver again; PCI functions get
+    /// their power-on configuration space back.
+    pub fn reset_all(&self) {
+        for t in &self.transports {
+            devices::bus::lock(t).hard_reset();
+        }
+        if let Some(pci) = &self.pci {
+            pci.reset_all();
+        }
+    }
+}
+
 /// Opens every configured device's backend and places it on the MMIO bus.
 pub fn setup(
     vm: &hypervisor::Vm,

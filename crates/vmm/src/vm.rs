@@ -12,14 +12,23 @@ use arch::layout;
 use arch::regs;
 use devices::legacy::{AcpiPm, BootMarker, Cmos, ExitDevice, Serial, SerialInput, I8042};
 use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
-use hypervisor::{Hypervisor, Vcpu};
+use hypervisor::Hypervisor;
 use vm_memory::GuestMemoryMmap;
 
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{KernelSource, OnReboot, VmConfig};
 use crate::console::Console;
 use crate::control::{Control, RunState};
 use crate::exit::ExitReason;
+use crate::session::{ApiSwitch, Ended};
 use crate::vcpu::{self, VcpuContext, VcpuHandle};
+
+/// Host-side settings of a VM restored from a snapshot (the machine comes from the snapshot).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub memory: api::types::RestoreMemory,
+    pub console: crate::config::ConsoleConfig,
+    pub api_socket: Option<PathBuf>,
+}
 
 /// Errors building or starting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -60,24 +69,42 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// A VM that is built and ready to run.
-pub struct Vm {
-    config: VmConfig,
+/// The parts of a VM that a snapshot saves and a restore rebuilds. Shared with the control
+/// API, whose thread takes snapshots while the vCPUs are parked.
+pub struct Machine {
+    pub(crate) config: VmConfig,
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
-    _vm: hypervisor::Vm,
-    _mem: GuestMemoryMmap,
-    vcpus: Vec<Vcpu>,
+    pub(crate) vm_fd: hypervisor::Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<vcpu::SharedVcpu>,
+    pub(crate) virtio: crate::virtio::VirtioDevices,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) cmos: Arc<Mutex<Cmos>>,
+    pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
+    /// The MSRs a snapshot saves.
+    pub(crate) msr_indices: Vec<u32>,
+}
+
+/// A VM that is built and ready to run.
+pub struct Vm {
+    machine: Arc<Machine>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     control: Arc<Control>,
     console: Console,
-    serial: Arc<Mutex<Serial>>,
     boot_marker: Arc<Mutex<BootMarker>>,
-    _virtio: crate::virtio::VirtioDevices,
-    acpi_pm: Arc<Mutex<AcpiPm>>,
     started: Instant,
-    pub boot: BootEntry,
+    /// Where the kernel was entered (none for a restored VM).
+    pub boot: Option<BootEntry>,
+    /// The vCPUs and irqchip as they were before the first instruction, for a guest reset.
+    power_on: Option<PowerOn>,
+}
+
+/// What a reset restores.
+struct PowerOn {
+    vm: hypervisor::VmState,
+    vcpus: Vec<hypervisor::VcpuState>,
 }
 
 /// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
@@ -115,6 +142,34 @@ impl Vm {
     /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
     /// `start` is when the process started (for the boot-time marker).
     pub fn build(config: VmConfig, start: Instant) -> Result<Vm, Error> {
+        let mem =
+            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+                Error::Memory {
+                    size: config.memory >> 20,
+                    reason: e.to_string(),
+                }
+            })?;
+        let mut vm = Vm::create(config, mem, start)?;
+        vm.load_boot()?;
+        Ok(vm)
+    }
+
+    /// Rebuilds the VM saved in the snapshot directory `dir`, ready to run from where it was.
+    pub fn restore(
+        dir: &std::path::Path,
+        opts: RestoreOptions,
+        start: Instant,
+    ) -> Result<Vm, Error> {
+        let _ = (dir, opts, start);
+        Err(Error::Io {
+            what: "restore",
+            source: std::io::Error::other("not available yet"),
+        })
+    }
+
+    /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
+    /// wiring and FPU as at power-on), with nothing loaded into memory yet.
+    fn create(config: VmConfig, mem: GuestMemoryMmap, start: Instant) -> Result<Vm, Error> {
         let hv = Hypervisor::new()?;
         config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
         let info = hv.info();
@@ -126,14 +181,8 @@ impl Vm {
         let mut base_cpuid = hv.supported_cpuid()?;
         config.cpu_template.apply(&mut base_cpuid)?;
         let msr_list = hv.msr_index_list()?;
+        let msr_indices = hv.msrs_to_save()?;
 
-        let mem =
-            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
-                Error::Memory {
-                    size: config.memory >> 20,
-                    reason: e.to_string(),
-                }
-            })?;
         let vm = hv.create_vm()?;
         vm.setup_irqchip_and_timers()?;
         vm.register_memory(&mem)?;
@@ -154,12 +203,12 @@ impl Vm {
         )));
         let boot_marker = Arc::new(Mutex::new(BootMarker::new(start)));
         let low = layout::low_ram_end(config.memory);
-        let cmos = Cmos::new(low, config.memory - low);
+        let cmos = shared(Cmos::new(low, config.memory - low));
 
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(acpi::COM1_PORT), 8)?;
         pio.insert(shared(I8042::new(events.clone())), 0x60, 5)?;
-        pio.insert(shared(cmos), u64::from(acpi::RTC_PORT), 2)?;
+        pio.insert(cmos.clone(), u64::from(acpi::RTC_PORT), 2)?;
         pio.insert(shared(ExitDevice::new(events.clone())), 0xf4, 4)?;
         pio.insert(boot_marker.clone(), 0x3f0, 1)?;
         pio.insert(
@@ -170,8 +219,6 @@ impl Vm {
         let mut mmio = Bus::new();
         let virtio = crate::virtio::setup(&vm, &mem, &mut mmio, &config)?;
 
-        // Firmware tables and the kernel.
-        arch::mptable::setup_mptable(&mem, config.cpus)?;
         if let Some(pci) = &virtio.pci {
             pio.insert(
                 pci.config_io.clone(),
@@ -179,8 +226,74 @@ impl Vm {
                 devices::pci::PCI_CONFIG_IO_SIZE,
             )?;
         }
+
+        // vCPUs.
+        let topo = Topology {
+            cpus: config.cpus,
+            tsc_deadline,
+        };
+        let msrs = regs::boot_msrs(&msr_list);
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(u64::from(id))?;
+            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
+            vcpu.set_msrs(&msrs)?;
+            let mut lapic = vcpu.lapic()?;
+            regs::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic)?;
+            vcpu.set_fpu(&regs::boot_fpu())?;
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        tracing::debug!(
+            "VM built: {} vCPUs, {} MiB",
+            config.cpus,
+            config.memory >> 20
+        );
+        let power_on = if config.on_reboot == OnReboot::Restart {
+            Some(PowerOn {
+                vm: vm.save_state()?,
+                vcpus: vcpus
+                    .iter()
+                    .map(|v| devices::bus::lock(v).save_state(&msr_indices))
+                    .collect::<Result<_, _>>()?,
+            })
+        } else {
+            None
+        };
+
+        Ok(Vm {
+            machine: Arc::new(Machine {
+                config,
+                vm_fd: vm,
+                mem,
+                vcpus,
+                virtio,
+                serial,
+                cmos,
+                acpi_pm,
+                msr_indices,
+            }),
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            control,
+            console,
+            boot_marker,
+            started: start,
+            boot: None,
+            power_on,
+        })
+    }
+
+    /// Writes the firmware tables and the kernel into memory and points the boot vCPU at the
+    /// kernel's entry.
+    fn load_boot(&mut self) -> Result<(), Error> {
+        let config = &self.machine.config;
+        let mem = &self.machine.mem;
+        let virtio = &self.machine.virtio;
+        // Firmware tables and the kernel.
+        arch::mptable::setup_mptable(mem, config.cpus)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
-        let rsdp = acpi::setup_acpi_with_pci(&mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
+        let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
         // on its command line instead (announcing both would make Linux probe each twice).
         let mut cmdline = config.cmdline.clone();
@@ -204,85 +317,33 @@ impl Vm {
             cmdline: &cmdline,
             protocol: config.boot_protocol,
         };
-        let boot = boot::load(&mem, config.memory, &spec, Some(rsdp))?;
+        let boot = boot::load(mem, config.memory, &spec, Some(rsdp))?;
 
-        // vCPUs.
-        let topo = Topology {
-            cpus: config.cpus,
-            tsc_deadline,
-        };
-        let msrs = regs::boot_msrs(&msr_list);
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for id in 0..config.cpus {
-            let vcpu = vm.create_vcpu(u64::from(id))?;
-            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
-            vcpu.set_msrs(&msrs)?;
-            let mut lapic = vcpu.lapic()?;
-            regs::set_lint(&mut lapic);
-            vcpu.set_lapic(&lapic)?;
-            vcpu.set_fpu(&regs::boot_fpu())?;
-            if id == 0 {
-                let sregs = regs::setup_sregs(&mem, boot.protocol, vcpu.sregs()?)?;
-                vcpu.set_sregs(&sregs)?;
-                vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
-            }
-            vcpus.push(vcpu);
-        }
-        tracing::debug!(
-            "VM built: {} vCPUs, {} MiB, {:?} entry at {:#x}",
-            config.cpus,
-            config.memory >> 20,
-            boot.protocol,
-            boot.entry.0
-        );
-
-        Ok(Vm {
-            config,
-            _vm: vm,
-            _mem: mem,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            control,
-            console,
-            serial,
-            boot_marker,
-            _virtio: virtio,
-            acpi_pm,
-            started: start,
-            boot,
-        })
+        let vcpu = devices::bus::lock(&self.machine.vcpus[0]);
+        let sregs = regs::setup_sregs(mem, boot.protocol, vcpu.sregs()?)?;
+        vcpu.set_sregs(&sregs)?;
+        vcpu.set_regs(&regs::boot_regs(boot.protocol, boot.entry.0))?;
+        drop(vcpu);
+        tracing::debug!("{:?} entry at {:#x}", boot.protocol, boot.entry.0);
+        self.boot = Some(boot);
+        Ok(())
     }
 
-    /// Runs the VM until it stops, and returns why.
-    pub fn run(mut self) -> Result<ExitReason, Error> {
-        hypervisor::install_kick_handler()?;
-        let signals = install_stop_signals(&self.control)?;
-        self.console
-            .start_input(SerialInput(self.serial.clone()), self.control.clone())?;
-
-        let handle = Arc::new(crate::api::VmHandle::new(
-            self.control.clone(),
-            self.config.cpus,
-            self.config.memory,
-            self.started,
-            self.boot_marker.clone(),
-            self.acpi_pm.clone(),
-            crate::api::device_list(&self.config),
-        ));
-        let server = match &self.config.api_socket {
-            Some(path) => Some(api::server::serve(path, handle.clone())?),
-            None => None,
-        };
-
+    /// Runs the vCPU threads until something stops the VM; returns why, with every vCPU
+    /// thread joined.
+    fn run_vcpus(
+        &mut self,
+        handle: &crate::api::VmHandle,
+        signals: &[(i32, Arc<AtomicBool>)],
+    ) -> ExitReason {
         let ctx = VcpuContext {
             pio: self.pio.clone(),
             mmio: self.mmio.clone(),
             control: self.control.clone(),
         };
-        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
-        for v in self.vcpus.drain(..) {
-            match vcpu::spawn(v, ctx.clone()) {
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.machine.vcpus.len());
+        for v in &self.machine.vcpus {
+            match vcpu::spawn(v.clone(), ctx.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     self.control.request_exit(ExitReason::Error(format!(
@@ -292,7 +353,6 @@ impl Vm {
                 }
             }
         }
-
         *devices::bus::lock(&handle.kicks) = handles.iter().map(|h| h.kick).collect();
 
         let reason = loop {
@@ -305,9 +365,6 @@ impl Vm {
             }
         };
 
-        if let Some(server) = server {
-            server.stop();
-        }
         self.control.set_state(RunState::Stopping);
         for h in &handles {
             h.kick.kick();
@@ -317,10 +374,100 @@ impl Vm {
                 tracing::error!("vCPU {} thread panicked", h.index);
             }
         }
+        devices::bus::lock(&handle.kicks).clear();
+        reason
+    }
+
+    /// A guest-initiated reset with `--on-reboot restart`: every device back to its power-on
+    /// state, memory emptied and the kernel loaded again, the vCPUs and irqchip as before the
+    /// first instruction. The vCPU threads are stopped.
+    fn reboot(&mut self) -> Result<(), Error> {
+        let Some(power_on) = &self.power_on else {
+            return Ok(());
+        };
+        self.machine.virtio.reset_all();
+        for r in arch::layout::ram_ranges(self.machine.config.memory) {
+            hypervisor::mem::discard(&self.machine.mem, r.0, r.1 as u64).map_err(|e| Error::Io {
+                what: "cannot empty guest memory",
+                source: std::io::Error::other(e),
+            })?;
+        }
+        for (v, state) in self.machine.vcpus.iter().zip(&power_on.vcpus) {
+            devices::bus::lock(v).restore_state(state)?;
+        }
+        self.machine.vm_fd
+            .restore_state(&power_on.vm, hypervisor::ClockMode::Continue)?;
+        self.load_boot()?;
+        self.control.clear_exit();
+        self.control.set_state(RunState::Running);
+        Ok(())
+    }
+
+    /// Runs the VM until it stops, and returns why; serves the control API on the configured
+    /// socket meanwhile.
+    pub fn run(self) -> Result<ExitReason, Error> {
+        let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
+            info: api::types::VmInfo {
+                state: api::types::VmState::Running,
+                vcpus: self.machine.config.cpus,
+                memory_bytes: self.machine.config.memory,
+                boot_time_ms: None,
+                uptime_ms: 0,
+                devices: Vec::new(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                exit_reason: None,
+            },
+        })));
+        let server = match &self.machine.config.api_socket {
+            Some(path) => Some(api::server::serve(path, switch.clone())?),
+            None => None,
+        };
+        let result = self.run_attached(&switch);
+        if let Some(server) = server {
+            server.stop();
+        }
+        result
+    }
+
+    /// Runs the VM until it stops, with the API behind `switch` talking to it meanwhile (and
+    /// reporting how it ended afterwards).
+    pub fn run_attached(mut self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
+        hypervisor::install_kick_handler()?;
+        let signals = install_stop_signals(&self.control)?;
+        self.console
+            .start_input(SerialInput(self.machine.serial.clone()), self.control.clone())?;
+
+        let handle = Arc::new(crate::api::VmHandle::new(
+            self.control.clone(),
+            self.machine.config.cpus,
+            self.machine.config.memory,
+            self.started,
+            self.boot_marker.clone(),
+            self.machine.acpi_pm.clone(),
+            crate::api::device_list(&self.machine.config),
+        ));
+        switch.set(handle.clone());
+
+        let reason = loop {
+            let reason = self.run_vcpus(&handle, &signals);
+            let restart = reason == ExitReason::Reset && self.power_on.is_some();
+            if !restart {
+                break reason;
+            }
+            match self.reboot() {
+                Ok(()) => tracing::info!("the guest reset the VM: restarting it"),
+                Err(e) => break ExitReason::Error(format!("cannot restart the VM: {e}")),
+            }
+        };
         if let Some(t) = devices::bus::lock(&self.boot_marker).boot_time() {
             tracing::debug!("boot time {:?}", t);
         }
-        tracing::debug!("VM with {} vCPUs ended: {reason}", self.config.cpus);
+        tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
+        if let Ok(mut info) = api::VmController::info(&*handle) {
+            info.state = api::types::VmState::Stopped;
+            info.exit_reason = Some(reason.to_string());
+            switch.set(Arc::new(Ended { info }));
+        }
         Ok(reason)
     }
 }
@@ -340,10 +487,25 @@ fn event_sink(control: Arc<Control>) -> VmEventSink {
     })
 }
 
+/// The signals that stop Vessel.
+const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+
+/// SIGINT and SIGTERM set a flag (for a main thread that polls).
+pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
+    let mut flags = Vec::new();
+    for sig in STOP_SIGNALS {
+        let flag = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(io("cannot install a signal handler"))?;
+        flags.push((sig, flag));
+    }
+    Ok(flags)
+}
+
 /// SIGINT and SIGTERM set a flag and wake the main thread.
 fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
     let mut flags = Vec::new();
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for sig in STOP_SIGNALS {
         let flag = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(sig, flag.clone())
             .map_err(io("cannot install a signal handler"))?;

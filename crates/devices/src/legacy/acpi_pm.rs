@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::{BusDevice, Interrupt, VmEvent, VmEventSink};
 
 pub const SLEEP_CONTROL: u64 = 0;
@@ -16,6 +18,13 @@ const SLP_EN: u8 = 1 << 5;
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0x7;
 const WAKE_STATUS: u8 = 1 << 7;
+
+/// The ACPI registers' state for snapshots: the GED events the guest has not read yet. (Sleep
+/// control and reset are write-only commands; sleep status always reads "woken".)
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    pub ged_pending: u8,
+}
 
 /// The ACPI platform registers.
 pub struct AcpiPm {
@@ -40,6 +49,19 @@ impl AcpiPm {
             reset_value,
             ged_pending: 0,
         }
+    }
+
+    /// The state for snapshots.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {
+            ged_pending: self.ged_pending,
+        }
+    }
+
+    /// Restore [`AcpiPm::state`]. The GED interrupt that announced pending events is the
+    /// interrupt controller's state, not raised again.
+    pub fn restore(&mut self, s: &AcpiPmState) {
+        self.ged_pending = s.ged_pending;
     }
 
     /// Presses the power button: the guest's ACPI sees a GED event and (if it handles it) powers
@@ -119,5 +141,25 @@ mod tests {
         assert_eq!(d, [1]);
         pm.read(GED_EVENT, &mut d);
         assert_eq!(d, [0]);
+    }
+
+    #[test]
+    fn pending_ged_events_survive_a_state_round_trip() {
+        let irq = Arc::new(Count::default());
+        let mut pm = AcpiPm::new(Arc::new(|_| {}), irq.clone(), 5, 1);
+        pm.press_power_button(1).unwrap();
+        let st = pm.state();
+        let back: AcpiPmState =
+            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        let irq2 = Arc::new(Count::default());
+        let mut fresh = AcpiPm::new(Arc::new(|_| {}), irq2.clone(), 5, 1);
+        fresh.restore(&back);
+        assert_eq!(irq2.0.load(Ordering::SeqCst), 0, "the controller keeps the edge");
+        for off in [SLEEP_CONTROL, SLEEP_STATUS, RESET, GED_EVENT, GED_EVENT] {
+            let (mut x, mut y) = ([0u8], [0u8]);
+            pm.read(off, &mut x);
+            fresh.read(off, &mut y);
+            assert_eq!(x, y, "offset {off}");
+        }
     }
 }

@@ -20,7 +20,7 @@ mod window;
 
 pub use config::{BarKind, PciConfig, PciConfigState, PciHeader};
 pub use root::{
-    BarObserver, HostBridge, PciConfigIo, PciEcam, PciRoot, ECAM_BUS0_SIZE, HOST_BRIDGE_DEVICE_ID,
+    BarObserver, HostBridge, PciConfigIo, PciEcam, PciRoot, PciRootState, ECAM_BUS0_SIZE, HOST_BRIDGE_DEVICE_ID,
     HOST_BRIDGE_VENDOR_ID, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE,
 };
 pub use window::PciWindow;

@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::config::{PciConfig, PciHeader, COMMAND_MEMORY, NUM_BARS};
+use serde::{Deserialize, Serialize};
+
+use super::config::{PciConfig, PciConfigState, PciHeader, COMMAND_MEMORY, NUM_BARS};
 use super::{PciDevice, PciError, PciWindow};
 use crate::bus::lock;
 use crate::BusDevice;
@@ -55,6 +57,16 @@ pub trait BarObserver: Send + Sync {
     fn bar_moved(&self, slot: u8, bar: usize, size: u64, old: Option<u64>, new: Option<u64>);
 }
 
+/// The root's own state for snapshots: the host bridge's configuration space and the
+/// mechanism #1 address register. Each function's BARs (where the guest put them) and command
+/// register are in its own [`PciConfigState`]; the window mappings follow from those when the
+/// restored functions are added to a new root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciRootState {
+    pub config_address: u32,
+    pub host_bridge: PciConfigState,
+}
+
 struct Slot {
     device: Arc<Mutex<dyn PciDevice>>,
     /// Where each BAR is mapped in the window now.
@@ -64,6 +76,7 @@ struct Slot {
 /// PCI bus 0: up to 32 single-function devices.
 pub struct PciRoot {
     slots: Vec<Option<Slot>>,
+    host_bridge: Arc<Mutex<HostBridge>>,
     window: PciWindow,
     observer: Option<Arc<dyn BarObserver>>,
 }
@@ -71,13 +84,15 @@ pub struct PciRoot {
 impl PciRoot {
     /// A bus with the host bridge at slot 0, whose memory BARs decode in `window`.
     pub fn new(window: PciWindow) -> Self {
+        let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
         let mut root = PciRoot {
             slots: (0..SLOTS).map(|_| None).collect(),
+            host_bridge: host_bridge.clone(),
             window,
             observer: None,
         };
         root.slots[0] = Some(Slot {
-            device: Arc::new(Mutex::new(HostBridge::new())),
+            device: host_bridge,
             mapped: [None; NUM_BARS],
         });
         root
@@ -110,6 +125,18 @@ impl PciRoot {
     /// The first free slot.
     pub fn free_slot(&self) -> Option<u8> {
         self.slots.iter().position(Option::is_none).map(|s| s as u8)
+    }
+
+    /// The host bridge's configuration space, for snapshots.
+    pub fn host_bridge_state(&self) -> PciConfigState {
+        lock(&self.host_bridge).0.state()
+    }
+
+    /// Restore [`PciRoot::host_bridge_state`].
+    pub fn restore_host_bridge(&mut self, state: &PciConfigState) -> Result<(), PciError> {
+        lock(&self.host_bridge).0.restore(state)?;
+        self.update_mappings(0);
+        Ok(())
     }
 
     /// Where `slot`'s BAR `bar` decodes now.
@@ -194,6 +221,21 @@ pub struct PciConfigIo {
 impl PciConfigIo {
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         PciConfigIo { address: 0, root }
+    }
+
+    /// The address register and the root's state, for snapshots.
+    pub fn state(&self) -> PciRootState {
+        PciRootState {
+            config_address: self.address,
+            host_bridge: lock(&self.root).host_bridge_state(),
+        }
+    }
+
+    /// Restore [`PciConfigIo::state`].
+    pub fn restore(&mut self, state: &PciRootState) -> Result<(), PciError> {
+        lock(&self.root).restore_host_bridge(&state.host_bridge)?;
+        self.address = state.config_address;
+        Ok(())
     }
 
     /// (bus, device, function, register offset) if the address register enables an access.
@@ -417,6 +459,37 @@ mod tests {
         e.read((3 << 15) + 0x3c, &mut b);
         assert_eq!(b, [7]);
         e.write((3 << 15) + 0xfff, &[1, 2]);
+    }
+
+    #[test]
+    fn root_state_round_trip_changes_nothing_the_guest_reads() {
+        let (root, _w, _m) = setup();
+        let mut io = PciConfigIo::new(root.clone());
+        // The host bridge's command register and cache line size, then an address left set.
+        io.write(0, &0x8000_0004u32.to_le_bytes());
+        io.write(4, &[0x06, 0x00]);
+        io.write(0, &0x8000_000cu32.to_le_bytes());
+        io.write(4, &[0x10]);
+        io.write(0, &0x8000_1808u32.to_le_bytes());
+        let st = io.state();
+        let back: PciRootState =
+            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        let (root2, _w2, _m2) = setup();
+        let mut io2 = PciConfigIo::new(root2);
+        io2.restore(&back).unwrap();
+        assert_eq!(io2.state(), st);
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        io.read(0, &mut a);
+        io2.read(0, &mut b);
+        assert_eq!(a, b, "address register");
+        for reg in (0..256).step_by(4) {
+            assert_eq!(cf8_read(&mut io, 0, reg, 4), cf8_read(&mut io2, 0, reg, 4));
+        }
+        assert_eq!(cf8_read(&mut io2, 0, 4, 2), 6);
+        // Another function's state does not fit the host bridge.
+        let mut bad = back.clone();
+        bad.host_bridge.regs[0] = 0x1044_1af4;
+        assert_eq!(io2.restore(&bad), Err(PciError::StateMismatch));
     }
 
     #[test]

@@ -17,8 +17,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -26,10 +26,13 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{pop_head, process_queue, walk_chain, Chain, ChainHandler, Cursor, QueueError};
+use super::queue::{
+    pop_head, process_queue_until, walk_chain, Chain, ChainHandler, Cursor, QueueError,
+};
+use super::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use super::{
-    feature, has_feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice,
-    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1,
+    feature, has_feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState,
+    VirtioDevice, VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1,
 };
 use crate::bus::lock;
 
@@ -123,8 +126,10 @@ impl BalloonStats {
 pub struct BalloonState {
     pub num_pages: u32,
     pub actual: u32,
-    pub acked_features: u64,
     pub stats: Option<BalloonStats>,
+    /// The head of the statistics buffer the device holds until the VMM asks for fresh
+    /// statistics (the driver waits for it to come back before it sends more).
+    pub stats_desc_head: Option<u16>,
     pub inflated_pages: u64,
     pub reported_bytes: u64,
 }
@@ -137,6 +142,8 @@ struct Shared {
     /// Pages discarded through the inflate queue, bytes through free page reporting.
     inflated_pages: u64,
     reported_bytes: u64,
+    /// The statistics buffer held (its descriptor head).
+    stats_head: Option<u16>,
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
 }
 
@@ -185,13 +192,13 @@ impl BalloonHandle {
     }
 
     /// The state for snapshots.
-    pub fn state(&self, acked_features: u64) -> BalloonState {
+    pub fn state(&self) -> BalloonState {
         let s = lock(&self.shared);
         BalloonState {
             num_pages: s.num_pages,
             actual: s.actual,
-            acked_features,
             stats: s.stats.clone(),
+            stats_desc_head: s.stats_head,
             inflated_pages: s.inflated_pages,
             reported_bytes: s.reported_bytes,
         }
@@ -235,6 +242,7 @@ impl Balloon {
             stats: None,
             inflated_pages: 0,
             reported_bytes: 0,
+            stats_head: None,
             interrupt: None,
         };
         Ok(Balloon {
@@ -257,21 +265,25 @@ impl Balloon {
 
     /// The balloon's state for snapshots.
     pub fn balloon_state(&self) -> BalloonState {
-        self.handle.state(self.acked)
+        self.handle.state()
     }
 
-    /// Restore a snapshot's balloon state into an inactive device with the same options.
-    pub fn restore_balloon_state(&mut self, st: &BalloonState) -> Result<(), ActivateError> {
-        if st.acked_features & !self.features != 0 {
+    /// Restore a snapshot's balloon state into an inactive device with the same options,
+    /// whose features are restored.
+    fn restore_balloon_state(&mut self, st: &BalloonState) -> Result<(), ActivateError> {
+        if st.stats_desc_head.is_some_and(|h| h >= QUEUE_SIZE)
+            || (st.stats_desc_head.is_some()
+                && !has_feature(self.acked, VIRTIO_BALLOON_F_STATS_VQ))
+        {
             return Err(ActivateError::StateMismatch(
-                "balloon features were never offered".into(),
+                "saved statistics buffer is not possible here".into(),
             ));
         }
-        self.acked = st.acked_features;
         let mut s = lock(&self.handle.shared);
         s.num_pages = st.num_pages;
         s.actual = st.actual;
         s.stats = st.stats.clone();
+        s.stats_head = st.stats_desc_head;
         s.inflated_pages = st.inflated_pages;
         s.reported_bytes = st.reported_bytes;
         Ok(())
@@ -368,7 +380,7 @@ impl VirtioDevice for Balloon {
             self.handle.clone(),
             self.discard.clone(),
         )
-        .map_err(|e| ActivateError::Worker(io::Error::other(e)))?;
+        .map_err(|e| ActivateError::Worker(e.into()))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -379,6 +391,7 @@ impl VirtioDevice for Balloon {
         let mut s = lock(&self.handle.shared);
         s.interrupt = None;
         s.actual = 0;
+        s.stats_head = None;
     }
 
     fn queue_states(&self) -> Vec<(u16, QueueState)> {
@@ -389,6 +402,36 @@ impl VirtioDevice for Balloon {
                 .map(|(i, q)| (*i, lock(q).state()))
                 .collect(),
             None => Vec::new(),
+        }
+    }
+
+    fn pause(&mut self) {
+        // The held statistics buffer stays held; a statistics request waits for the resume.
+        if let Some(w) = &mut self.worker {
+            w.thread.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        match &mut self.worker {
+            Some(w) => w
+                .thread
+                .resume()
+                .map_err(|e| ActivateError::Worker(e.into())),
+            None => Ok(()),
+        }
+    }
+
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::Balloon(self.balloon_state())
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::Balloon(b) => self.restore_balloon_state(b),
+            other => Err(ActivateError::StateMismatch(format!(
+                "balloon state expected, {other:?} saved"
+            ))),
         }
     }
 }
@@ -482,8 +525,22 @@ fn read_stats(mem: &GuestMemoryMmap, chain: &mut Chain) -> Option<BalloonStats> 
 
 struct Worker {
     queues: Vec<(u16, Arc<Mutex<Queue>>)>,
-    exit: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<BalloonLoop>,
+}
+
+/// One served queue: its role, the queue, its notification eventfd and its handler.
+type Served = (Role, Arc<Mutex<Queue>>, EventFd, PagesHandler);
+
+/// What the worker thread owns.
+struct BalloonLoop {
+    loops: HashMap<u16, Served>,
+    epoll: Epoll,
+    stop: StopSignal,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    handle: BalloonHandle,
+    chain: Chain,
+    broken: bool,
 }
 
 impl Worker {
@@ -493,24 +550,10 @@ impl Worker {
         interrupt: Arc<dyn VirtioInterrupt>,
         handle: BalloonHandle,
         discard: Arc<dyn DiscardMemory>,
-    ) -> Result<Worker, BalloonError> {
-        let err = BalloonError::Worker;
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(err)?;
-        let exit_thread = exit.try_clone().map_err(err)?;
-        let epoll = Epoll::new().map_err(err)?;
-        let add = |fd, token| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        add(exit_thread.as_raw_fd(), TOKEN_EXIT).map_err(err)?;
-        add(handle.stats_request.as_raw_fd(), TOKEN_STATS_REQUEST).map_err(err)?;
+    ) -> Result<Worker, WorkerError> {
         let mut queues = Vec::new();
         let mut loops = HashMap::new();
         for (role, q) in served {
-            add(q.notifier.as_raw_fd(), u64::from(q.index)).map_err(err)?;
             let shared = Arc::new(Mutex::new(q.queue));
             queues.push((q.index, shared.clone()));
             let handler = PagesHandler {
@@ -520,138 +563,179 @@ impl Worker {
             };
             loops.insert(q.index, (role, shared, q.notifier, handler));
         }
-        let thread = std::thread::Builder::new()
-            .name("virtio-balloon".into())
-            .spawn(move || {
-                let _keep = exit_thread;
-                let mut chain = Chain::default();
-                let mut stats_head: Option<(u16, u16)> = None;
-                let mut broken = false;
-                let mut events = [EpollEvent::default(); 8];
-                // Chains queued before the thread existed.
-                let mut pending: Vec<u16> = loops.keys().copied().collect();
-                let mut again: Vec<u16> = Vec::new();
-                loop {
-                    for index in pending.drain(..) {
-                        let Some((role, q, _, handler)) = loops.get_mut(&index) else {
-                            continue;
-                        };
-                        if broken {
-                            break;
-                        }
-                        let mut q = lock(q);
-                        let r = if *role == Role::Stats {
-                            serve_stats(&mut q, &mem, &mut chain, &handle, index, &mut stats_head)
-                        } else {
-                            process_queue(&mut q, &mem, &mut chain, handler).map(|p| {
-                                if p.pending {
-                                    // Budget reached: serve again after checking for a stop.
-                                    again.push(index);
-                                }
-                                p.notify
-                            })
-                        };
-                        match r {
-                            Ok(true) => {
-                                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index))
-                                {
-                                    tracing::warn!("virtio-balloon: interrupt: {e}");
-                                }
-                            }
-                            Ok(false) => {}
-                            Err(e) => {
-                                tracing::warn!(
-                                    "virtio-balloon queue {index}: {e}; device needs a reset"
-                                );
-                                broken = true;
-                                interrupt.set_needs_reset();
-                            }
-                        }
-                    }
-                    let timeout = if again.is_empty() { -1 } else { 0 };
-                    pending.append(&mut again);
-                    let n = match epoll.wait(timeout, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::error!("virtio-balloon: epoll: {e}; worker stops");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        match ev.data() {
-                            TOKEN_EXIT => return,
-                            TOKEN_STATS_REQUEST => {
-                                let _ = handle.stats_request.read();
-                                // Give the held buffer back: the driver refills and re-queues it.
-                                if let Some((index, head)) = stats_head.take() {
-                                    if let Some((_, q, _, _)) = loops.get(&index) {
-                                        let r = lock(q).add_used(&mem, head, 0);
-                                        if r.is_ok() {
-                                            let _ = interrupt
-                                                .trigger(VirtioInterruptType::Queue(index));
-                                        }
-                                    }
-                                }
-                            }
-                            t => {
-                                let index = t as u16;
-                                if let Some((_, _, notifier, _)) = loops.get(&index) {
-                                    let _ = notifier.read();
-                                    pending.push(index);
-                                }
-                            }
-                        }
-                    }
-                }
+        let thread = DeviceThread::spawn("virtio-balloon".into(), move |stop| {
+            let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            let add = |fd, token| {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)
+            };
+            add(stop.raw_fd(), TOKEN_EXIT)?;
+            add(handle.stats_request.as_raw_fd(), TOKEN_STATS_REQUEST)?;
+            for (index, (_, _, notifier, _)) in &loops {
+                add(notifier.as_raw_fd(), u64::from(*index))?;
+            }
+            Ok(BalloonLoop {
+                loops,
+                epoll,
+                stop,
+                mem,
+                interrupt,
+                handle,
+                chain: Chain::default(),
+                broken: false,
             })
-            .map_err(err)?;
-        Ok(Worker {
-            queues,
-            exit,
-            thread: Some(thread),
-        })
+        })?;
+        Ok(Worker { queues, thread })
     }
 }
 
-/// The statistics queue: the driver's buffer is read, then held until the VMM asks for fresh
-/// statistics (virtio 1.2 §5.5.6.3). Returns whether to interrupt the driver.
+impl BalloonLoop {
+    /// Serve queue `index`; returns whether its pass stopped at its budget.
+    fn serve(&mut self, index: u16) -> bool {
+        let Some((role, q, _, handler)) = self.loops.get_mut(&index) else {
+            return false;
+        };
+        let mut again = false;
+        let mut q = lock(q);
+        let r = if *role == Role::Stats {
+            serve_stats(
+                &mut q,
+                &self.mem,
+                &mut self.chain,
+                &self.handle,
+                self.stop.flag(),
+            )
+        } else {
+            process_queue_until(
+                &mut q,
+                &self.mem,
+                &mut self.chain,
+                handler,
+                self.stop.flag(),
+            )
+            .map(|p| {
+                again = p.pending;
+                p.notify
+            })
+        };
+        drop(q);
+        match r {
+            Ok(true) => {
+                if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                    tracing::warn!("virtio-balloon: interrupt: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!("virtio-balloon queue {index}: {e}; device needs a reset");
+                self.broken = true;
+                self.interrupt.set_needs_reset();
+            }
+        }
+        again
+    }
+
+    /// The VMM asked for statistics: give the held buffer back, the driver refills and
+    /// re-queues it.
+    fn stats_requested(&mut self) {
+        let _ = self.handle.stats_request.read();
+        if self.broken {
+            return;
+        }
+        let Some(head) = lock(&self.handle.shared).stats_head.take() else {
+            return;
+        };
+        let stats = self.loops.iter().find(|(_, l)| l.0 == Role::Stats);
+        if let Some((&index, (_, q, _, _))) = stats {
+            if lock(q).add_used(&self.mem, head, 0).is_ok() {
+                let _ = self.interrupt.trigger(VirtioInterruptType::Queue(index));
+            }
+        }
+    }
+}
+
+impl WorkerLoop for BalloonLoop {
+    fn run(&mut self) {
+        let mut events = [EpollEvent::default(); 8];
+        // Chains queued before the thread (re)started.
+        let mut pending: Vec<u16> = self.loops.keys().copied().collect();
+        let mut again: Vec<u16> = Vec::new();
+        loop {
+            for index in std::mem::take(&mut pending) {
+                if self.broken || self.stop.requested() {
+                    break;
+                }
+                if self.serve(index) {
+                    // Budget reached: serve again after checking for a stop.
+                    again.push(index);
+                }
+            }
+            let timeout = if again.is_empty() { -1 } else { 0 };
+            pending.append(&mut again);
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-balloon: epoll: {e}; worker stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => return,
+                    TOKEN_STATS_REQUEST => self.stats_requested(),
+                    t => {
+                        let index = t as u16;
+                        if let Some((_, _, notifier, _)) = self.loops.get(&index) {
+                            let _ = notifier.read();
+                            pending.push(index);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The statistics queue: the driver's buffer is read, then held (its head in
+/// `stats_head`) until the VMM asks for fresh statistics (virtio 1.2 §5.5.6.3). Returns
+/// whether to interrupt the driver.
 fn serve_stats(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     chain: &mut Chain,
     handle: &BalloonHandle,
-    index: u16,
-    held: &mut Option<(u16, u16)>,
+    stop: &AtomicBool,
 ) -> Result<bool, QueueError> {
     let mut notify = false;
     for _ in 0..q.size() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
         let Some(head) = pop_head(q, mem)? else {
             break;
         };
         // A buffer already held is given back: the driver must not have two outstanding.
-        if let Some((_, old)) = held.take() {
+        let old = lock(&handle.shared).stats_head.take();
+        if let Some(old) = old {
             q.add_used(mem, old, 0)
                 .map_err(|e| QueueError::Ring(e.to_string()))?;
             notify = true;
         }
         walk_chain(q, mem, head, chain);
-        if let Some(stats) = read_stats(mem, chain) {
-            lock(&handle.shared).stats = Some(stats);
+        let stats = read_stats(mem, chain);
+        let mut s = lock(&handle.shared);
+        if let Some(stats) = stats {
+            s.stats = Some(stats);
         }
-        *held = Some((index, head));
+        s.stats_head = Some(head);
     }
     Ok(notify)
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if self.exit.write(1).is_ok() && t.join().is_err() {
-                tracing::error!("virtio-balloon: worker panicked");
-            }
-        }
-    }
 }
 
 /// A [`DiscardMemory`] that only writes zeroes (no memory is given back): for tests and for

@@ -13,8 +13,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -23,10 +23,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{pop_head, process_queue, walk_chain, Chain, ChainHandler, Cursor, QueueError};
+use super::queue::{
+    pop_head, process_queue_until, walk_chain, Chain, ChainHandler, Cursor, QueueError,
+};
+use super::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use super::{
-    feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, VIRTIO_F_VERSION_1,
+    feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1,
 };
 use crate::bus::lock;
 
@@ -65,7 +68,6 @@ pub enum ConsoleError {
 /// The device's state for snapshots (the host side is reopened, not saved).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConsoleState {
-    pub acked_features: u64,
     /// Host input not yet delivered.
     pub pending_input: Vec<u8>,
 }
@@ -240,15 +242,20 @@ impl Console {
     /// The device's state for snapshots.
     pub fn console_state(&self) -> ConsoleState {
         ConsoleState {
-            acked_features: self.acked,
             pending_input: lock(&self.input.buf).iter().copied().collect(),
         }
     }
 
-    /// Restore into an inactive device.
-    pub fn restore_console_state(&mut self, s: &ConsoleState) {
-        self.acked = s.acked_features & FEATURES;
-        self.input.push(&s.pending_input);
+    /// Restore into an inactive device: the saved input goes before anything typed since.
+    fn restore_console_state(&mut self, s: &ConsoleState) {
+        let mut b = lock(&self.input.buf);
+        let typed: Vec<u8> = b.drain(..).collect();
+        b.extend(&s.pending_input);
+        b.extend(typed);
+        let excess = b.len().saturating_sub(INPUT_BUFFER);
+        b.drain(..excess);
+        drop(b);
+        let _ = self.input.wake.write(1);
     }
 }
 
@@ -314,10 +321,7 @@ impl VirtioDevice for Console {
             self.output.clone(),
             self.input.clone(),
         )
-        .map_err(|e| match e {
-            ConsoleError::Io(e) => ActivateError::Worker(e),
-            e => ActivateError::Worker(io::Error::other(e)),
-        })?;
+        .map_err(|e| ActivateError::Worker(e.into()))?;
         self.worker = Some(w);
         Ok(())
     }
@@ -331,6 +335,39 @@ impl VirtioDevice for Console {
         self.worker
             .as_ref()
             .map_or_else(Vec::new, |w| super::numbered_queue_states(&w.queues))
+    }
+
+    fn pause(&mut self) {
+        // Host input keeps arriving in the input buffer (bounded) meanwhile.
+        if let Some(w) = &mut self.worker {
+            w.thread.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        match &mut self.worker {
+            Some(w) => w
+                .thread
+                .resume()
+                .map_err(|e| ActivateError::Worker(e.into())),
+            None => Ok(()),
+        }
+    }
+
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::Console(self.console_state())
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::Console(c) => {
+                self.restore_console_state(c);
+                Ok(())
+            }
+            other => Err(ActivateError::StateMismatch(format!(
+                "console state expected, {other:?} saved"
+            ))),
+        }
     }
 }
 
@@ -363,10 +400,11 @@ fn serve_rx(
     mem: &GuestMemoryMmap,
     chain: &mut Chain,
     input: &ConsoleInput,
+    stop: &AtomicBool,
 ) -> Result<bool, QueueError> {
     let mut used = false;
     for _ in 0..q.size() {
-        if !input.pending() {
+        if !input.pending() || stop.load(Ordering::Acquire) {
             break;
         }
         let Some(head) = pop_head(q, mem)? else {
@@ -393,8 +431,23 @@ fn serve_rx(
 
 struct Worker {
     queues: Vec<Arc<Mutex<Queue>>>,
-    exit: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<ConsoleLoop>,
+}
+
+/// What the worker thread owns.
+struct ConsoleLoop {
+    rxq: Arc<Mutex<Queue>>,
+    txq: Arc<Mutex<Queue>>,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    epoll: Epoll,
+    stop: StopSignal,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    input: ConsoleInput,
+    handler: TxHandler,
+    chain: Chain,
+    broken: bool,
 }
 
 impl Worker {
@@ -404,111 +457,121 @@ impl Worker {
         interrupt: Arc<dyn VirtioInterrupt>,
         output: Output,
         input: ConsoleInput,
-    ) -> Result<Worker, ConsoleError> {
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::Io)?;
-        let exit_thread = exit.try_clone().map_err(ConsoleError::Io)?;
-        let epoll = Epoll::new().map_err(ConsoleError::Io)?;
+    ) -> Result<Worker, WorkerError> {
         let [rx, tx] = queues;
-        for (fd, token) in [
-            (rx.notifier.as_raw_fd(), TOKEN_RX),
-            (tx.notifier.as_raw_fd(), TOKEN_TX),
-            (input.wake.as_raw_fd(), TOKEN_INPUT),
-            (exit_thread.as_raw_fd(), TOKEN_EXIT),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(ConsoleError::Io)?;
-        }
         let rxq = Arc::new(Mutex::new(rx.queue));
         let txq = Arc::new(Mutex::new(tx.queue));
         let shared = vec![rxq.clone(), txq.clone()];
-        let (rx_kick, tx_kick) = (rx.notifier, tx.notifier);
-        let thread = std::thread::Builder::new()
-            .name("virtio-console".into())
-            .spawn(move || {
-                let _keep = exit_thread;
-                let mut handler = TxHandler {
+        let thread = DeviceThread::spawn("virtio-console".into(), move |stop| {
+            let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            for (fd, token) in [
+                (rx.notifier.as_raw_fd(), TOKEN_RX),
+                (tx.notifier.as_raw_fd(), TOKEN_TX),
+                (input.wake.as_raw_fd(), TOKEN_INPUT),
+                (stop.raw_fd(), TOKEN_EXIT),
+            ] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)?;
+            }
+            Ok(ConsoleLoop {
+                rxq,
+                txq,
+                rx_kick: rx.notifier,
+                tx_kick: tx.notifier,
+                epoll,
+                stop,
+                mem,
+                interrupt,
+                input,
+                handler: TxHandler {
                     output,
                     buf: Vec::new(),
-                };
-                let mut chain = Chain::default();
-                let mut broken = false;
-                let mut events = [EpollEvent::default(); 4];
-                let mut tx_again = true;
-                loop {
-                    if !broken {
-                        let mut r = Ok(None);
-                        if tx_again {
-                            tx_again = false;
-                            r = process_queue(&mut lock(&txq), &mem, &mut chain, &mut handler).map(
-                                |p| {
-                                    tx_again = p.pending;
-                                    p.notify.then_some(1u16)
-                                },
-                            );
-                        }
-                        let r = r.and_then(|t| {
-                            if let Some(q) = t {
-                                let _ = interrupt.trigger(VirtioInterruptType::Queue(q));
-                            }
-                            serve_rx(&mut lock(&rxq), &mem, &mut chain, &input)
-                        });
-                        match r {
-                            Ok(true) => {
-                                let _ = interrupt.trigger(VirtioInterruptType::Queue(0));
-                            }
-                            Ok(false) => {}
-                            Err(e) => {
-                                tracing::warn!("virtio-console: {e}; device needs a reset");
-                                broken = true;
-                                interrupt.set_needs_reset();
-                            }
-                        }
-                    }
-                    let timeout = if tx_again { 0 } else { -1 };
-                    let n = match epoll.wait(timeout, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::error!("virtio-console: epoll: {e}; worker stops");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        match ev.data() {
-                            TOKEN_EXIT => return,
-                            TOKEN_RX => {
-                                let _ = rx_kick.read();
-                            }
-                            TOKEN_TX => {
-                                let _ = tx_kick.read();
-                                tx_again = true;
-                            }
-                            _ => {
-                                let _ = input.wake.read();
-                            }
-                        }
-                    }
-                }
+                },
+                chain: Chain::default(),
+                broken: false,
             })
-            .map_err(ConsoleError::Io)?;
+        })?;
         Ok(Worker {
             queues: shared,
-            exit,
-            thread: Some(thread),
+            thread,
         })
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if self.exit.write(1).is_ok() && t.join().is_err() {
-                tracing::error!("virtio-console: worker panicked");
+impl WorkerLoop for ConsoleLoop {
+    fn run(&mut self) {
+        let mut events = [EpollEvent::default(); 4];
+        // Serve what is there already (after an activation, a restore or a pause).
+        let mut tx_again = true;
+        loop {
+            if !self.broken {
+                let mut r = Ok(None);
+                if tx_again {
+                    tx_again = false;
+                    r = process_queue_until(
+                        &mut lock(&self.txq),
+                        &self.mem,
+                        &mut self.chain,
+                        &mut self.handler,
+                        self.stop.flag(),
+                    )
+                    .map(|p| {
+                        tx_again = p.pending;
+                        p.notify.then_some(1u16)
+                    });
+                }
+                let r = r.and_then(|t| {
+                    if let Some(q) = t {
+                        let _ = self.interrupt.trigger(VirtioInterruptType::Queue(q));
+                    }
+                    serve_rx(
+                        &mut lock(&self.rxq),
+                        &self.mem,
+                        &mut self.chain,
+                        &self.input,
+                        self.stop.flag(),
+                    )
+                });
+                match r {
+                    Ok(true) => {
+                        let _ = self.interrupt.trigger(VirtioInterruptType::Queue(0));
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!("virtio-console: {e}; device needs a reset");
+                        self.broken = true;
+                        self.interrupt.set_needs_reset();
+                    }
+                }
+            }
+            let timeout = if tx_again { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-console: epoll: {e}; worker stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => return,
+                    TOKEN_RX => {
+                        let _ = self.rx_kick.read();
+                    }
+                    TOKEN_TX => {
+                        let _ = self.tx_kick.read();
+                        tx_again = true;
+                    }
+                    _ => {
+                        let _ = self.input.wake.read();
+                    }
+                }
             }
         }
     }

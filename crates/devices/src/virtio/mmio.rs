@@ -308,6 +308,8 @@ pub struct MmioTransport {
     queue_sel: u32,
     config_generation: u32,
     active: bool,
+    /// A restored running device, validated and waiting for [`MmioTransport::resume`].
+    restored: Option<Vec<ActiveQueue>>,
 }
 
 impl MmioTransport {
@@ -343,6 +345,7 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            restored: None,
         })
     }
 
@@ -402,8 +405,41 @@ impl MmioTransport {
         }
     }
 
+    /// Stop the device's workers (see [`VirtioDevice::pause`]): when this returns the device
+    /// writes nothing to guest memory and raises no interrupt. Idempotent; nothing on an
+    /// inactive device.
+    pub fn pause(&mut self) {
+        // A restored device not yet started has nothing running.
+        if self.active && self.restored.is_none() {
+            self.device.pause();
+        }
+    }
+
+    /// Serve again after [`MmioTransport::pause`], or start a restored device. Nothing on a
+    /// running or inactive device.
+    pub fn resume(&mut self) -> Result<(), MmioError> {
+        if let Some(queues) = self.restored.take() {
+            let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
+            self.device
+                .activate(self.mem.clone(), interrupt, queues)
+                .map_err(MmioError::Device)?;
+            if self.shared.interrupt_status.load(Ordering::SeqCst) != 0 {
+                // An edge may have been lost with the old process; a spurious one is harmless.
+                let _ = self.shared.irq.trigger();
+            }
+            return Ok(());
+        }
+        if self.active {
+            self.device.resume().map_err(MmioError::Device)?;
+        }
+        Ok(())
+    }
+
     /// Restore saved state into a fresh transport whose device was built with the same backend
-    /// and options. A device that was running is activated again, from the saved ring positions.
+    /// and options. A device that was running is left *paused*: its queues are checked now and
+    /// it starts serving from the saved ring positions at [`MmioTransport::resume`] — call that
+    /// once the VM's interrupt controllers are restored too, so that no interrupt the device
+    /// raises is overwritten.
     pub fn restore(&mut self, state: &VirtioMmioState) -> Result<(), MmioError> {
         if self.active {
             return Err(MmioError::Active);
@@ -456,18 +492,26 @@ impl MmioTransport {
             .interrupt_status
             .store(state.interrupt_status, Ordering::SeqCst);
         if self.status & STATUS_DRIVER_OK != 0 && !state.needs_reset {
-            self.activate().map_err(|(i, e)| MmioError::Queue(i, e))?;
-        }
-        if state.interrupt_status != 0 {
-            // An edge may have been lost with the old process; a spurious one is harmless.
-            let _ = self.shared.irq.trigger();
+            let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
+            let queues = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)
+                .map_err(|(i, e)| MmioError::Queue(i, e))?;
+            self.restored = Some(queues);
+            self.active = true;
         }
         Ok(())
+    }
+
+    /// A machine reset (the guest rebooted): the device stops and forgets the driver, as on a
+    /// driver reset. (Configuration space, for PCI, is the caller's: restore its power-on
+    /// state.)
+    pub fn hard_reset(&mut self) {
+        self.reset();
     }
 
     fn reset(&mut self) {
         self.device.reset();
         self.active = false;
+        self.restored = None;
         for q in &mut self.queues {
             *q = QueueRegs::new(q.max_size);
         }
@@ -667,6 +711,8 @@ mod tests {
         acked: u64,
         activated: Vec<(u16, u16, u64, u16)>,
         resets: u32,
+        pauses: u32,
+        resumes: u32,
     }
 
     struct Dummy {
@@ -727,6 +773,13 @@ mod tests {
         }
         fn queue_states(&self) -> Vec<(u16, QueueState)> {
             self.queues.clone()
+        }
+        fn pause(&mut self) {
+            self.log.lock().unwrap().pauses += 1;
+        }
+        fn resume(&mut self) -> Result<(), ActivateError> {
+            self.log.lock().unwrap().resumes += 1;
+            Ok(())
         }
     }
 
@@ -937,12 +990,28 @@ mod tests {
         state.queues[1].next_avail = 5;
         let json = serde_json::to_string(&state).unwrap();
         let back: VirtioMmioState = serde_json::from_str(&json).unwrap();
-        let (mut t2, log2, _) = transport();
+        let (mut t2, log2, irq2) = transport();
         t2.restore(&back).unwrap();
         assert!(t2.is_active());
-        assert_eq!(log2.lock().unwrap().activated, vec![(1, 8, DESC, 5)]);
         assert_eq!(log2.lock().unwrap().acked, f);
         assert_eq!(r(&mut t2, REG_STATUS), OK | STATUS_DRIVER_OK);
+        // Restored paused: the device starts at resume, from the saved positions.
+        assert!(log2.lock().unwrap().activated.is_empty());
+        assert_eq!(t2.state(), back, "the state of a restored, paused transport");
+        t2.pause();
+        assert_eq!(log2.lock().unwrap().pauses, 0, "nothing to pause yet");
+        t2.resume().unwrap();
+        assert_eq!(log2.lock().unwrap().activated, vec![(1, 8, DESC, 5)]);
+        assert!(irq2.read().is_err(), "no interrupt was pending");
+        t2.pause();
+        t2.pause();
+        t2.resume().unwrap();
+        let counts = {
+            let l = log2.lock().unwrap();
+            (l.pauses, l.resumes)
+        };
+        assert_eq!(counts, (2, 1));
+        assert_eq!(log2.lock().unwrap().activated.len(), 1);
         // A mismatching device is refused.
         let mut bad = back.clone();
         bad.device.device_type = 7;

@@ -113,14 +113,75 @@ pub enum ActivateError {
     StateMismatch(String),
 }
 
-/// The snapshot of a device's virtio-level state: what it offered, what the driver accepted, and
-/// its configuration space (to check on restore that the backend still matches).
+/// The snapshot of a device: what it offered, what the driver accepted, its configuration space
+/// (to check on restore that the backend still matches) and the device's own state. The queues
+/// are the transport's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioDeviceState {
     pub device_type: u32,
     pub avail_features: u64,
     pub acked_features: u64,
     pub config: Vec<u8>,
+    pub specific: DeviceSpecificState,
+}
+
+/// What a device keeps besides its queues and features ([`VirtioDevice::device_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceSpecificState {
+    /// Nothing of its own (virtio-rng).
+    None,
+    Block(block::BlockState),
+    Net(net::NetState),
+    Vsock(vsock::VsockState),
+    Console(console::ConsoleState),
+    Balloon(balloon::BalloonState),
+}
+
+impl VirtioDeviceState {
+    /// Give a saved network device another MAC address, for a clone of a snapshot restored
+    /// into a device built with `mac`: the configuration space and the device's state change
+    /// together. A running Linux driver reads the MAC only when it probes the device, so the
+    /// guest keeps sending from the old address until its driver is bound again.
+    pub fn set_net_mac(&mut self, mac: net::MacAddr) -> Result<(), ActivateError> {
+        let DeviceSpecificState::Net(n) = &mut self.specific else {
+            return Err(ActivateError::StateMismatch(
+                "a MAC address is only for a network device".into(),
+            ));
+        };
+        let Some(cfg) = self.config.get_mut(0..6) else {
+            return Err(ActivateError::StateMismatch(
+                "network configuration space too short".into(),
+            ));
+        };
+        cfg.copy_from_slice(&mac.bytes());
+        n.mac = mac;
+        Ok(())
+    }
+
+    /// Give a saved vsock device another guest CID, for a clone of a snapshot restored into a
+    /// device built with `cid`. The restored device sends the guest a transport reset event,
+    /// on which the driver reads the CID again.
+    pub fn set_vsock_cid(&mut self, cid: u64) -> Result<(), ActivateError> {
+        let DeviceSpecificState::Vsock(v) = &mut self.specific else {
+            return Err(ActivateError::StateMismatch(
+                "a guest CID is only for a vsock device".into(),
+            ));
+        };
+        if !vsock::valid_guest_cid(cid) {
+            return Err(ActivateError::StateMismatch(format!(
+                "guest CID {cid} is reserved"
+            )));
+        }
+        let Some(cfg) = self.config.get_mut(0..8) else {
+            return Err(ActivateError::StateMismatch(
+                "vsock configuration space too short".into(),
+            ));
+        };
+        cfg.copy_from_slice(&cid.to_le_bytes());
+        v.guest_cid = cid;
+        Ok(())
+    }
 }
 
 /// A virtio device, as the transport sees it.
@@ -150,13 +211,53 @@ pub trait VirtioDevice: Send {
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError>;
     /// Stop serving (joining any worker) and forget the negotiated features: the device is as
-    /// new. Called on a driver reset, and safe to call on an inactive device.
+    /// new. Called on a driver reset, and safe to call on an inactive or paused device.
     fn reset(&mut self);
-    /// The live state of the active queues (index and state), for snapshots. Consistent between
-    /// requests: a worker holds a queue's lock for a whole processing pass.
+    /// The state of the active queues (index and state), for snapshots, also while paused.
+    /// Consistent between requests: a worker holds a queue's lock while it serves a request.
     fn queue_states(&self) -> Vec<(u16, QueueState)>;
 
-    /// The device's virtio state.
+    /// Stop serving, for a snapshot or a migration: when this returns the device writes
+    /// nothing to guest memory and raises no interrupt until [`VirtioDevice::resume`].
+    ///
+    /// - Every worker finishes the request it is on (its used entry is written), then stops;
+    ///   the queues keep their state (ring positions, event-idx state) and the device keeps
+    ///   everything it holds between requests (a frame waiting for receive buffers, vsock
+    ///   connections, console input, a held statistics buffer), so resuming loses nothing.
+    /// - A device with asynchronous I/O in flight: **all in-flight requests complete and their
+    ///   used entries are written before `pause` returns**; none is left for `resume`, so the
+    ///   state taken while paused has no request that the guest made available, the device
+    ///   took, and the used ring does not show (a restored device serves from `next_avail`).
+    /// - Driver notifications arriving while paused are kept by their eventfds and served on
+    ///   resume.
+    ///
+    /// Idempotent; nothing on an inactive device.
+    fn pause(&mut self);
+
+    /// Serve again after [`VirtioDevice::pause`], from the saved queue states, as an
+    /// activation does on a restored queue: whatever became available meanwhile is served
+    /// first. Nothing on a running or inactive device.
+    fn resume(&mut self) -> Result<(), ActivateError>;
+
+    /// The device's own state (see [`DeviceSpecificState`]); take it while paused.
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::None
+    }
+
+    /// Restore [`VirtioDevice::device_state`] into an inactive device built with the same
+    /// backend and options (its negotiated features are restored first). Called by
+    /// [`VirtioDevice::restore`].
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::None => Ok(()),
+            other => Err(ActivateError::StateMismatch(format!(
+                "device type {} has no state like {other:?}",
+                self.device_type()
+            ))),
+        }
+    }
+
+    /// The device's state, features and configuration space included.
     fn state(&self) -> VirtioDeviceState {
         let mut config = vec![0u8; self.config_len()];
         self.read_config(0, &mut config);
@@ -165,11 +266,13 @@ pub trait VirtioDevice: Send {
             avail_features: self.features(),
             acked_features: self.acked_features(),
             config,
+            specific: self.device_state(),
         }
     }
 
     /// Restore the state saved by [`VirtioDevice::state`] into an inactive device built with the
-    /// same backend and options.
+    /// same backend and options (for a clone with another identity, see
+    /// [`VirtioDeviceState::set_net_mac`] and [`VirtioDeviceState::set_vsock_cid`]).
     fn restore(&mut self, state: &VirtioDeviceState) -> Result<(), ActivateError> {
         let now = self.state();
         if state.device_type != now.device_type {
@@ -195,7 +298,7 @@ pub trait VirtioDevice: Send {
             ));
         }
         self.ack_features(state.acked_features);
-        Ok(())
+        self.restore_device_state(&state.specific)
     }
 }
 

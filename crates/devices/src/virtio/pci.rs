@@ -27,7 +27,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{log_activation_failure, ready_queues, status_transition, QueueRegs};
 use super::{
-    feature, has_feature, ActivateError, QueueSnapshot, VirtioDevice, VirtioDeviceState,
+    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice, VirtioDeviceState,
     VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
     STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -207,6 +207,8 @@ pub struct VirtioPciDevice {
     queue_sel: u16,
     config_generation: u8,
     active: bool,
+    /// A restored running device, validated and waiting for [`VirtioPciDevice::resume`].
+    restored: Option<Vec<ActiveQueue>>,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -310,6 +312,7 @@ impl VirtioPciDevice {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            restored: None,
         })
     }
 
@@ -387,9 +390,40 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Stop the device's workers (see [`VirtioDevice::pause`]): when this returns the device
+    /// writes nothing to guest memory and raises no interrupt. Idempotent; nothing on an
+    /// inactive device.
+    pub fn pause(&mut self) {
+        // A restored device not yet started has nothing running.
+        if self.active && self.restored.is_none() {
+            self.device.pause();
+        }
+    }
+
+    /// Serve again after [`VirtioPciDevice::pause`], or start a restored device. Nothing on a
+    /// running or inactive device.
+    pub fn resume(&mut self) -> Result<(), VirtioPciError> {
+        if let Some(queues) = self.restored.take() {
+            let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
+            self.device
+                .activate(self.mem.clone(), interrupt, queues)
+                .map_err(VirtioPciError::Device)?;
+            // A level the old process asserted for a pending ISR: assert it again (MSI-X
+            // pending bits are in the restored PBA).
+            self.intx_handle().resampled();
+            return Ok(());
+        }
+        if self.active {
+            self.device.resume().map_err(VirtioPciError::Device)?;
+        }
+        Ok(())
+    }
+
     /// Restore saved state into a fresh function whose device was built with the same backend
-    /// and options; a running device is activated again. Add the function to the root bus
-    /// afterwards, so that its BARs are mapped where the saved registers say.
+    /// and options. A device that was running is left *paused* (its queues checked now) until
+    /// [`VirtioPciDevice::resume`], which the VM monitor calls once the interrupt controllers
+    /// and MSI routes are restored. Add the function to the root bus afterwards, so that its
+    /// BARs are mapped where the saved registers say.
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioPciError> {
         if self.active {
             return Err(VirtioPciError::Active);
@@ -449,15 +483,26 @@ impl VirtioPciDevice {
             v.store(*saved, Ordering::SeqCst);
         }
         if self.status & STATUS_DRIVER_OK != 0 && !s.needs_reset {
-            self.activate()
+            let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
+            let queues = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)
                 .map_err(|(i, e)| VirtioPciError::Queue(i, e))?;
+            self.restored = Some(queues);
+            self.active = true;
         }
         Ok(())
+    }
+
+    /// A machine reset (the guest rebooted): the device stops and forgets the driver, as on a
+    /// driver reset. (Configuration space, for PCI, is the caller's: restore its power-on
+    /// state.)
+    pub fn hard_reset(&mut self) {
+        self.reset();
     }
 
     fn reset(&mut self) {
         self.device.reset();
         self.active = false;
+        self.restored = None;
         for q in &mut self.queues {
             *q = QueueRegs::new(q.max_size);
         }

@@ -14,7 +14,7 @@
 //!   readable-before-writable order and a device's limit on the number of descriptors.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -319,6 +319,19 @@ pub fn process_queue(
     chain: &mut Chain,
     handler: &mut dyn ChainHandler,
 ) -> Result<Progress, QueueError> {
+    process_queue_until(queue, mem, chain, handler, &AtomicBool::new(false))
+}
+
+/// [`process_queue`], except that the pass also ends, with `pending` set, as soon as `stop` is
+/// set (a pause request: see [`super::worker::StopSignal`]): the chain being served is finished
+/// and put in the used ring first, so a pause waits for one request, never for a whole pass.
+pub fn process_queue_until(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    chain: &mut Chain,
+    handler: &mut dyn ChainHandler,
+    stop: &AtomicBool,
+) -> Result<Progress, QueueError> {
     let budget = u32::from(queue.size());
     let mut served = 0u32;
     let mut rounds = 0u32;
@@ -332,7 +345,14 @@ pub fn process_queue(
             break;
         }
         queue.disable_notification(mem).map_err(ring_err)?;
-        while let Some(head) = pop_head(queue, mem)? {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                pending = true;
+                break 'passes;
+            }
+            let Some(head) = pop_head(queue, mem)? else {
+                break;
+            };
             walk_chain(queue, mem, head, chain);
             let len = handler.handle(mem, chain);
             queue.add_used(mem, head, len).map_err(ring_err)?;

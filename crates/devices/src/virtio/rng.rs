@@ -151,6 +151,19 @@ impl VirtioDevice for Rng {
             .map(|w| (w.index(), w.queue_state()))
             .collect()
     }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        match &mut self.worker {
+            Some(w) => w.resume().map_err(|e| ActivateError::Worker(e.into())),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,16 @@
-//! Queue worker threads: one thread serves one queue, woken by the queue's notification eventfd
-//! and stopped through an exit eventfd (on device reset or drop).
+//! Device threads that can be paused: [`DeviceThread`] runs a [`WorkerLoop`] (the state a
+//! device's thread owns) and hands that state back when it stops, so the same thread can be
+//! started again where it left off; [`QueueWorker`] is the common case, one thread serving one
+//! queue with a [`ChainHandler`], woken by the queue's notification eventfd.
+//!
+//! A stop (for a pause, a reset or a drop) sets a flag and signals an eventfd ([`StopSignal`]):
+//! the loop finishes the request it is on (passes check the flag between chains, see
+//! [`process_queue_until`]), then returns from [`WorkerLoop::run`] the next time it looks at its
+//! events.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -11,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::queue::{process_queue, Chain, ChainHandler};
+use super::queue::{process_queue_until, Chain, ChainHandler};
 use super::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
 use crate::bus::lock;
 
@@ -24,25 +32,254 @@ pub enum WorkerError {
     Epoll(#[source] io::Error),
     #[error("spawning thread: {0}")]
     Spawn(#[source] io::Error),
+    #[error("worker thread {0} is gone (it panicked or could not be started)")]
+    Gone(String),
 }
 
 impl From<WorkerError> for io::Error {
     fn from(e: WorkerError) -> io::Error {
         match e {
             WorkerError::EventFd(e) | WorkerError::Epoll(e) | WorkerError::Spawn(e) => e,
+            e @ WorkerError::Gone(_) => io::Error::other(e),
         }
+    }
+}
+
+/// How a device thread is asked to stop: a flag, checked between requests, and an eventfd that
+/// wakes the thread's epoll. Cloning shares both.
+#[derive(Clone)]
+pub struct StopSignal {
+    flag: Arc<AtomicBool>,
+    fd: Arc<EventFd>,
+}
+
+impl StopSignal {
+    fn new() -> Result<StopSignal, WorkerError> {
+        Ok(StopSignal {
+            flag: Arc::new(AtomicBool::new(false)),
+            fd: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?),
+        })
+    }
+
+    /// Whether a stop was asked for: finish the current request and return.
+    pub fn requested(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// The flag, for [`process_queue_until`].
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+
+    /// The eventfd to watch (level-triggered) in the thread's epoll; it stays readable until the
+    /// thread has stopped.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn raise(&self) -> io::Result<()> {
+        self.flag.store(true, Ordering::Release);
+        self.fd.write(1)
+    }
+
+    fn clear(&self) {
+        // A non-blocking read: it only clears the counter.
+        let _ = self.fd.read();
+        self.flag.store(false, Ordering::Release);
+    }
+}
+
+/// What a device thread owns and runs.
+pub trait WorkerLoop: Send + 'static {
+    /// Serve until the [`StopSignal`] the loop was built with is raised, then return (the state
+    /// is kept for the next `run`). Each run starts by serving whatever is already available,
+    /// as after an activation.
+    fn run(&mut self);
+}
+
+enum Run<S> {
+    Running(JoinHandle<S>),
+    Paused(S),
+    Gone,
+}
+
+/// A device thread that can be paused and resumed; dropping it stops the thread.
+pub struct DeviceThread<S: WorkerLoop> {
+    name: String,
+    stop: StopSignal,
+    run: Run<S>,
+}
+
+impl<S: WorkerLoop> DeviceThread<S> {
+    /// Build the loop's state with `build` (given the stop signal to watch) and run it on a new
+    /// thread named `name`.
+    pub fn spawn(
+        name: String,
+        build: impl FnOnce(StopSignal) -> Result<S, WorkerError>,
+    ) -> Result<DeviceThread<S>, WorkerError> {
+        let stop = StopSignal::new()?;
+        let state = build(stop.clone())?;
+        let mut t = DeviceThread {
+            name,
+            stop,
+            run: Run::Paused(state),
+        };
+        t.resume()?;
+        Ok(t)
+    }
+
+    /// Stop the thread, keeping its state: when this returns, the thread has finished the
+    /// request it was on and exited. Nothing on a paused thread.
+    pub fn pause(&mut self) {
+        let t = match std::mem::replace(&mut self.run, Run::Gone) {
+            Run::Running(t) => t,
+            other => {
+                self.run = other;
+                return;
+            }
+        };
+        if let Err(e) = self.stop.raise() {
+            tracing::error!("{}: cannot stop worker: {e}", self.name);
+            self.run = Run::Running(t);
+            return;
+        }
+        match t.join() {
+            Ok(state) => self.run = Run::Paused(state),
+            Err(_) => tracing::error!("{}: worker panicked", self.name),
+        }
+        self.stop.clear();
+    }
+
+    /// Start the thread again from its saved state. Nothing on a running thread; an error if
+    /// the thread is gone (it panicked) or cannot be started.
+    pub fn resume(&mut self) -> Result<(), WorkerError> {
+        match std::mem::replace(&mut self.run, Run::Gone) {
+            Run::Running(t) => {
+                self.run = Run::Running(t);
+                Ok(())
+            }
+            Run::Gone => Err(WorkerError::Gone(self.name.clone())),
+            Run::Paused(mut state) => {
+                let t = std::thread::Builder::new()
+                    .name(self.name.clone())
+                    .spawn(move || {
+                        state.run();
+                        state
+                    })
+                    .map_err(WorkerError::Spawn)?;
+                self.run = Run::Running(t);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the thread is paused (its state is kept, nothing runs).
+    pub fn is_paused(&self) -> bool {
+        matches!(self.run, Run::Paused(_))
+    }
+
+    /// The state of a paused thread.
+    pub fn paused_state(&self) -> Option<&S> {
+        match &self.run {
+            Run::Paused(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Stop the thread and drop its state.
+    pub fn stop(&mut self) {
+        self.pause();
+        self.run = Run::Gone;
+    }
+}
+
+impl<S: WorkerLoop> Drop for DeviceThread<S> {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_EXIT: u64 = 1;
 
+/// What a queue worker's thread owns.
+struct Serving {
+    index: u16,
+    queue: Arc<Mutex<Queue>>,
+    notifier: EventFd,
+    self_kick: EventFd,
+    epoll: Epoll,
+    stop: StopSignal,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    handler: Box<dyn ChainHandler + Send>,
+    chain: Chain,
+    broken: bool,
+}
+
+impl Serving {
+    fn serve(&mut self) {
+        if self.broken {
+            return;
+        }
+        let index = self.index;
+        let mut q = lock(&self.queue);
+        match process_queue_until(
+            &mut q,
+            &self.mem,
+            &mut self.chain,
+            &mut *self.handler,
+            self.stop.flag(),
+        ) {
+            Ok(p) => {
+                if p.notify {
+                    if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(index)) {
+                        tracing::warn!("virtio queue {index}: interrupt: {e}");
+                    }
+                }
+                if p.pending {
+                    // More to do: come back through epoll, so that a stop request is seen
+                    // between two passes.
+                    let _ = self.self_kick.write(1);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("virtio queue {index}: {e}; device needs a reset");
+                self.broken = true;
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+}
+
+impl WorkerLoop for Serving {
+    fn run(&mut self) {
+        self.serve();
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio queue {}: epoll: {e}; worker stops", self.index);
+                    return;
+                }
+            };
+            if events[..n].iter().any(|ev| ev.data() == TOKEN_EXIT) {
+                return;
+            }
+            // A non-blocking read: it only clears the counter.
+            let _ = self.notifier.read();
+            self.serve();
+        }
+    }
+}
+
 /// A running queue worker. Dropping it stops the thread.
 pub struct QueueWorker {
     index: u16,
     queue: Arc<Mutex<Queue>>,
-    exit: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<Serving>,
 }
 
 impl QueueWorker {
@@ -54,85 +291,44 @@ impl QueueWorker {
         active: ActiveQueue,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        mut handler: H,
+        handler: H,
     ) -> Result<QueueWorker, WorkerError> {
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
-        let exit_thread = exit.try_clone().map_err(WorkerError::EventFd)?;
-        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
-        for (fd, token) in [
-            (active.notifier.as_raw_fd(), TOKEN_QUEUE),
-            (exit_thread.as_raw_fd(), TOKEN_EXIT),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(WorkerError::Epoll)?;
-        }
         let index = active.index;
         let queue = Arc::new(Mutex::new(active.queue));
         let shared = queue.clone();
         let notifier = active.notifier;
-        let self_kick = notifier.try_clone().map_err(WorkerError::EventFd)?;
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let _keep = exit_thread;
-                let mut chain = Chain::default();
-                let mut broken = false;
-                let mut serve = |broken: &mut bool| {
-                    if *broken {
-                        return;
-                    }
-                    let mut q = lock(&shared);
-                    match process_queue(&mut q, &mem, &mut chain, &mut handler) {
-                        Ok(p) => {
-                            if p.notify {
-                                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index))
-                                {
-                                    tracing::warn!("virtio queue {index}: interrupt: {e}");
-                                }
-                            }
-                            if p.pending {
-                                // More to do: come back through epoll, so that a stop request
-                                // is seen between two passes.
-                                let _ = self_kick.write(1);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!("virtio queue {index}: {e}; device needs a reset");
-                            *broken = true;
-                            interrupt.set_needs_reset();
-                        }
-                    }
-                };
-                serve(&mut broken);
-                let mut events = [EpollEvent::default(); 2];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            tracing::error!("virtio queue {index}: epoll: {e}; worker stops");
-                            return;
-                        }
-                    };
-                    if events[..n].iter().any(|ev| ev.data() == TOKEN_EXIT) {
-                        return;
-                    }
-                    // A non-blocking read: it only clears the counter.
-                    let _ = notifier.read();
-                    serve(&mut broken);
-                }
+        let thread = DeviceThread::spawn(name, move |stop| {
+            let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            for (fd, token) in [
+                (notifier.as_raw_fd(), TOKEN_QUEUE),
+                (stop.raw_fd(), TOKEN_EXIT),
+            ] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)?;
+            }
+            Ok(Serving {
+                index,
+                queue: shared,
+                self_kick: notifier.try_clone().map_err(WorkerError::EventFd)?,
+                notifier,
+                epoll,
+                stop,
+                mem,
+                interrupt,
+                handler: Box::new(handler),
+                chain: Chain::default(),
+                broken: false,
             })
-            .map_err(WorkerError::Spawn)?;
+        })?;
         Ok(QueueWorker {
             index,
             queue,
-            exit,
-            thread: Some(thread),
+            thread,
         })
     }
 
@@ -141,27 +337,123 @@ impl QueueWorker {
         self.index
     }
 
-    /// The queue's state, taken between two processing passes.
+    /// The queue's state, taken between two requests (or while paused).
     pub fn queue_state(&self) -> virtio_queue::QueueState {
         lock(&self.queue).state()
     }
 
+    /// Stop the thread after the request it is on, keeping the queue and the handler.
+    pub fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    /// Serve again after [`QueueWorker::pause`] (first whatever became available meanwhile).
+    /// Nothing on a running worker.
+    pub fn resume(&mut self) -> Result<(), WorkerError> {
+        self.thread.resume()
+    }
+
     /// Stop the thread and wait for it.
     pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if let Err(e) = self.exit.write(1) {
-                tracing::error!("virtio queue {}: cannot stop worker: {e}", self.index);
-                return;
-            }
-            if t.join().is_err() {
-                tracing::error!("virtio queue {}: worker panicked", self.index);
-            }
-        }
+        self.thread.stop();
     }
 }
 
-impl Drop for QueueWorker {
-    fn drop(&mut self) {
-        self.stop();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{mem, CountingInterrupt, TestQueue, W};
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Condvar;
+    use std::time::Duration;
+
+    /// Counts the chains it serves; blocks inside a chain while the gate is closed.
+    #[derive(Default)]
+    struct Gate {
+        closed: Mutex<bool>,
+        cv: Condvar,
+        entered: AtomicU32,
+        served: AtomicU32,
+    }
+
+    struct Gated(Arc<Gate>);
+
+    impl ChainHandler for Gated {
+        fn handle(&mut self, _mem: &GuestMemoryMmap, _chain: &mut Chain) -> u32 {
+            self.0.entered.fetch_add(1, Ordering::SeqCst);
+            let mut closed = self.0.closed.lock().unwrap();
+            while *closed {
+                closed = self.0.cv.wait(closed).unwrap();
+            }
+            self.0.served.fetch_add(1, Ordering::SeqCst);
+            1
+        }
+    }
+
+    fn wait_for(f: impl Fn() -> bool) {
+        let start = std::time::Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(5), "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn pause_finishes_the_current_chain_and_resume_serves_the_rest() {
+        let m = mem();
+        let mut tq = TestQueue::new(&m, 16);
+        let gate = Arc::new(Gate::default());
+        *gate.closed.lock().unwrap() = true;
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kick = evt.try_clone().unwrap();
+        let int = Arc::new(CountingInterrupt::default());
+        let mut w = QueueWorker::spawn(
+            "test-q".into(),
+            ActiveQueue {
+                index: 0,
+                queue: tq.queue(),
+                notifier: evt,
+            },
+            m.clone(),
+            int,
+            Gated(gate.clone()),
+        )
+        .unwrap();
+        for i in 0..5 {
+            tq.add_chain(&[(0x10000 + i * 0x100, 16, W)]);
+        }
+        kick.write(1).unwrap();
+        wait_for(|| gate.entered.load(Ordering::SeqCst) == 1);
+        // Pause from another thread: it cannot return while the chain is being served.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let pauser = std::thread::spawn(move || {
+            w.pause();
+            w.pause(); // twice: nothing more
+            done_tx.send(()).unwrap();
+            w
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(done_rx.try_recv().is_err(), "pause returned mid-request");
+        *gate.closed.lock().unwrap() = false;
+        gate.cv.notify_all();
+        let mut w = pauser.join().unwrap();
+        // The chain in progress is in the used ring; the other four wait.
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(gate.served.load(Ordering::SeqCst), 1);
+        assert_eq!(w.queue_state().next_avail, 1);
+        assert!(w.thread.is_paused());
+        // Notifications while paused are remembered, not served.
+        tq.add_chain(&[(0x20000, 16, W)]);
+        kick.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(tq.used_idx(), 1);
+        w.resume().unwrap();
+        w.resume().unwrap(); // twice: nothing more
+        tq.wait_used(6);
+        assert_eq!(gate.served.load(Ordering::SeqCst), 6);
+        let heads: Vec<u32> = (0..6).map(|i| tq.used(i).0).collect();
+        assert_eq!(heads, [0, 1, 2, 3, 4, 5]);
+        w.stop();
+        assert!(w.resume().is_err(), "a stopped worker stays stopped");
     }
 }

@@ -13,13 +13,14 @@ mod tests;
 use std::sync::Arc;
 
 use block::DiskBackend;
+use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 
 use super::worker::QueueWorker;
 use super::{
-    feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
-    MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
+    VirtioInterrupt, MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use request::BlockHandler;
@@ -79,6 +80,14 @@ impl Default for BlockOptions {
             queue_size: MAX_QUEUE_SIZE,
         }
     }
+}
+
+/// The block device's own state for snapshots: its serial (guest-visible through GET_ID, so
+/// checked on restore). Capacity, queues and read-only-ness are in the features and the
+/// configuration space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    pub serial: String,
 }
 
 /// The block device.
@@ -155,6 +164,11 @@ impl Block {
     pub fn capacity(&self) -> u64 {
         self.disk.size() / SECTOR_SIZE
     }
+
+    fn serial(&self) -> String {
+        let end = self.id.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+        String::from_utf8_lossy(&self.id[..end]).into_owned()
+    }
 }
 
 impl VirtioDevice for Block {
@@ -226,5 +240,40 @@ impl VirtioDevice for Block {
             .iter()
             .map(|w| (w.index(), w.queue_state()))
             .collect()
+    }
+
+    fn pause(&mut self) {
+        // Requests complete in the worker (synchronous I/O): a stopped worker has none in
+        // flight.
+        for w in &mut self.workers {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        for w in &mut self.workers {
+            w.resume().map_err(|e| ActivateError::Worker(e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::Block(BlockState {
+            serial: self.serial(),
+        })
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::Block(b) if b.serial == self.serial() => Ok(()),
+            DeviceSpecificState::Block(b) => Err(ActivateError::StateMismatch(format!(
+                "disk serial '{}' saved, '{}' now",
+                b.serial,
+                self.serial()
+            ))),
+            other => Err(ActivateError::StateMismatch(format!(
+                "block device state expected, {other:?} saved"
+            ))),
+        }
     }
 }

@@ -34,8 +34,8 @@ pub use backend::NetBackend;
 
 use super::worker::QueueWorker;
 use super::{
-    feature, has_feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice,
-    VirtioInterrupt, MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, has_feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState,
+    VirtioDevice, VirtioInterrupt, MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use ctrl::CtrlHandler;
@@ -107,13 +107,13 @@ pub fn tap_offloads(acked: u64) -> u32 {
 }
 
 /// The device-specific state of a network device, for snapshots (the queues are saved by the
-/// transport). The pending receive frame of a worker, if any, is not saved: it is dropped, as a
-/// network may drop any frame.
+/// transport, the features with the device). A received frame still waiting in a worker for
+/// receive buffers is not saved: it is dropped, as a network may drop any frame. (A pause keeps
+/// it.) For a clone with another MAC, see [`super::VirtioDeviceState::set_net_mac`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
     pub mac: MacAddr,
     pub queue_pairs: u16,
-    pub acked_features: u64,
     /// Queue pairs the driver enabled with `VQ_PAIRS_SET` (1 without `MQ`).
     pub active_pairs: u16,
 }
@@ -224,13 +224,13 @@ impl Net {
         NetState {
             mac: self.mac,
             queue_pairs: self.queue_pairs(),
-            acked_features: self.acked,
             active_pairs: self.active_pairs.load(Ordering::SeqCst),
         }
     }
 
-    /// Restore [`Net::net_state`] into an inactive device with the same backend and options.
-    pub fn restore_net_state(&mut self, state: &NetState) -> Result<(), ActivateError> {
+    /// Restore [`Net::net_state`] into an inactive device with the same backend and options,
+    /// whose features are restored.
+    fn restore_net_state(&mut self, state: &NetState) -> Result<(), ActivateError> {
         if state.mac != self.mac || state.queue_pairs != self.queue_pairs() {
             return Err(ActivateError::StateMismatch(format!(
                 "network device {} with {} queue pairs saved, {} with {} now",
@@ -240,15 +240,11 @@ impl Net {
                 self.queue_pairs()
             )));
         }
-        if state.acked_features & !self.features != 0
-            || state.active_pairs == 0
-            || state.active_pairs > self.queue_pairs()
-        {
+        if state.active_pairs == 0 || state.active_pairs > self.queue_pairs() {
             return Err(ActivateError::StateMismatch(
-                "saved network features or queue pairs are not possible here".into(),
+                "saved number of active queue pairs is not possible here".into(),
             ));
         }
-        self.acked = state.acked_features;
         self.active_pairs
             .store(state.active_pairs, Ordering::SeqCst);
         Ok(())
@@ -417,5 +413,38 @@ impl VirtioDevice for Net {
             v.push((c.index(), c.queue_state()));
         }
         v
+    }
+
+    fn pause(&mut self) {
+        // The control queue first: it may wake the pair workers.
+        if let Some(c) = &mut self.ctrl {
+            c.pause();
+        }
+        for w in &mut self.workers {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        for w in &mut self.workers {
+            w.resume().map_err(|e| ActivateError::Worker(e.into()))?;
+        }
+        if let Some(c) = &mut self.ctrl {
+            c.resume().map_err(|e| ActivateError::Worker(e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::Net(self.net_state())
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::Net(n) => self.restore_net_state(n),
+            other => Err(ActivateError::StateMismatch(format!(
+                "network device state expected, {other:?} saved"
+            ))),
+        }
     }
 }

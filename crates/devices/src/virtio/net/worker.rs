@@ -9,7 +9,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -20,8 +19,8 @@ use super::rx::{deliver, RxOutcome};
 use super::tx::{TxHandler, TxStats};
 use super::{NetBackend, MAX_PACKET_LEN};
 use crate::bus::lock;
-use crate::virtio::queue::{process_queue, Chain, QueueError};
-use crate::virtio::worker::WorkerError;
+use crate::virtio::queue::{process_queue_until, Chain, QueueError};
+use crate::virtio::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use crate::virtio::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
 
 const TOKEN_RX: u64 = 0;
@@ -47,9 +46,8 @@ pub struct PairWorker {
     tx_index: u16,
     rx: Arc<Mutex<Queue>>,
     tx: Arc<Mutex<Queue>>,
-    exit: EventFd,
     wake: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<Pair>,
 }
 
 struct Pair {
@@ -64,6 +62,7 @@ struct Pair {
     rx_kick: EventFd,
     tx_kick: EventFd,
     wake: EventFd,
+    stop: StopSignal,
     mrg: bool,
     /// One packet read from the backend; `pending` bytes of it wait for receive buffers.
     rx_buf: Vec<u8>,
@@ -92,40 +91,41 @@ impl PairWorker {
         backend: Arc<dyn NetBackend>,
         mrg: bool,
     ) -> Result<PairWorker, WorkerError> {
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
-        let exit_thread = exit.try_clone().map_err(WorkerError::EventFd)?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
         let wake_thread = wake.try_clone().map_err(WorkerError::EventFd)?;
-        let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
-        for (fd, token) in [
-            (rx.notifier.as_raw_fd(), TOKEN_RX),
-            (tx.notifier.as_raw_fd(), TOKEN_TX),
-            (exit_thread.as_raw_fd(), TOKEN_EXIT),
-            (wake_thread.as_raw_fd(), TOKEN_WAKE),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(WorkerError::Epoll)?;
-        }
         let (rx_index, tx_index) = (rx.index, tx.index);
         let rxq = Arc::new(Mutex::new(rx.queue));
         let txq = Arc::new(Mutex::new(tx.queue));
-        let mut pair = Pair {
+        let (rx_shared, tx_shared) = (rxq.clone(), txq.clone());
+        let thread = DeviceThread::spawn(name, move |stop| {
+            let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            for (fd, token) in [
+                (rx.notifier.as_raw_fd(), TOKEN_RX),
+                (tx.notifier.as_raw_fd(), TOKEN_TX),
+                (stop.raw_fd(), TOKEN_EXIT),
+                (wake_thread.as_raw_fd(), TOKEN_WAKE),
+            ] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)?;
+            }
+            Ok(Pair {
             mem,
             interrupt,
             backend,
             epoll,
             rx_index,
             tx_index,
-            rx: rxq.clone(),
-            tx: txq.clone(),
+            rx: rx_shared,
+            tx: tx_shared,
             rx_kick: rx.notifier,
             tx_kick: tx.notifier,
             wake: wake_thread,
+            stop,
             mrg,
             rx_buf: vec![0; MAX_PACKET_LEN + 1],
             pending: None,
@@ -138,22 +138,15 @@ impl PairWorker {
             rx_stats: RxStats::default(),
             tx_stats: TxStats::default(),
             broken: false,
-        };
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let _keep = exit_thread;
-                pair.run();
             })
-            .map_err(WorkerError::Spawn)?;
+        })?;
         Ok(PairWorker {
             rx_index,
             tx_index,
             rx: rxq,
             tx: txq,
-            exit,
             wake,
-            thread: Some(thread),
+            thread,
         })
     }
 
@@ -163,7 +156,7 @@ impl PairWorker {
         self.wake.try_clone()
     }
 
-    /// The queues' states, each taken between two processing passes.
+    /// The queues' states, each taken between two requests (or while paused).
     pub fn queue_states(&self) -> Vec<(u16, QueueState)> {
         vec![
             (self.rx_index, lock(&self.rx).state()),
@@ -171,30 +164,19 @@ impl PairWorker {
         ]
     }
 
-    /// Stop the thread and wait for it.
-    pub fn stop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if let Err(e) = self.exit.write(1) {
-                tracing::error!(
-                    "virtio-net queue {}: cannot stop worker: {e}",
-                    self.rx_index
-                );
-                return;
-            }
-            if t.join().is_err() {
-                tracing::error!("virtio-net queue {}: worker panicked", self.rx_index);
-            }
-        }
+    /// Stop the thread after the frame it is on; a received frame still waiting for buffers
+    /// is kept for [`PairWorker::resume`].
+    pub fn pause(&mut self) {
+        self.thread.pause();
+    }
+
+    /// Serve again after a pause. Nothing on a running worker.
+    pub fn resume(&mut self) -> Result<(), WorkerError> {
+        self.thread.resume()
     }
 }
 
-impl Drop for PairWorker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-impl Pair {
+impl WorkerLoop for Pair {
     fn run(&mut self) {
         // The backend wakes the worker for receive work; the driver's receive notifications are
         // only wanted when the queue runs out of buffers.
@@ -247,6 +229,9 @@ impl Pair {
             }
         }
     }
+}
+
+impl Pair {
 
     fn fatal(&mut self, queue: u16, e: QueueError) {
         tracing::warn!("virtio-net queue {queue}: {e}; device needs a reset");
@@ -297,7 +282,13 @@ impl Pair {
             buf: &mut self.tx_buf,
             stats: &mut self.tx_stats,
         };
-        match process_queue(&mut q, &self.mem, &mut self.tx_chain, &mut handler) {
+        match process_queue_until(
+            &mut q,
+            &self.mem,
+            &mut self.tx_chain,
+            &mut handler,
+            self.stop.flag(),
+        ) {
             Ok(p) => {
                 if p.notify {
                     self.notify(self.tx_index);
@@ -326,6 +317,10 @@ impl Pair {
         let mut used = false;
         let mut result = Ok(());
         for _ in 0..RX_BUDGET {
+            if self.stop.requested() {
+                // Pausing: the rest waits in the backend (and a pending frame here).
+                break;
+            }
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.backend.recv(&mut self.rx_buf) {

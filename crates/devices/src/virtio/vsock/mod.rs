@@ -21,19 +21,19 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{pop_head, walk_chain, Chain, Cursor, QueueError};
+use super::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use super::{
-    feature, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
+    feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::bus::lock;
 use muxer::{Muxer, TOKEN_LISTENER, TOKEN_STREAM_BASE};
@@ -75,12 +75,18 @@ pub enum VsockError {
     Worker(#[source] io::Error),
 }
 
-/// The device's own state for snapshots (connections are not kept: see the module docs).
+/// The device's own state for snapshots (connections are not kept: see the module docs). The
+/// Unix socket path is the host's business: a restored device listens where it was built to.
+/// For a clone with another CID, see [`super::VirtioDeviceState::set_vsock_cid`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
-    pub acked_features: u64,
+}
+
+/// Whether `cid` can be a guest's CID (3 to 2^32 - 2).
+pub fn valid_guest_cid(cid: u64) -> bool {
+    cid > HOST_CID && cid < u64::from(u32::MAX)
 }
 
 /// The vsock device.
@@ -98,7 +104,7 @@ impl Vsock {
     /// A device for guest `cid`, listening for host clients on `uds_path` (a stale socket there
     /// is replaced; anything else there is an error).
     pub fn new(cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
-        if cid <= HOST_CID || cid >= u64::from(u32::MAX) {
+        if !valid_guest_cid(cid) {
             return Err(VsockError::BadCid(cid));
         }
         if let Ok(meta) = std::fs::symlink_metadata(uds_path) {
@@ -129,20 +135,18 @@ impl Vsock {
         VsockState {
             guest_cid: self.cid,
             uds_path: self.uds_path.clone(),
-            acked_features: self.acked,
         }
     }
 
     /// Restore the device's own state into a new, inactive device; the guest will get a
     /// transport reset event when the device is activated.
-    pub fn restore_vsock_state(&mut self, s: &VsockState) -> Result<(), ActivateError> {
+    fn restore_vsock_state(&mut self, s: &VsockState) -> Result<(), ActivateError> {
         if s.guest_cid != self.cid {
             return Err(ActivateError::StateMismatch(format!(
                 "guest CID {} saved, {} now",
                 s.guest_cid, self.cid
             )));
         }
-        self.acked = s.acked_features & FEATURES;
         self.reset_event = true;
         Ok(())
     }
@@ -228,13 +232,54 @@ impl VirtioDevice for Vsock {
             .as_ref()
             .map_or_else(Vec::new, |w| super::numbered_queue_states(&w.queues))
     }
+
+    fn pause(&mut self) {
+        // Connections stay open (the host's sockets buffer meanwhile).
+        if let Some(w) = &mut self.worker {
+            w.thread.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ActivateError> {
+        match &mut self.worker {
+            Some(w) => w
+                .thread
+                .resume()
+                .map_err(|e| ActivateError::Worker(e.into())),
+            None => Ok(()),
+        }
+    }
+
+    fn device_state(&self) -> DeviceSpecificState {
+        DeviceSpecificState::Vsock(self.vsock_state())
+    }
+
+    fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
+        match state {
+            DeviceSpecificState::Vsock(v) => self.restore_vsock_state(v),
+            other => Err(ActivateError::StateMismatch(format!(
+                "vsock device state expected, {other:?} saved"
+            ))),
+        }
+    }
 }
 
-/// The running worker thread; dropping it stops the thread (closing every connection).
+/// The worker thread; dropping it stops the thread (closing every connection).
 struct Worker {
     queues: Vec<Arc<Mutex<Queue>>>,
-    exit: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: DeviceThread<VsockLoop>,
+}
+
+/// What the worker thread owns.
+struct VsockLoop {
+    state: WorkerState,
+    notifiers: Vec<EventFd>,
+}
+
+impl WorkerLoop for VsockLoop {
+    fn run(&mut self) {
+        self.state.run(&self.notifiers);
+    }
 }
 
 impl Worker {
@@ -245,63 +290,49 @@ impl Worker {
         interrupt: Arc<dyn VirtioInterrupt>,
         reset_event: bool,
     ) -> Result<Worker, VsockError> {
-        let exit = EventFd::new(EFD_NONBLOCK).map_err(VsockError::Worker)?;
-        let exit_thread = exit.try_clone().map_err(VsockError::Worker)?;
         let mut notifiers = Vec::new();
         let mut shared = Vec::new();
         for q in queues {
             notifiers.push(q.notifier);
             shared.push(Arc::new(Mutex::new(q.queue)));
         }
-        let fds = [
-            (notifiers[RXQ].as_raw_fd(), TOKEN_RX),
-            (notifiers[TXQ].as_raw_fd(), TOKEN_TX),
-            (notifiers[EVQ].as_raw_fd(), TOKEN_EVENT),
-            (exit_thread.as_raw_fd(), TOKEN_EXIT),
-        ];
-        for (fd, token) in fds {
-            muxer
-                .epoll()
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(VsockError::Worker)?;
-        }
-        let mut state = WorkerState {
-            muxer,
-            queues: shared.clone(),
-            mem,
-            interrupt,
-            chain: Chain::default(),
-            payload: Vec::new(),
-            staged: None,
-            broken: false,
-            reset_event,
-        };
-        let thread = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || {
-                let _keep = exit_thread;
-                state.run(&notifiers);
-            })
-            .map_err(VsockError::Worker)?;
+        let queues = shared.clone();
+        let thread = DeviceThread::spawn("virtio-vsock".into(), move |stop| {
+            let fds = [
+                (notifiers[RXQ].as_raw_fd(), TOKEN_RX),
+                (notifiers[TXQ].as_raw_fd(), TOKEN_TX),
+                (notifiers[EVQ].as_raw_fd(), TOKEN_EVENT),
+                (stop.raw_fd(), TOKEN_EXIT),
+            ];
+            for (fd, token) in fds {
+                muxer
+                    .epoll()
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(WorkerError::Epoll)?;
+            }
+            let state = WorkerState {
+                muxer,
+                queues,
+                mem,
+                interrupt,
+                chain: Chain::default(),
+                payload: Vec::new(),
+                staged: None,
+                broken: false,
+                reset_event,
+                stop: Some(stop),
+            };
+            Ok(VsockLoop { state, notifiers })
+        })
+        .map_err(|e| VsockError::Worker(e.into()))?;
         Ok(Worker {
             queues: shared,
-            exit,
-            thread: Some(thread),
+            thread,
         })
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            if self.exit.write(1).is_ok() && t.join().is_err() {
-                tracing::error!("virtio-vsock: worker panicked");
-            }
-        }
     }
 }
 
@@ -317,6 +348,8 @@ pub(crate) struct WorkerState {
     staged: Option<(Header, Vec<u8>)>,
     broken: bool,
     reset_event: bool,
+    /// Raised to pause or stop the thread: passes end after the packet they are on.
+    stop: Option<StopSignal>,
 }
 
 impl WorkerState {
@@ -340,7 +373,12 @@ impl WorkerState {
             staged: None,
             broken: false,
             reset_event: false,
+            stop: None,
         }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(StopSignal::requested)
     }
 
     fn run(&mut self, notifiers: &[EventFd]) {
@@ -410,6 +448,9 @@ impl WorkerState {
         let mut q = lock(&queue);
         // Bounded like process_queue: a pass ends even if the rings feed themselves.
         for _ in 0..q.size() {
+            if self.stopping() {
+                break;
+            }
             let head = match pop_head(&mut q, &self.mem) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
@@ -465,6 +506,9 @@ impl WorkerState {
         let queue = self.queues[RXQ].clone();
         let mut q = lock(&queue);
         for _ in 0..q.size() {
+            if self.stopping() {
+                break;
+            }
             if self.staged.is_none() {
                 let mut payload = Vec::new();
                 match self.muxer.recv_pkt(RX_PKT_MAX, &mut payload) {

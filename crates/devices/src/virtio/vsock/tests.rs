@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::muxer::CONN_BUF_ALLOC;
 use super::packet::*;

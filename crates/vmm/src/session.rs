@@ -1,0 +1,264 @@
+//! The VMM process and its control API across the VM's life.
+//!
+//! The API server talks to an [`ApiSwitch`], which forwards every call to what the process is
+//! now: [`Empty`] (`vessel serve`, before a snapshot is restored or a migration received), the
+//! running VM's [`crate::api::VmHandle`], or [`Ended`] once the VM has stopped (info still
+//! answers, with the exit reason). So one socket serves the whole life of the process.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use api::types::{
+    ApiError, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus, RestoreRequest,
+    SnapshotRequest, VmInfo, VmState,
+};
+use api::VmController;
+use devices::bus::lock;
+
+use crate::exit::ExitReason;
+use crate::vm::{Error, RestoreOptions, Vm};
+
+/// Forwards API calls to the current controller.
+pub struct ApiSwitch {
+    current: RwLock<Arc<dyn VmController>>,
+}
+
+impl ApiSwitch {
+    pub fn new(initial: Arc<dyn VmController>) -> Self {
+        ApiSwitch {
+            current: RwLock::new(initial),
+        }
+    }
+
+    /// Sends later calls to `c` (calls in progress finish on the previous one).
+    pub fn set(&self, c: Arc<dyn VmController>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    fn now(&self) -> Arc<dyn VmController> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl VmController for ApiSwitch {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.now().info()
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        self.now().pause()
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        self.now().resume()
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.now().shutdown()
+    }
+    fn reset(&self) -> Result<(), ApiError> {
+        self.now().reset()
+    }
+    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
+        self.now().snapshot(req)
+    }
+    fn restore(&self, req: RestoreRequest) -> Result<(), ApiError> {
+        self.now().restore(req)
+    }
+    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
+        self.now().migrate_send(req)
+    }
+    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
+        self.now().migrate_receive(req)
+    }
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        self.now().migration_status()
+    }
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        self.now().migrate_cancel()
+    }
+}
+
+/// What `vessel serve` is asked to start.
+pub enum Start {
+    Restore(RestoreRequest),
+}
+
+type Reply = mpsc::Sender<Result<(), ApiError>>;
+
+/// The process before it has a VM: only a restore (or, later, an incoming migration) does
+/// anything; it is handed to the main thread, which answers once the VM is built.
+pub struct Empty {
+    requests: Mutex<mpsc::Sender<(Start, Reply)>>,
+    started: Instant,
+    busy: AtomicBool,
+}
+
+const NO_VM: &str = "no VM yet: restore a snapshot (vm.restore) first";
+
+impl Empty {
+    fn start(&self, what: Start) -> Result<(), ApiError> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(ApiError::conflict("a VM is already being started"));
+        }
+        let (tx, rx) = mpsc::channel();
+        let sent = lock(&self.requests).send((what, tx));
+        let result = match sent {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| Err(ApiError::internal("the VMM stopped"))),
+            Err(_) => Err(ApiError::internal("the VMM stopped")),
+        };
+        if result.is_err() {
+            self.busy.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+impl VmController for Empty {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        Ok(VmInfo {
+            state: VmState::Empty,
+            vcpus: 0,
+            memory_bytes: 0,
+            boot_time_ms: None,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            devices: Vec::new(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            exit_reason: None,
+        })
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
+    fn reset(&self) -> Result<(), ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
+    fn snapshot(&self, _req: SnapshotRequest) -> Result<(), ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
+    fn restore(&self, req: RestoreRequest) -> Result<(), ApiError> {
+        self.start(Start::Restore(req))
+    }
+    fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
+    fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
+        Err(ApiError::not_implemented(
+            "not available yet: live migration is being built",
+        ))
+    }
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        Ok(MigrationStatus::default())
+    }
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        Err(ApiError::conflict("no migration is running"))
+    }
+}
+
+/// The process after its VM stopped (until it exits): info says how it ended.
+pub struct Ended {
+    pub info: VmInfo,
+}
+
+impl Ended {
+    fn gone(&self) -> ApiError {
+        ApiError::conflict(format!(
+            "the VM has stopped: {}",
+            self.info.exit_reason.as_deref().unwrap_or("")
+        ))
+    }
+}
+
+impl VmController for Ended {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        Ok(self.info.clone())
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn reset(&self) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn snapshot(&self, _req: SnapshotRequest) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn restore(&self, _req: RestoreRequest) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        Ok(MigrationStatus::default())
+    }
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        Err(self.gone())
+    }
+}
+
+/// `vessel serve`: an API on `socket` and no VM until one is restored through it; then runs
+/// that VM to its end. `opts` are the host-side settings of the VM to come (console, ...).
+pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<ExitReason, Error> {
+    let (tx, rx) = mpsc::channel::<(Start, Reply)>();
+    let empty = Arc::new(Empty {
+        requests: Mutex::new(tx),
+        started: start,
+        busy: AtomicBool::new(false),
+    });
+    let switch = Arc::new(ApiSwitch::new(empty));
+    let server = api::server::serve(socket, switch.clone())?;
+    let stop = crate::vm::stop_flags()?;
+    let result = loop {
+        if let Some(sig) = stop.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
+            break Ok(ExitReason::Signal(sig.0));
+        }
+        let (what, reply) = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(Error::Io {
+                    what: "the API stopped",
+                    source: std::io::Error::other("request channel closed"),
+                })
+            }
+        };
+        let built = match what {
+            Start::Restore(req) => {
+                let mut o = opts.clone();
+                o.memory = req.memory;
+                Vm::restore(&req.dir, o, start)
+            }
+        };
+        match built {
+            Ok(vm) => {
+                let _ = reply.send(Ok(()));
+                break vm.run_attached(&switch);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(ApiError::bad_request(e.to_string())));
+            }
+        }
+    };
+    server.stop();
+    result
+}

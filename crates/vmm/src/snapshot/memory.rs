@@ -1,0 +1,314 @@
+//! The snapshot memory file: guest RAM region after region (the 3–4 GiB hole left out), written
+//! sparse, and mapped back privately on restore.
+//!
+//! Writing skips pages the guest never touched (not resident, from `mincore`) and pages that
+//! are all zeroes: both stay holes in the file, so a 4 GiB guest that used 100 MiB makes a file
+//! of 100 MiB on disk. Restoring maps each region `MAP_PRIVATE` from the file: pages come in
+//! from the page cache on first touch (lazy, the default) or all at once (`eager`, with
+//! `MAP_POPULATE`, which copies the whole image before the guest runs). Holes read as zeroes.
+//! The guest's writes go to private copies: the file is never modified, so many VMs can be
+//! restored from one snapshot at once.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
+
+use hypervisor::mem::PAGE_SIZE;
+
+/// Bytes examined per step while writing.
+const CHUNK: u64 = 2 << 20;
+
+/// Errors writing or mapping a memory file.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading guest memory at {addr:#x}: {why}")]
+    Guest { addr: u64, why: String },
+    #[error("{path} is {len} bytes, but the snapshot's memory needs {need}")]
+    Short { path: String, len: u64, need: u64 },
+    #[error("cannot map the memory file {path} at {addr:#x}: {why}")]
+    Map {
+        path: String,
+        addr: u64,
+        why: String,
+    },
+    #[error("the snapshot's memory layout is not one this VM can have: {0}")]
+    Layout(String),
+}
+
+/// Where a region of guest RAM is in the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegionInfo {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// What writing the memory file did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Guest RAM in bytes.
+    pub total: u64,
+    /// Bytes of data written (the rest are holes).
+    pub written: u64,
+}
+
+/// How restore brings memory in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMemory {
+    /// Pages come in on first touch.
+    #[default]
+    Lazy,
+    /// Every page is copied in before the guest runs.
+    Eager,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
+    move |source| MemoryError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes all guest RAM to a new sparse file at `path` (through `path.tmp`, then renamed, so
+/// that a VM restored from an older file at `path` keeps its mapping intact).
+pub fn write_memory(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(Vec<MemoryRegionInfo>, WriteStats), MemoryError> {
+    let regions = layout_of(mem);
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.set_len(total).map_err(io_err(&tmp))?;
+    let mut stats = WriteStats { total, written: 0 };
+    let mut buf = vec![0u8; CHUNK as usize];
+    for r in &regions {
+        let anonymous = mem
+            .find_region(GuestAddress(r.guest_addr))
+            .is_some_and(|g| g.file_offset().is_none());
+        let mut off = 0;
+        while off < r.size {
+            let n = CHUNK.min(r.size - off);
+            let addr = r.guest_addr + off;
+            // Untouched anonymous pages are not resident and read as zeroes: skip them
+            // without faulting them in. (A file mapping's residency says nothing of its
+            // contents: read everything there.)
+            let resident = if anonymous {
+                hypervisor::mem::resident_pages(mem, GuestAddress(addr), n).map_err(|e| {
+                    MemoryError::Guest {
+                        addr,
+                        why: e.to_string(),
+                    }
+                })?
+            } else {
+                vec![true; (n / PAGE_SIZE) as usize]
+            };
+            if resident.iter().any(|&b| b) {
+                let chunk = &mut buf[..n as usize];
+                mem.read_slice(chunk, GuestAddress(addr))
+                    .map_err(|e| MemoryError::Guest {
+                        addr,
+                        why: e.to_string(),
+                    })?;
+                stats.written += write_runs(&file, chunk, &resident, r.file_offset + off)
+                    .map_err(io_err(&tmp))?;
+            }
+            off += n;
+        }
+    }
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok((regions, stats))
+}
+
+/// Writes the runs of resident, non-zero pages of `chunk` at `at`; returns the bytes written.
+fn write_runs(file: &File, chunk: &[u8], resident: &[bool], at: u64) -> std::io::Result<u64> {
+    let page = PAGE_SIZE as usize;
+    let keep = |i: usize| resident[i] && chunk[i * page..(i + 1) * page].iter().any(|&b| b != 0);
+    let pages = chunk.len() / page;
+    let mut written = 0;
+    let mut i = 0;
+    while i < pages {
+        if !keep(i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < pages && keep(i) {
+            i += 1;
+        }
+        let bytes = &chunk[start * page..i * page];
+        file.write_all_at(bytes, at + (start * page) as u64)?;
+        written += bytes.len() as u64;
+    }
+    Ok(written)
+}
+
+/// The regions of `mem`, packed one after the other in file order.
+pub fn layout_of(mem: &GuestMemoryMmap) -> Vec<MemoryRegionInfo> {
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let info = MemoryRegionInfo {
+                guest_addr: r.start_addr().raw_value(),
+                size: r.len(),
+                file_offset: offset,
+            };
+            offset += r.len();
+            info
+        })
+        .collect()
+}
+
+/// Maps the memory file at `path` as guest memory with `regions` (privately: the file is never
+/// written).
+pub fn map_memory(
+    path: &Path,
+    regions: &[MemoryRegionInfo],
+    mode: RestoreMemory,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    let need = regions
+        .iter()
+        .map(|r| r.file_offset.saturating_add(r.size))
+        .max()
+        .unwrap_or(0);
+    if len < need {
+        return Err(MemoryError::Short {
+            path: path.display().to_string(),
+            len,
+            need,
+        });
+    }
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    if mode == RestoreMemory::Eager {
+        flags |= libc::MAP_POPULATE;
+    }
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        let map_err = |why: String| MemoryError::Map {
+            path: path.display().to_string(),
+            addr: r.guest_addr,
+            why,
+        };
+        if !r.size.is_multiple_of(PAGE_SIZE) || !r.file_offset.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::Layout(format!(
+                "region at {:#x} is not page aligned",
+                r.guest_addr
+            )));
+        }
+        let size = usize::try_from(r.size).map_err(|e| map_err(e.to_string()))?;
+        let f = file.try_clone().map_err(io_err(path))?;
+        let mapping = MmapRegion::build(
+            Some(FileOffset::new(f, r.file_offset)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+        )
+        .map_err(|e| map_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or_else(|| map_err("the region wraps around the address space".into()))?;
+        out.push(region);
+    }
+    GuestMemoryMmap::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn guest(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
+        let ranges: Vec<(GuestAddress, usize)> =
+            ranges.iter().map(|&(a, s)| (GuestAddress(a), s)).collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    #[test]
+    fn written_file_is_sparse_and_maps_back_identically() {
+        // Two regions with a hole between them, as below and above the 3 GiB hole.
+        let mem = guest(&[(0, 8 << 20), (64 << 20, 4 << 20)]);
+        mem.write_slice(b"first", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0xab; 8192], GuestAddress(5 << 20))
+            .unwrap();
+        mem.write_slice(b"high", GuestAddress((64 << 20) + 0x3ff0))
+            .unwrap();
+        // Touched but zero: left out too.
+        mem.write_slice(&[0u8; 4096], GuestAddress(6 << 20))
+            .unwrap();
+
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("memory");
+        let (regions, stats) = write_memory(&mem, &p).unwrap();
+        assert_eq!(stats.total, 12 << 20);
+        assert_eq!(stats.written, 4 * 4096);
+        assert_eq!(regions[1].file_offset, 8 << 20);
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.len(), 12 << 20);
+        assert!(meta.blocks() * 512 <= 64 * 1024, "{} blocks", meta.blocks());
+
+        for mode in [RestoreMemory::Lazy, RestoreMemory::Eager] {
+            let back = map_memory(&p, &regions, mode).unwrap();
+            let mut a = vec![0u8; 12 << 20];
+            let mut b = vec![0u8; 12 << 20];
+            mem.read_slice(&mut a[..8 << 20], GuestAddress(0)).unwrap();
+            mem.read_slice(&mut a[8 << 20..], GuestAddress(64 << 20))
+                .unwrap();
+            back.read_slice(&mut b[..8 << 20], GuestAddress(0)).unwrap();
+            back.read_slice(&mut b[8 << 20..], GuestAddress(64 << 20))
+                .unwrap();
+            assert!(a == b, "{mode:?}");
+            // Writes stay private: the file is unchanged.
+            back.write_slice(b"changed", GuestAddress(0x1000)).unwrap();
+        }
+        let again = map_memory(&p, &regions, RestoreMemory::Lazy).unwrap();
+        let mut s = [0u8; 5];
+        again.read_slice(&mut s, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&s, b"first");
+        // A snapshot of a restored VM (file mapping) reads everything, and is the same.
+        let p2 = d.path().join("memory2");
+        let (_, stats2) = write_memory(&again, &p2).unwrap();
+        assert_eq!(stats2.written, stats.written);
+        assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&p2).unwrap());
+    }
+
+    #[test]
+    fn short_or_misaligned_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("memory");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let r = [MemoryRegionInfo {
+            guest_addr: 0,
+            size: 8192,
+            file_offset: 0,
+        }];
+        assert!(matches!(
+            map_memory(&p, &r, RestoreMemory::Lazy),
+            Err(MemoryError::Short { .. })
+        ));
+        let r = [MemoryRegionInfo {
+            guest_addr: 0,
+            size: 100,
+            file_offset: 0,
+        }];
+        assert!(matches!(
+            map_memory(&p, &r, RestoreMemory::Lazy),
+            Err(MemoryError::Layout(_))
+        ));
+    }
+}
