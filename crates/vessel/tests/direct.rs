@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::soak::{parse_soak, SoakLine};
 use common::*;
 
 fn cpu_lines(out: &str) -> Vec<&str> {
@@ -307,25 +308,6 @@ fn host_check_reports_the_ring0_verdict() {
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(out.contains("\"ring0_native\": false"), "{out}");
     }
-}
-
-/// One `soak cpu=N iter=I t=MS sum=0xHEX ok` line.
-#[derive(Debug, Clone, PartialEq)]
-struct SoakLine {
-    cpu: usize,
-    iter: u64,
-    t: u64,
-    sum: u64,
-}
-
-fn parse_soak(line: &str) -> Option<SoakLine> {
-    let rest = line.strip_prefix("soak cpu=")?;
-    let mut f = rest.split(' ');
-    let cpu = f.next()?.parse().ok()?;
-    let iter = f.next()?.strip_prefix("iter=")?.parse().ok()?;
-    let t = f.next()?.strip_prefix("t=")?.parse().ok()?;
-    let sum = u64::from_str_radix(f.next()?.strip_prefix("sum=0x")?, 16).ok()?;
-    (f.next()? == "ok" && f.next().is_none()).then_some(SoakLine { cpu, iter, t, sum })
 }
 
 /// A running `vessel`, killed if the test ends without stopping it.

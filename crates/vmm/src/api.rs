@@ -22,6 +22,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the API needs of a running VM.
 pub struct VmHandle {
+    pub machine: Arc<crate::vm::Machine>,
     pub control: Arc<Control>,
     pub kicks: Mutex<Vec<KickHandle>>,
     pub vcpus: u32,
@@ -38,6 +39,7 @@ pub struct VmHandle {
 impl VmHandle {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        machine: Arc<crate::vm::Machine>,
         control: Arc<Control>,
         vcpus: u32,
         memory: u64,
@@ -47,6 +49,7 @@ impl VmHandle {
         devices: Vec<DeviceInfo>,
     ) -> Self {
         VmHandle {
+            machine,
             control,
             kicks: Mutex::new(Vec::new()),
             vcpus,
@@ -153,12 +156,49 @@ impl VmController for VmHandle {
         Ok(())
     }
 
-    fn snapshot(&self, _req: SnapshotRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
+        if req.diff {
+            return Err(ApiError::not_implemented(
+                "not available yet: diff snapshots (write a full one)",
+            ));
+        }
+        if req.disk_snapshot {
+            return Err(ApiError::not_implemented(
+                "not available yet: disk snapshots with the VM snapshot",
+            ));
+        }
+        // A running VM is paused for the snapshot and resumed after; a paused one stays so.
+        let was_paused = self.control.state() == RunState::Paused;
+        if !was_paused {
+            self.pause()?;
+        }
+        let t = lock(&self.transition);
+        let taken = Instant::now();
+        let result = self.machine.snapshot(&req.dir);
+        drop(t);
+        if !was_paused {
+            self.resume()?;
+        }
+        let info = result.map_err(|e| match e {
+            crate::snapshot::SnapshotError::Dir { .. } => ApiError::bad_request(e.to_string()),
+            _ => ApiError::internal(e.to_string()),
+        })?;
+        tracing::info!(
+            "snapshot in {}: {} of {} MiB written in {:?} (devices paused {:?})",
+            req.dir.display(),
+            info.memory.written >> 20,
+            info.memory.total >> 20,
+            taken.elapsed(),
+            info.devices_paused
+        );
+        Ok(())
     }
 
     fn restore(&self, _req: RestoreRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        Err(ApiError::conflict(
+            "this process runs a VM already: restore in a new one (vessel serve, or vessel \
+             run --restore DIR)",
+        ))
     }
 
     fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {

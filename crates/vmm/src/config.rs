@@ -526,6 +526,7 @@ mod tests {
             balloon: None,
             transport: Transport::Mmio,
             api_socket: None,
+            on_reboot: OnReboot::Exit,
         }
     }
 

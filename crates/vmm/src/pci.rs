@@ -158,6 +158,12 @@ const CAP_ID_MSIX: u8 = 0x11;
 const CONFIG_SPACE: usize = 256;
 
 impl PciHost {
+    /// Maps each function's BARs where its (restored) configuration space puts them, moving
+    /// the queue ioeventfds along.
+    pub fn remap_bars(&self) {
+        devices::bus::lock(&self.root).refresh_mappings();
+    }
+
     /// A machine reset: each function stops its device, and its command register, BARs and
     /// MSI-X enable go back to what the firmware set (through the root, which moves the BAR
     /// mappings and queue ioeventfds).

@@ -57,6 +57,8 @@ pub enum Error {
     Virtio(#[from] crate::virtio::Error),
     #[error("control API: {0}")]
     Api(#[from] api::server::ServeError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -99,6 +101,8 @@ pub struct Vm {
     pub boot: Option<BootEntry>,
     /// The vCPUs and irqchip as they were before the first instruction, for a guest reset.
     power_on: Option<PowerOn>,
+    /// Loaded from a snapshot: the devices start when the vCPUs do.
+    restored: bool,
 }
 
 /// What a reset restores.
@@ -160,11 +164,51 @@ impl Vm {
         opts: RestoreOptions,
         start: Instant,
     ) -> Result<Vm, Error> {
-        let _ = (dir, opts, start);
-        Err(Error::Io {
-            what: "restore",
-            source: std::io::Error::other("not available yet"),
-        })
+        use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
+        let snap: VmSnapshot =
+            format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        let hv = Hypervisor::new()?;
+        crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
+        let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.memory)
+            .iter()
+            .map(|(a, s)| (a.0, *s as u64))
+            .collect();
+        let have: Vec<(u64, u64)> = snap.memory.iter().map(|r| (r.guest_addr, r.size)).collect();
+        if want != have {
+            return Err(SnapshotError::Mismatch(format!(
+                "memory regions {have:x?} where {} MiB of RAM has {want:x?}",
+                snap.config.memory >> 20
+            ))
+            .into());
+        }
+        let mode = match opts.memory {
+            api::types::RestoreMemory::Lazy => memory::RestoreMemory::Lazy,
+            api::types::RestoreMemory::Eager => memory::RestoreMemory::Eager,
+            api::types::RestoreMemory::Userfaultfd => {
+                return Err(SnapshotError::Mismatch(
+                    "userfaultfd restore is not available yet: use lazy or eager".to_string(),
+                )
+                .into())
+            }
+        };
+        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, mode)
+            .map_err(SnapshotError::from)?;
+        let mut config = snap.config.clone();
+        config.console = opts.console;
+        config.api_socket = opts.api_socket;
+        // Nothing to boot again: a reset of a restored VM ends it.
+        config.on_reboot = crate::config::OnReboot::Exit;
+        let mut vm = Vm::create(config, mem, start)?;
+        vm.machine.restore_state(&snap)?;
+        vm.restored = true;
+        tracing::debug!(
+            "restored {} vCPUs and {} MiB from {} in {:?}",
+            snap.vcpus.len(),
+            snap.config.memory >> 20,
+            dir.display(),
+            start.elapsed()
+        );
+        Ok(vm)
     }
 
     /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
@@ -281,6 +325,7 @@ impl Vm {
             started: start,
             boot: None,
             power_on,
+            restored: false,
         })
     }
 
@@ -387,15 +432,18 @@ impl Vm {
         };
         self.machine.virtio.reset_all();
         for r in arch::layout::ram_ranges(self.machine.config.memory) {
-            hypervisor::mem::discard(&self.machine.mem, r.0, r.1 as u64).map_err(|e| Error::Io {
-                what: "cannot empty guest memory",
-                source: std::io::Error::other(e),
+            hypervisor::mem::discard(&self.machine.mem, r.0, r.1 as u64).map_err(|e| {
+                Error::Io {
+                    what: "cannot empty guest memory",
+                    source: std::io::Error::other(e),
+                }
             })?;
         }
         for (v, state) in self.machine.vcpus.iter().zip(&power_on.vcpus) {
             devices::bus::lock(v).restore_state(state)?;
         }
-        self.machine.vm_fd
+        self.machine
+            .vm_fd
             .restore_state(&power_on.vm, hypervisor::ClockMode::Continue)?;
         self.load_boot()?;
         self.control.clear_exit();
@@ -434,10 +482,16 @@ impl Vm {
     pub fn run_attached(mut self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
         hypervisor::install_kick_handler()?;
         let signals = install_stop_signals(&self.control)?;
-        self.console
-            .start_input(SerialInput(self.machine.serial.clone()), self.control.clone())?;
+        self.console.start_input(
+            SerialInput(self.machine.serial.clone()),
+            self.control.clone(),
+        )?;
 
+        if self.restored {
+            self.machine.resume_devices()?;
+        }
         let handle = Arc::new(crate::api::VmHandle::new(
+            self.machine.clone(),
             self.control.clone(),
             self.machine.config.cpus,
             self.machine.config.memory,

@@ -149,12 +149,15 @@ mod tests {
         let mut pm = AcpiPm::new(Arc::new(|_| {}), irq.clone(), 5, 1);
         pm.press_power_button(1).unwrap();
         let st = pm.state();
-        let back: AcpiPmState =
-            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        let back: AcpiPmState = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
         let irq2 = Arc::new(Count::default());
         let mut fresh = AcpiPm::new(Arc::new(|_| {}), irq2.clone(), 5, 1);
         fresh.restore(&back);
-        assert_eq!(irq2.0.load(Ordering::SeqCst), 0, "the controller keeps the edge");
+        assert_eq!(
+            irq2.0.load(Ordering::SeqCst),
+            0,
+            "the controller keeps the edge"
+        );
         for off in [SLEEP_CONTROL, SLEEP_STATUS, RESET, GED_EVENT, GED_EVENT] {
             let (mut x, mut y) = ([0u8], [0u8]);
             pm.read(off, &mut x);

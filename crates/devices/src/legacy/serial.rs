@@ -234,7 +234,15 @@ mod tests {
         let mut a = Serial::new(Arc::new(Count::default()), Box::new(std::io::sink()));
         // Divisor 0x0c03 (DLAB on, then off), 8N1, received-data interrupt, DTR/RTS/OUT2,
         // scratch, and three bytes of input.
-        for (off, v) in [(3, 0x80), (0, 0x03), (1, 0x0c), (3, 0x03), (1, 1), (4, 0x0b), (7, 0x5a)] {
+        for (off, v) in [
+            (3, 0x80),
+            (0, 0x03),
+            (1, 0x0c),
+            (3, 0x03),
+            (1, 1),
+            (4, 0x0b),
+            (7, 0x5a),
+        ] {
             a.write(off, &[v]);
         }
         assert_eq!(a.uart.enqueue_raw_bytes(b"xyz").unwrap(), 3);

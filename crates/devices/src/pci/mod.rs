@@ -20,8 +20,8 @@ mod window;
 
 pub use config::{BarKind, PciConfig, PciConfigState, PciHeader};
 pub use root::{
-    BarObserver, HostBridge, PciConfigIo, PciEcam, PciRoot, PciRootState, ECAM_BUS0_SIZE, HOST_BRIDGE_DEVICE_ID,
-    HOST_BRIDGE_VENDOR_ID, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE,
+    BarObserver, HostBridge, PciConfigIo, PciEcam, PciRoot, PciRootState, ECAM_BUS0_SIZE,
+    HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE,
 };
 pub use window::PciWindow;
 

@@ -171,6 +171,14 @@ impl PciRoot {
         }
     }
 
+    /// Brings every function's window mappings in line with its BARs and command register,
+    /// after their configuration spaces were restored behind the root's back (snapshots).
+    pub fn refresh_mappings(&mut self) {
+        for slot in 0..self.slots.len() as u8 {
+            self.update_mappings(slot);
+        }
+    }
+
     /// Brings `slot`'s window mappings in line with its BARs and command register.
     fn update_mappings(&mut self, slot: u8) {
         let Some(Some(s)) = self.slots.get_mut(usize::from(slot)) else {

@@ -272,8 +272,7 @@ impl Balloon {
     /// whose features are restored.
     fn restore_balloon_state(&mut self, st: &BalloonState) -> Result<(), ActivateError> {
         if st.stats_desc_head.is_some_and(|h| h >= QUEUE_SIZE)
-            || (st.stats_desc_head.is_some()
-                && !has_feature(self.acked, VIRTIO_BALLOON_F_STATS_VQ))
+            || (st.stats_desc_head.is_some() && !has_feature(self.acked, VIRTIO_BALLOON_F_STATS_VQ))
         {
             return Err(ActivateError::StateMismatch(
                 "saved statistics buffer is not possible here".into(),

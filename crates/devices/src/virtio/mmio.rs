@@ -997,7 +997,11 @@ mod tests {
         assert_eq!(r(&mut t2, REG_STATUS), OK | STATUS_DRIVER_OK);
         // Restored paused: the device starts at resume, from the saved positions.
         assert!(log2.lock().unwrap().activated.is_empty());
-        assert_eq!(t2.state(), back, "the state of a restored, paused transport");
+        assert_eq!(
+            t2.state(),
+            back,
+            "the state of a restored, paused transport"
+        );
         t2.pause();
         assert_eq!(log2.lock().unwrap().pauses, 0, "nothing to pause yet");
         t2.resume().unwrap();

@@ -27,9 +27,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{log_activation_failure, ready_queues, status_transition, QueueRegs};
 use super::{
-    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice, VirtioDeviceState,
-    VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED,
-    STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
+    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice,
+    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK,
+    STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::lock;
 use crate::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR};

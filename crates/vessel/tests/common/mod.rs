@@ -7,6 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 pub mod nested;
+pub mod soak;
 
 pub const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 

@@ -1,4 +1,259 @@
-//! VM snapshots: a directory with a state file ([`format`]) and a memory file ([`memory`]).
+//! VM snapshots: a directory with a state file ([`format`], [`STATE_FILE`]) and a memory file
+//! ([`memory`], [`MEMORY_FILE`]).
+//!
+//! Taking one ([`Machine::snapshot`]) needs the vCPUs parked; it pauses the device threads,
+//! reads every vCPU's, KVM's and device's state, writes memory and state, and lets the devices
+//! go on. Restoring ([`crate::Vm::restore`]) builds the same machine in a new process on the
+//! mapped memory file, loads the saved state into it, and starts the devices where they were.
 
 pub mod format;
 pub mod memory;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use devices::legacy::LegacyState;
+use devices::pci::PciRootState;
+use devices::virtio::mmio::VirtioMmioState;
+use devices::virtio::pci::VirtioPciState;
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::vm::Machine;
+use memory::MemoryRegionInfo;
+
+/// The state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors taking or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot directory {path}: {why}")]
+    Dir { path: String, why: String },
+    #[error(transparent)]
+    Kvm(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Format(#[from] format::FormatError),
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error("device {index}: {why}")]
+    Device { index: usize, why: String },
+    #[error("this host cannot run the saved VM: its vCPUs used {0}, which this host lacks")]
+    Cpu(String),
+    #[error("the snapshot does not match: {0}")]
+    Mismatch(String),
+}
+
+/// The virtio devices, by transport.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VirtioState {
+    Mmio(Vec<VirtioMmioState>),
+    Pci {
+        root: PciRootState,
+        functions: Vec<VirtioPciState>,
+    },
+}
+
+/// Everything in a state file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// The machine: vCPUs, memory size, devices and their backends.
+    pub config: VmConfig,
+    pub memory: Vec<MemoryRegionInfo>,
+    pub vcpus: Vec<hypervisor::VcpuState>,
+    pub vm: hypervisor::VmState,
+    pub legacy: LegacyState,
+    pub virtio: VirtioState,
+}
+
+/// What taking a snapshot did.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotInfo {
+    pub memory: memory::WriteStats,
+    /// How long the device threads were paused (the vCPUs were paused longer).
+    pub devices_paused: Duration,
+}
+
+fn device_err(index: usize) -> impl Fn(String) -> SnapshotError {
+    move |why| SnapshotError::Device { index, why }
+}
+
+impl Machine {
+    /// Stops every device thread (see `VirtioDevice::pause`).
+    fn pause_devices(&self) {
+        for t in &self.virtio.transports {
+            lock(t).pause();
+        }
+        if let Some(pci) = &self.virtio.pci {
+            for t in &pci.transports {
+                lock(t).pause();
+            }
+        }
+    }
+
+    /// Lets the device threads go on (or start, after a restore).
+    pub(crate) fn resume_devices(&self) -> Result<(), SnapshotError> {
+        for (i, t) in self.virtio.transports.iter().enumerate() {
+            lock(t).resume().map_err(|e| device_err(i)(e.to_string()))?;
+        }
+        if let Some(pci) = &self.virtio.pci {
+            for (i, t) in pci.transports.iter().enumerate() {
+                lock(t).resume().map_err(|e| device_err(i)(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the state of everything but memory. vCPUs parked, devices paused.
+    fn state(&self, memory: Vec<MemoryRegionInfo>) -> Result<VmSnapshot, SnapshotError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| lock(v).save_state(&self.msr_indices))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = self.vm_fd.save_state()?;
+        let legacy = LegacyState {
+            serial: lock(&self.serial).state(),
+            cmos: lock(&self.cmos).state(),
+            acpi_pm: lock(&self.acpi_pm).state(),
+        };
+        let virtio = match &self.virtio.pci {
+            Some(pci) => VirtioState::Pci {
+                root: lock(&pci.config_io).state(),
+                functions: pci.transports.iter().map(|t| lock(t).state()).collect(),
+            },
+            None => VirtioState::Mmio(
+                self.virtio
+                    .transports
+                    .iter()
+                    .map(|t| lock(t).state())
+                    .collect(),
+            ),
+        };
+        Ok(VmSnapshot {
+            config: self.config.clone(),
+            memory,
+            vcpus,
+            vm,
+            legacy,
+            virtio,
+        })
+    }
+
+    /// Writes a snapshot into `dir` (created if missing; it must not hold a snapshot already).
+    /// Every vCPU must be parked; the device threads are paused meanwhile and go on after.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        let bad_dir = |why: String| SnapshotError::Dir {
+            path: dir.display().to_string(),
+            why,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| bad_dir(e.to_string()))?;
+        if dir.join(STATE_FILE).exists() {
+            return Err(bad_dir(
+                "it holds a snapshot already; use another directory".to_string(),
+            ));
+        }
+        let paused = Instant::now();
+        self.pause_devices();
+        let result = (|| -> Result<memory::WriteStats, SnapshotError> {
+            // The vCPUs' state first: their TSCs go on while memory is written, and the
+            // restored guest should not see that time pass.
+            let state = self.state(memory::layout_of(&self.mem))?;
+            let (regions, stats) = memory::write_memory(&self.mem, &dir.join(MEMORY_FILE))?;
+            if regions != state.memory {
+                return Err(SnapshotError::Mismatch(
+                    "guest memory changed its layout while it was written".to_string(),
+                ));
+            }
+            format::write_state(&dir.join(STATE_FILE), &state)?;
+            Ok(stats)
+        })();
+        let devices_paused = paused.elapsed();
+        let resumed = self.resume_devices();
+        let stats = result?;
+        resumed?;
+        Ok(SnapshotInfo {
+            memory: stats,
+            devices_paused,
+        })
+    }
+
+    /// Loads `snap` into this freshly built machine (same configuration, memory mapped from
+    /// the snapshot), vCPUs first, then KVM's interrupt controllers and clock, then the
+    /// devices, which stay paused until [`Machine::resume_devices`].
+    pub(crate) fn restore_state(&self, snap: &VmSnapshot) -> Result<(), SnapshotError> {
+        if snap.vcpus.len() != self.vcpus.len() {
+            return Err(SnapshotError::Mismatch(format!(
+                "{} vCPUs saved, {} built",
+                snap.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        for (v, s) in self.vcpus.iter().zip(&snap.vcpus) {
+            lock(v).restore_state(s)?;
+        }
+        self.vm_fd
+            .restore_state(&snap.vm, hypervisor::ClockMode::Continue)?;
+        lock(&self.serial)
+            .restore(&snap.legacy.serial)
+            .map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+        lock(&self.cmos)
+            .restore(&snap.legacy.cmos)
+            .map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+        lock(&self.acpi_pm).restore(&snap.legacy.acpi_pm);
+        match (&snap.virtio, &self.virtio.pci) {
+            (VirtioState::Mmio(saved), None) => {
+                if saved.len() != self.virtio.transports.len() {
+                    return Err(SnapshotError::Mismatch(format!(
+                        "{} virtio devices saved, {} built",
+                        saved.len(),
+                        self.virtio.transports.len()
+                    )));
+                }
+                for (i, (t, s)) in self.virtio.transports.iter().zip(saved).enumerate() {
+                    lock(t)
+                        .restore(s)
+                        .map_err(|e| device_err(i)(e.to_string()))?;
+                }
+            }
+            (VirtioState::Pci { root, functions }, Some(pci)) => {
+                if functions.len() != pci.transports.len() {
+                    return Err(SnapshotError::Mismatch(format!(
+                        "{} PCI functions saved, {} built",
+                        functions.len(),
+                        pci.transports.len()
+                    )));
+                }
+                lock(&pci.config_io)
+                    .restore(root)
+                    .map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+                for (i, (t, s)) in pci.transports.iter().zip(functions).enumerate() {
+                    lock(t)
+                        .restore(s)
+                        .map_err(|e| device_err(i)(e.to_string()))?;
+                }
+                pci.remap_bars();
+            }
+            _ => {
+                return Err(SnapshotError::Mismatch(
+                    "the saved VM used another virtio transport".to_string(),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks that this host offers every CPU feature the saved vCPUs had.
+pub fn check_cpu(offered: &hypervisor::kvm::CpuId, snap: &VmSnapshot) -> Result<(), SnapshotError> {
+    for v in &snap.vcpus {
+        if let Err(missing) = arch::compat::check(&v.cpuid, offered) {
+            return Err(SnapshotError::Cpu(missing.to_string()));
+        }
+    }
+    Ok(())
+}

@@ -114,30 +114,30 @@ impl PairWorker {
                     .map_err(WorkerError::Epoll)?;
             }
             Ok(Pair {
-            mem,
-            interrupt,
-            backend,
-            epoll,
-            rx_index,
-            tx_index,
-            rx: rx_shared,
-            tx: tx_shared,
-            rx_kick: rx.notifier,
-            tx_kick: tx.notifier,
-            wake: wake_thread,
-            stop,
-            mrg,
-            rx_buf: vec![0; MAX_PACKET_LEN + 1],
-            pending: None,
-            waiting: false,
-            backend_failed: false,
-            backend_polled: false,
-            pool: Vec::new(),
-            tx_buf: Vec::new(),
-            tx_chain: Chain::default(),
-            rx_stats: RxStats::default(),
-            tx_stats: TxStats::default(),
-            broken: false,
+                mem,
+                interrupt,
+                backend,
+                epoll,
+                rx_index,
+                tx_index,
+                rx: rx_shared,
+                tx: tx_shared,
+                rx_kick: rx.notifier,
+                tx_kick: tx.notifier,
+                wake: wake_thread,
+                stop,
+                mrg,
+                rx_buf: vec![0; MAX_PACKET_LEN + 1],
+                pending: None,
+                waiting: false,
+                backend_failed: false,
+                backend_polled: false,
+                pool: Vec::new(),
+                tx_buf: Vec::new(),
+                tx_chain: Chain::default(),
+                rx_stats: RxStats::default(),
+                tx_stats: TxStats::default(),
+                broken: false,
             })
         })?;
         Ok(PairWorker {
@@ -232,7 +232,6 @@ impl WorkerLoop for Pair {
 }
 
 impl Pair {
-
     fn fatal(&mut self, queue: u16, e: QueueError) {
         tracing::warn!("virtio-net queue {queue}: {e}; device needs a reset");
         self.broken = true;
