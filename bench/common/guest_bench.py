@@ -597,6 +597,12 @@ def main():
         print("guest clock vs host clock (guest-timed + warm-up over host-observed, per "
               "workload, median; ~1 = TSC calibration agrees): "
               + ", ".join(f"{k} {v:.3f}" for k, v in checks.items()))
+    rescues = {n: sum(int(v.get("rescues", 0)) for r in records if r["vmm"] == n
+                      for v in r["results"].values()) for n in vmms}
+    if any(rescues.values()):
+        print("gaps of 100 ms without a completion, after which the guest notified again "
+              "(on a busy host usually the VMM's threads not running): "
+              + ", ".join(f"{n} {c}" for n, c in rescues.items()))
     failed = {n: sum(1 for r in records if r["vmm"] == n and "error" in r) for n in vmms}
     if any(failed.values()):
         print("failed runs: " + ", ".join(f"{n} {c}" for n, c in failed.items() if c))

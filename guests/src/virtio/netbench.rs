@@ -214,8 +214,8 @@ impl Net<'_> {
 
     /// Keep `qd` frames of `len` bytes in flight for `ticks`; returns
     /// (frames, ticks from the first submission to the last completion,
-    /// notifications).
-    fn stream(&mut self, len: u32, ticks: u64) -> Result<(u64, u64, u64), &'static str> {
+    /// notifications, rescue notifications).
+    fn stream(&mut self, len: u32, ticks: u64) -> Result<(u64, u64, u64, u64), &'static str> {
         let in_flight_max = self.qd.min(self.tx_slots);
         let start = cpu::rdtsc();
         let deadline = start + ticks;
@@ -224,7 +224,7 @@ impl Net<'_> {
             self.nic.tx.add(&[Buf::read(buf, len)], buf)?;
         }
         self.nic.tx.kick(self.nic.t);
-        let (mut frames, mut kicks) = (0u64, 1u64);
+        let (mut frames, mut kicks, mut rescues) = (0u64, 1u64, 0u64);
         let mut in_flight = in_flight_max;
         let mut last = start;
         let mut rescued_at = start;
@@ -255,11 +255,12 @@ impl Net<'_> {
             if now.wrapping_sub(last.max(rescued_at)) > rescue {
                 self.nic.tx.kick(self.nic.t);
                 kicks += 1;
+                rescues += 1;
                 rescued_at = now;
             }
             cpu::pause();
         }
-        Ok((frames, last - start, kicks))
+        Ok((frames, last - start, kicks, rescues))
     }
 
     fn tx(&mut self, payload: usize, opts: &BenchOptions) -> Result<(), &'static str> {
@@ -268,12 +269,13 @@ impl Net<'_> {
             self.stream(len, cpu::us_to_ticks(opts.warm_ms * 1000))?;
         }
         self.control(b"C reset", b"C ok")?;
-        let (frames, ticks, kicks) = self.stream(len, cpu::us_to_ticks(opts.time_ms * 1000))?;
+        let (frames, ticks, kicks, rescues) =
+            self.stream(len, cpu::us_to_ticks(opts.time_ms * 1000))?;
         let (peer, _) = self.peer_stat()?;
         let pps = per_second(frames, ticks, 1);
         let mbps = Tenths(per_second(frames * payload as u64, ticks, 10) / 1_000_000);
         println!(
-            "bench net tx-{payload} qd={} frames={frames} ns={} pps={pps} MBps={mbps} peer_received={peer} kicks={kicks}",
+            "bench net tx-{payload} qd={} frames={frames} ns={} pps={pps} MBps={mbps} peer_received={peer} kicks={kicks} rescues={rescues}",
             self.qd.min(self.tx_slots),
             ticks_to_ns(ticks)
         );
@@ -297,8 +299,10 @@ impl Net<'_> {
         let mut done = None::<(u64, u64)>;
         let started = cpu::rdtsc();
         let give_up = cpu::us_to_ticks(opts.warm_ms * 1000 + opts.time_ms * 1000 + 5_000_000);
+        let rescue = cpu::us_to_ticks(RESCUE_US);
+        let (mut last_rx, mut rescues) = (started, 0u64);
         while done.is_none() {
-            self.drain_rx(|p, now| {
+            let n = self.drain_rx(|p, now| {
                 let data = p.payload();
                 if data.first() == Some(&b'F') {
                     let t0 = *first.get_or_insert(now);
@@ -313,7 +317,21 @@ impl Net<'_> {
                     }
                 }
             })?;
-            if cpu::rdtsc().wrapping_sub(started) > give_up {
+            let now = cpu::rdtsc();
+            if n > 0 {
+                last_rx = now;
+            } else if now.wrapping_sub(last_rx) > rescue {
+                // Nothing for a while: in case the device waits for a
+                // notification it asked not to get. Counted only while the
+                // flood is on (before it, the peer may be slow to start;
+                // after it, the guest waits for "C done").
+                self.nic.rx.kick(self.nic.t);
+                if first.is_some_and(|t0| now < t0 + warm + window) {
+                    rescues += 1;
+                }
+                last_rx = now;
+            }
+            if now.wrapping_sub(started) > give_up {
                 break;
             }
             cpu::pause();
@@ -333,7 +351,7 @@ impl Net<'_> {
             0
         };
         println!(
-            "bench net rx-{payload} frames={counted} ns={} pps={pps} MBps={mbps} received={total} peer_sent={sent} peer_pps={peer_pps}",
+            "bench net rx-{payload} frames={counted} ns={} pps={pps} MBps={mbps} received={total} peer_sent={sent} peer_pps={peer_pps} rescues={rescues}",
             ticks_to_ns(ticks)
         );
         Ok(())
