@@ -60,6 +60,8 @@ pub struct NetOptions {
     /// `netpeer=A.B.C.D[:PORT]` (default 10.0.2.2:7777).
     pub peer: [u8; 4],
     pub port: u16,
+    /// `netburst=N`: then N more UDP datagrams to the peer (0: none).
+    pub burst: u32,
 }
 
 /// Which benchmark `bench=` asks for (instead of the device's test).
@@ -124,6 +126,7 @@ impl Default for Options {
                 ip: [10, 0, 2, 15],
                 peer: [10, 0, 2, 2],
                 port: 7777,
+                burst: 0,
             },
             vsock_port: None,
             pci_assign: false,
@@ -144,6 +147,8 @@ impl Default for Options {
 
 /// Largest accepted `work=N`.
 const MAX_WORK: u64 = 4096;
+/// Largest accepted `netburst=N`.
+const MAX_NET_BURST: u64 = 100_000;
 
 impl Options {
     /// Parse the command line; on a bad value, returns the offending word.
@@ -175,6 +180,10 @@ impl Options {
                         .filter(|&p| p != 0)
                         .ok_or(word)?;
                 }
+            } else if let Some(value) = word.strip_prefix(b"netburst=") {
+                opts.net.burst = parse_number(value)
+                    .filter(|&n| n <= MAX_NET_BURST)
+                    .ok_or(word)? as u32;
             } else if let Some(value) = word.strip_prefix(b"vsock=") {
                 let port = parse_number(value).and_then(|p| u32::try_from(p).ok());
                 opts.vsock_port = Some(port.ok_or(word)?);

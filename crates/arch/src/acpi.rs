@@ -355,6 +355,19 @@ fn align8(x: u64) -> u64 {
     (x + 7) & !7
 }
 
+/// The x86 reset vector (real mode F000:FFF0): where a kernel that resets "through the BIOS"
+/// jumps (Linux does on hardware-reduced ACPI platforms without EFI, unless given `reboot=`).
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+
+/// Puts a tiny firmware at [`RESET_VECTOR`] that resets the machine through the ACPI reset
+/// register: `mov dx, PM_BASE+PM_RESET; mov al, RESET_VALUE; out dx, al; hlt; jmp $-1`.
+pub fn setup_reset_vector(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    let [lo, hi] = (PM_BASE + PM_RESET).to_le_bytes();
+    let code = [0xba, lo, hi, 0xb0, RESET_VALUE, 0xee, 0xf4, 0xeb, 0xfd];
+    mem.write_slice(&code, GuestAddress(RESET_VECTOR))
+        .map_err(Error::Write)
+}
+
 /// Writes the ACPI tables for `cpus` vCPUs and the `mmio` virtio devices and returns the RSDP's
 /// address.
 pub fn setup_acpi(
@@ -419,6 +432,17 @@ pub fn setup_acpi_with_pci(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reset_vector_writes_the_reset_register() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        setup_reset_vector(&mem).unwrap();
+        let mut code = [0u8; 9];
+        mem.read_slice(&mut code, GuestAddress(RESET_VECTOR))
+            .unwrap();
+        // mov dx, 0x602; mov al, 1; out dx, al; hlt; jmp back to the hlt
+        assert_eq!(code, [0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd]);
+    }
 
     fn sum(b: &[u8]) -> u8 {
         b.iter().fold(0u8, |s, x| s.wrapping_add(*x))

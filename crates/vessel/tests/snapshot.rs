@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::soak::{Console, SoakLine};
+use common::soak::{last_iters, Console, SoakLine};
 use common::*;
 
 const CPUS: usize = 2;
@@ -36,20 +36,6 @@ fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
     vessel(&full)
 }
 
-/// The last iteration each CPU reported in `lines`.
-fn last_iters(lines: &[SoakLine]) -> Vec<u64> {
-    (0..CPUS)
-        .map(|c| {
-            lines
-                .iter()
-                .filter(|l| l.cpu == c)
-                .map(|l| l.iter)
-                .max()
-                .unwrap()
-        })
-        .collect()
-}
-
 /// Takes a snapshot of a soaking VM into `dir`; returns the iterations reported before it
 /// (the snapshot was taken after them) and those reported after it (possibly before the
 /// snapshot point: the console lags).
@@ -61,7 +47,7 @@ fn snapshot_soak(dir: &Path, socket: &Path) -> (Vec<u64>, Vec<u64>) {
     // The VM goes on after a snapshot.
     let after = vm.soak_lines(CPUS, 2);
     assert_eq!(vm.stop(), Some(143));
-    (last_iters(&before), last_iters(&after))
+    (last_iters(&before, CPUS), last_iters(&after, CPUS))
 }
 
 #[test]
@@ -201,4 +187,59 @@ fn corrupt_or_foreign_state_is_refused() {
         stderr(&o)
     );
     vm.soak_lines(CPUS, 1);
+}
+
+#[test]
+fn clones_get_their_own_vsock_socket_and_cid() {
+    let tmp = TempDir::new("vsock-clones");
+    let dir = tmp.file("snap");
+    let socket = tmp.file("api.sock");
+    let v0 = format!("cid=3,socket={}", tmp.file("v0.sock").display());
+    let mut vm = Console::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--vsock",
+        &v0,
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(CPUS, 1);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", dir.to_str().unwrap()]),
+        0,
+    );
+    // Two clones beside the original, each with its own socket and CID.
+    let mut clones = Vec::new();
+    for (cid, name) in [(4, "v1.sock"), (5, "v2.sock")] {
+        let spec = format!("cid={cid},socket={}", tmp.file(name).display());
+        clones.push(Console::spawn(&[
+            "run",
+            "--restore",
+            dir.to_str().unwrap(),
+            "--vsock",
+            &spec,
+        ]));
+    }
+    for c in &mut clones {
+        c.soak_lines(CPUS, 2);
+    }
+    for name in ["v0.sock", "v1.sock", "v2.sock"] {
+        assert!(tmp.file(name).exists(), "{name}");
+    }
+    vm.soak_lines(CPUS, 1);
+    // Network devices are rebound all or none: this VM has none.
+    let o = vessel(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--net",
+        "tap=vclone0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("0 network devices"), "{}", stderr(&o));
 }

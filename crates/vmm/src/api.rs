@@ -2,7 +2,7 @@
 //! run control, the vCPU kick handles and the ACPI power button.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use api::types::{
@@ -16,12 +16,15 @@ use hypervisor::KickHandle;
 
 use crate::control::{Control, RunState};
 use crate::exit::ExitReason;
+use crate::migration::Outgoing;
 
 /// How long a pause may take before the API gives up on it.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the API needs of a running VM.
 pub struct VmHandle {
+    /// This handle, for the migration thread.
+    me: Weak<VmHandle>,
     pub machine: Arc<crate::vm::Machine>,
     pub control: Arc<Control>,
     pub kicks: Mutex<Vec<KickHandle>>,
@@ -34,11 +37,14 @@ pub struct VmHandle {
     /// Serializes pause and resume.
     transition: Mutex<()>,
     shutdown_requested: AtomicBool,
+    /// The current or last outgoing migration.
+    migration: Mutex<Option<Arc<Outgoing>>>,
 }
 
 impl VmHandle {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        me: Weak<VmHandle>,
         machine: Arc<crate::vm::Machine>,
         control: Arc<Control>,
         vcpus: u32,
@@ -49,6 +55,7 @@ impl VmHandle {
         devices: Vec<DeviceInfo>,
     ) -> Self {
         VmHandle {
+            me,
             machine,
             control,
             kicks: Mutex::new(Vec::new()),
@@ -60,6 +67,7 @@ impl VmHandle {
             devices,
             transition: Mutex::new(()),
             shutdown_requested: AtomicBool::new(false),
+            migration: Mutex::new(None),
         }
     }
 
@@ -92,6 +100,27 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Parks the vCPUs for a migration's stop-and-copy; returns whether this paused them (a
+    /// VM the user paused stays paused on the target too).
+    pub fn pause_for_migration(&self) -> Result<bool, crate::migration::MigrationError> {
+        if self.control.state() == RunState::Paused {
+            return Ok(false);
+        }
+        self.pause()
+            .map_err(|e| crate::migration::MigrationError::Build(e.message))?;
+        Ok(true)
+    }
+
+    /// Undoes [`VmHandle::pause_for_migration`] after a failed migration.
+    pub fn resume_after_migration(&self) {
+        if let Err(e) = self.resume() {
+            tracing::error!(
+                "cannot resume the VM after a failed migration: {}",
+                e.message
+            );
+        }
+    }
+
     pub fn resume(&self) -> Result<(), ApiError> {
         let _t = lock(&self.transition);
         self.stopping()?;
@@ -102,8 +131,6 @@ impl VmHandle {
         Ok(())
     }
 }
-
-const NOT_YET: &str = "not available yet: snapshots, restore and migration are being built";
 
 impl VmController for VmHandle {
     fn info(&self) -> Result<VmInfo, ApiError> {
@@ -201,31 +228,85 @@ impl VmController for VmHandle {
         ))
     }
 
-    fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
+        self.stopping()?;
+        crate::migration::Addr::parse(&req.to).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let mut slot = lock(&self.migration);
+        if slot
+            .as_ref()
+            .is_some_and(|m| !lock(&m.status).phase.is_finished())
+        {
+            return Err(ApiError::conflict("a migration is running already"));
+        }
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| ApiError::internal("the VM is going away"))?;
+        let out = Arc::new(Outgoing::default());
+        // Started, as far as a client polling the status can tell, before this returns.
+        lock(&out.status).phase = api::types::MigrationPhase::Setup;
+        *slot = Some(out.clone());
+        drop(slot);
+        std::thread::Builder::new()
+            .name("vessel-migrate".into())
+            .spawn(move || {
+                match crate::migration::send(&me, &req, &out) {
+                    Ok(downtime) => {
+                        tracing::info!("migrated to {} (downtime {downtime:?})", req.to);
+                        // Let a client following the migration see it complete, briefly.
+                        let until = Instant::now() + Duration::from_secs(3);
+                        while !out.final_status_read.load(Ordering::SeqCst)
+                            && Instant::now() < until
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        me.control
+                            .request_exit(ExitReason::Migrated(req.to.clone()));
+                    }
+                    Err(e) => tracing::warn!("migration to {} failed: {e}", req.to),
+                }
+            })
+            .map_err(|e| ApiError::internal(format!("cannot start the migration: {e}")))?;
+        Ok(())
     }
 
     fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        Err(ApiError::conflict(
+            "this process runs a VM already: receive a migration in a new one (vessel serve)",
+        ))
     }
 
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        Ok(match lock(&self.migration).as_ref() {
+            Some(m) => m.status(),
+            None => MigrationStatus::default(),
+        })
     }
 
     fn migrate_cancel(&self) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(NOT_YET))
+        match lock(&self.migration).as_ref() {
+            Some(m) if !lock(&m.status).phase.is_finished() => {
+                m.cancel.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            _ => Err(ApiError::conflict("no migration is running")),
+        }
     }
 }
 
-/// The devices of a VM built from `config`, in the order `virtio::setup` places them.
-pub fn device_list(config: &crate::config::VmConfig) -> Vec<DeviceInfo> {
+/// The devices of a VM built from `config`, in the order `virtio::setup` places them;
+/// `disk_engines` are the engines serving its disks.
+pub fn device_list(
+    config: &crate::config::VmConfig,
+    disk_engines: &[devices::virtio::block::EngineKind],
+) -> Vec<DeviceInfo> {
     use crate::config::Transport;
     let mut list = vec![DeviceInfo {
         id: "serial0".into(),
         kind: "serial".into(),
         address: Some(format!("pio {:#x}", arch::acpi::COM1_PORT)),
         irq: Some(arch::acpi::COM1_IRQ),
+        detail: None,
     }];
     let mut kinds: Vec<(&str, usize)> = vec![
         ("block", config.disks.len()),
@@ -250,14 +331,43 @@ pub fn device_list(config: &crate::config::VmConfig) -> Vec<DeviceInfo> {
                 ),
                 Transport::Pci => (format!("pci 00:{:02x}.0", slot + 1), None),
             };
+            let detail = match (kind, config.disks.get(i)) {
+                ("block", Some(d)) => Some(disk_detail(d, disk_engines.get(i).copied())),
+                _ => None,
+            };
             list.push(DeviceInfo {
                 id: format!("{kind}{i}"),
                 kind: format!("virtio-{kind}"),
                 address: Some(address),
                 irq,
+                detail,
             });
             slot += 1;
         }
     }
     list
+}
+
+/// `engine io_uring, cache none, 2 queues, read-only, bw 10M/s, iops 100/s`.
+fn disk_detail(
+    d: &crate::config::DiskConfig,
+    engine: Option<devices::virtio::block::EngineKind>,
+) -> String {
+    let mut parts = vec![
+        format!("engine {}", engine.unwrap_or(d.engine)),
+        format!("cache {}", d.cache.as_str()),
+    ];
+    if d.queues > 1 {
+        parts.push(format!("{} queues", d.queues));
+    }
+    if d.read_only {
+        parts.push("read-only".into());
+    }
+    if let Some(b) = d.rate_limit.bandwidth {
+        parts.push(format!("bw {}/s", b.size));
+    }
+    if let Some(o) = d.rate_limit.ops {
+        parts.push(format!("iops {}", o.size));
+    }
+    parts.join(", ")
 }

@@ -2,7 +2,7 @@
 //!
 //! | exit code | meaning |
 //! |---|---|
-//! | 0 | the guest powered off (ACPI S5), or the console's quit key was pressed |
+//! | 0 | the guest powered off (ACPI S5), the console's quit key was pressed, or the VM migrated away |
 //! | N | the guest wrote N to the exit device (port 0xf4) |
 //! | 1 | Vessel failed: bad configuration, unusable kernel, KVM error (one-line message) |
 //! | 2 | bad command line (from the argument parser) |
@@ -23,6 +23,8 @@ pub enum ExitReason {
     ConsoleQuit,
     /// A host-side failure while running (a KVM error on a vCPU).
     Error(String),
+    /// The VM now runs in another process (live migration), named here.
+    Migrated(String),
 }
 
 pub const EXIT_ERROR: i32 = 1;
@@ -34,7 +36,7 @@ impl ExitReason {
     /// The process exit code for this reason.
     pub fn code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::ConsoleQuit => 0,
+            ExitReason::PowerOff | ExitReason::ConsoleQuit | ExitReason::Migrated(_) => 0,
             ExitReason::GuestExit(n) => i32::from(*n),
             ExitReason::Reset => EXIT_RESET,
             ExitReason::Crash(_) => EXIT_CRASH,
@@ -54,6 +56,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Signal(s) => write!(f, "stopped by signal {s}"),
             ExitReason::ConsoleQuit => write!(f, "quit from the console"),
             ExitReason::Error(e) => write!(f, "{e}"),
+            ExitReason::Migrated(to) => write!(f, "the VM migrated to {to}"),
         }
     }
 }

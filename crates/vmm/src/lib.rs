@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod exit;
+pub mod migration;
 pub mod pci;
 pub mod session;
 pub mod snapshot;

@@ -85,6 +85,8 @@ impl VmController for ApiSwitch {
 /// What `vessel serve` is asked to start.
 pub enum Start {
     Restore(RestoreRequest),
+    /// Answered once listening; the VM starts when the migration completes.
+    MigrateReceive(MigrateReceiveRequest),
 }
 
 type Reply = mpsc::Sender<Result<(), ApiError>>;
@@ -95,6 +97,8 @@ pub struct Empty {
     requests: Mutex<mpsc::Sender<(Start, Reply)>>,
     started: Instant,
     busy: AtomicBool,
+    /// The incoming migration's progress.
+    migration: Arc<Mutex<MigrationStatus>>,
 }
 
 const NO_VM: &str = "no VM yet: restore a snapshot (vm.restore) first";
@@ -153,16 +157,16 @@ impl VmController for Empty {
     fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
         Err(ApiError::conflict(NO_VM))
     }
-    fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
-        Err(ApiError::not_implemented(
-            "not available yet: live migration is being built",
-        ))
+    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
+        self.start(Start::MigrateReceive(req))
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
-        Ok(MigrationStatus::default())
+        Ok(lock(&self.migration).clone())
     }
     fn migrate_cancel(&self) -> Result<(), ApiError> {
-        Err(ApiError::conflict("no migration is running"))
+        Err(ApiError::conflict(
+            "cancel a migration on its source; the target drops what it received",
+        ))
     }
 }
 
@@ -220,12 +224,14 @@ impl VmController for Ended {
 /// that VM to its end. `opts` are the host-side settings of the VM to come (console, ...).
 pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<ExitReason, Error> {
     let (tx, rx) = mpsc::channel::<(Start, Reply)>();
+    let migration = Arc::new(Mutex::new(MigrationStatus::default()));
     let empty = Arc::new(Empty {
         requests: Mutex::new(tx),
         started: start,
         busy: AtomicBool::new(false),
+        migration: migration.clone(),
     });
-    let switch = Arc::new(ApiSwitch::new(empty));
+    let switch = Arc::new(ApiSwitch::new(empty.clone()));
     let server = api::server::serve(socket, switch.clone())?;
     let stop = crate::vm::stop_flags()?;
     let result = loop {
@@ -242,22 +248,45 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
                 })
             }
         };
-        let built = match what {
+        match what {
             Start::Restore(req) => {
                 let mut o = opts.clone();
                 o.memory = req.memory;
-                Vm::restore(&req.dir, o, start)
+                match Vm::restore(&req.dir, o, start) {
+                    Ok(vm) => {
+                        let _ = reply.send(Ok(()));
+                        break vm.run_attached(&switch);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::bad_request(e.to_string())));
+                    }
+                }
             }
-        };
-        match built {
-            Ok(vm) => {
+            Start::MigrateReceive(req) => {
+                let listener = match crate::migration::listen(&req.listen) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::bad_request(e.to_string())));
+                        continue;
+                    }
+                };
                 let _ = reply.send(Ok(()));
-                break vm.run_attached(&switch);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(ApiError::bad_request(e.to_string())));
+                match crate::migration::receive(&listener, &opts, start, &migration) {
+                    Ok(vm) => {
+                        drop(listener);
+                        break vm.run_attached(&switch);
+                    }
+                    Err(e) => {
+                        tracing::warn!("incoming migration failed: {e}");
+                        let mut s = lock(&migration);
+                        s.phase = api::types::MigrationPhase::Failed;
+                        s.error = Some(e.to_string());
+                    }
+                }
             }
         }
+        // Ready for another request.
+        empty.busy.store(false, Ordering::SeqCst);
     };
     server.stop();
     result

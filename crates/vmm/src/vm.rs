@@ -28,6 +28,10 @@ pub struct RestoreOptions {
     pub memory: api::types::RestoreMemory,
     pub console: crate::config::ConsoleConfig,
     pub api_socket: Option<PathBuf>,
+    /// New taps (and MACs) for the network devices, all or none (clones).
+    pub nets: Vec<crate::config::NetConfig>,
+    /// A new socket (and guest CID) for the vsock device (clones).
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 /// Errors building or starting a VM.
@@ -165,8 +169,9 @@ impl Vm {
         start: Instant,
     ) -> Result<Vm, Error> {
         use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
-        let snap: VmSnapshot =
+        let mut snap: VmSnapshot =
             format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        snap.rebind(&opts.nets, opts.vsock.as_ref())?;
         let hv = Hypervisor::new()?;
         crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
         let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.memory)
@@ -181,26 +186,14 @@ impl Vm {
             ))
             .into());
         }
-        let mode = match opts.memory {
-            api::types::RestoreMemory::Lazy => memory::RestoreMemory::Lazy,
-            api::types::RestoreMemory::Eager => memory::RestoreMemory::Eager,
-            api::types::RestoreMemory::Userfaultfd => {
-                return Err(SnapshotError::Mismatch(
-                    "userfaultfd restore is not available yet: use lazy or eager".to_string(),
-                )
-                .into())
-            }
-        };
-        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, mode)
+        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
             .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
         config.console = opts.console;
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let mut vm = Vm::create(config, mem, start)?;
-        vm.machine.restore_state(&snap)?;
-        vm.restored = true;
+        let vm = Vm::create_restored(config, mem, start, &snap)?;
         tracing::debug!(
             "restored {} vCPUs and {} MiB from {} in {:?}",
             snap.vcpus.len(),
@@ -208,6 +201,20 @@ impl Vm {
             dir.display(),
             start.elapsed()
         );
+        Ok(vm)
+    }
+
+    /// Builds the machine of `snap` with `config` on `mem` (which holds the saved memory) and
+    /// loads the saved state; the devices start when it runs.
+    pub(crate) fn create_restored(
+        config: VmConfig,
+        mem: GuestMemoryMmap,
+        start: Instant,
+        snap: &crate::snapshot::VmSnapshot,
+    ) -> Result<Vm, Error> {
+        let mut vm = Vm::create(config, mem, start)?;
+        vm.machine.restore_state(snap)?;
+        vm.restored = true;
         Ok(vm)
     }
 
@@ -337,6 +344,7 @@ impl Vm {
         let virtio = &self.machine.virtio;
         // Firmware tables and the kernel.
         arch::mptable::setup_mptable(mem, config.cpus)?;
+        acpi::setup_reset_vector(mem)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
         let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
@@ -490,16 +498,19 @@ impl Vm {
         if self.restored {
             self.machine.resume_devices()?;
         }
-        let handle = Arc::new(crate::api::VmHandle::new(
-            self.machine.clone(),
-            self.control.clone(),
-            self.machine.config.cpus,
-            self.machine.config.memory,
-            self.started,
-            self.boot_marker.clone(),
-            self.machine.acpi_pm.clone(),
-            crate::api::device_list(&self.machine.config),
-        ));
+        let handle = Arc::new_cyclic(|me| {
+            crate::api::VmHandle::new(
+                me.clone(),
+                self.machine.clone(),
+                self.control.clone(),
+                self.machine.config.cpus,
+                self.machine.config.memory,
+                self.started,
+                self.boot_marker.clone(),
+                self.machine.acpi_pm.clone(),
+                crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
+            )
+        });
         switch.set(handle.clone());
 
         let reason = loop {

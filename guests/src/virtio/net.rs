@@ -7,6 +7,10 @@
 //! `net=echo-peer` it ARPs for the peer, sends a UDP datagram to
 //! `netpeer` (default 10.0.2.2:7777) from `netip` (10.0.2.15) and waits for
 //! the same payload to come back. ARP requests for `netip` are answered.
+//! `netburst=N` then sends N more datagrams to the peer (to the broadcast
+//! address without `net=echo-peer`), each once the previous one was used,
+//! without waiting for replies: a paced device (rate limits) shows in how
+//! long they take to arrive.
 
 use super::dma;
 use super::queue::{Buf, Queue, MAX_SIZE};
@@ -31,6 +35,7 @@ const BROADCAST: [u8; 6] = [0xff; 6];
 const DEFAULT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub(super) const SOURCE_PORT: u16 = 49152;
 const PAYLOAD: &[u8] = b"vessel virtio-net echo #0";
+const BURST_PAYLOAD: &[u8] = b"vessel virtio-net burst #";
 
 pub(super) struct Frame {
     pub(super) bytes: [u8; FRAME_MAX],
@@ -299,6 +304,36 @@ impl<'a> Nic<'a> {
         }
         Err("no echo from the peer")
     }
+
+    /// `count` datagrams to `dst`, carrying `vessel virtio-net burst #<i>`.
+    fn burst(&mut self, dst: ([u8; 6], [u8; 4]), count: u32) -> Result<(), &'static str> {
+        let mut payload = [0u8; BURST_PAYLOAD.len() + 10];
+        payload[..BURST_PAYLOAD.len()].copy_from_slice(BURST_PAYLOAD);
+        for i in 0..count {
+            let mut digits = [0u8; 10];
+            let mut n = i;
+            let mut len = 0;
+            loop {
+                digits[len] = b'0' + (n % 10) as u8;
+                len += 1;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            for k in 0..len {
+                payload[BURST_PAYLOAD.len() + k] = digits[len - 1 - k];
+            }
+            let datagram = self.udp(
+                dst.0,
+                dst.1,
+                self.opts.port,
+                &payload[..BURST_PAYLOAD.len() + len],
+            );
+            self.send(&datagram)?;
+        }
+        Ok(())
+    }
 }
 
 pub fn test(t: &mut Transport, opts: &NetOptions) -> Result<(), &'static str> {
@@ -306,12 +341,14 @@ pub fn test(t: &mut Transport, opts: &NetOptions) -> Result<(), &'static str> {
     let echoed = if opts.echo {
         let peer_mac = nic.resolve_peer()?;
         nic.echo(peer_mac)?;
+        nic.burst((peer_mac, opts.peer), opts.burst)?;
         true
     } else {
         let request = nic.arp(1, BROADCAST, [0; 6], opts.peer);
         nic.send(&request)?;
         let datagram = nic.udp(BROADCAST, [255; 4], opts.port, PAYLOAD);
         nic.send(&datagram)?;
+        nic.burst((BROADCAST, [255; 4]), opts.burst)?;
         let deadline = deadline_in(300_000);
         while nic.recv(deadline)?.is_some() {}
         false

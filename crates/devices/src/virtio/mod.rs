@@ -26,6 +26,8 @@ pub mod vsock;
 pub mod worker;
 
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 
 use std::io;
@@ -156,6 +158,23 @@ impl VirtioDeviceState {
         };
         cfg.copy_from_slice(&mac.bytes());
         n.mac = mac;
+        Ok(())
+    }
+
+    /// Give a saved network device other rate limits (receive, transmit), for a VM restored
+    /// with new ones.
+    pub fn set_net_rate_limiters(
+        &mut self,
+        rx: crate::rate_limiter::RateLimiterConfig,
+        tx: crate::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), ActivateError> {
+        let DeviceSpecificState::Net(n) = &mut self.specific else {
+            return Err(ActivateError::StateMismatch(
+                "rate limits are only for a network device".into(),
+            ));
+        };
+        n.rx_rate_limiter = rx;
+        n.tx_rate_limiter = tx;
         Ok(())
     }
 

@@ -765,8 +765,8 @@ mod tests {
     use crate::pci::msix::tests::FakeVectors;
     use crate::pci::msix::CONTROL_ENABLE;
     use crate::virtio::rng::Rng;
-    use crate::virtio::testing::{mem, TestQueue, AVAIL, DESC, R, USED, W};
-    use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1};
+    use crate::virtio::testing::{mem, settle, TestQueue, AVAIL, DESC, R, USED, W};
+    use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
     fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMemoryMmap) {
         let m = mem();
@@ -985,6 +985,50 @@ mod tests {
         d2.restore(&back).unwrap();
         assert!(d2.is_active());
         w(&mut d2, 0x14, 1, 0);
+    }
+
+    #[test]
+    fn pause_snapshot_and_restore_continue_the_queue() {
+        let (mut d, fake, m) = rng();
+        let f = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX);
+        assert_eq!(negotiate(&mut d, f), OK);
+        setup_queue(&mut d, 0, 16);
+        let mut tq = TestQueue::new(&m, 16);
+        w(&mut d, 0x14, 1, OK | u64::from(STATUS_DRIVER_OK));
+        for i in 0..3 {
+            tq.add_chain(&[(0x10000 + i * 0x100, 16, W)]);
+        }
+        w(&mut d, NOTIFY_OFFSET, 2, 0);
+        tq.wait_used(3);
+        d.pause();
+        d.pause();
+        for i in 3..5 {
+            tq.add_chain(&[(0x10000 + i * 0x100, 16, W)]);
+        }
+        w(&mut d, NOTIFY_OFFSET, 2, 0);
+        settle();
+        assert_eq!(tq.used_idx(), 3, "paused");
+        let s = d.state();
+        assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (3, 3));
+        assert_eq!(s.device.specific, crate::virtio::DeviceSpecificState::None);
+        let json = serde_json::to_string(&s).unwrap();
+        drop(d);
+        let mut d2 = VirtioPciDevice::new(m.clone(), Box::new(Rng::new()), fake, None).unwrap();
+        d2.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert!(d2.is_active());
+        d2.pause();
+        settle();
+        assert_eq!(tq.used_idx(), 3, "a restored device waits for resume");
+        d2.resume().unwrap();
+        d2.resume().unwrap();
+        tq.wait_used(5);
+        tq.add_chain(&[(0x10500, 16, W)]);
+        w(&mut d2, NOTIFY_OFFSET, 2, 0);
+        tq.wait_used(6);
+        settle();
+        assert_eq!(tq.used_idx(), 6);
+        let ids: Vec<(u32, u32)> = (0..6).map(|i| tq.used(i)).collect();
+        assert_eq!(ids, (0..6).map(|i| (i, 16)).collect::<Vec<_>>());
     }
 
     #[derive(Default)]

@@ -1,13 +1,19 @@
 //! Test helpers: a driver's view of a split queue in guest memory.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{VirtioInterrupt, VirtioInterruptType};
+use super::mmio::*;
+use super::{
+    VirtioDevice, VirtioInterrupt, VirtioInterruptType, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
+    STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
+use crate::BusDevice;
 
 /// Device-readable descriptor flags.
 pub const R: u16 = 0;
@@ -196,4 +202,95 @@ impl VirtioInterrupt for CountingInterrupt {
         *self.needs_reset.lock().unwrap() = true;
         self.config.fetch_add(1, Ordering::SeqCst);
     }
+}
+
+/// A virtio-mmio transport for `device`, with its interrupt line.
+pub fn mmio_transport(
+    mem: &GuestMemoryMmap,
+    device: Box<dyn VirtioDevice>,
+) -> (MmioTransport, Arc<EventFd>) {
+    let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let t = MmioTransport::new(mem.clone(), irq.clone(), device).unwrap();
+    (t, irq)
+}
+
+pub fn mmio_read(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut d = [0u8; 4];
+    t.read(off, &mut d);
+    u32::from_le_bytes(d)
+}
+
+pub fn mmio_write(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// What a driver does to bring a device up: ACKNOWLEDGE, DRIVER, `features`, FEATURES_OK, the
+/// `queues` (index and rings), DRIVER_OK. Panics if the device refuses.
+pub fn mmio_start(t: &mut MmioTransport, features: u64, queues: &[(u16, &TestQueue)]) {
+    let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    mmio_write(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+    mmio_write(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    for sel in 0..2u32 {
+        mmio_write(t, REG_DRIVER_FEATURES_SEL, sel);
+        mmio_write(t, REG_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+    }
+    mmio_write(t, REG_STATUS, ok);
+    assert_eq!(
+        mmio_read(t, REG_STATUS),
+        ok,
+        "features {features:#x} refused"
+    );
+    for (index, q) in queues {
+        mmio_write(t, REG_QUEUE_SEL, u32::from(*index));
+        mmio_write(t, REG_QUEUE_NUM, u32::from(q.size));
+        for (lo, addr) in [
+            (REG_QUEUE_DESC_LOW, q.desc),
+            (REG_QUEUE_DRIVER_LOW, q.avail),
+            (REG_QUEUE_DEVICE_LOW, q.used),
+        ] {
+            mmio_write(t, lo, addr as u32);
+            mmio_write(t, lo + 4, (addr >> 32) as u32);
+        }
+        mmio_write(t, REG_QUEUE_READY, 1);
+    }
+    mmio_write(t, REG_STATUS, ok | STATUS_DRIVER_OK);
+    assert_eq!(
+        mmio_read(t, REG_STATUS),
+        ok | STATUS_DRIVER_OK,
+        "activation failed"
+    );
+}
+
+/// The driver notifies queue `q`.
+pub fn mmio_notify(t: &mut MmioTransport, q: u16) {
+    mmio_write(t, QUEUE_NOTIFY_OFFSET, u32::from(q));
+}
+
+/// What a restore in a new process does: a new transport for `device` (built like the saved
+/// one), restored from the JSON of a saved state, then resumed.
+pub fn mmio_restore(
+    mem: &GuestMemoryMmap,
+    json: &str,
+    device: Box<dyn VirtioDevice>,
+) -> (MmioTransport, Arc<EventFd>) {
+    let state: VirtioMmioState = serde_json::from_str(json).unwrap();
+    let (mut t, irq) = mmio_transport(mem, device);
+    t.restore(&state).unwrap();
+    t.resume().unwrap();
+    (t, irq)
+}
+
+/// Wait (up to 5 s) until `f` holds.
+pub fn wait_for(f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(5), "timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Give device threads a moment to do what they should not (for "nothing happened" checks,
+/// which can only fail, never pass, by luck).
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(30));
 }

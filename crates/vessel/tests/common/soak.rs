@@ -35,8 +35,15 @@ pub struct Console {
 
 impl Console {
     pub fn spawn(args: &[&str]) -> Console {
-        let mut child = Command::new(super::VESSEL)
-            .args(args)
+        let mut all = vec![super::VESSEL];
+        all.extend_from_slice(args);
+        Console::spawn_command(&all)
+    }
+
+    /// Runs `args[0]` with the rest (a wrapper such as `ip netns exec NS vessel ...`).
+    pub fn spawn_command(args: &[&str]) -> Console {
+        let mut child = Command::new(args[0])
+            .args(&args[1..])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -104,4 +111,18 @@ impl Drop for Console {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The last iteration each of `cpus` CPUs reported in `lines`.
+pub fn last_iters(lines: &[SoakLine], cpus: usize) -> Vec<u64> {
+    (0..cpus)
+        .map(|c| {
+            lines
+                .iter()
+                .filter(|l| l.cpu == c)
+                .map(|l| l.iter)
+                .max()
+                .unwrap_or_else(|| panic!("no soak line of cpu {c}"))
+        })
+        .collect()
 }

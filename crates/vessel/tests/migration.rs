@@ -1,0 +1,264 @@
+//! Live migration on the direct host, between two `vessel` processes: the bundled guest's
+//! soak workload (every vCPU checks its memory and reports a counter and a checksum) goes on
+//! on the target without a mismatch; a failure or a cancel at any point leaves it running on
+//! exactly one side.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::soak::{last_iters, Console};
+use common::*;
+
+const CPUS: usize = 2;
+
+fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
+    full.extend_from_slice(args);
+    vessel(&full)
+}
+
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The `"phase"` of `vessel ctl migrate status --json`.
+fn phase(socket: &Path) -> String {
+    let o = ctl(socket, &["--json", "migrate", "status"]);
+    let out = stdout(&o);
+    let at = out.find("\"phase\"").unwrap_or_else(|| panic!("{out}"));
+    out[at..].split('"').nth(3).unwrap().to_string()
+}
+
+struct Pair {
+    tmp: TempDir,
+    source: Console,
+    target: Console,
+    src_api: PathBuf,
+    dst_api: PathBuf,
+}
+
+/// A soaking source VM and an empty target (`vessel serve`), each run through `prefix` (a
+/// command such as `ip netns exec NAME`, or nothing).
+fn pair(name: &str, src_prefix: &[&str], dst_prefix: &[&str], memory: &str) -> Pair {
+    let tmp = TempDir::new(name);
+    let src_api = tmp.file("src.sock");
+    let dst_api = tmp.file("dst.sock");
+    let mut args: Vec<String> = src_prefix.iter().map(|s| s.to_string()).collect();
+    if !src_prefix.is_empty() {
+        args.push(VESSEL.to_string());
+    }
+    args.extend(
+        [
+            "run",
+            "--cpus",
+            "2",
+            "--memory",
+            memory,
+            "--api-socket",
+            src_api.to_str().unwrap(),
+            "--cmdline",
+            "action=soak soakms=50",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let source = spawn_prefixed(&args);
+    let mut args: Vec<String> = dst_prefix.iter().map(|s| s.to_string()).collect();
+    if !dst_prefix.is_empty() {
+        args.push(VESSEL.to_string());
+    }
+    args.extend(
+        ["serve", "--api-socket", dst_api.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let target = spawn_prefixed(&args);
+    wait_for(&src_api);
+    wait_for(&dst_api);
+    Pair {
+        tmp,
+        source,
+        target,
+        src_api,
+        dst_api,
+    }
+}
+
+/// `args[0]` is vessel's first argument, or a wrapper command (then vessel's path follows).
+fn spawn_prefixed(args: &[String]) -> Console {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    if refs[0] == "run" || refs[0] == "serve" {
+        Console::spawn(&refs)
+    } else {
+        Console::spawn_command(&refs)
+    }
+}
+
+fn latest_iters(c: &mut Console) -> Vec<u64> {
+    last_iters(&c.soak_lines(CPUS, 2), CPUS)
+}
+
+/// Waits until the migration status on `socket` says `want`.
+fn wait_phase(socket: &Path, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = phase(socket);
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "phase {now}, never {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a migration slowed to 8 Mbit/s from `p`'s source to `addr` and returns once it
+/// copies.
+fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
+    assert_code(
+        &ctl(target_api, &["migrate", "receive", "--listen", addr]),
+        0,
+    );
+    let o = ctl(
+        &p.src_api,
+        &[
+            "migrate",
+            "send",
+            "--to",
+            addr,
+            "--bandwidth",
+            "8",
+            "--no-wait",
+        ],
+    );
+    assert_code(&o, 0);
+    wait_phase(&p.src_api, "precopy");
+}
+
+fn migrate_and_check(p: &mut Pair, listen: &str, to: &str) {
+    let before = latest_iters(&mut p.source);
+    let o = ctl(&p.dst_api, &["migrate", "receive", "--listen", listen]);
+    assert_code(&o, 0);
+    assert_eq!(phase(&p.dst_api), "listening");
+    // `migrate send` follows the migration to its end.
+    let o = ctl(&p.src_api, &["migrate", "send", "--to", to]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("completed"), "{}", stdout(&o));
+    // The source hands over and exits 0; the target runs the VM on from where it was.
+    assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
+    let lines = p.target.soak_lines(CPUS, 3);
+    for cpu in 0..CPUS {
+        let first = lines.iter().find(|l| l.cpu == cpu).unwrap();
+        assert!(
+            first.iter > before[cpu],
+            "cpu {cpu}: {first:?} after {before:?}"
+        );
+    }
+    let o = ctl(&p.dst_api, &["--json", "info"]);
+    assert!(stdout(&o).contains("\"running\""), "{}", stdout(&o));
+    assert_eq!(p.target.stop(), Some(143));
+}
+
+#[test]
+fn migration_over_a_unix_socket_moves_the_running_vm() {
+    let mut p = pair("mig-unix", &[], &[], "128M");
+    let sock = p.tmp.file("mig.sock");
+    let addr = format!("unix:{}", sock.display());
+    migrate_and_check(&mut p, &addr, &addr);
+}
+
+/// Two network namespaces joined by a veth pair; removed on drop.
+struct Netns(Vec<String>);
+
+impl Netns {
+    fn pair(tag: &str) -> Netns {
+        let a = format!("vmig-a-{tag}");
+        let b = format!("vmig-b-{tag}");
+        let run = |args: &[&str]| {
+            let s = Command::new("ip").args(args).status().expect("ip");
+            assert!(s.success(), "ip {args:?}");
+        };
+        for n in [&a, &b] {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            run(&["netns", "add", n]);
+        }
+        let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
+        run(&[
+            "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b,
+        ]);
+        run(&["-n", &a, "addr", "add", "10.77.0.1/24", "dev", &va]);
+        run(&["-n", &b, "addr", "add", "10.77.0.2/24", "dev", &vb]);
+        for (n, v) in [(&a, &va), (&b, &vb)] {
+            run(&["-n", n, "link", "set", v, "up"]);
+            run(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        Netns(vec![a, b])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn migration_over_tcp_between_two_network_namespaces() {
+    let ns = Netns::pair(&format!("{}", std::process::id() % 10000));
+    let (a, b) = (ns.0[0].clone(), ns.0[1].clone());
+    let mut p = pair(
+        "mig-tcp",
+        &["ip", "netns", "exec", &a],
+        &["ip", "netns", "exec", &b],
+        "128M",
+    );
+    migrate_and_check(&mut p, "tcp:10.77.0.2:47001", "tcp:10.77.0.2:47001");
+}
+
+#[test]
+fn cancel_and_dead_peers_leave_the_vm_on_one_side() {
+    let mut p = pair("mig-fail", &[], &[], "256M");
+    let sock = p.tmp.file("mig.sock");
+    let addr = format!("unix:{}", sock.display());
+
+    // 1. Cancelled during pre-copy (slowed to 8 Mbit/s): the source runs on, the target
+    //    drops what it got and can receive again.
+    start_slow_migration(&p, &p.dst_api, &addr);
+    assert_code(&ctl(&p.src_api, &["migrate", "cancel"]), 0);
+    wait_phase(&p.src_api, "cancelled");
+    p.source.soak_lines(CPUS, 2);
+    wait_phase(&p.dst_api, "failed");
+    let o = ctl(&p.dst_api, &["--json", "info"]);
+    assert!(stdout(&o).contains("\"empty\""), "{}", stdout(&o));
+
+    // 2. The target dies during pre-copy: the source notices and runs on.
+    start_slow_migration(&p, &p.dst_api, &addr);
+    let _ = p.target.child.kill();
+    let _ = p.target.child.wait();
+    wait_phase(&p.src_api, "failed");
+    p.source.soak_lines(CPUS, 2);
+
+    // 3. The source dies during pre-copy: a new target is left empty and can receive again.
+    let dst2 = p.tmp.file("dst2.sock");
+    let mut target2 = Console::spawn(&["serve", "--api-socket", dst2.to_str().unwrap()]);
+    wait_for(&dst2);
+    start_slow_migration(&p, &dst2, &addr);
+    let _ = p.source.child.kill();
+    let _ = p.source.child.wait();
+    wait_phase(&dst2, "failed");
+    let o = ctl(&dst2, &["--json", "info"]);
+    assert!(stdout(&o).contains("\"empty\""), "{}", stdout(&o));
+    assert_eq!(target2.stop(), Some(143));
+}

@@ -1,0 +1,170 @@
+//! Live migration between two Vessel processes ([`protocol`] says what crosses the wire).
+//!
+//! - **Source** ([`send`]): `vm.migrate-send` on a running VM. Pre-copy: all used memory, then
+//!   round after round the pages the guest dirtied meanwhile (KVM's dirty log), until what is
+//!   left would take less than the downtime limit at the measured bandwidth (or 30 rounds have
+//!   passed); then stop-and-copy: the vCPUs park, the last dirty pages and the whole device
+//!   and vCPU state go over, the target checks a digest of memory and state, and the source
+//!   commits and exits. The device threads are paused for the whole migration, so that every
+//!   write to guest memory is a vCPU's and KVM's log misses none (guest I/O waits meanwhile;
+//!   vCPUs run on).
+//! - **Target** ([`receive`]): `vessel serve` + `vm.migrate-receive`: listens, receives into
+//!   fresh memory, builds the same machine and loads the state, and runs it once the source
+//!   commits.
+//!
+//! Any failure before the commit leaves the VM running on the source and nothing on the
+//! target; after it, only the target runs the VM.
+
+pub mod protocol;
+mod receive;
+mod send;
+
+pub use receive::{listen, receive, Listener};
+pub use send::{send, Outgoing};
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Errors of a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("invalid address '{0}': expected tcp:HOST:PORT or unix:PATH")]
+    Address(String),
+    #[error("{addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error(transparent)]
+    Kvm(#[from] hypervisor::Error),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("cannot build the VM on the target: {0}")]
+    Build(String),
+    #[error("the target's copy does not match the source's (memory and state digests differ)")]
+    Digest,
+    #[error("cancelled")]
+    Cancelled,
+    #[error("reading guest memory at {0:#x}")]
+    Memory(u64),
+}
+
+/// Where a migration goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Addr {
+    pub fn parse(s: &str) -> Result<Addr, MigrationError> {
+        match s.split_once(':') {
+            Some(("tcp", a)) if a.contains(':') => Ok(Addr::Tcp(a.to_string())),
+            Some(("unix", p)) if !p.is_empty() => Ok(Addr::Unix(PathBuf::from(p))),
+            _ => Err(MigrationError::Address(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp(a) => write!(f, "tcp:{a}"),
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A connected migration stream.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn connect(addr: &Addr) -> Result<Stream, MigrationError> {
+        let err = |source| MigrationError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        Ok(match addr {
+            Addr::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(err)?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+            Addr::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(err)?),
+        })
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// A digest of all of guest memory (CRC-32 of every region in order) and the state bytes, the
+/// same on both sides when the copy is exact.
+pub fn digest(mem: &GuestMemoryMmap, state: &[u8]) -> Result<u32, MigrationError> {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for r in mem.iter() {
+        let start = r.start_addr().0;
+        let mut off = 0;
+        while off < r.len() {
+            let n = (r.len() - off).min(buf.len() as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(start + off))
+                .map_err(|_| MigrationError::Memory(start + off))?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    h.update(state);
+    Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            Addr::parse("tcp:127.0.0.1:4444").unwrap(),
+            Addr::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            Addr::parse("unix:/tmp/m.sock").unwrap(),
+            Addr::Unix("/tmp/m.sock".into())
+        );
+        for bad in ["", "tcp:4444", "unix:", "udp:1:2", "127.0.0.1:4444"] {
+            assert!(Addr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

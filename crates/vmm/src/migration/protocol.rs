@@ -1,0 +1,198 @@
+//! The live-migration wire protocol: framed messages over one stream (TCP or Unix).
+//!
+//! A frame is a one-byte tag, a little-endian `u64` length and that many bytes. The source
+//! speaks first:
+//!
+//! ```text
+//! source                                   target
+//! Hello {magic, version, config, layout} →
+//!                                        ← Ready            (memory allocated)
+//! Pages {addr, count, bytes}...  →                          (round 1: all used memory)
+//! Round {n, ...}                 →                          (progress, per round)
+//! Pages ...                      →                          (rounds 2..: dirtied pages)
+//!         -- the source pauses the VM (stop-and-copy) --
+//! Pages ...  State {state, memory digest} →
+//!                                        ← Ready            (digests match, VM built)
+//!                                        | Error {message}  (the source resumes)
+//! Commit                         →
+//!                                        ← Resumed          (the VM runs on the target)
+//! ```
+//!
+//! Either side may send `Abort`/`Error` instead of its next message, or close the stream: the
+//! source then resumes, the target drops what it received. Once the source has sent `Commit` it
+//! never runs the VM again, so the VM never runs on both sides.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// First bytes of `Hello`.
+pub const MAGIC: &str = "vessel-migration";
+/// The protocol version this Vessel speaks.
+pub const VERSION: u32 = 1;
+/// Largest frame accepted (a batch of pages, or the state).
+pub const MAX_FRAME: u64 = 256 << 20;
+/// Pages per `Pages` frame at most.
+pub const BATCH_PAGES: u64 = 256;
+
+/// Errors on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected message {got:?} (expected {want})")]
+    Unexpected { got: Tag, want: &'static str },
+    #[error("bad message: {0}")]
+    Bad(String),
+    #[error("the other side failed: {0}")]
+    Remote(String),
+}
+
+/// Message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    Hello = 1,
+    Ready = 2,
+    Pages = 3,
+    Round = 4,
+    State = 5,
+    Commit = 6,
+    Resumed = 7,
+    Abort = 8,
+    Error = 9,
+}
+
+impl Tag {
+    fn from_u8(b: u8) -> Option<Tag> {
+        Some(match b {
+            1 => Tag::Hello,
+            2 => Tag::Ready,
+            3 => Tag::Pages,
+            4 => Tag::Round,
+            5 => Tag::State,
+            6 => Tag::Commit,
+            7 => Tag::Resumed,
+            8 => Tag::Abort,
+            9 => Tag::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// `Hello`'s body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: String,
+    pub version: u32,
+    pub vessel_version: String,
+    /// The machine (`VmConfig`), as JSON.
+    pub config: serde_json::Value,
+}
+
+/// `Round`'s body: progress the target reports too.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Round {
+    pub round: u32,
+    pub remaining_bytes: u64,
+}
+
+/// Writes one frame whose body is the concatenation of `parts`.
+pub fn write_frame(w: &mut impl Write, tag: Tag, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+    let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+    let mut head = [0u8; 9];
+    head[0] = tag as u8;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&head)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    Ok(())
+}
+
+/// Writes a frame with a JSON body.
+pub fn write_json<T: Serialize>(w: &mut impl Write, tag: Tag, v: &T) -> Result<(), ProtocolError> {
+    let body = serde_json::to_vec(v).map_err(|e| ProtocolError::Bad(e.to_string()))?;
+    write_frame(w, tag, &[&body])
+}
+
+/// Reads one frame into `buf` (reused); returns its tag. `Error` frames become
+/// [`ProtocolError::Remote`], `Abort` a remote error too.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolError> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head)?;
+    let tag = Tag::from_u8(head[0])
+        .ok_or_else(|| ProtocolError::Bad(format!("unknown message type {}", head[0])))?;
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
+    if len > MAX_FRAME {
+        return Err(ProtocolError::Bad(format!("a {len}-byte message")));
+    }
+    buf.clear();
+    buf.resize(len as usize, 0);
+    r.read_exact(buf)?;
+    match tag {
+        Tag::Error => Err(ProtocolError::Remote(
+            String::from_utf8_lossy(buf).into_owned(),
+        )),
+        Tag::Abort => Err(ProtocolError::Remote("migration aborted".to_string())),
+        t => Ok(t),
+    }
+}
+
+/// Reads a frame that must be `want`.
+pub fn expect(r: &mut impl Read, buf: &mut Vec<u8>, want: Tag) -> Result<(), ProtocolError> {
+    let got = read_frame(r, buf)?;
+    if got != want {
+        return Err(ProtocolError::Unexpected {
+            got,
+            want: match want {
+                Tag::Ready => "ready",
+                Tag::Commit => "commit",
+                Tag::Resumed => "resumed",
+                Tag::Hello => "hello",
+                _ => "another message",
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Parses a JSON body.
+pub fn json<T: for<'de> Deserialize<'de>>(buf: &[u8]) -> Result<T, ProtocolError> {
+    serde_json::from_slice(buf).map_err(|e| ProtocolError::Bad(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_refused() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Tag::Pages, &[b"ab", b"cd"]).unwrap();
+        write_json(
+            &mut wire,
+            Tag::Round,
+            &Round {
+                round: 2,
+                remaining_bytes: 9,
+            },
+        )
+        .unwrap();
+        write_frame(&mut wire, Tag::Error, &[b"disk busy"]).unwrap();
+        let mut r = wire.as_slice();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Tag::Pages);
+        assert_eq!(buf, b"abcd");
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Tag::Round);
+        assert_eq!(json::<Round>(&buf).unwrap().round, 2);
+        let e = read_frame(&mut r, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("disk busy"), "{e}");
+        // Truncated, unknown, oversized.
+        assert!(read_frame(&mut &wire[..5], &mut buf).is_err());
+        assert!(read_frame(&mut &[77u8, 0, 0, 0, 0, 0, 0, 0, 0][..], &mut buf).is_err());
+        let mut huge = vec![Tag::Pages as u8];
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(read_frame(&mut huge.as_slice(), &mut buf).is_err());
+    }
+}

@@ -1,0 +1,207 @@
+//! The target side of a live migration.
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use api::types::{MigrationPhase, MigrationRole, MigrationStatus};
+use devices::bus::lock;
+use hypervisor::mem::PAGE_SIZE;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::protocol::{self, Hello, Round, Tag};
+use super::{digest, Addr, MigrationError, Stream};
+use crate::config::VmConfig;
+use crate::snapshot::VmSnapshot;
+use crate::vm::{RestoreOptions, Vm};
+
+/// A bound migration listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Binds `addr` (a stale Unix socket file is replaced).
+pub fn listen(addr: &str) -> Result<Listener, MigrationError> {
+    let a = Addr::parse(addr)?;
+    let err = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    Ok(match a {
+        Addr::Tcp(t) => Listener::Tcp(TcpListener::bind(t).map_err(err)?),
+        Addr::Unix(p) => {
+            if std::fs::symlink_metadata(&p)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = std::fs::remove_file(&p);
+            }
+            Listener::Unix(UnixListener::bind(&p).map_err(err)?, p)
+        }
+    })
+}
+
+fn accept(l: &Listener) -> Result<Stream, MigrationError> {
+    let err = |source| MigrationError::Connect {
+        addr: "incoming migration".to_string(),
+        source,
+    };
+    Ok(match l {
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().map_err(err)?;
+            let _ = s.set_nodelay(true);
+            Stream::Tcp(s)
+        }
+        Listener::Unix(u, _) => Stream::Unix(u.accept().map_err(err)?.0),
+    })
+}
+
+/// Tells the source why the target gives up, and returns the error.
+fn refuse(stream: &mut Stream, e: MigrationError) -> MigrationError {
+    let _ = protocol::write_frame(stream, Tag::Error, &[e.to_string().as_bytes()]);
+    e
+}
+
+/// Receives one migration on `listener` and returns the VM, ready to run (the source has
+/// committed). The host-side settings (console, API socket) come from `opts`.
+pub fn receive(
+    listener: &Listener,
+    opts: &RestoreOptions,
+    start: Instant,
+    status: &Mutex<MigrationStatus>,
+) -> Result<Vm, MigrationError> {
+    let update = |f: &dyn Fn(&mut MigrationStatus)| f(&mut lock(status));
+    *lock(status) = MigrationStatus {
+        phase: MigrationPhase::Listening,
+        role: Some(MigrationRole::Receive),
+        ..Default::default()
+    };
+    let mut stream = accept(listener)?;
+    let began = Instant::now();
+    update(&|s| s.phase = MigrationPhase::Setup);
+    let mut buf = Vec::new();
+    protocol::expect(&mut stream, &mut buf, Tag::Hello)?;
+    let hello: Hello = protocol::json(&buf)?;
+    if hello.magic != protocol::MAGIC || hello.version != protocol::VERSION {
+        return Err(refuse(
+            &mut stream,
+            protocol::ProtocolError::Bad(format!(
+                "migration protocol {} version {} (from Vessel {}); this Vessel speaks version {}",
+                hello.magic,
+                hello.version,
+                hello.vessel_version,
+                protocol::VERSION
+            ))
+            .into(),
+        ));
+    }
+    let config: VmConfig = match serde_json::from_value(hello.config) {
+        Ok(c) => c,
+        Err(e) => {
+            return Err(refuse(
+                &mut stream,
+                MigrationError::Build(format!("configuration: {e}")),
+            ))
+        }
+    };
+    let mem = match GuestMemoryMmap::from_ranges(&arch::layout::ram_ranges(config.memory)) {
+        Ok(m) => m,
+        Err(e) => {
+            return Err(refuse(
+                &mut stream,
+                MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20)),
+            ))
+        }
+    };
+    update(&|s| {
+        s.total_bytes = config.memory;
+        s.phase = MigrationPhase::Precopy;
+        s.round = 1;
+    });
+    protocol::write_frame(&mut stream, Tag::Ready, &[])?;
+
+    let mut received = 0u64;
+    let (sum, state) = loop {
+        match protocol::read_frame(&mut stream, &mut buf)? {
+            Tag::Pages => {
+                let bad = || protocol::ProtocolError::Bad("malformed pages".to_string());
+                let head = buf.get(..12).ok_or_else(bad)?;
+                let addr = u64::from_le_bytes(head[..8].try_into().map_err(|_| bad())?);
+                let n = u32::from_le_bytes(head[8..].try_into().map_err(|_| bad())?);
+                let data = &buf[12..];
+                if data.len() as u64 != u64::from(n) * PAGE_SIZE || addr % PAGE_SIZE != 0 {
+                    return Err(bad().into());
+                }
+                mem.write_slice(data, GuestAddress(addr))
+                    .map_err(|_| protocol::ProtocolError::Bad(format!("pages at {addr:#x}")))?;
+                received += data.len() as u64;
+                update(&|s| s.transferred_bytes = received);
+            }
+            Tag::Round => {
+                let r: Round = protocol::json(&buf)?;
+                update(&|s| {
+                    s.round = r.round;
+                    s.remaining_bytes = r.remaining_bytes;
+                });
+            }
+            Tag::State => {
+                let bad = || protocol::ProtocolError::Bad("malformed state".to_string());
+                let sum = u32::from_le_bytes(
+                    buf.get(..4)
+                        .ok_or_else(bad)?
+                        .try_into()
+                        .map_err(|_| bad())?,
+                );
+                break (sum, buf[4..].to_vec());
+            }
+            other => {
+                return Err(protocol::ProtocolError::Unexpected {
+                    got: other,
+                    want: "pages or state",
+                }
+                .into())
+            }
+        }
+    };
+    update(&|s| s.phase = MigrationPhase::StopAndCopy);
+    if digest(&mem, &state)? != sum {
+        return Err(refuse(&mut stream, MigrationError::Digest));
+    }
+    let snap: VmSnapshot = match serde_json::from_slice(&state) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(refuse(
+                &mut stream,
+                MigrationError::Build(format!("state: {e}")),
+            ))
+        }
+    };
+    let mut config = snap.config.clone();
+    config.console = opts.console.clone();
+    config.api_socket = opts.api_socket.clone();
+    config.on_reboot = crate::config::OnReboot::Exit;
+    // The source holds its disks' locks until it exits; it has flushed and stopped its
+    // devices, and never writes again once it commits.
+    config.skip_disk_locks = true;
+    let vm = match Vm::create_restored(config, mem, start, &snap) {
+        Ok(vm) => vm,
+        Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
+    };
+    protocol::write_frame(&mut stream, Tag::Ready, &[])?;
+    protocol::expect(&mut stream, &mut buf, Tag::Commit)?;
+    let _ = protocol::write_frame(&mut stream, Tag::Resumed, &[]);
+    update(&|s| {
+        s.phase = MigrationPhase::Completed;
+        s.elapsed_ms = began.elapsed().as_millis() as u64;
+    });
+    Ok(vm)
+}

@@ -1,0 +1,304 @@
+//! The source side of a live migration.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use api::types::{MigrateSendRequest, MigrationPhase, MigrationRole, MigrationStatus};
+use devices::bus::lock;
+use hypervisor::dirty::DirtyBitmap;
+use hypervisor::mem::PAGE_SIZE;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
+use super::{digest, Addr, MigrationError, Stream};
+use crate::api::VmHandle;
+use crate::snapshot::memory::layout_of;
+
+/// Pre-copy rounds before stop-and-copy is forced (the guest dirties memory faster than it
+/// can be sent).
+const MAX_ROUNDS: u32 = 30;
+
+/// A migration in progress or done, as the API sees it.
+#[derive(Default)]
+pub struct Outgoing {
+    pub status: Mutex<MigrationStatus>,
+    pub cancel: AtomicBool,
+    /// The status was read after the migration ended (the source may exit now).
+    pub final_status_read: AtomicBool,
+}
+
+impl Outgoing {
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    /// The status now (and a note that it was read once the migration ended).
+    pub fn status(&self) -> MigrationStatus {
+        let s = lock(&self.status).clone();
+        if s.phase.is_finished() {
+            self.final_status_read.store(true, Ordering::SeqCst);
+        }
+        s
+    }
+}
+
+/// Sends pages to the target, paced to the bandwidth limit.
+struct Pages<'a> {
+    stream: &'a mut Stream,
+    mem: &'a GuestMemoryMmap,
+    out: &'a Outgoing,
+    buf: Vec<u8>,
+    started: Instant,
+    sent: u64,
+    /// Bytes per second, or none.
+    limit: Option<u64>,
+}
+
+impl Pages<'_> {
+    /// Sends `pages` pages from `addr` (inside one region).
+    fn run(&mut self, addr: u64, pages: u64) -> Result<(), MigrationError> {
+        let mut at = 0;
+        while at < pages {
+            if self.out.cancel.load(Ordering::SeqCst) {
+                return Err(MigrationError::Cancelled);
+            }
+            let n = (pages - at).min(BATCH_PAGES);
+            let a = addr + at * PAGE_SIZE;
+            let bytes = (n * PAGE_SIZE) as usize;
+            self.buf.resize(bytes, 0);
+            self.mem
+                .read_slice(&mut self.buf, GuestAddress(a))
+                .map_err(|_| MigrationError::Memory(a))?;
+            protocol::write_frame(
+                self.stream,
+                Tag::Pages,
+                &[&a.to_le_bytes(), &(n as u32).to_le_bytes(), &self.buf],
+            )?;
+            self.sent += bytes as u64;
+            self.out.update(|s| s.transferred_bytes = self.sent);
+            if let Some(limit) = self.limit {
+                let due = Duration::from_secs_f64(self.sent as f64 / limit as f64);
+                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Sends the runs of pages for which `want(page index in region)` holds, region by region.
+    fn runs(
+        &mut self,
+        start: u64,
+        pages: u64,
+        want: impl Fn(u64) -> bool,
+    ) -> Result<(), MigrationError> {
+        let mut p = 0;
+        while p < pages {
+            if !want(p) {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            while p < pages && want(p) {
+                p += 1;
+            }
+            self.run(start + first * PAGE_SIZE, p - first)?;
+        }
+        Ok(())
+    }
+
+    /// Round 1: every page the guest has touched and that is not all zeroes (the target's
+    /// memory starts zeroed).
+    fn used(&mut self) -> Result<(), MigrationError> {
+        const CHUNK: u64 = 2 << 20;
+        let mem = self.mem;
+        let mut chunk = vec![0u8; CHUNK as usize];
+        for r in mem.iter() {
+            let (start, len) = (r.start_addr().0, r.len());
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                let a = start + off;
+                let resident = hypervisor::mem::resident_pages(mem, GuestAddress(a), n)
+                    .map_err(|_| MigrationError::Memory(a))?;
+                if resident.iter().any(|&b| b) {
+                    let c = &mut chunk[..n as usize];
+                    mem.read_slice(c, GuestAddress(a))
+                        .map_err(|_| MigrationError::Memory(a))?;
+                    let page = PAGE_SIZE as usize;
+                    let used: Vec<bool> = (0..resident.len())
+                        .map(|i| resident[i] && c[i * page..(i + 1) * page].iter().any(|&b| b != 0))
+                        .collect();
+                    self.runs(a, n / PAGE_SIZE, |p| used[p as usize])?;
+                }
+                off += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every dirty page of `bitmaps`.
+    fn dirty(&mut self, bitmaps: &[DirtyBitmap]) -> Result<(), MigrationError> {
+        for b in bitmaps {
+            self.runs(b.start.0, b.pages(), |p| {
+                b.bits
+                    .get((p / 64) as usize)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn dirty_bytes(bitmaps: &[DirtyBitmap]) -> u64 {
+    bitmaps.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE
+}
+
+/// Runs a migration of the VM behind `h` to `req.to`, reporting in `out`. On success the
+/// target runs the VM and the caller must end this one; on failure the VM runs on here.
+/// Returns the downtime.
+pub fn send(
+    h: &VmHandle,
+    req: &MigrateSendRequest,
+    out: &Outgoing,
+) -> Result<Duration, MigrationError> {
+    let started = Instant::now();
+    let addr = Addr::parse(&req.to)?;
+    let m = &h.machine;
+    out.update(|s| {
+        *s = MigrationStatus {
+            phase: MigrationPhase::Setup,
+            role: Some(MigrationRole::Send),
+            total_bytes: m.config.memory,
+            ..Default::default()
+        }
+    });
+    let mut stream = Stream::connect(&addr)?;
+    let mut buf = Vec::new();
+    let hello = Hello {
+        magic: protocol::MAGIC.to_string(),
+        version: protocol::VERSION,
+        vessel_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: serde_json::to_value(&m.config)
+            .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
+    };
+    protocol::write_json(&mut stream, Tag::Hello, &hello)?;
+    protocol::expect(&mut stream, &mut buf, Tag::Ready)?;
+
+    // From here on, every change to guest memory is a vCPU's: KVM logs it.
+    m.pause_devices();
+    let mut paused_vcpus = false;
+    let mut committed = false;
+    let result = (|| -> Result<Duration, MigrationError> {
+        m.vm_fd.set_dirty_logging(&m.mem, true)?;
+        let mut pages = Pages {
+            stream: &mut stream,
+            mem: &m.mem,
+            out,
+            buf: Vec::new(),
+            started,
+            sent: 0,
+            limit: req.bandwidth_mbps.map(|mbps| mbps.max(1) * 1_000_000 / 8),
+        };
+        out.update(|s| {
+            s.phase = MigrationPhase::Precopy;
+            s.round = 1;
+        });
+        let mut round_start = Instant::now();
+        let mut round_sent = 0;
+        pages.used()?;
+        let downtime = Duration::from_millis(req.downtime_ms);
+        let mut round = 1;
+        let bitmaps = loop {
+            let bitmaps = m.vm_fd.dirty_bitmap(&m.mem)?;
+            let dirty = dirty_bytes(&bitmaps);
+            let took = round_start.elapsed().as_secs_f64().max(1e-6);
+            let bandwidth = ((pages.sent - round_sent) as f64 / took).max(1.0);
+            let expected = Duration::from_secs_f64(dirty as f64 / bandwidth);
+            out.update(|s| {
+                s.remaining_bytes = dirty;
+                s.bandwidth = bandwidth as u64;
+                s.dirty_rate = (dirty as f64 / took) as u64;
+                s.expected_downtime_ms = expected.as_millis() as u64;
+                s.elapsed_ms = started.elapsed().as_millis() as u64;
+            });
+            if expected <= downtime || round >= MAX_ROUNDS {
+                break bitmaps;
+            }
+            round += 1;
+            round_start = Instant::now();
+            round_sent = pages.sent;
+            out.update(|s| s.round = round);
+            protocol::write_json(
+                pages.stream,
+                Tag::Round,
+                &Round {
+                    round,
+                    remaining_bytes: dirty,
+                },
+            )?;
+            pages.dirty(&bitmaps)?;
+        };
+
+        // Stop and copy.
+        out.update(|s| s.phase = MigrationPhase::StopAndCopy);
+        let paused_at = Instant::now();
+        paused_vcpus = h.pause_for_migration()?;
+        pages.dirty(&bitmaps)?;
+        let last = m.vm_fd.dirty_bitmap(&m.mem)?;
+        pages.dirty(&last)?;
+        let state = m.state(layout_of(&m.mem))?;
+        let state =
+            serde_json::to_vec(&state).map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
+        let sum = digest(&m.mem, &state)?;
+        protocol::write_frame(pages.stream, Tag::State, &[&sum.to_le_bytes(), &state])?;
+        protocol::expect(pages.stream, &mut buf, Tag::Ready)?;
+        if out.cancel.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        // The point of no return: from here the VM belongs to the target.
+        protocol::write_frame(pages.stream, Tag::Commit, &[])?;
+        committed = true;
+        if let Err(e) = protocol::expect(pages.stream, &mut buf, Tag::Resumed) {
+            tracing::error!("migration committed but the target did not confirm: {e}");
+        }
+        Ok(paused_at.elapsed())
+    })();
+    match result {
+        Ok(downtime) => {
+            out.update(|s| {
+                s.phase = MigrationPhase::Completed;
+                s.remaining_bytes = 0;
+                s.downtime_ms = Some(downtime.as_millis() as u64);
+                s.elapsed_ms = started.elapsed().as_millis() as u64;
+            });
+            Ok(downtime)
+        }
+        Err(e) if committed => Err(e),
+        Err(e) => {
+            // Tell the target (if it still listens), then carry on here.
+            let _ = protocol::write_frame(&mut stream, Tag::Abort, &[]);
+            let _ = m.vm_fd.set_dirty_logging(&m.mem, false);
+            if let Err(r) = m.resume_devices() {
+                tracing::error!("after a failed migration: {r}");
+            }
+            if paused_vcpus {
+                h.resume_after_migration();
+            }
+            let cancelled = matches!(e, MigrationError::Cancelled);
+            out.update(|s| {
+                s.phase = if cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                };
+                s.error = (!cancelled).then(|| e.to_string());
+                s.elapsed_ms = started.elapsed().as_millis() as u64;
+            });
+            Err(e)
+        }
+    }
+}
