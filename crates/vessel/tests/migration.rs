@@ -262,3 +262,45 @@ fn cancel_and_dead_peers_leave_the_vm_on_one_side() {
     assert!(stdout(&o).contains("\"empty\""), "{}", stdout(&o));
     assert_eq!(target2.stop(), Some(143));
 }
+
+#[test]
+fn a_side_killed_at_stop_and_copy_or_before_commit_leaves_the_vm_on_the_other() {
+    // The source holds 2 s at the named point (VESSEL_MIGRATION_HOLD), then either side dies.
+    for (hold, kill_target) in [
+        ("stop-and-copy", true),
+        ("stop-and-copy", false),
+        ("commit", true),
+        ("commit", false),
+    ] {
+        let env = format!("VESSEL_MIGRATION_HOLD={hold}");
+        let mut p = pair("mig-hold", &["env", &env], &[], "128M");
+        let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
+        assert_code(
+            &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+            0,
+        );
+        assert_code(
+            &ctl(&p.src_api, &["migrate", "send", "--to", &addr, "--no-wait"]),
+            0,
+        );
+        wait_phase(&p.src_api, "stop-and-copy");
+        if hold == "commit" {
+            // The target has the state and has built the VM; nothing is committed.
+            wait_phase(&p.dst_api, "stop-and-copy");
+        }
+        if kill_target {
+            let _ = p.target.child.kill();
+            let _ = p.target.child.wait();
+            // The source takes the VM back: its vCPUs run on.
+            wait_phase(&p.src_api, "failed");
+            p.source.soak_lines(CPUS, 2);
+        } else {
+            let _ = p.source.child.kill();
+            let _ = p.source.child.wait();
+            // The target drops what it received and waits again, empty.
+            wait_phase(&p.dst_api, "failed");
+            let o = ctl(&p.dst_api, &["--json", "info"]);
+            assert!(stdout(&o).contains("\"empty\""), "{hold}: {}", stdout(&o));
+        }
+    }
+}
