@@ -64,6 +64,35 @@ pub struct NetOptions {
     pub burst: u32,
 }
 
+/// Which benchmark `bench=` asks for (instead of the device's test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchKind {
+    /// No benchmark: every device gets its test.
+    None,
+    /// `bench=blk`: block throughput and IOPS on the first virtio-blk device.
+    Blk,
+    /// `bench=net`: UDP transmit, receive and echo rates on the first virtio-net device.
+    Net,
+}
+
+/// Options of the benchmarks (`bench=`, `qd=`, `benchtime=`, `benchwarm=`, `benchregion=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchOptions {
+    pub kind: BenchKind,
+    /// `qd=N`: requests (blk) or frames (net transmit) kept in flight (default 32).
+    pub qd: u16,
+    /// `benchtime=MS`: measured time per workload (default 2000).
+    pub time_ms: u64,
+    /// `benchwarm=MS`: unmeasured warm-up before each workload (default 200).
+    pub warm_ms: u64,
+    /// `benchregion=SIZE`: bytes of the disk the block workloads use, from
+    /// offset 0 (default: the whole disk).
+    pub region: Option<u64>,
+}
+
+/// Largest `qd=`.
+pub const MAX_QD: u64 = 128;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     pub action: Action,
@@ -83,6 +112,7 @@ pub struct Options {
     /// `virtio_mmio.device=` entries, in command-line order.
     pub mmio: [MmioRange; MAX_MMIO],
     pub mmio_len: usize,
+    pub bench: BenchOptions,
 }
 
 impl Default for Options {
@@ -104,6 +134,13 @@ impl Default for Options {
             pci_ecam: None,
             mmio: [MmioRange::default(); MAX_MMIO],
             mmio_len: 0,
+            bench: BenchOptions {
+                kind: BenchKind::None,
+                qd: 32,
+                time_ms: 2000,
+                warm_ms: 200,
+                region: None,
+            },
         }
     }
 }
@@ -160,6 +197,26 @@ impl Options {
             } else if let Some(value) = word.strip_prefix(b"pciecam=") {
                 let base = parse_number(value).filter(|&a| a % (1 << 20) == 0 && a < 1 << 32);
                 opts.pci_ecam = Some(base.ok_or(word)?);
+            } else if let Some(value) = word.strip_prefix(b"bench=") {
+                opts.bench.kind = match value {
+                    b"blk" => BenchKind::Blk,
+                    b"net" => BenchKind::Net,
+                    b"off" | b"none" => BenchKind::None,
+                    _ => return Err(word),
+                };
+            } else if let Some(value) = word.strip_prefix(b"qd=") {
+                opts.bench.qd = parse_number(value)
+                    .filter(|&n| (1..=MAX_QD).contains(&n))
+                    .ok_or(word)? as u16;
+            } else if let Some(value) = word.strip_prefix(b"benchtime=") {
+                opts.bench.time_ms = parse_number(value)
+                    .filter(|&n| (1..=3_600_000).contains(&n))
+                    .ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"benchwarm=") {
+                opts.bench.warm_ms = parse_number(value).filter(|&n| n <= 600_000).ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"benchregion=") {
+                let bytes = parse_size(value).filter(|&n| n >= 1 << 20).ok_or(word)?;
+                opts.bench.region = Some(bytes);
             } else if let Some(value) = word.strip_prefix(b"virtio_mmio.device=") {
                 let range = parse_mmio(value).ok_or(word)?;
                 if opts.mmio_len < MAX_MMIO {
