@@ -90,7 +90,9 @@ fn debian_kernel_echoes_through_vsock_both_ways() {
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
 
-/// L1's side of the balloon test: Vessel's resident memory every second while it runs.
+/// L1's side of the balloon test: Vessel's resident memory every second while it runs, and
+/// the balloon driven through the API: once the guest has dirtied its memory, inflate to
+/// 256 MiB, then deflate to 0.
 const BALLOON_L1: &str = r#"#!/bin/sh
 exec >/dev/console 2>&1
 (
@@ -102,27 +104,42 @@ exec >/dev/console 2>&1
         sleep 1
     done
 ) &
+(
+    rss() { grep VmRSS /proc/$(pidof vessel)/status 2>/dev/null | tr -s ' ' | cut -d' ' -f2; }
+    ctl() { /vessel ctl --api-socket /tmp/balloon.sock "$@"; }
+    i=0
+    while [ "$(rss || echo 0)" -lt 340000 ] && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.5; done
+    peak=$(rss)
+    echo "L1BALLOON: guest dirtied its memory, rss $peak kB; inflating"
+    ctl balloon 256M
+    i=0
+    while [ "$(rss)" -gt $((peak - 200000)) ] && [ $i -lt 240 ]; do i=$((i + 1)); sleep 0.5; done
+    echo "L1BALLOON: inflated, rss $(rss) kB (peak $peak kB)"
+    ctl --json balloon | tr -d ' \n'; echo
+    ctl balloon 0
+    i=0
+    while ! ctl --json balloon | grep -q '"actual_bytes": *0'; do
+        i=$((i + 1)); [ $i -gt 240 ] && break; sleep 0.5
+    done
+    echo "L1BALLOON: deflated"
+) &
 "#;
 
 /// L2's side: dirty 320 MiB (a tmpfs file, then removed: free in the guest, resident on the
-/// host), then load the balloon driver, which inflates to the 256 MiB target; wait until the
-/// guest's MemTotal shows it, and give L1 time to sample.
-const BALLOON_L2: &str = r#"mkdir -p /scratch && mount -t tmpfs -o size=400m tmpfs /scratch
+/// host), then follow MemTotal as L1 inflates the balloon and deflates it again.
+const BALLOON_L2: &str = r#"full=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
+mkdir -p /scratch && mount -t tmpfs -o size=400m tmpfs /scratch
 dd if=/dev/zero of=/scratch/fill bs=1M count=320 2>/dev/null && sync
 rm /scratch/fill
-echo "L2BALLOON: dirtied, $(grep MemTotal /proc/meminfo | tr -s ' ')"
-sleep 3
-echo "L2BALLOON: loading the driver"
-modprobe virtio_balloon
-before=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
+echo "L2BALLOON: dirtied, MemTotal $full kB"
+mem() { grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2; }
 i=0
-while [ $i -lt 120 ]; do
-    now=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
-    [ $((before - now)) -ge 250000 ] && break
-    i=$((i + 1)); sleep 1
-done
-echo "L2BALLOON: inflated after $i s, MemTotal $now kB"
-sleep 4
+while [ $((full - $(mem))) -lt 250000 ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 1; done
+echo "L2BALLOON: inflated after $i s, MemTotal $(mem) kB"
+i=0
+while [ $((full - $(mem))) -gt 4096 ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 1; done
+echo "L2BALLOON: deflated after $i s, MemTotal $(mem) kB"
+sleep 2
 echo "L2BALLOON: done"
 "#;
 
@@ -150,26 +167,38 @@ fn debian_kernel_balloon_returns_memory_to_the_host() {
         &setup_file,
         "--vessel-args",
         "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 512M \
-         --balloon size=256M \
-         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio' $(sh /balloon-setup.sh)",
+         --balloon size=0,stats=on --api-socket /tmp/balloon.sock \
+         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_balloon' \
+         $(sh /balloon-setup.sh)",
         "--l2-cmd",
         BALLOON_L2,
     ]);
     let _ = std::fs::remove_file(&setup);
     assert!(log.contains("L2BALLOON: done"), "{log}");
-    // Sampled until Vessel exits: the peak is before the driver loaded, the last after it
-    // inflated (the guest waits for MemTotal to drop, then 4 s for L1 to sample).
-    let rss = rss_samples(&log);
-    let peak = rss.iter().copied().max().unwrap_or(0);
-    let last = *rss.last().unwrap_or(&u64::MAX);
-    // The guest dirtied 320 MiB, so Vessel held at least that; inflating 256 MiB gave back
-    // most of it (allow for pages the guest kept busy).
+    // L1 inflated once the guest had dirtied its memory, which Vessel then held: 256 MiB of
+    // it went back to the host (allow for pages the guest kept busy).
+    let line = log
+        .lines()
+        .find_map(|l| l.strip_prefix("L1BALLOON: inflated, rss "))
+        .unwrap_or_else(|| panic!("no inflation in:\n{log}"));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (after, peak) = (nums[0], nums[1]);
     assert!(peak >= 320 * 1024, "peak RSS {peak} kB\n{log}");
     assert!(
-        last + 200 * 1024 <= peak,
-        "RSS after inflating: {last} kB, peak {peak} kB\n{log}"
+        after + 200 * 1024 <= peak,
+        "RSS after inflating: {after} kB, peak {peak} kB\n{log}"
     );
+    assert!(log.contains("\"actual_bytes\":268435456"), "{log}");
+    // The guest saw its memory go and come back.
+    assert!(log.contains("L2BALLOON: inflated after"), "{log}");
+    assert!(log.contains("L1BALLOON: deflated"), "{log}");
+    assert!(log.contains("L2BALLOON: deflated after"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
+    // Every sample was read; the peak is the guest's dirtying.
+    assert!(rss_samples(&log).iter().any(|&r| r >= 320 * 1024), "{log}");
 }
 
 /// `/init` of the ext4 root file system: the first boot writes a file, syncs and reboots; the

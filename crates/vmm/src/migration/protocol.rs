@@ -11,10 +11,11 @@
 //! Round {n, ...}                 →                          (progress, per round)
 //! Pages ...                      →                          (rounds 2..: dirtied pages)
 //!         -- the source pauses the VM (stop-and-copy) --
-//! Pages ...  State {state, memory digest} →
-//!                                        ← Ready            (digests match, VM built)
+//! Pages ...  State {state}        →
+//!                                        ← Ready {digest}   (VM built; both sides digest
+//!                                                            memory + state meanwhile)
 //!                                        | Error {message}  (the source resumes)
-//! Commit                         →
+//! Commit (digests equal) | Abort  →
 //!                                        ← Resumed          (the VM runs on the target)
 //! ```
 //!

@@ -130,7 +130,7 @@ pub fn receive(
     protocol::write_frame(&mut stream, Tag::Ready, &[])?;
 
     let mut received = 0u64;
-    let (sum, state) = loop {
+    let state = loop {
         match protocol::read_frame(&mut stream, &mut buf)? {
             Tag::Pages => {
                 let bad = || protocol::ProtocolError::Bad("malformed pages".to_string());
@@ -153,16 +153,7 @@ pub fn receive(
                     s.remaining_bytes = r.remaining_bytes;
                 });
             }
-            Tag::State => {
-                let bad = || protocol::ProtocolError::Bad("malformed state".to_string());
-                let sum = u32::from_le_bytes(
-                    buf.get(..4)
-                        .ok_or_else(bad)?
-                        .try_into()
-                        .map_err(|_| bad())?,
-                );
-                break (sum, buf[4..].to_vec());
-            }
+            Tag::State => break std::mem::take(&mut buf),
             other => {
                 return Err(protocol::ProtocolError::Unexpected {
                     got: other,
@@ -173,9 +164,7 @@ pub fn receive(
         }
     };
     update(&|s| s.phase = MigrationPhase::StopAndCopy);
-    if digest(&mem, &state)? != sum {
-        return Err(refuse(&mut stream, MigrationError::Digest));
-    }
+    let sum = digest(&mem, &state)?;
     let snap: VmSnapshot = match serde_json::from_slice(&state) {
         Ok(s) => s,
         Err(e) => {
@@ -196,7 +185,8 @@ pub fn receive(
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
     };
-    protocol::write_frame(&mut stream, Tag::Ready, &[])?;
+    // The source compares the digests and commits, or aborts.
+    protocol::write_frame(&mut stream, Tag::Ready, &[&sum.to_le_bytes()])?;
     protocol::expect(&mut stream, &mut buf, Tag::Commit)?;
     let _ = protocol::write_frame(&mut stream, Tag::Resumed, &[]);
     update(&|s| {

@@ -11,7 +11,7 @@ use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
-use super::{digest, Addr, MigrationError, Stream};
+use super::{candidate_pages, digest, Addr, MigrationError, Stream};
 use crate::api::VmHandle;
 use crate::snapshot::memory::layout_of;
 
@@ -122,8 +122,7 @@ impl Pages<'_> {
             while off < len {
                 let n = CHUNK.min(len - off);
                 let a = start + off;
-                let resident = hypervisor::mem::resident_pages(mem, GuestAddress(a), n)
-                    .map_err(|_| MigrationError::Memory(a))?;
+                let resident = candidate_pages(mem, a, n)?;
                 if resident.iter().any(|&b| b) {
                     let c = &mut chunk[..n as usize];
                     mem.read_slice(c, GuestAddress(a))
@@ -265,9 +264,17 @@ pub fn send(
         let state = m.state(layout_of(&m.mem))?;
         let state =
             serde_json::to_vec(&state).map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
+        // The target digests its copy while this side digests the original.
+        protocol::write_frame(pages.stream, Tag::State, &[&state])?;
         let sum = digest(&m.mem, &state)?;
-        protocol::write_frame(pages.stream, Tag::State, &[&sum.to_le_bytes(), &state])?;
         protocol::expect(pages.stream, &mut buf, Tag::Ready)?;
+        let theirs = buf
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes);
+        if theirs != Some(sum) {
+            return Err(MigrationError::Digest);
+        }
         hold("commit");
         if out.cancel.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
