@@ -4,8 +4,9 @@
 //! Writing skips pages the guest never touched (not resident, from `mincore`) and pages that
 //! are all zeroes: both stay holes in the file, so a 4 GiB guest that used 100 MiB makes a file
 //! of 100 MiB on disk. Restoring maps each region `MAP_PRIVATE` from the file: pages come in
-//! from the page cache on first touch (lazy, the default) or all at once (`eager`, with
-//! `MAP_POPULATE`, which copies the whole image before the guest runs). Holes read as zeroes.
+//! from the page cache on first touch (lazy, the default) or all at once (`eager`: the file's
+//! data extents are faulted in for writing before the guest runs; holes stay holes and read as
+//! zeroes).
 //! The guest's writes go to private copies: the file is never modified, so many VMs can be
 //! restored from one snapshot at once.
 
@@ -185,10 +186,9 @@ pub fn map_memory(
             need,
         });
     }
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
     match mode {
-        RestoreMemory::Lazy => {}
-        RestoreMemory::Eager => flags |= libc::MAP_POPULATE,
+        RestoreMemory::Lazy | RestoreMemory::Eager => {}
         RestoreMemory::Userfaultfd => {
             return Err(MemoryError::Layout(
                 "userfaultfd restore is not available yet: use lazy or eager".to_string(),
@@ -221,7 +221,61 @@ pub fn map_memory(
             .ok_or_else(|| map_err("the region wraps around the address space".into()))?;
         out.push(region);
     }
-    GuestMemoryMmap::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))
+    let mem = GuestMemoryMmap::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    if mode == RestoreMemory::Eager {
+        populate_data(&file, path, &mem, regions)?;
+    }
+    Ok(mem)
+}
+
+/// Eager restore: copies in the file's data extents (holes stay unpopulated: they read as
+/// zeroes and cost nothing until the guest writes them).
+fn populate_data(
+    file: &File,
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    regions: &[MemoryRegionInfo],
+) -> Result<(), MemoryError> {
+    use nix::unistd::{lseek, Whence};
+    let err = |e: nix::Error| MemoryError::Io {
+        path: path.display().to_string(),
+        source: e.into(),
+    };
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for r in regions {
+        let end = r.file_offset + r.size;
+        let mut at = r.file_offset as i64;
+        while (at as u64) < end {
+            let data = match lseek(file, at, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::Error::ENXIO) => break,
+                Err(e) => return Err(err(e)),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = (lseek(file, data as i64, Whence::SeekHole).map_err(err)? as u64).min(end);
+            let start = data & !(PAGE_SIZE - 1);
+            let stop = hole.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            let guest = r.guest_addr + (start - r.file_offset);
+            let len = stop.min(end) - start;
+            let done = hypervisor::mem::populate(mem, GuestAddress(guest), len).map_err(|e| {
+                MemoryError::Map {
+                    path: path.display().to_string(),
+                    addr: guest,
+                    why: e.to_string(),
+                }
+            })?;
+            if !done {
+                // An older kernel: read each page in (the guest's first write copies it).
+                for p in (0..len).step_by(PAGE_SIZE as usize) {
+                    let _ = mem.read_slice(&mut buf, GuestAddress(guest + p));
+                }
+            }
+            at = stop as i64;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -258,8 +312,14 @@ mod tests {
         assert_eq!(meta.len(), 12 << 20);
         assert!(meta.blocks() * 512 <= 64 * 1024, "{} blocks", meta.blocks());
 
-        for mode in [RestoreMemory::Lazy, RestoreMemory::Eager] {
+        // Eager first: reading holes through a mapping puts zero pages in the page cache.
+        for mode in [RestoreMemory::Eager, RestoreMemory::Lazy] {
             let back = map_memory(&p, &regions, mode).unwrap();
+            if mode == RestoreMemory::Eager {
+                // Eager copies in data only: holes stay unpopulated.
+                let r = hypervisor::mem::resident_pages(&back, GuestAddress(2 << 20), 1 << 20);
+                assert!(r.unwrap().iter().all(|&p| !p));
+            }
             let mut a = vec![0u8; 12 << 20];
             let mut b = vec![0u8; 12 << 20];
             mem.read_slice(&mut a[..8 << 20], GuestAddress(0)).unwrap();
