@@ -60,7 +60,38 @@ pub struct NetOptions {
     /// `netpeer=A.B.C.D[:PORT]` (default 10.0.2.2:7777).
     pub peer: [u8; 4],
     pub port: u16,
+    /// `netburst=N`: then N more UDP datagrams to the peer (0: none).
+    pub burst: u32,
 }
+
+/// Which benchmark `bench=` asks for (instead of the device's test).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchKind {
+    /// No benchmark: every device gets its test.
+    None,
+    /// `bench=blk`: block throughput and IOPS on the first virtio-blk device.
+    Blk,
+    /// `bench=net`: UDP transmit, receive and echo rates on the first virtio-net device.
+    Net,
+}
+
+/// Options of the benchmarks (`bench=`, `qd=`, `benchtime=`, `benchwarm=`, `benchregion=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchOptions {
+    pub kind: BenchKind,
+    /// `qd=N`: requests (blk) or frames (net transmit) kept in flight (default 32).
+    pub qd: u16,
+    /// `benchtime=MS`: measured time per workload (default 2000).
+    pub time_ms: u64,
+    /// `benchwarm=MS`: unmeasured warm-up before each workload (default 200).
+    pub warm_ms: u64,
+    /// `benchregion=SIZE`: bytes of the disk the block workloads use, from
+    /// offset 0 (default: the whole disk).
+    pub region: Option<u64>,
+}
+
+/// Largest `qd=`.
+pub const MAX_QD: u64 = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -85,6 +116,7 @@ pub struct Options {
     /// `virtio_mmio.device=` entries, in command-line order.
     pub mmio: [MmioRange; MAX_MMIO],
     pub mmio_len: usize,
+    pub bench: BenchOptions,
 }
 
 impl Default for Options {
@@ -99,6 +131,7 @@ impl Default for Options {
                 ip: [10, 0, 2, 15],
                 peer: [10, 0, 2, 2],
                 port: 7777,
+                burst: 0,
             },
             vsock_port: None,
             pci_assign: false,
@@ -106,6 +139,13 @@ impl Default for Options {
             pci_ecam: None,
             mmio: [MmioRange::default(); MAX_MMIO],
             mmio_len: 0,
+            bench: BenchOptions {
+                kind: BenchKind::None,
+                qd: 32,
+                time_ms: 2000,
+                warm_ms: 200,
+                region: None,
+            },
         }
     }
 }
@@ -114,6 +154,8 @@ impl Default for Options {
 const MAX_WORK: u64 = 4096;
 /// Largest accepted `touch=N` (MiB; the guest only uses RAM below 4 GiB).
 const MAX_TOUCH_MIB: u64 = 4096;
+/// Largest accepted `netburst=N`.
+const MAX_NET_BURST: u64 = 100_000;
 
 impl Options {
     /// Parse the command line; on a bad value, returns the offending word.
@@ -149,6 +191,10 @@ impl Options {
                         .filter(|&p| p != 0)
                         .ok_or(word)?;
                 }
+            } else if let Some(value) = word.strip_prefix(b"netburst=") {
+                opts.net.burst = parse_number(value)
+                    .filter(|&n| n <= MAX_NET_BURST)
+                    .ok_or(word)? as u32;
             } else if let Some(value) = word.strip_prefix(b"vsock=") {
                 let port = parse_number(value).and_then(|p| u32::try_from(p).ok());
                 opts.vsock_port = Some(port.ok_or(word)?);
@@ -162,6 +208,26 @@ impl Options {
             } else if let Some(value) = word.strip_prefix(b"pciecam=") {
                 let base = parse_number(value).filter(|&a| a % (1 << 20) == 0 && a < 1 << 32);
                 opts.pci_ecam = Some(base.ok_or(word)?);
+            } else if let Some(value) = word.strip_prefix(b"bench=") {
+                opts.bench.kind = match value {
+                    b"blk" => BenchKind::Blk,
+                    b"net" => BenchKind::Net,
+                    b"off" | b"none" => BenchKind::None,
+                    _ => return Err(word),
+                };
+            } else if let Some(value) = word.strip_prefix(b"qd=") {
+                opts.bench.qd = parse_number(value)
+                    .filter(|&n| (1..=MAX_QD).contains(&n))
+                    .ok_or(word)? as u16;
+            } else if let Some(value) = word.strip_prefix(b"benchtime=") {
+                opts.bench.time_ms = parse_number(value)
+                    .filter(|&n| (1..=3_600_000).contains(&n))
+                    .ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"benchwarm=") {
+                opts.bench.warm_ms = parse_number(value).filter(|&n| n <= 600_000).ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"benchregion=") {
+                let bytes = parse_size(value).filter(|&n| n >= 1 << 20).ok_or(word)?;
+                opts.bench.region = Some(bytes);
             } else if let Some(value) = word.strip_prefix(b"virtio_mmio.device=") {
                 let range = parse_mmio(value).ok_or(word)?;
                 if opts.mmio_len < MAX_MMIO {

@@ -80,31 +80,92 @@ pub fn pause() {
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 
 /// TSC frequency from CPUID (leaf 0x15, 0x16 or the hypervisor's 0x40000010),
-/// else a guess of 3 GHz. Only used for timeouts and small delays.
+/// else a guess of 3 GHz (or what [`set_tsc_hz`] stored). Used for timeouts
+/// and small delays; the benchmarks calibrate it ([`pit_tsc_hz`]).
 pub fn tsc_hz() -> u64 {
     let cached = TSC_HZ.load(Ordering::Relaxed);
     if cached != 0 {
         return cached;
     }
+    let hz = cpuid_tsc_hz().map_or(3_000_000_000, |(hz, _)| hz);
+    TSC_HZ.store(hz, Ordering::Relaxed);
+    hz
+}
+
+/// Use `hz` as the TSC frequency from now on.
+pub fn set_tsc_hz(hz: u64) {
+    TSC_HZ.store(hz, Ordering::Relaxed);
+}
+
+/// The TSC frequency CPUID states, and the leaf that said so: 0x15 (crystal
+/// ratio), 0x16 (base MHz) or 0x40000010 (hypervisor, kHz). None if no leaf
+/// gives a plausible value (at least 100 MHz).
+pub fn cpuid_tsc_hz() -> Option<(u64, u32)> {
     let max_leaf = core::arch::x86_64::__cpuid(0).eax;
-    let mut hz = 0u64;
+    let plausible = |hz: u64| hz >= 100_000_000;
     if max_leaf >= 0x15 {
         let r = core::arch::x86_64::__cpuid(0x15);
         if r.eax != 0 && r.ebx != 0 && r.ecx != 0 {
-            hz = u64::from(r.ecx) * u64::from(r.ebx) / u64::from(r.eax);
+            let hz = u64::from(r.ecx) * u64::from(r.ebx) / u64::from(r.eax);
+            if plausible(hz) {
+                return Some((hz, 0x15));
+            }
         }
     }
-    if hz == 0 && max_leaf >= 0x16 {
-        hz = u64::from(core::arch::x86_64::__cpuid(0x16).eax & 0xffff) * 1_000_000;
+    if max_leaf >= 0x16 {
+        let hz = u64::from(core::arch::x86_64::__cpuid(0x16).eax & 0xffff) * 1_000_000;
+        if plausible(hz) {
+            return Some((hz, 0x16));
+        }
     }
-    if hz == 0 && core::arch::x86_64::__cpuid(0x4000_0000).eax >= 0x4000_0010 {
-        hz = u64::from(core::arch::x86_64::__cpuid(0x4000_0010).eax) * 1000;
+    if core::arch::x86_64::__cpuid(0x4000_0000).eax >= 0x4000_0010 {
+        let hz = u64::from(core::arch::x86_64::__cpuid(0x4000_0010).eax) * 1000;
+        if plausible(hz) {
+            return Some((hz, 0x4000_0010));
+        }
     }
-    if hz < 100_000_000 {
-        hz = 3_000_000_000;
+    None
+}
+
+/// The PIT's input clock.
+const PIT_HZ: u64 = 1_193_182;
+
+/// Measure the TSC frequency against the PIT over about `ms` milliseconds
+/// (at most 50). Channel 0 is used, in mode 0 from 0xffff, with its count
+/// read back through the latch command: channel 2 needs the speaker port
+/// (0x61) for its gate, which QEMU's microvm does not have. Each read is
+/// three exits to the hypervisor's in-kernel PIT; the TSC is sampled
+/// between the latch and the reads. None if the count does not move (no
+/// PIT) or wrapped (the vCPU was descheduled for ~5 ms).
+pub fn pit_tsc_hz(ms: u64) -> Option<u64> {
+    let span = PIT_HZ * ms.min(50) / 1000;
+    // Channel 0, low then high byte, mode 0, binary; count 0xffff.
+    outb(0x43, 0x30);
+    outb(0x40, 0xff);
+    outb(0x40, 0xff);
+    let read = || {
+        outb(0x43, 0x00);
+        let tsc = rdtsc();
+        let low = inb(0x40);
+        let high = inb(0x40);
+        (tsc, u64::from(u16::from_le_bytes([low, high])))
+    };
+    let (t0, c0) = read();
+    let mut prev = c0;
+    loop {
+        let (t, c) = read();
+        if c > prev {
+            return None;
+        }
+        if c0 - c >= span {
+            return Some(t.wrapping_sub(t0) * PIT_HZ / (c0 - c));
+        }
+        // A count that does not move: give up after 10^10 ticks (a few s).
+        if t.wrapping_sub(t0) > 10_000_000_000 {
+            return None;
+        }
+        prev = c;
     }
-    TSC_HZ.store(hz, Ordering::Relaxed);
-    hz
 }
 
 /// TSC ticks in `us` microseconds.

@@ -388,6 +388,9 @@ fn print_info(out: &mut dyn Write, i: &VmInfo) -> io::Result<()> {
         if let Some(irq) = d.irq {
             write!(out, " irq {irq}")?;
         }
+        if let Some(detail) = &d.detail {
+            write!(out, " ({detail})")?;
+        }
         writeln!(out)?;
     }
     Ok(())

@@ -62,6 +62,7 @@ fn fake_info() -> VmInfo {
             kind: "serial".into(),
             address: Some("pio 0x3f8".into()),
             irq: Some(4),
+            detail: Some("16550A".into()),
         }],
         version: "0.1.0".into(),
         exit_reason: None,

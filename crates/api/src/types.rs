@@ -140,6 +140,9 @@ pub struct DeviceInfo {
     /// Its interrupt line, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub irq: Option<u32>,
+    /// How the device is backed, for example `raw, engine io_uring, cache none` for a disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// `GET /api/v1/vm.info`.

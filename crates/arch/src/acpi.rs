@@ -438,7 +438,8 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         setup_reset_vector(&mem).unwrap();
         let mut code = [0u8; 9];
-        mem.read_slice(&mut code, GuestAddress(RESET_VECTOR)).unwrap();
+        mem.read_slice(&mut code, GuestAddress(RESET_VECTOR))
+            .unwrap();
         // mov dx, 0x602; mov al, 1; out dx, al; hlt; jmp back to the hlt
         assert_eq!(code, [0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd]);
     }

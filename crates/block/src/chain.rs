@@ -24,6 +24,8 @@ pub struct OpenOptions {
     pub lock: bool,
     /// Repair a dirty (lazy-refcount, unclean shutdown) top image when opening it writable.
     pub repair_dirty: bool,
+    /// Bypass the host page cache (`O_DIRECT`, `cache=none`) on every file of the chain.
+    pub direct: bool,
 }
 
 impl Default for OpenOptions {
@@ -33,6 +35,7 @@ impl Default for OpenOptions {
             format: None,
             lock: true,
             repair_dirty: true,
+            direct: false,
         }
     }
 }
@@ -141,14 +144,14 @@ pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Box<dyn DiskBac
         Vec::new()
     };
     if layers.len() == 1 && layers[0].format == Format::Raw {
-        let raw = RawBackend::open(path, opts.read_only)?;
+        let raw = RawBackend::open_with(path, opts.read_only, opts.direct)?;
         return Ok(Box::new(Locked {
             inner: raw,
             _locks: locks,
         }));
     }
     prepare_dirty(&layers, opts.read_only, opts.repair_dirty)?;
-    let q = Qcow2Backend::open_chain(&layers, opts.read_only)?;
+    let q = Qcow2Backend::open_chain_with(&layers, opts.read_only, opts.direct)?;
     Ok(Box::new(Locked {
         inner: q,
         _locks: locks,
@@ -207,5 +210,8 @@ impl<B: DiskBackend> DiskBackend for Locked<B> {
     }
     fn format(&self) -> Format {
         self.inner.format()
+    }
+    fn raw_file(&self) -> Option<crate::RawFile> {
+        self.inner.raw_file()
     }
 }

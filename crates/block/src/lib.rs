@@ -25,6 +25,7 @@ pub mod raw;
 use std::path::{Path, PathBuf};
 
 pub use chain::{open, Layer, OpenOptions};
+pub use raw::AlignedBuf;
 
 /// Result type of this crate's top-level API.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -84,6 +85,25 @@ pub trait DiskBackend: Send + Sync {
     fn read_only(&self) -> bool;
     /// Format of the top image.
     fn format(&self) -> Format;
+    /// The image's file, for engines that do their own I/O on it (io_uring): only raw images
+    /// without a backing chain have one.
+    fn raw_file(&self) -> Option<RawFile> {
+        None
+    }
+}
+
+/// Direct access to a raw image's file (see [`DiskBackend::raw_file`]).
+#[derive(Debug)]
+pub struct RawFile {
+    /// A duplicate of the image's descriptor (the same open file, with its flags and locks).
+    pub file: std::fs::File,
+    /// The file was opened with `O_DIRECT`: buffer addresses, offsets and lengths must be
+    /// multiples of `align`.
+    pub direct: bool,
+    /// The alignment direct I/O needs (a power of two, at least 512; 1 without `O_DIRECT`).
+    pub align: u64,
+    /// Whether a guest flush must reach the file (`false` with `cache=unsafe`).
+    pub flush: bool,
 }
 
 /// Errors of the image layer. Messages name the file and, where known, the offset.

@@ -279,6 +279,88 @@ impl RateLimiter {
     }
 }
 
+/// A [`RateLimiter`] shared by the workers of a device's queues, so that the limit is the
+/// device's whatever number of queues the guest drives (as Firecracker's per-device limiters).
+///
+/// A worker refused by the limiter stops serving (its request waits in the ring, or its frame
+/// in the backend) and is registered with its wake-up eventfd. The limiter's timer fd is in
+/// every worker's epoll set; whichever worker sees it fire calls [`SharedLimiter::on_timer`],
+/// which unblocks the limiter and wakes every registered worker, so that none is forgotten
+/// when another one handles the timer. Registration and wake-up happen under one lock: a
+/// worker either registered before the wake-up (and is woken), or its own refusal armed the
+/// timer again.
+pub struct SharedLimiter {
+    state: std::sync::Mutex<SharedState>,
+    timer: RawFd,
+}
+
+struct SharedState {
+    limiter: RateLimiter,
+    waiters: Vec<std::sync::Arc<vmm_sys_util::eventfd::EventFd>>,
+}
+
+impl SharedLimiter {
+    /// A limiter for `cfg`, or `None` when it limits nothing (no lock, no timer).
+    pub fn new(
+        cfg: RateLimiterConfig,
+    ) -> Result<Option<std::sync::Arc<SharedLimiter>>, RateLimiterError> {
+        if cfg.is_unlimited() {
+            return Ok(None);
+        }
+        let limiter = RateLimiter::new(cfg)?;
+        let timer = limiter.as_raw_fd().ok_or(RateLimiterError::EmptyBucket)?;
+        Ok(Some(std::sync::Arc::new(SharedLimiter {
+            state: std::sync::Mutex::new(SharedState {
+                limiter,
+                waiters: Vec::new(),
+            }),
+            timer,
+        })))
+    }
+
+    /// Readable when a blocked limiter may be retried (valid as long as `self`).
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer
+    }
+
+    /// Takes the tokens of a request, or, if they are not there, registers `waiter` to be
+    /// written when it is worth trying again and returns false.
+    pub fn consume(
+        &self,
+        ops: u64,
+        bytes: u64,
+        waiter: &std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+    ) -> bool {
+        let mut s = crate::bus::lock(&self.state);
+        if s.limiter.consume(ops, bytes) {
+            return true;
+        }
+        if s.limiter.is_blocked() {
+            if !s.waiters.iter().any(|w| std::sync::Arc::ptr_eq(w, waiter)) {
+                s.waiters.push(waiter.clone());
+            }
+        } else {
+            // The timer could not be armed: nothing would wake the worker, so it retries.
+            let _ = waiter.write(1);
+        }
+        false
+    }
+
+    /// The timer fired (or may have): unblock and wake every waiting worker.
+    pub fn on_timer(&self) {
+        let mut s = crate::bus::lock(&self.state);
+        s.limiter.on_timer();
+        for w in s.waiters.drain(..) {
+            let _ = w.write(1);
+        }
+    }
+
+    /// Forget the waiting workers (they are gone: a reset).
+    pub fn clear_waiters(&self) {
+        crate::bus::lock(&self.state).waiters.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -125,6 +125,10 @@ impl Tap {
     /// Opens (creating it if needed) tap `name` with `queues` queues (multi-queue when more
     /// than one), each non-blocking, with virtio-net headers of [`VNET_HDR_LEN`] bytes and no
     /// offloads yet.
+    ///
+    /// A single queue is opened multi-queue too when the interface allows it (it is new, or
+    /// was made multi-queue), so that another process can attach a queue of its own: the target
+    /// of a live migration on the same host. An existing single-queue tap is opened as such.
     pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, TapError> {
         check_name(name)?;
         if queues == 0 || queues > MAX_QUEUES {
@@ -133,8 +137,20 @@ impl Tap {
                 queues,
             });
         }
-        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
         if queues > 1 {
+            return Tap::open_with(name, queues, true);
+        }
+        match Tap::open_with(name, 1, true) {
+            Err(TapError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                Tap::open_with(name, 1, false)
+            }
+            r => r,
+        }
+    }
+
+    fn open_with(name: &str, queues: usize, multi: bool) -> Result<Vec<Tap>, TapError> {
+        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if multi {
             flags |= IFF_MULTI_QUEUE;
         }
         let mut taps = Vec::with_capacity(queues);
@@ -318,8 +334,16 @@ mod tests {
         let mut buf = [0u8; 128];
         let e = qs[0].read(&mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
-        // A second single-queue open of a multi-queue tap is refused.
-        assert!(matches!(Tap::open(&name), Err(TapError::Ioctl { .. })));
+        // Another single-queue open of a multi-queue tap attaches one more queue (a
+        // migration target on the same host).
+        let third = Tap::open(&name).unwrap();
+        assert_eq!(third.name(), name);
+        drop(third);
+        // A tap made single-queue takes no second opener.
+        let single = format!("vts{}", std::process::id() % 100_000);
+        let s1 = Tap::open_with(&single, 1, false).unwrap();
+        assert!(matches!(Tap::open(&single), Err(TapError::Ioctl { .. })));
+        drop(s1);
         // Kernel-chosen names.
         let t = Tap::open("vtk%d").unwrap();
         assert!(t.name().starts_with("vtk") && !t.name().contains('%'));

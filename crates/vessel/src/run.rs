@@ -46,11 +46,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "PROTOCOL", default_value = "auto")]
     boot_protocol: String,
     /// A virtio disk (raw or qcow2), repeatable:
-    /// `path=FILE[,readonly=on][,cache=writeback|unsafe][,serial=ID][,queues=N]`.
+    /// `path=FILE[,readonly=on][,cache=writeback|none|unsafe][,serial=ID][,queues=N]
+    /// [,engine=auto|io_uring|threads|sync][,bw=BYTES][,iops=N][,bw_burst=BYTES][,iops_burst=N]`.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
     /// A virtio network device on a tap interface (created if absent), repeatable:
-    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`.
+    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`, with rate limits per second for the
+    /// device: `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` (K/M/G suffixes) and one-time
+    /// bursts `[,tx_bw_burst=BYTES]` (likewise `tx_pps_burst`, `rx_bw_burst`, `rx_pps_burst`).
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio entropy device fed from the host's getrandom.
@@ -81,9 +84,11 @@ pub struct RunArgs {
     /// Restore the VM saved in this snapshot directory (`vessel ctl snapshot`) instead of
     /// booting: the machine (vCPUs, memory, devices) comes from the snapshot; the console and
     /// API socket from this command.
+    /// With --restore, --net (one per saved network device) and --vsock give the restored VM
+    /// new backends, MACs, network rate limits and guest CID: a clone beside the original needs
+    /// its own backends.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cpu_template", "disk", "net", "rng", "vsock", "virtio_console",
-        "balloon",
+        "kernel", "initrd", "cpu_template", "disk", "rng", "virtio_console", "balloon",
     ])]
     restore: Option<PathBuf>,
     /// How a restored VM's memory comes in: lazy (on first touch) or eager (all before the
@@ -143,11 +148,7 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
             .map(|d| parse_disk(d))
             .collect::<Result<_, _>>()?,
         rng: args.rng,
-        nets: args
-            .net
-            .iter()
-            .map(|n| vmm::config::parse_net(n))
-            .collect::<Result<_, _>>()?,
+        nets: parse_nets(&args.net)?,
         vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
         virtio_console: args
             .virtio_console
@@ -160,6 +161,13 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
         on_reboot: vmm::config::parse_on_reboot(&args.on_reboot)?,
         skip_disk_locks: false,
     })
+}
+
+fn parse_nets(specs: &[String]) -> Result<Vec<vmm::config::NetConfig>, Error> {
+    Ok(specs
+        .iter()
+        .map(|n| vmm::config::parse_net(n))
+        .collect::<Result<_, _>>()?)
 }
 
 fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
@@ -179,6 +187,8 @@ pub fn run(args: RunArgs, start: Instant) -> Result<i32, Error> {
                 memory: parse_restore_memory(&args.restore_memory)?,
                 console: parse_console(&args.console)?,
                 api_socket: args.api_socket.clone(),
+                nets: parse_nets(&args.net)?,
+                vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
             };
             Vm::restore(dir, opts, start)?
         }

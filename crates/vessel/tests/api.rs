@@ -124,6 +124,23 @@ fn info_pause_resume() {
 }
 
 #[test]
+fn info_shows_how_disks_are_served() {
+    let dir = TempDir::new("api-disk");
+    let disk = dir.file("disk.raw");
+    raw_disk(&disk, 1 << 20);
+    let spec = format!("path={},engine=threads,iops=100", disk.display());
+    let vm = Vm::start("disk", &["--disk", &spec]);
+    let o = vm.ctl(&["info"]);
+    assert_code(&o, 0);
+    let info = stdout(&o);
+    assert!(
+        info.contains("virtio-block")
+            && info.contains("(engine threads, cache writeback, iops 100)"),
+        "{info}"
+    );
+}
+
+#[test]
 fn reset_ends_the_vm_with_code_3() {
     let mut vm = Vm::start("reset", &[]);
     assert_code(&vm.ctl(&["reset"]), 0);
@@ -134,9 +151,15 @@ fn reset_ends_the_vm_with_code_3() {
 #[test]
 fn unimplemented_verbs_and_bad_sockets_fail_cleanly() {
     let vm = Vm::start("errors", &[]);
-    let o = vm.ctl(&["snapshot", "--dir", "/tmp/nowhere"]);
+    let dir = vm.dir.join("snap");
+    let o = vm.ctl(&["snapshot", "--diff", "--dir", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not available yet"), "{}", stderr(&o));
+    assert!(!dir.join("state").exists());
+    // Restoring or receiving belongs to a new process.
+    let o = vm.ctl(&["restore", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("vessel serve"), "{}", stderr(&o));
     // The VM is undisturbed.
     let o = vm.ctl(&["--json", "info"]);
     assert_eq!(json_field(&stdout(&o), "state"), "running");

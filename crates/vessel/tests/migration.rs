@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::soak::Console;
+use common::soak::{last_iters, Console};
 use common::*;
 
 const CPUS: usize = 2;
@@ -105,22 +105,48 @@ fn spawn_prefixed(args: &[String]) -> Console {
     }
 }
 
-fn last_iters(c: &mut Console) -> Vec<u64> {
-    let lines = c.soak_lines(CPUS, 2);
-    (0..CPUS)
-        .map(|cpu| {
-            lines
-                .iter()
-                .filter(|l| l.cpu == cpu)
-                .map(|l| l.iter)
-                .max()
-                .unwrap()
-        })
-        .collect()
+fn latest_iters(c: &mut Console) -> Vec<u64> {
+    last_iters(&c.soak_lines(CPUS, 2), CPUS)
+}
+
+/// Waits until the migration status on `socket` says `want`.
+fn wait_phase(socket: &Path, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = phase(socket);
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "phase {now}, never {want}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a migration slowed to 8 Mbit/s from `p`'s source to `addr` and returns once it
+/// copies.
+fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
+    assert_code(
+        &ctl(target_api, &["migrate", "receive", "--listen", addr]),
+        0,
+    );
+    let o = ctl(
+        &p.src_api,
+        &[
+            "migrate",
+            "send",
+            "--to",
+            addr,
+            "--bandwidth",
+            "8",
+            "--no-wait",
+        ],
+    );
+    assert_code(&o, 0);
+    wait_phase(&p.src_api, "precopy");
 }
 
 fn migrate_and_check(p: &mut Pair, listen: &str, to: &str) {
-    let before = last_iters(&mut p.source);
+    let before = latest_iters(&mut p.source);
     let o = ctl(&p.dst_api, &["migrate", "receive", "--listen", listen]);
     assert_code(&o, 0);
     assert_eq!(phase(&p.dst_api), "listening");
@@ -209,94 +235,72 @@ fn cancel_and_dead_peers_leave_the_vm_on_one_side() {
 
     // 1. Cancelled during pre-copy (slowed to 8 Mbit/s): the source runs on, the target
     //    drops what it got and can receive again.
-    assert_code(
-        &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
-        0,
-    );
-    let o = ctl(
-        &p.src_api,
-        &[
-            "migrate",
-            "send",
-            "--to",
-            &addr,
-            "--bandwidth",
-            "8",
-            "--no-wait",
-        ],
-    );
-    assert_code(&o, 0);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(phase(&p.src_api), "precopy");
+    start_slow_migration(&p, &p.dst_api, &addr);
     assert_code(&ctl(&p.src_api, &["migrate", "cancel"]), 0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while phase(&p.src_api) != "cancelled" {
-        assert!(Instant::now() < deadline, "not cancelled");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_phase(&p.src_api, "cancelled");
     p.source.soak_lines(CPUS, 2);
-    while phase(&p.dst_api) != "failed" {
-        assert!(Instant::now() < deadline, "target did not give up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_phase(&p.dst_api, "failed");
     let o = ctl(&p.dst_api, &["--json", "info"]);
     assert!(stdout(&o).contains("\"empty\""), "{}", stdout(&o));
 
     // 2. The target dies during pre-copy: the source notices and runs on.
-    assert_code(
-        &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
-        0,
-    );
-    let o = ctl(
-        &p.src_api,
-        &[
-            "migrate",
-            "send",
-            "--to",
-            &addr,
-            "--bandwidth",
-            "8",
-            "--no-wait",
-        ],
-    );
-    assert_code(&o, 0);
-    std::thread::sleep(Duration::from_millis(300));
+    start_slow_migration(&p, &p.dst_api, &addr);
     let _ = p.target.child.kill();
     let _ = p.target.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while phase(&p.src_api) != "failed" {
-        assert!(Instant::now() < deadline, "source did not notice");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_phase(&p.src_api, "failed");
     p.source.soak_lines(CPUS, 2);
 
     // 3. The source dies during pre-copy: a new target is left empty and can receive again.
     let dst2 = p.tmp.file("dst2.sock");
     let mut target2 = Console::spawn(&["serve", "--api-socket", dst2.to_str().unwrap()]);
     wait_for(&dst2);
-    assert_code(&ctl(&dst2, &["migrate", "receive", "--listen", &addr]), 0);
-    let o = ctl(
-        &p.src_api,
-        &[
-            "migrate",
-            "send",
-            "--to",
-            &addr,
-            "--bandwidth",
-            "8",
-            "--no-wait",
-        ],
-    );
-    assert_code(&o, 0);
-    std::thread::sleep(Duration::from_millis(300));
+    start_slow_migration(&p, &dst2, &addr);
     let _ = p.source.child.kill();
     let _ = p.source.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while phase(&dst2) != "failed" {
-        assert!(Instant::now() < deadline, "target did not notice");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_phase(&dst2, "failed");
     let o = ctl(&dst2, &["--json", "info"]);
     assert!(stdout(&o).contains("\"empty\""), "{}", stdout(&o));
     assert_eq!(target2.stop(), Some(143));
+}
+
+#[test]
+fn a_side_killed_at_stop_and_copy_or_before_commit_leaves_the_vm_on_the_other() {
+    // The source holds 2 s at the named point (VESSEL_MIGRATION_HOLD), then either side dies.
+    for (hold, kill_target) in [
+        ("stop-and-copy", true),
+        ("stop-and-copy", false),
+        ("commit", true),
+        ("commit", false),
+    ] {
+        let env = format!("VESSEL_MIGRATION_HOLD={hold}");
+        let mut p = pair("mig-hold", &["env", &env], &[], "128M");
+        let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
+        assert_code(
+            &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+            0,
+        );
+        assert_code(
+            &ctl(&p.src_api, &["migrate", "send", "--to", &addr, "--no-wait"]),
+            0,
+        );
+        wait_phase(&p.src_api, "stop-and-copy");
+        if hold == "commit" {
+            // The target has the state and has built the VM; nothing is committed.
+            wait_phase(&p.dst_api, "stop-and-copy");
+        }
+        if kill_target {
+            let _ = p.target.child.kill();
+            let _ = p.target.child.wait();
+            // The source takes the VM back: its vCPUs run on.
+            wait_phase(&p.src_api, "failed");
+            p.source.soak_lines(CPUS, 2);
+        } else {
+            let _ = p.source.child.kill();
+            let _ = p.source.child.wait();
+            // The target drops what it received and waits again, empty.
+            wait_phase(&p.dst_api, "failed");
+            let o = ctl(&p.dst_api, &["--json", "info"]);
+            assert!(stdout(&o).contains("\"empty\""), "{hold}: {}", stdout(&o));
+        }
+    }
 }

@@ -224,3 +224,46 @@ fn debian_kernel_falls_back_to_pci_intx_without_msi() {
     assert!(log.contains("IO-APIC  17-fasteoi   virtio1"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
+
+/// L2 commands that write 8 MiB of random data to `dev`, drop the page cache and compare what
+/// reads back (Linux has many requests in flight both ways: writeback and readahead).
+fn l2_roundtrip(dev: &str, tag: &str) -> String {
+    format!(
+        "head -c 8388608 /dev/urandom > /tmp/{tag}; \
+         dd if=/tmp/{tag} of=/dev/{dev} bs=1M 2>/dev/null; sync; \
+         echo 3 > /proc/sys/vm/drop_caches; \
+         a=$(md5sum < /tmp/{tag} | cut -c1-32); \
+         b=$(dd if=/dev/{dev} bs=1M count=8 2>/dev/null | md5sum | cut -c1-32); \
+         [ \"$a\" = \"$b\" ] && echo {tag}=same || echo {tag}=DIFFERENT $a $b; "
+    )
+}
+
+#[test]
+fn debian_kernel_io_through_io_uring_and_threads_engines() {
+    let (uring, uring_file) = patterned_disk("nested-uring", b"HOST-PATTERN-URING-0123");
+    let (threads, threads_file) = patterned_disk("nested-threads", b"HOST-PATTERN-THREADS-01");
+    let threads_file = threads_file.replace(":/disk.raw", ":/disk2.raw");
+    let probe = format!(
+        "{}{}",
+        l2_roundtrip("vda", "URING"),
+        l2_roundtrip("vdb", "THREADS")
+    );
+    let log = nested_run(&[
+        "--l1-file",
+        &uring_file,
+        "--l1-file",
+        &threads_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 2 --memory 512M \
+         --disk path=/disk.raw,engine=io_uring,queues=2 \
+         --disk path=/disk2.raw,engine=threads,iops=2000 \
+         --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_blk'",
+        "--l2-cmd",
+        &probe,
+    ]);
+    let _ = std::fs::remove_file(&uring);
+    let _ = std::fs::remove_file(&threads);
+    assert!(log.contains("URING=same"), "{log}");
+    assert!(log.contains("THREADS=same"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}

@@ -12,6 +12,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -105,8 +106,14 @@ impl NetNs {
         let ready = lines.any(|l| l.map(|l| l.contains("echo-ready")).unwrap_or(false));
         assert!(ready, "echo server did not start");
         // Keep draining its output so that it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Echo(child)
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = log.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                keep.lock().unwrap().push(l);
+            }
+        });
+        Echo(child, log)
     }
 
     /// `vessel ARGS` inside the namespace, with a time limit.
@@ -141,8 +148,26 @@ impl Drop for NetNs {
     }
 }
 
-/// The echo server process, killed on drop.
-struct Echo(Child);
+/// The echo server process, killed on drop, and the lines it printed.
+struct Echo(Child, Arc<Mutex<Vec<String>>>);
+
+impl Echo {
+    /// When (ms since the server started) each datagram whose payload starts with `prefix`
+    /// arrived, in order.
+    fn arrivals(&self, prefix: &str) -> Vec<u64> {
+        self.1
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                // "echo N bytes from ADDR at MS ms: PAYLOAD"
+                let (head, payload) = l.split_once(" ms: ")?;
+                let ms = head.rsplit(' ').next()?.parse().ok()?;
+                payload.starts_with(prefix).then_some(ms)
+            })
+            .collect()
+    }
+}
 
 impl Drop for Echo {
     fn drop(&mut self) {
@@ -166,7 +191,11 @@ fn echo_server_helper() {
     // Bounded, in case the parent test dies without killing it.
     while start.elapsed() < Duration::from_secs(120) {
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
-            println!("echo {n} bytes from {from}");
+            println!(
+                "echo {n} bytes from {from} at {} ms: {}",
+                start.elapsed().as_millis(),
+                String::from_utf8_lossy(&buf[..n])
+            );
             let _ = sock.send_to(&buf[..n], from);
         }
     }
@@ -231,6 +260,35 @@ fn udp_echo_through_a_multi_queue_tap() {
 }
 
 #[test]
+fn a_transmit_packet_limit_paces_the_guest() {
+    // 20 packets per second, the bucket full at the start: of 60 datagrams sent back to back,
+    // the first may leave with the 19 tokens left at most, the other 40 need 2 s of refill.
+    if !can_run() {
+        return;
+    }
+    let ns = NetNs::new("rl");
+    let tap = tap_name("r");
+    ns.tap(&tap, "");
+    let echo = ns.echo_server("10.0.2.2:7100");
+    let o = ns.vessel(&[
+        "run",
+        "--net",
+        &format!("tap={tap},mac={GUEST_MAC},tx_pps=20,rx_bw=1M"),
+        "--cmdline",
+        "net=echo-peer netip=10.0.2.15 netpeer=10.0.2.2:7100 netburst=60",
+    ]);
+    assert_echo(&o);
+    let at = echo.arrivals("vessel virtio-net burst #");
+    assert_eq!(at.len(), 60, "{:?}\n{}", at, stderr(&o));
+    let took = at[59] - at[0];
+    // 2 s less some slack for how late the first datagram may reach the server.
+    assert!(
+        took >= 1800,
+        "60 datagrams at 20/s arrived within {took} ms"
+    );
+}
+
+#[test]
 fn vessel_creates_a_missing_tap() {
     if !can_run() {
         return;
@@ -264,6 +322,15 @@ fn bad_net_options_are_refused() {
         ("tap=a/b", "tap takes an interface name"),
         ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
         ("tap=t0,queues=99", "queues takes a number from 1 to 16"),
+        (
+            "tap=t0,tx_pps=0",
+            "tx_pps takes a number of packets above zero",
+        ),
+        (
+            "tap=t0,rx_bw=fast",
+            "rx_bw takes a number of bytes above zero",
+        ),
+        ("tap=t0,rx_bw_burst=1M", "rx_bw_burst needs rx_bw"),
     ] {
         let o = vessel(&["run", "--net", spec]);
         assert_code(&o, 1);

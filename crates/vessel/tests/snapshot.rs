@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::soak::{Console, SoakLine};
+use common::soak::{last_iters, Console, SoakLine};
 use common::*;
 
 const CPUS: usize = 2;
@@ -36,20 +36,6 @@ fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
     vessel(&full)
 }
 
-/// The last iteration each CPU reported in `lines`.
-fn last_iters(lines: &[SoakLine]) -> Vec<u64> {
-    (0..CPUS)
-        .map(|c| {
-            lines
-                .iter()
-                .filter(|l| l.cpu == c)
-                .map(|l| l.iter)
-                .max()
-                .unwrap()
-        })
-        .collect()
-}
-
 /// Takes a snapshot of a soaking VM into `dir`; returns the iterations reported before it
 /// (the snapshot was taken after them) and those reported after it (possibly before the
 /// snapshot point: the console lags).
@@ -61,7 +47,7 @@ fn snapshot_soak(dir: &Path, socket: &Path) -> (Vec<u64>, Vec<u64>) {
     // The VM goes on after a snapshot.
     let after = vm.soak_lines(CPUS, 2);
     assert_eq!(vm.stop(), Some(143));
-    (last_iters(&before), last_iters(&after))
+    (last_iters(&before, CPUS), last_iters(&after, CPUS))
 }
 
 #[test]
@@ -201,4 +187,140 @@ fn corrupt_or_foreign_state_is_refused() {
         stderr(&o)
     );
     vm.soak_lines(CPUS, 1);
+}
+
+#[test]
+fn clones_get_their_own_vsock_socket_and_cid() {
+    let tmp = TempDir::new("vsock-clones");
+    let dir = tmp.file("snap");
+    let socket = tmp.file("api.sock");
+    let v0 = format!("cid=3,socket={}", tmp.file("v0.sock").display());
+    let mut vm = Console::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--vsock",
+        &v0,
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(CPUS, 1);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", dir.to_str().unwrap()]),
+        0,
+    );
+    // Two clones beside the original, each with its own socket and CID.
+    let mut clones = Vec::new();
+    for (cid, name) in [(4, "v1.sock"), (5, "v2.sock")] {
+        let spec = format!("cid={cid},socket={}", tmp.file(name).display());
+        clones.push(Console::spawn(&[
+            "run",
+            "--restore",
+            dir.to_str().unwrap(),
+            "--vsock",
+            &spec,
+        ]));
+    }
+    for c in &mut clones {
+        c.soak_lines(CPUS, 2);
+    }
+    for name in ["v0.sock", "v1.sock", "v2.sock"] {
+        assert!(tmp.file(name).exists(), "{name}");
+    }
+    vm.soak_lines(CPUS, 1);
+    // Network devices are rebound all or none: this VM has none.
+    let o = vessel(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--net",
+        "tap=vclone0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("0 network devices"), "{}", stderr(&o));
+}
+
+/// Rewrites the snapshot's state file with `edit` applied to its JSON body (header fixed up).
+fn edit_state(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("state");
+    let text = std::fs::read(&path).unwrap();
+    let mut lines = text.splitn(3, |&c| c == b'\n');
+    let magic = lines.next().unwrap().to_vec();
+    let header: serde_json::Value = serde_json::from_slice(lines.next().unwrap()).unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(lines.next().unwrap()).unwrap();
+    edit(&mut body);
+    let body = serde_json::to_vec(&body).unwrap();
+    let mut header = header;
+    header["body_len"] = body.len().into();
+    header["body_crc32"] = crc32fast::hash(&body).into();
+    let mut out = magic;
+    out.push(b'\n');
+    out.extend_from_slice(&serde_json::to_vec(&header).unwrap());
+    out.push(b'\n');
+    out.extend_from_slice(&body);
+    std::fs::write(&path, out).unwrap();
+}
+
+#[test]
+fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
+    let tmp = TempDir::new("cpu");
+    let dir = tmp.file("snap");
+    snapshot_soak(&dir, &tmp.file("api.sock"));
+    // A feature this host's CPU lacks, written into every saved vCPU's CPUID.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> = flags
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // (cpuinfo flag, Vessel's name, leaf, register 0..3 = eax..edx, bit): Intel-only and
+    // AMD-only features, so that every host lacks some.
+    let candidates = [
+        ("amx_tile", "amx-tile", 7u32, 3usize, 24u32),
+        ("amx_int8", "amx-int8", 7, 3, 25),
+        ("avx512f", "avx512f", 7, 1, 16),
+        ("sse4a", "sse4a", 0x8000_0001, 2, 6),
+        ("xop", "xop", 0x8000_0001, 2, 11),
+        ("fma4", "fma4", 0x8000_0001, 2, 16),
+        ("tbm", "tbm", 0x8000_0001, 2, 21),
+    ];
+    let Some(&(_, name, leaf, reg, bit)) = candidates.iter().find(|c| !flags.contains(&c.0)) else {
+        eprintln!("skipped: this CPU has every candidate feature");
+        return;
+    };
+    edit_state(&dir, |body| {
+        for v in body["vcpus"].as_array_mut().unwrap() {
+            for e in v["cpuid"].as_array_mut().unwrap() {
+                let bytes: Vec<u8> = e
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect();
+                let word =
+                    |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+                // kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding.
+                if word(0) == leaf && word(1) == 0 {
+                    let at = (3 + reg) * 4;
+                    let v = word(3 + reg) | (1 << bit);
+                    let arr = e.as_array_mut().unwrap();
+                    for (k, b) in v.to_le_bytes().iter().enumerate() {
+                        arr[at + k] = (*b).into();
+                    }
+                }
+            }
+        }
+    });
+    let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot run the saved VM") && stderr(&o).contains(name),
+        "{}",
+        stderr(&o)
+    );
 }

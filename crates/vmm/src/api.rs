@@ -294,14 +294,19 @@ impl VmController for VmHandle {
     }
 }
 
-/// The devices of a VM built from `config`, in the order `virtio::setup` places them.
-pub fn device_list(config: &crate::config::VmConfig) -> Vec<DeviceInfo> {
+/// The devices of a VM built from `config`, in the order `virtio::setup` places them;
+/// `disk_engines` are the engines serving its disks.
+pub fn device_list(
+    config: &crate::config::VmConfig,
+    disk_engines: &[devices::virtio::block::EngineKind],
+) -> Vec<DeviceInfo> {
     use crate::config::Transport;
     let mut list = vec![DeviceInfo {
         id: "serial0".into(),
         kind: "serial".into(),
         address: Some(format!("pio {:#x}", arch::acpi::COM1_PORT)),
         irq: Some(arch::acpi::COM1_IRQ),
+        detail: None,
     }];
     let mut kinds: Vec<(&str, usize)> = vec![
         ("block", config.disks.len()),
@@ -326,14 +331,43 @@ pub fn device_list(config: &crate::config::VmConfig) -> Vec<DeviceInfo> {
                 ),
                 Transport::Pci => (format!("pci 00:{:02x}.0", slot + 1), None),
             };
+            let detail = match (kind, config.disks.get(i)) {
+                ("block", Some(d)) => Some(disk_detail(d, disk_engines.get(i).copied())),
+                _ => None,
+            };
             list.push(DeviceInfo {
                 id: format!("{kind}{i}"),
                 kind: format!("virtio-{kind}"),
                 address: Some(address),
                 irq,
+                detail,
             });
             slot += 1;
         }
     }
     list
+}
+
+/// `engine io_uring, cache none, 2 queues, read-only, bw 10M/s, iops 100/s`.
+fn disk_detail(
+    d: &crate::config::DiskConfig,
+    engine: Option<devices::virtio::block::EngineKind>,
+) -> String {
+    let mut parts = vec![
+        format!("engine {}", engine.unwrap_or(d.engine)),
+        format!("cache {}", d.cache.as_str()),
+    ];
+    if d.queues > 1 {
+        parts.push(format!("{} queues", d.queues));
+    }
+    if d.read_only {
+        parts.push("read-only".into());
+    }
+    if let Some(b) = d.rate_limit.bandwidth {
+        parts.push(format!("bw {}/s", b.size));
+    }
+    if let Some(o) = d.rate_limit.ops {
+        parts.push(format!("iops {}", o.size));
+    }
+    parts.join(", ")
 }

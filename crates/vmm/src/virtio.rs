@@ -8,7 +8,7 @@ use arch::acpi::MmioDevice;
 use arch::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_IRQS, VIRTIO_MMIO_SIZE};
 use block::DiskBackend;
 use devices::virtio::balloon::{Balloon, BalloonHandle, BalloonOptions, DiscardMemory};
-use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::block::{Block, BlockOptions, EngineKind};
 use devices::virtio::console::{Console, ConsoleBackend};
 use devices::virtio::mmio::{cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::Net;
@@ -86,12 +86,19 @@ impl DiskBackend for NoFlush {
     fn format(&self) -> block::Format {
         self.0.format()
     }
+    fn raw_file(&self) -> Option<block::RawFile> {
+        self.0
+            .raw_file()
+            .map(|f| block::RawFile { flush: false, ..f })
+    }
 }
 
-fn block_device(d: &DiskConfig, lock: bool) -> Result<Box<dyn VirtioDevice>, Error> {
+/// A block device for `d` (its images locked if `lock`), and the engine serving it.
+fn block_device(d: &DiskConfig, lock: bool) -> Result<(Box<dyn VirtioDevice>, EngineKind), Error> {
     let path = d.path.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
+        direct: d.cache == CacheMode::None,
         lock,
         repair_dirty: lock,
         ..Default::default()
@@ -100,24 +107,44 @@ fn block_device(d: &DiskConfig, lock: bool) -> Result<Box<dyn VirtioDevice>, Err
         path: path.clone(),
         source,
     })?;
+    let disk_format = disk.format();
     let disk: Arc<dyn DiskBackend> = match d.cache {
-        CacheMode::Writeback => Arc::from(disk),
+        CacheMode::Writeback | CacheMode::None => Arc::from(disk),
         CacheMode::Unsafe => Arc::new(NoFlush(disk)),
     };
     let opts = BlockOptions {
         serial: d.serial.clone().unwrap_or_default(),
         num_queues: d.queues,
+        engine: d.engine,
+        rate_limit: d.rate_limit,
         ..Default::default()
     };
-    Block::new(disk, opts)
-        .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
-        .map_err(|source| Error::Block { path, source })
+    let block = Block::new(disk, opts).map_err(|source| Error::Block {
+        path: path.clone(),
+        source,
+    })?;
+    let engine = block.engine();
+    tracing::debug!(
+        "disk {path}: {}, engine {engine} (asked: {}), cache {}{}",
+        block::Format::as_str(disk_format),
+        d.engine,
+        d.cache.as_str(),
+        if d.rate_limit.is_unlimited() {
+            ""
+        } else {
+            ", rate limited"
+        }
+    );
+    Ok((Box::new(block), engine))
 }
 
 /// A virtio-net device on the configured tap, opened (or created) now.
 fn net_device(n: &crate::config::NetConfig) -> Result<Box<dyn VirtioDevice>, Error> {
     Net::with_tap(&n.tap, n.mac, n.queues)
-        .map(|d| Box::new(d) as Box<dyn VirtioDevice>)
+        .and_then(|mut d| {
+            d.set_rate_limiters(n.rx_limit, n.tx_limit)?;
+            Ok(Box::new(d) as Box<dyn VirtioDevice>)
+        })
         .map_err(|source| Error::Net {
             tap: n.tap.clone(),
             source,
@@ -181,6 +208,8 @@ pub struct VirtioDevices {
     pub pci: Option<crate::pci::PciHost>,
     /// The balloon's handle (target, statistics), for the API later.
     pub balloon: Option<BalloonHandle>,
+    /// The engine serving each disk, in configuration order.
+    pub disk_engines: Vec<EngineKind>,
 }
 
 impl VirtioDevices {
@@ -204,8 +233,11 @@ pub fn setup(
     config: &VmConfig,
 ) -> Result<VirtioDevices, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut disk_engines = Vec::with_capacity(config.disks.len());
     for d in &config.disks {
-        devices.push(block_device(d, !config.skip_disk_locks)?);
+        let (device, engine) = block_device(d, !config.skip_disk_locks)?;
+        devices.push(device);
+        disk_engines.push(engine);
     }
     for n in &config.nets {
         devices.push(net_device(n)?);
@@ -227,6 +259,7 @@ pub fn setup(
     }
     let mut out = VirtioDevices {
         balloon,
+        disk_engines,
         ..Default::default()
     };
     if config.transport == crate::config::Transport::Pci {

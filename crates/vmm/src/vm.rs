@@ -28,6 +28,10 @@ pub struct RestoreOptions {
     pub memory: api::types::RestoreMemory,
     pub console: crate::config::ConsoleConfig,
     pub api_socket: Option<PathBuf>,
+    /// New taps (and MACs) for the network devices, all or none (clones).
+    pub nets: Vec<crate::config::NetConfig>,
+    /// A new socket (and guest CID) for the vsock device (clones).
+    pub vsock: Option<crate::config::VsockConfig>,
 }
 
 /// Errors building or starting a VM.
@@ -165,8 +169,9 @@ impl Vm {
         start: Instant,
     ) -> Result<Vm, Error> {
         use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
-        let snap: VmSnapshot =
+        let mut snap: VmSnapshot =
             format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        snap.rebind(&opts.nets, opts.vsock.as_ref())?;
         let hv = Hypervisor::new()?;
         crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
         let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.memory)
@@ -181,17 +186,7 @@ impl Vm {
             ))
             .into());
         }
-        let mode = match opts.memory {
-            api::types::RestoreMemory::Lazy => memory::RestoreMemory::Lazy,
-            api::types::RestoreMemory::Eager => memory::RestoreMemory::Eager,
-            api::types::RestoreMemory::Userfaultfd => {
-                return Err(SnapshotError::Mismatch(
-                    "userfaultfd restore is not available yet: use lazy or eager".to_string(),
-                )
-                .into())
-            }
-        };
-        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, mode)
+        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
             .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
         config.console = opts.console;
@@ -513,7 +508,7 @@ impl Vm {
                 self.started,
                 self.boot_marker.clone(),
                 self.machine.acpi_pm.clone(),
-                crate::api::device_list(&self.machine.config),
+                crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
             )
         });
         switch.set(handle.clone());

@@ -7,17 +7,19 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes set aside for all virtio queues and buffers of one boot.
 pub const ARENA_BYTES: u64 = 512 << 10;
+/// Most bytes set aside when a benchmark runs (its data buffers: up to
+/// `qd` × 1 MiB for the block workloads).
+pub const BENCH_ARENA_BYTES: u64 = 160 << 20;
 
 static START: AtomicU64 = AtomicU64::new(0);
 static END: AtomicU64 = AtomicU64::new(0);
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
-/// Take `[start, start + ARENA_BYTES)` as the arena. The caller guarantees
-/// that it is usable RAM inside the identity map that nothing else uses from
-/// now on.
-pub fn init(start: u64) {
+/// Take `[start, start + len)` as the arena. The caller guarantees that it
+/// is usable RAM inside the identity map that nothing else uses from now on.
+pub fn init(start: u64, len: u64) {
     START.store(start, Ordering::Relaxed);
-    END.store(start + ARENA_BYTES, Ordering::Relaxed);
+    END.store(start + len, Ordering::Relaxed);
     NEXT.store(start, Ordering::Relaxed);
 }
 
@@ -90,4 +92,21 @@ pub fn fill(addr: u64, value: u8, len: usize) {
     check(addr, len);
     // SAFETY: inside the arena (checked), which belongs to the drivers.
     unsafe { core::ptr::write_bytes(addr as *mut u8, value, len) }
+}
+
+/// Fill `len` bytes at `addr` (8-byte aligned, `len` a multiple of 8) with
+/// a xorshift stream seeded by `seed`: data that no layer can compress or
+/// skip as zeroes.
+pub fn fill_random(addr: u64, len: u64, seed: u64) {
+    check_typed(addr, 8);
+    check(addr, len as usize);
+    let mut x = seed | 1;
+    for i in 0..len / 8 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // SAFETY: inside the arena (checked), aligned, which belongs to the
+        // drivers.
+        unsafe { core::ptr::write_volatile((addr + i * 8) as *mut u64, x) }
+    }
 }

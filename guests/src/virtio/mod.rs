@@ -8,10 +8,13 @@
 //! queues in [`dma`] memory and exercised; then it is reset again so that it
 //! stops using guest memory.
 
+mod bench;
 mod blk;
+mod blkbench;
 mod dma;
 mod mmio;
 mod net;
+mod netbench;
 mod pci;
 mod queue;
 mod rng;
@@ -20,7 +23,7 @@ mod vsock;
 use core::fmt;
 
 use crate::bootinfo::{BootInfo, E820_RAM};
-use crate::cmdline::{Options, VirtioSel, VIRTIO_TYPES};
+use crate::cmdline::{BenchKind, Options, VirtioSel, VIRTIO_TYPES};
 use crate::cpu::{self, phys};
 use crate::println;
 
@@ -186,11 +189,20 @@ fn kind_of(device_type: u32) -> Option<usize> {
 /// Find the devices, test those selected and print one line per device.
 /// Returns false if anything failed (the `FAIL:` lines are printed).
 pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -> bool {
+    // The device type a benchmark runs on (bit of `virtio=`), if any.
+    let bench_bit = match opts.bench.kind {
+        BenchKind::None => 0,
+        BenchKind::Blk => 1 << 0,
+        BenchKind::Net => 1 << 2,
+    };
     let only = match opts.virtio {
         VirtioSel::Off => return true,
-        VirtioSel::Only(mask) => mask,
+        VirtioSel::Only(mask) => mask | bench_bit,
+        // A benchmark alone, unless `virtio=` asks for more.
+        VirtioSel::Default if bench_bit != 0 => bench_bit,
         VirtioSel::Default | VirtioSel::All => 0xf,
     };
+    let mut benched = false;
 
     let mut list: [Option<(Candidate, u32)>; MAX_DEVICES] = [const { None }; MAX_DEVICES];
     let mut len = 0;
@@ -245,14 +257,22 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
         }
         let name = VIRTIO_TYPES[kind];
         if !arena_ready {
-            match arena(info, free_from) {
-                Some(start) => dma::init(start),
+            let want = if opts.bench.kind == BenchKind::None {
+                dma::ARENA_BYTES
+            } else {
+                dma::BENCH_ARENA_BYTES
+            };
+            match arena(info, free_from, want) {
+                Some((start, len)) => dma::init(start, len),
                 None => {
                     println!("FAIL: virtio: no memory for the queues");
                     return false;
                 }
             }
             arena_ready = true;
+            if bench_bit != 0 {
+                bench::init_clock();
+            }
         }
         let mut t = match candidate {
             Candidate::Mmio(base) => match mmio::probe(*base) {
@@ -269,7 +289,13 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
             },
         };
         tested |= 1 << kind;
+        // The first device of the benchmark's type gets the benchmark
+        // instead of its test.
+        let bench_this = !benched && bench_bit == 1 << kind;
+        benched |= bench_this;
         let result = match kind {
+            0 if bench_this => blkbench::bench(&mut t, &opts.bench),
+            2 if bench_this => netbench::bench(&mut t, &opts.net, &opts.bench),
             0 => blk::test(&mut t),
             1 => rng::test(&mut t),
             2 => net::test(&mut t, &opts.net),
@@ -284,6 +310,11 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
         let _ = t.reset();
     }
 
+    if bench_bit != 0 && !benched {
+        let name = VIRTIO_TYPES[bench_bit.trailing_zeros() as usize];
+        println!("FAIL: bench: no virtio-{name} device found");
+        ok = false;
+    }
     match opts.virtio {
         VirtioSel::All if tested == 0 && !legacy_found => println!("virtio: none found"),
         VirtioSel::Only(mask) => {
@@ -313,15 +344,17 @@ fn ram_end(info: &BootInfo) -> u64 {
 }
 
 /// Where the DMA arena goes: the first usable e820 range (below 4 GiB) with
-/// [`dma::ARENA_BYTES`] free at or above `free_from`.
-fn arena(info: &BootInfo, free_from: u64) -> Option<u64> {
+/// [`dma::ARENA_BYTES`] free at or above `free_from`. Returns its start and
+/// length: up to `want` bytes, as much as that range has.
+fn arena(info: &BootInfo, free_from: u64, want: u64) -> Option<(u64, u64)> {
     info.memory_map()
         .iter()
         .filter(|e| e.kind == E820_RAM)
         .find_map(|e| {
             let start = e.addr.max(free_from).div_ceil(4096) * 4096;
-            let end = e.end().min(phys::LIMIT);
-            (start < end && end - start >= dma::ARENA_BYTES).then_some(start)
+            let end = e.end().min(phys::LIMIT) / 4096 * 4096;
+            (start < end && end - start >= dma::ARENA_BYTES)
+                .then(|| (start, (end - start).min(want)))
         })
 }
 

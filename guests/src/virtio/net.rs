@@ -7,34 +7,39 @@
 //! `net=echo-peer` it ARPs for the peer, sends a UDP datagram to
 //! `netpeer` (default 10.0.2.2:7777) from `netip` (10.0.2.15) and waits for
 //! the same payload to come back. ARP requests for `netip` are answered.
+//! `netburst=N` then sends N more datagrams to the peer (to the broadcast
+//! address without `net=echo-peer`), each once the previous one was used,
+//! without waiting for replies: a paced device (rate limits) shows in how
+//! long they take to arrive.
 
 use super::dma;
-use super::queue::{Buf, Queue};
+use super::queue::{Buf, Queue, MAX_SIZE};
 use super::{Mac, Transport};
 use crate::cmdline::NetOptions;
 use crate::{cpu, println};
 
 const F_MAC: u64 = 1 << 5;
 
-const HDR: usize = 12;
-const BUF_BYTES: u64 = 2048;
+pub(super) const HDR: usize = 12;
+pub(super) const BUF_BYTES: u64 = 2048;
 const RX_BUFFERS: u64 = 16;
 /// Largest frame handled (without FCS).
-const FRAME_MAX: usize = 1514;
-const FRAME_MIN: usize = 60;
+pub(super) const FRAME_MAX: usize = 1514;
+pub(super) const FRAME_MIN: usize = 60;
 const TX_TIMEOUT_US: u64 = 2_000_000;
 
 const ETH_ARP: u16 = 0x0806;
-const ETH_IPV4: u16 = 0x0800;
+pub(super) const ETH_IPV4: u16 = 0x0800;
 const BROADCAST: [u8; 6] = [0xff; 6];
 /// Used when the device offers no MAC (locally administered).
 const DEFAULT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-const SOURCE_PORT: u16 = 49152;
+pub(super) const SOURCE_PORT: u16 = 49152;
 const PAYLOAD: &[u8] = b"vessel virtio-net echo #0";
+const BURST_PAYLOAD: &[u8] = b"vessel virtio-net burst #";
 
-struct Frame {
-    bytes: [u8; FRAME_MAX],
-    len: usize,
+pub(super) struct Frame {
+    pub(super) bytes: [u8; FRAME_MAX],
+    pub(super) len: usize,
 }
 
 impl Frame {
@@ -50,12 +55,12 @@ impl Frame {
         self.len += data.len();
     }
 
-    fn data(&self) -> &[u8] {
+    pub(super) fn data(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(super) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
@@ -72,23 +77,63 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// The TSC value `us` microseconds from now.
-fn deadline_in(us: u64) -> u64 {
+pub(super) fn deadline_in(us: u64) -> u64 {
     cpu::rdtsc() + cpu::us_to_ticks(us)
 }
 
-struct Nic<'a> {
-    t: &'a Transport,
-    rx: Queue,
-    tx: Queue,
+pub(super) struct Nic<'a> {
+    pub(super) t: &'a Transport,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
     tx_buf: u64,
-    mac: [u8; 6],
-    opts: &'a NetOptions,
+    pub(super) mac: [u8; 6],
+    pub(super) opts: &'a NetOptions,
     sent: u32,
     received: u32,
 }
 
-impl Nic<'_> {
-    fn send(&mut self, frame: &Frame) -> Result<(), &'static str> {
+impl<'a> Nic<'a> {
+    /// Negotiate, set up the queues (at most `queue_limit` entries each),
+    /// post up to `rx_buffers` receive buffers and set DRIVER_OK.
+    pub(super) fn open(
+        t: &'a mut Transport,
+        opts: &'a NetOptions,
+        queue_limit: u16,
+        rx_buffers: u64,
+    ) -> Result<Nic<'a>, &'static str> {
+        let features = t.begin(F_MAC)?;
+        let mut mac = DEFAULT_MAC;
+        if features & F_MAC != 0 {
+            for (i, b) in mac.iter_mut().enumerate() {
+                *b = t.config_read8(i as u64);
+            }
+        }
+        let rx = Queue::with_max(t, 0, queue_limit)?;
+        let tx = Queue::with_max(t, 1, queue_limit)?;
+        let tx_buf = dma::alloc(BUF_BYTES, 4096)?;
+        let mut nic = Nic {
+            t,
+            rx,
+            tx,
+            tx_buf,
+            mac,
+            opts,
+            sent: 0,
+            received: 0,
+        };
+        let buffers = rx_buffers.min(u64::from(nic.rx.size()));
+        for _ in 0..buffers {
+            let buf = dma::alloc(BUF_BYTES, 4096)?;
+            nic.rx.add(&[Buf::write(buf, BUF_BYTES as u32)], buf)?;
+        }
+        nic.t.ready();
+        nic.rx.kick(nic.t);
+        Ok(nic)
+    }
+
+    /// Send one frame and wait until the device has used it (the transmit
+    /// queue must have nothing else in flight).
+    pub(super) fn send(&mut self, frame: &Frame) -> Result<(), &'static str> {
         let len = HDR + frame.len.max(FRAME_MIN);
         dma::fill(self.tx_buf, 0, len);
         dma::write_bytes(self.tx_buf + HDR as u64, frame.data());
@@ -121,7 +166,13 @@ impl Nic<'_> {
         f
     }
 
-    fn udp(&self, dst_mac: [u8; 6], dst_ip: [u8; 4], port: u16, payload: &[u8]) -> Frame {
+    pub(super) fn udp(
+        &self,
+        dst_mac: [u8; 6],
+        dst_ip: [u8; 4],
+        port: u16,
+        payload: &[u8],
+    ) -> Frame {
         let mut f = self.ethernet(dst_mac, ETH_IPV4);
         let total = (20 + 8 + payload.len()) as u16;
         let mut ip = [0u8; 20];
@@ -145,7 +196,7 @@ impl Nic<'_> {
 
     /// Next received frame before the TSC reaches `deadline` (ARP requests
     /// for our address are answered and not returned).
-    fn recv(&mut self, deadline: u64) -> Result<Option<Frame>, &'static str> {
+    pub(super) fn recv(&mut self, deadline: u64) -> Result<Option<Frame>, &'static str> {
         loop {
             if let Some(used) = self.rx.pop_used() {
                 self.received += 1;
@@ -171,7 +222,7 @@ impl Nic<'_> {
     }
 
     /// (sender MAC, sender IP) of an ARP request for our address.
-    fn arp_request_for_us(&self, f: &Frame) -> Option<([u8; 6], [u8; 4])> {
+    pub(super) fn arp_request_for_us(&self, f: &Frame) -> Option<([u8; 6], [u8; 4])> {
         let b = f.data();
         if b.len() < 42 || be16(b, 12) != ETH_ARP || be16(b, 20) != 1 || b[38..42] != self.opts.ip {
             return None;
@@ -195,27 +246,33 @@ impl Nic<'_> {
         Some(mac)
     }
 
-    /// Whether `f` is a UDP datagram from the peer to our port carrying
-    /// `payload`.
-    fn is_echo(&self, f: &Frame, payload: &[u8]) -> bool {
+    /// The payload of `f` if it is a UDP datagram from the peer's port to
+    /// ours.
+    pub(super) fn udp_payload<'f>(&self, f: &'f Frame) -> Option<&'f [u8]> {
         let b = f.data();
         if b.len() < 14 + 20 + 8 || be16(b, 12) != ETH_IPV4 || b[14] >> 4 != 4 || b[23] != 17 {
-            return false;
+            return None;
         }
         let ihl = usize::from(b[14] & 0xf) * 4;
         let udp = 14 + ihl;
         if b[26..30] != self.opts.peer || b[30..34] != self.opts.ip || b.len() < udp + 8 {
-            return false;
+            return None;
         }
         let len = usize::from(be16(b, udp + 4));
-        be16(b, udp) == self.opts.port
-            && be16(b, udp + 2) == SOURCE_PORT
-            && len >= 8
-            && b.get(udp + 8..udp + len) == Some(payload)
+        if be16(b, udp) != self.opts.port || be16(b, udp + 2) != SOURCE_PORT || len < 8 {
+            return None;
+        }
+        b.get(udp + 8..udp + len)
+    }
+
+    /// Whether `f` is a UDP datagram from the peer to our port carrying
+    /// `payload`.
+    fn is_echo(&self, f: &Frame, payload: &[u8]) -> bool {
+        self.udp_payload(f) == Some(payload)
     }
 
     /// ARP for the peer (5 tries, 1 s each).
-    fn resolve_peer(&mut self) -> Result<[u8; 6], &'static str> {
+    pub(super) fn resolve_peer(&mut self) -> Result<[u8; 6], &'static str> {
         for _ in 0..5 {
             let request = self.arp(1, BROADCAST, [0; 6], self.opts.peer);
             self.send(&request)?;
@@ -247,46 +304,51 @@ impl Nic<'_> {
         }
         Err("no echo from the peer")
     }
+
+    /// `count` datagrams to `dst`, carrying `vessel virtio-net burst #<i>`.
+    fn burst(&mut self, dst: ([u8; 6], [u8; 4]), count: u32) -> Result<(), &'static str> {
+        let mut payload = [0u8; BURST_PAYLOAD.len() + 10];
+        payload[..BURST_PAYLOAD.len()].copy_from_slice(BURST_PAYLOAD);
+        for i in 0..count {
+            let mut digits = [0u8; 10];
+            let mut n = i;
+            let mut len = 0;
+            loop {
+                digits[len] = b'0' + (n % 10) as u8;
+                len += 1;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            for k in 0..len {
+                payload[BURST_PAYLOAD.len() + k] = digits[len - 1 - k];
+            }
+            let datagram = self.udp(
+                dst.0,
+                dst.1,
+                self.opts.port,
+                &payload[..BURST_PAYLOAD.len() + len],
+            );
+            self.send(&datagram)?;
+        }
+        Ok(())
+    }
 }
 
 pub fn test(t: &mut Transport, opts: &NetOptions) -> Result<(), &'static str> {
-    let features = t.begin(F_MAC)?;
-    let mut mac = DEFAULT_MAC;
-    if features & F_MAC != 0 {
-        for (i, b) in mac.iter_mut().enumerate() {
-            *b = t.config_read8(i as u64);
-        }
-    }
-    let rx = Queue::new(t, 0)?;
-    let tx = Queue::new(t, 1)?;
-    let tx_buf = dma::alloc(BUF_BYTES, 4096)?;
-    let mut nic = Nic {
-        t,
-        rx,
-        tx,
-        tx_buf,
-        mac,
-        opts,
-        sent: 0,
-        received: 0,
-    };
-    let buffers = RX_BUFFERS.min(u64::from(nic.rx.size()));
-    for _ in 0..buffers {
-        let buf = dma::alloc(BUF_BYTES, 4096)?;
-        nic.rx.add(&[Buf::write(buf, BUF_BYTES as u32)], buf)?;
-    }
-    nic.t.ready();
-    nic.rx.kick(nic.t);
-
+    let mut nic = Nic::open(t, opts, MAX_SIZE, RX_BUFFERS)?;
     let echoed = if opts.echo {
         let peer_mac = nic.resolve_peer()?;
         nic.echo(peer_mac)?;
+        nic.burst((peer_mac, opts.peer), opts.burst)?;
         true
     } else {
         let request = nic.arp(1, BROADCAST, [0; 6], opts.peer);
         nic.send(&request)?;
         let datagram = nic.udp(BROADCAST, [255; 4], opts.port, PAYLOAD);
         nic.send(&datagram)?;
+        nic.burst((BROADCAST, [255; 4]), opts.burst)?;
         let deadline = deadline_in(300_000);
         while nic.recv(deadline)?.is_some() {}
         false

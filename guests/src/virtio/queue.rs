@@ -2,8 +2,11 @@
 //! interrupts (`VIRTQ_AVAIL_F_NO_INTERRUPT`) and watches the used ring's
 //! index instead.
 //!
-//! One 4 KiB page per queue of at most [`MAX_SIZE`] entries: descriptor
-//! table at +0 (16 bytes each), available ring at +1024, used ring at +2048.
+//! Queues of at most [`MAX_SIZE`] entries (the tests) take one 4 KiB page:
+//! descriptor table at +0 (16 bytes each), available ring at +1024, used
+//! ring at +2048. Larger ones (up to [`LARGEST`], the benchmarks) take two
+//! pages: descriptors at +0, available ring at +16 × size, used ring 1 KiB
+//! after it.
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -12,12 +15,14 @@ use crate::cpu;
 
 /// Largest queue size the drivers use (the device's maximum may be larger).
 pub const MAX_SIZE: u16 = 64;
+/// Largest queue size [`Queue::with_max`] accepts.
+pub const LARGEST: u16 = 256;
 
-const AVAIL_OFFSET: u64 = 1024;
-const USED_OFFSET: u64 = 2048;
+const RING_SPACING: u64 = 1024;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = 1;
 
 /// One buffer of a descriptor chain.
 #[derive(Clone, Copy)]
@@ -65,30 +70,38 @@ pub struct Queue {
     num_free: u16,
     next_avail: u16,
     last_used: u16,
-    tokens: [u64; MAX_SIZE as usize],
+    tokens: [u64; LARGEST as usize],
 }
 
 impl Queue {
     /// Set up queue `index` of the device (size: the device's maximum, at
     /// most [`MAX_SIZE`], rounded down to a power of two).
     pub fn new(t: &mut Transport, index: u16) -> Result<Queue, &'static str> {
+        Queue::with_max(t, index, MAX_SIZE)
+    }
+
+    /// Set up queue `index` with at most `limit` (at most [`LARGEST`])
+    /// entries: the device's maximum, capped, rounded down to a power of two.
+    pub fn with_max(t: &mut Transport, index: u16, limit: u16) -> Result<Queue, &'static str> {
         let max = t.queue_max(index);
         if max == 0 {
             return Err("queue not available");
         }
-        let size = 1u16 << (15 - max.min(MAX_SIZE).leading_zeros());
-        let page = dma::alloc(4096, 4096)?;
+        let size = 1u16 << (15 - max.min(limit.min(LARGEST)).leading_zeros());
+        let desc_bytes = (u64::from(size) * 16).max(RING_SPACING);
+        let pages = if size > MAX_SIZE { 2 } else { 1 };
+        let page = dma::alloc(4096 * pages, 4096)?;
         let q = Queue {
             index,
             size,
             desc: page,
-            avail: page + AVAIL_OFFSET,
-            used: page + USED_OFFSET,
+            avail: page + desc_bytes,
+            used: page + desc_bytes + RING_SPACING,
             free_head: 0,
             num_free: size,
             next_avail: 0,
             last_used: 0,
-            tokens: [0; MAX_SIZE as usize],
+            tokens: [0; LARGEST as usize],
         };
         for i in 0..size {
             dma::write16(q.desc_addr(i) + 14, i + 1);
@@ -143,6 +156,19 @@ impl Queue {
     pub fn kick(&self, t: &Transport) {
         fence(Ordering::SeqCst);
         t.notify(self.index);
+    }
+
+    /// Tell the device about new buffers unless it asked not to be
+    /// notified (`VIRTQ_USED_F_NO_NOTIFY`: it is still working through the
+    /// ring). Returns whether it notified.
+    pub fn kick_if_needed(&self, t: &Transport) -> bool {
+        // The new available index before the flag.
+        fence(Ordering::SeqCst);
+        if dma::read16(self.used) & USED_F_NO_NOTIFY != 0 {
+            return false;
+        }
+        t.notify(self.index);
+        true
     }
 
     /// The next chain the device has used, if any; its descriptors are free

@@ -24,11 +24,22 @@ fn imago_err(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Open one layer through imago with the given (already opened) backing.
-fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Access>>) -> Result<Access> {
+/// Open one layer through imago with the given (already opened) backing; `direct` bypasses the
+/// page cache (imago aligns requests itself).
+fn open_layer(
+    layer: &Layer,
+    writable: bool,
+    direct: bool,
+    backing: Option<Arc<Access>>,
+) -> Result<Access> {
     let p = &layer.path;
-    let storage = ImagoFile::open(StorageOpenOptions::new().filename(p).write(writable))
-        .map_err(|e| imago_err(p, e))?;
+    let storage = ImagoFile::open(
+        StorageOpenOptions::new()
+            .filename(p)
+            .write(writable)
+            .direct(direct),
+    )
+    .map_err(|e| imago_err(p, e))?;
     let gate = DenyImplicitOpenGate::default();
     let access = match layer.format {
         Format::Raw => {
@@ -53,9 +64,14 @@ fn open_layer(layer: &Layer, writable: bool, backing: Option<Arc<Access>>) -> Re
 
 /// Open a resolved chain through imago: backing files read-only, bottom up.
 pub fn open_imago(layers: &[Layer], top_writable: bool) -> Result<Access> {
+    open_imago_with(layers, top_writable, false)
+}
+
+/// [`open_imago`], with every file opened `O_DIRECT` when `direct`.
+pub fn open_imago_with(layers: &[Layer], top_writable: bool, direct: bool) -> Result<Access> {
     let mut backing: Option<Arc<Access>> = None;
     for (i, l) in layers.iter().enumerate().rev() {
-        let a = open_layer(l, i == 0 && top_writable, backing.take())?;
+        let a = open_layer(l, i == 0 && top_writable, direct, backing.take())?;
         if i == 0 {
             return Ok(a);
         }
@@ -66,7 +82,7 @@ pub fn open_imago(layers: &[Layer], top_writable: bool) -> Result<Access> {
 
 /// Open only the top layer, without its backing file (to inspect its own allocation).
 pub fn open_imago_single(layer: &Layer, writable: bool) -> Result<Access> {
-    open_layer(layer, writable, None)
+    open_layer(layer, writable, false, None)
 }
 
 /// A qcow2 image (or a chain whose top is qcow2) as a [`DiskBackend`].
@@ -83,7 +99,16 @@ pub struct Qcow2Backend {
 impl Qcow2Backend {
     /// Open a resolved chain.
     pub fn open_chain(layers: &[Layer], read_only: bool) -> Result<Qcow2Backend> {
-        let access = open_imago(layers, !read_only)?;
+        Self::open_chain_with(layers, read_only, false)
+    }
+
+    /// Open a resolved chain; `direct` opens every file with `O_DIRECT` (`cache=none`).
+    pub fn open_chain_with(
+        layers: &[Layer],
+        read_only: bool,
+        direct: bool,
+    ) -> Result<Qcow2Backend> {
+        let access = open_imago_with(layers, !read_only, direct)?;
         Ok(Qcow2Backend {
             path: layers[0].path.clone(),
             size: access.size(),

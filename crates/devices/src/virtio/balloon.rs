@@ -301,8 +301,9 @@ impl Balloon {
     }
 }
 
+/// What a balloon queue is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub enum Role {
     Inflate,
     Deflate,
     Stats,
@@ -443,6 +444,16 @@ pub struct PagesHandler {
 }
 
 impl PagesHandler {
+    /// The handler of a queue with `role` (not [`Role::Stats`]: see [`serve_stats`]), counting
+    /// in `handle` and discarding through `discard`.
+    pub fn new(role: Role, handle: BalloonHandle, discard: Arc<dyn DiscardMemory>) -> Self {
+        PagesHandler {
+            role,
+            handle,
+            discard,
+        }
+    }
+
     fn discard_range(&self, mem: &GuestMemoryMmap, start: u64, len: u64) {
         if let Err(e) = self.discard.discard(mem, GuestAddress(start), len) {
             tracing::debug!("virtio-balloon: discard {start:#x}+{len:#x}: {e}");
@@ -555,11 +566,7 @@ impl Worker {
         for (role, q) in served {
             let shared = Arc::new(Mutex::new(q.queue));
             queues.push((q.index, shared.clone()));
-            let handler = PagesHandler {
-                role,
-                handle: handle.clone(),
-                discard: discard.clone(),
-            };
+            let handler = PagesHandler::new(role, handle.clone(), discard.clone());
             loops.insert(q.index, (role, shared, q.notifier, handler));
         }
         let thread = DeviceThread::spawn("virtio-balloon".into(), move |stop| {
@@ -704,7 +711,7 @@ impl WorkerLoop for BalloonLoop {
 /// The statistics queue: the driver's buffer is read, then held (its head in
 /// `stats_head`) until the VMM asks for fresh statistics (virtio 1.2 §5.5.6.3). Returns
 /// whether to interrupt the driver.
-fn serve_stats(
+pub fn serve_stats(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     chain: &mut Chain,

@@ -161,6 +161,23 @@ impl VirtioDeviceState {
         Ok(())
     }
 
+    /// Give a saved network device other rate limits (receive, transmit), for a VM restored
+    /// with new ones.
+    pub fn set_net_rate_limiters(
+        &mut self,
+        rx: crate::rate_limiter::RateLimiterConfig,
+        tx: crate::rate_limiter::RateLimiterConfig,
+    ) -> Result<(), ActivateError> {
+        let DeviceSpecificState::Net(n) = &mut self.specific else {
+            return Err(ActivateError::StateMismatch(
+                "rate limits are only for a network device".into(),
+            ));
+        };
+        n.rx_rate_limiter = rx;
+        n.tx_rate_limiter = tx;
+        Ok(())
+    }
+
     /// Give a saved vsock device another guest CID, for a clone of a snapshot restored into a
     /// device built with `cid`. The restored device sends the guest a transport reset event,
     /// on which the driver reads the CID again.

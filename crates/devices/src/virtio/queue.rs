@@ -295,6 +295,13 @@ pub trait ChainHandler {
     /// Serve `chain` (walked, not yet validated) and return the number of bytes written into its
     /// buffers, for the used ring.
     fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32;
+
+    /// Like [`ChainHandler::handle`], but may decline to serve `chain` now (`None`, say because
+    /// a rate limiter is out of tokens): [`process_queue`] then leaves the chain in the
+    /// available ring and ends the pass with [`Progress::deferred`].
+    fn try_handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Option<u32> {
+        Some(self.handle(mem, chain))
+    }
 }
 
 /// What a [`process_queue`] pass did.
@@ -305,12 +312,17 @@ pub struct Progress {
     /// The pass stopped at its budget with chains still available: call again (after checking
     /// for other work, such as a request to stop).
     pub pending: bool,
+    /// The handler declined a chain ([`ChainHandler::try_handle`]): it is still available, and
+    /// the caller calls again once the handler can serve it. Driver notifications may be left
+    /// disabled meanwhile.
+    pub deferred: bool,
 }
 
 /// Serve the available chains of `queue` with `handler`, adding each to the used ring, with
 /// notifications suppressed while working. A pass serves at most as many chains as the queue
 /// has entries: a driver can lay out its rings so that the device's own used-ring writes keep
 /// "adding" available entries, and a pass must end anyway.
+/// A chain the handler declines ends the pass early, left available (see [`Progress::deferred`]).
 /// An `Err` is a corrupt ring ([`QueueError::is_fatal`]): the queue must not be used again
 /// before a reset.
 pub fn process_queue(
@@ -336,6 +348,7 @@ pub fn process_queue_until(
     let mut served = 0u32;
     let mut rounds = 0u32;
     let mut pending = false;
+    let mut deferred = false;
     'passes: loop {
         // Rounds count too: with rings that overlap, flipping the notification flag can change
         // the available index without any chain being served.
@@ -354,7 +367,12 @@ pub fn process_queue_until(
                 break;
             };
             walk_chain(queue, mem, head, chain);
-            let len = handler.handle(mem, chain);
+            let Some(len) = handler.try_handle(mem, chain) else {
+                // Put the chain back: the next pass pops it again.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                deferred = true;
+                break 'passes;
+            };
             queue.add_used(mem, head, len).map_err(ring_err)?;
             served += 1;
             if served >= budget {
@@ -372,7 +390,11 @@ pub fn process_queue_until(
         queue.enable_notification(mem).map_err(ring_err)?;
     }
     let notify = served > 0 && queue.needs_notification(mem).map_err(ring_err)?;
-    Ok(Progress { notify, pending })
+    Ok(Progress {
+        notify,
+        pending,
+        deferred,
+    })
 }
 
 /// A position in a list of buffers, to read or write them as one stream.
@@ -616,6 +638,39 @@ mod tests {
         assert_eq!(tq.used(0), (0, 0));
         assert_eq!(tq.used(1), (1, 7));
         assert_eq!(tq.used(2), (3, 7));
+    }
+
+    /// Serves `budget` chains, then declines.
+    struct Budget(u32);
+    impl ChainHandler for Budget {
+        fn handle(&mut self, _: &GuestMemoryMmap, _: &mut Chain) -> u32 {
+            unreachable!("process_queue calls try_handle")
+        }
+        fn try_handle(&mut self, _: &GuestMemoryMmap, _: &mut Chain) -> Option<u32> {
+            self.0 = self.0.checked_sub(1)?;
+            Some(1)
+        }
+    }
+
+    #[test]
+    fn a_declined_chain_stays_available() {
+        let m = mem();
+        let mut tq = TestQueue::new(&m, 16);
+        let mut q = tq.queue();
+        for i in 0..3 {
+            tq.add_chain(&[(0x10000 + i * 0x1000, 16, R)]);
+        }
+        let mut c = Chain::default();
+        let p = process_queue(&mut q, &m, &mut c, &mut Budget(1)).unwrap();
+        assert!(p.deferred && p.notify && !p.pending);
+        assert_eq!((tq.used_idx(), q.next_avail()), (1, 1));
+        let p = process_queue(&mut q, &m, &mut c, &mut Budget(0)).unwrap();
+        assert!(p.deferred && !p.notify);
+        assert_eq!((tq.used_idx(), q.next_avail()), (1, 1));
+        let p = process_queue(&mut q, &m, &mut c, &mut Budget(5)).unwrap();
+        assert!(!p.deferred);
+        assert_eq!(tq.used_idx(), 3);
+        assert_eq!([tq.used(1).0, tq.used(2).0], [1, 2]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::balloon::{Balloon, BalloonOptions, DiscardMemory, ZeroFill, VIRTIO_BALLOON_F_STATS_VQ};
 use super::block::request::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
-use super::block::{Block, BlockOptions, BlockState};
+use super::block::{Block, BlockOptions, BlockState, EngineKind};
 use super::console::{Console, ConsoleBackend, ConsoleInput};
 use super::mmio::{MmioTransport, VirtioMmioState, CONFIG_OFFSET};
 use super::net::{MacAddr, Net, NetBackend, HDR_LEN, VIRTIO_NET_F_MAC};
@@ -138,8 +138,13 @@ fn blk_status(m: &GuestMemoryMmap, n: u64) -> u8 {
 }
 
 fn block_device(disk: &Arc<GatedDisk>) -> Box<dyn VirtioDevice> {
+    block_device_with(disk, EngineKind::Sync)
+}
+
+fn block_device_with(disk: &Arc<GatedDisk>, engine: EngineKind) -> Box<dyn VirtioDevice> {
     let opts = BlockOptions {
         serial: "snap-disk".into(),
+        engine,
         ..Default::default()
     };
     Box::new(Block::new(disk.clone(), opts).unwrap())
@@ -197,7 +202,9 @@ fn block_pause_mid_stream_snapshot_and_restore_serve_each_request_once() {
     assert_eq!(
         saved.device.specific,
         DeviceSpecificState::Block(BlockState {
-            serial: "snap-disk".into()
+            serial: "snap-disk".into(),
+            engine: EngineKind::Sync,
+            rate_limit: Default::default(),
         })
     );
     drop(t);
@@ -226,6 +233,59 @@ fn block_pause_mid_stream_snapshot_and_restore_serve_each_request_once() {
     let other = Block::new(disk.clone(), BlockOptions::default()).unwrap();
     let (mut t3, _) = mmio_transport(&m, Box::new(other));
     assert!(t3.restore(&saved).is_err());
+}
+
+#[test]
+fn block_pause_waits_for_requests_in_flight_on_an_async_engine() {
+    let m = mem();
+    let disk = GatedDisk::new(1 << 20);
+    let (mut t, _irq) = mmio_transport(&m, block_device_with(&disk, EngineKind::Threads));
+    let mut q = TestQueue::new(&m, 64);
+    let features = t.device().features();
+    mmio_start(&mut t, features, &[(0, &q)]);
+    let t = Arc::new(Mutex::new(t));
+    // Six writes, taken together by the engine and all held inside the disk.
+    disk.set_gate(true);
+    for n in 0..6 {
+        blk_write(&m, &mut q, n);
+    }
+    mmio_notify(&mut t.lock().unwrap(), 0);
+    wait_for(|| disk.writes_started.load(Ordering::SeqCst) >= 1);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let pauser = {
+        let t = t.clone();
+        std::thread::spawn(move || {
+            t.lock().unwrap().pause();
+            done_tx.send(()).unwrap();
+        })
+    };
+    settle();
+    assert!(
+        done_rx.try_recv().is_err(),
+        "pause returned with requests in flight"
+    );
+    disk.set_gate(false);
+    pauser.join().unwrap();
+    let mut t = Arc::into_inner(t).unwrap().into_inner().unwrap();
+    // Every request the device took is complete and in the used ring: none is in flight.
+    let saved: VirtioMmioState = serde_json::from_str(&save(&t)).unwrap();
+    let (avail, used) = (saved.queues[0].next_avail, saved.queues[0].next_used);
+    assert_eq!(avail, used, "no request taken and not used");
+    assert_eq!(q.used_idx(), used);
+    assert_eq!(
+        disk.writes_done.load(Ordering::SeqCst),
+        u32::from(used),
+        "the writes done are those used"
+    );
+    for n in 0..u64::from(used) {
+        assert_eq!(blk_status(&m, n), VIRTIO_BLK_S_OK, "request {n}");
+    }
+    // Resumed, the device serves the rest, each once.
+    t.resume().unwrap();
+    q.wait_used(6);
+    settle();
+    assert_eq!(disk.writes_done.load(Ordering::SeqCst), 6);
+    assert!((0..6).all(|n| blk_status(&m, n) == VIRTIO_BLK_S_OK));
 }
 
 // ---------------------------------------------------------------------------------------------

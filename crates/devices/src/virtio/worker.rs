@@ -178,6 +178,16 @@ impl<S: WorkerLoop> DeviceThread<S> {
         matches!(self.run, Run::Paused(_))
     }
 
+    /// The running thread's pthread handle (tests measure its CPU time).
+    #[cfg(test)]
+    pub(crate) fn as_pthread_t(&self) -> Option<libc::pthread_t> {
+        use std::os::unix::thread::JoinHandleExt;
+        match &self.run {
+            Run::Running(t) => Some(t.as_pthread_t()),
+            _ => None,
+        }
+    }
+
     /// The state of a paused thread.
     pub fn paused_state(&self) -> Option<&S> {
         match &self.run {

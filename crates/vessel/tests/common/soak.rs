@@ -112,3 +112,17 @@ impl Drop for Console {
         let _ = self.child.wait();
     }
 }
+
+/// The last iteration each of `cpus` CPUs reported in `lines`.
+pub fn last_iters(lines: &[SoakLine], cpus: usize) -> Vec<u64> {
+    (0..cpus)
+        .map(|c| {
+            lines
+                .iter()
+                .filter(|l| l.cpu == c)
+                .map(|l| l.iter)
+                .max()
+                .unwrap_or_else(|| panic!("no soak line of cpu {c}"))
+        })
+        .collect()
+}

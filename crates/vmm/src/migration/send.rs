@@ -153,6 +153,16 @@ impl Pages<'_> {
     }
 }
 
+/// A fault-injection point for tests: with `VESSEL_MIGRATION_HOLD=<phase>` in the source's
+/// environment, the migration waits 2 s at that point (`stop-and-copy`: vCPUs just parked;
+/// `commit`: the target is ready, nothing committed), so a test can kill either side there.
+fn hold(phase: &str) {
+    if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p == phase) {
+        tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 fn dirty_bytes(bitmaps: &[DirtyBitmap]) -> u64 {
     bitmaps.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE
 }
@@ -247,6 +257,7 @@ pub fn send(
         out.update(|s| s.phase = MigrationPhase::StopAndCopy);
         let paused_at = Instant::now();
         paused_vcpus = h.pause_for_migration()?;
+        hold("stop-and-copy");
         pages.dirty(&bitmaps)?;
         let last = m.vm_fd.dirty_bitmap(&m.mem)?;
         pages.dirty(&last)?;
@@ -256,6 +267,7 @@ pub fn send(
         let sum = digest(&m.mem, &state)?;
         protocol::write_frame(pages.stream, Tag::State, &[&sum.to_le_bytes(), &state])?;
         protocol::expect(pages.stream, &mut buf, Tag::Ready)?;
+        hold("commit");
         if out.cancel.load(Ordering::SeqCst) {
             return Err(MigrationError::Cancelled);
         }

@@ -20,6 +20,7 @@ use vm_memory::{
     GuestMemoryRegion, GuestRegionMmap,
 };
 
+use api::types::RestoreMemory;
 use hypervisor::mem::PAGE_SIZE;
 
 /// Bytes examined per step while writing.
@@ -44,7 +45,7 @@ pub enum MemoryError {
         addr: u64,
         why: String,
     },
-    #[error("the snapshot's memory layout is not one this VM can have: {0}")]
+    #[error("{0}")]
     Layout(String),
 }
 
@@ -63,17 +64,6 @@ pub struct WriteStats {
     pub total: u64,
     /// Bytes of data written (the rest are holes).
     pub written: u64,
-}
-
-/// How restore brings memory in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestoreMemory {
-    /// Pages come in on first touch.
-    #[default]
-    Lazy,
-    /// Every page is copied in before the guest runs.
-    Eager,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
@@ -196,8 +186,14 @@ pub fn map_memory(
         });
     }
     let mut flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-    if mode == RestoreMemory::Eager {
-        flags |= libc::MAP_POPULATE;
+    match mode {
+        RestoreMemory::Lazy => {}
+        RestoreMemory::Eager => flags |= libc::MAP_POPULATE,
+        RestoreMemory::Userfaultfd => {
+            return Err(MemoryError::Layout(
+                "userfaultfd restore is not available yet: use lazy or eager".to_string(),
+            ))
+        }
     }
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {

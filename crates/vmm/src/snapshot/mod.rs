@@ -248,6 +248,91 @@ impl Machine {
     }
 }
 
+impl VmSnapshot {
+    /// The saved state of virtio device `index` (in `virtio::setup` order).
+    fn device_mut(&mut self, index: usize) -> Option<&mut devices::virtio::VirtioDeviceState> {
+        match &mut self.virtio {
+            VirtioState::Mmio(t) => t.get_mut(index).map(|t| &mut t.device),
+            VirtioState::Pci { functions, .. } => functions.get_mut(index).map(|f| &mut f.device),
+        }
+    }
+
+    /// Gives the restored VM new host-side backends for its network devices (all of them, in
+    /// order: a clone needs its own taps) and its vsock device (a clone needs its own socket),
+    /// with a new MAC, guest CID or network rate limits (each direction) where given; the saved
+    /// ones otherwise. Each device is then built with the address and limits its state holds.
+    pub fn rebind(
+        &mut self,
+        nets: &[crate::config::NetConfig],
+        vsock: Option<&crate::config::VsockConfig>,
+    ) -> Result<(), SnapshotError> {
+        let mismatch = |s: String| SnapshotError::Mismatch(s);
+        let first_net = self.config.disks.len();
+        if !nets.is_empty() && nets.len() != self.config.nets.len() {
+            return Err(mismatch(format!(
+                "the saved VM has {} network devices; give a --net for each, or none",
+                self.config.nets.len()
+            )));
+        }
+        for i in 0..self.config.nets.len() {
+            let (saved_mac, saved_rx, saved_tx) =
+                match self.device_mut(first_net + i).map(|d| &d.specific) {
+                    Some(devices::virtio::DeviceSpecificState::Net(n)) => {
+                        (n.mac, n.rx_rate_limiter, n.tx_rate_limiter)
+                    }
+                    _ => return Err(mismatch(format!("no saved state for network device {i}"))),
+                };
+            let given = |l: devices::rate_limiter::RateLimiterConfig, saved| {
+                if l.is_unlimited() {
+                    saved
+                } else {
+                    l
+                }
+            };
+            let (rx_limit, tx_limit) = match nets.get(i) {
+                Some(n) => (given(n.rx_limit, saved_rx), given(n.tx_limit, saved_tx)),
+                None => (saved_rx, saved_tx),
+            };
+            let (tap, mac) = match nets.get(i) {
+                Some(n) => {
+                    if n.queues != self.config.nets[i].queues {
+                        return Err(mismatch(format!(
+                            "network device {i} had {} queue pairs, not {}",
+                            self.config.nets[i].queues, n.queues
+                        )));
+                    }
+                    (n.tap.clone(), n.mac.unwrap_or(saved_mac))
+                }
+                None => (self.config.nets[i].tap.clone(), saved_mac),
+            };
+            if let Some(d) = self.device_mut(first_net + i) {
+                d.set_net_mac(mac).map_err(|e| mismatch(e.to_string()))?;
+                d.set_net_rate_limiters(rx_limit, tx_limit)
+                    .map_err(|e| mismatch(e.to_string()))?;
+            }
+            self.config.nets[i].tap = tap;
+            self.config.nets[i].mac = Some(mac);
+            self.config.nets[i].rx_limit = rx_limit;
+            self.config.nets[i].tx_limit = tx_limit;
+        }
+        if let Some(v) = vsock {
+            let Some(saved) = &self.config.vsock else {
+                return Err(mismatch("the saved VM has no vsock device".to_string()));
+            };
+            if saved.cid != v.cid {
+                let index = first_net + self.config.nets.len() + usize::from(self.config.rng);
+                let d = self
+                    .device_mut(index)
+                    .ok_or_else(|| mismatch("no saved state for the vsock device".to_string()))?;
+                d.set_vsock_cid(v.cid)
+                    .map_err(|e| mismatch(e.to_string()))?;
+            }
+            self.config.vsock = Some(v.clone());
+        }
+        Ok(())
+    }
+}
+
 /// Checks that this host offers every CPU feature the saved vCPUs had.
 pub fn check_cpu(offered: &hypervisor::kvm::CpuId, snap: &VmSnapshot) -> Result<(), SnapshotError> {
     for v in &snap.vcpus {

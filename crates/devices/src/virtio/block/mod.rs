@@ -2,13 +2,20 @@
 //!
 //! Requests: IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES. Features: VERSION_1, RO (read-only
 //! backends), SEG_MAX, BLK_SIZE (512), FLUSH, DISCARD and WRITE_ZEROES (writable backends), MQ
-//! (more than one queue), INDIRECT_DESC, EVENT_IDX. One worker thread per queue.
+//! (more than one queue), INDIRECT_DESC, EVENT_IDX.
+//!
+//! One worker thread per queue ([`worker`]) parses requests ([`request`]) and hands them to an
+//! I/O engine ([`engine`]: io_uring, a thread pool, or synchronous calls), several in flight and
+//! completing in any order, within an optional rate limit shared by the queues ([`limiter`]).
 
-mod engine;
+pub mod engine;
 pub mod request;
+mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_engines;
 
 use std::sync::Arc;
 
@@ -17,12 +24,18 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
 use vm_memory::GuestMemoryMmap;
 
-use super::worker::QueueWorker;
+use self::engine::threads::{ThreadPool, POOL_THREADS};
+use self::engine::EngineSetup;
+use self::request::Parser;
+use self::worker::{BlockQueue, BlockWorker};
 use super::{
     feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
     VirtioInterrupt, MAX_QUEUE_SIZE, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::rate_limiter::RateLimiterConfig;
+use crate::rate_limiter::SharedLimiter;
+pub use engine::{EngineError, EngineKind};
 pub use request::BlockHandler;
 
 pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
@@ -59,6 +72,10 @@ pub enum BlockError {
     QueueSize(u16),
     #[error("serial '{0}' is longer than 20 bytes")]
     SerialTooLong(String),
+    #[error("{0}")]
+    Engine(String),
+    #[error("rate limit: {0}")]
+    RateLimit(String),
 }
 
 /// Options of a block device.
@@ -70,6 +87,10 @@ pub struct BlockOptions {
     pub num_queues: u16,
     /// Maximum size of each queue.
     pub queue_size: u16,
+    /// The I/O engine (`Auto`: io_uring for raw files when the kernel allows it, else threads).
+    pub engine: EngineKind,
+    /// Bandwidth and operations per second, for the whole device.
+    pub rate_limit: RateLimiterConfig,
 }
 
 impl Default for BlockOptions {
@@ -78,16 +99,25 @@ impl Default for BlockOptions {
             serial: String::new(),
             num_queues: 1,
             queue_size: MAX_QUEUE_SIZE,
+            engine: EngineKind::Auto,
+            rate_limit: RateLimiterConfig::default(),
         }
     }
 }
 
 /// The block device's own state for snapshots: its serial (guest-visible through GET_ID, so
-/// checked on restore). Capacity, queues and read-only-ness are in the features and the
-/// configuration space.
+/// checked on restore), the engine asked for and the rate limit. Capacity, queues and
+/// read-only-ness are in the features and the configuration space. Requests in flight are not
+/// part of it: a paused device has none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub serial: String,
+    /// The engine asked for (resolved again on restore: the host may differ).
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// The device's rate limit, taken over by a restored device.
+    #[serde(default)]
+    pub rate_limit: RateLimiterConfig,
 }
 
 /// The block device.
@@ -98,7 +128,14 @@ pub struct Block {
     acked: u64,
     queue_sizes: Vec<u16>,
     config: [u8; CONFIG_LEN],
-    workers: Vec<QueueWorker>,
+    /// The engine asked for, and the one serving.
+    requested_engine: EngineKind,
+    engine: EngineKind,
+    rate_limit: RateLimiterConfig,
+    limiter: Option<Arc<SharedLimiter>>,
+    workers: Vec<BlockWorker>,
+    /// The I/O threads of the threads and io_uring engines, while active.
+    pool: Option<Arc<ThreadPool>>,
 }
 
 impl Block {
@@ -116,6 +153,21 @@ impl Block {
         }
         let mut id = [0u8; ID_BYTES];
         id[..opts.serial.len()].copy_from_slice(opts.serial.as_bytes());
+        let engine = engine::resolve(opts.engine, &*disk, engine::uring::available())
+            .map_err(|e| BlockError::Engine(e.to_string()))?;
+        let limiter = SharedLimiter::new(opts.rate_limit)
+            .map_err(|e| BlockError::RateLimit(e.to_string()))?;
+        tracing::debug!(
+            "virtio-blk: {} disk of {} bytes, engine {engine} (asked: {}){}",
+            disk.format(),
+            disk.size(),
+            opts.engine,
+            if limiter.is_some() {
+                ", rate limited"
+            } else {
+                ""
+            }
+        );
 
         let read_only = disk.read_only();
         let mut features = feature(VIRTIO_F_VERSION_1)
@@ -156,13 +208,51 @@ impl Block {
             acked: 0,
             queue_sizes: vec![qs; usize::from(opts.num_queues)],
             config,
+            requested_engine: opts.engine,
+            engine,
+            rate_limit: opts.rate_limit,
+            limiter,
             workers: Vec::new(),
+            pool: None,
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.size() / SECTOR_SIZE
+    }
+
+    /// The engine serving the disk (never `Auto`).
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    /// The engine for one queue; an `auto` io_uring that cannot start falls back to threads.
+    fn queue_engine(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        depth: u16,
+    ) -> Result<Box<dyn engine::Engine>, ActivateError> {
+        let setup = |kind, pool| EngineSetup {
+            kind,
+            disk: &self.disk,
+            mem,
+            pool,
+            depth,
+        };
+        match engine::build(setup(self.engine, self.pool.as_ref())) {
+            Ok(e) => Ok(e),
+            Err(e)
+                if self.engine == EngineKind::IoUring
+                    && self.requested_engine == EngineKind::Auto =>
+            {
+                tracing::warn!("virtio-blk: {e}; using engine=threads");
+                self.engine = EngineKind::Threads;
+                engine::build(setup(EngineKind::Threads, self.pool.as_ref()))
+                    .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))
+            }
+            Err(e) => Err(ActivateError::Worker(std::io::Error::other(e))),
+        }
     }
 
     fn serial(&self) -> String {
@@ -217,21 +307,46 @@ impl VirtioDevice for Block {
         if !queues.iter().any(|q| q.index == 0) {
             return Err(ActivateError::MissingQueue(0));
         }
+        if self.engine != EngineKind::Sync && self.pool.is_none() {
+            let pool = ThreadPool::new(self.disk.clone(), POOL_THREADS, "virtio-blk")
+                .map_err(ActivateError::Worker)?;
+            self.pool = Some(pool);
+        }
+        let parser = Parser::new(&*self.disk, self.acked, self.id);
         let mut workers = Vec::with_capacity(queues.len());
-        for q in queues {
-            let handler = BlockHandler::new(self.disk.clone(), self.acked, self.id);
-            let name = format!("virtio-blk-q{}", q.index);
-            let w = QueueWorker::spawn(name, q, mem.clone(), interrupt.clone(), handler)
+        for ActiveQueue {
+            index,
+            queue,
+            notifier,
+        } in queues
+        {
+            let engine = self.queue_engine(&mem, virtio_queue::QueueT::size(&queue))?;
+            let bq = BlockQueue::new(
+                queue,
+                mem.clone(),
+                parser.clone(),
+                engine,
+                self.limiter.clone(),
+            )
+            .map_err(ActivateError::Worker)?;
+            let name = format!("virtio-blk-q{index}");
+            let w = BlockWorker::spawn(name, index, notifier, interrupt.clone(), bq)
                 .map_err(|e| ActivateError::Worker(e.into()))?;
             workers.push(w);
         }
         self.workers = workers;
+        tracing::debug!(
+            "virtio-blk: {} queues active, engine {}",
+            self.workers.len(),
+            self.engine
+        );
         Ok(())
     }
 
     fn reset(&mut self) {
-        // Dropping a worker stops and joins its thread.
+        // Dropping a worker stops its thread after its requests in flight; then the pool.
         self.workers.clear();
+        self.pool = None;
         self.acked = 0;
     }
 
@@ -243,8 +358,8 @@ impl VirtioDevice for Block {
     }
 
     fn pause(&mut self) {
-        // Requests complete in the worker (synchronous I/O): a stopped worker has none in
-        // flight.
+        // Each worker stops taking requests and completes those in flight (status and used
+        // entry written) before its thread stops; then the pool is idle.
         for w in &mut self.workers {
             w.pause();
         }
@@ -260,12 +375,29 @@ impl VirtioDevice for Block {
     fn device_state(&self) -> DeviceSpecificState {
         DeviceSpecificState::Block(BlockState {
             serial: self.serial(),
+            engine: self.requested_engine,
+            rate_limit: self.rate_limit,
         })
     }
 
     fn restore_device_state(&mut self, state: &DeviceSpecificState) -> Result<(), ActivateError> {
         match state {
-            DeviceSpecificState::Block(b) if b.serial == self.serial() => Ok(()),
+            DeviceSpecificState::Block(b) if b.serial == self.serial() => {
+                if b.engine != self.requested_engine {
+                    tracing::info!(
+                        "virtio-blk: engine {} saved, {} asked now; keeping {}",
+                        b.engine,
+                        self.requested_engine,
+                        self.engine
+                    );
+                }
+                if b.rate_limit != self.rate_limit {
+                    self.limiter = SharedLimiter::new(b.rate_limit)
+                        .map_err(|e| ActivateError::StateMismatch(format!("rate limit: {e}")))?;
+                    self.rate_limit = b.rate_limit;
+                }
+                Ok(())
+            }
             DeviceSpecificState::Block(b) => Err(ActivateError::StateMismatch(format!(
                 "disk serial '{}' saved, '{}' now",
                 b.serial,

@@ -9,20 +9,23 @@
 //! A chain whose status byte cannot be written (last buffer device-readable, empty, or outside
 //! guest memory, or no buffer at all) is returned unserved with a used length of 0. Every other
 //! bad request gets `VIRTIO_BLK_S_IOERR` (or `UNSUPP`), and no I/O.
+//!
+//! [`Parser::parse`] checks a chain completely (layout, lengths, disk range, features) and turns
+//! it into an [`Op`] for an engine, or answers it at once (GET_ID, errors).
 
 use std::sync::Arc;
 
 use block::DiskBackend;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::engine::{IoEngine, SyncEngine};
+use super::engine::{execute_blocking, Bounce, Data, Op};
 use super::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SECTORS,
     MAX_WRITE_ZEROES_SEGMENTS, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use crate::virtio::has_feature;
-use crate::virtio::queue::{Chain, ChainHandler, Cursor};
+use crate::virtio::queue::{Chain, ChainHandler, Cursor, Segment};
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -40,8 +43,6 @@ pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 const HEADER_LEN: u64 = 16;
 const SEGMENT_LEN: usize = 16;
-/// Size of the bounce buffer data moves through between guest memory and the disk.
-const BOUNCE_LEN: usize = 256 * 1024;
 
 /// Why a request failed; becomes its status byte (and a debug log line).
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +81,12 @@ pub enum RequestError {
     Buffers(#[from] crate::virtio::queue::CursorError),
     #[error("disk: {0}")]
     Disk(#[from] block::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl RequestError {
-    fn status(&self) -> u8 {
+    pub(crate) fn status(&self) -> u8 {
         match self {
             RequestError::Unsupported(_) | RequestError::Flags { .. } => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
@@ -91,28 +94,72 @@ impl RequestError {
     }
 }
 
-/// Serves one queue's requests.
-pub struct BlockHandler {
-    engine: Box<dyn IoEngine>,
+/// What a chain turned out to be.
+#[derive(Debug)]
+pub(crate) enum Parsed {
+    /// No writable status byte: return the chain with a used length of 0, untouched.
+    Unserved,
+    /// Answered without the disk (GET_ID, or a bad request): write `status`, report `written`
+    /// bytes before it.
+    Done {
+        status_addr: GuestAddress,
+        status: u8,
+        written: u32,
+    },
+    /// Needs the disk; on success `written` bytes were written into the guest's buffers.
+    Io {
+        status_addr: GuestAddress,
+        op: Op,
+        written: u32,
+    },
+}
+
+/// Checks requests against one disk and the features the driver accepted.
+#[derive(Debug, Clone)]
+pub(crate) struct Parser {
     /// In 512-byte sectors.
     capacity: u64,
     read_only: bool,
     acked_features: u64,
     id: [u8; ID_BYTES],
-    bounce: Vec<u8>,
 }
 
-impl BlockHandler {
-    /// A handler for requests on `disk`, with the features the driver accepted and the device
-    /// ID returned by GET_ID.
-    pub fn new(disk: Arc<dyn DiskBackend>, acked_features: u64, id: [u8; ID_BYTES]) -> Self {
-        BlockHandler {
+/// The first `len` bytes of `segments` after skipping `skip`, as buffers.
+fn sub_segments<'a>(
+    segments: impl Iterator<Item = &'a Segment>,
+    mut skip: u64,
+    mut len: u64,
+) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for s in segments {
+        if len == 0 {
+            break;
+        }
+        let l = u64::from(s.len);
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        // Both fit in a u32: they are at most `s.len`.
+        let take = (l - skip).min(len);
+        out.push(Segment {
+            addr: GuestAddress(s.addr.0.wrapping_add(skip)),
+            len: take as u32,
+            writable: s.writable,
+        });
+        len -= take;
+        skip = 0;
+    }
+    out
+}
+
+impl Parser {
+    pub(crate) fn new(disk: &dyn DiskBackend, acked_features: u64, id: [u8; ID_BYTES]) -> Self {
+        Parser {
             capacity: disk.size() / SECTOR_SIZE,
             read_only: disk.read_only(),
-            engine: Box::new(SyncEngine::new(disk)),
             acked_features,
             id,
-            bounce: Vec::new(),
         }
     }
 
@@ -129,9 +176,47 @@ impl BlockHandler {
         }
     }
 
-    /// Run the request in `chain` (validated); returns the bytes written into the guest's
-    /// buffers before the status byte.
-    fn execute(&mut self, mem: &GuestMemoryMmap, chain: &Chain) -> Result<u32, RequestError> {
+    /// Check the request in `chain` (walked, not yet validated).
+    pub(crate) fn parse(&self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Parsed {
+        let Some(status_addr) = chain.status_addr(mem) else {
+            tracing::debug!(
+                "virtio-blk: chain {} has no writable status byte{}; returned unserved",
+                chain.head,
+                chain
+                    .error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+            return Parsed::Unserved;
+        };
+        let result = chain
+            .validate(mem, SEG_MAX as usize + 2)
+            .map_err(RequestError::from)
+            .and_then(|()| self.request(mem, chain));
+        match result {
+            Ok(Answer::Now(written)) => Parsed::Done {
+                status_addr,
+                status: VIRTIO_BLK_S_OK,
+                written,
+            },
+            Ok(Answer::Disk(op, written)) => Parsed::Io {
+                status_addr,
+                op,
+                written,
+            },
+            Err(e) => {
+                tracing::debug!("virtio-blk: request {}: {e}", chain.head);
+                Parsed::Done {
+                    status_addr,
+                    status: e.status(),
+                    written: 0,
+                }
+            }
+        }
+    }
+
+    fn request(&self, mem: &GuestMemoryMmap, chain: &Chain) -> Result<Answer, RequestError> {
         if chain.readable_len < HEADER_LEN {
             return Err(RequestError::ShortHeader);
         }
@@ -141,26 +226,20 @@ impl BlockHandler {
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
         // Everything writable but the status byte.
-        let mut output = Cursor::new(chain.writable(), chain.writable_len - 1);
-        if self.bounce.is_empty() {
-            self.bounce = vec![0u8; BOUNCE_LEN];
-        }
+        let out_len = chain.writable_len - 1;
         match kind {
             VIRTIO_BLK_T_IN => {
-                let len = output.remaining();
-                if !len.is_multiple_of(SECTOR_SIZE) {
-                    return Err(RequestError::Unaligned(len));
+                if !out_len.is_multiple_of(SECTOR_SIZE) {
+                    return Err(RequestError::Unaligned(out_len));
                 }
-                let mut off = self.range(sector, len)?;
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(BOUNCE_LEN as u64) as usize;
-                    self.engine.read(&mut self.bounce[..n], off)?;
-                    output.write(mem, &self.bounce[..n])?;
-                    off += n as u64;
-                    left -= n as u64;
-                }
-                Ok(len as u32)
+                let offset = self.range(sector, out_len)?;
+                let bufs = sub_segments(chain.writable(), 0, out_len);
+                let data = Data {
+                    offset,
+                    len: out_len,
+                    bufs,
+                };
+                Ok(Answer::Disk(Op::Read(data), out_len as u32))
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
@@ -170,40 +249,38 @@ impl BlockHandler {
                 if !len.is_multiple_of(SECTOR_SIZE) {
                     return Err(RequestError::Unaligned(len));
                 }
-                let mut off = self.range(sector, len)?;
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(BOUNCE_LEN as u64) as usize;
-                    input.read(mem, &mut self.bounce[..n])?;
-                    self.engine.write(&self.bounce[..n], off)?;
-                    off += n as u64;
-                    left -= n as u64;
-                }
-                Ok(0)
+                let offset = self.range(sector, len)?;
+                let bufs = sub_segments(chain.readable(), HEADER_LEN, len);
+                Ok(Answer::Disk(Op::Write(Data { offset, len, bufs }), 0))
             }
-            VIRTIO_BLK_T_FLUSH => {
-                self.engine.flush()?;
-                Ok(0)
-            }
+            VIRTIO_BLK_T_FLUSH => Ok(Answer::Disk(Op::Flush, 0)),
             VIRTIO_BLK_T_GET_ID => {
-                let n = output.remaining().min(ID_BYTES as u64) as usize;
+                let mut output = Cursor::new(chain.writable(), out_len);
+                let n = out_len.min(ID_BYTES as u64) as usize;
                 output.write(mem, &self.id[..n])?;
-                Ok(n as u32)
+                Ok(Answer::Now(n as u32))
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                self.discard_or_zero(mem, kind, &mut input)?;
-                Ok(0)
+                let ranges = self.discard_or_zero(mem, kind, &mut input)?;
+                let op = if kind == VIRTIO_BLK_T_DISCARD {
+                    Op::Discard(ranges)
+                } else {
+                    Op::WriteZeroes(ranges)
+                };
+                Ok(Answer::Disk(op, 0))
             }
             other => Err(RequestError::Unsupported(other)),
         }
     }
 
+    /// The byte ranges of a DISCARD or WRITE_ZEROES request, every segment checked (empty
+    /// ones dropped).
     fn discard_or_zero(
-        &mut self,
+        &self,
         mem: &GuestMemoryMmap,
         kind: u32,
         input: &mut Cursor,
-    ) -> Result<(), RequestError> {
+    ) -> Result<Vec<(u64, u64)>, RequestError> {
         let discard = kind == VIRTIO_BLK_T_DISCARD;
         let (name, feature, max_segs, max_sectors) = if discard {
             (
@@ -235,7 +312,6 @@ impl BlockHandler {
                 max: max_segs,
             });
         }
-        // Check every segment before touching the disk.
         let mut ranges = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let mut raw = [0u8; SEGMENT_LEN];
@@ -259,48 +335,62 @@ impl BlockHandler {
                 });
             }
             let bytes = u64::from(sectors) * SECTOR_SIZE;
-            ranges.push((self.range(sector, bytes)?, bytes));
-        }
-        for (off, bytes) in ranges {
-            if bytes == 0 {
-                continue;
-            }
-            if discard {
-                self.engine.discard(off, bytes)?;
-            } else {
-                // The backend deallocates where cheap whether or not UNMAP was set: the range
-                // reads as zeroes either way, which is all WRITE_ZEROES promises.
-                self.engine.write_zeroes(off, bytes)?;
+            let off = self.range(sector, bytes)?;
+            if bytes > 0 {
+                ranges.push((off, bytes));
             }
         }
-        Ok(())
+        Ok(ranges)
+    }
+}
+
+enum Answer {
+    /// Done without the disk; bytes written into the guest's buffers.
+    Now(u32),
+    /// For the disk; bytes written into the guest's buffers on success.
+    Disk(Op, u32),
+}
+
+/// Serves one queue's requests synchronously, as a [`ChainHandler`]: the `sync` engine's path
+/// without a worker (for fuzzing and simple callers).
+pub struct BlockHandler {
+    disk: Arc<dyn DiskBackend>,
+    parser: Parser,
+    bounce: Bounce,
+}
+
+impl BlockHandler {
+    /// A handler for requests on `disk`, with the features the driver accepted and the device
+    /// ID returned by GET_ID.
+    pub fn new(disk: Arc<dyn DiskBackend>, acked_features: u64, id: [u8; ID_BYTES]) -> Self {
+        BlockHandler {
+            parser: Parser::new(&*disk, acked_features, id),
+            disk,
+            bounce: Bounce::default(),
+        }
     }
 }
 
 impl ChainHandler for BlockHandler {
     fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
-        let Some(status_addr) = chain.status_addr(mem) else {
-            tracing::debug!(
-                "virtio-blk: chain {} has no writable status byte{}; returned unserved",
-                chain.head,
-                chain
-                    .error
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
-            );
-            return 0;
-        };
-        let result = chain
-            .validate(mem, SEG_MAX as usize + 2)
-            .map_err(RequestError::from)
-            .and_then(|()| self.execute(mem, chain));
-        let (status, written) = match result {
-            Ok(n) => (VIRTIO_BLK_S_OK, n),
-            Err(e) => {
-                tracing::debug!("virtio-blk: request {}: {e}", chain.head);
-                (e.status(), 0)
-            }
+        let (status_addr, status, written) = match self.parser.parse(mem, chain) {
+            Parsed::Unserved => return 0,
+            Parsed::Done {
+                status_addr,
+                status,
+                written,
+            } => (status_addr, status, written),
+            Parsed::Io {
+                status_addr,
+                op,
+                written,
+            } => match execute_blocking(&*self.disk, mem, &op, &mut self.bounce) {
+                Ok(()) => (status_addr, VIRTIO_BLK_S_OK, written),
+                Err(e) => {
+                    tracing::debug!("virtio-blk: request {}: {e}", chain.head);
+                    (status_addr, e.status(), 0)
+                }
+            },
         };
         if mem.write_obj(status, status_addr).is_err() {
             return 0;

@@ -12,6 +12,11 @@
 //! write. A malformed chain or an oversized frame drops only that packet. The control queue
 //! ([`ctrl`]) accepts RX-mode and MAC-table commands (no filtering is done) and
 //! `VQ_PAIRS_SET`, which attaches and detaches the tap's queues.
+//!
+//! Rate limits ([`Net::set_rate_limiters`]): one token-bucket limiter per direction (packets
+//! and frame bytes, the virtio-net header not counted), shared by all queue pairs
+//! ([`SharedLimiter`]). Transmit chains beyond the budget stay in the ring; received frames beyond it
+//! stay in the tap's kernel queue.
 
 mod backend;
 mod ctrl;
@@ -31,6 +36,10 @@ use vm_memory::GuestMemoryMmap;
 
 pub use ::net::MacAddr;
 pub use backend::NetBackend;
+// The queue handlers on their own, for fuzz targets.
+pub use ctrl::CtrlHandler;
+pub use rx::{deliver, DropReason, RxOutcome};
+pub use tx::{TxError, TxHandler, TxStats};
 
 use super::worker::QueueWorker;
 use super::{
@@ -38,8 +47,8 @@ use super::{
     VirtioDevice, VirtioInterrupt, MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use ctrl::CtrlHandler;
-use worker::PairWorker;
+use crate::rate_limiter::{RateLimiterConfig, RateLimiterError, SharedLimiter};
+use worker::{Limiters, PairOptions, PairWorker};
 
 /// Device type (virtio 1.2 §5.1).
 pub const TYPE_NET: u32 = 1;
@@ -96,6 +105,8 @@ pub enum NetError {
     Mac(#[from] ::net::MacError),
     #[error(transparent)]
     Tap(#[from] ::net::TapError),
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
 }
 
 /// The tap flags for the offloads in the guest features `acked`.
@@ -116,6 +127,12 @@ pub struct NetState {
     pub queue_pairs: u16,
     /// Queue pairs the driver enabled with `VQ_PAIRS_SET` (1 without `MQ`).
     pub active_pairs: u16,
+    /// The receive rate limit (the buckets restart full).
+    #[serde(default)]
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// The transmit rate limit.
+    #[serde(default)]
+    pub tx_rate_limiter: RateLimiterConfig,
 }
 
 /// The network device.
@@ -127,6 +144,9 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     config: [u8; CONFIG_LEN],
     active_pairs: Arc<AtomicU16>,
+    rx_limit: RateLimiterConfig,
+    tx_limit: RateLimiterConfig,
+    limiters: Limiters,
     workers: Vec<PairWorker>,
     ctrl: Option<QueueWorker>,
 }
@@ -191,9 +211,33 @@ impl Net {
             queue_sizes: vec![MAX_QUEUE_SIZE; pairs * 2 + 1],
             config,
             active_pairs: Arc::new(AtomicU16::new(1)),
+            rx_limit: RateLimiterConfig::default(),
+            tx_limit: RateLimiterConfig::default(),
+            limiters: Limiters::default(),
             workers: Vec::new(),
             ctrl: None,
         })
+    }
+
+    /// Limit what the device receives (`rx`) and transmits (`tx`), for all its queue pairs
+    /// together. Takes effect at the next activation.
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: RateLimiterConfig,
+        tx: RateLimiterConfig,
+    ) -> Result<(), NetError> {
+        self.limiters = Limiters {
+            rx: SharedLimiter::new(rx)?,
+            tx: SharedLimiter::new(tx)?,
+        };
+        self.rx_limit = rx;
+        self.tx_limit = tx;
+        Ok(())
+    }
+
+    /// The receive and transmit rate limits.
+    pub fn rate_limiters(&self) -> (RateLimiterConfig, RateLimiterConfig) {
+        (self.rx_limit, self.tx_limit)
     }
 
     /// A network device on tap `name` (created if absent) with `queue_pairs` queue pairs.
@@ -225,11 +269,13 @@ impl Net {
             mac: self.mac,
             queue_pairs: self.queue_pairs(),
             active_pairs: self.active_pairs.load(Ordering::SeqCst),
+            rx_rate_limiter: self.rx_limit,
+            tx_rate_limiter: self.tx_limit,
         }
     }
 
     /// Restore [`Net::net_state`] into an inactive device with the same backend and options,
-    /// whose features are restored.
+    /// whose features are restored (the rate limits are taken from the state).
     fn restore_net_state(&mut self, state: &NetState) -> Result<(), ActivateError> {
         if state.mac != self.mac || state.queue_pairs != self.queue_pairs() {
             return Err(ActivateError::StateMismatch(format!(
@@ -245,6 +291,10 @@ impl Net {
                 "saved number of active queue pairs is not possible here".into(),
             ));
         }
+        if (state.rx_rate_limiter, state.tx_rate_limiter) != self.rate_limiters() {
+            self.set_rate_limiters(state.rx_rate_limiter, state.tx_rate_limiter)
+                .map_err(|e| ActivateError::StateMismatch(e.to_string()))?;
+        }
         self.active_pairs
             .store(state.active_pairs, Ordering::SeqCst);
         Ok(())
@@ -253,6 +303,15 @@ impl Net {
     fn ctrl_index(&self) -> u16 {
         self.queue_pairs() * 2
     }
+}
+
+/// `N bytes/N packets per T ms` for a log line.
+fn describe_limit(l: &RateLimiterConfig) -> String {
+    [(l.bandwidth, "bytes"), (l.ops, "packets")]
+        .iter()
+        .filter_map(|(b, what)| b.map(|b| format!("{} {what} per {} ms", b.size, b.refill_time_ms)))
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// Attach the backends' queues of the first `active` pairs, detach the others (only for more
@@ -354,7 +413,10 @@ impl VirtioDevice for Net {
                 mem.clone(),
                 interrupt.clone(),
                 backend.clone(),
-                mrg,
+                PairOptions {
+                    mrg,
+                    limiters: self.limiters.clone(),
+                },
             )
             .map_err(|e| ActivateError::Worker(e.into()))?;
             workers.push(w);
@@ -379,8 +441,13 @@ impl VirtioDevice for Net {
             .filter(|i| offloads & (1 << i) != 0)
             .map(|i| names[i])
             .collect();
+        let limits = [("rx", &self.rx_limit), ("tx", &self.tx_limit)]
+            .iter()
+            .filter(|(_, l)| !l.is_unlimited())
+            .map(|(d, l)| format!(", {d} limited to {}", describe_limit(l)))
+            .collect::<String>();
         tracing::info!(
-            "virtio-net {}: {} of {} queue pairs served{}, guest offloads [{}]{}",
+            "virtio-net {}: {} of {} queue pairs served{}, guest offloads [{}]{}{limits}",
             self.mac,
             self.workers.len(),
             self.backends.len(),
@@ -399,6 +466,9 @@ impl VirtioDevice for Net {
         // Dropping a worker stops and joins its thread.
         self.workers.clear();
         self.ctrl = None;
+        for l in [&self.limiters.rx, &self.limiters.tx].into_iter().flatten() {
+            l.clear_waiters();
+        }
         self.acked = 0;
         self.active_pairs.store(1, Ordering::SeqCst);
         if let Err(e) = self.backends[0].set_offload(0) {

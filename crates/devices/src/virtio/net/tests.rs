@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::ctrl::*;
 use super::rx::{deliver, DropReason, RxOutcome};
 use super::*;
+use crate::rate_limiter::TokenBucketConfig;
 use crate::virtio::queue::Chain;
 use crate::virtio::testing::{mem, CountingInterrupt, TestQueue, R, W};
 
@@ -61,8 +62,21 @@ struct Harness<'a> {
 
 impl<'a> Harness<'a> {
     fn new(m: &'a GuestMemoryMmap, pairs: usize, extra_features: u64) -> Self {
+        let none = RateLimiterConfig::default();
+        Harness::limited(m, pairs, extra_features, none, none)
+    }
+
+    /// With receive and transmit rate limits.
+    fn limited(
+        m: &'a GuestMemoryMmap,
+        pairs: usize,
+        extra_features: u64,
+        rx_limit: RateLimiterConfig,
+        tx_limit: RateLimiterConfig,
+    ) -> Self {
         let (backends, peers): (Vec<_>, Vec<_>) = (0..pairs).map(|_| pair()).unzip();
         let mut dev = Net::new(backends, Some(mac())).unwrap();
+        dev.set_rate_limiters(rx_limit, tx_limit).unwrap();
         dev.ack_features(feature(VIRTIO_F_VERSION_1) | extra_features);
         let rx = TestQueue::new_at(m, 16, RX_SHIFT);
         let tx = TestQueue::new_at(m, 16, TX_SHIFT);
@@ -482,6 +496,263 @@ fn reset_and_state_round_trip() {
         ..s
     };
     assert!(h.dev.restore_net_state(&other).is_err());
+}
+
+/// `size` tokens every `ms` milliseconds, no burst.
+fn bucket(size: u64, ms: u64) -> TokenBucketConfig {
+    TokenBucketConfig {
+        size,
+        one_time_burst: 0,
+        refill_time_ms: ms,
+    }
+}
+
+fn pps(size: u64, ms: u64) -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(bucket(size, ms)),
+    }
+}
+
+/// When the used index of `q` reached 1, 2, ... `n` (polled: never early).
+fn used_times(q: &TestQueue, n: u16, start: Instant) -> Vec<Duration> {
+    let mut at = Vec::new();
+    while at.len() < usize::from(n) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "used index stuck at {}",
+            q.used_idx()
+        );
+        let used = usize::from(q.used_idx());
+        while at.len() < used {
+            at.push(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    at
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[test]
+fn transmit_beyond_the_packet_budget_waits_in_the_ring() {
+    let m = mem();
+    // Before the limiter exists: its bucket starts full at creation (2 packets), then one more
+    // packet may go every 50 ms.
+    let start = Instant::now();
+    let mut h = Harness::limited(&m, 1, 0, RateLimiterConfig::default(), pps(2, 100));
+    let ps: Vec<_> = (0..5).map(|i| packet(100, i)).collect();
+    for (i, p) in ps.iter().enumerate() {
+        h.transmit(p, i as u64);
+    }
+    h.kick_tx();
+    let mut got = vec![0u8; 2048];
+    let mut at = Vec::new();
+    for p in &ps {
+        let n = h.peers[0].recv(&mut got).unwrap();
+        at.push(start.elapsed());
+        assert_eq!(&got[..n], &p[..]);
+    }
+    for (i, t) in at.iter().enumerate().skip(2) {
+        assert!(*t >= 50 * MS * (i as u32 - 1), "packet {i} sent at {t:?}");
+    }
+    // Every chain went to the used ring, in order: the refused ones waited, none was dropped.
+    h.tx.wait_used(5);
+    for i in 0..5 {
+        assert_eq!(h.tx.used(i), (u32::from(i) * 2, 0));
+    }
+    assert!(!*h.int.needs_reset.lock().unwrap());
+}
+
+#[test]
+fn transmit_beyond_the_byte_budget_waits_in_the_ring() {
+    let m = mem();
+    // 3000 frame bytes per 100 ms; frames of 1000 bytes (the header is not counted).
+    let tx = RateLimiterConfig {
+        bandwidth: Some(bucket(3000, 100)),
+        ops: None,
+    };
+    let start = Instant::now();
+    let mut h = Harness::limited(&m, 1, 0, RateLimiterConfig::default(), tx);
+    for i in 0..6 {
+        h.transmit(&packet(1000, i as u8), i);
+    }
+    h.kick_tx();
+    let at = used_times(&h.tx, 6, start);
+    // Three at once, then one per 33.3 ms.
+    assert!(at[5] >= 100 * MS, "{at:?}");
+    let mut got = vec![0u8; 2048];
+    for i in 0..6 {
+        let n = h.peers[0].recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &packet(1000, i)[..]);
+    }
+}
+
+#[test]
+fn receive_beyond_the_budget_waits_in_the_backend() {
+    let m = mem();
+    let start = Instant::now();
+    let mut h = Harness::limited(&m, 1, 0, pps(2, 100), RateLimiterConfig::default());
+    for i in 0..8 {
+        h.rx.add_chain(&[(RX_BUF + i * 0x1000, 2048, W)]);
+    }
+    h.kick_rx();
+    let ps: Vec<_> = (0..5).map(|i| packet(300 + i, i as u8)).collect();
+    for p in &ps {
+        h.peers[0].send(p).unwrap();
+    }
+    let at = used_times(&h.rx, 5, start);
+    for (i, t) in at.iter().enumerate().skip(2) {
+        assert!(*t >= 50 * MS * (i as u32 - 1), "frame {i} at {t:?}");
+    }
+    // In order, none lost.
+    for (i, p) in ps.iter().enumerate() {
+        assert_eq!(h.rx.used(i as u16), (i as u32, p.len() as u32));
+        let got = read(&m, RX_BUF + i as u64 * 0x1000, p.len());
+        assert_eq!(&got[HDR_LEN..], &p[HDR_LEN..]);
+    }
+}
+
+#[test]
+fn a_rate_limited_worker_sleeps() {
+    // One frame per 2 s: while the second frame waits in the backend, which stays readable,
+    // the worker must not spin on it (nor on anything else).
+    let m = mem();
+    let mut h = Harness::limited(&m, 1, 0, pps(1, 2000), RateLimiterConfig::default());
+    for i in 0..4 {
+        h.rx.add_chain(&[(RX_BUF + i * 0x1000, 2048, W)]);
+    }
+    h.kick_rx();
+    for i in 0..3 {
+        h.peers[0].send(&packet(300, i)).unwrap();
+    }
+    h.rx.wait_used(1);
+    let before = h.dev.workers[0].cpu_time();
+    std::thread::sleep(500 * MS);
+    let used = h.dev.workers[0].cpu_time() - before;
+    // Blocked in epoll, it uses nothing; spinning, it would take a good part of the 500 ms.
+    assert!(
+        used < 50 * MS,
+        "the worker used {used:?} of CPU while waiting"
+    );
+    h.rx.wait_used(2);
+}
+
+#[test]
+fn a_frame_refused_for_lack_of_buffers_is_charged_once() {
+    // Two frames of budget; the first waits for buffers, and is not charged again when they
+    // come: the second frame needs no timer.
+    let m = mem();
+    let mut h = Harness::limited(&m, 1, 0, pps(2, 60_000), RateLimiterConfig::default());
+    h.peers[0].send(&packet(100, 1)).unwrap();
+    h.peers[0].send(&packet(100, 2)).unwrap();
+    std::thread::sleep(50 * MS);
+    for i in 0..2 {
+        h.rx.add_chain(&[(RX_BUF + i * 0x1000, 2048, W)]);
+        h.kick_rx();
+        h.rx.wait_used(i as u16 + 1);
+    }
+}
+
+#[test]
+fn limits_are_shared_by_the_queue_pairs_and_wake_each() {
+    let m = mem();
+    let mut backends: Vec<Arc<dyn NetBackend>> = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let (b, peer) = pair();
+        backends.push(b);
+        peers.push(peer);
+    }
+    let start = Instant::now();
+    let mut dev = Net::new(backends, Some(mac())).unwrap();
+    dev.set_rate_limiters(pps(2, 100), pps(2, 100)).unwrap();
+    dev.ack_features(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MQ));
+    // rx0, tx0, rx1, tx1.
+    let mut qs: Vec<TestQueue> = (0..4)
+        .map(|i| TestQueue::new_at(&m, 16, i * 0x10000))
+        .collect();
+    let mut kicks = Vec::new();
+    let mut active = Vec::new();
+    for (i, tq) in qs.iter().enumerate() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        kicks.push(evt.try_clone().unwrap());
+        active.push(ActiveQueue {
+            index: i as u16,
+            queue: tq.queue(),
+            notifier: evt,
+        });
+    }
+    dev.activate(m.clone(), Arc::new(CountingInterrupt::default()), active)
+        .unwrap();
+    for pair in 0..2u64 {
+        let (rx, tx) = (pair as usize * 2, pair as usize * 2 + 1);
+        for i in 0..3u64 {
+            let at = TX_BUF + pair * 0x10000 + i * 0x1000;
+            let p = packet(100, (pair * 3 + i) as u8);
+            m.write_slice(&p, GuestAddress(at)).unwrap();
+            qs[tx].add_chain(&[(at, p.len() as u32, R)]);
+            qs[rx].add_chain(&[(RX_BUF + pair * 0x10000 + i * 0x1000, 2048, W)]);
+        }
+        kicks[rx].write(1).unwrap();
+    }
+    for pair in 0..2 {
+        kicks[pair * 2 + 1].write(1).unwrap();
+        for i in 0..3 {
+            peers[pair].send(&packet(200, i)).unwrap();
+        }
+    }
+    // Six packets each way through one budget: two at once, then one per 50 ms; both pairs
+    // get all theirs (each blocked pair is woken).
+    let mut got = vec![0u8; 2048];
+    for (pair, peer) in peers.iter().enumerate() {
+        for i in 0..3 {
+            let n = peer.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &packet(100, (pair * 3 + i) as u8)[..]);
+        }
+    }
+    let sent = start.elapsed();
+    for q in &qs {
+        q.wait_used(3);
+    }
+    let all = start.elapsed();
+    // With a budget per pair, each would be done after 50 ms.
+    assert!(sent >= 200 * MS, "sent in {sent:?}");
+    assert!(all >= 200 * MS, "received in {all:?}");
+    dev.reset();
+}
+
+#[test]
+fn rate_limits_are_in_the_state() {
+    let m = mem();
+    let tx = RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig::per_second(1 << 20, 1 << 16)),
+        ops: Some(bucket(1000, 1000)),
+    };
+    let mut h = Harness::limited(&m, 1, 0, pps(10, 1000), tx);
+    let s = h.dev.net_state();
+    assert_eq!((s.rx_rate_limiter, s.tx_rate_limiter), (pps(10, 1000), tx));
+    let back: NetState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(back, s);
+    // A state from before rate limits: none.
+    let mut old = serde_json::to_value(&s).unwrap();
+    old.as_object_mut().unwrap().remove("rx_rate_limiter");
+    old.as_object_mut().unwrap().remove("tx_rate_limiter");
+    let old: NetState = serde_json::from_value(old).unwrap();
+    assert!(old.rx_rate_limiter.is_unlimited() && old.tx_rate_limiter.is_unlimited());
+    h.dev.reset();
+    h.dev.restore_net_state(&old).unwrap();
+    assert_eq!(
+        h.dev.rate_limiters(),
+        (RateLimiterConfig::default(), RateLimiterConfig::default())
+    );
+    h.dev.restore_net_state(&s).unwrap();
+    assert_eq!(h.dev.rate_limiters(), (pps(10, 1000), tx));
+    let bad = NetState {
+        tx_rate_limiter: pps(0, 1000),
+        ..s
+    };
+    assert!(h.dev.restore_net_state(&bad).is_err());
 }
 
 /// A real tap in a private network namespace (this thread's only): the host side has

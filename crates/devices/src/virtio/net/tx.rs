@@ -1,8 +1,16 @@
 //! Transmit: each chain of the transmit queue, gathered into one write to the backend.
+//!
+//! With a rate limiter, a well-formed packet is sent only once the limiter grants it (one
+//! packet, the frame's bytes without the virtio-net header); otherwise its chain stays in the
+//! available ring and the pass ends until the limiter's timer wakes the worker.
+
+use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN};
+use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{Chain, ChainHandler, Cursor, MAX_CHAIN_DESCRIPTORS};
 
 /// Why a transmitted packet was dropped.
@@ -36,10 +44,19 @@ pub struct TxHandler<'a> {
     /// Holds one packet; [`MAX_PACKET_LEN`] bytes at most.
     pub buf: &'a mut Vec<u8>,
     pub stats: &'a mut TxStats,
+    /// The device's transmit limiter, and this queue pair's wake-up eventfd for it.
+    pub limiter: Option<(&'a SharedLimiter, &'a Arc<EventFd>)>,
+}
+
+/// What became of a transmit chain.
+enum Sent {
+    Done,
+    /// The limiter has no tokens for it now.
+    Limited,
 }
 
 impl TxHandler<'_> {
-    fn send(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Result<(), TxError> {
+    fn send(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Result<Sent, TxError> {
         chain.validate(mem, MAX_CHAIN_DESCRIPTORS)?;
         if chain.writable_len > 0 {
             return Err(TxError::Writable);
@@ -51,13 +68,18 @@ impl TxHandler<'_> {
         if len > MAX_PACKET_LEN as u64 {
             return Err(TxError::TooBig(len));
         }
+        if let Some((limiter, waker)) = self.limiter {
+            if !limiter.consume(1, len - HDR_LEN as u64, waker) {
+                return Ok(Sent::Limited);
+            }
+        }
         let len = len as usize;
         self.buf.resize(len, 0);
         Cursor::new(chain.readable(), len as u64)
             .read(mem, &mut self.buf[..len])
             .map_err(|_| TxError::Memory)?;
         match self.backend.send(&self.buf[..len]) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(Sent::Done),
             Err(e) => Err(TxError::Backend(e.to_string())),
         }
     }
@@ -65,8 +87,14 @@ impl TxHandler<'_> {
 
 impl ChainHandler for TxHandler<'_> {
     fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+        // Only reached without deferral: a limited packet is dropped.
+        self.try_handle(mem, chain).unwrap_or(0)
+    }
+
+    fn try_handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Option<u32> {
         match self.send(mem, chain) {
-            Ok(()) => {
+            Ok(Sent::Limited) => return None,
+            Ok(Sent::Done) => {
                 self.stats.packets += 1;
                 self.stats.bytes += chain.readable_len;
             }
@@ -80,6 +108,6 @@ impl ChainHandler for TxHandler<'_> {
             }
         }
         // Nothing is written into transmit buffers.
-        0
+        Some(0)
     }
 }

@@ -5,6 +5,12 @@
 //! no room is kept (one at most) and the backend leaves the epoll set until the driver notifies
 //! the receive queue, so an idle guest costs nothing and no frame is lost here (the kernel's tap
 //! queue drops what overflows it). Transmit: every notification serves the available chains.
+//!
+//! Rate limits ([`SharedLimiter`], one per direction, shared by all pairs): a transmit chain
+//! the limiter refuses stays in the ring and transmission stops; a received frame it refuses is
+//! kept (as when there are no buffers) and the backend leaves the epoll set, so that the kernel
+//! queues further frames in the tap. Both resume when the limiter's timer wakes the pair
+//! (through its `wake` eventfd).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,8 +23,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::rx::{deliver, RxOutcome};
 use super::tx::{TxHandler, TxStats};
-use super::{NetBackend, MAX_PACKET_LEN};
+use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN};
 use crate::bus::lock;
+use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{process_queue_until, Chain, QueueError};
 use crate::virtio::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
 use crate::virtio::{ActiveQueue, VirtioInterrupt, VirtioInterruptType};
@@ -28,6 +35,8 @@ const TOKEN_TX: u64 = 1;
 const TOKEN_BACKEND: u64 = 2;
 const TOKEN_EXIT: u64 = 3;
 const TOKEN_WAKE: u64 = 4;
+const TOKEN_TX_TIMER: u64 = 5;
+const TOKEN_RX_TIMER: u64 = 6;
 
 /// Frames delivered per wake-up before the worker looks at its other events again.
 const RX_BUDGET: usize = 256;
@@ -46,8 +55,23 @@ pub struct PairWorker {
     tx_index: u16,
     rx: Arc<Mutex<Queue>>,
     tx: Arc<Mutex<Queue>>,
-    wake: EventFd,
+    wake: Arc<EventFd>,
     thread: DeviceThread<Pair>,
+}
+
+/// The device's rate limiters (`None`: no limit that way).
+#[derive(Clone, Default)]
+pub struct Limiters {
+    pub rx: Option<Arc<SharedLimiter>>,
+    pub tx: Option<Arc<SharedLimiter>>,
+}
+
+/// How a queue pair works, from the negotiated features and the device's options.
+#[derive(Clone, Default)]
+pub struct PairOptions {
+    /// Mergeable receive buffers.
+    pub mrg: bool,
+    pub limiters: Limiters,
 }
 
 struct Pair {
@@ -61,9 +85,17 @@ struct Pair {
     tx: Arc<Mutex<Queue>>,
     rx_kick: EventFd,
     tx_kick: EventFd,
-    wake: EventFd,
+    /// Written by the control queue and by the rate limiters' timers.
+    wake: Arc<EventFd>,
     stop: StopSignal,
     mrg: bool,
+    limiters: Limiters,
+    /// Transmission waits for the transmit limiter.
+    tx_limited: bool,
+    /// The pending frame waits for the receive limiter.
+    rx_limited: bool,
+    /// The receive limiter granted the pending frame already.
+    rx_granted: bool,
     /// One packet read from the backend; `pending` bytes of it wait for receive buffers.
     rx_buf: Vec<u8>,
     pending: Option<usize>,
@@ -89,22 +121,30 @@ impl PairWorker {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         backend: Arc<dyn NetBackend>,
-        mrg: bool,
+        opts: PairOptions,
     ) -> Result<PairWorker, WorkerError> {
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?;
-        let wake_thread = wake.try_clone().map_err(WorkerError::EventFd)?;
+        let PairOptions { mrg, limiters } = opts;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?);
+        let wake_thread = wake.clone();
         let (rx_index, tx_index) = (rx.index, tx.index);
         let rxq = Arc::new(Mutex::new(rx.queue));
         let txq = Arc::new(Mutex::new(tx.queue));
         let (rx_shared, tx_shared) = (rxq.clone(), txq.clone());
         let thread = DeviceThread::spawn(name, move |stop| {
             let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
+            let timers = [
+                limiters.tx.as_ref().map(|l| (l.timer_fd(), TOKEN_TX_TIMER)),
+                limiters.rx.as_ref().map(|l| (l.timer_fd(), TOKEN_RX_TIMER)),
+            ];
             for (fd, token) in [
                 (rx.notifier.as_raw_fd(), TOKEN_RX),
                 (tx.notifier.as_raw_fd(), TOKEN_TX),
                 (stop.raw_fd(), TOKEN_EXIT),
                 (wake_thread.as_raw_fd(), TOKEN_WAKE),
-            ] {
+            ]
+            .into_iter()
+            .chain(timers.into_iter().flatten())
+            {
                 epoll
                     .ctl(
                         ControlOperation::Add,
@@ -127,6 +167,10 @@ impl PairWorker {
                 wake: wake_thread,
                 stop,
                 mrg,
+                limiters,
+                tx_limited: false,
+                rx_limited: false,
+                rx_granted: false,
                 rx_buf: vec![0; MAX_PACKET_LEN + 1],
                 pending: None,
                 waiting: false,
@@ -154,6 +198,25 @@ impl PairWorker {
     /// the control queue attached or detached it).
     pub fn waker(&self) -> io::Result<EventFd> {
         self.wake.try_clone()
+    }
+
+    /// CPU time the worker thread has used so far (zero while paused).
+    #[cfg(test)]
+    pub(super) fn cpu_time(&self) -> std::time::Duration {
+        let Some(t) = self.thread.as_pthread_t() else {
+            return std::time::Duration::ZERO;
+        };
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `t` is a running thread (it is joined only through `&mut self`) and `clock` a
+        // valid place for the result.
+        assert_eq!(unsafe { libc::pthread_getcpuclockid(t, &mut clock) }, 0);
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid clock id and a valid timespec to fill.
+        assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 
     /// The queues' states, each taken between two requests (or while paused).
@@ -189,7 +252,7 @@ impl WorkerLoop for Pair {
         // hold some).
         self.tx_pass();
         self.rx_pass();
-        let mut events = [EpollEvent::default(); 5];
+        let mut events = [EpollEvent::default(); 8];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -218,8 +281,24 @@ impl WorkerLoop for Pair {
                     TOKEN_BACKEND => rx = true,
                     TOKEN_WAKE => {
                         let _ = self.wake.read();
+                        // The backend queue may have been attached or detached, or a limiter
+                        // may have tokens again: retry whatever waited.
+                        self.rx_limited = false;
                         self.update_poll();
+                        if std::mem::take(&mut self.tx_limited) {
+                            self.tx_pass();
+                        }
                         rx = true;
+                    }
+                    TOKEN_TX_TIMER => {
+                        if let Some(l) = &self.limiters.tx {
+                            l.on_timer();
+                        }
+                    }
+                    TOKEN_RX_TIMER => {
+                        if let Some(l) = &self.limiters.rx {
+                            l.on_timer();
+                        }
                     }
                     _ => {}
                 }
@@ -247,9 +326,13 @@ impl Pair {
 
     /// Poll the backend only while frames can go somewhere: not broken, the backend queue
     /// enabled (a detached tap queue polls as an error forever) and working, and no frame
-    /// waiting for receive buffers.
+    /// waiting for receive buffers or for the receive limiter.
     fn update_poll(&mut self) {
-        let on = !self.broken && !self.backend_failed && !self.waiting && self.backend.is_enabled();
+        let on = !self.broken
+            && !self.backend_failed
+            && !self.waiting
+            && !self.rx_limited
+            && self.backend.is_enabled();
         if self.backend_polled == on {
             return;
         }
@@ -271,7 +354,7 @@ impl Pair {
     }
 
     fn tx_pass(&mut self) {
-        if self.broken {
+        if self.broken || self.tx_limited {
             return;
         }
         let q = self.tx.clone();
@@ -280,6 +363,7 @@ impl Pair {
             backend: &*self.backend,
             buf: &mut self.tx_buf,
             stats: &mut self.tx_stats,
+            limiter: self.limiters.tx.as_deref().map(|l| (l, &self.wake)),
         };
         match process_queue_until(
             &mut q,
@@ -292,6 +376,8 @@ impl Pair {
                 if p.notify {
                     self.notify(self.tx_index);
                 }
+                // The limiter refused a packet: its timer wakes this worker.
+                self.tx_limited = p.deferred;
                 if p.pending {
                     // More to do: come back through epoll, so that a stop request and receive
                     // work are seen between two passes.
@@ -308,7 +394,7 @@ impl Pair {
     /// Read and deliver frames until the backend has none, the budget is spent or the receive
     /// queue is full (then the backend is left alone until the driver adds buffers).
     fn rx_pass(&mut self) {
-        if self.broken || self.backend_failed || !self.backend.is_enabled() {
+        if self.broken || self.backend_failed || self.rx_limited || !self.backend.is_enabled() {
             return;
         }
         let q = self.rx.clone();
@@ -342,6 +428,17 @@ impl Pair {
                 },
             };
             self.pending = Some(len);
+            if !self.rx_granted {
+                if let Some(l) = &self.limiters.rx {
+                    let bytes = len.saturating_sub(HDR_LEN) as u64;
+                    if !l.consume(1, bytes, &self.wake) {
+                        // Keep the frame; leave the backend alone until the timer fires.
+                        self.rx_limited = true;
+                        break;
+                    }
+                }
+                self.rx_granted = true;
+            }
             let outcome = match deliver(
                 &mut q,
                 &self.mem,
@@ -359,11 +456,13 @@ impl Pair {
             match outcome {
                 RxOutcome::Delivered(_) => {
                     self.pending = None;
+                    self.rx_granted = false;
                     self.rx_stats.packets += 1;
                     self.rx_stats.bytes += len as u64;
                 }
                 RxOutcome::Dropped { why, .. } => {
                     self.pending = None;
+                    self.rx_granted = false;
                     self.rx_stats.dropped += 1;
                     if self.rx_stats.dropped <= 10 {
                         tracing::warn!(

@@ -336,9 +336,10 @@ impl Worker {
     }
 }
 
-/// What the worker thread owns.
-pub(crate) struct WorkerState {
-    pub(crate) muxer: Muxer,
+/// What the worker thread owns; also usable without the thread (tests and fuzz targets call
+/// [`WorkerState::serve_tx`] and [`WorkerState::serve_rx`] themselves).
+pub struct WorkerState {
+    pub muxer: Muxer,
     pub(crate) queues: Vec<Arc<Mutex<Queue>>>,
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
@@ -353,8 +354,8 @@ pub(crate) struct WorkerState {
 }
 
 impl WorkerState {
-    #[cfg(test)]
-    pub(crate) fn new(
+    /// The worker's state over `queues`: receive, transmit (and events, unused here).
+    pub fn new(
         muxer: Muxer,
         queues: Vec<Queue>,
         mem: GuestMemoryMmap,
@@ -439,7 +440,7 @@ impl WorkerState {
     }
 
     /// Take the guest's packets from the transmit queue.
-    pub(crate) fn serve_tx(&mut self) {
+    pub fn serve_tx(&mut self) {
         if self.broken {
             return;
         }
@@ -498,7 +499,7 @@ impl WorkerState {
     }
 
     /// Give the guest what the host side has for it, while it has receive buffers.
-    pub(crate) fn serve_rx(&mut self) {
+    pub fn serve_rx(&mut self) {
         if self.broken {
             return;
         }

@@ -2,7 +2,7 @@
 //! Firecracker.
 //!
 //! - Guest-initiated: a REQUEST to host port N connects to the Unix socket `<path>_N`; RESPONSE
-//!   if that works, RST if not.
+//!   if that works, RST if not (also when the service's backlog is full: connecting never blocks).
 //! - Host-initiated: a client of the Unix socket `<path>` writes `CONNECT <port>\n`; a REQUEST
 //!   goes to the guest from a fresh host port, and when the guest answers with RESPONSE the
 //!   client reads `OK <host port>\n` and the stream is connected.
@@ -328,7 +328,7 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.local_port));
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(&PathBuf::from(&path)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("virtio-vsock: {}: {e}", PathBuf::from(path).display());
@@ -336,9 +336,7 @@ impl Muxer {
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err()
-            || self.register(stream.as_raw_fd(), Owner::Conn(key)).is_err()
-        {
+        if self.register(stream.as_raw_fd(), Owner::Conn(key)).is_err() {
             self.rst(key);
             return;
         }
@@ -603,6 +601,17 @@ impl Muxer {
         }
         next.map(|d| d.saturating_duration_since(now))
     }
+}
+
+/// A non-blocking connection to the Unix socket at `path`. A service whose backlog is full
+/// refuses at once (`EAGAIN`) instead of blocking the device until it accepts: Unix stream
+/// sockets connect synchronously otherwise, with no `EINPROGRESS`.
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    let addr = socket2::SockAddr::unix(path)?;
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    s.connect(&addr)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)))
 }
 
 /// Write the connection's buffered bytes until the socket would block.

@@ -385,3 +385,52 @@ fn small_receive_buffers_split_data_and_tiny_ones_are_skipped() {
     w.muxer.send_pkt(&hdr, &[]);
     assert_eq!(w.muxer.connections(), 0);
 }
+
+#[test]
+fn a_host_socket_with_a_full_backlog_refuses_instead_of_blocking() {
+    // A host service that does not accept (yet): once its backlog is full, more guest
+    // connections to it are refused at once. A blocking connect would stall the device's only
+    // thread until the service accepted, and a guest could do that at will.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock_9");
+    let l = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    l.bind(&socket2::SockAddr::unix(&path).unwrap()).unwrap();
+    l.listen(1).unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let base = dir.path().join("v.sock");
+    std::thread::spawn(move || {
+        let mut muxer = Muxer::new(GUEST_CID, base, None).unwrap();
+        for port in 1..=6 {
+            let hdr = Header {
+                src_cid: GUEST_CID,
+                dst_cid: HOST_CID,
+                src_port: port,
+                dst_port: 9,
+                type_: TYPE_STREAM,
+                op: OP_REQUEST,
+                buf_alloc: 1 << 16,
+                ..Default::default()
+            };
+            muxer.send_pkt(&hdr, &[]);
+        }
+        let mut ops = Vec::new();
+        let mut payload = Vec::new();
+        while let Some(h) = muxer.recv_pkt(4096, &mut payload) {
+            ops.push((h.dst_port, h.op));
+        }
+        let _ = done_tx.send((ops, muxer.connections()));
+    });
+    let (ops, conns) = done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the muxer blocked on a connect");
+    // Every request is answered, in order: the first ones connected, the rest refused.
+    assert_eq!(ops.len(), 6, "{ops:?}");
+    let accepted = ops.iter().filter(|(_, op)| *op == OP_RESPONSE).count();
+    assert!((1..6).contains(&accepted), "{ops:?}");
+    assert_eq!(accepted, conns);
+    for (i, (port, op)) in ops.iter().enumerate() {
+        assert_eq!(*port, i as u32 + 1);
+        assert_eq!(*op, if i < accepted { OP_RESPONSE } else { OP_RST });
+    }
+    drop(l);
+}

@@ -1,0 +1,43 @@
+//! The synchronous engine: blocking calls into the backend on the queue's worker thread, one
+//! request at a time (`engine=sync`).
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use block::DiskBackend;
+use vm_memory::GuestMemoryMmap;
+
+use super::{execute_blocking, Bounce, Completion, Engine, Op};
+
+pub(crate) struct SyncEngine {
+    disk: Arc<dyn DiskBackend>,
+    mem: GuestMemoryMmap,
+    bounce: Bounce,
+    done: Vec<Completion>,
+}
+
+impl SyncEngine {
+    pub(crate) fn new(disk: Arc<dyn DiskBackend>, mem: GuestMemoryMmap) -> Self {
+        SyncEngine {
+            disk,
+            mem,
+            bounce: Bounce::default(),
+            done: Vec::new(),
+        }
+    }
+}
+
+impl Engine for SyncEngine {
+    fn submit(&mut self, token: usize, op: Op) {
+        let result = execute_blocking(&*self.disk, &self.mem, &op, &mut self.bounce);
+        self.done.push(Completion { token, result });
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+}

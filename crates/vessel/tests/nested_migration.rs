@@ -1,0 +1,116 @@
+//! Snapshots and live migration with Debian's stock kernel as L2 in the nested test host (see
+//! tests/nested/README.md): L2 writes numbered records to its virtio disk and keeps a TCP
+//! connection to an echo server in L1 busy, while L1 pauses it, snapshots it, kills it,
+//! restores it in a new Vessel, then migrates that one to a third Vessel. L2 then checks that
+//! every record is on the disk and every line came back over the one connection. Slow (TCG)
+//! and needs what `scripts/setup --tests` installs.
+
+mod common;
+
+use common::nested::*;
+
+/// L1's script (run instead of a single vessel by l1-init): three Vessels in turn.
+const L1_CMD: &str = r#"
+V=/vessel
+insmod /lib/modules/tun.ko || echo "L1MIG: insmod tun failed"
+ip link set lo up
+mkdir -p /tmp
+# The tap comes and goes with the Vessel that created it: give it its address each time.
+( while :; do
+    if ip link show vtap0 >/dev/null 2>&1 && ! ip addr show vtap0 | grep -q 10.0.2.2; then
+        ip addr add 10.0.2.2/24 dev vtap0 && ip link set vtap0 up && echo "L1MIG: vtap0 up"
+    fi
+    sleep 0.3
+  done ) &
+nc -ll -p 7000 -e /bin/cat &
+wait_for() { i=0; while ! grep -q "$2" "$1" 2>/dev/null; do i=$((i + 1)); [ $i -gt 600 ] && echo "L1MIG: no '$2' in $1" && return 1; sleep 0.5; done; }
+ARGS="--kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 256M \
+ --disk path=/disk.raw --net tap=vtap0,mac=52:54:00:12:34:56"
+
+$V run $ARGS --api-socket /tmp/a.sock \
+  --cmdline "console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_blk,virtio_net" | tee /tmp/a.out &
+wait_for /tmp/a.out "L2MIG: record 20 " || exit 1
+$V ctl --api-socket /tmp/a.sock pause && $V ctl --api-socket /tmp/a.sock snapshot --dir /tmp/snap || exit 1
+echo "L1MIG: snapshot taken, $(du -k /tmp/snap/memory | cut -f1) KiB of memory on disk"
+kill $(pidof vessel) ; sleep 1
+$V run --restore /tmp/snap --api-socket /tmp/b.sock | tee /tmp/b.out &
+wait_for /tmp/b.out "L2MIG: record 50 " || exit 1
+echo "L1MIG: restored VM is writing"
+$V serve --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
+target=$!
+sleep 1
+$V ctl --api-socket /tmp/c.sock migrate receive --listen unix:/tmp/mig.sock || exit 1
+$V ctl --api-socket /tmp/b.sock migrate send --to unix:/tmp/mig.sock || exit 1
+echo "L1MIG: migrated"
+tail -n +1 -f /tmp/c.out &
+wait $target
+rc=$?
+sleep 1
+echo "L1MIG: target exit code $rc"
+exit $rc
+"#;
+
+/// L2's side: numbered 512-byte records written (and flushed) one by one to the disk, and
+/// numbered lines through one TCP connection to L1's echo server; then both are checked.
+const L2_CMD: &str = r#"ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+N=150
+( i=0; while [ $i -lt $N ]; do echo "ping $i"; i=$((i + 1)); sleep 0.3; done; sleep 8 ) \
+    | nc 10.0.2.2 7000 > /tmp/echo.out &
+tcp=$!
+( while :; do echo "L2MIG: beat $(cut -d' ' -f1 /proc/uptime) echoed $(wc -l < /tmp/echo.out)"; sleep 3; done ) &
+beat=$!
+i=0
+while [ $i -lt $N ]; do
+    printf 'rec %08d\n' $i | dd of=/dev/vda bs=512 seek=$i conv=notrunc,fsync 2>/dev/null
+    echo "L2MIG: record $i written"
+    i=$((i + 1))
+    sleep 0.3
+done
+wait $tcp
+kill $beat
+bad=0
+i=0
+while [ $i -lt $N ]; do
+    got=$(dd if=/dev/vda bs=512 skip=$i count=1 2>/dev/null | head -c 12)
+    [ "$got" = "$(printf 'rec %08d' $i)" ] || { bad=$((bad + 1)); echo "L2MIG: record $i is '$got'"; }
+    i=$((i + 1))
+done
+echo "L2MIG: disk records bad: $bad"
+lines=$(wc -l < /tmp/echo.out)
+expect=$(i=0; while [ $i -lt $N ]; do echo "ping $i"; i=$((i + 1)); done | md5sum | cut -d' ' -f1)
+echo "L2MIG: echoed lines $lines, match $([ "$(md5sum < /tmp/echo.out | cut -d' ' -f1)" = "$expect" ] && echo yes || echo no)"
+echo "L2MIG: done"
+"#;
+
+#[test]
+fn debian_guest_keeps_its_disk_and_tcp_connection_across_snapshot_restore_and_migration() {
+    let tun = nested_env("NESTED_MODDIR").join("kernel/drivers/net/tun.ko");
+    let disk = repo_root().join(format!("target/nested-mig-{}.raw", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let cmd = repo_root().join(format!("target/nested-mig-{}.sh", std::process::id()));
+    std::fs::write(&cmd, L1_CMD).unwrap();
+    let log = nested_run(&[
+        "--timeout",
+        "1200",
+        "--l1-memory",
+        "3072",
+        "--l1-file",
+        &format!("{}:/lib/modules/tun.ko", tun.display()),
+        "--l1-file",
+        &format!("{}:/disk.raw", disk.display()),
+        "--l1-file",
+        &format!("{}:/l1-cmd", cmd.display()),
+        "--l2-cmd",
+        L2_CMD,
+    ]);
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&cmd);
+    assert!(log.contains("L1MIG: snapshot taken"), "{log}");
+    assert!(log.contains("L1MIG: restored VM is writing"), "{log}");
+    assert!(log.contains("L1MIG: migrated"), "{log}");
+    assert!(log.contains("L2MIG: disk records bad: 0"), "{log}");
+    assert!(log.contains("L2MIG: echoed lines 150, match yes"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+}
