@@ -22,7 +22,6 @@ See README.md for the exact definitions.
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import platform
@@ -39,7 +38,6 @@ import threading
 import time
 import traceback
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SOAK_RE = re.compile(rb"soak cpu=(\d+) iter=(\d+) t=(\d+) sum=0x[0-9a-f]+ ok")
 TOUCH_RE = re.compile(rb"touch: (\d+) MiB at")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -118,24 +116,6 @@ def parse_size(text):
 
 def size_name(b):
     return f"{b >> 30}G" if b % (1 << 30) == 0 else f"{b >> 20}M"
-
-
-def find_guest_elf(vessel, target_dir):
-    """The guest ELF that is byte-for-byte the one embedded in the vessel binary, if any."""
-    cands = []
-    for t in dict.fromkeys([target_dir, os.path.join(REPO, "target")]):
-        cands += glob.glob(os.path.join(t, "release/build/vessel-*/out/vessel-guest.elf"))
-        cands += glob.glob(os.path.join(t, "guest/release/vessel-guest"))
-    cands.sort(key=os.path.getmtime, reverse=True)
-    if not cands:
-        return None, False
-    with open(vessel, "rb") as f:
-        blob = f.read()
-    for c in cands:
-        with open(c, "rb") as f:
-            if f.read() in blob:
-                return c, True
-    return cands[0], False
 
 
 def rss_mib(pid):
@@ -490,7 +470,8 @@ class Setup:
     def vessel_boot(self, mem, cmdline):
         api = self.path("vessel.sock")
         v = Vmm("vessel", [self.args.vessel, "--log-level", "warn", "run",
-                           "--cpus", str(self.args.cpus), "--memory", f"{mem >> 20}M",
+                           "--kernel", self.guest, "--cpus", str(self.args.cpus),
+                           "--memory", f"{mem >> 20}M",
                            "--console", "stdio", "--api-socket", api, "--cmdline", cmdline],
                 env=self.env)
         v.api = api
@@ -505,7 +486,15 @@ class Setup:
         v.api = api
         with cleanup_on_error(v):
             wait_socket(v, api, self.args.timeout)
-            vessel_api(api, "GET", "ping")
+            deadline = time.monotonic() + self.args.timeout
+            while True:  # the socket file exists a moment before the server listens on it
+                try:
+                    vessel_api(api, "GET", "ping")
+                    break
+                except Failure:
+                    if v.p.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
         return v
 
     # QEMU
@@ -953,10 +942,9 @@ def main():
     ap.add_argument("--workdir", help="where snapshots go (default: a new directory in "
                                       "/var/tmp, removed at the end)")
     ap.add_argument("--vessel", required=True, help="vessel binary")
-    ap.add_argument("--target-dir", default=os.path.join(REPO, "target"),
-                    help="cargo target directory (to find the guest ELF)")
     ap.add_argument("--qemu", default=os.environ.get("QEMU", "qemu-system-x86_64"))
-    ap.add_argument("--guest", help="guest ELF for QEMU (default: the one embedded in vessel)")
+    ap.add_argument("--guest", required=True,
+                    help="the bundled guest's ELF, booted by both VMMs (PVH)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every run's numbers")
     ap.add_argument("--json", metavar="FILE", help="write every run and the summary to FILE")
     args = ap.parse_args()
@@ -984,10 +972,9 @@ def main():
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("error: /dev/kvm is not usable", file=sys.stderr)
         return 2
-    guest, matches = (args.guest, None) if args.guest else find_guest_elf(args.vessel,
-                                                                          args.target_dir)
-    if not guest:
-        print("error: no guest ELF for QEMU (build vessel, or pass --guest)", file=sys.stderr)
+    guest = os.path.abspath(args.guest)
+    if not os.access(guest, os.R_OK):
+        print(f"error: guest ELF {guest} not found", file=sys.stderr)
         return 2
 
     hc = host_check(args.vessel)
@@ -1010,8 +997,8 @@ def main():
     print(f"  kvm:      {facts['kvm_module']}, ring0_native={facts['ring0_native']}")
     print(f"  load:     {facts['loadavg_start']} (1/5/15-min load average at start)")
     print(f"  vessel:   {facts['vessel']}")
-    print(f"  qemu:     {facts['qemu']}, guest {guest}"
-          + ("" if matches is not False else " (WARNING: not the guest embedded in vessel)"))
+    print(f"  qemu:     {facts['qemu']}")
+    print(f"  guest:    {guest} (both VMMs, PVH)")
     print(f"  settings: {args.runs} runs, {args.cpus} vCPU(s), guest writes {args.touch_pct}% "
           f"of its RAM at boot (touch=), soakms={args.soakms}, downtime limit "
           f"{args.downtime_ms} ms, snapshots in {workdir}")
