@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
-    ApiError, Endpoint, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus, Pong,
-    RestoreRequest, SnapshotRequest, VmInfo,
+    ApiError, BalloonInfo, BalloonSetRequest, Endpoint, MigrateReceiveRequest, MigrateSendRequest,
+    MigrationStatus, Pong, RestoreRequest, SnapshotRequest, VmInfo,
 };
 
 /// The largest response the client reads.
@@ -134,6 +134,16 @@ impl Client {
 
     pub fn migrate_cancel(&self) -> Result<(), ClientError> {
         self.put(Endpoint::MigrateCancel, None::<&()>)
+    }
+
+    /// The balloon's target, actual size and statistics.
+    pub fn balloon(&self) -> Result<BalloonInfo, ClientError> {
+        self.get(Endpoint::Balloon)
+    }
+
+    /// Sets the balloon's target.
+    pub fn set_balloon(&self, req: &BalloonSetRequest) -> Result<(), ClientError> {
+        self.put(Endpoint::BalloonSet, Some(req))
     }
 
     fn get<T: DeserializeOwned>(&self, ep: Endpoint) -> Result<T, ClientError> {

@@ -1,9 +1,12 @@
 //! The trait the VMM implements to be driven by the API.
 
 use crate::types::{
-    ApiError, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus, RestoreRequest,
-    SnapshotRequest, VmInfo,
+    ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateSendRequest,
+    MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo,
 };
+
+/// The message of a balloon request to a VM without a balloon.
+pub const NO_BALLOON: &str = "this VM has no balloon (start it with --balloon)";
 
 /// What the API server asks of a VM.
 ///
@@ -39,4 +42,15 @@ pub trait VmController: Send + Sync + 'static {
     fn migration_status(&self) -> Result<MigrationStatus, ApiError>;
     /// Cancels the running migration; the source VM keeps running.
     fn migrate_cancel(&self) -> Result<(), ApiError>;
+    /// The balloon's target, actual size and the guest's last statistics (a fresh report is
+    /// requested, and arrives for a later call). By default: a 409, no balloon.
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        Err(ApiError::conflict(NO_BALLOON))
+    }
+    /// Sets the balloon's target; a target not below the guest memory is a 400. By default: a
+    /// 409, no balloon.
+    fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
+        let _ = req;
+        Err(ApiError::conflict(NO_BALLOON))
+    }
 }

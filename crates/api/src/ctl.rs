@@ -12,8 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client::{Client, ClientError};
 use crate::types::{
-    MigrateReceiveRequest, MigrateSendRequest, MigrationPhase, MigrationStatus, RestoreMemory,
-    RestoreRequest, SnapshotRequest, VmInfo, DEFAULT_DOWNTIME_MS,
+    BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateSendRequest, MigrationPhase,
+    MigrationStatus, RestoreMemory, RestoreRequest, SnapshotRequest, VmInfo, DEFAULT_DOWNTIME_MS,
 };
 
 /// How often `migrate send` polls the migration's progress.
@@ -78,6 +78,12 @@ pub enum CtlCommand {
     /// Live migration.
     #[command(subcommand)]
     Migrate(MigrateCommand),
+    /// Without SIZE: the balloon's target, actual size and the guest's statistics. With SIZE
+    /// (`64M`, `1G`, `0`; K, M, G, T suffixes, a plain number is MiB): sets the target.
+    Balloon {
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        size: Option<u64>,
+    },
     /// Prints the OpenAPI document.
     Openapi,
 }
@@ -191,6 +197,21 @@ fn run_polling(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i3
             print_json(out, &doc)?;
         }
         CtlCommand::Migrate(m) => return migrate(&client, m, json, out, poll),
+        CtlCommand::Balloon { size: Some(size) } => {
+            let req = BalloonSetRequest {
+                target_bytes: *size,
+            };
+            let msg = format!("balloon target set to {}", bytes(*size));
+            done(out, json, client.set_balloon(&req), &msg)?;
+        }
+        CtlCommand::Balloon { size: None } => {
+            let b = client.balloon()?;
+            if json {
+                print_json(out, &b)?;
+            } else {
+                print_balloon(out, &b)?;
+            }
+        }
     }
     Ok(0)
 }
@@ -396,6 +417,49 @@ fn print_info(out: &mut dyn Write, i: &VmInfo) -> io::Result<()> {
     Ok(())
 }
 
+fn print_balloon(out: &mut dyn Write, b: &BalloonInfo) -> io::Result<()> {
+    writeln!(out, "target:   {}", bytes(b.target_bytes))?;
+    writeln!(out, "actual:   {}", bytes(b.actual_bytes))?;
+    let Some(stats) = &b.stats else {
+        return writeln!(out, "stats:    none");
+    };
+    writeln!(out, "stats:")?;
+    // In the spec's order; the counts as they are, the rest in bytes.
+    for name in crate::types::BALLOON_STATS {
+        if let Some(v) = stats.get(name) {
+            let counted = name.ends_with("faults") || name.starts_with("hugetlb");
+            let v = if counted { v.to_string() } else { bytes(*v) };
+            writeln!(out, "  {name:<20} {v}")?;
+        }
+    }
+    for (name, v) in stats {
+        if !crate::types::BALLOON_STATS.contains(&name.as_str()) {
+            writeln!(out, "  {name:<20} {v}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses a size: `64M`, `2G`, `512K`, `1T`, optionally followed by `B` or `iB`; a plain
+/// number is MiB (as `vessel run --memory` and `--balloon size=` take it).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("'{s}' is not a size such as 64M or 1G");
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 20),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
 /// `1536` → `1.5 KiB`.
 fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -447,6 +511,10 @@ mod tests {
             &["migrate", "status"],
             &["migrate", "cancel"],
             &["openapi"],
+            &["balloon"],
+            &["--json", "balloon"],
+            &["balloon", "64M"],
+            &["balloon", "0"],
         ] {
             p(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
@@ -465,10 +533,28 @@ mod tests {
             &["migrate", "send"],
             &["migrate", "send", "--to", "x", "--downtime", "-1"],
             &["frobnicate"],
+            &["balloon", "lots"],
+            &["balloon", "-1M"],
+            &["balloon", "64M", "extra"],
         ] {
             assert!(p(bad).is_err(), "{bad:?}");
         }
         assert!(CtlArgs::try_parse_from(["vessel-ctl", "info"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("16"), Ok(16 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["", "M", "x", "1.5G", "-1M", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("lots").unwrap_err().contains("'lots'"));
     }
 
     #[test]

@@ -241,6 +241,7 @@ async fn dispatch(
             .into_response(),
         Endpoint::Info => Json(call(c, |c| c.info()).await?).into_response(),
         Endpoint::MigrationStatus => Json(call(c, |c| c.migration_status()).await?).into_response(),
+        Endpoint::Balloon => Json(call(c, |c| c.balloon()).await?).into_response(),
         Endpoint::Pause => action(&body, c, |c| c.pause()).await?,
         Endpoint::Resume => action(&body, c, |c| c.resume()).await?,
         Endpoint::Shutdown => action(&body, c, |c| c.shutdown()).await?,
@@ -261,6 +262,10 @@ async fn dispatch(
         Endpoint::MigrateReceive => {
             let req = parse(&body)?;
             no_content(call(c, move |c| c.migrate_receive(req)).await?)
+        }
+        Endpoint::BalloonSet => {
+            let req = parse(&body)?;
+            no_content(call(c, move |c| c.set_balloon(req)).await?)
         }
     })
 }

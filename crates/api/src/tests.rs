@@ -24,6 +24,7 @@ struct FakeVm {
     fail: Mutex<Option<ApiError>>,
     panic_on: Mutex<Option<&'static str>>,
     statuses: Mutex<VecDeque<MigrationStatus>>,
+    balloon: Mutex<BalloonInfo>,
 }
 
 impl FakeVm {
@@ -110,6 +111,69 @@ impl VmController for FakeVm {
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         self.record("migrate_cancel", String::new())
     }
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        self.record("balloon", String::new())?;
+        Ok(self.balloon.lock().unwrap().clone())
+    }
+    fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
+        self.record("set_balloon", format!(" {req:?}"))?;
+        self.balloon.lock().unwrap().target_bytes = req.target_bytes;
+        Ok(())
+    }
+}
+
+fn fake_balloon() -> BalloonInfo {
+    BalloonInfo {
+        target_bytes: 64 << 20,
+        actual_bytes: 32 << 20,
+        stats: Some(
+            [
+                ("free_memory".to_string(), 100 << 20),
+                ("major_faults".to_string(), 7),
+                ("swap_in".to_string(), 0),
+            ]
+            .into(),
+        ),
+    }
+}
+
+/// A controller that implements only what it must: the balloon methods are the trait's.
+struct Bare;
+
+impl VmController for Bare {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        Ok(fake_info())
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn snapshot(&self, _: SnapshotRequest) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn restore(&self, _: RestoreRequest) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn migrate_send(&self, _: MigrateSendRequest) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn migrate_receive(&self, _: MigrateReceiveRequest) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        Ok(MigrationStatus::default())
+    }
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        Ok(())
+    }
 }
 
 fn socket_path() -> PathBuf {
@@ -182,6 +246,13 @@ fn every_route_through_the_client() {
     .unwrap();
     assert_eq!(c.migration_status().unwrap().phase, MigrationPhase::None);
     c.migrate_cancel().unwrap();
+    *vm.balloon.lock().unwrap() = fake_balloon();
+    assert_eq!(c.balloon().unwrap(), fake_balloon());
+    c.set_balloon(&BalloonSetRequest {
+        target_bytes: 1 << 30,
+    })
+    .unwrap();
+    assert_eq!(c.balloon().unwrap().target_bytes, 1 << 30);
     let doc = c.openapi().unwrap();
     assert_eq!(
         doc,
@@ -201,6 +272,9 @@ fn every_route_through_the_client() {
             r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock" }"#,
             "migration_status",
             "migrate_cancel",
+            "balloon",
+            "set_balloon BalloonSetRequest { target_bytes: 1073741824 }",
+            "balloon",
         ]
     );
 }
@@ -279,6 +353,16 @@ fn openapi_covers_every_route_and_schema() {
         })
         .unwrap(),
     );
+    check("BalloonInfo", serde_json::to_value(fake_balloon()).unwrap());
+    check(
+        "BalloonSetRequest",
+        serde_json::to_value(BalloonSetRequest { target_bytes: 1 }).unwrap(),
+    );
+    let stats = schemas["BalloonStats"]["properties"].as_object().unwrap();
+    assert_eq!(stats.len(), BALLOON_STATS.len());
+    for name in BALLOON_STATS {
+        assert!(stats.contains_key(name), "BalloonStats.{name} missing");
+    }
     let phases = schemas["MigrationPhase"]["enum"].as_array().unwrap();
     for p in [
         MigrationPhase::None,
@@ -330,6 +414,31 @@ fn bad_requests_are_json_4xx_and_never_reach_the_vm() {
             .unwrap(),
         400,
         "unknown field",
+    );
+    let bset = "/api/v1/vm.balloon-set";
+    assert_error(&c.raw("PUT", bset, None).unwrap(), 400, "needs a JSON body");
+    assert_error(
+        &c.raw("PUT", bset, Some(br#"{"target_bytes":1,"stats":true}"#))
+            .unwrap(),
+        400,
+        "unknown field",
+    );
+    assert_error(
+        &c.raw("PUT", bset, Some(br#"{"target_bytes":-4096}"#))
+            .unwrap(),
+        400,
+        "invalid",
+    );
+    assert_error(
+        &c.raw("PUT", bset, Some(br#"{"target_mib":64}"#)).unwrap(),
+        400,
+        "target_bytes",
+    );
+    assert_error(&c.raw("GET", bset, None).unwrap(), 405, "method");
+    assert_error(
+        &c.raw("PUT", "/api/v1/vm.balloon", None).unwrap(),
+        405,
+        "method",
     );
     assert_error(
         &c.raw("GET", "/api/v1/vm.nope", None).unwrap(),
@@ -406,6 +515,29 @@ fn controller_errors_keep_status_and_message() {
         })
         .unwrap_err();
     assert_eq!(e.api_error().unwrap().status, 501);
+}
+
+#[test]
+fn balloon_routes_default_to_no_balloon() {
+    let path = socket_path();
+    let _h = serve(&path, Arc::new(Bare)).unwrap();
+    let c = Client::new(&path);
+    for e in [
+        c.balloon().unwrap_err(),
+        c.set_balloon(&BalloonSetRequest { target_bytes: 0 })
+            .unwrap_err(),
+    ] {
+        let api = e.api_error().unwrap();
+        assert_eq!(api.status, 409);
+        assert!(api.message.contains("this VM has no balloon"), "{e}");
+    }
+    let (r, _) = ctl(&path, &["balloon"]);
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "this VM has no balloon (start it with --balloon) (HTTP 409)"
+    );
+    // The rest of the API is unaffected.
+    c.ping().unwrap();
 }
 
 #[test]
@@ -578,6 +710,43 @@ fn ctl_verbs() {
             r#"restore RestoreRequest { dir: "/s", memory: Eager }"#.into(),
         ]
     );
+    *vm.balloon.lock().unwrap() = fake_balloon();
+    let (r, out) = ctl(&p, &["balloon"]);
+    assert_eq!(r.unwrap(), 0);
+    assert_eq!(
+        out,
+        "target:   64.0 MiB\nactual:   32.0 MiB\nstats:\n  swap_in              0 B\n  \
+         major_faults         7\n  free_memory          100.0 MiB\n"
+    );
+    let (r, out) = ctl(&p, &["--json", "balloon"]);
+    assert_eq!(r.unwrap(), 0);
+    assert_eq!(
+        serde_json::from_str::<BalloonInfo>(&out).unwrap(),
+        fake_balloon()
+    );
+    let (r, out) = ctl(&p, &["balloon", "1G"]);
+    assert_eq!(
+        (r.unwrap(), out.as_str()),
+        (0, "balloon target set to 1.0 GiB\n")
+    );
+    let (r, out) = ctl(&p, &["--json", "balloon", "0"]);
+    assert_eq!((r.unwrap(), out.as_str()), (0, "{}\n"));
+    assert_eq!(
+        vm.calls()[vm.calls().len() - 2..],
+        [
+            "set_balloon BalloonSetRequest { target_bytes: 1073741824 }".to_string(),
+            "set_balloon BalloonSetRequest { target_bytes: 0 }".to_string(),
+        ]
+    );
+    *vm.balloon.lock().unwrap() = BalloonInfo::default();
+    let (r, out) = ctl(&p, &["balloon"]);
+    assert_eq!(r.unwrap(), 0);
+    assert!(out.ends_with("stats:    none\n"), "{out}");
+    vm.fail_with(Some(ApiError::bad_request(
+        "the balloon target 1G is not below the guest memory of 512M",
+    )));
+    let (r, _) = ctl(&p, &["balloon", "1G"]);
+    assert!(r.unwrap_err().to_string().contains("(HTTP 400)"));
     vm.fail_with(Some(ApiError::conflict("not paused")));
     let (r, _) = ctl(&p, &["resume"]);
     let e = r.unwrap_err();

@@ -5,6 +5,7 @@
 //! fields, so a typo is a 400, not a silently ignored option. These names are the API's contract:
 //! `openapi.json` describes them and its tests check the two agree.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -45,10 +46,12 @@ pub enum Endpoint {
     MigrateReceive,
     MigrationStatus,
     MigrateCancel,
+    Balloon,
+    BalloonSet,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 15] = [
         Endpoint::Ping,
         Endpoint::OpenApi,
         Endpoint::Info,
@@ -62,6 +65,8 @@ impl Endpoint {
         Endpoint::MigrateReceive,
         Endpoint::MigrationStatus,
         Endpoint::MigrateCancel,
+        Endpoint::Balloon,
+        Endpoint::BalloonSet,
     ];
 
     /// The last path segment (`vm.pause`).
@@ -80,6 +85,8 @@ impl Endpoint {
             Endpoint::MigrateReceive => "vm.migrate-receive",
             Endpoint::MigrationStatus => "vm.migration-status",
             Endpoint::MigrateCancel => "vm.migrate-cancel",
+            Endpoint::Balloon => "vm.balloon",
+            Endpoint::BalloonSet => "vm.balloon-set",
         }
     }
 
@@ -91,9 +98,11 @@ impl Endpoint {
     /// Queries are GET; everything that acts on the VM is PUT.
     pub fn method(self) -> Method {
         match self {
-            Endpoint::Ping | Endpoint::OpenApi | Endpoint::Info | Endpoint::MigrationStatus => {
-                Method::Get
-            }
+            Endpoint::Ping
+            | Endpoint::OpenApi
+            | Endpoint::Info
+            | Endpoint::MigrationStatus
+            | Endpoint::Balloon => Method::Get,
             _ => Method::Put,
         }
     }
@@ -343,6 +352,46 @@ pub struct MigrationStatus {
     pub error: Option<String>,
 }
 
+/// The names of the balloon statistics the guest may report (virtio 1.2 §5.5.6.3), in tag
+/// order. The memory ones (`free_memory`, `total_memory`, `available_memory`, `disk_caches`)
+/// and `swap_in`/`swap_out` are bytes; the others are counts.
+pub const BALLOON_STATS: [&str; 10] = [
+    "swap_in",
+    "swap_out",
+    "major_faults",
+    "minor_faults",
+    "free_memory",
+    "total_memory",
+    "available_memory",
+    "disk_caches",
+    "hugetlb_allocations",
+    "hugetlb_failures",
+];
+
+/// `GET /api/v1/vm.balloon`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BalloonInfo {
+    /// What the guest is asked to hand over, in bytes (a multiple of 4 KiB).
+    pub target_bytes: u64,
+    /// What the guest says it has handed over, in bytes.
+    pub actual_bytes: u64,
+    /// The guest's last reported memory statistics, by name (see [`BALLOON_STATS`]); absent
+    /// when the balloon has no statistics queue or the guest has not reported yet. Only the
+    /// statistics the guest sent are present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<BTreeMap<String, u64>>,
+}
+
+/// `PUT /api/v1/vm.balloon-set`: a new balloon target; the guest is told at once (a
+/// configuration change interrupt) and inflates or deflates towards it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonSetRequest {
+    /// Bytes the guest should hand over (rounded down to 4 KiB pages); must be below the guest
+    /// memory. 0 deflates the balloon completely.
+    pub target_bytes: u64,
+}
+
 /// An API error: an HTTP status and a message. On the wire it is `{"message": "..."}` with the
 /// status as the response's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -438,6 +487,11 @@ mod tests {
         assert!(!r.diff && !r.disk_snapshot);
         assert!(serde_json::from_str::<SnapshotRequest>(r#"{"dir":"/x","dif":true}"#).is_err());
         assert!(serde_json::from_str::<RestoreRequest>(r#"{"dir":"/x","memory":"x"}"#).is_err());
+        let r: BalloonSetRequest = serde_json::from_str(r#"{"target_bytes":4096}"#).unwrap();
+        assert_eq!(r.target_bytes, 4096);
+        assert!(serde_json::from_str::<BalloonSetRequest>(r#"{"target":1}"#).is_err());
+        assert!(serde_json::from_str::<BalloonSetRequest>(r#"{"target_bytes":-1}"#).is_err());
+        assert!(serde_json::from_str::<BalloonSetRequest>(r#"{"target_bytes":1,"x":1}"#).is_err());
     }
 
     #[test]

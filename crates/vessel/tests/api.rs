@@ -169,6 +169,74 @@ fn unimplemented_verbs_and_bad_sockets_fail_cleanly() {
 }
 
 #[test]
+fn balloon_target_changes_at_run_time() {
+    // The bundled guest has no balloon driver: the target moves, `actual` stays 0.
+    let vm = Vm::start("balloon", &["--memory", "256M", "--balloon", "size=0"]);
+    let o = vm.ctl(&["--json", "balloon"]);
+    assert_code(&o, 0);
+    assert_eq!(json_field(&stdout(&o), "target_bytes"), "0");
+    let o = vm.ctl(&["balloon", "64M"]);
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "balloon target set to 64.0 MiB\n");
+    let o = vm.ctl(&["--json", "balloon"]);
+    assert_code(&o, 0);
+    let b = stdout(&o);
+    assert_eq!(json_field(&b, "target_bytes"), "67108864", "{b}");
+    assert_eq!(json_field(&b, "actual_bytes"), "0", "{b}");
+    assert!(!b.contains("stats"), "no statistics queue: {b}");
+    let o = vm.ctl(&["balloon"]);
+    assert_code(&o, 0);
+    assert_eq!(
+        stdout(&o),
+        "target:   64.0 MiB\nactual:   0 B\nstats:    none\n"
+    );
+    // All of memory, or more, is refused and changes nothing.
+    for size in ["256M", "1G"] {
+        let o = vm.ctl(&["balloon", size]);
+        assert_eq!(o.status.code(), Some(1), "{size}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("is not below the guest memory of 256M") && e.contains("HTTP 400"),
+            "{e}"
+        );
+    }
+    let o = vm.ctl(&["balloon", "lots"]);
+    assert_eq!(o.status.code(), Some(2), "a bad size is a usage error");
+    let o = vm.ctl(&["--json", "balloon"]);
+    assert_eq!(json_field(&stdout(&o), "target_bytes"), "67108864");
+    // Back to 0; a size that is not a whole page is rounded down to one.
+    assert_code(&vm.ctl(&["balloon", "0"]), 0);
+    assert_code(&vm.ctl(&["balloon", "6K"]), 0);
+    let o = vm.ctl(&["--json", "balloon"]);
+    assert_eq!(json_field(&stdout(&o), "target_bytes"), "4096");
+    // The balloon is listed, and the VM kept running.
+    let o = vm.ctl(&["--json", "info"]);
+    let info = stdout(&o);
+    assert!(info.contains("virtio-balloon"), "{info}");
+    assert_eq!(json_field(&info, "state"), "running");
+}
+
+#[test]
+fn balloon_verbs_without_a_balloon_are_a_conflict() {
+    let vm = Vm::start("no-balloon", &[]);
+    for args in [
+        &["balloon"][..],
+        &["--json", "balloon"],
+        &["balloon", "64M"],
+    ] {
+        let o = vm.ctl(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("this VM has no balloon") && e.contains("HTTP 409"),
+            "{args:?}: {e}"
+        );
+    }
+    let o = vm.ctl(&["--json", "info"]);
+    assert_eq!(json_field(&stdout(&o), "state"), "running");
+}
+
+#[test]
 fn an_api_socket_path_that_is_a_file_is_refused() {
     let p = std::env::temp_dir().join(format!("vessel-api-file-{}", std::process::id()));
     std::fs::write(&p, b"keep me").unwrap();

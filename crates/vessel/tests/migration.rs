@@ -264,13 +264,14 @@ fn cancel_and_dead_peers_leave_the_vm_on_one_side() {
 }
 
 #[test]
-fn a_side_killed_at_stop_and_copy_or_before_commit_leaves_the_vm_on_the_other() {
+fn a_side_killed_at_stop_and_copy_or_around_the_commit_leaves_the_vm_on_one_side() {
     // The source holds 2 s at the named point (VESSEL_MIGRATION_HOLD), then either side dies.
     for (hold, kill_target) in [
         ("stop-and-copy", true),
         ("stop-and-copy", false),
         ("commit", true),
         ("commit", false),
+        ("committed", false),
     ] {
         let env = format!("VESSEL_MIGRATION_HOLD={hold}");
         let mut p = pair("mig-hold", &["env", &env], &[], "128M");
@@ -288,7 +289,16 @@ fn a_side_killed_at_stop_and_copy_or_before_commit_leaves_the_vm_on_the_other() 
             // The target has the state and has built the VM; nothing is committed.
             wait_phase(&p.dst_api, "stop-and-copy");
         }
-        if kill_target {
+        if hold == "committed" {
+            // The source is past the point of no return: killing it leaves the VM on the
+            // target, which runs on.
+            p.target.soak_lines(CPUS, 1);
+            let _ = p.source.child.kill();
+            let _ = p.source.child.wait();
+            p.target.soak_lines(CPUS, 2);
+            let o = ctl(&p.dst_api, &["--json", "info"]);
+            assert!(stdout(&o).contains("\"running\""), "{}", stdout(&o));
+        } else if kill_target {
             let _ = p.target.child.kill();
             let _ = p.target.child.wait();
             // The source takes the VM back: its vCPUs run on.

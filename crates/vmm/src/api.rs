@@ -5,13 +5,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use api::types::{
-    ApiError, DeviceInfo, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus,
-    RestoreRequest, SnapshotRequest, VmInfo, VmState,
+    ApiError, BalloonInfo, BalloonSetRequest, DeviceInfo, MigrateReceiveRequest,
+    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo, VmState,
 };
 use api::VmController;
 use devices::bus::lock;
 use devices::legacy::{AcpiPm, BootMarker};
+use devices::virtio::balloon::{BalloonError, BalloonHandle, BalloonStats};
 use hypervisor::KickHandle;
 
 use crate::control::{Control, RunState};
@@ -119,6 +122,14 @@ impl VmHandle {
                 e.message
             );
         }
+    }
+
+    fn balloon_handle(&self) -> Result<&BalloonHandle, ApiError> {
+        self.machine
+            .virtio
+            .balloon
+            .as_ref()
+            .ok_or_else(|| ApiError::conflict(api::controller::NO_BALLOON))
     }
 
     pub fn resume(&self) -> Result<(), ApiError> {
@@ -292,6 +303,71 @@ impl VmController for VmHandle {
             _ => Err(ApiError::conflict("no migration is running")),
         }
     }
+
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        let b = self.balloon_handle()?;
+        let stats_queue = self
+            .machine
+            .config
+            .balloon
+            .as_ref()
+            .is_some_and(|c| c.stats);
+        if stats_queue {
+            // The guest sends fresh statistics when its buffer comes back: they are for the
+            // next call. A driver that did not negotiate the queue is not holding a buffer,
+            // and the request is a no-op; without a driver there is nothing to ask.
+            match b.request_stats() {
+                Ok(()) | Err(BalloonError::NotActive) => {}
+                Err(e) => tracing::warn!("virtio-balloon: statistics request: {e}"),
+            }
+        }
+        Ok(BalloonInfo {
+            target_bytes: b.target(),
+            actual_bytes: b.actual(),
+            stats: b.stats().map(|s| stats_map(&s)),
+        })
+    }
+
+    fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
+        let b = self.balloon_handle()?;
+        self.stopping()?;
+        // As `--balloon size=` at boot: a balloon of all of memory leaves the guest nothing.
+        if req.target_bytes >= self.memory {
+            return Err(ApiError::bad_request(format!(
+                "the balloon target {} is not below the guest memory of {}",
+                crate::config::format_size(req.target_bytes),
+                crate::config::format_size(self.memory)
+            )));
+        }
+        b.set_target(req.target_bytes);
+        tracing::info!(
+            "balloon target set to {}",
+            crate::config::format_size(b.target())
+        );
+        Ok(())
+    }
+}
+
+/// The statistics the guest sent, by their API names (tags this device does not name are
+/// left out).
+fn stats_map(s: &BalloonStats) -> BTreeMap<String, u64> {
+    let named = [
+        s.swap_in,
+        s.swap_out,
+        s.major_faults,
+        s.minor_faults,
+        s.free_memory,
+        s.total_memory,
+        s.available_memory,
+        s.disk_caches,
+        s.hugetlb_allocations,
+        s.hugetlb_failures,
+    ];
+    api::types::BALLOON_STATS
+        .iter()
+        .zip(named)
+        .filter_map(|(name, v)| Some((name.to_string(), v?)))
+        .collect()
 }
 
 /// The devices of a VM built from `config`, in the order `virtio::setup` places them;
@@ -370,4 +446,31 @@ fn disk_detail(
         parts.push(format!("iops {}", o.size));
     }
     parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_by_name() {
+        let s = BalloonStats {
+            swap_in: Some(1),
+            free_memory: Some(4096),
+            hugetlb_failures: Some(0),
+            other: vec![(42, 7)],
+            ..Default::default()
+        };
+        let m = stats_map(&s);
+        assert_eq!(
+            m,
+            [
+                ("free_memory".to_string(), 4096),
+                ("hugetlb_failures".to_string(), 0),
+                ("swap_in".to_string(), 1),
+            ]
+            .into()
+        );
+        assert!(stats_map(&BalloonStats::default()).is_empty());
+    }
 }

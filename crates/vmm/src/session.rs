@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use api::types::{
-    ApiError, MigrateReceiveRequest, MigrateSendRequest, MigrationStatus, RestoreRequest,
-    SnapshotRequest, VmInfo, VmState,
+    ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateSendRequest,
+    MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo, VmState,
 };
 use api::VmController;
 use devices::bus::lock;
@@ -79,6 +79,12 @@ impl VmController for ApiSwitch {
     }
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         self.now().migrate_cancel()
+    }
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        self.now().balloon()
+    }
+    fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
+        self.now().set_balloon(req)
     }
 }
 

@@ -155,7 +155,8 @@ impl Pages<'_> {
 
 /// A fault-injection point for tests: with `VESSEL_MIGRATION_HOLD=<phase>` in the source's
 /// environment, the migration waits 2 s at that point (`stop-and-copy`: vCPUs just parked;
-/// `commit`: the target is ready, nothing committed), so a test can kill either side there.
+/// `commit`: the target is ready, nothing committed; `committed`: the commit is sent), so a
+/// test can kill either side there.
 fn hold(phase: &str) {
     if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p == phase) {
         tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");
@@ -274,6 +275,7 @@ pub fn send(
         // The point of no return: from here the VM belongs to the target.
         protocol::write_frame(pages.stream, Tag::Commit, &[])?;
         committed = true;
+        hold("committed");
         if let Err(e) = protocol::expect(pages.stream, &mut buf, Tag::Resumed) {
             tracing::error!("migration committed but the target did not confirm: {e}");
         }

@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::engine::{execute_blocking, Bounce, Data, Op};
 use super::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SECTORS,
-    MAX_WRITE_ZEROES_SEGMENTS, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_F_DISCARD,
+    MAX_WRITE_ZEROES_SEGMENTS, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use crate::virtio::has_feature;
@@ -251,7 +251,13 @@ impl Parser {
                 }
                 let offset = self.range(sector, len)?;
                 let bufs = sub_segments(chain.readable(), HEADER_LEN, len);
-                Ok(Answer::Disk(Op::Write(Data { offset, len, bufs }), 0))
+                let data = Data { offset, len, bufs };
+                // Without FLUSH the driver expects a write-through disk (virtio 1.2 5.2.6.3).
+                if has_feature(self.acked_features, VIRTIO_BLK_F_FLUSH) {
+                    Ok(Answer::Disk(Op::Write(data), 0))
+                } else {
+                    Ok(Answer::Disk(Op::WriteThrough(data), 0))
+                }
             }
             VIRTIO_BLK_T_FLUSH => Ok(Answer::Disk(Op::Flush, 0)),
             VIRTIO_BLK_T_GET_ID => {

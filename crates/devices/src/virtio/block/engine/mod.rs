@@ -124,6 +124,9 @@ pub(crate) struct Data {
 pub(crate) enum Op {
     Read(Data),
     Write(Data),
+    /// A write completed only once it is on stable storage: the driver did not negotiate
+    /// FLUSH, so it cannot ask for that later (the device is write-through for it).
+    WriteThrough(Data),
     Flush,
     /// Byte ranges (offset, length).
     Discard(Vec<(u64, u64)>),
@@ -134,7 +137,7 @@ impl Op {
     /// Bytes the request moves, for bandwidth limits.
     pub fn bytes(&self) -> u64 {
         match self {
-            Op::Read(d) | Op::Write(d) => d.len,
+            Op::Read(d) | Op::Write(d) | Op::WriteThrough(d) => d.len,
             _ => 0,
         }
     }
@@ -240,7 +243,7 @@ pub(crate) fn execute_blocking(
                 left -= n as u64;
             }
         }
-        Op::Write(d) => {
+        Op::Write(d) | Op::WriteThrough(d) => {
             let mut input = Cursor::new(d.bufs.iter(), d.len);
             let (mut off, mut left) = (d.offset, d.len);
             while left > 0 {
@@ -250,6 +253,9 @@ pub(crate) fn execute_blocking(
                 disk.write_at(b, off)?;
                 off += n as u64;
                 left -= n as u64;
+            }
+            if matches!(op, Op::WriteThrough(_)) {
+                disk.flush()?;
             }
         }
         Op::Flush => disk.flush()?,

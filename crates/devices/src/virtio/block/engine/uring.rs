@@ -168,7 +168,10 @@ impl Engine for UringEngine {
                     });
                 }
             }
-            op @ (Op::Discard(_) | Op::WriteZeroes(_)) => self.send_to_pool(token, op),
+            // Write-through is bound by the flush: the pool's blocking write + fsync.
+            op @ (Op::Discard(_) | Op::WriteZeroes(_) | Op::WriteThrough(_)) => {
+                self.send_to_pool(token, op)
+            }
         }
     }
 
