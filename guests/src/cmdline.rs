@@ -98,6 +98,10 @@ pub struct Options {
     pub action: Action,
     /// `work=N`: workload size multiplier (default 1).
     pub work: u64,
+    /// `touch=N`: MiB of memory past the work buffers written once before
+    /// the action (default 0), a resident set for snapshot and migration
+    /// benchmarks.
+    pub touch_mib: u64,
     pub virtio: VirtioSel,
     pub net: NetOptions,
     /// `vsock=PORT`: host port the virtio-vsock test connects to.
@@ -120,6 +124,7 @@ impl Default for Options {
         Options {
             action: Action::Exit(0),
             work: 1,
+            touch_mib: 0,
             virtio: VirtioSel::Default,
             net: NetOptions {
                 echo: false,
@@ -147,6 +152,8 @@ impl Default for Options {
 
 /// Largest accepted `work=N`.
 const MAX_WORK: u64 = 4096;
+/// Largest accepted `touch=N` (MiB; the guest only uses RAM below 4 GiB).
+const MAX_TOUCH_MIB: u64 = 4096;
 /// Largest accepted `netburst=N`.
 const MAX_NET_BURST: u64 = 100_000;
 
@@ -160,6 +167,10 @@ impl Options {
             } else if let Some(value) = word.strip_prefix(b"work=") {
                 opts.work = parse_number(value)
                     .filter(|&n| (1..=MAX_WORK).contains(&n))
+                    .ok_or(word)?;
+            } else if let Some(value) = word.strip_prefix(b"touch=") {
+                opts.touch_mib = parse_number(value)
+                    .filter(|&n| n <= MAX_TOUCH_MIB)
                     .ok_or(word)?;
             } else if let Some(value) = word.strip_prefix(b"virtio=") {
                 opts.virtio = parse_virtio(value).ok_or(word)?;

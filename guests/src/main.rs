@@ -185,6 +185,17 @@ fn bsp_main() -> ! {
     if !virtio::run(&info, &opts, rsdp, plan.work_base) {
         cpu::exit(virtio::EXIT_VIRTIO);
     }
+    if opts.touch_mib > 0 {
+        let from = plan.work_base + n as u64 * plan.work_bytes;
+        let end = info
+            .memory_map()
+            .iter()
+            .filter(|e| e.kind == E820_RAM && e.addr <= from && from < e.end())
+            .map(|e| e.end().min(cpu::phys::LIMIT))
+            .next()
+            .unwrap_or(from);
+        soak::touch(from, end, opts.touch_mib);
+    }
     finish(opts.action, rsdp)
 }
 
