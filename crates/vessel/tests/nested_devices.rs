@@ -107,15 +107,27 @@ exec >/dev/console 2>&1
 (
     rss() { grep VmRSS /proc/$(pidof vessel)/status 2>/dev/null | tr -s ' ' | cut -d' ' -f2; }
     ctl() { /vessel ctl --api-socket /tmp/balloon.sock "$@"; }
-    i=0
-    while [ "$(rss || echo 0)" -lt 340000 ] && [ $i -lt 600 ]; do i=$((i + 1)); sleep 0.5; done
+    # Wait until the guest has dirtied its 320 MiB and let it go (RSS high and steady for 3 s:
+    # inflating while the tmpfs file still exists would run the guest out of memory).
+    i=0 last=0 steady=0
+    while [ $steady -lt 3 ] && [ $i -lt 600 ]; do
+        now=$(rss || echo 0)
+        if [ "$now" -gt 330000 ] && [ $((now - last)) -lt 2048 ]; then steady=$((steady + 1)); else steady=0; fi
+        last=$now i=$((i + 1))
+        sleep 1
+    done
+    sleep 2
     peak=$(rss)
     echo "L1BALLOON: guest dirtied its memory, rss $peak kB; inflating"
     ctl balloon 256M
     i=0
-    while [ "$(rss)" -gt $((peak - 200000)) ] && [ $i -lt 240 ]; do i=$((i + 1)); sleep 0.5; done
+    while ! ctl --json balloon | grep -q '"actual_bytes": *268435456'; do
+        i=$((i + 1)); [ $i -gt 240 ] && break; sleep 0.5
+    done
     echo "L1BALLOON: inflated, rss $(rss) kB (peak $peak kB)"
     ctl --json balloon | tr -d ' \n'; echo
+    # Time for the guest to see it before deflating.
+    sleep 6
     ctl balloon 0
     i=0
     while ! ctl --json balloon | grep -q '"actual_bytes": *0'; do
