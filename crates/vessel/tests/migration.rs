@@ -166,6 +166,8 @@ fn migrate_and_check(p: &mut Pair, listen: &str, to: &str) {
     }
     let o = ctl(&p.dst_api, &["--json", "info"]);
     assert!(stdout(&o).contains("\"running\""), "{}", stdout(&o));
+    // The target still tells how the VM came.
+    assert_eq!(phase(&p.dst_api), "completed");
     assert_eq!(p.target.stop(), Some(143));
 }
 

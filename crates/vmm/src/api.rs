@@ -114,6 +114,13 @@ impl VmHandle {
         Ok(true)
     }
 
+    /// Shows `status` (the migration that brought this VM here) until one starts from here.
+    pub fn set_incoming_migration(&self, status: MigrationStatus) {
+        let out = Outgoing::default();
+        *lock(&out.status) = status;
+        *lock(&self.migration) = Some(Arc::new(out));
+    }
+
     /// Undoes [`VmHandle::pause_for_migration`] after a failed migration.
     pub fn resume_after_migration(&self) {
         if let Err(e) = self.resume() {

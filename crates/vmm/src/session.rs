@@ -278,8 +278,9 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
                 };
                 let _ = reply.send(Ok(()));
                 match crate::migration::receive(&listener, &opts, start, &migration) {
-                    Ok(vm) => {
+                    Ok(mut vm) => {
                         drop(listener);
+                        vm.set_incoming_migration(lock(&migration).clone());
                         break vm.run_attached(&switch);
                     }
                     Err(e) => {

@@ -107,6 +107,8 @@ pub struct Vm {
     power_on: Option<PowerOn>,
     /// Loaded from a snapshot: the devices start when the vCPUs do.
     restored: bool,
+    /// How the migration that brought this VM here went (shown by the API afterwards).
+    incoming: Option<api::types::MigrationStatus>,
 }
 
 /// What a reset restores.
@@ -160,6 +162,11 @@ impl Vm {
         let mut vm = Vm::create(config, mem, start)?;
         vm.load_boot()?;
         Ok(vm)
+    }
+
+    /// Records how the migration that brought this VM here went.
+    pub fn set_incoming_migration(&mut self, status: api::types::MigrationStatus) {
+        self.incoming = Some(status);
     }
 
     /// Rebuilds the VM saved in the snapshot directory `dir`, ready to run from where it was.
@@ -333,6 +340,7 @@ impl Vm {
             boot: None,
             power_on,
             restored: false,
+            incoming: None,
         })
     }
 
@@ -511,6 +519,9 @@ impl Vm {
                 crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
             )
         });
+        if let Some(status) = self.incoming.take() {
+            handle.set_incoming_migration(status);
+        }
         switch.set(handle.clone());
 
         let reason = loop {
