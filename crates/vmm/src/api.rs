@@ -219,12 +219,13 @@ impl VmController for VmHandle {
         }
         let t = lock(&self.transition);
         let taken = Instant::now();
-        let result = self.machine.snapshot(&req.dir);
+        let pending = self.machine.snapshot_unsynced(&req.dir);
         drop(t);
         if !was_paused {
             self.resume()?;
         }
-        let info = result.map_err(|e| match e {
+        // Synced while the guest runs again.
+        let info = pending.and_then(|p| p.finish()).map_err(|e| match e {
             crate::snapshot::SnapshotError::Dir { .. } => ApiError::bad_request(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         })?;

@@ -74,12 +74,38 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
     }
 }
 
-/// Writes all guest RAM to a new sparse file at `path` (through `path.tmp`, then renamed, so
-/// that a VM restored from an older file at `path` keeps its mapping intact).
+/// A memory file written but not yet on stable storage nor under its name.
+pub struct UnsyncedMemory {
+    file: File,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl UnsyncedMemory {
+    /// Syncs the file and gives it its name.
+    pub fn finish(self) -> Result<(), MemoryError> {
+        self.file.sync_all().map_err(io_err(&self.tmp))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))
+    }
+}
+
+/// Writes all guest RAM to a new sparse file at `path` (through `path.tmp`, synced, then
+/// renamed, so that a VM restored from an older file at `path` keeps its mapping intact).
 pub fn write_memory(
     mem: &GuestMemoryMmap,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats), MemoryError> {
+    let (regions, stats, unsynced) = write_memory_unsynced(mem, path)?;
+    unsynced.finish()?;
+    Ok((regions, stats))
+}
+
+/// [`write_memory`] without the sync and the rename: the guest may run on meanwhile (the
+/// file's contents are final), then [`UnsyncedMemory::finish`].
+pub fn write_memory_unsynced(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
     let regions = layout_of(mem);
     let total: u64 = regions.iter().map(|r| r.size).sum();
     let tmp = path.with_extension("tmp");
@@ -121,9 +147,15 @@ pub fn write_memory(
             off += n;
         }
     }
-    file.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok((regions, stats))
+    Ok((
+        regions,
+        stats,
+        UnsyncedMemory {
+            file,
+            tmp,
+            path: path.to_path_buf(),
+        },
+    ))
 }
 
 /// Writes the runs of resident, non-zero pages of `chunk` at `at`; returns the bytes written.

@@ -70,6 +70,25 @@ pub struct VmSnapshot {
     pub virtio: VirtioState,
 }
 
+/// A snapshot whose files are written but not yet synced: [`PendingSnapshot::finish`] once
+/// the VM runs again (the state file appears last, so a crash never leaves a snapshot that
+/// looks complete).
+pub struct PendingSnapshot {
+    memory: memory::UnsyncedMemory,
+    state: Box<VmSnapshot>,
+    state_path: std::path::PathBuf,
+    pub info: SnapshotInfo,
+}
+
+impl PendingSnapshot {
+    /// Syncs and names the memory file, then writes the state file.
+    pub fn finish(self) -> Result<SnapshotInfo, SnapshotError> {
+        self.memory.finish()?;
+        format::write_state(&self.state_path, &*self.state)?;
+        Ok(self.info)
+    }
+}
+
 /// What taking a snapshot did.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotInfo {
@@ -147,6 +166,12 @@ impl Machine {
     /// Writes a snapshot into `dir` (created if missing; it must not hold a snapshot already).
     /// Every vCPU must be parked; the device threads are paused meanwhile and go on after.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        self.snapshot_unsynced(dir)?.finish()
+    }
+
+    /// [`Machine::snapshot`] up to the point where the VM may run again; the caller resumes
+    /// the vCPUs and then calls [`PendingSnapshot::finish`] (the sync is off the pause).
+    pub fn snapshot_unsynced(&self, dir: &Path) -> Result<PendingSnapshot, SnapshotError> {
         let bad_dir = |why: String| SnapshotError::Dir {
             path: dir.display().to_string(),
             why,
@@ -159,26 +184,31 @@ impl Machine {
         }
         let paused = Instant::now();
         self.pause_devices();
-        let result = (|| -> Result<memory::WriteStats, SnapshotError> {
+        let result = (|| {
             // The vCPUs' state first: their TSCs go on while memory is written, and the
             // restored guest should not see that time pass.
             let state = self.state(memory::layout_of(&self.mem))?;
-            let (regions, stats) = memory::write_memory(&self.mem, &dir.join(MEMORY_FILE))?;
+            let (regions, stats, unsynced) =
+                memory::write_memory_unsynced(&self.mem, &dir.join(MEMORY_FILE))?;
             if regions != state.memory {
                 return Err(SnapshotError::Mismatch(
                     "guest memory changed its layout while it was written".to_string(),
                 ));
             }
-            format::write_state(&dir.join(STATE_FILE), &state)?;
-            Ok(stats)
+            Ok((state, stats, unsynced))
         })();
         let devices_paused = paused.elapsed();
         let resumed = self.resume_devices();
-        let stats = result?;
+        let (state, stats, unsynced) = result?;
         resumed?;
-        Ok(SnapshotInfo {
-            memory: stats,
-            devices_paused,
+        Ok(PendingSnapshot {
+            memory: unsynced,
+            state: Box::new(state),
+            state_path: dir.join(STATE_FILE),
+            info: SnapshotInfo {
+                memory: stats,
+                devices_paused,
+            },
         })
     }
 
