@@ -27,7 +27,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -129,54 +129,20 @@ impl Write for Stream {
     }
 }
 
-/// Which pages of `len` bytes at `addr` may hold data: for anonymous memory the resident ones
-/// (a page never touched reads as zeroes), for a file mapping (a VM restored lazily) all.
-pub(crate) fn candidate_pages(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    len: u64,
-) -> Result<Vec<bool>, MigrationError> {
-    let anonymous = mem
-        .find_region(GuestAddress(addr))
-        .is_some_and(|r| r.file_offset().is_none());
-    if anonymous {
-        hypervisor::mem::resident_pages(mem, GuestAddress(addr), len)
-            .map_err(|_| MigrationError::Memory(addr))
-    } else {
-        Ok(vec![true; (len / hypervisor::mem::PAGE_SIZE) as usize])
-    }
-}
-
 /// A digest of guest memory and the state bytes, the same on both sides when the copy is
 /// exact: CRC-32 over the address and contents of every page that is not all zeroes (pages
 /// never touched are skipped without being faulted in). Source and target compute it at the
 /// same time, during stop-and-copy.
 pub fn digest(mem: &GuestMemoryMmap, state: &[u8]) -> Result<u32, MigrationError> {
-    const CHUNK: u64 = 2 << 20;
     let page = hypervisor::mem::PAGE_SIZE as usize;
     let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK as usize];
-    for r in mem.iter() {
-        let (start, len) = (r.start_addr().0, r.len());
-        let mut off = 0;
-        while off < len {
-            let n = CHUNK.min(len - off);
-            let a = start + off;
-            let candidates = candidate_pages(mem, a, n)?;
-            if candidates.iter().any(|&c| c) {
-                let chunk = &mut buf[..n as usize];
-                mem.read_slice(chunk, GuestAddress(a))
-                    .map_err(|_| MigrationError::Memory(a))?;
-                for (i, p) in chunk.chunks(page).enumerate() {
-                    if candidates[i] && p.iter().any(|&b| b != 0) {
-                        h.update(&(a + (i * page) as u64).to_le_bytes());
-                        h.update(p);
-                    }
-                }
-            }
-            off += n;
+    crate::snapshot::memory::scan_used(mem, MigrationError::Memory, |addr, chunk, used| {
+        for (i, p) in chunk.chunks(page).enumerate().filter(|(i, _)| used[*i]) {
+            h.update(&(addr + (i * page) as u64).to_le_bytes());
+            h.update(p);
         }
-    }
+        Ok(())
+    })?;
     h.update(state);
     Ok(h.finalize())
 }

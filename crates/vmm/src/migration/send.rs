@@ -8,12 +8,12 @@ use api::types::{MigrateSendRequest, MigrationPhase, MigrationRole, MigrationSta
 use devices::bus::lock;
 use hypervisor::dirty::DirtyBitmap;
 use hypervisor::mem::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
-use super::{candidate_pages, digest, Addr, MigrationError, Stream};
+use super::{digest, Addr, MigrationError, Stream};
 use crate::api::VmHandle;
-use crate::snapshot::memory::layout_of;
+use crate::snapshot::memory::{layout_of, scan_used};
 
 /// Pre-copy rounds before stop-and-copy is forced (the guest dirties memory faster than it
 /// can be sent).
@@ -113,30 +113,10 @@ impl Pages<'_> {
     /// Round 1: every page the guest has touched and that is not all zeroes (the target's
     /// memory starts zeroed).
     fn used(&mut self) -> Result<(), MigrationError> {
-        const CHUNK: u64 = 2 << 20;
         let mem = self.mem;
-        let mut chunk = vec![0u8; CHUNK as usize];
-        for r in mem.iter() {
-            let (start, len) = (r.start_addr().0, r.len());
-            let mut off = 0;
-            while off < len {
-                let n = CHUNK.min(len - off);
-                let a = start + off;
-                let resident = candidate_pages(mem, a, n)?;
-                if resident.iter().any(|&b| b) {
-                    let c = &mut chunk[..n as usize];
-                    mem.read_slice(c, GuestAddress(a))
-                        .map_err(|_| MigrationError::Memory(a))?;
-                    let page = PAGE_SIZE as usize;
-                    let used: Vec<bool> = (0..resident.len())
-                        .map(|i| resident[i] && c[i * page..(i + 1) * page].iter().any(|&b| b != 0))
-                        .collect();
-                    self.runs(a, n / PAGE_SIZE, |p| used[p as usize])?;
-                }
-                off += n;
-            }
-        }
-        Ok(())
+        scan_used(mem, MigrationError::Memory, |addr, _, used| {
+            self.runs(addr, used.len() as u64, |p| used[p as usize])
+        })
     }
 
     /// Every dirty page of `bitmaps`.

@@ -112,41 +112,20 @@ pub fn write_memory_unsynced(
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
     file.set_len(total).map_err(io_err(&tmp))?;
     let mut stats = WriteStats { total, written: 0 };
-    let mut buf = vec![0u8; CHUNK as usize];
-    for r in &regions {
-        let anonymous = mem
-            .find_region(GuestAddress(r.guest_addr))
-            .is_some_and(|g| g.file_offset().is_none());
-        let mut off = 0;
-        while off < r.size {
-            let n = CHUNK.min(r.size - off);
-            let addr = r.guest_addr + off;
-            // Untouched anonymous pages are not resident and read as zeroes: skip them
-            // without faulting them in. (A file mapping's residency says nothing of its
-            // contents: read everything there.)
-            let resident = if anonymous {
-                hypervisor::mem::resident_pages(mem, GuestAddress(addr), n).map_err(|e| {
-                    MemoryError::Guest {
-                        addr,
-                        why: e.to_string(),
-                    }
-                })?
-            } else {
-                vec![true; (n / PAGE_SIZE) as usize]
-            };
-            if resident.iter().any(|&b| b) {
-                let chunk = &mut buf[..n as usize];
-                mem.read_slice(chunk, GuestAddress(addr))
-                    .map_err(|e| MemoryError::Guest {
-                        addr,
-                        why: e.to_string(),
-                    })?;
-                stats.written += write_runs(&file, chunk, &resident, r.file_offset + off)
-                    .map_err(io_err(&tmp))?;
-            }
-            off += n;
-        }
-    }
+    let guest_err = |addr| MemoryError::Guest {
+        addr,
+        why: "cannot read it".to_string(),
+    };
+    scan_used(mem, guest_err, |addr, chunk, used| {
+        // Regions are packed in the file in guest-address order.
+        let at = regions
+            .iter()
+            .find(|r| (r.guest_addr..r.guest_addr + r.size).contains(&addr))
+            .map(|r| r.file_offset + (addr - r.guest_addr))
+            .ok_or_else(|| guest_err(addr))?;
+        stats.written += write_runs(&file, chunk, used, at).map_err(io_err(&tmp))?;
+        Ok(())
+    })?;
     Ok((
         regions,
         stats,
@@ -158,10 +137,55 @@ pub fn write_memory_unsynced(
     ))
 }
 
-/// Writes the runs of resident, non-zero pages of `chunk` at `at`; returns the bytes written.
-fn write_runs(file: &File, chunk: &[u8], resident: &[bool], at: u64) -> std::io::Result<u64> {
+/// Walks guest memory in chunks of [`CHUNK`] and hands `f` (guest address, contents, which
+/// pages are used) each chunk with a used page: one the guest touched (resident, for
+/// anonymous memory: untouched pages are skipped without being faulted in; every page of a
+/// file mapping, whose residency says nothing of its contents) that is not all zeroes.
+/// Snapshots write these pages, migration sends and digests them.
+pub(crate) fn scan_used<E>(
+    mem: &GuestMemoryMmap,
+    read_err: impl Fn(u64) -> E,
+    mut f: impl FnMut(u64, &[u8], &[bool]) -> Result<(), E>,
+) -> Result<(), E> {
     let page = PAGE_SIZE as usize;
-    let keep = |i: usize| resident[i] && chunk[i * page..(i + 1) * page].iter().any(|&b| b != 0);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for r in mem.iter() {
+        let (start, len) = (r.start_addr().raw_value(), r.len());
+        let anonymous = r.file_offset().is_none();
+        let mut off = 0;
+        while off < len {
+            let n = CHUNK.min(len - off);
+            let addr = start + off;
+            off += n;
+            let touched = if anonymous {
+                hypervisor::mem::resident_pages(mem, GuestAddress(addr), n)
+                    .map_err(|_| read_err(addr))?
+            } else {
+                vec![true; (n / PAGE_SIZE) as usize]
+            };
+            if !touched.iter().any(|&t| t) {
+                continue;
+            }
+            let chunk = &mut buf[..n as usize];
+            mem.read_slice(chunk, GuestAddress(addr))
+                .map_err(|_| read_err(addr))?;
+            let used: Vec<bool> = chunk
+                .chunks(page)
+                .zip(&touched)
+                .map(|(p, &t)| t && p.iter().any(|&b| b != 0))
+                .collect();
+            if used.iter().any(|&u| u) {
+                f(addr, chunk, &used)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the runs of `used` pages of `chunk` at `at`; returns the bytes written.
+fn write_runs(file: &File, chunk: &[u8], used: &[bool], at: u64) -> std::io::Result<u64> {
+    let page = PAGE_SIZE as usize;
+    let keep = |i: usize| used[i];
     let pages = chunk.len() / page;
     let mut written = 0;
     let mut i = 0;
