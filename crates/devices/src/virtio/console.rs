@@ -26,7 +26,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::queue::{
     pop_head, process_queue_until, walk_chain, Chain, ChainHandler, Cursor, QueueError,
 };
-use super::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
+use super::worker::{
+    pause_thread, resume_thread, DeviceThread, StopSignal, WorkerError, WorkerLoop,
+};
 use super::{
     feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
     VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1,
@@ -339,19 +341,11 @@ impl VirtioDevice for Console {
 
     fn pause(&mut self) {
         // Host input keeps arriving in the input buffer (bounded) meanwhile.
-        if let Some(w) = &mut self.worker {
-            w.thread.pause();
-        }
+        pause_thread(self.worker.as_mut().map(|w| &mut w.thread));
     }
 
     fn resume(&mut self) -> Result<(), ActivateError> {
-        match &mut self.worker {
-            Some(w) => w
-                .thread
-                .resume()
-                .map_err(|e| ActivateError::Worker(e.into())),
-            None => Ok(()),
-        }
+        resume_thread(self.worker.as_mut().map(|w| &mut w.thread))
     }
 
     fn device_state(&self) -> DeviceSpecificState {

@@ -103,6 +103,25 @@ enum Run<S> {
     Gone,
 }
 
+/// `VirtioDevice::pause` for a device whose thread exists only once it is active.
+pub(crate) fn pause_thread<S: WorkerLoop>(thread: Option<&mut DeviceThread<S>>) {
+    if let Some(t) = thread {
+        t.pause();
+    }
+}
+
+/// `VirtioDevice::resume` for a device whose thread exists only once it is active.
+pub(crate) fn resume_thread<S: WorkerLoop>(
+    thread: Option<&mut DeviceThread<S>>,
+) -> Result<(), super::ActivateError> {
+    match thread {
+        Some(t) => t
+            .resume()
+            .map_err(|e| super::ActivateError::Worker(e.into())),
+        None => Ok(()),
+    }
+}
+
 /// A device thread that can be paused and resumed; dropping it stops the thread.
 pub struct DeviceThread<S: WorkerLoop> {
     name: String,

@@ -30,7 +30,9 @@ use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{pop_head, walk_chain, Chain, Cursor, QueueError};
-use super::worker::{DeviceThread, StopSignal, WorkerError, WorkerLoop};
+use super::worker::{
+    pause_thread, resume_thread, DeviceThread, StopSignal, WorkerError, WorkerLoop,
+};
 use super::{
     feature, read_config_bytes, ActivateError, ActiveQueue, DeviceSpecificState, VirtioDevice,
     VirtioInterrupt, VirtioInterruptType, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
@@ -235,19 +237,11 @@ impl VirtioDevice for Vsock {
 
     fn pause(&mut self) {
         // Connections stay open (the host's sockets buffer meanwhile).
-        if let Some(w) = &mut self.worker {
-            w.thread.pause();
-        }
+        pause_thread(self.worker.as_mut().map(|w| &mut w.thread));
     }
 
     fn resume(&mut self) -> Result<(), ActivateError> {
-        match &mut self.worker {
-            Some(w) => w
-                .thread
-                .resume()
-                .map_err(|e| ActivateError::Worker(e.into())),
-            None => Ok(()),
-        }
+        resume_thread(self.worker.as_mut().map(|w| &mut w.thread))
     }
 
     fn device_state(&self) -> DeviceSpecificState {
