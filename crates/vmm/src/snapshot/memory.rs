@@ -91,7 +91,8 @@ impl UnsyncedMemory {
 
 /// Writes all guest RAM to a new sparse file at `path` (through `path.tmp`, synced, then
 /// renamed, so that a VM restored from an older file at `path` keeps its mapping intact).
-pub fn write_memory(
+#[cfg(test)]
+fn write_memory(
     mem: &GuestMemoryMmap,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats), MemoryError> {

@@ -1,9 +1,10 @@
 //! VM snapshots: a directory with a state file ([`format`], [`STATE_FILE`]) and a memory file
 //! ([`memory`], [`MEMORY_FILE`]).
 //!
-//! Taking one ([`Machine::snapshot`]) needs the vCPUs parked; it pauses the device threads,
-//! reads every vCPU's, KVM's and device's state, writes memory and state, and lets the devices
-//! go on. Restoring ([`crate::Vm::restore`]) builds the same machine in a new process on the
+//! Taking one ([`Machine::snapshot_unsynced`], then [`PendingSnapshot::finish`]) needs the
+//! vCPUs parked; it pauses the device threads, reads every vCPU's, KVM's and device's state,
+//! writes memory, lets the devices go on, and syncs the files and writes the state file once
+//! the VM runs again. Restoring ([`crate::Vm::restore`]) builds the same machine in a new process on the
 //! mapped memory file, loads the saved state into it, and starts the devices where they were.
 
 pub mod format;
@@ -163,14 +164,10 @@ impl Machine {
         })
     }
 
-    /// Writes a snapshot into `dir` (created if missing; it must not hold a snapshot already).
-    /// Every vCPU must be parked; the device threads are paused meanwhile and go on after.
-    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
-        self.snapshot_unsynced(dir)?.finish()
-    }
-
-    /// [`Machine::snapshot`] up to the point where the VM may run again; the caller resumes
-    /// the vCPUs and then calls [`PendingSnapshot::finish`] (the sync is off the pause).
+    /// Writes a snapshot into `dir` (created if missing; it must not hold a snapshot already)
+    /// up to the point where the VM may run again. Every vCPU must be parked; the device
+    /// threads are paused meanwhile and go on after. The caller resumes the vCPUs and then
+    /// calls [`PendingSnapshot::finish`] (the sync is off the pause).
     pub fn snapshot_unsynced(&self, dir: &Path) -> Result<PendingSnapshot, SnapshotError> {
         let bad_dir = |why: String| SnapshotError::Dir {
             path: dir.display().to_string(),
