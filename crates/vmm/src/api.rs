@@ -207,11 +207,6 @@ impl VmController for VmHandle {
                 "not available yet: diff snapshots (write a full one)",
             ));
         }
-        if req.disk_snapshot {
-            return Err(ApiError::not_implemented(
-                "not available yet: disk snapshots with the VM snapshot",
-            ));
-        }
         // A running VM is paused for the snapshot and resumed after; a paused one stays so.
         let was_paused = self.control.state() == RunState::Paused;
         if !was_paused {
@@ -219,14 +214,16 @@ impl VmController for VmHandle {
         }
         let t = lock(&self.transition);
         let taken = Instant::now();
-        let pending = self.machine.snapshot_unsynced(&req.dir);
+        let pending = self.machine.snapshot_unsynced(&req.dir, req.disk_snapshot);
         drop(t);
         if !was_paused {
             self.resume()?;
         }
         // Synced while the guest runs again.
         let info = pending.and_then(|p| p.finish()).map_err(|e| match e {
-            crate::snapshot::SnapshotError::Dir { .. } => ApiError::bad_request(e.to_string()),
+            crate::snapshot::SnapshotError::Dir { .. } | crate::snapshot::SnapshotError::Disks(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             _ => ApiError::internal(e.to_string()),
         })?;
         tracing::info!(

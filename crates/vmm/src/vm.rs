@@ -90,6 +90,19 @@ pub struct Machine {
     pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
     /// The MSRs a snapshot saves.
     pub(crate) msr_indices: Vec<u32>,
+    /// Each disk's image now: a disk snapshot moves the VM to a new overlay.
+    pub(crate) disk_paths: Mutex<Vec<PathBuf>>,
+}
+
+impl Machine {
+    /// The configuration, with each disk's image as it is now.
+    pub(crate) fn config_now(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        for (d, p) in c.disks.iter_mut().zip(devices::bus::lock(&self.disk_paths).iter()) {
+            d.path = p.clone();
+        }
+        c
+    }
 }
 
 /// A VM that is built and ready to run.
@@ -195,12 +208,21 @@ impl Vm {
         }
         let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
             .map_err(SnapshotError::from)?;
+        // A disk snapshot: a fresh overlay on each frozen image, for this VM alone.
+        let overlays = crate::snapshot::disks::prepare_restore(
+            &snap.frozen_disks,
+            &mut snap.config.disks,
+            dir,
+        )
+        .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
         config.console = opts.console;
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let vm = Vm::create_restored(config, mem, start, &snap)?;
+        let vm = Vm::create_restored(config, mem, start, &snap).inspect_err(|_| {
+            crate::snapshot::disks::remove_overlays(&overlays);
+        })?;
         tracing::debug!(
             "restored {} vCPUs and {} MiB from {} in {:?}",
             snap.vcpus.len(),
@@ -321,6 +343,7 @@ impl Vm {
 
         Ok(Vm {
             machine: Arc::new(Machine {
+                disk_paths: Mutex::new(config.disks.iter().map(|d| d.path.clone()).collect()),
                 config,
                 vm_fd: vm,
                 mem,

@@ -7,6 +7,7 @@
 //! the VM runs again. Restoring ([`crate::Vm::restore`]) builds the same machine in a new process on the
 //! mapped memory file, loads the saved state into it, and starts the devices where they were.
 
+pub mod disks;
 pub mod format;
 pub mod memory;
 
@@ -46,6 +47,8 @@ pub enum SnapshotError {
     Cpu(String),
     #[error("the snapshot does not match: {0}")]
     Mismatch(String),
+    #[error("disk snapshot: {0}")]
+    Disks(#[from] disks::DiskSnapshotError),
 }
 
 /// The virtio devices, by transport.
@@ -69,6 +72,10 @@ pub struct VmSnapshot {
     pub vm: hypervisor::VmState,
     pub legacy: LegacyState,
     pub virtio: VirtioState,
+    /// With a disk snapshot: the images frozen at the snapshot's instant (their paths are the
+    /// disks' in `config`); a restore opens a fresh overlay on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen_disks: Vec<disks::FrozenDisk>,
 }
 
 /// A snapshot whose files are written but not yet synced: [`PendingSnapshot::finish`] once
@@ -155,20 +162,27 @@ impl Machine {
             ),
         };
         Ok(VmSnapshot {
-            config: self.config.clone(),
+            config: self.config_now(),
             memory,
             vcpus,
             vm,
             legacy,
             virtio,
+            frozen_disks: Vec::new(),
         })
     }
 
     /// Writes a snapshot into `dir` (created if missing; it must not hold a snapshot already)
     /// up to the point where the VM may run again. Every vCPU must be parked; the device
     /// threads are paused meanwhile and go on after. The caller resumes the vCPUs and then
-    /// calls [`PendingSnapshot::finish`] (the sync is off the pause).
-    pub fn snapshot_unsynced(&self, dir: &Path) -> Result<PendingSnapshot, SnapshotError> {
+    /// calls [`PendingSnapshot::finish`] (the sync is off the pause). With `disk_snapshot`,
+    /// the writable disks are frozen at the same instant and the VM goes on with new overlays
+    /// (see [`disks`]).
+    pub fn snapshot_unsynced(
+        &self,
+        dir: &Path,
+        disk_snapshot: bool,
+    ) -> Result<PendingSnapshot, SnapshotError> {
         let bad_dir = |why: String| SnapshotError::Dir {
             path: dir.display().to_string(),
             why,
@@ -179,12 +193,24 @@ impl Machine {
                 "it holds a snapshot already; use another directory".to_string(),
             ));
         }
+        let planned = if disk_snapshot {
+            disks::plan(&self.config_now().disks, dir)?
+        } else {
+            Vec::new()
+        };
         let paused = Instant::now();
         self.pause_devices();
         let result = (|| {
+            // Disks first: an image that cannot be frozen fails the snapshot before memory is
+            // written.
+            let frozen = self.freeze_disks(&planned)?;
             // The vCPUs' state first: their TSCs go on while memory is written, and the
             // restored guest should not see that time pass.
-            let state = self.state(memory::layout_of(&self.mem))?;
+            let mut state = self.state(memory::layout_of(&self.mem))?;
+            for f in &frozen {
+                state.config.disks[f.index].path = f.path.clone();
+            }
+            state.frozen_disks = frozen;
             let (regions, stats, unsynced) =
                 memory::write_memory_unsynced(&self.mem, &dir.join(MEMORY_FILE))?;
             if regions != state.memory {

@@ -219,6 +219,11 @@ impl Block {
         })
     }
 
+    /// The disk served.
+    pub fn disk(&self) -> &Arc<dyn DiskBackend> {
+        &self.disk
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.size() / SECTOR_SIZE
