@@ -120,6 +120,9 @@ pub struct Vm {
     power_on: Option<PowerOn>,
     /// Loaded from a snapshot: the devices start when the vCPUs do.
     restored: bool,
+    /// Restored from a snapshot with a new VM generation ID: the guest is notified when the
+    /// VM starts (a migrated VM keeps its ID).
+    new_generation: bool,
     /// How the migration that brought this VM here went (shown by the API afterwards).
     incoming: Option<api::types::MigrationStatus>,
 }
@@ -128,6 +131,22 @@ pub struct Vm {
 struct PowerOn {
     vm: hypervisor::VmState,
     vcpus: Vec<hypervisor::VcpuState>,
+}
+
+/// Writes a new random VM generation ID into guest memory (see `arch::acpi`).
+fn write_generation_id(mem: &GuestMemoryMmap) -> Result<(), Error> {
+    use std::io::Read;
+    let mut id = [0u8; acpi::VMGENID_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(io("cannot read a random VM generation ID"))?;
+    acpi::write_vm_generation_id(mem, &id)?;
+    tracing::debug!("VM generation ID {}", hex(&id));
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
@@ -220,9 +239,14 @@ impl Vm {
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let vm = Vm::create_restored(config, mem, start, &snap).inspect_err(|_| {
+        let mut vm = Vm::create_restored(config, mem, start, &snap).inspect_err(|_| {
             crate::snapshot::disks::remove_overlays(&overlays);
         })?;
+        // Every restore is another generation of the VM (clones must not share random
+        // state): a new ID in the (private) memory, announced when the VM starts. The guest's
+        // entropy: with a virtio-rng device its driver reads the host's anyway.
+        write_generation_id(&vm.machine.mem)?;
+        vm.new_generation = true;
         tracing::debug!(
             "restored {} vCPUs and {} MiB from {} in {:?}",
             snap.vcpus.len(),
@@ -363,6 +387,7 @@ impl Vm {
             boot: None,
             power_on,
             restored: false,
+            new_generation: false,
             incoming: None,
         })
     }
@@ -378,6 +403,7 @@ impl Vm {
         acpi::setup_reset_vector(mem)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
         let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
+        write_generation_id(mem)?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
         // on its command line instead (announcing both would make Linux probe each twice).
         let mut cmdline = config.cmdline.clone();
@@ -528,6 +554,13 @@ impl Vm {
 
         if self.restored {
             self.machine.resume_devices()?;
+        }
+        if std::mem::take(&mut self.new_generation) {
+            if let Err(e) = devices::bus::lock(&self.machine.acpi_pm)
+                .press_power_button(acpi::GED_EVENT_VMGENID)
+            {
+                tracing::warn!("cannot notify the guest of its new generation ID: {e}");
+            }
         }
         let handle = Arc::new_cyclic(|me| {
             crate::api::VmHandle::new(
