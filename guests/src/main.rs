@@ -201,7 +201,10 @@ fn bsp_main() -> ! {
     let mut disk = None;
     if opts.action == Action::Soak && opts.soak_disk {
         let Some(t) = soak_disk else {
-            fail!(virtio::EXIT_VIRTIO, "soakdisk: no writable virtio-blk disk tested");
+            fail!(
+                virtio::EXIT_VIRTIO,
+                "soakdisk: no writable virtio-blk disk tested"
+            );
         };
         match virtio::soak_disk(&info, t, free_from) {
             Ok(d) => disk = Some(d),
@@ -235,9 +238,9 @@ fn soak_disk_step(d: &mut virtio::SoakDisk) {
             found,
         }) => {
             match found {
-                Some(k) => println!(
-                    "soak disk MISMATCH step={step} sector={sector} (holds step {k})"
-                ),
+                Some(k) => {
+                    println!("soak disk MISMATCH step={step} sector={sector} (holds step {k})")
+                }
                 None => println!("soak disk MISMATCH step={step} sector={sector} (unknown data)"),
             }
             cpu::exit(soak::EXIT_MISMATCH)

@@ -408,10 +408,7 @@ pub fn setup_reset_vector(mem: &GuestMemoryMmap) -> Result<(), Error> {
 }
 
 /// Writes a VM generation ID (16 random bytes) at [`VMGENID_ADDR`].
-pub fn write_vm_generation_id(
-    mem: &GuestMemoryMmap,
-    id: &[u8; VMGENID_LEN],
-) -> Result<(), Error> {
+pub fn write_vm_generation_id(mem: &GuestMemoryMmap, id: &[u8; VMGENID_LEN]) -> Result<(), Error> {
     mem.write_slice(id, GuestAddress(VMGENID_ADDR))
         .map_err(Error::Write)
 }
@@ -548,7 +545,15 @@ mod tests {
         find(b"\x86\x5c\x2e_SB_VGEN\x0a\x80");
         // If (LEqual (And (Local0, 2, Local1), 2)): the event bit is tested.
         let evt = find(b"_EVT");
-        let test = [0x7b, 0x60, 0x0a, GED_EVENT_VMGENID, 0x61, 0x0a, GED_EVENT_VMGENID];
+        let test = [
+            0x7b,
+            0x60,
+            0x0a,
+            GED_EVENT_VMGENID,
+            0x61,
+            0x0a,
+            GED_EVENT_VMGENID,
+        ];
         let t = find(&test);
         assert!(evt < t && t < find(b"\x86\x5c\x2e_SB_VGEN"));
         // The GUID lives in memory that the e820 map reserves.
@@ -562,7 +567,8 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         write_vm_generation_id(&mem, &[0xab; 16]).unwrap();
         let mut back = [0u8; 16];
-        mem.read_slice(&mut back, GuestAddress(VMGENID_ADDR)).unwrap();
+        mem.read_slice(&mut back, GuestAddress(VMGENID_ADDR))
+            .unwrap();
         assert_eq!(back, [0xab; 16]);
     }
 

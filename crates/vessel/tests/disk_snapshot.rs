@@ -73,10 +73,25 @@ fn overlays_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
-fn disk_snapshot_freezes_the_disk_and_clones_restore_its_content() {
-    let tmp = TempDir::new("disk-snapshot");
-    let disk = tmp.file("disk.raw");
-    raw_disk(&disk, 4 << 20);
+fn disk_snapshot_freezes_a_raw_disk_and_clones_restore_its_content() {
+    disk_snapshot_and_clones("raw");
+}
+
+#[test]
+fn disk_snapshot_freezes_a_qcow2_disk_and_clones_restore_its_content() {
+    disk_snapshot_and_clones("qcow2");
+}
+
+fn disk_snapshot_and_clones(format: &str) {
+    let tmp = TempDir::new(&format!("disk-snapshot-{format}"));
+    let name = format!("disk.{format}");
+    let disk = tmp.file(&name);
+    if format == "raw" {
+        raw_disk(&disk, 4 << 20);
+    } else {
+        let o = qemu_img(&["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "4M"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
     let socket = tmp.file("api.sock");
     let dir = tmp.file("snap");
     let mut vm = soak_disk_vm(&socket, &disk);
@@ -84,18 +99,26 @@ fn disk_snapshot_freezes_the_disk_and_clones_restore_its_content() {
     disk_steps(&mut vm, 12);
     let o = ctl(
         &socket,
-        &["snapshot", "--dir", dir.to_str().unwrap(), "--disk-snapshot"],
+        &[
+            "snapshot",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--disk-snapshot",
+        ],
     );
     assert_code(&o, 0);
     // The VM goes on, on a new overlay next to its image; the image stays as it was.
-    let overlay = tmp.file("disk.raw.snap.qcow2");
+    let overlay = tmp.file(&format!("{name}.snap.qcow2"));
     assert!(overlay.exists());
     let frozen = std::fs::read(&disk).unwrap();
     let step = disk_steps(&mut vm, 12);
     assert!(step >= 24, "{step}");
-    assert!(std::fs::read(&disk).unwrap() == frozen, "the frozen image changed");
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the frozen image changed"
+    );
     // A disk snapshot whose new overlay exists already is refused before anything changes.
-    std::fs::write(tmp.file("disk.raw.snap.qcow2.snap2.qcow2"), b"").unwrap();
+    std::fs::write(tmp.file(&format!("{name}.snap.qcow2.snap2.qcow2")), b"").unwrap();
     let o = ctl(
         &socket,
         &[
@@ -124,7 +147,10 @@ fn disk_snapshot_freezes_the_disk_and_clones_restore_its_content() {
         assert_eq!(c.stop(), Some(143));
     }
     assert_eq!(vm.stop(), Some(143));
-    assert!(std::fs::read(&disk).unwrap() == frozen, "the frozen image changed");
+    assert!(
+        std::fs::read(&disk).unwrap() == frozen,
+        "the frozen image changed"
+    );
 
     // qemu-img agrees with the chains.
     for o in made.iter().chain([&overlay]) {
@@ -140,7 +166,7 @@ fn disk_snapshot_freezes_the_disk_and_clones_restore_its_content() {
         assert!(out.status.success(), "{}", stderr(&out));
         let info = stdout(&out);
         assert!(
-            info.contains("disk.raw\n") && info.contains("file format: raw"),
+            info.contains(&format!("{name}\n")) && info.contains(&format!("file format: {format}")),
             "{info}"
         );
     }
@@ -157,5 +183,9 @@ fn disk_snapshot_freezes_the_disk_and_clones_restore_its_content() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(overlays_in(&dir).len(), 2, "a refused restore leaves nothing");
+    assert_eq!(
+        overlays_in(&dir).len(),
+        2,
+        "a refused restore leaves nothing"
+    );
 }

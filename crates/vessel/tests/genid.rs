@@ -34,7 +34,11 @@ fn next_genid(c: &mut Console) -> String {
 fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -57,7 +61,10 @@ fn generation_id_changes_on_every_restore_and_not_on_migration() {
     let g0 = next_genid(&mut vm);
     assert_ne!(g0, "0".repeat(32), "the VMM wrote an ID at boot");
     vm.soak_lines(1, 2);
-    assert_code(&ctl(&socket, &["snapshot", "--dir", dir.to_str().unwrap()]), 0);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", dir.to_str().unwrap()]),
+        0,
+    );
 
     // Two clones of one snapshot: each sees a new ID, and not the same one.
     let mut clones: Vec<Console> = (0..2)

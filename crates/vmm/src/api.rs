@@ -221,9 +221,8 @@ impl VmController for VmHandle {
         }
         // Synced while the guest runs again.
         let info = pending.and_then(|p| p.finish()).map_err(|e| match e {
-            crate::snapshot::SnapshotError::Dir { .. } | crate::snapshot::SnapshotError::Disks(_) => {
-                ApiError::bad_request(e.to_string())
-            }
+            crate::snapshot::SnapshotError::Dir { .. }
+            | crate::snapshot::SnapshotError::Disks(_) => ApiError::bad_request(e.to_string()),
             _ => ApiError::internal(e.to_string()),
         })?;
         tracing::info!(

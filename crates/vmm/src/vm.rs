@@ -98,7 +98,11 @@ impl Machine {
     /// The configuration, with each disk's image as it is now.
     pub(crate) fn config_now(&self) -> VmConfig {
         let mut c = self.config.clone();
-        for (d, p) in c.disks.iter_mut().zip(devices::bus::lock(&self.disk_paths).iter()) {
+        for (d, p) in c
+            .disks
+            .iter_mut()
+            .zip(devices::bus::lock(&self.disk_paths).iter())
+        {
             d.path = p.clone();
         }
         c

@@ -345,7 +345,8 @@ pub fn run(
 /// `soakdisk=on`: the disk behind `t` set up again for the soak, with its
 /// own DMA memory at or above `free_from` (past the soak's work buffers).
 pub fn soak_disk(info: &BootInfo, t: Transport, free_from: u64) -> Result<SoakDisk, &'static str> {
-    let (start, len) = arena(info, free_from, dma::ARENA_BYTES).ok_or("no memory for the queues")?;
+    let (start, len) =
+        arena(info, free_from, dma::ARENA_BYTES).ok_or("no memory for the queues")?;
     dma::init(start, len);
     SoakDisk::start(t)
 }

@@ -282,10 +282,7 @@ impl crate::vm::Machine {
             // The old disk closes here (flushed, its locks released): nothing else holds it
             // once the device's engines and I/O threads were replaced.
             if Arc::strong_count(&old) != 1 {
-                tracing::warn!(
-                    "disk {}: the frozen image is still open elsewhere",
-                    p.index
-                );
+                tracing::warn!("disk {}: the frozen image is still open elsewhere", p.index);
             }
             drop(old);
             devices::bus::lock(&self.disk_paths)[p.index] = p.overlay.clone();

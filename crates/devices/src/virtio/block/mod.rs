@@ -296,9 +296,9 @@ impl Block {
                 EngineKind::Threads
             }
         };
-        let pool = if self.workers.is_empty() && self.pool.is_none() {
-            None
-        } else if engine == EngineKind::Sync {
+        // An inactive device makes its pool when it is activated.
+        let inactive = self.workers.is_empty() && self.pool.is_none();
+        let pool = if inactive || engine == EngineKind::Sync {
             None
         } else {
             Some(
