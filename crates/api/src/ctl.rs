@@ -124,6 +124,7 @@ pub enum MigrateCommand {
 pub enum MemoryArg {
     Lazy,
     Eager,
+    #[value(alias = "uffd")]
     Userfaultfd,
 }
 

@@ -90,6 +90,9 @@ pub struct Machine {
     pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
     /// The MSRs a snapshot saves.
     pub(crate) msr_indices: Vec<u32>,
+    /// Serves guest memory's missing pages (a userfaultfd restore). Last: it must outlive
+    /// everything that may touch guest memory, device threads included.
+    pub(crate) pager: Option<crate::snapshot::pager::Pager>,
 }
 
 /// A VM that is built and ready to run.
@@ -159,7 +162,7 @@ impl Vm {
                     reason: e.to_string(),
                 }
             })?;
-        let mut vm = Vm::create(config, mem, start)?;
+        let mut vm = Vm::create(config, mem, None, start)?;
         vm.load_boot()?;
         Ok(vm)
     }
@@ -193,14 +196,24 @@ impl Vm {
             ))
             .into());
         }
-        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
-            .map_err(SnapshotError::from)?;
+        let path = dir.join(MEMORY_FILE);
+        let (mem, pager) = match opts.memory {
+            api::types::RestoreMemory::Userfaultfd => {
+                let (mem, pager) = crate::snapshot::pager::Pager::start(&path, &snap.memory)
+                    .map_err(SnapshotError::from)?;
+                (mem, Some(pager))
+            }
+            mode => (
+                memory::map_memory(&path, &snap.memory, mode).map_err(SnapshotError::from)?,
+                None,
+            ),
+        };
         let mut config = snap.config.clone();
         config.console = opts.console;
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let vm = Vm::create_restored(config, mem, start, &snap)?;
+        let vm = Vm::create_restored(config, mem, pager, start, &snap)?;
         tracing::debug!(
             "restored {} vCPUs and {} MiB from {} in {:?}",
             snap.vcpus.len(),
@@ -216,18 +229,25 @@ impl Vm {
     pub(crate) fn create_restored(
         config: VmConfig,
         mem: GuestMemoryMmap,
+        pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
         snap: &crate::snapshot::VmSnapshot,
     ) -> Result<Vm, Error> {
-        let mut vm = Vm::create(config, mem, start)?;
+        let mut vm = Vm::create(config, mem, pager, start)?;
         vm.machine.restore_state(snap)?;
         vm.restored = true;
         Ok(vm)
     }
 
-    /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
-    /// wiring and FPU as at power-on), with nothing loaded into memory yet.
-    fn create(config: VmConfig, mem: GuestMemoryMmap, start: Instant) -> Result<Vm, Error> {
+    /// Builds the machine on `mem` (served by `pager`, if any): the VM, its irqchip, devices
+    /// and vCPUs (CPUID, MSRs, LAPIC wiring and FPU as at power-on), with nothing loaded into
+    /// memory yet.
+    fn create(
+        config: VmConfig,
+        mem: GuestMemoryMmap,
+        pager: Option<crate::snapshot::pager::Pager>,
+        start: Instant,
+    ) -> Result<Vm, Error> {
         let hv = Hypervisor::new()?;
         config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
         let info = hv.info();
@@ -247,6 +267,10 @@ impl Vm {
 
         let control = Arc::new(Control::new().map_err(io("cannot create the control channel"))?);
         let events = event_sink(control.clone());
+        if let Some(p) = &pager {
+            let c = control.clone();
+            p.on_error(move |why| c.request_exit(ExitReason::Error(why)));
+        }
 
         // Devices.
         let mut console = Console::open(&config.console)?;
@@ -330,6 +354,7 @@ impl Vm {
                 cmos,
                 acpi_pm,
                 msr_indices,
+                pager,
             }),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
