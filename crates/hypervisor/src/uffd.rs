@@ -285,13 +285,8 @@ impl Userfault {
             let size = std::mem::size_of::<UffdMsg>();
             // SAFETY: reads at most `size` bytes into `msg`, a plain 32-byte repr(C) value
             // laid out as the kernel's `uffd_msg`.
-            let n = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    (&mut msg as *mut UffdMsg).cast(),
-                    size,
-                )
-            };
+            let n =
+                unsafe { libc::read(self.fd.as_raw_fd(), (&mut msg as *mut UffdMsg).cast(), size) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.raw_os_error() {
@@ -378,7 +373,11 @@ impl Userfault {
 
     /// Runs a fill ioctl `f(offset, len) -> (result, bytes or -errno)` over `len` bytes,
     /// skipping pages already present.
-    fn fill(&self, len: u64, mut f: impl FnMut(u64, u64) -> (i32, i64)) -> Result<Filled, UffdError> {
+    fn fill(
+        &self,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> (i32, i64),
+    ) -> Result<Filled, UffdError> {
         let mut out = Filled::default();
         while out.done < len {
             let (r, count) = f(out.done, len - out.done);
@@ -416,4 +415,13 @@ impl Userfault {
         }
         Ok(())
     }
+}
+
+/// Whether this process may use userfaultfd on guest memory: creates one and registers a
+/// scratch page (for `vessel host-check`).
+pub fn probe() -> Result<(), UffdError> {
+    let mut u = Userfault::new()?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGE_SIZE as usize)])
+        .map_err(|e| op("scratch memory")(io::Error::other(e.to_string())))?;
+    u.register(&mem)
 }

@@ -505,6 +505,7 @@ impl Vm {
                 devices: Vec::new(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 exit_reason: None,
+                pager: None,
             },
         })));
         let server = match &self.machine.config.api_socket {
@@ -564,6 +565,9 @@ impl Vm {
             tracing::debug!("boot time {:?}", t);
         }
         tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
+        if let Some(p) = &self.machine.pager {
+            tracing::info!("userfaultfd pager: {}", p.stats());
+        }
         if let Ok(mut info) = api::VmController::info(&*handle) {
             info.state = api::types::VmState::Stopped;
             info.exit_reason = Some(reason.to_string());

@@ -90,7 +90,11 @@ impl Served {
                 .iter()
                 .map(|r| {
                     let pages = r.size / PAGE_SIZE;
-                    (r.guest_addr, r.size, vec![0u64; pages.div_ceil(64) as usize])
+                    (
+                        r.guest_addr,
+                        r.size,
+                        vec![0u64; pages.div_ceil(64) as usize],
+                    )
                 })
                 .collect(),
         }
@@ -145,11 +149,16 @@ impl Worker {
             return Ok(Ok(()));
         };
         if self.served.get(guest) {
-            let f = self.uffd.zero(GuestAddress(guest), PAGE_SIZE).map_err(|e| e.to_string())?;
+            let f = self
+                .uffd
+                .zero(GuestAddress(guest), PAGE_SIZE)
+                .map_err(|e| e.to_string())?;
             if f.done < PAGE_SIZE {
                 return Ok(Err(Busy));
             }
-            self.counters.zero.fetch_add(f.filled / PAGE_SIZE, Ordering::Relaxed);
+            self.counters
+                .zero
+                .fetch_add(f.filled / PAGE_SIZE, Ordering::Relaxed);
             self.counters.faults.fetch_add(1, Ordering::Relaxed);
             return Ok(Ok(()));
         }
@@ -181,7 +190,10 @@ impl Worker {
         self.file
             .read_exact_at(buf, r.file_offset + (start - r.guest_addr))
             .map_err(|e| format!("reading the memory file at guest {start:#x}: {e}"))?;
-        let zero: Vec<bool> = buf.chunks(page).map(|p| p.iter().all(|&b| b == 0)).collect();
+        let zero: Vec<bool> = buf
+            .chunks(page)
+            .map(|p| p.iter().all(|&b| b == 0))
+            .collect();
         let mut i = 0;
         while i < n {
             if !need[i] {
@@ -198,11 +210,16 @@ impl Worker {
             let f = if z {
                 self.uffd.zero(GuestAddress(at), len)
             } else {
-                self.uffd.copy(GuestAddress(at), &self.buf[first * page..i * page])
+                self.uffd
+                    .copy(GuestAddress(at), &self.buf[first * page..i * page])
             }
             .map_err(|e| e.to_string())?;
             self.served.set(at, f.done);
-            let counter = if z { &self.counters.zero } else { &self.counters.copied };
+            let counter = if z {
+                &self.counters.zero
+            } else {
+                &self.counters.copied
+            };
             counter.fetch_add(f.filled / PAGE_SIZE, Ordering::Relaxed);
             if f.done < len {
                 return Ok(Err(Busy));
@@ -349,7 +366,7 @@ fn run(
             }
         }
     })();
-    tracing::info!("userfaultfd pager: {}", w.counters.get());
+    tracing::debug!("userfaultfd pager stops: {}", w.counters.get());
     if let Err(e) = result {
         tracing::error!("userfaultfd pager: {e}");
         if let Some(p) = populate {
@@ -473,14 +490,16 @@ mod tests {
             (GuestAddress(64 << 20), 2 << 20),
         ])
         .unwrap();
-        mem.write_slice(&[0x11; 8192], GuestAddress(0x3000)).unwrap();
+        mem.write_slice(&[0x11; 8192], GuestAddress(0x3000))
+            .unwrap();
         mem.write_slice(&[0x22; 4096], GuestAddress(0x10_0000))
             .unwrap();
         mem.write_slice(&[0x33; 4096], GuestAddress(0x20_0000))
             .unwrap();
         mem.write_slice(&[0x44; 4096], GuestAddress((64 << 20) + 0x1000))
             .unwrap();
-        let (regions, _, unsynced) = super::super::memory::write_memory_unsynced(&mem, path).unwrap();
+        let (regions, _, unsynced) =
+            super::super::memory::write_memory_unsynced(&mem, path).unwrap();
         unsynced.finish().unwrap();
         (mem, regions)
     }
