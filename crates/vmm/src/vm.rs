@@ -92,6 +92,9 @@ pub struct Machine {
     pub(crate) msr_indices: Vec<u32>,
     /// Each disk's image now: a disk snapshot moves the VM to a new overlay.
     pub(crate) disk_paths: Mutex<Vec<PathBuf>>,
+    /// Serves guest memory's missing pages (a userfaultfd restore). Last: it must outlive
+    /// everything that may touch guest memory, device threads included.
+    pub(crate) pager: Option<crate::snapshot::pager::Pager>,
 }
 
 impl Machine {
@@ -195,7 +198,7 @@ impl Vm {
                     reason: e.to_string(),
                 }
             })?;
-        let mut vm = Vm::create(config, mem, start)?;
+        let mut vm = Vm::create(config, mem, None, start)?;
         vm.load_boot()?;
         Ok(vm)
     }
@@ -229,8 +232,18 @@ impl Vm {
             ))
             .into());
         }
-        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
-            .map_err(SnapshotError::from)?;
+        let path = dir.join(MEMORY_FILE);
+        let (mem, pager) = match opts.memory {
+            api::types::RestoreMemory::Userfaultfd => {
+                let (mem, pager) = crate::snapshot::pager::Pager::start(&path, &snap.memory)
+                    .map_err(SnapshotError::from)?;
+                (mem, Some(pager))
+            }
+            mode => (
+                memory::map_memory(&path, &snap.memory, mode).map_err(SnapshotError::from)?,
+                None,
+            ),
+        };
         // A disk snapshot: a fresh overlay on each frozen image, for this VM alone.
         let overlays = crate::snapshot::disks::prepare_restore(
             &snap.frozen_disks,
@@ -243,7 +256,7 @@ impl Vm {
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let mut vm = Vm::create_restored(config, mem, start, &snap).inspect_err(|_| {
+        let mut vm = Vm::create_restored(config, mem, pager, start, &snap).inspect_err(|_| {
             crate::snapshot::disks::remove_overlays(&overlays);
         })?;
         // Every restore is another generation of the VM (clones must not share random
@@ -266,18 +279,25 @@ impl Vm {
     pub(crate) fn create_restored(
         config: VmConfig,
         mem: GuestMemoryMmap,
+        pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
         snap: &crate::snapshot::VmSnapshot,
     ) -> Result<Vm, Error> {
-        let mut vm = Vm::create(config, mem, start)?;
+        let mut vm = Vm::create(config, mem, pager, start)?;
         vm.machine.restore_state(snap)?;
         vm.restored = true;
         Ok(vm)
     }
 
-    /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
-    /// wiring and FPU as at power-on), with nothing loaded into memory yet.
-    fn create(config: VmConfig, mem: GuestMemoryMmap, start: Instant) -> Result<Vm, Error> {
+    /// Builds the machine on `mem` (served by `pager`, if any): the VM, its irqchip, devices
+    /// and vCPUs (CPUID, MSRs, LAPIC wiring and FPU as at power-on), with nothing loaded into
+    /// memory yet.
+    fn create(
+        config: VmConfig,
+        mem: GuestMemoryMmap,
+        pager: Option<crate::snapshot::pager::Pager>,
+        start: Instant,
+    ) -> Result<Vm, Error> {
         let hv = Hypervisor::new()?;
         config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
         let info = hv.info();
@@ -297,6 +317,10 @@ impl Vm {
 
         let control = Arc::new(Control::new().map_err(io("cannot create the control channel"))?);
         let events = event_sink(control.clone());
+        if let Some(p) = &pager {
+            let c = control.clone();
+            p.on_error(move |why| c.request_exit(ExitReason::Error(why)));
+        }
 
         // Devices.
         let mut console = Console::open(&config.console)?;
@@ -381,6 +405,7 @@ impl Vm {
                 cmos,
                 acpi_pm,
                 msr_indices,
+                pager,
             }),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -533,6 +558,7 @@ impl Vm {
                 devices: Vec::new(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 exit_reason: None,
+                pager: None,
             },
         })));
         let server = match &self.machine.config.api_socket {
@@ -599,6 +625,9 @@ impl Vm {
             tracing::debug!("boot time {:?}", t);
         }
         tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
+        if let Some(p) = &self.machine.pager {
+            tracing::info!("userfaultfd pager: {}", p.stats());
+        }
         if let Ok(mut info) = api::VmController::info(&*handle) {
             info.state = api::types::VmState::Stopped;
             info.exit_reason = Some(reason.to_string());

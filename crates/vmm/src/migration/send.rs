@@ -183,6 +183,9 @@ pub fn send(
     let mut paused_vcpus = false;
     let mut committed = false;
     let result = (|| -> Result<Duration, MigrationError> {
+        // A userfaultfd-restored VM's untouched pages come in first: the first round sends
+        // resident pages only, and the pager's fills are not in KVM's dirty log.
+        m.populate_memory()?;
         m.vm_fd.set_dirty_logging(&m.mem, true)?;
         let mut pages = Pages {
             stream: &mut stream,

@@ -229,28 +229,12 @@ pub fn map_memory(
     regions: &[MemoryRegionInfo],
     mode: RestoreMemory,
 ) -> Result<GuestMemoryMmap, MemoryError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let len = file.metadata().map_err(io_err(path))?.len();
-    let need = regions
-        .iter()
-        .map(|r| r.file_offset.saturating_add(r.size))
-        .max()
-        .unwrap_or(0);
-    if len < need {
-        return Err(MemoryError::Short {
-            path: path.display().to_string(),
-            len,
-            need,
-        });
-    }
+    let file = open_checked(path, regions)?;
     let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-    match mode {
-        RestoreMemory::Lazy | RestoreMemory::Eager => {}
-        RestoreMemory::Userfaultfd => {
-            return Err(MemoryError::Layout(
-                "userfaultfd restore is not available yet: use lazy or eager".to_string(),
-            ))
-        }
+    if mode == RestoreMemory::Userfaultfd {
+        return Err(MemoryError::Layout(
+            "userfaultfd memory is mapped by the pager (snapshot::pager::Pager::start)".to_string(),
+        ));
     }
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {
@@ -259,12 +243,6 @@ pub fn map_memory(
             addr: r.guest_addr,
             why,
         };
-        if !r.size.is_multiple_of(PAGE_SIZE) || !r.file_offset.is_multiple_of(PAGE_SIZE) {
-            return Err(MemoryError::Layout(format!(
-                "region at {:#x} is not page aligned",
-                r.guest_addr
-            )));
-        }
         let size = usize::try_from(r.size).map_err(|e| map_err(e.to_string()))?;
         let f = file.try_clone().map_err(io_err(path))?;
         let mapping = MmapRegion::build(
@@ -283,6 +261,33 @@ pub fn map_memory(
         populate_data(&file, path, &mem, regions)?;
     }
     Ok(mem)
+}
+
+/// Opens the memory file at `path` and checks it holds `regions` (page aligned).
+pub(crate) fn open_checked(path: &Path, regions: &[MemoryRegionInfo]) -> Result<File, MemoryError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    let need = regions
+        .iter()
+        .map(|r| r.file_offset.saturating_add(r.size))
+        .max()
+        .unwrap_or(0);
+    if len < need {
+        return Err(MemoryError::Short {
+            path: path.display().to_string(),
+            len,
+            need,
+        });
+    }
+    for r in regions {
+        if !r.size.is_multiple_of(PAGE_SIZE) || !r.file_offset.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::Layout(format!(
+                "region at {:#x} is not page aligned",
+                r.guest_addr
+            )));
+        }
+    }
+    Ok(file)
 }
 
 /// Eager restore: copies in the file's data extents (holes stay unpopulated: they read as

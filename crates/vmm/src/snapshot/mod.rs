@@ -10,6 +10,7 @@
 pub mod disks;
 pub mod format;
 pub mod memory;
+pub mod pager;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -135,6 +136,17 @@ impl Machine {
         Ok(())
     }
 
+    /// Makes every page of guest memory that holds data resident (a userfaultfd restore
+    /// serves the pages not touched yet); nothing to do for other memory.
+    pub(crate) fn populate_memory(&self) -> Result<(), SnapshotError> {
+        match &self.pager {
+            Some(p) => p
+                .populate()
+                .map_err(|e| SnapshotError::Memory(memory::MemoryError::Layout(e))),
+            None => Ok(()),
+        }
+    }
+
     /// Reads the state of everything but memory. vCPUs parked, devices paused.
     pub(crate) fn state(&self, memory: Vec<MemoryRegionInfo>) -> Result<VmSnapshot, SnapshotError> {
         let vcpus = self
@@ -198,6 +210,8 @@ impl Machine {
         } else {
             Vec::new()
         };
+        // Memory a pager still serves: the scan below sees resident pages only.
+        self.populate_memory()?;
         let paused = Instant::now();
         self.pause_devices();
         let result = (|| {
