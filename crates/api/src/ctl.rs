@@ -102,6 +102,14 @@ pub enum MigrateCommand {
         /// A bandwidth cap, in megabits per second.
         #[arg(long, value_name = "MBPS")]
         bandwidth: Option<u64>,
+        /// Switch to post-copy if pre-copy does not converge (the VM runs on the target and
+        /// fetches missing pages from the source; a broken connection then loses the VM).
+        #[arg(long)]
+        post_copy: bool,
+        /// With --post-copy: switch after N pre-copy rounds at the latest (1: right after the
+        /// first full copy).
+        #[arg(long, value_name = "N", requires = "post_copy", value_parser = clap::value_parser!(u32).range(1..))]
+        post_copy_after: Option<u32>,
         /// Return once started instead of following the progress.
         #[arg(long)]
         no_wait: bool,
@@ -230,12 +238,16 @@ fn migrate(
             to,
             downtime,
             bandwidth,
+            post_copy,
+            post_copy_after,
             no_wait,
         } => {
             client.migrate_send(&MigrateSendRequest {
                 to: to.clone(),
                 downtime_ms: *downtime,
                 bandwidth_mbps: *bandwidth,
+                post_copy: *post_copy,
+                post_copy_after_rounds: *post_copy_after,
             })?;
             if *no_wait {
                 done(out, json, Ok(()), &format!("migration to {to} started"))?;
@@ -332,6 +344,9 @@ fn follow(
 }
 
 fn progress_message(s: &MigrationStatus) -> String {
+    if s.phase == MigrationPhase::Postcopy {
+        return format!("postcopy, {} missing", bytes(s.remaining_bytes));
+    }
     let mut m = format!("{} round {}", s.phase, s.round);
     if s.dirty_rate > 0 {
         m.push_str(&format!(", dirtying {}/s", bytes(s.dirty_rate)));

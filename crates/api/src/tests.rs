@@ -239,6 +239,8 @@ fn every_route_through_the_client() {
         to: "tcp:127.0.0.1:4444".into(),
         downtime_ms: 100,
         bandwidth_mbps: Some(1000),
+        post_copy: false,
+        post_copy_after_rounds: None,
     })
     .unwrap();
     c.migrate_receive(&MigrateReceiveRequest {
@@ -269,7 +271,7 @@ fn every_route_through_the_client() {
             "reset",
             r#"snapshot SnapshotRequest { dir: "/snap", diff: true, disk_snapshot: false }"#,
             r#"restore RestoreRequest { dir: "/snap", memory: Userfaultfd }"#,
-            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000) }"#,
+            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None }"#,
             r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock" }"#,
             "migration_status",
             "migrate_cancel",
@@ -351,6 +353,8 @@ fn openapi_covers_every_route_and_schema() {
             to: "x".into(),
             downtime_ms: 1,
             bandwidth_mbps: Some(1),
+            post_copy: true,
+            post_copy_after_rounds: Some(1),
         })
         .unwrap(),
     );

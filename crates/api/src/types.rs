@@ -265,6 +265,15 @@ pub struct MigrateSendRequest {
     /// A bandwidth cap in megabits per second; none means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mbps: Option<u64>,
+    /// Switch to post-copy when pre-copy does not converge (the expected downtime stays above
+    /// the limit): the VM runs on the target at once and fetches the pages still missing from
+    /// the source. If the connection breaks during post-copy the VM is lost on both sides.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub post_copy: bool,
+    /// With `post_copy`: switch after this many pre-copy rounds at the latest (1: right after
+    /// the first full copy), converged or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy_after_rounds: Option<u32>,
 }
 
 /// `PUT /api/v1/vm.migrate-receive`: waits for an incoming migration; returns at once.
@@ -290,6 +299,8 @@ pub enum MigrationPhase {
     Precopy,
     /// The VM is paused and the last dirty pages and device state are sent.
     StopAndCopy,
+    /// The VM runs on the target, which fetches the pages still missing from the source.
+    Postcopy,
     Completed,
     Cancelled,
     Failed,
@@ -316,6 +327,7 @@ impl std::fmt::Display for MigrationPhase {
             MigrationPhase::Listening => "listening",
             MigrationPhase::Precopy => "precopy",
             MigrationPhase::StopAndCopy => "stop-and-copy",
+            MigrationPhase::Postcopy => "postcopy",
             MigrationPhase::Completed => "completed",
             MigrationPhase::Cancelled => "cancelled",
             MigrationPhase::Failed => "failed",
@@ -346,7 +358,8 @@ pub struct MigrationStatus {
     /// Bytes sent (or received) so far, all rounds together.
     #[serde(default)]
     pub transferred_bytes: u64,
-    /// Bytes still dirty: what the next round would send.
+    /// Bytes still dirty: what the next round would send (in post-copy: the pages the
+    /// target still misses).
     #[serde(default)]
     pub remaining_bytes: u64,
     /// Bytes the guest dirties per second, measured over the last round.

@@ -115,10 +115,8 @@ impl VmHandle {
     }
 
     /// Shows `status` (the migration that brought this VM here) until one starts from here.
-    pub fn set_incoming_migration(&self, status: MigrationStatus) {
-        let out = Outgoing::default();
-        *lock(&out.status) = status;
-        *lock(&self.migration) = Some(Arc::new(out));
+    pub fn set_incoming_migration(&self, status: Arc<Outgoing>) {
+        *lock(&self.migration) = Some(status);
     }
 
     /// Undoes [`VmHandle::pause_for_migration`] after a failed migration.
@@ -211,6 +209,14 @@ impl VmController for VmHandle {
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
+        if lock(&self.migration)
+            .as_ref()
+            .is_some_and(|m| lock(&m.status).phase == api::types::MigrationPhase::Postcopy)
+        {
+            return Err(ApiError::conflict(
+                "a post-copy migration is still bringing memory in: snapshot after it ends",
+            ));
+        }
         if req.diff {
             return Err(ApiError::not_implemented(
                 "not available yet: diff snapshots (write a full one)",
@@ -286,6 +292,11 @@ impl VmController for VmHandle {
                         }
                         me.control
                             .request_exit(ExitReason::Migrated(req.to.clone()));
+                    }
+                    Err(e @ crate::migration::MigrationError::Postcopy(_)) => {
+                        // The VM runs on the target: this side must never resume it.
+                        tracing::error!("migration to {}: {e}", req.to);
+                        me.control.request_exit(ExitReason::Error(e.to_string()));
                     }
                     Err(e) => tracing::warn!("migration to {} failed: {e}", req.to),
                 }

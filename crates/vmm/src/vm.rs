@@ -131,7 +131,7 @@ pub struct Vm {
     /// VM starts (a migrated VM keeps its ID).
     new_generation: bool,
     /// How the migration that brought this VM here went (shown by the API afterwards).
-    incoming: Option<api::types::MigrationStatus>,
+    incoming: Option<Arc<crate::migration::Outgoing>>,
 }
 
 /// What a reset restores.
@@ -205,6 +205,19 @@ impl Vm {
 
     /// Records how the migration that brought this VM here went.
     pub fn set_incoming_migration(&mut self, status: api::types::MigrationStatus) {
+        match &self.incoming {
+            // A post-copy migration goes on: its status is live.
+            Some(_) => {}
+            None => {
+                let out = crate::migration::Outgoing::default();
+                *devices::bus::lock(&out.status) = status;
+                self.incoming = Some(Arc::new(out));
+            }
+        }
+    }
+
+    /// The live status of a post-copy migration still bringing memory in.
+    pub(crate) fn set_incoming_live(&mut self, status: Arc<crate::migration::Outgoing>) {
         self.incoming = Some(status);
     }
 

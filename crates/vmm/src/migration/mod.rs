@@ -15,6 +15,7 @@
 //! Any failure before the commit leaves the VM running on the source and nothing on the
 //! target; after it, only the target runs the VM.
 
+pub mod postcopy;
 pub mod protocol;
 mod receive;
 mod send;
@@ -54,6 +55,8 @@ pub enum MigrationError {
     Cancelled,
     #[error("reading guest memory at {0:#x}")]
     Memory(u64),
+    #[error("post-copy failed after the VM moved to the target: {0}")]
+    Postcopy(String),
 }
 
 /// Where a migration goes.
@@ -102,6 +105,25 @@ impl Stream {
             }
             Addr::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(err)?),
         })
+    }
+}
+
+impl Stream {
+    /// A second handle on the same connection (one thread reads while another writes).
+    pub fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+}
+
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
     }
 }
 

@@ -62,6 +62,14 @@ pub enum Tag {
     Resumed = 7,
     Abort = 8,
     Error = 9,
+    /// Post-copy (see `postcopy`): the pages the target misses, before `State`.
+    Postcopy = 10,
+    /// Post-copy, target to source: `addr: u64, pages: u64` wanted now.
+    PageRequest = 11,
+    /// Post-copy, target to source: every page arrived; `digest: u64` of them.
+    PostcopyDone = 12,
+    /// Post-copy, source to target: the end (empty, or what went wrong).
+    PostcopyEnd = 13,
 }
 
 impl Tag {
@@ -76,6 +84,10 @@ impl Tag {
             7 => Tag::Resumed,
             8 => Tag::Abort,
             9 => Tag::Error,
+            10 => Tag::Postcopy,
+            11 => Tag::PageRequest,
+            12 => Tag::PostcopyDone,
+            13 => Tag::PostcopyEnd,
             _ => return None,
         })
     }

@@ -2,7 +2,7 @@
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use api::types::{MigrationPhase, MigrationRole, MigrationStatus};
@@ -13,7 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::protocol::{self, Hello, Round, Tag};
 use super::{digest, Addr, MigrationError, Stream};
 use crate::config::VmConfig;
+use crate::snapshot::memory::layout_of;
+use crate::snapshot::pager::Pager;
 use crate::snapshot::VmSnapshot;
+use super::Outgoing;
 use crate::vm::{RestoreOptions, Vm};
 
 /// A bound migration listener.
@@ -130,6 +133,7 @@ pub fn receive(
     protocol::write_frame(&mut stream, Tag::Ready, &[])?;
 
     let mut received = 0u64;
+    let mut postcopy: Option<super::postcopy::DirtySet> = None;
     let state = loop {
         match protocol::read_frame(&mut stream, &mut buf)? {
             Tag::Pages => {
@@ -153,6 +157,7 @@ pub fn receive(
                     s.remaining_bytes = r.remaining_bytes;
                 });
             }
+            Tag::Postcopy => postcopy = Some(protocol::json(&buf)?),
             Tag::State => break std::mem::take(&mut buf),
             other => {
                 return Err(protocol::ProtocolError::Unexpected {
@@ -164,7 +169,15 @@ pub fn receive(
         }
     };
     update(&|s| s.phase = MigrationPhase::StopAndCopy);
-    let sum = digest(&mem, &state)?;
+    let sum = match &postcopy {
+        // What the target has of memory (the rest comes later) and the state.
+        Some(set) => {
+            let sum = super::postcopy::digest_outside(&mem, &state, set)?;
+            super::postcopy::drop_pages(&mem, set)?;
+            sum
+        }
+        None => digest(&mem, &state)?,
+    };
     let snap: VmSnapshot = match serde_json::from_slice(&state) {
         Ok(s) => s,
         Err(e) => {
@@ -181,13 +194,47 @@ pub fn receive(
     // The source holds its disks' locks until it exits; it has flushed and stopped its
     // devices, and never writes again once it commits.
     config.skip_disk_locks = true;
-    let vm = match Vm::create_restored(config, mem, None, start, &snap) {
+    // Post-copy: the missing pages fault into the pager, which fetches them from the source
+    // once it commits.
+    let mut pager = None;
+    let mut live = None;
+    if let Some(set) = postcopy {
+        let out = Arc::new(Outgoing::default());
+        *lock(&out.status) = lock(status).clone();
+        let regions = layout_of(&mem);
+        let started = super::postcopy::Fetcher::new(&stream, set.clone(), out.clone())
+            .and_then(|(fetcher, go)| {
+                let p = Pager::serve(&mem, &regions, Box::new(fetcher), Some(&|g| !set.contains(g)))
+                    .map_err(|e| MigrationError::Build(format!("userfaultfd: {e}")))?;
+                Ok((p, go))
+            });
+        match started {
+            Ok((p, go)) => {
+                pager = Some(p);
+                live = Some((out, go));
+            }
+            Err(e) => return Err(refuse(&mut stream, e)),
+        }
+    }
+    let mut vm = match Vm::create_restored(config, mem, pager, start, &snap) {
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
     };
     // The source compares the digests and commits, or aborts.
     protocol::write_frame(&mut stream, Tag::Ready, &[&sum.to_le_bytes()])?;
     protocol::expect(&mut stream, &mut buf, Tag::Commit)?;
+    if let Some((out, go)) = live {
+        // From here the stream is the pager's.
+        protocol::write_frame(&mut stream, Tag::Resumed, &[])?;
+        go.store(true, std::sync::atomic::Ordering::SeqCst);
+        out.update(|s| {
+            s.phase = MigrationPhase::Postcopy;
+            s.elapsed_ms = began.elapsed().as_millis() as u64;
+        });
+        update(&|s| s.phase = MigrationPhase::Postcopy);
+        vm.set_incoming_live(out);
+        return Ok(vm);
+    }
     let _ = protocol::write_frame(&mut stream, Tag::Resumed, &[]);
     update(&|s| {
         s.phase = MigrationPhase::Completed;

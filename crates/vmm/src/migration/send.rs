@@ -29,7 +29,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         f(&mut lock(&self.status));
     }
 
@@ -136,7 +136,7 @@ impl Pages<'_> {
 /// environment, the migration waits 2 s at that point (`stop-and-copy`: vCPUs just parked;
 /// `commit`: the target is ready, nothing committed; `committed`: the commit is sent), so a
 /// test can kill either side there.
-fn hold(phase: &str) {
+pub(super) fn hold(phase: &str) {
     if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p == phase) {
         tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");
         std::thread::sleep(Duration::from_secs(2));
@@ -218,7 +218,10 @@ pub fn send(
                 s.expected_downtime_ms = expected.as_millis() as u64;
                 s.elapsed_ms = started.elapsed().as_millis() as u64;
             });
-            if expected <= downtime || round >= MAX_ROUNDS {
+            if expected <= downtime
+                || round >= MAX_ROUNDS
+                || (req.post_copy && req.post_copy_after_rounds.is_some_and(|n| round >= n))
+            {
                 break bitmaps;
             }
             round += 1;
@@ -236,6 +239,17 @@ pub fn send(
             pages.dirty(&bitmaps)?;
         };
 
+        let forced = req.post_copy_after_rounds.is_some_and(|n| round >= n);
+        if req.post_copy && (forced || out.status().expected_downtime_ms > req.downtime_ms) {
+            return super::postcopy::run_source(
+                h,
+                pages.stream,
+                &bitmaps,
+                out,
+                &mut paused_vcpus,
+                &mut committed,
+            );
+        }
         // Stop and copy.
         out.update(|s| s.phase = MigrationPhase::StopAndCopy);
         let paused_at = Instant::now();
@@ -281,7 +295,14 @@ pub fn send(
             });
             Ok(downtime)
         }
-        Err(e) if committed => Err(e),
+        Err(e) if committed => {
+            out.update(|s| {
+                s.phase = MigrationPhase::Failed;
+                s.error = Some(e.to_string());
+                s.elapsed_ms = started.elapsed().as_millis() as u64;
+            });
+            Err(e)
+        }
         Err(e) => {
             // Tell the target (if it still listens), then carry on here.
             let _ = protocol::write_frame(&mut stream, Tag::Abort, &[]);

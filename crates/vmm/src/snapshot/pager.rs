@@ -13,6 +13,9 @@
 //! - The pager stops when the [`Pager`] drops (the machine ends), logging its counters; a
 //!   failure to serve (the file became unreadable) ends the VM with an error through
 //!   [`Pager::on_error`].
+//! - Where pages come from is a [`PageSource`]: the snapshot's memory file ([`FileSource`]),
+//!   or, for a post-copy migration, the source host (`migration::postcopy`), whose pages
+//!   arrive asynchronously through a descriptor the pager polls.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -68,6 +71,66 @@ impl Counters {
 
 type ErrorSink = Box<dyn Fn(String) + Send>;
 
+/// Where the pager's pages come from.
+pub trait PageSource: Send {
+    /// Wants the pages of `start..start + buf.len()` (one region) for which `need` holds:
+    /// either reads them into `buf` and returns true (all of `buf`: pages not needed may hold
+    /// anything), or asks for them and returns false (they come through
+    /// [`PageSource::arrived`]).
+    fn fetch(&mut self, start: u64, buf: &mut [u8], need: &[bool]) -> Result<bool, String>;
+
+    /// A descriptor that becomes readable when pages arrive, if pages arrive at all.
+    fn arrivals(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// Reads what arrived: pages (`guest address`, `bytes`, whole pages), and whether the
+    /// source is done (every page it owed has come; its descriptor is not polled again).
+    fn arrived(&mut self) -> Result<(Vec<(u64, Vec<u8>)>, bool), String> {
+        Ok((Vec::new(), true))
+    }
+
+    /// The first guest address at or after `at` inside `r` whose page may hold data (a
+    /// populate pass serves the chunk there), or none.
+    fn next_data(&mut self, r: &MemoryRegionInfo, at: u64) -> Result<Option<u64>, String>;
+}
+
+/// Pages from a snapshot's memory file (holes are zeroes).
+pub struct FileSource {
+    file: File,
+    regions: Vec<MemoryRegionInfo>,
+}
+
+impl PageSource for FileSource {
+    fn fetch(&mut self, start: u64, buf: &mut [u8], _need: &[bool]) -> Result<bool, String> {
+        let r = self
+            .regions
+            .iter()
+            .find(|r| (r.guest_addr..r.guest_addr + r.size).contains(&start))
+            .ok_or_else(|| format!("no memory region at {start:#x}"))?;
+        self.file
+            .read_exact_at(buf, r.file_offset + (start - r.guest_addr))
+            .map_err(|e| format!("reading the memory file at guest {start:#x}: {e}"))?;
+        Ok(true)
+    }
+
+    fn next_data(&mut self, r: &MemoryRegionInfo, at: u64) -> Result<Option<u64>, String> {
+        use nix::unistd::{lseek, Whence};
+        let off = r.file_offset + (at - r.guest_addr);
+        let data = match lseek(&self.file, off as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::Error::ENXIO) => return Ok(None),
+            Err(e) => return Err(format!("seeking data in the memory file: {e}")),
+        };
+        if data >= r.file_offset + r.size {
+            return Ok(None);
+        }
+        Ok(Some(
+            r.guest_addr + (data - r.file_offset) / PAGE_SIZE * PAGE_SIZE,
+        ))
+    }
+}
+
 /// The userfaultfd pager of a restored VM; stops when dropped.
 pub struct Pager {
     stop: Arc<EventFd>,
@@ -84,7 +147,23 @@ struct Served {
 }
 
 impl Served {
-    fn new(regions: &[MemoryRegionInfo]) -> Served {
+    /// Nothing served yet, or (with `served`) the pages for which `served(guest)` holds
+    /// count as served already (present, or zero if they fault).
+    fn new(regions: &[MemoryRegionInfo], served: Option<&dyn Fn(u64) -> bool>) -> Served {
+        let mut s = Served::empty(regions);
+        if let Some(f) = served {
+            for r in regions {
+                for p in (r.guest_addr..r.guest_addr + r.size).step_by(PAGE_SIZE as usize) {
+                    if f(p) {
+                        s.set(p, PAGE_SIZE);
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    fn empty(regions: &[MemoryRegionInfo]) -> Served {
         Served {
             regions: regions
                 .iter()
@@ -124,7 +203,7 @@ impl Served {
 /// The pager thread's state.
 struct Worker {
     uffd: Userfault,
-    file: File,
+    source: Box<dyn PageSource>,
     regions: Vec<MemoryRegionInfo>,
     served: Served,
     counters: Arc<Counters>,
@@ -186,10 +265,12 @@ impl Worker {
         if !need.iter().any(|&b| b) {
             return Ok(Ok(()));
         }
+        let _ = r;
         let buf = &mut self.buf[..n * page];
-        self.file
-            .read_exact_at(buf, r.file_offset + (start - r.guest_addr))
-            .map_err(|e| format!("reading the memory file at guest {start:#x}: {e}"))?;
+        if !self.source.fetch(start, buf, &need)? {
+            // Requested: the pages come through `install`, which wakes the faulting thread.
+            return Ok(Ok(()));
+        }
         let zero: Vec<bool> = buf
             .chunks(page)
             .map(|p| p.iter().all(|&b| b == 0))
@@ -228,6 +309,47 @@ impl Worker {
         Ok(Ok(()))
     }
 
+    /// Fills the pages of `data` at `guest` that are not served yet (they arrived from the
+    /// source), waking whoever waits there.
+    fn install(&mut self, guest: u64, data: &[u8], faults: &mut VecDeque<u64>) -> Result<(), String> {
+        let page = PAGE_SIZE as usize;
+        let n = data.len() / page;
+        let mut i = 0;
+        while i < n {
+            let at = guest + (i * page) as u64;
+            if self.served.get(at) {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < n && !self.served.get(guest + (i * page) as u64) {
+                i += 1;
+            }
+            let mut from = first;
+            while from < i {
+                let a = guest + (from * page) as u64;
+                let f = self
+                    .uffd
+                    .copy(GuestAddress(a), &data[from * page..i * page])
+                    .map_err(|e| e.to_string())?;
+                self.served.set(a, f.done);
+                self.counters
+                    .copied
+                    .fetch_add(f.filled / PAGE_SIZE, Ordering::Relaxed);
+                from += (f.done / PAGE_SIZE) as usize;
+                if from < i {
+                    // The memory map is changing: take the discard events in, then go on
+                    // with what is still not served.
+                    self.read_events(faults)?;
+                    while from < i && self.served.get(guest + (from * page) as u64) {
+                        from += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads every pending event: faults are queued, discards mark their pages served.
     fn read_events(&mut self, faults: &mut VecDeque<u64>) -> Result<(), String> {
         while let Some(ev) = self.uffd.read_event().map_err(|e| e.to_string())? {
@@ -255,7 +377,6 @@ struct Populate {
 impl Populate {
     /// One step: serves the next chunk holding data. Returns true when done.
     fn step(&mut self, w: &mut Worker) -> Result<Result<bool, Busy>, String> {
-        use nix::unistd::{lseek, Whence};
         while let Some(r) = w.regions.get(self.region).copied() {
             let end = r.guest_addr + r.size;
             if self.at < r.guest_addr {
@@ -265,17 +386,10 @@ impl Populate {
                 self.region += 1;
                 continue;
             }
-            let off = r.file_offset + (self.at - r.guest_addr);
-            let data = match lseek(&w.file, off as i64, Whence::SeekData) {
-                Ok(d) => d as u64,
-                Err(nix::Error::ENXIO) => u64::MAX,
-                Err(e) => return Err(format!("seeking data in the memory file: {e}")),
-            };
-            if data >= r.file_offset + r.size {
+            let Some(guest) = w.source.next_data(&r, self.at)? else {
                 self.region += 1;
                 continue;
-            }
-            let guest = r.guest_addr + (data - r.file_offset) / PAGE_SIZE * PAGE_SIZE;
+            };
             let start = (guest - r.guest_addr) / CHUNK * CHUNK + r.guest_addr;
             let stop = (start + CHUNK).min(end);
             if w.serve_range(&r, start, stop)?.is_err() {
@@ -292,6 +406,7 @@ impl Populate {
 const TOKEN_UFFD: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TOKEN_WAKE: u64 = 2;
+const TOKEN_SOURCE: u64 = 3;
 
 fn run(
     mut w: Worker,
@@ -317,7 +432,17 @@ fn run(
                 )
                 .map_err(|e| format!("epoll: {e}"))?;
         }
-        let mut events = [EpollEvent::default(); 3];
+        let mut polling_source = w.source.arrivals();
+        if let Some(fd) = polling_source {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_SOURCE),
+                )
+                .map_err(|e| format!("epoll: {e}"))?;
+        }
+        let mut events = [EpollEvent::default(); 4];
         loop {
             // Faults waiting for a retry or a populate pass in progress: only look.
             let timeout = if !faults.is_empty() || populate.is_some() {
@@ -325,8 +450,11 @@ fn run(
             } else {
                 -1
             };
+            let mut source_ready = false;
             match epoll.wait(timeout, &mut events) {
-                Ok(_) => {}
+                Ok(n) => {
+                    source_ready = events[..n].iter().any(|e| e.data() == TOKEN_SOURCE);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("epoll: {e}")),
             }
@@ -348,6 +476,17 @@ fn run(
                 }
             }
             w.read_events(&mut faults)?;
+            if source_ready {
+                let (pages, done) = w.source.arrived()?;
+                for (g, data) in pages {
+                    w.install(g, &data, &mut faults)?;
+                }
+                if done {
+                    if let Some(fd) = polling_source.take() {
+                        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    }
+                }
+            }
             while let Some(&g) = faults.front() {
                 if w.serve_fault(g)?.is_err() {
                     break;
@@ -406,15 +545,32 @@ impl Pager {
             .collect();
         let mem = GuestMemoryMmap::from_ranges(&ranges)
             .map_err(|e| MemoryError::Layout(format!("cannot map guest memory: {e}")))?;
+        let source = FileSource {
+            file,
+            regions: regions.to_vec(),
+        };
+        let pager = Pager::serve(&mem, regions, Box::new(source), None)?;
+        Ok((mem, pager))
+    }
+
+    /// Registers `mem` (anonymous memory laid out as `regions`) with a new userfaultfd and
+    /// starts the pager thread serving its missing pages from `source`. Pages for which
+    /// `present(guest)` holds are not fetched: they are in `mem` already, or zero if missing.
+    pub fn serve(
+        mem: &GuestMemoryMmap,
+        regions: &[MemoryRegionInfo],
+        source: Box<dyn PageSource>,
+        present: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<Pager, MemoryError> {
         let uffd_err = |e: hypervisor::uffd::UffdError| MemoryError::Layout(e.to_string());
         let mut uffd = Userfault::new().map_err(uffd_err)?;
-        uffd.register(&mem).map_err(uffd_err)?;
+        uffd.register(mem).map_err(uffd_err)?;
         let counters = Arc::new(Counters::default());
         let worker = Worker {
             uffd,
-            file,
+            source,
             regions: regions.to_vec(),
-            served: Served::new(regions),
+            served: Served::new(regions, present),
             counters: counters.clone(),
             buf: vec![0u8; CHUNK as usize],
         };
@@ -430,17 +586,14 @@ impl Pager {
                 .spawn(move || run(worker, stop, wake, rx, on_error))
                 .map_err(io)?
         };
-        Ok((
-            mem,
-            Pager {
-                stop,
-                requests: tx,
-                wake,
-                counters,
-                on_error,
-                thread: Some(thread),
-            },
-        ))
+        Ok(Pager {
+            stop,
+            requests: tx,
+            wake,
+            counters,
+            on_error,
+            thread: Some(thread),
+        })
     }
 
     /// What the pager did so far.

@@ -1,0 +1,622 @@
+//! Post-copy: when pre-copy does not converge (or after the rounds the request allows), the
+//! source parks the vCPUs, sends the device/vCPU state and the set of pages still dirty, and
+//! the VM runs on the target at once; the target fetches the missing pages from the source.
+//!
+//! Wire (the same stream as pre-copy, used in both directions once the VM runs on the
+//! target):
+//!
+//! ```text
+//! source                                   target
+//! Postcopy {dirty set}  State {state}  →             (the dirty pages are dropped, the
+//!                                                     rest digested, memory registered
+//!                                                     with userfaultfd, VM built)
+//!                                        ← Ready {digest of memory outside the set + state}
+//! Commit                              →
+//!                                        ← Resumed   (the VM runs on the target)
+//! Pages ... (pushed in address order,  ← PageRequest {addr, pages}  (a vCPU faulted there:
+//!  requested pages first)                             the source sends them next)
+//!                                        ← PostcopyDone {digest of the post-copied pages}
+//! PostcopyEnd {"" | error}            →              (the source exits)
+//! ```
+//!
+//! The target's pager ([`crate::snapshot::pager::Pager`]) reads the incoming pages and
+//! writes the requests ([`Fetcher`] is its page source); the source answers requests from a
+//! reader thread. Pages already present on the target are skipped (the pager tracks what it
+//! served; the kernel refuses a second fill with EEXIST).
+//!
+//! The risk of post-copy: once the target runs, the guest's state exists only there but part
+//! of its memory only on the source. If the connection breaks, the target's VM cannot go on
+//! (it ends with an error naming how many pages were lost) and the source cannot resume (its
+//! copy is stale): it exits with an error too.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use api::types::MigrationPhase;
+use hypervisor::dirty::DirtyBitmap;
+use hypervisor::mem::PAGE_SIZE;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::protocol::{self, Tag, BATCH_PAGES};
+use super::send::{hold, Outgoing};
+use super::{MigrationError, Stream};
+use crate::api::VmHandle;
+use crate::snapshot::memory::{layout_of, scan_used, MemoryRegionInfo};
+use crate::snapshot::pager::PageSource;
+
+/// The pages the target misses: one bit per page, per region.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DirtySet {
+    /// (first guest address, bytes, bits).
+    pub regions: Vec<(u64, u64, Vec<u64>)>,
+}
+
+impl DirtySet {
+    /// The union of KVM dirty bitmaps (of the same regions).
+    pub fn union(sets: &[&[DirtyBitmap]]) -> DirtySet {
+        let mut out = DirtySet::default();
+        for bitmaps in sets {
+            for b in *bitmaps {
+                let i = match out.regions.iter().position(|r| r.0 == b.start.0) {
+                    Some(i) => i,
+                    None => {
+                        out.regions.push((
+                            b.start.0,
+                            b.len,
+                            vec![0; b.pages().div_ceil(64) as usize],
+                        ));
+                        out.regions.len() - 1
+                    }
+                };
+                for (w, x) in out.regions[i].2.iter_mut().zip(&b.bits) {
+                    *w |= x;
+                }
+            }
+        }
+        out
+    }
+
+    fn slot(&self, guest: u64) -> Option<(usize, usize)> {
+        self.regions
+            .iter()
+            .position(|(a, l, _)| (*a..*a + *l).contains(&guest))
+            .map(|i| (i, ((guest - self.regions[i].0) / PAGE_SIZE) as usize))
+    }
+
+    pub fn contains(&self, guest: u64) -> bool {
+        self.slot(guest).is_some_and(|(r, p)| {
+            self.regions[r]
+                .2
+                .get(p / 64)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        })
+    }
+
+    /// Clears the page's bit; returns whether it was set.
+    pub fn take(&mut self, guest: u64) -> bool {
+        let Some((r, p)) = self.slot(guest) else {
+            return false;
+        };
+        match self.regions[r].2.get_mut(p / 64) {
+            Some(w) if *w & (1 << (p % 64)) != 0 => {
+                *w &= !(1 << (p % 64));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.2.iter().map(|w| u64::from(w.count_ones())).sum::<u64>())
+            .sum()
+    }
+
+    /// The first page in the set at or after `at`.
+    pub fn next(&self, at: u64) -> Option<u64> {
+        for (a, l, bits) in &self.regions {
+            if at >= a + l {
+                continue;
+            }
+            let from = (at.max(*a) - a) / PAGE_SIZE;
+            let pages = l / PAGE_SIZE;
+            let mut p = from;
+            while p < pages {
+                let w = bits.get((p / 64) as usize).copied().unwrap_or(0) >> (p % 64);
+                if w == 0 {
+                    p = (p / 64 + 1) * 64;
+                    continue;
+                }
+                p += u64::from(w.trailing_zeros());
+                if p < pages {
+                    return Some(a + p * PAGE_SIZE);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A running digest of pages, independent of their order: the wrapping sum of CRC-32s of
+/// each page's address and contents.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PageDigest(pub u64);
+
+impl PageDigest {
+    pub fn add(&mut self, guest: u64, page: &[u8]) {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&guest.to_le_bytes());
+        h.update(page);
+        self.0 = self.0.wrapping_add(u64::from(h.finalize()));
+    }
+}
+
+/// [`super::digest`] over the pages outside `skip` (the target does not have the others yet).
+pub fn digest_outside(
+    mem: &GuestMemoryMmap,
+    state: &[u8],
+    skip: &DirtySet,
+) -> Result<u32, MigrationError> {
+    let page = PAGE_SIZE as usize;
+    let mut h = crc32fast::Hasher::new();
+    scan_used(mem, MigrationError::Memory, |addr, chunk, used| {
+        for (i, p) in chunk.chunks(page).enumerate().filter(|(i, _)| used[*i]) {
+            let a = addr + (i * page) as u64;
+            if !skip.contains(a) {
+                h.update(&a.to_le_bytes());
+                h.update(p);
+            }
+        }
+        Ok(())
+    })?;
+    h.update(state);
+    Ok(h.finalize())
+}
+
+fn bad(what: &str) -> protocol::ProtocolError {
+    protocol::ProtocolError::Bad(what.to_string())
+}
+
+fn json_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, protocol::ProtocolError> {
+    serde_json::to_vec(v).map_err(|e| bad(&e.to_string()))
+}
+
+/// The source's switch-over and post-copy: `pending` are the dirty bitmaps not sent yet.
+/// Sets `paused` once the vCPUs are parked by this and `committed` at the point of no return;
+/// returns the downtime (from the pause to the VM running on the target).
+pub(super) fn run_source(
+    h: &VmHandle,
+    stream: &mut Stream,
+    pending: &[DirtyBitmap],
+    out: &Outgoing,
+    paused: &mut bool,
+    committed: &mut bool,
+) -> Result<Duration, MigrationError> {
+    let m = &h.machine;
+    out.update(|s| s.phase = MigrationPhase::StopAndCopy);
+    let paused_at = Instant::now();
+    *paused = h.pause_for_migration()?;
+    hold("stop-and-copy");
+    let last = m.vm_fd.dirty_bitmap(&m.mem)?;
+    let mut set = DirtySet::union(&[pending, &last]);
+    let state = m.state(layout_of(&m.mem))?;
+    let state = json_bytes(&state)?;
+    protocol::write_frame(stream, Tag::Postcopy, &[&json_bytes(&set)?])?;
+    protocol::write_frame(stream, Tag::State, &[&state])?;
+    let sum = digest_outside(&m.mem, &state, &set)?;
+    let mut buf = Vec::new();
+    protocol::expect(stream, &mut buf, Tag::Ready)?;
+    let theirs = buf
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes);
+    if theirs != Some(sum) {
+        return Err(MigrationError::Digest);
+    }
+    hold("commit");
+    if out.cancel.load(Ordering::SeqCst) {
+        return Err(MigrationError::Cancelled);
+    }
+    // The point of no return: the VM runs on the target, with pages only this side has.
+    protocol::write_frame(stream, Tag::Commit, &[])?;
+    *committed = true;
+    let lost = |e: &dyn std::fmt::Display| MigrationError::Postcopy(e.to_string());
+    protocol::expect(stream, &mut buf, Tag::Resumed).map_err(|e| lost(&e))?;
+    let downtime = paused_at.elapsed();
+    let total = set.count();
+    out.update(|s| {
+        s.phase = MigrationPhase::Postcopy;
+        s.remaining_bytes = total * PAGE_SIZE;
+        s.downtime_ms = Some(downtime.as_millis() as u64);
+    });
+    tracing::info!("post-copy: the VM runs on the target, {total} pages to go");
+    hold("postcopy");
+    serve_pages(stream, &m.mem, &mut set, out).map_err(|e| lost(&e))?;
+    Ok(downtime)
+}
+
+enum FromTarget {
+    Pages(u64, u64),
+    Done(u64),
+    Lost(String),
+}
+
+/// Pushes every page of `set` to the target, requested ones first, and waits for its done.
+fn serve_pages(
+    stream: &mut Stream,
+    mem: &GuestMemoryMmap,
+    set: &mut DirtySet,
+    out: &Outgoing,
+) -> Result<(), String> {
+    let mut reader = stream
+        .try_clone()
+        .map_err(|e| format!("connection: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("vessel-postcopy-rx".into())
+        .spawn(move || {
+            let mut buf = Vec::new();
+            loop {
+                let msg = match protocol::read_frame(&mut reader, &mut buf) {
+                    Ok(Tag::PageRequest) if buf.len() == 16 => {
+                        let a = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
+                        let n = u64::from_le_bytes(buf[8..].try_into().unwrap_or_default());
+                        FromTarget::Pages(a, n)
+                    }
+                    Ok(Tag::PostcopyDone) if buf.len() == 8 => {
+                        FromTarget::Done(u64::from_le_bytes(buf[..].try_into().unwrap_or_default()))
+                    }
+                    Ok(t) => FromTarget::Lost(format!("unexpected message {t:?}")),
+                    Err(e) => FromTarget::Lost(e.to_string()),
+                };
+                let last = !matches!(msg, FromTarget::Pages(..));
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
+    let mut digest = PageDigest::default();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut batch: Vec<u8> = Vec::new();
+    let mut cursor = 0u64;
+    let mut sent = 0u64;
+    // Sends the pages of `set` in `from..from + n pages` (a run at a time).
+    let mut send_range = |stream: &mut Stream,
+                          set: &mut DirtySet,
+                          from: u64,
+                          n: u64,
+                          digest: &mut PageDigest|
+     -> Result<u64, String> {
+        let mut count = 0;
+        let mut run_start = None;
+        batch.clear();
+        for i in 0..=n {
+            let a = from + i * PAGE_SIZE;
+            let take = i < n && set.take(a);
+            if take {
+                mem.read_slice(&mut page, GuestAddress(a))
+                    .map_err(|_| format!("reading guest memory at {a:#x}"))?;
+                digest.add(a, &page);
+                run_start.get_or_insert(a);
+                batch.extend_from_slice(&page);
+                count += 1;
+            }
+            if !take || batch.len() as u64 >= BATCH_PAGES * PAGE_SIZE {
+                if let Some(s) = run_start.take() {
+                    let pages = (batch.len() as u64 / PAGE_SIZE) as u32;
+                    protocol::write_frame(
+                        stream,
+                        Tag::Pages,
+                        &[&s.to_le_bytes(), &pages.to_le_bytes(), &batch],
+                    )
+                    .map_err(|e| e.to_string())?;
+                    batch.clear();
+                }
+            }
+        }
+        Ok(count)
+    };
+    let mut theirs = None;
+    let mut wanted: VecDeque<(u64, u64)> = VecDeque::new();
+    loop {
+        // Requests first.
+        loop {
+            let msg = if set.count() == 0 && wanted.is_empty() {
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return Err("the post-copy reader stopped".to_string()),
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            };
+            match msg {
+                FromTarget::Pages(a, n) => wanted.push_back((a, n.min(1 << 20))),
+                FromTarget::Done(d) => {
+                    theirs = Some(d);
+                    break;
+                }
+                FromTarget::Lost(e) => {
+                    return Err(format!(
+                        "the target's connection broke with {} pages not sent: {e}",
+                        set.count()
+                    ))
+                }
+            }
+        }
+        if let Some(d) = theirs {
+            let remaining = set.count();
+            let result = if remaining != 0 {
+                Err(format!("the target says done with {remaining} pages not sent"))
+            } else if d != digest.0 {
+                Err("the target's post-copied memory does not match (memory digests differ)"
+                    .to_string())
+            } else {
+                Ok(())
+            };
+            let msg = result.as_ref().err().map(String::as_str).unwrap_or("");
+            let _ = protocol::write_frame(stream, Tag::PostcopyEnd, &[msg.as_bytes()]);
+            return result;
+        }
+        if let Some((a, n)) = wanted.pop_front() {
+            sent += send_range(stream, set, a, n, &mut digest)?;
+        } else if let Some(a) = set.next(cursor) {
+            sent += send_range(stream, set, a, BATCH_PAGES, &mut digest)?;
+            cursor = a + BATCH_PAGES * PAGE_SIZE;
+        } else {
+            cursor = 0;
+        }
+        let left = set.count() * PAGE_SIZE;
+        let bytes = std::mem::take(&mut sent) * PAGE_SIZE;
+        out.update(|s| {
+            s.remaining_bytes = left;
+            s.transferred_bytes += bytes;
+        });
+    }
+}
+
+/// The target's page source during post-copy: requests and receives pages over the
+/// migration stream.
+pub struct Fetcher {
+    reader: Stream,
+    writer: Stream,
+    /// Pages still owed by the source.
+    missing: DirtySet,
+    missing_count: u64,
+    digest: PageDigest,
+    /// The source committed: the stream belongs to the pager now.
+    go: Arc<AtomicBool>,
+    /// Requests made before `go`.
+    queued: Vec<(u64, u64)>,
+    out: Arc<Outgoing>,
+    done_sent: bool,
+    buf: Vec<u8>,
+}
+
+impl Fetcher {
+    pub fn new(
+        stream: &Stream,
+        missing: DirtySet,
+        out: Arc<Outgoing>,
+    ) -> Result<(Fetcher, Arc<AtomicBool>), MigrationError> {
+        let io = |e| protocol::ProtocolError::Io(e);
+        let go = Arc::new(AtomicBool::new(false));
+        let missing_count = missing.count();
+        out.update(|s| s.remaining_bytes = missing_count * PAGE_SIZE);
+        Ok((
+            Fetcher {
+                reader: stream.try_clone().map_err(io)?,
+                writer: stream.try_clone().map_err(io)?,
+                missing,
+                missing_count,
+                digest: PageDigest::default(),
+                go: go.clone(),
+                queued: Vec::new(),
+                out,
+                done_sent: false,
+                buf: Vec::new(),
+            },
+            go,
+        ))
+    }
+
+    fn request(&mut self, start: u64, pages: u64) -> Result<(), String> {
+        protocol::write_frame(
+            &mut self.writer,
+            Tag::PageRequest,
+            &[&start.to_le_bytes(), &pages.to_le_bytes()],
+        )
+        .map_err(|e| self.lost(&e))
+    }
+
+    fn lost(&self, e: &dyn std::fmt::Display) -> String {
+        let msg = format!(
+            "post-copy migration: lost the connection to the source with {} pages ({} KiB) \
+             missing: {e}",
+            self.missing_count,
+            self.missing_count * PAGE_SIZE / 1024
+        );
+        self.out.update(|s| {
+            s.phase = MigrationPhase::Failed;
+            s.error = Some(msg.clone());
+        });
+        msg
+    }
+}
+
+impl PageSource for Fetcher {
+    fn fetch(&mut self, start: u64, _buf: &mut [u8], need: &[bool]) -> Result<bool, String> {
+        // Ask for the run from the first needed page to the last.
+        let first = need.iter().position(|&b| b).unwrap_or(0) as u64;
+        let last = need.iter().rposition(|&b| b).unwrap_or(0) as u64;
+        let (a, n) = (start + first * PAGE_SIZE, last - first + 1);
+        if self.go.load(Ordering::SeqCst) {
+            for (qa, qn) in std::mem::take(&mut self.queued) {
+                self.request(qa, qn)?;
+            }
+            self.request(a, n)?;
+        } else {
+            self.queued.push((a, n));
+        }
+        Ok(false)
+    }
+
+    fn arrivals(&self) -> Option<RawFd> {
+        Some(self.reader.as_raw_fd())
+    }
+
+    fn arrived(&mut self) -> Result<(Vec<(u64, Vec<u8>)>, bool), String> {
+        if !self.go.load(Ordering::SeqCst) {
+            // The migration thread still reads the stream (the commit).
+            std::thread::sleep(Duration::from_millis(1));
+            return Ok((Vec::new(), false));
+        }
+        for (qa, qn) in std::mem::take(&mut self.queued) {
+            self.request(qa, qn)?;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let tag = protocol::read_frame(&mut self.reader, &mut buf).map_err(|e| self.lost(&e));
+        let tag = match tag {
+            Ok(t) => t,
+            Err(_) if self.missing_count == 0 => {
+                // Every page is here: the VM goes on without the source's last word.
+                tracing::warn!("post-copy: the source went away before confirming the end");
+                self.out.update(|s| {
+                    s.phase = MigrationPhase::Completed;
+                    s.remaining_bytes = 0;
+                    s.error = Some("the source did not confirm the end".to_string());
+                });
+                return Ok((Vec::new(), true));
+            }
+            Err(e) => {
+                self.buf = buf;
+                return Err(e);
+            }
+        };
+        let mut pages = Vec::new();
+        let mut done = false;
+        match tag {
+            Tag::Pages => {
+                let head = buf.get(..12).ok_or_else(|| self.lost(&"malformed pages"))?;
+                let addr = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
+                let n = u32::from_le_bytes(head[8..].try_into().unwrap_or_default());
+                let data = &buf[12..];
+                if data.len() as u64 != u64::from(n) * PAGE_SIZE || addr % PAGE_SIZE != 0 {
+                    return Err(self.lost(&"malformed pages"));
+                }
+                for (i, p) in data.chunks(PAGE_SIZE as usize).enumerate() {
+                    let g = addr + i as u64 * PAGE_SIZE;
+                    if self.missing.take(g) {
+                        self.missing_count -= 1;
+                        self.digest.add(g, p);
+                    }
+                }
+                pages.push((addr, data.to_vec()));
+                let left = self.missing_count;
+                let got = data.len() as u64;
+                self.out.update(|s| {
+                    s.remaining_bytes = left * PAGE_SIZE;
+                    s.transferred_bytes += got;
+                });
+                if left == 0 && !self.done_sent {
+                    self.done_sent = true;
+                    protocol::write_frame(
+                        &mut self.writer,
+                        Tag::PostcopyDone,
+                        &[&self.digest.0.to_le_bytes()],
+                    )
+                    .map_err(|e| self.lost(&e))?;
+                }
+            }
+            Tag::PostcopyEnd => {
+                let err = String::from_utf8_lossy(&buf).into_owned();
+                tracing::info!(
+                    "post-copy migration completed{}",
+                    if err.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {err}")
+                    }
+                );
+                self.out.update(|s| {
+                    s.phase = MigrationPhase::Completed;
+                    s.remaining_bytes = 0;
+                    s.error = (!err.is_empty()).then(|| err.clone());
+                });
+                done = true;
+            }
+            t => return Err(self.lost(&format!("unexpected message {t:?}"))),
+        }
+        self.buf = buf;
+        Ok((pages, done))
+    }
+
+    fn next_data(&mut self, _r: &MemoryRegionInfo, _at: u64) -> Result<Option<u64>, String> {
+        // Snapshots and migrations wait for the post-copy to end (the API refuses them).
+        Ok(None)
+    }
+}
+
+/// Drops the pages of `set` from `mem` (they are stale: the source sends them again).
+pub fn drop_pages(mem: &GuestMemoryMmap, set: &DirtySet) -> Result<(), MigrationError> {
+    let mut at = 0;
+    while let Some(a) = set.next(at) {
+        let mut end = a + PAGE_SIZE;
+        while set.contains(end) {
+            end += PAGE_SIZE;
+        }
+        hypervisor::mem::discard(mem, GuestAddress(a), end - a)
+            .map_err(|_| MigrationError::Memory(a))?;
+        at = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_sets_union_walk_and_take() {
+        let bm = |start: u64, bits: Vec<u64>| DirtyBitmap {
+            slot: 0,
+            start: GuestAddress(start),
+            len: bits.len() as u64 * 64 * PAGE_SIZE,
+            bits,
+        };
+        let a = [bm(0, vec![0b101, 0]), bm(1 << 30, vec![1 << 63])];
+        let b = [bm(0, vec![0b10, 1])];
+        let mut s = DirtySet::union(&[&a, &b]);
+        assert_eq!(s.count(), 5);
+        assert!(s.contains(0) && s.contains(PAGE_SIZE) && s.contains(2 * PAGE_SIZE));
+        assert!(!s.contains(3 * PAGE_SIZE));
+        assert_eq!(s.next(3 * PAGE_SIZE), Some(64 * PAGE_SIZE));
+        assert_eq!(s.next(65 * PAGE_SIZE), Some((1 << 30) + 63 * PAGE_SIZE));
+        assert!(s.take(PAGE_SIZE));
+        assert!(!s.take(PAGE_SIZE));
+        assert_eq!(s.count(), 4);
+        assert_eq!(s.next((1 << 30) + 64 * PAGE_SIZE), None);
+        let wire: DirtySet = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(wire.count(), 4);
+    }
+
+    #[test]
+    fn page_digests_ignore_order_but_not_contents() {
+        let (mut x, mut y) = (PageDigest::default(), PageDigest::default());
+        x.add(0, &[1; 8]);
+        x.add(4096, &[2; 8]);
+        y.add(4096, &[2; 8]);
+        y.add(0, &[1; 8]);
+        assert_eq!(x, y);
+        y.add(8192, &[0; 8]);
+        assert_ne!(x, y);
+    }
+}
