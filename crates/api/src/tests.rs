@@ -517,6 +517,8 @@ fn controller_errors_keep_status_and_message() {
             to: "x".into(),
             downtime_ms: 1,
             bandwidth_mbps: None,
+            post_copy: false,
+            post_copy_after_rounds: None,
         })
         .unwrap_err();
     assert_eq!(e.api_error().unwrap().status, 501);

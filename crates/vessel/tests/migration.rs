@@ -398,7 +398,11 @@ fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
     // source stays until every page is over.
     assert!(p.source.child.try_wait().unwrap().is_none());
     let o = ctl(&p.src_api, &["--json", "migrate", "status"]);
-    assert!(json_u64(&stdout(&o), "remaining_bytes") > 0, "{}", stdout(&o));
+    assert!(
+        json_u64(&stdout(&o), "remaining_bytes") > 0,
+        "{}",
+        stdout(&o)
+    );
     assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
     let lines = p.target.soak_lines(CPUS, 3);
     for cpu in 0..CPUS {
@@ -411,7 +415,11 @@ fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
     wait_phase(&p.dst_api, "completed");
     let o = ctl(&p.dst_api, &["--json", "migrate", "status"]);
     assert!(!stdout(&o).contains("\"error\""), "{}", stdout(&o));
-    assert!(stdout(&o).contains("\"remaining_bytes\": 0"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("\"remaining_bytes\": 0"),
+        "{}",
+        stdout(&o)
+    );
     // The target's pager brought the pages in.
     let o = ctl(&p.dst_api, &["--json", "info"]);
     assert!(stdout(&o).contains("\"running\""), "{}", stdout(&o));

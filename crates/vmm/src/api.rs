@@ -320,6 +320,11 @@ impl VmController for VmHandle {
 
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         match lock(&self.migration).as_ref() {
+            Some(m) if lock(&m.status).phase == api::types::MigrationPhase::Postcopy => {
+                Err(ApiError::conflict(
+                    "post-copy cannot be cancelled: the VM runs on the target already",
+                ))
+            }
             Some(m) if !lock(&m.status).phase.is_finished() => {
                 m.cancel.store(true, Ordering::SeqCst);
                 Ok(())

@@ -12,8 +12,12 @@
 //!   fresh memory, builds the same machine and loads the state, and runs it once the source
 //!   commits.
 //!
+//! - **Post-copy** ([`postcopy`], on request): instead of stop-and-copy, the VM runs on the
+//!   target at once and its missing pages come from the source on demand.
+//!
 //! Any failure before the commit leaves the VM running on the source and nothing on the
-//! target; after it, only the target runs the VM.
+//! target; after it, only the target runs the VM (after a post-copy commit, a broken
+//! connection loses the VM on both sides).
 
 pub mod postcopy;
 pub mod protocol;

@@ -46,7 +46,7 @@ use super::send::{hold, Outgoing};
 use super::{MigrationError, Stream};
 use crate::api::VmHandle;
 use crate::snapshot::memory::{layout_of, scan_used, MemoryRegionInfo};
-use crate::snapshot::pager::PageSource;
+use crate::snapshot::pager::{Arrived, PageSource};
 
 /// The pages the target misses: one bit per page, per region.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -253,9 +253,7 @@ fn serve_pages(
     set: &mut DirtySet,
     out: &Outgoing,
 ) -> Result<(), String> {
-    let mut reader = stream
-        .try_clone()
-        .map_err(|e| format!("connection: {e}"))?;
+    let mut reader = stream.try_clone().map_err(|e| format!("connection: {e}"))?;
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("vessel-postcopy-rx".into())
@@ -355,10 +353,14 @@ fn serve_pages(
         if let Some(d) = theirs {
             let remaining = set.count();
             let result = if remaining != 0 {
-                Err(format!("the target says done with {remaining} pages not sent"))
+                Err(format!(
+                    "the target says done with {remaining} pages not sent"
+                ))
             } else if d != digest.0 {
-                Err("the target's post-copied memory does not match (memory digests differ)"
-                    .to_string())
+                Err(
+                    "the target's post-copied memory does not match (memory digests differ)"
+                        .to_string(),
+                )
             } else {
                 Ok(())
             };
@@ -473,7 +475,7 @@ impl PageSource for Fetcher {
         Some(self.reader.as_raw_fd())
     }
 
-    fn arrived(&mut self) -> Result<(Vec<(u64, Vec<u8>)>, bool), String> {
+    fn arrived(&mut self) -> Result<Arrived, String> {
         if !self.go.load(Ordering::SeqCst) {
             // The migration thread still reads the stream (the commit).
             std::thread::sleep(Duration::from_millis(1));

@@ -19,6 +19,9 @@
 //!                                        ← Resumed          (the VM runs on the target)
 //! ```
 //!
+//! With post-copy the source sends `Postcopy {dirty set}` before `State` and, after
+//! `Resumed`, the stream carries pages and page requests both ways (see `postcopy`).
+//!
 //! Either side may send `Abort`/`Error` instead of its next message, or close the stream: the
 //! source then resumes, the target drops what it received. Once the source has sent `Commit` it
 //! never runs the VM again, so the VM never runs on both sides.

@@ -11,12 +11,12 @@ use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::protocol::{self, Hello, Round, Tag};
+use super::Outgoing;
 use super::{digest, Addr, MigrationError, Stream};
 use crate::config::VmConfig;
 use crate::snapshot::memory::layout_of;
 use crate::snapshot::pager::Pager;
 use crate::snapshot::VmSnapshot;
-use super::Outgoing;
 use crate::vm::{RestoreOptions, Vm};
 
 /// A bound migration listener.
@@ -202,12 +202,18 @@ pub fn receive(
         let out = Arc::new(Outgoing::default());
         *lock(&out.status) = lock(status).clone();
         let regions = layout_of(&mem);
-        let started = super::postcopy::Fetcher::new(&stream, set.clone(), out.clone())
-            .and_then(|(fetcher, go)| {
-                let p = Pager::serve(&mem, &regions, Box::new(fetcher), Some(&|g| !set.contains(g)))
-                    .map_err(|e| MigrationError::Build(format!("userfaultfd: {e}")))?;
+        let started = super::postcopy::Fetcher::new(&stream, set.clone(), out.clone()).and_then(
+            |(fetcher, go)| {
+                let p = Pager::serve(
+                    &mem,
+                    &regions,
+                    Box::new(fetcher),
+                    Some(&|g| !set.contains(g)),
+                )
+                .map_err(|e| MigrationError::Build(format!("userfaultfd: {e}")))?;
                 Ok((p, go))
-            });
+            },
+        );
         match started {
             Ok((p, go)) => {
                 pager = Some(p);

@@ -134,8 +134,9 @@ impl Pages<'_> {
 
 /// A fault-injection point for tests: with `VESSEL_MIGRATION_HOLD=<phase>` in the source's
 /// environment, the migration waits 2 s at that point (`stop-and-copy`: vCPUs just parked;
-/// `commit`: the target is ready, nothing committed; `committed`: the commit is sent), so a
-/// test can kill either side there.
+/// `commit`: the target is ready, nothing committed; `committed`: the commit is sent;
+/// `postcopy`: the VM runs on the target, no page sent yet), so a test can kill either side
+/// there.
 pub(super) fn hold(phase: &str) {
     if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p == phase) {
         tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");

@@ -71,6 +71,10 @@ impl Counters {
 
 type ErrorSink = Box<dyn Fn(String) + Send>;
 
+/// What arrived at a [`PageSource`]: pages (`guest address`, whole pages of bytes) and
+/// whether the source is done.
+pub type Arrived = (Vec<(u64, Vec<u8>)>, bool);
+
 /// Where the pager's pages come from.
 pub trait PageSource: Send {
     /// Wants the pages of `start..start + buf.len()` (one region) for which `need` holds:
@@ -86,7 +90,7 @@ pub trait PageSource: Send {
 
     /// Reads what arrived: pages (`guest address`, `bytes`, whole pages), and whether the
     /// source is done (every page it owed has come; its descriptor is not polled again).
-    fn arrived(&mut self) -> Result<(Vec<(u64, Vec<u8>)>, bool), String> {
+    fn arrived(&mut self) -> Result<Arrived, String> {
         Ok((Vec::new(), true))
     }
 
@@ -311,7 +315,12 @@ impl Worker {
 
     /// Fills the pages of `data` at `guest` that are not served yet (they arrived from the
     /// source), waking whoever waits there.
-    fn install(&mut self, guest: u64, data: &[u8], faults: &mut VecDeque<u64>) -> Result<(), String> {
+    fn install(
+        &mut self,
+        guest: u64,
+        data: &[u8],
+        faults: &mut VecDeque<u64>,
+    ) -> Result<(), String> {
         let page = PAGE_SIZE as usize;
         let n = data.len() / page;
         let mut i = 0;
