@@ -7,9 +7,9 @@
 
 use std::io;
 
+use guestmem::GuestMem;
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 /// Granularity of [`discard`].
@@ -36,7 +36,7 @@ pub enum MemError {
 /// longer counts in the VMM's resident memory; the guest faults fresh pages in on its next
 /// touch. Anonymous private memory gets `MADV_DONTNEED`, file-backed (shared) memory
 /// `MADV_REMOVE`, which also frees the file's blocks.
-pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), MemError> {
+pub fn discard(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<(), MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -83,6 +83,8 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
                 source: io::Error::last_os_error(),
             });
         }
+        // The pages changed (to zeroes, or the file's contents) behind vm-memory's back.
+        guestmem::mark_dirty(mem, GuestAddress(at), n);
         at += n;
     }
     Ok(())
@@ -91,7 +93,7 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
 /// Faults in the guest-physical range `addr..addr+len` (page aligned, inside one region) for
 /// writing, so that the guest finds it resident (private file mappings get their copies now):
 /// `MADV_POPULATE_WRITE` (Linux 5.14); returns false where the kernel lacks it.
-pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<bool, MemError> {
+pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -129,11 +131,7 @@ pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<b
 /// Which pages of the guest-physical range `addr..addr+len` (page aligned, inside one region)
 /// are resident in this process (`mincore`): pages the guest never touched are not, and can be
 /// left out of a snapshot.
-pub fn resident_pages(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u64,
-) -> Result<Vec<bool>, MemError> {
+pub fn resident_pages(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<Vec<bool>, MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -191,7 +189,7 @@ pub fn resident_bytes_at(host_addr: usize) -> Option<u64> {
 }
 
 /// The host address of guest address `addr`, for [`resident_bytes_at`].
-pub fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<usize> {
+pub fn host_address(mem: &GuestMem, addr: GuestAddress) -> Option<usize> {
     mem.get_host_address(addr).ok().map(|p| p as usize)
 }
 
@@ -202,7 +200,7 @@ mod tests {
 
     #[test]
     fn resident_pages_are_the_touched_ones() {
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let m = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         m.write_slice(&[1u8], GuestAddress(3 * PAGE_SIZE)).unwrap();
         m.write_slice(&[1u8], GuestAddress(7 * PAGE_SIZE + 5))
             .unwrap();
@@ -216,7 +214,7 @@ mod tests {
     #[test]
     fn discarded_pages_read_zero_and_leave_rss() {
         let size = 64 << 20;
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let m = GuestMem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let host = host_address(&m, GuestAddress(0)).unwrap();
         let page = vec![0xa5u8; PAGE_SIZE as usize];
         for p in 0..(size as u64 / PAGE_SIZE) {
@@ -236,11 +234,9 @@ mod tests {
 
     #[test]
     fn bad_ranges_are_refused_untouched() {
-        let m = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), 1 << 20),
-            (GuestAddress(2 << 20), 1 << 20),
-        ])
-        .unwrap();
+        let m =
+            GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(2 << 20), 1 << 20)])
+                .unwrap();
         m.write_obj(7u8, GuestAddress(0xff000)).unwrap();
         assert!(matches!(
             discard(&m, GuestAddress(1), 4096),

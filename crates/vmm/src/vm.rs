@@ -12,8 +12,8 @@ use arch::layout;
 use arch::regs;
 use devices::legacy::{AcpiPm, BootMarker, Cmos, ExitDevice, Serial, SerialInput, I8042};
 use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
+use guestmem::GuestMem;
 use hypervisor::Hypervisor;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::{KernelSource, OnReboot, VmConfig};
 use crate::console::Console;
@@ -82,7 +82,7 @@ pub struct Machine {
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
     pub(crate) vm_fd: hypervisor::Vm,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMem,
     pub(crate) vcpus: Vec<vcpu::SharedVcpu>,
     pub(crate) virtio: crate::virtio::VirtioDevices,
     pub(crate) serial: Arc<Mutex<Serial>>,
@@ -152,13 +152,12 @@ impl Vm {
     /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
     /// `start` is when the process started (for the boot-time marker).
     pub fn build(config: VmConfig, start: Instant) -> Result<Vm, Error> {
-        let mem =
-            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
-                Error::Memory {
-                    size: config.memory >> 20,
-                    reason: e.to_string(),
-                }
-            })?;
+        let mem = GuestMem::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+            Error::Memory {
+                size: config.memory >> 20,
+                reason: e.to_string(),
+            }
+        })?;
         let mut vm = Vm::create(config, mem, start)?;
         vm.load_boot()?;
         Ok(vm)
@@ -215,7 +214,7 @@ impl Vm {
     /// loads the saved state; the devices start when it runs.
     pub(crate) fn create_restored(
         config: VmConfig,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         start: Instant,
         snap: &crate::snapshot::VmSnapshot,
     ) -> Result<Vm, Error> {
@@ -227,7 +226,7 @@ impl Vm {
 
     /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
     /// wiring and FPU as at power-on), with nothing loaded into memory yet.
-    fn create(config: VmConfig, mem: GuestMemoryMmap, start: Instant) -> Result<Vm, Error> {
+    fn create(config: VmConfig, mem: GuestMem, start: Instant) -> Result<Vm, Error> {
         let hv = Hypervisor::new()?;
         config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
         let info = hv.info();

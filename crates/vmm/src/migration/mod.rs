@@ -27,7 +27,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use vm_memory::GuestMemoryMmap;
+use guestmem::GuestMem;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +133,7 @@ impl Write for Stream {
 /// exact: CRC-32 over the address and contents of every page that is not all zeroes (pages
 /// never touched are skipped without being faulted in). Source and target compute it at the
 /// same time, during stop-and-copy.
-pub fn digest(mem: &GuestMemoryMmap, state: &[u8]) -> Result<u32, MigrationError> {
+pub fn digest(mem: &GuestMem, state: &[u8]) -> Result<u32, MigrationError> {
     let page = hypervisor::mem::PAGE_SIZE as usize;
     let mut h = crc32fast::Hasher::new();
     crate::snapshot::memory::scan_used(mem, MigrationError::Memory, |addr, chunk, used| {

@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use api::types::{MigrateSendRequest, MigrationPhase, MigrationRole, MigrationStatus};
 use devices::bus::lock;
+use guestmem::GuestMem;
 use hypervisor::dirty::DirtyBitmap;
 use hypervisor::mem::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
 use super::{digest, Addr, MigrationError, Stream};
@@ -46,7 +47,7 @@ impl Outgoing {
 /// Sends pages to the target, paced to the bandwidth limit.
 struct Pages<'a> {
     stream: &'a mut Stream,
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMem,
     out: &'a Outgoing,
     buf: Vec<u8>,
     started: Instant,

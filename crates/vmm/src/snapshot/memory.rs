@@ -14,11 +14,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
 };
 
 use api::types::RestoreMemory;
@@ -93,7 +94,7 @@ impl UnsyncedMemory {
 /// renamed, so that a VM restored from an older file at `path` keeps its mapping intact).
 #[cfg(test)]
 fn write_memory(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats), MemoryError> {
     let (regions, stats, unsynced) = write_memory_unsynced(mem, path)?;
@@ -104,7 +105,7 @@ fn write_memory(
 /// [`write_memory`] without the sync and the rename: the guest may run on meanwhile (the
 /// file's contents are final), then [`UnsyncedMemory::finish`].
 pub fn write_memory_unsynced(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
     let regions = layout_of(mem);
@@ -144,7 +145,7 @@ pub fn write_memory_unsynced(
 /// file mapping, whose residency says nothing of its contents) that is not all zeroes.
 /// Snapshots write these pages, migration sends and digests them.
 pub(crate) fn scan_used<E>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     read_err: impl Fn(u64) -> E,
     mut f: impl FnMut(u64, &[u8], &[bool]) -> Result<(), E>,
 ) -> Result<(), E> {
@@ -207,7 +208,7 @@ fn write_runs(file: &File, chunk: &[u8], used: &[bool], at: u64) -> std::io::Res
 }
 
 /// The regions of `mem`, packed one after the other in file order.
-pub fn layout_of(mem: &GuestMemoryMmap) -> Vec<MemoryRegionInfo> {
+pub fn layout_of(mem: &GuestMem) -> Vec<MemoryRegionInfo> {
     let mut offset = 0;
     mem.iter()
         .map(|r| {
@@ -228,7 +229,7 @@ pub fn map_memory(
     path: &Path,
     regions: &[MemoryRegionInfo],
     mode: RestoreMemory,
-) -> Result<GuestMemoryMmap, MemoryError> {
+) -> Result<GuestMem, MemoryError> {
     let file = File::open(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
     let need = regions
@@ -278,7 +279,7 @@ pub fn map_memory(
             .ok_or_else(|| map_err("the region wraps around the address space".into()))?;
         out.push(region);
     }
-    let mem = GuestMemoryMmap::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    let mem = GuestMem::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
     if mode == RestoreMemory::Eager {
         populate_data(&file, path, &mem, regions)?;
     }
@@ -290,7 +291,7 @@ pub fn map_memory(
 fn populate_data(
     file: &File,
     path: &Path,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     regions: &[MemoryRegionInfo],
 ) -> Result<(), MemoryError> {
     use nix::unistd::{lseek, Whence};
@@ -340,10 +341,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    fn guest(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
+    fn guest(ranges: &[(u64, usize)]) -> GuestMem {
         let ranges: Vec<(GuestAddress, usize)> =
             ranges.iter().map(|&(a, s)| (GuestAddress(a), s)).collect();
-        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+        GuestMem::from_ranges(&ranges).unwrap()
     }
 
     #[test]
