@@ -22,7 +22,7 @@ pub enum MemError {
     Unaligned { addr: u64, len: u64 },
     #[error("range {addr:#x}+{len:#x} is not in guest memory")]
     OutsideMemory { addr: u64, len: u64 },
-    #[error("madvise of {addr:#x}+{len:#x}: {source}")]
+    #[error("madvise or mmap of {addr:#x}+{len:#x}: {source}")]
     Madvise {
         addr: u64,
         len: u64,
@@ -126,6 +126,65 @@ pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, Me
         len,
         source: e,
     })
+}
+
+/// Maps `len` bytes of `file` from `offset` privately over the guest-physical range
+/// `addr..addr+len` (page aligned, inside one region), replacing what was mapped there: the
+/// range reads as the file from now on, pages come in on first touch, and the guest's writes
+/// stay private (the file is never written). For restoring a chain of diff snapshots over
+/// the mapping of its full snapshot.
+pub fn map_file_over(
+    mem: &GuestMem,
+    addr: GuestAddress,
+    len: u64,
+    file: &std::fs::File,
+    offset: u64,
+) -> Result<(), MemError> {
+    use std::os::fd::AsRawFd;
+    let raw = addr.raw_value();
+    if !raw.is_multiple_of(PAGE_SIZE)
+        || !len.is_multiple_of(PAGE_SIZE)
+        || !offset.is_multiple_of(PAGE_SIZE)
+    {
+        return Err(MemError::Unaligned { addr: raw, len });
+    }
+    let outside = || MemError::OutsideMemory { addr: raw, len };
+    let region = mem.find_region(addr).ok_or_else(outside)?;
+    let region_offset = raw - region.start_addr().raw_value();
+    if region.len() - region_offset < len {
+        return Err(outside());
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let host = region
+        .get_host_address(MemoryRegionAddress(region_offset))
+        .map_err(|_| outside())?;
+    let file_offset = libc::off_t::try_from(offset).map_err(|_| outside())?;
+    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked against the
+    // region above), which stays mapped while `mem` is borrowed; MAP_FIXED replaces exactly
+    // those pages with a private mapping of the same size and protection, so the region's
+    // own unmap later covers it too. Guest memory is never behind a Rust reference, only
+    // accessed through vm-memory's volatile copies, so changing its contents breaks no Rust
+    // invariant. The kernel keeps its own reference to `file` for the new mapping.
+    let r = unsafe {
+        libc::mmap(
+            host.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            file_offset,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(MemError::Madvise {
+            addr: raw,
+            len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Which pages of the guest-physical range `addr..addr+len` (page aligned, inside one region)

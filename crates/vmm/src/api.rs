@@ -202,11 +202,6 @@ impl VmController for VmHandle {
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
-        if req.diff {
-            return Err(ApiError::not_implemented(
-                "not available yet: diff snapshots (write a full one)",
-            ));
-        }
         if req.disk_snapshot {
             return Err(ApiError::not_implemented(
                 "not available yet: disk snapshots with the VM snapshot",
@@ -219,18 +214,25 @@ impl VmController for VmHandle {
         }
         let t = lock(&self.transition);
         let taken = Instant::now();
-        let pending = self.machine.snapshot_unsynced(&req.dir);
+        let pending = self.machine.snapshot_unsynced(&req.dir, req.diff);
         drop(t);
         if !was_paused {
             self.resume()?;
         }
         // Synced while the guest runs again.
-        let info = pending.and_then(|p| p.finish()).map_err(|e| match e {
-            crate::snapshot::SnapshotError::Dir { .. } => ApiError::bad_request(e.to_string()),
-            _ => ApiError::internal(e.to_string()),
-        })?;
+        let info = pending
+            .and_then(|p| self.machine.finish_snapshot(p))
+            .map_err(|e| {
+                use crate::snapshot::SnapshotError as E;
+                match e {
+                    E::Dir { .. } => ApiError::bad_request(e.to_string()),
+                    E::NoBase | E::Parent { .. } => ApiError::conflict(e.to_string()),
+                    _ => ApiError::internal(e.to_string()),
+                }
+            })?;
         tracing::info!(
-            "snapshot in {}: {} of {} MiB written in {:?} (devices paused {:?})",
+            "{} snapshot in {}: {} of {} MiB written in {:?} (devices paused {:?})",
+            if info.diff { "diff" } else { "full" },
             req.dir.display(),
             info.memory.written >> 20,
             info.memory.total >> 20,

@@ -90,6 +90,11 @@ pub struct Machine {
     pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
     /// The MSRs a snapshot saves.
     pub(crate) msr_indices: Vec<u32>,
+    /// The dirty page logs and who reads them.
+    pub(crate) dirty: crate::dirty::DirtyTracker,
+    /// The snapshot a diff snapshot builds on: the last one taken, or the one this VM was
+    /// restored from.
+    pub(crate) snapshot_base: Mutex<Option<crate::snapshot::SnapshotBase>>,
 }
 
 /// A VM that is built and ready to run.
@@ -174,9 +179,9 @@ impl Vm {
         opts: RestoreOptions,
         start: Instant,
     ) -> Result<Vm, Error> {
-        use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
-        let mut snap: VmSnapshot =
-            format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, STATE_FILE};
+        let (mut snap, lineage): (VmSnapshot, format::Lineage) =
+            format::read_state_lineage(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
         snap.rebind(&opts.nets, opts.vsock.as_ref())?;
         let hv = Hypervisor::new()?;
         crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
@@ -192,7 +197,8 @@ impl Vm {
             ))
             .into());
         }
-        let mem = memory::map_memory(&dir.join(MEMORY_FILE), &snap.memory, opts.memory)
+        let files = crate::snapshot::resolve_chain(dir, &lineage, &snap.memory)?;
+        let mem = memory::map_memory_chain(&files, &snap.memory, opts.memory)
             .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
         config.console = opts.console;
@@ -200,11 +206,25 @@ impl Vm {
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
         let vm = Vm::create_restored(config, mem, start, &snap)?;
+        // The snapshot restored from is the base of this VM's diff snapshots (a version 1
+        // file has no id to refer to it by).
+        if !lineage.id.is_empty() {
+            let dir = dir
+                .canonicalize()
+                .map_err(io("cannot resolve the snapshot directory"))?;
+            vm.machine
+                .set_restored_base(crate::snapshot::SnapshotBase {
+                    dir,
+                    id: lineage.id,
+                })?;
+        }
         tracing::debug!(
-            "restored {} vCPUs and {} MiB from {} in {:?}",
+            "restored {} vCPUs and {} MiB from {} ({} memory file{}) in {:?}",
             snap.vcpus.len(),
             snap.config.memory >> 20,
             dir.display(),
+            files.len(),
+            if files.len() == 1 { "" } else { "s" },
             start.elapsed()
         );
         Ok(vm)
@@ -329,6 +349,8 @@ impl Vm {
                 cmos,
                 acpi_pm,
                 msr_indices,
+                dirty: Default::default(),
+                snapshot_base: Mutex::new(None),
             }),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),

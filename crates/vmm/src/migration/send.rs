@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
 use super::{digest, Addr, MigrationError, Stream};
 use crate::api::VmHandle;
+use crate::dirty::Consumer;
 use crate::snapshot::memory::{layout_of, scan_used};
 
 /// Pre-copy rounds before stop-and-copy is forced (the guest dirties memory faster than it
@@ -144,6 +145,13 @@ fn hold(phase: &str) {
     }
 }
 
+/// The pages dirtied since the last call (the guest's and the VMM's writes).
+fn take_dirty(m: &crate::vm::Machine) -> Result<Vec<DirtyBitmap>, MigrationError> {
+    m.dirty
+        .take(&m.vm_fd, &m.mem, Consumer::Migration)?
+        .ok_or_else(|| MigrationError::Build("dirty tracking stopped".to_string()))
+}
+
 fn dirty_bytes(bitmaps: &[DirtyBitmap]) -> u64 {
     bitmaps.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE
 }
@@ -184,7 +192,7 @@ pub fn send(
     let mut paused_vcpus = false;
     let mut committed = false;
     let result = (|| -> Result<Duration, MigrationError> {
-        m.vm_fd.set_dirty_logging(&m.mem, true)?;
+        m.dirty.start(&m.vm_fd, &m.mem, Consumer::Migration)?;
         let mut pages = Pages {
             stream: &mut stream,
             mem: &m.mem,
@@ -204,7 +212,7 @@ pub fn send(
         let downtime = Duration::from_millis(req.downtime_ms);
         let mut round = 1;
         let bitmaps = loop {
-            let bitmaps = m.vm_fd.dirty_bitmap(&m.mem)?;
+            let bitmaps = take_dirty(m)?;
             let dirty = dirty_bytes(&bitmaps);
             let took = round_start.elapsed().as_secs_f64().max(1e-6);
             let bandwidth = ((pages.sent - round_sent) as f64 / took).max(1.0);
@@ -240,7 +248,7 @@ pub fn send(
         paused_vcpus = h.pause_for_migration()?;
         hold("stop-and-copy");
         pages.dirty(&bitmaps)?;
-        let last = m.vm_fd.dirty_bitmap(&m.mem)?;
+        let last = take_dirty(m)?;
         pages.dirty(&last)?;
         let state = m.state(layout_of(&m.mem))?;
         let state =
@@ -283,7 +291,7 @@ pub fn send(
         Err(e) => {
             // Tell the target (if it still listens), then carry on here.
             let _ = protocol::write_frame(&mut stream, Tag::Abort, &[]);
-            let _ = m.vm_fd.set_dirty_logging(&m.mem, false);
+            m.dirty.stop(&m.vm_fd, &m.mem, Consumer::Migration);
             if let Err(r) = m.resume_devices() {
                 tracing::error!("after a failed migration: {r}");
             }
