@@ -187,9 +187,10 @@ pub fn send(
     protocol::write_json(&mut stream, Tag::Hello, &hello)?;
     protocol::expect(&mut stream, &mut buf, Tag::Ready)?;
 
-    // From here on, every change to guest memory is a vCPU's: KVM logs it.
-    m.pause_devices();
+    // The dirty tracker logs the guest's writes (KVM) and the device threads' (vm-memory's
+    // bitmap), so the devices run on through pre-copy; they pause for stop-and-copy only.
     let mut paused_vcpus = false;
+    let mut paused_devices = false;
     let mut committed = false;
     let result = (|| -> Result<Duration, MigrationError> {
         m.dirty.start(&m.vm_fd, &m.mem, Consumer::Migration)?;
@@ -246,6 +247,9 @@ pub fn send(
         out.update(|s| s.phase = MigrationPhase::StopAndCopy);
         let paused_at = Instant::now();
         paused_vcpus = h.pause_for_migration()?;
+        // Completes the I/O in flight (its pages are logged) before the last dirty pages.
+        m.pause_devices();
+        paused_devices = true;
         hold("stop-and-copy");
         pages.dirty(&bitmaps)?;
         let last = take_dirty(m)?;
@@ -292,8 +296,10 @@ pub fn send(
             // Tell the target (if it still listens), then carry on here.
             let _ = protocol::write_frame(&mut stream, Tag::Abort, &[]);
             m.dirty.stop(&m.vm_fd, &m.mem, Consumer::Migration);
-            if let Err(r) = m.resume_devices() {
-                tracing::error!("after a failed migration: {r}");
+            if paused_devices {
+                if let Err(r) = m.resume_devices() {
+                    tracing::error!("after a failed migration: {r}");
+                }
             }
             if paused_vcpus {
                 h.resume_after_migration();
