@@ -9,7 +9,7 @@ a thread that stamps each line with time.perf_counter_ns() as it arrives.
   * snapshot: a soaking guest is snapshotted (Vessel: vm.snapshot; QEMU: stop, migrate to a
     file descriptor of a regular file, cont) -- how long the VM is paused;
   * restore: an idle VMM process (vessel serve; qemu -incoming defer) restores that snapshot
-    (Vessel: vm.restore, lazy or eager; QEMU: migrate-incoming from the file, then cont) --
+    (Vessel: vm.restore, lazy, eager or userfaultfd; QEMU: migrate-incoming from the file, then cont) --
     request -> "running" and request -> the guest's next console line;
   * migration: source and target on this host over TCP on 127.0.0.1, for an idle guest
     (action=hold), a lightly and a busily dirtying guest (action=soak) -- total time and
@@ -864,7 +864,7 @@ def report(records, args):
         rows = []
         for s in sizes:
             q = {"phase": "restore", "vmm": "qemu", "size": s}
-            for mode in ("lazy", "eager"):
+            for mode in ("lazy", "eager", "userfaultfd"):
                 v = {"phase": "restore", "vmm": "vessel", "size": s, "mode": mode}
                 rows += [
                     (f"{s} {mode}: request -> running", "ms", 1, v, q, "api_ms", "api_ms"),
@@ -1048,7 +1048,8 @@ def main():
                 vsnap = snapshots(vessel_snapshots, "vessel", mem)
                 qsnap = snapshots(qemu_snapshots, "qemu", mem)
                 for rep in range(args.runs):
-                    order = [("vessel", "lazy"), ("vessel", "eager"), ("qemu", "file")]
+                    order = [("vessel", "lazy"), ("vessel", "eager"), ("vessel", "userfaultfd"),
+                             ("qemu", "file")]
                     if rep % 2:
                         order.reverse()
                     for vmm, mode in order:

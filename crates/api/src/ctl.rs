@@ -124,6 +124,7 @@ pub enum MigrateCommand {
 pub enum MemoryArg {
     Lazy,
     Eager,
+    #[value(alias = "uffd")]
     Userfaultfd,
 }
 
@@ -398,6 +399,13 @@ fn print_info(out: &mut dyn Write, i: &VmInfo) -> io::Result<()> {
     writeln!(out, "uptime:   {:.1} s", i.uptime_ms as f64 / 1000.0)?;
     if let Some(b) = i.boot_time_ms {
         writeln!(out, "boot:     {b} ms")?;
+    }
+    if let Some(p) = &i.pager {
+        writeln!(
+            out,
+            "pager:    {} faults, {} pages copied, {} zero, {} discarded",
+            p.faults, p.copied_pages, p.zero_pages, p.discarded_pages
+        )?;
     }
     writeln!(out, "version:  {}", i.version)?;
     writeln!(out, "devices:  {}", i.devices.len())?;

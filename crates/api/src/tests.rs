@@ -67,6 +67,7 @@ fn fake_info() -> VmInfo {
         }],
         version: "0.1.0".into(),
         exit_reason: None,
+        pager: None,
     }
 }
 

@@ -172,6 +172,22 @@ pub struct VmInfo {
     /// Why the VM stopped, once it has (`guest powered off`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_reason: Option<String>,
+    /// What the userfaultfd pager did (a VM restored with memory `userfaultfd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pager: Option<PagerInfo>,
+}
+
+/// The counters of a userfaultfd restore's pager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagerInfo {
+    /// Page faults served (each fills up to a 256 KiB chunk around the fault).
+    pub faults: u64,
+    /// Pages filled from the memory file.
+    pub copied_pages: u64,
+    /// Pages filled with zeroes (holes in the file, pages discarded since).
+    pub zero_pages: u64,
+    /// Pages the guest gave back (balloon): they read as zeroes afterwards.
+    pub discarded_pages: u64,
 }
 
 /// `GET /api/v1/ping`.

@@ -12,6 +12,7 @@ mod msi;
 mod probe;
 pub mod state;
 mod system;
+pub mod uffd;
 mod vm;
 
 pub use cpu::{Vcpu, VcpuExit};

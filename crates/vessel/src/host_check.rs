@@ -23,6 +23,8 @@ struct Report {
     ring0_probe_us: f64,
     ring0_ns_per_instruction: f64,
     ring0_native: bool,
+    /// "available", or why `--restore-memory uffd` cannot work here.
+    userfaultfd: String,
     verdict: String,
 }
 
@@ -67,6 +69,10 @@ pub fn run(args: HostCheckArgs) -> Result<i32, hypervisor::Error> {
         ring0_probe_us: probe.elapsed.as_secs_f64() * 1e6,
         ring0_ns_per_instruction: probe.per_instruction.as_secs_f64() * 1e9,
         ring0_native: native,
+        userfaultfd: match hypervisor::uffd::probe() {
+            Ok(()) => "available".to_string(),
+            Err(e) => e.to_string(),
+        },
         verdict,
     };
     if args.json {
@@ -102,6 +108,10 @@ fn print_text(r: &Report) {
         r.ring0_probe_us,
         2 * hypervisor::PROBE_ITERATIONS,
         r.ring0_ns_per_instruction
+    );
+    println!(
+        "userfaultfd:         {} (restore with --restore-memory uffd)",
+        r.userfaultfd
     );
     println!("verdict:             {}", r.verdict);
 }

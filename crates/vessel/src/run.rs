@@ -91,8 +91,9 @@ pub struct RunArgs {
         "kernel", "initrd", "cpu_template", "disk", "rng", "virtio_console", "balloon",
     ])]
     restore: Option<PathBuf>,
-    /// How a restored VM's memory comes in: lazy (on first touch) or eager (all before the
-    /// guest runs).
+    /// How a restored VM's memory comes in: lazy (mapped from the file, on first touch), eager
+    /// (all before the guest runs) or uffd (anonymous memory; a userfaultfd thread copies
+    /// each page in from the file on first touch).
     #[arg(
         long,
         value_name = "MODE",
@@ -174,8 +175,9 @@ fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
     match s {
         "lazy" => Ok(api::types::RestoreMemory::Lazy),
         "eager" => Ok(api::types::RestoreMemory::Eager),
+        "uffd" | "userfaultfd" => Ok(api::types::RestoreMemory::Userfaultfd),
         _ => Err(Error::Usage(format!(
-            "invalid --restore-memory '{s}': expected lazy or eager"
+            "invalid --restore-memory '{s}': expected lazy, eager or uffd"
         ))),
     }
 }

@@ -187,3 +187,92 @@ fn the_balloon_flag_and_its_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid --balloon"));
 }
+
+/// The balloon over memory restored through userfaultfd: pages it inflates read as zeroes
+/// afterwards, whether the pager had served them or not (never the snapshot's old contents),
+/// and a snapshot taken then restores them as zeroes.
+#[test]
+fn inflating_uffd_restored_memory_gives_zeroes_and_snapshots_them() {
+    use vmm::snapshot::memory::write_memory_unsynced;
+    use vmm::snapshot::pager::Pager;
+    let dir = std::env::temp_dir().join(format!("vessel-balloon-uffd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = |mem: &GuestMem, name: &str| {
+        let p = dir.join(name);
+        let (regions, _, u) = write_memory_unsynced(mem, &p).unwrap();
+        u.finish().unwrap();
+        (p, regions)
+    };
+    // The saved guest had used all of its memory.
+    let orig = GuestMem::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let page = [0x5au8; 4096];
+    for p in 0..(MEM as u64 / 4096) {
+        orig.write_slice(&page, GuestAddress(p * 4096)).unwrap();
+    }
+    let (file, regions) = snap(&orig, "memory");
+    drop(orig);
+    let (mem, pager) = Pager::start(&file, &regions).unwrap();
+    // Served before the inflation: 20 MiB.
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(20 << 20)).unwrap(), 0x5a);
+
+    let cfg = parse_balloon("size=32M").unwrap();
+    let (mut balloon, _handle) = vmm::virtio::balloon_device(&cfg).unwrap();
+    balloon.ack_features(balloon.features());
+    let mut kicks = Vec::new();
+    let mut active = Vec::new();
+    for i in 0..2u16 {
+        let e = EventFd::new(EFD_NONBLOCK).unwrap();
+        kicks.push(e.try_clone().unwrap());
+        active.push(ActiveQueue {
+            index: i,
+            queue: queue(&mem, 0x40000 * u64::from(i)),
+            notifier: e,
+        });
+    }
+    balloon
+        .activate(mem.clone(), Arc::new(Counter::default()), active)
+        .unwrap();
+    // Inflate 16 MiB..48 MiB.
+    let list = 1u64 << 20;
+    for (k, first) in [(0u16, 0x1000u32), (1, 0x2000)] {
+        let pfns: Vec<u8> = (first..first + 0x1000)
+            .flat_map(|p| p.to_le_bytes())
+            .collect();
+        let at = list + PFNS * u64::from(k);
+        mem.write_slice(&pfns, GuestAddress(at)).unwrap();
+        post(&mem, 0, k, at, pfns.len() as u32);
+    }
+    kicks[0].write(1).unwrap();
+    wait_used(&mem, 0, 2);
+    let mut b = [0u8; 16];
+    for at in [16u64 << 20, 20 << 20, (32 << 20) + 123, (48 << 20) - 16] {
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        assert_eq!(b, [0; 16], "at {at:#x}");
+    }
+    mem.read_slice(&mut b, GuestAddress(48 << 20)).unwrap();
+    assert_eq!(b, [0x5a; 16], "the page after the balloon");
+    // (The pager counts a discard just after letting it proceed.)
+    let start = Instant::now();
+    while pager.stats().removed_pages < 8192 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(pager.stats().removed_pages, 8192, "{}", pager.stats());
+    balloon.reset();
+
+    // Snapshot now (what the pager never served comes in first): the balloon's pages are holes
+    // and restore as zeroes.
+    pager.populate().unwrap();
+    let (file2, regions2) = snap(&mem, "memory2");
+    drop(pager);
+    let (again, _pager2) = Pager::start(&file2, &regions2).unwrap();
+    for (at, want) in [
+        (16u64 << 20, 0),
+        (30 << 20, 0),
+        (48 << 20, 0x5a),
+        (60 << 20, 0x5a),
+    ] {
+        again.read_slice(&mut b, GuestAddress(at)).unwrap();
+        assert_eq!(b, [want; 16], "at {at:#x}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

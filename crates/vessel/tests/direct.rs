@@ -304,6 +304,7 @@ fn host_check_reports_the_ring0_verdict() {
     let out = stdout(&o);
     assert!(out.contains("\"ring0_native\""), "{out}");
     assert!(out.contains("\"verdict\""), "{out}");
+    assert!(out.contains("\"userfaultfd\""), "{out}");
     // On the development machines' kvm_pvm, ring 0 is emulated; elsewhere it is native.
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         assert!(out.contains("\"ring0_native\": false"), "{out}");

@@ -325,6 +325,88 @@ fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
     );
 }
 
+/// Resident memory of process `pid`, from /proc.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+#[test]
+fn uffd_restore_serves_pages_on_demand_and_snapshots_again() {
+    let tmp = TempDir::new("uffd");
+    let dir = tmp.file("snap");
+    let socket = tmp.file("api.sock");
+    // 64 MiB touched once and never again: data in the memory file the soak never reads.
+    let mut vm = Console::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "256M",
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "action=soak soakms=50 touch=64",
+    ]);
+    let before = last_iters(&vm.soak_lines(CPUS, 2), CPUS);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", dir.to_str().unwrap()]),
+        0,
+    );
+    assert_eq!(vm.stop(), Some(143));
+    use std::os::unix::fs::MetadataExt;
+    let written = std::fs::metadata(dir.join("memory")).unwrap().blocks() * 512;
+    assert!(written >= 64 << 20, "{written}");
+
+    let socket2 = tmp.file("api2.sock");
+    let mut restored = Console::spawn(&[
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--restore-memory",
+        "uffd",
+        "--api-socket",
+        socket2.to_str().unwrap(),
+    ]);
+    let lines = restored.soak_lines(CPUS, 3);
+    for (cpu, first) in (0..CPUS).map(|c| (c, lines.iter().find(|l| l.cpu == c).unwrap())) {
+        assert!(
+            first.iter > before[cpu],
+            "cpu {cpu}: {first:?} vs {before:?}"
+        );
+    }
+    // The touched 64 MiB were never asked for: neither resident nor served.
+    let resident = rss(restored.child.id());
+    assert!(resident < 48 << 20, "RSS {resident}");
+    let o = ctl(&socket2, &["--json", "info"]);
+    assert_code(&o, 0);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let pager = &info["pager"];
+    let copied = pager["copied_pages"].as_u64().unwrap();
+    assert!(pager["faults"].as_u64().unwrap() > 0, "{info}");
+    assert!(copied > 0, "{info}");
+    assert!(copied < (48 << 20) / 4096, "{info}");
+
+    // A snapshot of the restored VM brings in what was never touched, and holds it all.
+    let dir2 = tmp.file("snap2");
+    assert_code(
+        &ctl(&socket2, &["snapshot", "--dir", dir2.to_str().unwrap()]),
+        0,
+    );
+    restored.soak_lines(CPUS, 1);
+    assert_eq!(restored.stop(), Some(143));
+    let written2 = std::fs::metadata(dir2.join("memory")).unwrap().blocks() * 512;
+    assert!(written2 >= 64 << 20, "{written2}");
+    let mut again = Console::spawn(&["run", "--restore", dir2.to_str().unwrap()]);
+    again.soak_lines(CPUS, 2);
+    assert_eq!(again.stop(), Some(143));
+}
+
 /// Bytes the file at `p` has on disk.
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

@@ -170,6 +170,15 @@ impl VmController for VmHandle {
             devices: self.devices.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             exit_reason: exit.map(|r| r.to_string()),
+            pager: self.machine.pager.as_ref().map(|p| {
+                let s = p.stats();
+                api::types::PagerInfo {
+                    faults: s.faults,
+                    copied_pages: s.copied_pages,
+                    zero_pages: s.zero_pages,
+                    discarded_pages: s.removed_pages,
+                }
+            }),
         })
     }
 

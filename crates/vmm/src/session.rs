@@ -140,6 +140,7 @@ impl VmController for Empty {
             devices: Vec::new(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             exit_reason: None,
+            pager: None,
         })
     }
     fn pause(&self) -> Result<(), ApiError> {

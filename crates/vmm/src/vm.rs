@@ -95,6 +95,9 @@ pub struct Machine {
     /// The snapshot a diff snapshot builds on: the last one taken, or the one this VM was
     /// restored from.
     pub(crate) snapshot_base: Mutex<Option<crate::snapshot::SnapshotBase>>,
+    /// Serves guest memory's missing pages (a userfaultfd restore). Last: it must outlive
+    /// everything that may touch guest memory, device threads included.
+    pub(crate) pager: Option<crate::snapshot::pager::Pager>,
 }
 
 /// A VM that is built and ready to run.
@@ -163,7 +166,7 @@ impl Vm {
                 reason: e.to_string(),
             }
         })?;
-        let mut vm = Vm::create(config, mem, start)?;
+        let mut vm = Vm::create(config, mem, None, start)?;
         vm.load_boot()?;
         Ok(vm)
     }
@@ -198,14 +201,32 @@ impl Vm {
             .into());
         }
         let files = crate::snapshot::resolve_chain(dir, &lineage, &snap.memory)?;
-        let mem = memory::map_memory_chain(&files, &snap.memory, opts.memory)
-            .map_err(SnapshotError::from)?;
+        let (mem, pager) = match opts.memory {
+            api::types::RestoreMemory::Userfaultfd if files.len() > 1 => {
+                return Err(SnapshotError::Mismatch(format!(
+                    "{} is a diff snapshot: restore it lazily or eagerly (the userfaultfd \
+                     pager serves full snapshots only)",
+                    dir.display()
+                ))
+                .into())
+            }
+            api::types::RestoreMemory::Userfaultfd => {
+                let (mem, pager) = crate::snapshot::pager::Pager::start(&files[0], &snap.memory)
+                    .map_err(SnapshotError::from)?;
+                (mem, Some(pager))
+            }
+            mode => (
+                memory::map_memory_chain(&files, &snap.memory, mode)
+                    .map_err(SnapshotError::from)?,
+                None,
+            ),
+        };
         let mut config = snap.config.clone();
         config.console = opts.console;
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let vm = Vm::create_restored(config, mem, start, &snap)?;
+        let vm = Vm::create_restored(config, mem, pager, start, &snap)?;
         // The snapshot restored from is the base of this VM's diff snapshots (a version 1
         // file has no id to refer to it by).
         if !lineage.id.is_empty() {
@@ -235,18 +256,25 @@ impl Vm {
     pub(crate) fn create_restored(
         config: VmConfig,
         mem: GuestMem,
+        pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
         snap: &crate::snapshot::VmSnapshot,
     ) -> Result<Vm, Error> {
-        let mut vm = Vm::create(config, mem, start)?;
+        let mut vm = Vm::create(config, mem, pager, start)?;
         vm.machine.restore_state(snap)?;
         vm.restored = true;
         Ok(vm)
     }
 
-    /// Builds the machine on `mem`: the VM, its irqchip, devices and vCPUs (CPUID, MSRs, LAPIC
-    /// wiring and FPU as at power-on), with nothing loaded into memory yet.
-    fn create(config: VmConfig, mem: GuestMem, start: Instant) -> Result<Vm, Error> {
+    /// Builds the machine on `mem` (served by `pager`, if any): the VM, its irqchip, devices
+    /// and vCPUs (CPUID, MSRs, LAPIC wiring and FPU as at power-on), with nothing loaded into
+    /// memory yet.
+    fn create(
+        config: VmConfig,
+        mem: GuestMem,
+        pager: Option<crate::snapshot::pager::Pager>,
+        start: Instant,
+    ) -> Result<Vm, Error> {
         let hv = Hypervisor::new()?;
         config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
         let info = hv.info();
@@ -266,6 +294,10 @@ impl Vm {
 
         let control = Arc::new(Control::new().map_err(io("cannot create the control channel"))?);
         let events = event_sink(control.clone());
+        if let Some(p) = &pager {
+            let c = control.clone();
+            p.on_error(move |why| c.request_exit(ExitReason::Error(why)));
+        }
 
         // Devices.
         let mut console = Console::open(&config.console)?;
@@ -351,6 +383,7 @@ impl Vm {
                 msr_indices,
                 dirty: Default::default(),
                 snapshot_base: Mutex::new(None),
+                pager,
             }),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -501,6 +534,7 @@ impl Vm {
                 devices: Vec::new(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 exit_reason: None,
+                pager: None,
             },
         })));
         let server = match &self.machine.config.api_socket {
@@ -560,6 +594,9 @@ impl Vm {
             tracing::debug!("boot time {:?}", t);
         }
         tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
+        if let Some(p) = &self.machine.pager {
+            tracing::info!("userfaultfd pager: {}", p.stats());
+        }
         if let Ok(mut info) = api::VmController::info(&*handle) {
             info.state = api::types::VmState::Stopped;
             info.exit_reason = Some(reason.to_string());

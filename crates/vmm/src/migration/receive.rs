@@ -182,7 +182,7 @@ pub fn receive(
     // The source holds its disks' locks until it exits; it has flushed and stopped its
     // devices, and never writes again once it commits.
     config.skip_disk_locks = true;
-    let vm = match Vm::create_restored(config, mem, start, &snap) {
+    let vm = match Vm::create_restored(config, mem, None, start, &snap) {
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
     };

@@ -193,6 +193,9 @@ pub fn send(
     let mut paused_devices = false;
     let mut committed = false;
     let result = (|| -> Result<Duration, MigrationError> {
+        // A userfaultfd-restored VM's untouched pages come in first: the first round sends
+        // resident pages only, and the pager's fills are in neither dirty log.
+        m.populate_memory()?;
         m.dirty.start(&m.vm_fd, &m.mem, Consumer::Migration)?;
         let mut pages = Pages {
             stream: &mut stream,

@@ -286,24 +286,6 @@ pub fn layout_of(mem: &GuestMem) -> Vec<MemoryRegionInfo> {
         .collect()
 }
 
-fn open_checked(path: &Path, regions: &[MemoryRegionInfo]) -> Result<File, MemoryError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let len = file.metadata().map_err(io_err(path))?.len();
-    let need = regions
-        .iter()
-        .map(|r| r.file_offset.saturating_add(r.size))
-        .max()
-        .unwrap_or(0);
-    if len < need {
-        return Err(MemoryError::Short {
-            path: path.display().to_string(),
-            len,
-            need,
-        });
-    }
-    Ok(file)
-}
-
 /// Maps the memory file at `path` as guest memory with `regions` (privately: the file is never
 /// written).
 #[cfg(test)]
@@ -331,13 +313,10 @@ pub fn map_memory_chain(
     let path = path.as_path();
     let file = open_checked(path, regions)?;
     let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
-    match mode {
-        RestoreMemory::Lazy | RestoreMemory::Eager => {}
-        RestoreMemory::Userfaultfd => {
-            return Err(MemoryError::Layout(
-                "userfaultfd restore is not available yet: use lazy or eager".to_string(),
-            ))
-        }
+    if mode == RestoreMemory::Userfaultfd {
+        return Err(MemoryError::Layout(
+            "userfaultfd memory is mapped by the pager (snapshot::pager::Pager::start)".to_string(),
+        ));
     }
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {
@@ -346,12 +325,6 @@ pub fn map_memory_chain(
             addr: r.guest_addr,
             why,
         };
-        if !r.size.is_multiple_of(PAGE_SIZE) || !r.file_offset.is_multiple_of(PAGE_SIZE) {
-            return Err(MemoryError::Layout(format!(
-                "region at {:#x} is not page aligned",
-                r.guest_addr
-            )));
-        }
         let size = usize::try_from(r.size).map_err(|e| map_err(e.to_string()))?;
         let f = file.try_clone().map_err(io_err(path))?;
         let mapping = GuestMapping::build(
@@ -386,6 +359,33 @@ pub fn map_memory_chain(
         }
     }
     Ok(mem)
+}
+
+/// Opens the memory file at `path` and checks it holds `regions` (page aligned).
+pub(crate) fn open_checked(path: &Path, regions: &[MemoryRegionInfo]) -> Result<File, MemoryError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    let need = regions
+        .iter()
+        .map(|r| r.file_offset.saturating_add(r.size))
+        .max()
+        .unwrap_or(0);
+    if len < need {
+        return Err(MemoryError::Short {
+            path: path.display().to_string(),
+            len,
+            need,
+        });
+    }
+    for r in regions {
+        if !r.size.is_multiple_of(PAGE_SIZE) || !r.file_offset.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::Layout(format!(
+                "region at {:#x} is not page aligned",
+                r.guest_addr
+            )));
+        }
+    }
+    Ok(file)
 }
 
 /// The data extents of a memory file, page aligned, as (guest address, file offset, length).

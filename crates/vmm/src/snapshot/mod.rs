@@ -15,6 +15,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod pager;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -145,6 +146,17 @@ impl Machine {
         Ok(())
     }
 
+    /// Makes every page of guest memory that holds data resident (a userfaultfd restore
+    /// serves the pages not touched yet); nothing to do for other memory.
+    pub(crate) fn populate_memory(&self) -> Result<(), SnapshotError> {
+        match &self.pager {
+            Some(p) => p
+                .populate()
+                .map_err(|e| SnapshotError::Memory(memory::MemoryError::Layout(e))),
+            None => Ok(()),
+        }
+    }
+
     /// Reads the state of everything but memory. vCPUs parked, devices paused.
     pub(crate) fn state(&self, memory: Vec<MemoryRegionInfo>) -> Result<VmSnapshot, SnapshotError> {
         let vcpus = self
@@ -214,6 +226,11 @@ impl Machine {
         let dir = dir.canonicalize().map_err(|e| bad_dir(e.to_string()))?;
         if parent.as_ref().is_some_and(|p| p.dir == dir) {
             return Err(bad_dir("it holds the base snapshot".to_string()));
+        }
+        // Memory a pager still serves: a full snapshot's scan sees resident pages only (a
+        // diff reads only pages written since its base, which are resident).
+        if !diff {
+            self.populate_memory()?;
         }
         let paused = Instant::now();
         self.pause_devices();
