@@ -117,6 +117,12 @@ pub struct Options {
     pub mmio: [MmioRange; MAX_MMIO],
     pub mmio_len: usize,
     pub bench: BenchOptions,
+    /// `soakdisk=on`: with `action=soak`, the BSP also writes and checks a
+    /// ring of sectors on the first virtio-blk disk (see `virtio/blk.rs`).
+    pub soak_disk: bool,
+    /// `genid=ADDR`: with `action=soak`, the BSP prints the 16 bytes at this
+    /// guest-physical address (a VM generation ID) whenever they change.
+    pub genid: Option<u64>,
 }
 
 impl Default for Options {
@@ -146,6 +152,8 @@ impl Default for Options {
                 warm_ms: 200,
                 region: None,
             },
+            soak_disk: false,
+            genid: None,
         }
     }
 }
@@ -195,6 +203,18 @@ impl Options {
                 opts.net.burst = parse_number(value)
                     .filter(|&n| n <= MAX_NET_BURST)
                     .ok_or(word)? as u32;
+            } else if let Some(value) = word.strip_prefix(b"soakdisk=") {
+                opts.soak_disk = match value {
+                    b"on" => true,
+                    b"off" => false,
+                    _ => return Err(word),
+                };
+            } else if let Some(value) = word.strip_prefix(b"genid=") {
+                // 16 bytes, below 4 GiB (the identity map), 8-byte aligned.
+                let addr = parse_number(value)
+                    .filter(|&a| a % 8 == 0 && a + 16 <= 1 << 32)
+                    .ok_or(word)?;
+                opts.genid = Some(addr);
             } else if let Some(value) = word.strip_prefix(b"vsock=") {
                 let port = parse_number(value).and_then(|p| u32::try_from(p).ok());
                 opts.vsock_port = Some(port.ok_or(word)?);

@@ -182,11 +182,13 @@ fn bsp_main() -> ! {
     println!("all {n} cpus ran in ring 3");
     // The work buffers are free again: the virtio drivers' memory starts
     // there (the AP stacks below stay untouched).
-    if !virtio::run(&info, &opts, rsdp, plan.work_base) {
+    let (ok, soak_disk) = virtio::run(&info, &opts, rsdp, plan.work_base);
+    if !ok {
         cpu::exit(virtio::EXIT_VIRTIO);
     }
+    let mut free_from = plan.work_base + n as u64 * plan.work_bytes;
     if opts.touch_mib > 0 {
-        let from = plan.work_base + n as u64 * plan.work_bytes;
+        let from = free_from;
         let end = info
             .memory_map()
             .iter()
@@ -194,9 +196,70 @@ fn bsp_main() -> ! {
             .map(|e| e.end().min(cpu::phys::LIMIT))
             .next()
             .unwrap_or(from);
-        soak::touch(from, end, opts.touch_mib);
+        free_from = soak::touch(from, end, opts.touch_mib);
     }
-    finish(opts.action, rsdp)
+    let mut disk = None;
+    if opts.action == Action::Soak && opts.soak_disk {
+        let Some(t) = soak_disk else {
+            fail!(
+                virtio::EXIT_VIRTIO,
+                "soakdisk: no writable virtio-blk disk tested"
+            );
+        };
+        match virtio::soak_disk(&info, t, free_from) {
+            Ok(d) => disk = Some(d),
+            Err(e) => fail!(virtio::EXIT_VIRTIO, "soakdisk: {e}"),
+        }
+    }
+    let genid = opts.genid;
+    let mut last_genid = None;
+    let mut hook = move || {
+        if let Some(d) = disk.as_mut() {
+            soak_disk_step(d);
+        }
+        if let Some(addr) = genid {
+            let id = read_genid(addr);
+            if last_genid != Some(id) {
+                last_genid = Some(id);
+                println!("soak genid={:016x}{:016x}", id[0], id[1]);
+            }
+        }
+    };
+    finish(opts.action, rsdp, &mut hook)
+}
+
+/// One `soakdisk=on` step; a mismatch or an I/O error ends the guest.
+fn soak_disk_step(d: &mut virtio::SoakDisk) {
+    match d.step() {
+        Ok(()) => println!("soak disk step={} ok", d.steps()),
+        Err(virtio::SoakError::Mismatch {
+            step,
+            sector,
+            found,
+        }) => {
+            match found {
+                Some(k) => {
+                    println!("soak disk MISMATCH step={step} sector={sector} (holds step {k})")
+                }
+                None => println!("soak disk MISMATCH step={step} sector={sector} (unknown data)"),
+            }
+            cpu::exit(soak::EXIT_MISMATCH)
+        }
+        Err(virtio::SoakError::Io(e)) => fail!(virtio::EXIT_VIRTIO, "soak disk: {e}"),
+    }
+}
+
+/// The 16 bytes at `addr` (`genid=`), as two little-endian words.
+fn read_genid(addr: u64) -> [u64; 2] {
+    // SAFETY: the command line named this guest-physical address (8-byte
+    // aligned, below 4 GiB, checked when parsed), which the identity map
+    // covers; reading it has no side effect (a VM generation ID in RAM).
+    unsafe {
+        [
+            core::ptr::read_volatile(addr as *const u64),
+            core::ptr::read_volatile((addr + 8) as *const u64),
+        ]
+    }
 }
 
 fn ap_main(index: usize) -> ! {
@@ -253,13 +316,13 @@ fn check_reports(n: usize) {
     }
 }
 
-fn finish(action: Action, rsdp: Option<u64>) -> ! {
+fn finish(action: Action, rsdp: Option<u64>, soak_hook: &mut dyn FnMut()) -> ! {
     match action {
         Action::Exit(status) => cpu::exit(status),
         Action::Hold => cpu::spin_forever(),
         Action::TripleFault => cpu::triple_fault(),
         Action::Fault => cpu::invalid_opcode(),
-        Action::Soak => soak::bsp(),
+        Action::Soak => soak::bsp(soak_hook),
         Action::Poweroff => {
             if let Err(e) = acpi::poweroff(rsdp) {
                 fail!(EXIT_FAIL, "poweroff: {e}");

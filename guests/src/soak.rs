@@ -72,11 +72,12 @@ pub fn ap(index: usize) {
     while !GO.load(Ordering::Acquire) {
         cpu::pause();
     }
-    run(index)
+    run(index, &mut || {})
 }
 
-/// The BSP's `action=soak`: report the setup, release the APs, soak on CPU 0.
-pub fn bsp() -> ! {
+/// The BSP's `action=soak`: report the setup, release the APs, soak on CPU 0,
+/// calling `hook` once at the start and after each of its report lines.
+pub fn bsp(hook: &mut dyn FnMut()) -> ! {
     let bytes = BYTES.load(Ordering::Relaxed);
     let pages = bytes / 4096;
     let window = WINDOW_PAGES.load(Ordering::Relaxed).min(pages);
@@ -88,15 +89,15 @@ pub fn bsp() -> ! {
         PERIOD_MS.load(Ordering::Relaxed)
     );
     GO.store(true, Ordering::Release);
-    run(0)
+    run(0, hook)
 }
 
 /// `touch=N`: writes a non-zero pattern (never a zero page, so VMMs that
 /// skip zero pages still have to copy it) to `mib` MiB from `from`, at most
 /// up to `end`, and prints `touch: <M> MiB at 0x<from>`. The memory stays
 /// untouched afterwards: a resident set for snapshot and migration
-/// benchmarks, apart from the workload's dirty set.
-pub fn touch(from: u64, end: u64, mib: u64) {
+/// benchmarks, apart from the workload's dirty set. Returns where it ends.
+pub fn touch(from: u64, end: u64, mib: u64) -> u64 {
     let from = from.next_multiple_of(4096);
     let bytes = (mib << 20).min(end.saturating_sub(from) & !0xfff);
     // SAFETY: [from, from + bytes) is usable, identity-mapped RAM below
@@ -108,6 +109,7 @@ pub fn touch(from: u64, end: u64, mib: u64) {
         unsafe { core::ptr::write_volatile(slot, pattern(0xff, 0, 0, k as u64) | 1) };
     }
     println!("touch: {} MiB at 0x{:x}", bytes >> 20, from);
+    from + bytes
 }
 
 /// The word at `word` of `page` as iteration `iter` of CPU `cpu` writes it.
@@ -122,7 +124,7 @@ fn pattern(cpu: u64, iter: u64, page: u64, word: u64) -> u64 {
     x
 }
 
-fn run(index: usize) -> ! {
+fn run(index: usize, hook: &mut dyn FnMut()) -> ! {
     let base = BASE.load(Ordering::Relaxed) + index as u64 * BYTES.load(Ordering::Relaxed);
     let pages = BYTES.load(Ordering::Relaxed) / 4096;
     let window = WINDOW_PAGES.load(Ordering::Relaxed).min(pages).max(1);
@@ -135,6 +137,7 @@ fn run(index: usize) -> ! {
     let mut last_report = start;
     let mut sum = FNV_OFFSET;
     let mut iter: u64 = 0;
+    hook();
     loop {
         let w = iter % windows;
         let first_page = w * window;
@@ -178,6 +181,7 @@ fn run(index: usize) -> ! {
             last_report = now;
             let t = now.wrapping_sub(start) / ticks_per_ms;
             println!("soak cpu={index} iter={iter} t={t} sum=0x{sum:016x} ok");
+            hook();
         }
     }
 }

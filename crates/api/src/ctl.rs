@@ -63,7 +63,8 @@ pub enum CtlCommand {
         /// Only the memory dirtied since the last snapshot.
         #[arg(long)]
         diff: bool,
-        /// Also snapshot the disks.
+        /// Also freeze the writable disks at the same instant: the VM goes on with a new qcow2
+        /// overlay next to each image (`<image>.<dir name>.qcow2`).
         #[arg(long)]
         disk_snapshot: bool,
     },

@@ -217,7 +217,8 @@ pub struct SnapshotRequest {
     /// Write only the memory dirtied since the previous snapshot.
     #[serde(default)]
     pub diff: bool,
-    /// Also snapshot the disks (qcow2 internal snapshots / overlays).
+    /// Also freeze every writable disk at the same instant: the VM goes on with a new qcow2
+    /// overlay next to each image; restores open a fresh overlay on the frozen images.
     #[serde(default)]
     pub disk_snapshot: bool,
 }

@@ -1,5 +1,14 @@
 //! ACPI tables for a hardware-reduced ACPI platform: RSDP, XSDT, FADT, MADT and a DSDT with the
-//! S5 sleep state, a power button, the Generic Event Device that notifies it, and COM1.
+//! S5 sleep state, a power button, a VM generation ID device, the Generic Event Device that
+//! notifies them, and COM1.
+//!
+//! The VM generation ID (Microsoft's "Virtual Machine Generation ID" specification, as QEMU's
+//! `vmgenid` device): `\_SB.VGEN` with `_HID "VMGENCTR"` and `_CID "VM_Gen_Counter"` (what
+//! Linux's `drivers/virt/vmgenid.c` matches), whose `ADDR` method returns the guest-physical
+//! address of a 16-byte GUID ([`VMGENID_ADDR`], reserved memory) as a package of its low and
+//! high 32 bits. The VMM writes a new GUID there ([`write_vm_generation_id`]) when the VM
+//! boots and when a snapshot of it is restored, then raises [`GED_EVENT_VMGENID`]: the GED
+//! notifies the device (0x80) and the guest reseeds its random number generator.
 //!
 //! The platform registers are I/O ports at [`PM_BASE`]: sleep control, sleep status, reset, and
 //! the GED event byte (see the `acpi_pm` device).
@@ -22,6 +31,7 @@ use acpi_tables::Aml;
 use guestmem::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
 
+pub use crate::layout::VMGENID_ADDR;
 use crate::layout::{ACPI_MAX_SIZE, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
 
 /// Base I/O port of the ACPI platform registers.
@@ -38,6 +48,10 @@ pub const RESET_VALUE: u8 = 1;
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// GED event bit: the power button was pressed.
 pub const GED_EVENT_POWER_BUTTON: u8 = 1;
+/// GED event bit: the VM generation ID changed.
+pub const GED_EVENT_VMGENID: u8 = 2;
+/// Length of the VM generation ID.
+pub const VMGENID_LEN: usize = 16;
 /// The GSI of the Generic Event Device (free: hardware-reduced ACPI has no SCI).
 pub const GED_IRQ: u32 = 9;
 /// The CMOS RTC's index port.
@@ -246,7 +260,32 @@ fn dsdt(mmio: &[MmioDevice], pci: Option<&PciHostBridge>) -> Vec<u8> {
                                 ),
                                 vec![&Notify::new(&Path::new("\\_SB_.PWRB"), &0x80u8)],
                             ),
+                            &aml::If::new(
+                                &Equal::new(
+                                    &aml::And::new(&Local(1), &Local(0), &GED_EVENT_VMGENID),
+                                    &GED_EVENT_VMGENID,
+                                ),
+                                vec![&Notify::new(&Path::new("\\_SB_.VGEN"), &0x80u8)],
+                            ),
                         ],
+                    ),
+                ],
+            ),
+            // The VM generation ID (see the module documentation).
+            &Device::new(
+                Path::new("VGEN"),
+                vec![
+                    &Name::new(Path::new("_HID"), &"VMGENCTR"),
+                    &Name::new(Path::new("_CID"), &"VM_Gen_Counter"),
+                    &Name::new(Path::new("_DDN"), &"VM_Gen_Counter"),
+                    &Method::new(
+                        Path::new("ADDR"),
+                        0,
+                        false,
+                        vec![&aml::Return::new(&Package::new(vec![
+                            &(VMGENID_ADDR as u32),
+                            &((VMGENID_ADDR >> 32) as u32),
+                        ]))],
                     ),
                 ],
             ),
@@ -369,6 +408,12 @@ pub fn setup_reset_vector(mem: &GuestMem) -> Result<(), Error> {
         .map_err(Error::Write)
 }
 
+/// Writes a VM generation ID (16 random bytes) at [`VMGENID_ADDR`].
+pub fn write_vm_generation_id(mem: &GuestMem, id: &[u8; VMGENID_LEN]) -> Result<(), Error> {
+    mem.write_slice(id, GuestAddress(VMGENID_ADDR))
+        .map_err(Error::Write)
+}
+
 /// Writes the ACPI tables for `cpus` vCPUs and the `mmio` virtio devices and returns the RSDP's
 /// address.
 pub fn setup_acpi(mem: &GuestMem, cpus: u32, mmio: &[MmioDevice]) -> Result<GuestAddress, Error> {
@@ -450,6 +495,78 @@ mod tests {
         let mut t = vec![0u8; len as usize];
         mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
         t
+    }
+
+    /// An AML integer constant at `b`: its value and length.
+    fn aml_int(b: &[u8]) -> (u64, usize) {
+        let le = |n: usize| {
+            let mut v = [0u8; 8];
+            v[..n].copy_from_slice(&b[1..1 + n]);
+            u64::from_le_bytes(v)
+        };
+        match b[0] {
+            0x00 => (0, 1),
+            0x01 => (1, 1),
+            0x0a => (le(1), 2),
+            0x0b => (le(2), 3),
+            0x0c => (le(4), 5),
+            0x0e => (le(8), 9),
+            op => panic!("not an integer constant: {op:#x}"),
+        }
+    }
+
+    #[test]
+    fn vm_generation_id_device_and_its_notification() {
+        let dsdt = dsdt(&[], None);
+        let find = |pat: &[u8]| {
+            dsdt.windows(pat.len())
+                .position(|w| w == pat)
+                .unwrap_or_else(|| panic!("{:?} not in the DSDT", String::from_utf8_lossy(pat)))
+        };
+        // Device (VGEN) with the IDs Linux matches, as AML strings.
+        find(b"\x5b\x82");
+        let vgen = find(b"VGEN\x08_HID\x0dVMGENCTR\x00");
+        assert!(vgen > find(b"GED_"));
+        find(b"\x08_CID\x0dVM_Gen_Counter\x00");
+        // Method (ADDR, 0, NotSerialized) { Return (Package (2) { low, high }) }
+        let at = find(b"ADDR") + 4;
+        assert_eq!(dsdt[at], 0, "no arguments, not serialized");
+        assert_eq!(&dsdt[at + 1..at + 2], &[0xa4], "Return");
+        assert_eq!(dsdt[at + 2], 0x12, "Package");
+        let count_at = at + 4; // one-byte package length
+        assert_eq!(dsdt[count_at], 2, "two elements");
+        let (low, n) = aml_int(&dsdt[count_at + 1..]);
+        let (high, _) = aml_int(&dsdt[count_at + 1 + n..]);
+        assert_eq!(low | high << 32, VMGENID_ADDR);
+        // _EVT: Notify (\_SB.VGEN, 0x80) when the GED's event byte has GED_EVENT_VMGENID.
+        find(b"\x86\x5c\x2e_SB_VGEN\x0a\x80");
+        // If (LEqual (And (Local0, 2, Local1), 2)): the event bit is tested.
+        let evt = find(b"_EVT");
+        let test = [
+            0x7b,
+            0x60,
+            0x0a,
+            GED_EVENT_VMGENID,
+            0x61,
+            0x0a,
+            GED_EVENT_VMGENID,
+        ];
+        let t = find(&test);
+        assert!(evt < t && t < find(b"\x86\x5c\x2e_SB_VGEN"));
+        // The GUID lives in memory that the e820 map reserves.
+        let map = crate::layout::e820_map(128 << 20);
+        let covering: Vec<_> = map
+            .iter()
+            .filter(|e| e.addr <= VMGENID_ADDR && VMGENID_ADDR + 16 <= e.addr + e.size)
+            .collect();
+        assert_eq!(covering.len(), 1);
+        assert_eq!(covering[0].kind, crate::layout::E820Type::Reserved);
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        write_vm_generation_id(&mem, &[0xab; 16]).unwrap();
+        let mut back = [0u8; 16];
+        mem.read_slice(&mut back, GuestAddress(VMGENID_ADDR))
+            .unwrap();
+        assert_eq!(back, [0xab; 16]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! 0x0009_fc00  EBDA (reserved)
 //! 0x000e_0000  ACPI tables (RSDP first)
 //! 0x000f_0000  MP floating pointer and configuration table
+//! 0x000f_e000  VM generation ID: 16 bytes (a page of its own, in the reserved BIOS area)
 //! 0x0010_0000  kernel
 //!   ...        RAM; the initrd sits at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (3 GiB..4 GiB): devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
@@ -41,6 +42,9 @@ pub const ACPI_START: u64 = 0xe_0000;
 pub const ACPI_MAX_SIZE: u64 = 0x1_0000;
 pub const MPTABLE_START: u64 = 0xf_0000;
 pub const BIOS_END: u64 = 0x10_0000;
+/// The VM generation ID's 16 bytes (see `acpi::write_vm_generation_id`), inside the reserved
+/// `ACPI_START..BIOS_END` range of the e820 map.
+pub const VMGENID_ADDR: u64 = 0xf_e000;
 /// Where the kernel goes: the 1 MiB line.
 pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;

@@ -211,11 +211,6 @@ impl VmController for VmHandle {
     }
 
     fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
-        if req.disk_snapshot {
-            return Err(ApiError::not_implemented(
-                "not available yet: disk snapshots with the VM snapshot",
-            ));
-        }
         // A running VM is paused for the snapshot and resumed after; a paused one stays so.
         let was_paused = self.control.state() == RunState::Paused;
         if !was_paused {
@@ -223,7 +218,9 @@ impl VmController for VmHandle {
         }
         let t = lock(&self.transition);
         let taken = Instant::now();
-        let pending = self.machine.snapshot_unsynced(&req.dir, req.diff);
+        let pending = self
+            .machine
+            .snapshot_unsynced(&req.dir, req.diff, req.disk_snapshot);
         drop(t);
         if !was_paused {
             self.resume()?;
@@ -234,7 +231,7 @@ impl VmController for VmHandle {
             .map_err(|e| {
                 use crate::snapshot::SnapshotError as E;
                 match e {
-                    E::Dir { .. } => ApiError::bad_request(e.to_string()),
+                    E::Dir { .. } | E::Disks(_) => ApiError::bad_request(e.to_string()),
                     E::NoBase | E::Parent { .. } => ApiError::conflict(e.to_string()),
                     _ => ApiError::internal(e.to_string()),
                 }

@@ -59,7 +59,7 @@ pub enum Error {
 }
 
 /// A disk whose flushes are dropped (`cache=unsafe`).
-struct NoFlush(Box<dyn DiskBackend>);
+pub(crate) struct NoFlush(pub(crate) Box<dyn DiskBackend>);
 
 impl DiskBackend for NoFlush {
     fn size(&self) -> u64 {

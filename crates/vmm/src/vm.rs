@@ -95,9 +95,26 @@ pub struct Machine {
     /// The snapshot a diff snapshot builds on: the last one taken, or the one this VM was
     /// restored from.
     pub(crate) snapshot_base: Mutex<Option<crate::snapshot::SnapshotBase>>,
+    /// Each disk's image now: a disk snapshot moves the VM to a new overlay.
+    pub(crate) disk_paths: Mutex<Vec<PathBuf>>,
     /// Serves guest memory's missing pages (a userfaultfd restore). Last: it must outlive
     /// everything that may touch guest memory, device threads included.
     pub(crate) pager: Option<crate::snapshot::pager::Pager>,
+}
+
+impl Machine {
+    /// The configuration, with each disk's image as it is now.
+    pub(crate) fn config_now(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        for (d, p) in c
+            .disks
+            .iter_mut()
+            .zip(devices::bus::lock(&self.disk_paths).iter())
+        {
+            d.path = p.clone();
+        }
+        c
+    }
 }
 
 /// A VM that is built and ready to run.
@@ -115,6 +132,9 @@ pub struct Vm {
     power_on: Option<PowerOn>,
     /// Loaded from a snapshot: the devices start when the vCPUs do.
     restored: bool,
+    /// Restored from a snapshot with a new VM generation ID: the guest is notified when the
+    /// VM starts (a migrated VM keeps its ID).
+    new_generation: bool,
     /// How the migration that brought this VM here went (shown by the API afterwards).
     incoming: Option<api::types::MigrationStatus>,
 }
@@ -123,6 +143,22 @@ pub struct Vm {
 struct PowerOn {
     vm: hypervisor::VmState,
     vcpus: Vec<hypervisor::VcpuState>,
+}
+
+/// Writes a new random VM generation ID into guest memory (see `arch::acpi`).
+fn write_generation_id(mem: &GuestMem) -> Result<(), Error> {
+    use std::io::Read;
+    let mut id = [0u8; acpi::VMGENID_LEN];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(io("cannot read a random VM generation ID"))?;
+    acpi::write_vm_generation_id(mem, &id)?;
+    tracing::debug!("VM generation ID {}", hex(&id));
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
@@ -221,12 +257,26 @@ impl Vm {
                 None,
             ),
         };
+        // A disk snapshot: a fresh overlay on each frozen image, for this VM alone.
+        let overlays = crate::snapshot::disks::prepare_restore(
+            &snap.frozen_disks,
+            &mut snap.config.disks,
+            dir,
+        )
+        .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
         config.console = opts.console;
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let vm = Vm::create_restored(config, mem, pager, start, &snap)?;
+        let mut vm = Vm::create_restored(config, mem, pager, start, &snap).inspect_err(|_| {
+            crate::snapshot::disks::remove_overlays(&overlays);
+        })?;
+        // Every restore is another generation of the VM (clones must not share random
+        // state): a new ID in the (private) memory, announced when the VM starts. The guest's
+        // entropy: with a virtio-rng device its driver reads the host's anyway.
+        write_generation_id(&vm.machine.mem)?;
+        vm.new_generation = true;
         // The snapshot restored from is the base of this VM's diff snapshots (a version 1
         // file has no id to refer to it by).
         if !lineage.id.is_empty() {
@@ -372,6 +422,7 @@ impl Vm {
 
         Ok(Vm {
             machine: Arc::new(Machine {
+                disk_paths: Mutex::new(config.disks.iter().map(|d| d.path.clone()).collect()),
                 config,
                 vm_fd: vm,
                 mem,
@@ -394,6 +445,7 @@ impl Vm {
             boot: None,
             power_on,
             restored: false,
+            new_generation: false,
             incoming: None,
         })
     }
@@ -409,6 +461,7 @@ impl Vm {
         acpi::setup_reset_vector(mem)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
         let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
+        write_generation_id(mem)?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
         // on its command line instead (announcing both would make Linux probe each twice).
         let mut cmdline = config.cmdline.clone();
@@ -560,6 +613,13 @@ impl Vm {
 
         if self.restored {
             self.machine.resume_devices()?;
+        }
+        if std::mem::take(&mut self.new_generation) {
+            if let Err(e) = devices::bus::lock(&self.machine.acpi_pm)
+                .press_power_button(acpi::GED_EVENT_VMGENID)
+            {
+                tracing::warn!("cannot notify the guest of its new generation ID: {e}");
+            }
         }
         let handle = Arc::new_cyclic(|me| {
             crate::api::VmHandle::new(

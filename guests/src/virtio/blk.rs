@@ -27,13 +27,19 @@ const COUNT: u64 = 8;
 const ID_BYTES: usize = 20;
 const TIMEOUT_US: u64 = 10_000_000;
 
-/// The byte at `offset` of the test pattern of `sector`: the text
-/// `vessel virtio-blk sector <N>\n`, then a xorshift stream seeded by the
-/// sector number.
+/// The test pattern of `sector`: the text `vessel virtio-blk sector <N>\n`,
+/// then a xorshift stream seeded by the sector number.
 fn pattern(sector: u64, out: &mut [u8]) {
+    stamp(b"vessel virtio-blk sector ", sector, out)
+}
+
+/// `prefix`, `number` in decimal and a newline, then a xorshift stream
+/// seeded by `number`.
+fn stamp(prefix: &[u8], number: u64, out: &mut [u8]) {
+    let sector = number;
     let mut text = [0u8; 48];
     let mut n = 0;
-    for &b in b"vessel virtio-blk sector " {
+    for &b in prefix {
         text[n] = b;
         n += 1;
     }
@@ -70,7 +76,7 @@ fn pattern(sector: u64, out: &mut [u8]) {
 
 struct Disk<'a> {
     t: &'a Transport,
-    q: Queue,
+    q: &'a mut Queue,
     header: u64,
     status: u64,
 }
@@ -91,6 +97,13 @@ impl Disk<'_> {
         self.q.kick(self.t);
         self.q.wait_used(TIMEOUT_US).ok_or("request timed out")?;
         Ok(dma::read8(self.status))
+    }
+
+    fn flush(&mut self) -> Result<(), &'static str> {
+        match self.request(T_FLUSH, 0, None)? {
+            S_OK => Ok(()),
+            _ => Err("flush failed"),
+        }
     }
 
     fn write(&mut self, sector: u64, buf: u64, sectors: u64) -> Result<(), &'static str> {
@@ -134,7 +147,7 @@ fn check_pattern(buf: u64, first: u64, sectors: u64) -> bool {
 pub fn test(t: &mut Transport) -> Result<(), &'static str> {
     let features = t.begin(F_FLUSH | F_RO)?;
     let capacity = t.config_read64(0);
-    let q = Queue::new(t, 0)?;
+    let mut q = Queue::new(t, 0)?;
     t.ready();
     let header = dma::alloc(16, 16)?;
     let status = dma::alloc(16, 16)?;
@@ -143,7 +156,7 @@ pub fn test(t: &mut Transport) -> Result<(), &'static str> {
     let id = dma::alloc(ID_BYTES as u64, 16)?;
     let mut disk = Disk {
         t,
-        q,
+        q: &mut q,
         header,
         status,
     };
@@ -159,8 +172,8 @@ pub fn test(t: &mut Transport) -> Result<(), &'static str> {
         disk.write(FIRST, out, COUNT)?;
         fill_pattern(out, last, 1);
         disk.write(last, out, 1)?;
-        if flush && disk.request(T_FLUSH, 0, None)? != S_OK {
-            return Err("flush failed");
+        if flush {
+            disk.flush()?;
         }
         disk.read(FIRST, back, COUNT)?;
         if !check_pattern(back, FIRST, COUNT) {
@@ -195,4 +208,117 @@ pub fn test(t: &mut Transport) -> Result<(), &'static str> {
         crate::Bytes(&serial[..serial_len])
     );
     Ok(())
+}
+
+/// The sectors `soakdisk=on` writes: a ring of [`SOAK_RING`] from
+/// [`SOAK_FIRST`].
+const SOAK_FIRST: u64 = 64;
+const SOAK_RING: u64 = 8;
+const SOAK_TEXT: &[u8] = b"vessel soak disk step ";
+
+/// `soakdisk=on`: step `j` of the soak's BSP reads sector
+/// `SOAK_FIRST + j % SOAK_RING`, checks that it holds what step `j - SOAK_RING`
+/// wrote (from the second round on), then writes step `j`'s stamp there and
+/// flushes. The step counter lives in guest memory, so a VM restored with a
+/// disk that does not match its memory (newer or older content) fails the
+/// check within one round.
+pub struct SoakDisk {
+    t: Transport,
+    q: Queue,
+    header: u64,
+    status: u64,
+    buf: u64,
+    flush: bool,
+    step: u64,
+}
+
+/// What a soak disk step found wrong.
+pub enum SoakError {
+    /// The sector does not hold the expected stamp; what it holds instead
+    /// (another step's stamp) if recognisable.
+    Mismatch {
+        step: u64,
+        sector: u64,
+        found: Option<u64>,
+    },
+    Io(&'static str),
+}
+
+impl SoakDisk {
+    /// Sets up the device behind `t` again (DMA memory must be initialised).
+    pub fn start(mut t: Transport) -> Result<SoakDisk, &'static str> {
+        let features = t.begin(F_FLUSH | F_RO)?;
+        if features & F_RO != 0 {
+            return Err("read-only disk");
+        }
+        if t.config_read64(0) < SOAK_FIRST + SOAK_RING {
+            return Err("disk too small for soakdisk=on");
+        }
+        let q = Queue::new(&mut t, 0)?;
+        t.ready();
+        Ok(SoakDisk {
+            header: dma::alloc(16, 16)?,
+            status: dma::alloc(16, 16)?,
+            buf: dma::alloc(SECTOR as u64, 4096)?,
+            flush: features & F_FLUSH != 0,
+            t,
+            q,
+            step: 0,
+        })
+    }
+
+    /// Steps done.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One step (see [`SoakDisk`]).
+    pub fn step(&mut self) -> Result<(), SoakError> {
+        let j = self.step;
+        let sector = SOAK_FIRST + j % SOAK_RING;
+        let (buf, flush) = (self.buf, self.flush);
+        let mut disk = Disk {
+            t: &self.t,
+            q: &mut self.q,
+            header: self.header,
+            status: self.status,
+        };
+        let result = (|| {
+            disk.read(sector, buf, 1).map_err(SoakError::Io)?;
+            if j >= SOAK_RING {
+                let mut want = [0u8; SECTOR];
+                let mut got = [0u8; SECTOR];
+                stamp(SOAK_TEXT, j - SOAK_RING, &mut want);
+                dma::read_bytes(buf, &mut got);
+                if want != got {
+                    return Err(SoakError::Mismatch {
+                        step: j,
+                        sector,
+                        found: stamped(SOAK_TEXT, &got),
+                    });
+                }
+            }
+            let mut out = [0u8; SECTOR];
+            stamp(SOAK_TEXT, j, &mut out);
+            dma::write_bytes(buf, &out);
+            disk.write(sector, buf, 1).map_err(SoakError::Io)?;
+            if flush {
+                disk.flush().map_err(SoakError::Io)?;
+            }
+            Ok(())
+        })();
+        result?;
+        self.step += 1;
+        Ok(())
+    }
+}
+
+/// The number of a stamp with `prefix` that `sector` holds in full.
+fn stamped(prefix: &[u8], sector: &[u8; SECTOR]) -> Option<u64> {
+    let rest = sector.strip_prefix(prefix)?;
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    let n = crate::cmdline::parse_number(&rest[..end])?;
+    let mut want = [0u8; SECTOR];
+    stamp(prefix, n, &mut want);
+    (&want == sector).then_some(n)
 }

@@ -20,6 +20,8 @@ mod queue;
 mod rng;
 mod vsock;
 
+pub use blk::{SoakDisk, SoakError};
+
 use core::fmt;
 
 use crate::bootinfo::{BootInfo, E820_RAM};
@@ -187,8 +189,14 @@ fn kind_of(device_type: u32) -> Option<usize> {
 }
 
 /// Find the devices, test those selected and print one line per device.
-/// Returns false if anything failed (the `FAIL:` lines are printed).
-pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -> bool {
+/// Returns false if anything failed (the `FAIL:` lines are printed), and with
+/// `soakdisk=on` the first virtio-blk disk tested, for [`soak_disk`].
+pub fn run(
+    info: &BootInfo,
+    opts: &Options,
+    rsdp: Option<u64>,
+    free_from: u64,
+) -> (bool, Option<Transport>) {
     // The device type a benchmark runs on (bit of `virtio=`), if any.
     let bench_bit = match opts.bench.kind {
         BenchKind::None => 0,
@@ -196,7 +204,7 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
         BenchKind::Net => 1 << 2,
     };
     let only = match opts.virtio {
-        VirtioSel::Off => return true,
+        VirtioSel::Off => return (true, None),
         VirtioSel::Only(mask) => mask | bench_bit,
         // A benchmark alone, unless `virtio=` asks for more.
         VirtioSel::Default if bench_bit != 0 => bench_bit,
@@ -244,6 +252,7 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
     }
 
     let mut ok = true;
+    let mut soak_disk = None;
     let mut tested = 0u8;
     let mut arena_ready = false;
     let window_start = opts.pci_window.max(ram_end(info));
@@ -266,7 +275,7 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
                 Some((start, len)) => dma::init(start, len),
                 None => {
                     println!("FAIL: virtio: no memory for the queues");
-                    return false;
+                    return (false, None);
                 }
             }
             arena_ready = true;
@@ -308,6 +317,9 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
         }
         // Stop the device from touching its queues and buffers.
         let _ = t.reset();
+        if opts.soak_disk && kind == 0 && !bench_this && soak_disk.is_none() {
+            soak_disk = Some(t);
+        }
     }
 
     if bench_bit != 0 && !benched {
@@ -327,7 +339,16 @@ pub fn run(info: &BootInfo, opts: &Options, rsdp: Option<u64>, free_from: u64) -
         }
         _ => {}
     }
-    ok
+    (ok, soak_disk)
+}
+
+/// `soakdisk=on`: the disk behind `t` set up again for the soak, with its
+/// own DMA memory at or above `free_from` (past the soak's work buffers).
+pub fn soak_disk(info: &BootInfo, t: Transport, free_from: u64) -> Result<SoakDisk, &'static str> {
+    let (start, len) =
+        arena(info, free_from, dma::ARENA_BYTES).ok_or("no memory for the queues")?;
+    dma::init(start, len);
+    SoakDisk::start(t)
 }
 
 /// End of the highest usable RAM below 4 GiB (BARs are never assigned

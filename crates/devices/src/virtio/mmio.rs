@@ -361,6 +361,12 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// The device behind the transport, to change its backend while it is paused (a disk
+    /// snapshot switches a block device's disk).
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// Whether the driver has set `DRIVER_OK` and the device runs.
     pub fn is_active(&self) -> bool {
         self.active

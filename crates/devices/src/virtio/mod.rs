@@ -258,6 +258,12 @@ pub trait VirtioDevice: Send {
     /// first. Nothing on a running or inactive device.
     fn resume(&mut self) -> Result<(), ActivateError>;
 
+    /// The block device behind this one, if it is one (to switch its disk during a disk
+    /// snapshot, see [`self::block::Block::replace_disk`]).
+    fn as_block_mut(&mut self) -> Option<&mut self::block::Block> {
+        None
+    }
+
     /// The device's own state (see [`DeviceSpecificState`]); take it while paused.
     fn device_state(&self) -> DeviceSpecificState {
         DeviceSpecificState::None

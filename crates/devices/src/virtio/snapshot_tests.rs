@@ -289,6 +289,48 @@ fn block_pause_waits_for_requests_in_flight_on_an_async_engine() {
     assert!((0..6).all(|n| blk_status(&m, n) == VIRTIO_BLK_S_OK));
 }
 
+#[test]
+fn block_disk_switched_while_paused_takes_the_writes_after() {
+    for engine in [EngineKind::Sync, EngineKind::Threads] {
+        let m = mem();
+        let old = GatedDisk::new(1 << 20);
+        let new = GatedDisk::new(1 << 20);
+        let (mut t, _irq) = mmio_transport(&m, block_device_with(&old, engine));
+        let mut q = TestQueue::new(&m, 64);
+        let features = t.device().features();
+        mmio_start(&mut t, features, &[(0, &q)]);
+        blk_write(&m, &mut q, 0);
+        mmio_notify(&mut t, 0);
+        q.wait_used(1);
+        fn block(t: &mut MmioTransport) -> &mut Block {
+            t.device_mut().as_block_mut().unwrap()
+        }
+        // Running: refused, nothing changes.
+        let running = block(&mut t).replace_disk(new.clone());
+        assert!(running.is_err(), "switched a running device");
+        t.pause();
+        // Another size: refused.
+        let small = GatedDisk::new(1 << 19);
+        assert!(block(&mut t).replace_disk(small).is_err());
+        let was = block(&mut t).replace_disk(new.clone()).unwrap();
+        assert!(Arc::ptr_eq(
+            &was,
+            &(old.clone() as Arc<dyn ::block::DiskBackend>)
+        ));
+        drop(was);
+        t.resume().unwrap();
+        blk_write(&m, &mut q, 1);
+        mmio_notify(&mut t, 0);
+        q.wait_used(2);
+        assert_eq!(blk_status(&m, 1), VIRTIO_BLK_S_OK);
+        assert_eq!(old.writes_done.load(Ordering::SeqCst), 1, "{engine}");
+        assert_eq!(new.writes_done.load(Ordering::SeqCst), 1, "{engine}");
+        let mut b = [0u8; 512];
+        ::block::DiskBackend::read_at(&*new, &mut b, 512).unwrap();
+        assert_eq!(b, [2u8; 512]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // virtio-net
 

@@ -215,6 +215,14 @@ impl<S: WorkerLoop> DeviceThread<S> {
         }
     }
 
+    /// The state of a paused thread, to change it before [`DeviceThread::resume`].
+    pub fn paused_state_mut(&mut self) -> Option<&mut S> {
+        match &mut self.run {
+            Run::Paused(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// Stop the thread and drop its state.
     pub fn stop(&mut self) {
         self.pause();

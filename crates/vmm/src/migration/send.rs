@@ -181,7 +181,7 @@ pub fn send(
         magic: protocol::MAGIC.to_string(),
         version: protocol::VERSION,
         vessel_version: env!("CARGO_PKG_VERSION").to_string(),
-        config: serde_json::to_value(&m.config)
+        config: serde_json::to_value(m.config_now())
             .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
     };
     protocol::write_json(&mut stream, Tag::Hello, &hello)?;

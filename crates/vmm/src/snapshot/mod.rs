@@ -13,6 +13,7 @@
 //! the base as its parent in the state file's header ([`format::Lineage`]); restoring follows
 //! the parents ([`resolve_chain`]) and maps the files over one another.
 
+pub mod disks;
 pub mod format;
 pub mod memory;
 pub mod pager;
@@ -68,6 +69,8 @@ pub enum SnapshotError {
         child: String,
         why: String,
     },
+    #[error("disk snapshot: {0}")]
+    Disks(#[from] disks::DiskSnapshotError),
 }
 
 /// The virtio devices, by transport.
@@ -91,6 +94,10 @@ pub struct VmSnapshot {
     pub vm: hypervisor::VmState,
     pub legacy: LegacyState,
     pub virtio: VirtioState,
+    /// With a disk snapshot: the images frozen at the snapshot's instant (their paths are the
+    /// disks' in `config`); a restore opens a fresh overlay on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen_disks: Vec<disks::FrozenDisk>,
 }
 
 /// A snapshot whose files are written but not yet synced: [`Machine::finish_snapshot`] once
@@ -184,12 +191,13 @@ impl Machine {
             ),
         };
         Ok(VmSnapshot {
-            config: self.config.clone(),
+            config: self.config_now(),
             memory,
             vcpus,
             vm,
             legacy,
             virtio,
+            frozen_disks: Vec::new(),
         })
     }
 
@@ -197,11 +205,14 @@ impl Machine {
     /// up to the point where the VM may run again: all used memory, or with `diff` only the
     /// pages written since the base snapshot. Every vCPU must be parked; the device threads
     /// are paused meanwhile and go on after. The caller resumes the vCPUs and then calls
-    /// [`Machine::finish_snapshot`] (the sync is off the pause).
+    /// [`Machine::finish_snapshot`] (the sync is off the pause). With `disk_snapshot`, the
+    /// writable disks are frozen at the same instant and the VM goes on with new overlays
+    /// (see [`disks`]).
     pub fn snapshot_unsynced(
         &self,
         dir: &Path,
         diff: bool,
+        disk_snapshot: bool,
     ) -> Result<PendingSnapshot, SnapshotError> {
         let bad_dir = |why: String| SnapshotError::Dir {
             path: dir.display().to_string(),
@@ -227,6 +238,11 @@ impl Machine {
         if parent.as_ref().is_some_and(|p| p.dir == dir) {
             return Err(bad_dir("it holds the base snapshot".to_string()));
         }
+        let planned = if disk_snapshot {
+            disks::plan(&self.config_now().disks, &dir)?
+        } else {
+            Vec::new()
+        };
         // Memory a pager still serves: a full snapshot's scan sees resident pages only (a
         // diff reads only pages written since its base, which are resident).
         if !diff {
@@ -236,9 +252,16 @@ impl Machine {
         self.pause_devices();
         let mut taken = None;
         let result = (|| {
+            // Disks first: an image that cannot be frozen fails the snapshot before memory is
+            // written.
+            let frozen = self.freeze_disks(&planned)?;
             // The vCPUs' state first: their TSCs go on while memory is written, and the
             // restored guest should not see that time pass.
-            let state = self.state(memory::layout_of(&self.mem))?;
+            let mut state = self.state(memory::layout_of(&self.mem))?;
+            for f in &frozen {
+                state.config.disks[f.index].path = f.path.clone();
+            }
+            state.frozen_disks = frozen;
             let path = dir.join(MEMORY_FILE);
             let (regions, stats, unsynced) = if diff {
                 let pages = self

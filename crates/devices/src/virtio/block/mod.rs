@@ -76,6 +76,8 @@ pub enum BlockError {
     Engine(String),
     #[error("rate limit: {0}")]
     RateLimit(String),
+    #[error("cannot switch the disk: {0}")]
+    Replace(String),
 }
 
 /// Options of a block device.
@@ -217,6 +219,11 @@ impl Block {
         })
     }
 
+    /// The disk served.
+    pub fn disk(&self) -> &Arc<dyn DiskBackend> {
+        &self.disk
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.disk.size() / SECTOR_SIZE
@@ -253,6 +260,79 @@ impl Block {
             }
             Err(e) => Err(ActivateError::Worker(std::io::Error::other(e))),
         }
+    }
+
+    /// Switches the device to `disk` (a disk snapshot's new overlay, with the same size and
+    /// read-only-ness) while it is paused or inactive: the old disk is flushed first, then each
+    /// queue gets an engine on the new one (io_uring falls back to threads when the new disk is
+    /// not a raw file). Returns the old disk; on an error nothing changed.
+    pub fn replace_disk(
+        &mut self,
+        disk: Arc<dyn DiskBackend>,
+    ) -> Result<Arc<dyn DiskBackend>, BlockError> {
+        let bad = |s: String| BlockError::Replace(s);
+        if disk.size() != self.disk.size() || disk.read_only() != self.disk.read_only() {
+            return Err(bad(format!(
+                "the new disk has {} bytes{}, the old one {} bytes{}",
+                disk.size(),
+                if disk.read_only() { " (read-only)" } else { "" },
+                self.disk.size(),
+                if self.disk.read_only() {
+                    " (read-only)"
+                } else {
+                    ""
+                },
+            )));
+        }
+        if self.workers.iter().any(|w| !w.is_paused()) {
+            return Err(bad("the device is running; pause it first".to_string()));
+        }
+        self.disk.flush().map_err(|e| bad(e.to_string()))?;
+        let uring = engine::uring::available();
+        let engine = match engine::resolve(self.requested_engine, &*disk, uring) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("virtio-blk: {e}; using engine=threads on the new disk");
+                EngineKind::Threads
+            }
+        };
+        // An inactive device makes its pool when it is activated.
+        let inactive = self.workers.is_empty() && self.pool.is_none();
+        let pool = if inactive || engine == EngineKind::Sync {
+            None
+        } else {
+            Some(
+                ThreadPool::new(disk.clone(), POOL_THREADS, "virtio-blk")
+                    .map_err(|e| bad(e.to_string()))?,
+            )
+        };
+        // Build every queue's engine before touching any worker.
+        let mut engines = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let setup = EngineSetup {
+                kind: engine,
+                disk: &disk,
+                mem: w.mem(),
+                pool: pool.as_ref(),
+                depth: w.queue_size(),
+            };
+            engines.push(engine::build(setup).map_err(|e| bad(e.to_string()))?);
+        }
+        let parser = Parser::new(&*disk, self.acked, self.id);
+        for (w, e) in self.workers.iter_mut().zip(engines) {
+            // Paused with nothing in flight (checked above, pause drains): cannot fail but for
+            // epoll, which would leave that queue on the old disk.
+            w.replace_engine(e, parser.clone())
+                .map_err(|e| bad(format!("queue {}: {e}", w.index())))?;
+        }
+        self.pool = pool;
+        self.engine = engine;
+        tracing::debug!(
+            "virtio-blk: switched to a {} disk of {} bytes, engine {engine}",
+            disk.format(),
+            disk.size()
+        );
+        Ok(std::mem::replace(&mut self.disk, disk))
     }
 
     fn serial(&self) -> String {
@@ -370,6 +450,10 @@ impl VirtioDevice for Block {
             w.resume().map_err(|e| ActivateError::Worker(e.into()))?;
         }
         Ok(())
+    }
+
+    fn as_block_mut(&mut self) -> Option<&mut Block> {
+        Some(self)
     }
 
     fn device_state(&self) -> DeviceSpecificState {

@@ -445,6 +445,7 @@ impl WorkerLoop for BlockServing {
 pub(crate) struct BlockWorker {
     index: u16,
     queue: Arc<Mutex<Queue>>,
+    mem: GuestMem,
     thread: DeviceThread<BlockServing>,
 }
 
@@ -460,6 +461,7 @@ impl BlockWorker {
         bq: BlockQueue,
     ) -> Result<BlockWorker, WorkerError> {
         let queue = bq.queue.clone();
+        let mem = bq.mem.clone();
         let thread = DeviceThread::spawn(name, move |stop| {
             let epoll = Epoll::new().map_err(WorkerError::Epoll)?;
             let mut fds = vec![
@@ -496,6 +498,7 @@ impl BlockWorker {
         Ok(BlockWorker {
             index,
             queue,
+            mem,
             thread,
         })
     }
@@ -514,6 +517,55 @@ impl BlockWorker {
     /// state).
     pub(crate) fn pause(&mut self) {
         self.thread.pause();
+    }
+
+    /// The guest memory the queue's requests point into.
+    pub(crate) fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The queue's size (the most requests in flight).
+    pub(crate) fn queue_size(&self) -> u16 {
+        lock(&self.queue).size()
+    }
+
+    /// Whether the worker's thread is paused.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.thread.is_paused()
+    }
+
+    /// Give a paused worker another engine and parser (the disk was switched, see
+    /// [`super::Block::replace_disk`]); the old engine is dropped here. Refused while the
+    /// thread runs or requests are in flight.
+    pub(crate) fn replace_engine(
+        &mut self,
+        engine: Box<dyn Engine>,
+        parser: Parser,
+    ) -> io::Result<()> {
+        let s = self
+            .thread
+            .paused_state_mut()
+            .ok_or_else(|| io::Error::other("the queue worker is not paused"))?;
+        if s.bq.in_flight() > 0 {
+            return Err(io::Error::other(format!(
+                "{} requests still in flight",
+                s.bq.in_flight()
+            )));
+        }
+        if let Some(fd) = s.bq.completion_fd() {
+            s.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())?;
+        }
+        s.bq.engine = engine;
+        s.bq.parser = parser;
+        if let Some(fd) = s.bq.completion_fd() {
+            s.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TOKEN_COMPLETION),
+            )?;
+        }
+        Ok(())
     }
 
     /// Serve again after [`BlockWorker::pause`].
