@@ -28,7 +28,8 @@ use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 pub use crate::layout::VMGENID_ADDR;
 use crate::layout::{ACPI_MAX_SIZE, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
@@ -400,7 +401,7 @@ pub const RESET_VECTOR: u64 = 0xf_fff0;
 
 /// Puts a tiny firmware at [`RESET_VECTOR`] that resets the machine through the ACPI reset
 /// register: `mov dx, PM_BASE+PM_RESET; mov al, RESET_VALUE; out dx, al; hlt; jmp $-1`.
-pub fn setup_reset_vector(mem: &GuestMemoryMmap) -> Result<(), Error> {
+pub fn setup_reset_vector(mem: &GuestMem) -> Result<(), Error> {
     let [lo, hi] = (PM_BASE + PM_RESET).to_le_bytes();
     let code = [0xba, lo, hi, 0xb0, RESET_VALUE, 0xee, 0xf4, 0xeb, 0xfd];
     mem.write_slice(&code, GuestAddress(RESET_VECTOR))
@@ -408,24 +409,20 @@ pub fn setup_reset_vector(mem: &GuestMemoryMmap) -> Result<(), Error> {
 }
 
 /// Writes a VM generation ID (16 random bytes) at [`VMGENID_ADDR`].
-pub fn write_vm_generation_id(mem: &GuestMemoryMmap, id: &[u8; VMGENID_LEN]) -> Result<(), Error> {
+pub fn write_vm_generation_id(mem: &GuestMem, id: &[u8; VMGENID_LEN]) -> Result<(), Error> {
     mem.write_slice(id, GuestAddress(VMGENID_ADDR))
         .map_err(Error::Write)
 }
 
 /// Writes the ACPI tables for `cpus` vCPUs and the `mmio` virtio devices and returns the RSDP's
 /// address.
-pub fn setup_acpi(
-    mem: &GuestMemoryMmap,
-    cpus: u32,
-    mmio: &[MmioDevice],
-) -> Result<GuestAddress, Error> {
+pub fn setup_acpi(mem: &GuestMem, cpus: u32, mmio: &[MmioDevice]) -> Result<GuestAddress, Error> {
     setup_acpi_with_pci(mem, cpus, mmio, None)
 }
 
 /// [`setup_acpi`], plus a PCI host bridge (in the DSDT, and an MCFG) if `pci` is given.
 pub fn setup_acpi_with_pci(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     cpus: u32,
     mmio: &[MmioDevice],
     pci: Option<&PciHostBridge>,
@@ -480,7 +477,7 @@ mod tests {
 
     #[test]
     fn reset_vector_writes_the_reset_register() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         setup_reset_vector(&mem).unwrap();
         let mut code = [0u8; 9];
         mem.read_slice(&mut code, GuestAddress(RESET_VECTOR))
@@ -493,7 +490,7 @@ mod tests {
         b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
     }
 
-    fn table_at(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+    fn table_at(mem: &GuestMem, addr: u64) -> Vec<u8> {
         let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
         let mut t = vec![0u8; len as usize];
         mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
@@ -564,7 +561,7 @@ mod tests {
             .collect();
         assert_eq!(covering.len(), 1);
         assert_eq!(covering[0].kind, crate::layout::E820Type::Reserved);
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         write_vm_generation_id(&mem, &[0xab; 16]).unwrap();
         let mut back = [0u8; 16];
         mem.read_slice(&mut back, GuestAddress(VMGENID_ADDR))
@@ -574,7 +571,7 @@ mod tests {
 
     #[test]
     fn tables_link_up_with_valid_checksums() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mmio = [MmioDevice {
             base: 0xd000_0000,
             size: 0x1000,
@@ -629,7 +626,7 @@ mod tests {
 
     #[test]
     fn pci_host_bridge_and_mcfg() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let pci = PciHostBridge::standard();
         assert_eq!(pci.last_bus, 0);
         let rsdp = setup_acpi_with_pci(&mem, 2, &[], Some(&pci)).unwrap();
@@ -664,7 +661,7 @@ mod tests {
         assert!(has(&[0x41, 0xd0, 0x0a, 0x08]) && has(&[0x41, 0xd0, 0x0a, 0x03]));
         assert!(has(&(crate::layout::PCI_MMIO_BASE as u32).to_le_bytes()));
         // Without PCI: no MCFG, no PCI0.
-        let mem2 = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem2 = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         setup_acpi(&mem2, 2, &[]).unwrap();
         let x2: u64 = mem2.read_obj(GuestAddress(ACPI_START + 24)).unwrap();
         assert_eq!(table_at(&mem2, x2).len(), 36 + 16);
@@ -672,7 +669,7 @@ mod tests {
 
     #[test]
     fn the_largest_vm_fits() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mmio: Vec<MmioDevice> = (0..9)
             .map(|i| MmioDevice {
                 base: 0xd000_0000 + i * 0x1000,

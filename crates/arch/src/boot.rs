@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use guestmem::GuestMem;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -17,7 +18,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 use crate::regs::BootProtocol;
@@ -107,7 +108,7 @@ fn probe(file: &mut File) -> std::io::Result<Option<Format>> {
 /// Loads the kernel, initrd and command line into `mem` and writes the boot-protocol structures.
 /// `rsdp` is where the ACPI tables start, if the VM has them.
 pub fn load(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mem_size: u64,
     spec: &KernelSpec,
     rsdp: Option<GuestAddress>,
@@ -190,7 +191,7 @@ pub fn load(
 
 /// Loads the initrd at the top of low RAM, page-aligned, and returns (address, size).
 fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mem_size: u64,
     path: &Path,
     kernel_end: u64,
@@ -226,7 +227,7 @@ fn load_initrd(
 }
 
 fn write_zero_page(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     hdr: Option<setup_header>,
     cmdline_len: u32,
     initrd: Option<(u64, u64)>,
@@ -265,7 +266,7 @@ fn write_zero_page(
 }
 
 fn write_start_info(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     initrd: Option<(u64, u64)>,
     e820: &[E820Entry],
     rsdp: Option<GuestAddress>,
@@ -313,8 +314,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn mem(size: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&ram_ranges(size)).unwrap()
+    fn mem(size: u64) -> GuestMem {
+        GuestMem::from_ranges(&ram_ranges(size)).unwrap()
     }
 
     fn temp(name: &str, bytes: &[u8]) -> PathBuf {

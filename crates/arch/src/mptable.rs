@@ -1,7 +1,8 @@
 //! The Intel MultiProcessor Specification 1.4 table: how guests without ACPI find their CPUs,
 //! the IOAPIC and the ISA interrupt routing.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{IOAPIC_ADDR, LAPIC_ADDR, MPTABLE_START};
 
@@ -74,7 +75,7 @@ fn entries(cpus: u32) -> (Vec<u8>, u16) {
 }
 
 /// Writes the MP floating pointer and configuration table at [`MPTABLE_START`].
-pub fn setup_mptable(mem: &GuestMemoryMmap, cpus: u32) -> Result<(), Error> {
+pub fn setup_mptable(mem: &GuestMem, cpus: u32) -> Result<(), Error> {
     if cpus == 0 || cpus > crate::MAX_VCPUS {
         return Err(Error::TooManyCpus(cpus));
     }
@@ -117,7 +118,7 @@ mod tests {
 
     #[test]
     fn table_checksums_and_counts() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         setup_mptable(&mem, 4).unwrap();
         let mut fp = [0u8; 16];
         mem.read_slice(&mut fp, GuestAddress(MPTABLE_START))

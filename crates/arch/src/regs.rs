@@ -1,8 +1,9 @@
 //! Boot-time vCPU state: general and segment registers for each boot protocol, the boot GDT and
 //! identity page tables, FPU, MSRs and the LAPIC's local interrupt pins.
 
+use guestmem::GuestMem;
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 
@@ -79,7 +80,7 @@ fn gdt(protocol: BootProtocol) -> [u64; 4] {
 }
 
 fn write<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     val: T,
     addr: u64,
     what: &'static str,
@@ -91,7 +92,7 @@ fn write<T: vm_memory::ByteValued>(
 /// Writes the GDT (and an empty IDT) and returns the special registers for `protocol`.
 /// For Linux64 it also writes the identity page tables covering the first 4 GiB (2 MiB pages).
 pub fn setup_sregs(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     protocol: BootProtocol,
     mut sregs: kvm_sregs,
 ) -> Result<kvm_sregs, Error> {
@@ -138,7 +139,7 @@ pub fn setup_sregs(
 }
 
 /// Identity-maps 0..4 GiB with 2 MiB pages (1 GiB pages are not universally supported).
-fn setup_page_tables(mem: &GuestMemoryMmap) -> Result<(), Error> {
+fn setup_page_tables(mem: &GuestMem) -> Result<(), Error> {
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
     write(mem, PDPT_START | PRESENT_RW, PML4_START, "page tables")?;
@@ -259,8 +260,8 @@ pub fn set_lint(lapic: &mut kvm_lapic_state) {
 mod tests {
     use super::*;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn mem() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
     #[test]

@@ -15,11 +15,10 @@
 //!   (`get_host_address`) bypass it. Page-sized bits match KVM's, so [`DirtyBitmap::merge`]
 //!   ORs the two.
 //!
-//! Vessel's guest memory is `GuestMemoryMmap` (no bitmap) today; the functions here are generic
-//! over the bitmap type, so switching the VM's memory to [`TrackedMemory`] (created with
-//! `TrackedMemory::from_ranges`, exactly like the untracked one) is a type change in the
-//! layers that name it. Until then, a dirty-page copy must treat every page a device may have
-//! written as dirty (or pause the devices and copy their queues' memory wholesale).
+//! Vessel's guest memory is [`TrackedMemory`] (`guestmem::GuestMem`) everywhere; the few
+//! writes that bypass vm-memory (io_uring reads into guest buffers, `madvise` discards) mark
+//! their pages with `guestmem::mark_dirty`. `vmm::dirty` owns both logs and shares them
+//! between their consumers (diff snapshots, migration).
 
 use std::ops::Deref;
 
@@ -31,7 +30,7 @@ use crate::mem::PAGE_SIZE;
 use crate::{op, Result, Vm};
 
 /// Guest memory that also logs the VMM's own writes (see the module documentation).
-pub type TrackedMemory = GuestMemoryMmap<AtomicBitmap>;
+pub type TrackedMemory = guestmem::GuestMem;
 
 /// The dirty pages of one memory region (one KVM slot): bit `i` of word `i / 64` is the page at
 /// `start + i * 4 KiB`.

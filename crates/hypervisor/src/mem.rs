@@ -7,9 +7,9 @@
 
 use std::io;
 
+use guestmem::GuestMem;
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 /// Granularity of [`discard`].
@@ -22,7 +22,7 @@ pub enum MemError {
     Unaligned { addr: u64, len: u64 },
     #[error("range {addr:#x}+{len:#x} is not in guest memory")]
     OutsideMemory { addr: u64, len: u64 },
-    #[error("madvise of {addr:#x}+{len:#x}: {source}")]
+    #[error("madvise or mmap of {addr:#x}+{len:#x}: {source}")]
     Madvise {
         addr: u64,
         len: u64,
@@ -36,7 +36,7 @@ pub enum MemError {
 /// longer counts in the VMM's resident memory; the guest faults fresh pages in on its next
 /// touch. Anonymous private memory gets `MADV_DONTNEED`, file-backed (shared) memory
 /// `MADV_REMOVE`, which also frees the file's blocks.
-pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), MemError> {
+pub fn discard(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<(), MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -83,6 +83,8 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
                 source: io::Error::last_os_error(),
             });
         }
+        // The pages changed (to zeroes, or the file's contents) behind vm-memory's back.
+        guestmem::mark_dirty(mem, GuestAddress(at), n);
         at += n;
     }
     Ok(())
@@ -91,7 +93,7 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
 /// Faults in the guest-physical range `addr..addr+len` (page aligned, inside one region) for
 /// writing, so that the guest finds it resident (private file mappings get their copies now):
 /// `MADV_POPULATE_WRITE` (Linux 5.14); returns false where the kernel lacks it.
-pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<bool, MemError> {
+pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -126,14 +128,69 @@ pub fn populate(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<b
     })
 }
 
+/// Maps `len` bytes of `file` from `offset` privately over the guest-physical range
+/// `addr..addr+len` (page aligned, inside one region), replacing what was mapped there: the
+/// range reads as the file from now on, pages come in on first touch, and the guest's writes
+/// stay private (the file is never written). For restoring a chain of diff snapshots over
+/// the mapping of its full snapshot.
+pub fn map_file_over(
+    mem: &GuestMem,
+    addr: GuestAddress,
+    len: u64,
+    file: &std::fs::File,
+    offset: u64,
+) -> Result<(), MemError> {
+    use std::os::fd::AsRawFd;
+    let raw = addr.raw_value();
+    if !raw.is_multiple_of(PAGE_SIZE)
+        || !len.is_multiple_of(PAGE_SIZE)
+        || !offset.is_multiple_of(PAGE_SIZE)
+    {
+        return Err(MemError::Unaligned { addr: raw, len });
+    }
+    let outside = || MemError::OutsideMemory { addr: raw, len };
+    let region = mem.find_region(addr).ok_or_else(outside)?;
+    let region_offset = raw - region.start_addr().raw_value();
+    if region.len() - region_offset < len {
+        return Err(outside());
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let host = region
+        .get_host_address(MemoryRegionAddress(region_offset))
+        .map_err(|_| outside())?;
+    let file_offset = libc::off_t::try_from(offset).map_err(|_| outside())?;
+    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked against the
+    // region above), which stays mapped while `mem` is borrowed; MAP_FIXED replaces exactly
+    // those pages with a private mapping of the same size and protection, so the region's
+    // own unmap later covers it too. Guest memory is never behind a Rust reference, only
+    // accessed through vm-memory's volatile copies, so changing its contents breaks no Rust
+    // invariant. The kernel keeps its own reference to `file` for the new mapping.
+    let r = unsafe {
+        libc::mmap(
+            host.cast(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            file_offset,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(MemError::Madvise {
+            addr: raw,
+            len,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Which pages of the guest-physical range `addr..addr+len` (page aligned, inside one region)
 /// are resident in this process (`mincore`): pages the guest never touched are not, and can be
 /// left out of a snapshot.
-pub fn resident_pages(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u64,
-) -> Result<Vec<bool>, MemError> {
+pub fn resident_pages(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<Vec<bool>, MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -191,7 +248,7 @@ pub fn resident_bytes_at(host_addr: usize) -> Option<u64> {
 }
 
 /// The host address of guest address `addr`, for [`resident_bytes_at`].
-pub fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<usize> {
+pub fn host_address(mem: &GuestMem, addr: GuestAddress) -> Option<usize> {
     mem.get_host_address(addr).ok().map(|p| p as usize)
 }
 
@@ -202,7 +259,7 @@ mod tests {
 
     #[test]
     fn resident_pages_are_the_touched_ones() {
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let m = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         m.write_slice(&[1u8], GuestAddress(3 * PAGE_SIZE)).unwrap();
         m.write_slice(&[1u8], GuestAddress(7 * PAGE_SIZE + 5))
             .unwrap();
@@ -216,7 +273,7 @@ mod tests {
     #[test]
     fn discarded_pages_read_zero_and_leave_rss() {
         let size = 64 << 20;
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let m = GuestMem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let host = host_address(&m, GuestAddress(0)).unwrap();
         let page = vec![0xa5u8; PAGE_SIZE as usize];
         for p in 0..(size as u64 / PAGE_SIZE) {
@@ -236,11 +293,9 @@ mod tests {
 
     #[test]
     fn bad_ranges_are_refused_untouched() {
-        let m = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), 1 << 20),
-            (GuestAddress(2 << 20), 1 << 20),
-        ])
-        .unwrap();
+        let m =
+            GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(2 << 20), 1 << 20)])
+                .unwrap();
         m.write_obj(7u8, GuestAddress(0xff000)).unwrap();
         assert!(matches!(
             discard(&m, GuestAddress(1), 4096),

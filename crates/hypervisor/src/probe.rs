@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Hypervisor, Result, VcpuExit};
 
@@ -41,7 +42,7 @@ impl Ring0Probe {
 impl Hypervisor {
     /// Runs a short ring-0 (real-mode) loop in a scratch VM and times it.
     pub fn probe_ring0(&self) -> Result<Ring0Probe> {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)])
             .map_err(|_| crate::Error::MissingCap("anonymous memory for the probe VM"))?;
         mem.write_slice(&probe_code(), GuestAddress(0x1000))
             .map_err(|_| crate::Error::MissingCap("probe VM memory"))?;

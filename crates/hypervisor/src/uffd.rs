@@ -14,9 +14,9 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+use guestmem::GuestMem;
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
 use crate::mem::PAGE_SIZE;
@@ -149,7 +149,7 @@ pub struct Userfault {
     fd: OwnedFd,
     regions: Vec<Registered>,
     /// Keeps the registered mappings alive as long as fills may target them.
-    _mem: Option<GuestMemoryMmap>,
+    _mem: Option<GuestMem>,
 }
 
 fn new_fd() -> Result<OwnedFd, UffdError> {
@@ -209,7 +209,7 @@ impl Userfault {
 
     /// Registers every region of `mem` (anonymous private memory, nothing touched yet) in
     /// MISSING mode. Call once.
-    pub fn register(&mut self, mem: &GuestMemoryMmap) -> Result<(), UffdError> {
+    pub fn register(&mut self, mem: &GuestMem) -> Result<(), UffdError> {
         for r in mem.iter() {
             let host = r
                 .get_host_address(MemoryRegionAddress(0))
@@ -421,7 +421,7 @@ impl Userfault {
 /// scratch page (for `vessel host-check`).
 pub fn probe() -> Result<(), UffdError> {
     let mut u = Userfault::new()?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGE_SIZE as usize)])
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), PAGE_SIZE as usize)])
         .map_err(|e| op("scratch memory")(io::Error::other(e.to_string())))?;
     u.register(&mem)
 }

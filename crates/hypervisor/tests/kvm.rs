@@ -3,14 +3,15 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use guestmem::GuestMem;
 use hypervisor::{install_kick_handler, Hypervisor, IoSpace, KickHandle, Vcpu, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A VM with 64 KiB of RAM running `code` in real mode at 0x1000.
-fn real_mode_vm(code: &[u8]) -> (hypervisor::Vm, Vcpu, GuestMemoryMmap) {
+fn real_mode_vm(code: &[u8]) -> (hypervisor::Vm, Vcpu, GuestMem) {
     let hv = Hypervisor::new().expect("/dev/kvm");
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     mem.write_slice(code, GuestAddress(0x1000)).unwrap();
     let vm = hv.create_vm().unwrap();
     vm.register_memory(&mem).unwrap();
@@ -80,7 +81,7 @@ use hypervisor::{ClockMode, FpuState, VcpuState, VmState};
 
 /// A VM with the in-kernel irqchip and PIT (as Vessel builds them), `mem` registered, and vCPU 0
 /// given the host's supported CPUID.
-fn irqchip_vm(mem: &GuestMemoryMmap) -> (Hypervisor, hypervisor::Vm, Vcpu) {
+fn irqchip_vm(mem: &GuestMem) -> (Hypervisor, hypervisor::Vm, Vcpu) {
     let hv = Hypervisor::new().expect("/dev/kvm");
     let vm = hv.create_vm().unwrap();
     vm.setup_irqchip_and_timers().unwrap();
@@ -180,7 +181,7 @@ fn comparable(s: &VcpuState) -> serde_json::Value {
 
 #[test]
 fn vcpu_state_round_trips_through_json_into_a_fresh_vm() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     let (hv, vm, vcpu) = irqchip_vm(&mem);
     let msrs = hv.msrs_to_save().unwrap();
     let mut state = vcpu.save_state(&msrs).unwrap();
@@ -247,7 +248,7 @@ fn vcpu_state_round_trips_through_json_into_a_fresh_vm() {
 fn a_restored_vcpu_goes_on_where_it_stopped() {
     // 1: inc ax; out 0x80, ax; jmp 1b
     let code = [0x40, 0xe7, 0x80, 0xeb, 0xfb];
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
     let (hv, _vm, mut vcpu) = irqchip_vm(&mem);
     let mut sregs = vcpu.sregs().unwrap();
@@ -361,7 +362,7 @@ fn kvmclock_continues_or_advances_by_the_time_the_vm_was_stopped() {
 
 #[test]
 fn cpuid_compatibility_of_a_saved_vcpu() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     let (hv, _vm, vcpu) = irqchip_vm(&mem);
     let state = vcpu.save_state(&[]).unwrap();
     let host = hv.offered_cpuid().unwrap();

@@ -4,10 +4,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use guestmem::GuestMem;
 use hypervisor::mem::PAGE_SIZE;
 use hypervisor::uffd::{UffdEvent, Userfault};
 use hypervisor::{Hypervisor, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Serves faults until `stop`: the page at 0x1000 gets `code`, 0x3000 gets 0x5a bytes, the
 /// rest zeroes; pages reported removed come back as zeroes too. Returns the events seen.
@@ -64,7 +65,7 @@ fn kvm_guest_memory_comes_from_the_fault_handler() {
         Ok(u) => u,
         Err(e) => panic!("userfaultfd unavailable on this host: {e}"),
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     uffd.register(&mem).unwrap();
     let uffd = Arc::new(uffd);
     // Real mode: mov al, [0x3000]; mov [0x4000], al; out 0x80, al
@@ -128,7 +129,7 @@ fn kvm_guest_memory_comes_from_the_fault_handler() {
 #[test]
 fn fills_outside_registered_memory_are_refused() {
     let mut uffd = Userfault::new().unwrap();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10000), 0x10000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0x10000), 0x10000)]).unwrap();
     uffd.register(&mem).unwrap();
     assert!(uffd.zero(GuestAddress(0), PAGE_SIZE).is_err());
     assert!(uffd.zero(GuestAddress(0x1f000), 2 * PAGE_SIZE).is_err());

@@ -152,9 +152,10 @@ fn reset_ends_the_vm_with_code_3() {
 fn unimplemented_verbs_and_bad_sockets_fail_cleanly() {
     let vm = Vm::start("errors", &[]);
     let dir = vm.dir.join("snap");
+    // A diff snapshot without a previous snapshot has nothing to build on.
     let o = vm.ctl(&["snapshot", "--diff", "--dir", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("not available yet"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("full snapshot first"), "{}", stderr(&o));
     assert!(!dir.join("state").exists());
     // Restoring or receiving belongs to a new process.
     let o = vm.ctl(&["restore", "--dir", dir.to_str().unwrap()]);

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::virtio::{ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
+use guestmem::GuestMem;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::config::parse_balloon;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -32,7 +33,7 @@ impl VirtioInterrupt for Counter {
 }
 
 /// A ready queue at `base` (descriptor table, then available and used rings).
-fn queue(mem: &GuestMemoryMmap, base: u64) -> Queue {
+fn queue(mem: &GuestMem, base: u64) -> Queue {
     let zero = vec![0u8; 0x3000];
     mem.write_slice(&zero, GuestAddress(base + DESC)).unwrap();
     let mut q = Queue::new(16).unwrap();
@@ -48,7 +49,7 @@ fn queue(mem: &GuestMemoryMmap, base: u64) -> Queue {
 }
 
 /// Post one device-readable buffer as chain `n` (0-based) of the queue at `base`.
-fn post(mem: &GuestMemoryMmap, base: u64, n: u16, addr: u64, len: u32) {
+fn post(mem: &GuestMem, base: u64, n: u16, addr: u64, len: u32) {
     let d = base + DESC + 16 * u64::from(n);
     mem.write_obj(addr.to_le(), GuestAddress(d)).unwrap();
     mem.write_obj(len.to_le(), GuestAddress(d + 8)).unwrap();
@@ -59,7 +60,7 @@ fn post(mem: &GuestMemoryMmap, base: u64, n: u16, addr: u64, len: u32) {
         .unwrap();
 }
 
-fn wait_used(mem: &GuestMemoryMmap, base: u64, n: u16) {
+fn wait_used(mem: &GuestMem, base: u64, n: u16) {
     let start = Instant::now();
     while u16::from_le(mem.read_obj(GuestAddress(base + USED + 2)).unwrap()) != n {
         assert!(
@@ -70,14 +71,14 @@ fn wait_used(mem: &GuestMemoryMmap, base: u64, n: u16) {
     }
 }
 
-fn rss(mem: &GuestMemoryMmap) -> u64 {
+fn rss(mem: &GuestMem) -> u64 {
     let host = hypervisor::mem::host_address(mem, GuestAddress(0)).unwrap();
     hypervisor::mem::resident_bytes_at(host).unwrap()
 }
 
 #[test]
 fn inflating_gives_memory_back_to_the_host() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     // The guest has used all of its memory.
     let page = [0x5au8; 4096];
     for p in 0..(MEM as u64 / 4096) {
@@ -196,14 +197,14 @@ fn inflating_uffd_restored_memory_gives_zeroes_and_snapshots_them() {
     use vmm::snapshot::pager::Pager;
     let dir = std::env::temp_dir().join(format!("vessel-balloon-uffd-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let snap = |mem: &GuestMemoryMmap, name: &str| {
+    let snap = |mem: &GuestMem, name: &str| {
         let p = dir.join(name);
         let (regions, _, u) = write_memory_unsynced(mem, &p).unwrap();
         u.finish().unwrap();
         (p, regions)
     };
     // The saved guest had used all of its memory.
-    let orig = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let orig = GuestMem::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let page = [0x5au8; 4096];
     for p in 0..(MEM as u64 / 4096) {
         orig.write_slice(&page, GuestAddress(p * 4096)).unwrap();

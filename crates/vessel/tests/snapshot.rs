@@ -160,7 +160,7 @@ fn corrupt_or_foreign_state_is_refused() {
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
     // A state file of another format version.
     let text =
-        String::from_utf8_lossy(&good).replacen("\"format_version\":1", "\"format_version\":7", 1);
+        String::from_utf8_lossy(&good).replacen("\"format_version\":2", "\"format_version\":7", 1);
     std::fs::write(&state, text.as_bytes()).unwrap();
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
@@ -405,4 +405,145 @@ fn uffd_restore_serves_pages_on_demand_and_snapshots_again() {
     let mut again = Console::spawn(&["run", "--restore", dir2.to_str().unwrap()]);
     again.soak_lines(CPUS, 2);
     assert_eq!(again.stop(), Some(143));
+}
+
+/// Bytes the file at `p` has on disk.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// A restored VM goes on from after `before` (the iterations each CPU reported before the
+/// snapshot) with every check passing; returns what it reported.
+fn restore_continues(args: &[&str], before: &[u64]) -> Vec<SoakLine> {
+    let mut vm = Console::spawn(args);
+    let lines = vm.soak_lines(CPUS, 3);
+    for cpu in 0..CPUS {
+        let first = lines.iter().find(|l| l.cpu == cpu).unwrap();
+        assert!(
+            first.iter > before[cpu],
+            "{args:?} cpu {cpu}: {first:?} vs {before:?}"
+        );
+    }
+    assert_eq!(vm.stop(), Some(143));
+    lines
+}
+
+#[test]
+fn diff_snapshots_restore_as_a_chain() {
+    let tmp = TempDir::new("diff");
+    let socket = tmp.file("api.sock");
+    let (full, d1, d2, d3) = (
+        tmp.file("full"),
+        tmp.file("d1"),
+        tmp.file("d2"),
+        tmp.file("d3"),
+    );
+    let path = |p: &PathBuf| p.to_str().unwrap().to_string();
+    // 16 MiB written once before the soak: in the full snapshot, never in a diff.
+    let mut vm = Console::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--cmdline",
+        "action=soak soakms=50 touch=16",
+    ]);
+    vm.soak_lines(CPUS, 1);
+    // No base yet: a diff is refused, clearly, and the VM runs on.
+    let o = ctl(&socket, &["snapshot", "--dir", &path(&d1), "--diff"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("full snapshot first"), "{}", stderr(&o));
+    assert!(!d1.exists());
+    vm.soak_lines(CPUS, 1);
+    assert_code(&ctl(&socket, &["snapshot", "--dir", &path(&full)]), 0);
+    vm.soak_lines(CPUS, 2);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", &path(&d1), "--diff"]),
+        0,
+    );
+    vm.soak_lines(CPUS, 2);
+    let before = last_iters(&vm.soak_lines(CPUS, 1), CPUS);
+    assert_code(
+        &ctl(&socket, &["snapshot", "--dir", &path(&d2), "--diff"]),
+        0,
+    );
+    vm.soak_lines(CPUS, 1);
+    assert_eq!(vm.stop(), Some(143));
+
+    // The diffs hold only what the soak rewrote (its work buffers), not the touched 16 MiB.
+    let (fa, d1a, d2a) = (
+        allocated(&full.join("memory")),
+        allocated(&d1.join("memory")),
+        allocated(&d2.join("memory")),
+    );
+    eprintln!("allocated: full {fa}, d1 {d1a}, d2 {d2a}");
+    assert!(d1a < fa && d2a < fa, "full {fa}, d1 {d1a}, d2 {d2a}");
+    assert!(fa >= 16 << 20, "full {fa}");
+    let state = std::fs::read_to_string(d2.join("state")).unwrap_or_default();
+    assert!(state.contains("\"parent\""), "no parent in d2's header");
+
+    // The last diff restores, lazily and eagerly: full + d1 + d2.
+    restore_continues(&["run", "--restore", &path(&d2)], &before);
+    restore_continues(
+        &["run", "--restore", &path(&d2), "--restore-memory", "eager"],
+        &before,
+    );
+
+    // A VM restored from d2 takes d2 as its base: a diff of it chains on.
+    let socket2 = tmp.file("api2.sock");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--restore",
+        &path(&d2),
+        "--api-socket",
+        socket2.to_str().unwrap(),
+    ]);
+    vm.soak_lines(CPUS, 2);
+    let before3 = last_iters(&vm.soak_lines(CPUS, 1), CPUS);
+    assert_code(
+        &ctl(&socket2, &["snapshot", "--dir", &path(&d3), "--diff"]),
+        0,
+    );
+    assert_eq!(vm.stop(), Some(143));
+    assert!(allocated(&d3.join("memory")) < fa);
+    restore_continues(&["run", "--restore", &path(&d3)], &before3);
+
+    // A parent that is not the one the diff was taken against is refused: another id...
+    let d1_state = d1.join("state");
+    let good = std::fs::read(&d1_state).unwrap();
+    let text = String::from_utf8_lossy(&good).to_string();
+    let id_at = text.find("\"snapshot_id\":\"").unwrap() + 15;
+    let mut other = text.clone();
+    other.replace_range(id_at..id_at + 32, &"0".repeat(32));
+    std::fs::write(&d1_state, other).unwrap();
+    let o = vessel(&["run", "--restore", &path(&d2)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("parent snapshot") && stderr(&o).contains("not "),
+        "{}",
+        stderr(&o)
+    );
+    // ... a corrupt one ...
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 10] ^= 1;
+    std::fs::write(&d1_state, &bad).unwrap();
+    let o = vessel(&["run", "--restore", &path(&d2)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("parent snapshot"), "{}", stderr(&o));
+    // ... or none at all.
+    std::fs::write(&d1_state, &good).unwrap();
+    std::fs::rename(&full, tmp.file("moved")).unwrap();
+    let o = vessel(&["run", "--restore", &path(&d2)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("parent snapshot") && stderr(&o).contains("full/state"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -217,11 +217,6 @@ impl VmController for VmHandle {
                 "a post-copy migration is still bringing memory in: snapshot after it ends",
             ));
         }
-        if req.diff {
-            return Err(ApiError::not_implemented(
-                "not available yet: diff snapshots (write a full one)",
-            ));
-        }
         // A running VM is paused for the snapshot and resumed after; a paused one stays so.
         let was_paused = self.control.state() == RunState::Paused;
         if !was_paused {
@@ -229,19 +224,27 @@ impl VmController for VmHandle {
         }
         let t = lock(&self.transition);
         let taken = Instant::now();
-        let pending = self.machine.snapshot_unsynced(&req.dir, req.disk_snapshot);
+        let pending = self
+            .machine
+            .snapshot_unsynced(&req.dir, req.diff, req.disk_snapshot);
         drop(t);
         if !was_paused {
             self.resume()?;
         }
         // Synced while the guest runs again.
-        let info = pending.and_then(|p| p.finish()).map_err(|e| match e {
-            crate::snapshot::SnapshotError::Dir { .. }
-            | crate::snapshot::SnapshotError::Disks(_) => ApiError::bad_request(e.to_string()),
-            _ => ApiError::internal(e.to_string()),
-        })?;
+        let info = pending
+            .and_then(|p| self.machine.finish_snapshot(p))
+            .map_err(|e| {
+                use crate::snapshot::SnapshotError as E;
+                match e {
+                    E::Dir { .. } | E::Disks(_) => ApiError::bad_request(e.to_string()),
+                    E::NoBase | E::Parent { .. } => ApiError::conflict(e.to_string()),
+                    _ => ApiError::internal(e.to_string()),
+                }
+            })?;
         tracing::info!(
-            "snapshot in {}: {} of {} MiB written in {:?} (devices paused {:?})",
+            "{} snapshot in {}: {} of {} MiB written in {:?} (devices paused {:?})",
+            if info.diff { "diff" } else { "full" },
             req.dir.display(),
             info.memory.written >> 20,
             info.memory.total >> 20,

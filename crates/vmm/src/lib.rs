@@ -6,6 +6,7 @@ pub mod api;
 pub mod config;
 pub mod console;
 pub mod control;
+pub mod dirty;
 pub mod exit;
 pub mod migration;
 pub mod pci;

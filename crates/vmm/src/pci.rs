@@ -14,8 +14,8 @@ use devices::pci::{BarObserver, PciConfigIo, PciDevice, PciEcam, PciRoot, PciWin
 use devices::virtio::pci::{notify_address, VirtioPciDevice, VIRTIO_BAR};
 use devices::virtio::VirtioDevice;
 use devices::Bus;
+use guestmem::GuestMem;
 use hypervisor::{IoSpace, MsiRouter, MsiVector};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors setting up PCI.
@@ -207,7 +207,7 @@ fn find_capability(cfg: &[u8], id: u8) -> Option<usize> {
 /// MMIO window on `mmio`.
 pub fn setup(
     vm: &hypervisor::Vm,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mmio: &mut Bus,
     devices: Vec<Box<dyn VirtioDevice>>,
 ) -> Result<PciHost, Error> {

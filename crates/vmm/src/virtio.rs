@@ -16,8 +16,8 @@ use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::{Bus, Interrupt};
+use guestmem::GuestMem;
 use hypervisor::IoSpace;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::{BalloonConfig, CacheMode, ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
 
@@ -173,7 +173,7 @@ pub struct HostDiscard;
 impl DiscardMemory for HostDiscard {
     fn discard(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         addr: vm_memory::GuestAddress,
         len: u64,
     ) -> std::io::Result<()> {
@@ -228,7 +228,7 @@ impl VirtioDevices {
 /// Opens every configured device's backend and places it on the MMIO bus.
 pub fn setup(
     vm: &hypervisor::Vm,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mmio: &mut Bus,
     config: &VmConfig,
 ) -> Result<VirtioDevices, Error> {

@@ -12,8 +12,8 @@ use arch::layout;
 use arch::regs;
 use devices::legacy::{AcpiPm, BootMarker, Cmos, ExitDevice, Serial, SerialInput, I8042};
 use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
+use guestmem::GuestMem;
 use hypervisor::Hypervisor;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::{KernelSource, OnReboot, VmConfig};
 use crate::console::Console;
@@ -82,7 +82,7 @@ pub struct Machine {
     // Fields drop in order: the VM goes first, then the guest memory its slots point into
     // (unmapping memory under a live VM would make KVM invalidate every mapping first).
     pub(crate) vm_fd: hypervisor::Vm,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMem,
     pub(crate) vcpus: Vec<vcpu::SharedVcpu>,
     pub(crate) virtio: crate::virtio::VirtioDevices,
     pub(crate) serial: Arc<Mutex<Serial>>,
@@ -90,6 +90,11 @@ pub struct Machine {
     pub(crate) acpi_pm: Arc<Mutex<AcpiPm>>,
     /// The MSRs a snapshot saves.
     pub(crate) msr_indices: Vec<u32>,
+    /// The dirty page logs and who reads them.
+    pub(crate) dirty: crate::dirty::DirtyTracker,
+    /// The snapshot a diff snapshot builds on: the last one taken, or the one this VM was
+    /// restored from.
+    pub(crate) snapshot_base: Mutex<Option<crate::snapshot::SnapshotBase>>,
     /// Each disk's image now: a disk snapshot moves the VM to a new overlay.
     pub(crate) disk_paths: Mutex<Vec<PathBuf>>,
     /// Serves guest memory's missing pages (a userfaultfd restore). Last: it must outlive
@@ -141,7 +146,7 @@ struct PowerOn {
 }
 
 /// Writes a new random VM generation ID into guest memory (see `arch::acpi`).
-fn write_generation_id(mem: &GuestMemoryMmap) -> Result<(), Error> {
+fn write_generation_id(mem: &GuestMem) -> Result<(), Error> {
     use std::io::Read;
     let mut id = [0u8; acpi::VMGENID_LEN];
     std::fs::File::open("/dev/urandom")
@@ -191,13 +196,12 @@ impl Vm {
     /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
     /// `start` is when the process started (for the boot-time marker).
     pub fn build(config: VmConfig, start: Instant) -> Result<Vm, Error> {
-        let mem =
-            GuestMemoryMmap::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
-                Error::Memory {
-                    size: config.memory >> 20,
-                    reason: e.to_string(),
-                }
-            })?;
+        let mem = GuestMem::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+            Error::Memory {
+                size: config.memory >> 20,
+                reason: e.to_string(),
+            }
+        })?;
         let mut vm = Vm::create(config, mem, None, start)?;
         vm.load_boot()?;
         Ok(vm)
@@ -227,9 +231,9 @@ impl Vm {
         opts: RestoreOptions,
         start: Instant,
     ) -> Result<Vm, Error> {
-        use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, MEMORY_FILE, STATE_FILE};
-        let mut snap: VmSnapshot =
-            format::read_state(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
+        use crate::snapshot::{format, memory, SnapshotError, VmSnapshot, STATE_FILE};
+        let (mut snap, lineage): (VmSnapshot, format::Lineage) =
+            format::read_state_lineage(&dir.join(STATE_FILE)).map_err(SnapshotError::from)?;
         snap.rebind(&opts.nets, opts.vsock.as_ref())?;
         let hv = Hypervisor::new()?;
         crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
@@ -245,15 +249,24 @@ impl Vm {
             ))
             .into());
         }
-        let path = dir.join(MEMORY_FILE);
+        let files = crate::snapshot::resolve_chain(dir, &lineage, &snap.memory)?;
         let (mem, pager) = match opts.memory {
+            api::types::RestoreMemory::Userfaultfd if files.len() > 1 => {
+                return Err(SnapshotError::Mismatch(format!(
+                    "{} is a diff snapshot: restore it lazily or eagerly (the userfaultfd \
+                     pager serves full snapshots only)",
+                    dir.display()
+                ))
+                .into())
+            }
             api::types::RestoreMemory::Userfaultfd => {
-                let (mem, pager) = crate::snapshot::pager::Pager::start(&path, &snap.memory)
+                let (mem, pager) = crate::snapshot::pager::Pager::start(&files[0], &snap.memory)
                     .map_err(SnapshotError::from)?;
                 (mem, Some(pager))
             }
             mode => (
-                memory::map_memory(&path, &snap.memory, mode).map_err(SnapshotError::from)?,
+                memory::map_memory_chain(&files, &snap.memory, mode)
+                    .map_err(SnapshotError::from)?,
                 None,
             ),
         };
@@ -277,11 +290,25 @@ impl Vm {
         // entropy: with a virtio-rng device its driver reads the host's anyway.
         write_generation_id(&vm.machine.mem)?;
         vm.new_generation = true;
+        // The snapshot restored from is the base of this VM's diff snapshots (a version 1
+        // file has no id to refer to it by).
+        if !lineage.id.is_empty() {
+            let dir = dir
+                .canonicalize()
+                .map_err(io("cannot resolve the snapshot directory"))?;
+            vm.machine
+                .set_restored_base(crate::snapshot::SnapshotBase {
+                    dir,
+                    id: lineage.id,
+                })?;
+        }
         tracing::debug!(
-            "restored {} vCPUs and {} MiB from {} in {:?}",
+            "restored {} vCPUs and {} MiB from {} ({} memory file{}) in {:?}",
             snap.vcpus.len(),
             snap.config.memory >> 20,
             dir.display(),
+            files.len(),
+            if files.len() == 1 { "" } else { "s" },
             start.elapsed()
         );
         Ok(vm)
@@ -291,7 +318,7 @@ impl Vm {
     /// loads the saved state; the devices start when it runs.
     pub(crate) fn create_restored(
         config: VmConfig,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
         snap: &crate::snapshot::VmSnapshot,
@@ -307,7 +334,7 @@ impl Vm {
     /// memory yet.
     fn create(
         config: VmConfig,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
     ) -> Result<Vm, Error> {
@@ -418,6 +445,8 @@ impl Vm {
                 cmos,
                 acpi_pm,
                 msr_indices,
+                dirty: Default::default(),
+                snapshot_base: Mutex::new(None),
                 pager,
             }),
             pio: Arc::new(pio),

@@ -29,15 +29,16 @@ use devices::virtio::balloon::{
 };
 use devices::virtio::queue::{process_queue, Chain};
 use devices::virtio::VirtioDevice;
+use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Checks the device's side of the contract, then zeroes the pages.
 struct Checked;
 
 impl DiscardMemory for Checked {
-    fn discard(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Result<()> {
+    fn discard(&self, mem: &GuestMem, addr: GuestAddress, len: u64) -> io::Result<()> {
         assert!(
             addr.0 % BALLOON_PAGE_SIZE == 0 && len % BALLOON_PAGE_SIZE == 0,
             "unaligned discard {:#x}+{len:#x}",
@@ -48,13 +49,7 @@ impl DiscardMemory for Checked {
     }
 }
 
-fn queue(
-    data: &[u8],
-    at: usize,
-    size: u16,
-    event_idx: bool,
-    mem: &GuestMemoryMmap,
-) -> Option<Queue> {
+fn queue(data: &[u8], at: usize, size: u16, event_idx: bool, mem: &GuestMem) -> Option<Queue> {
     let off =
         |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
     let mut q = Queue::new(256).unwrap();

@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let features = u64::MAX;
-    let mut handler = BlockHandler::new(Arc::new(common::MemDisk::new()), features, *b"fuzz-serial-00000000");
+    let mut handler = BlockHandler::new(
+        Arc::new(common::MemDisk::new()),
+        features,
+        *b"fuzz-serial-00000000",
+    );
     let mut chain = Chain::default();
     // Twice: the second pass sees the used ring the first one wrote.
     for _ in 0..2 {

@@ -3,14 +3,15 @@
 use std::sync::Mutex;
 
 use block::{DiskBackend, Format};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory size: small, so that most guest addresses in the input are in range.
 pub const MEM_SIZE: usize = 64 * 1024;
 
 /// Guest memory holding `bytes` from address 0 (the rest zero).
-pub fn guest_memory(bytes: &[u8]) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+pub fn guest_memory(bytes: &[u8]) -> GuestMem {
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let n = bytes.len().min(MEM_SIZE);
     mem.write_slice(&bytes[..n], GuestAddress(0)).unwrap();
     mem

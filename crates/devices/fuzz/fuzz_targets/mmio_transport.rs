@@ -20,9 +20,9 @@ use devices::virtio::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use devices::BusDevice;
+use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueState;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 struct SyncBlock {
@@ -61,7 +61,7 @@ impl VirtioDevice for SyncBlock {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         _interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
@@ -109,7 +109,10 @@ fuzz_target!(|data: &[u8]| {
                 let mut d = [0u8; 4];
                 t.read(offset, &mut d);
             }
-            2 => t.write(offset + u64::from(rec[2] % 4), &value[..usize::from(rec[3] % 9).min(4)]),
+            2 => t.write(
+                offset + u64::from(rec[2] % 4),
+                &value[..usize::from(rec[3] % 9).min(4)],
+            ),
             _ => {
                 let mut d = [0u8; 8];
                 let n = usize::from(rec[3] % 9);

@@ -26,9 +26,9 @@ use devices::virtio::net::{
     deliver, CtrlHandler, NetBackend, TxHandler, TxStats, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN,
 };
 use devices::virtio::queue::{process_queue, Chain};
+use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 /// A backend that checks what it is given and has nothing to receive.
 struct Sink;
@@ -50,13 +50,7 @@ impl NetBackend for Sink {
     }
 }
 
-fn queue(
-    data: &[u8],
-    at: usize,
-    size: u16,
-    event_idx: bool,
-    mem: &GuestMemoryMmap,
-) -> Option<Queue> {
+fn queue(data: &[u8], at: usize, size: u16, event_idx: bool, mem: &GuestMem) -> Option<Queue> {
     let off =
         |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
     let mut q = Queue::new(256).unwrap();

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use devices::virtio::vsock::muxer::{Muxer, TOKEN_LISTENER, TOKEN_STREAM_BASE};
 use devices::virtio::vsock::WorkerState;
 use devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EpollEvent;
 
 const GUEST_CID: u64 = 3;
@@ -71,7 +72,7 @@ fn host() -> &'static Host {
     })
 }
 
-fn queue(data: &[u8], at: usize, size: u16, mem: &GuestMemoryMmap) -> Option<Queue> {
+fn queue(data: &[u8], at: usize, size: u16, mem: &GuestMem) -> Option<Queue> {
     let off =
         |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
     let mut q = Queue::new(256).unwrap();

@@ -20,9 +20,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -70,7 +71,7 @@ pub enum BalloonError {
 /// `madvise`. Devices know nothing of how.
 pub trait DiscardMemory: Send + Sync {
     /// Discard `len` bytes at `addr` (both multiples of 4 KiB): they read as zero afterwards.
-    fn discard(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Result<()>;
+    fn discard(&self, mem: &GuestMem, addr: GuestAddress, len: u64) -> io::Result<()>;
 }
 
 /// Options of a balloon.
@@ -354,7 +355,7 @@ impl VirtioDevice for Balloon {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
@@ -448,7 +449,7 @@ impl PagesHandler {
         }
     }
 
-    fn discard_range(&self, mem: &GuestMemoryMmap, start: u64, len: u64) {
+    fn discard_range(&self, mem: &GuestMem, start: u64, len: u64) {
         if let Err(e) = self.discard.discard(mem, GuestAddress(start), len) {
             tracing::debug!("virtio-balloon: discard {start:#x}+{len:#x}: {e}");
         }
@@ -456,7 +457,7 @@ impl PagesHandler {
 
     /// Inflate: the readable buffers are little-endian u32 frame numbers; runs of consecutive
     /// frames are discarded together.
-    fn inflate(&self, mem: &GuestMemoryMmap, chain: &Chain) -> u64 {
+    fn inflate(&self, mem: &GuestMem, chain: &Chain) -> u64 {
         let mut r = Cursor::new(chain.readable(), chain.readable_len);
         let mut run: Option<(u64, u64)> = None;
         let mut pages = 0;
@@ -481,7 +482,7 @@ impl PagesHandler {
 }
 
 impl ChainHandler for PagesHandler {
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
         if let Err(e) = chain.validate(mem, usize::from(QUEUE_SIZE)) {
             tracing::debug!("virtio-balloon: bad chain: {e}");
             return 0;
@@ -513,7 +514,7 @@ impl ChainHandler for PagesHandler {
 }
 
 /// Parse a statistics buffer.
-fn read_stats(mem: &GuestMemoryMmap, chain: &mut Chain) -> Option<BalloonStats> {
+fn read_stats(mem: &GuestMem, chain: &mut Chain) -> Option<BalloonStats> {
     chain.validate(mem, usize::from(QUEUE_SIZE)).ok()?;
     let mut r = Cursor::new(chain.readable(), (MAX_STATS * STAT_ENTRY_LEN) as u64);
     let mut stats = BalloonStats::default();
@@ -540,7 +541,7 @@ struct BalloonLoop {
     loops: HashMap<u16, Served>,
     epoll: Epoll,
     stop: StopSignal,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     interrupt: Arc<dyn VirtioInterrupt>,
     handle: BalloonHandle,
     chain: Chain,
@@ -550,7 +551,7 @@ struct BalloonLoop {
 impl Worker {
     fn spawn(
         served: Vec<(Role, ActiveQueue)>,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         handle: BalloonHandle,
         discard: Arc<dyn DiscardMemory>,
@@ -707,7 +708,7 @@ impl WorkerLoop for BalloonLoop {
 /// whether to interrupt the driver.
 pub fn serve_stats(
     q: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     chain: &mut Chain,
     handle: &BalloonHandle,
     stop: &AtomicBool,
@@ -743,7 +744,7 @@ pub fn serve_stats(
 pub struct ZeroFill;
 
 impl DiscardMemory for ZeroFill {
-    fn discard(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Result<()> {
+    fn discard(&self, mem: &GuestMem, addr: GuestAddress, len: u64) -> io::Result<()> {
         let zero = [0u8; BALLOON_PAGE_SIZE as usize];
         let mut at = 0;
         while at < len {
@@ -769,7 +770,7 @@ mod tests {
     struct Recorder(Mutex<Vec<(u64, u64)>>);
 
     impl DiscardMemory for Recorder {
-        fn discard(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Result<()> {
+        fn discard(&self, mem: &GuestMem, addr: GuestAddress, len: u64) -> io::Result<()> {
             lock(&self.0).push((addr.raw_value(), len));
             ZeroFill.discard(mem, addr, len)
         }
@@ -789,7 +790,7 @@ mod tests {
         int: Arc<CountingInterrupt>,
     }
 
-    fn setup(m: &GuestMemoryMmap, opts: BalloonOptions, ack: u64) -> Setup<'_> {
+    fn setup(m: &GuestMem, opts: BalloonOptions, ack: u64) -> Setup<'_> {
         let rec = Arc::new(Recorder::default());
         let mut dev = Balloon::new(opts, rec.clone()).unwrap();
         dev.ack_features(ack);

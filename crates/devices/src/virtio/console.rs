@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -299,7 +299,7 @@ impl VirtioDevice for Console {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
@@ -372,7 +372,7 @@ struct TxHandler {
 }
 
 impl ChainHandler for TxHandler {
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
         if let Err(e) = chain.validate(mem, usize::from(QUEUE_SIZE)) {
             tracing::debug!("virtio-console: bad transmit chain: {e}");
             return 0;
@@ -391,7 +391,7 @@ impl ChainHandler for TxHandler {
 /// Fill receive chains from the pending input; returns whether the driver must be interrupted.
 fn serve_rx(
     q: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     chain: &mut Chain,
     input: &ConsoleInput,
     stop: &AtomicBool,
@@ -436,7 +436,7 @@ struct ConsoleLoop {
     tx_kick: EventFd,
     epoll: Epoll,
     stop: StopSignal,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     interrupt: Arc<dyn VirtioInterrupt>,
     input: ConsoleInput,
     handler: TxHandler,
@@ -447,7 +447,7 @@ struct ConsoleLoop {
 impl Worker {
     fn spawn(
         queues: [ActiveQueue; 2],
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         output: Output,
         input: ConsoleInput,
@@ -599,7 +599,7 @@ mod tests {
     }
 
     fn activate<'a>(
-        m: &'a GuestMemoryMmap,
+        m: &'a GuestMem,
         dev: &mut Console,
     ) -> (
         TestQueue<'a>,

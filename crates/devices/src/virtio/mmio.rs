@@ -12,9 +12,10 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -85,7 +86,7 @@ pub fn cmdline_device(base: u64, irq: u32) -> String {
 pub(crate) fn ready_queues(
     queues: &[QueueRegs],
     notifiers: &[EventFd],
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     event_idx: bool,
 ) -> Result<Vec<ActiveQueue>, (u16, String)> {
     let mut active = Vec::new();
@@ -234,7 +235,7 @@ impl QueueRegs {
     }
 
     /// A `Queue` from these registers, or why not.
-    pub(crate) fn build(&self, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue, String> {
+    pub(crate) fn build(&self, event_idx: bool, mem: &GuestMem) -> Result<Queue, String> {
         let size = self.size;
         if size == 0 || !size.is_power_of_two() || size > self.max_size {
             return Err(format!(
@@ -297,7 +298,7 @@ pub struct VirtioMmioState {
 /// A virtio device behind virtio-mmio registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     shared: Arc<Shared>,
     notifiers: Vec<EventFd>,
     queues: Vec<QueueRegs>,
@@ -316,7 +317,7 @@ impl MmioTransport {
     /// Put `device` behind virtio-mmio registers. `irq` is the device's interrupt line; `mem`
     /// is the guest memory its queues live in.
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         irq: Arc<dyn Interrupt>,
         device: Box<dyn VirtioDevice>,
     ) -> Result<MmioTransport, MmioError> {
@@ -756,7 +757,7 @@ mod tests {
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
         fn activate(
             &mut self,
-            _mem: GuestMemoryMmap,
+            _mem: GuestMem,
             _interrupt: Arc<dyn VirtioInterrupt>,
             queues: Vec<ActiveQueue>,
         ) -> Result<(), ActivateError> {

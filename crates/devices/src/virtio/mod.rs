@@ -33,9 +33,9 @@ pub(crate) mod testing;
 use std::io;
 use std::sync::Arc;
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device types (virtio 1.2 §5).
@@ -225,7 +225,7 @@ pub trait VirtioDevice: Send {
     /// Start serving the queues.
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError>;

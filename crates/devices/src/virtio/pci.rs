@@ -21,8 +21,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{log_activation_failure, ready_queues, status_transition, QueueRegs};
@@ -196,7 +196,7 @@ pub struct VirtioPciDevice {
     config: PciConfig,
     msix_cap: usize,
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     shared: Arc<Shared>,
     notifiers: Vec<EventFd>,
     queues: Vec<QueueRegs>,
@@ -226,7 +226,7 @@ impl VirtioPciDevice {
     /// Put `device` behind a virtio-pci function. `vectors` delivers its MSI-X vectors (queues +
     /// 1 of them); `intx` is the optional legacy interrupt line (pin INTA#).
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         device: Box<dyn VirtioDevice>,
         vectors: Arc<dyn MsiVectors>,
         intx: Option<Arc<dyn Interrupt>>,
@@ -774,7 +774,7 @@ mod tests {
     use crate::virtio::testing::{mem, settle, TestQueue, AVAIL, DESC, R, USED, W};
     use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
-    fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMemoryMmap) {
+    fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMem) {
         let m = mem();
         let fake = Arc::new(FakeVectors::default());
         let d = VirtioPciDevice::new(m.clone(), Box::new(Rng::new()), fake.clone(), None).unwrap();

@@ -16,8 +16,9 @@
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use guestmem::GuestMem;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::MAX_QUEUE_SIZE;
 
@@ -106,7 +107,7 @@ pub struct Chain {
 impl Chain {
     /// The last byte of the chain's last buffer, if it is device-writable and in guest memory:
     /// where a request's status byte goes. Available even for a chain that failed its walk.
-    pub fn status_addr(&self, mem: &GuestMemoryMmap) -> Option<GuestAddress> {
+    pub fn status_addr(&self, mem: &GuestMem) -> Option<GuestAddress> {
         let last = self.segments.last()?;
         if !last.writable || last.len == 0 {
             return None;
@@ -117,11 +118,7 @@ impl Chain {
 
     /// Check a walked chain: no walk error, at most `max_descriptors` buffers, all inside guest
     /// memory, readable ones before writable ones, less than 4 GiB in total. Sets the lengths.
-    pub fn validate(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        max_descriptors: usize,
-    ) -> Result<(), QueueError> {
+    pub fn validate(&mut self, mem: &GuestMem, max_descriptors: usize) -> Result<(), QueueError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
@@ -168,7 +165,7 @@ impl Chain {
 }
 
 /// Read the next head from the available ring, if the driver made one available.
-pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>, QueueError> {
+pub fn pop_head(queue: &mut Queue, mem: &GuestMem) -> Result<Option<u16>, QueueError> {
     let size = queue.size();
     let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(ring_err)?;
     let next = Wrapping(queue.next_avail());
@@ -194,7 +191,7 @@ pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>,
     Ok(Some(head))
 }
 
-fn read_descriptor(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<(u64, u32, u16, u16)> {
+fn read_descriptor(mem: &GuestMem, addr: GuestAddress) -> Option<(u64, u32, u16, u16)> {
     let mut raw = [0u8; DESC_SIZE as usize];
     mem.read_slice(&mut raw, addr).ok()?;
     let a = u64::from_le_bytes(raw[0..8].try_into().ok()?);
@@ -206,7 +203,7 @@ fn read_descriptor(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<(u64, u3
 
 /// Walk the chain starting at `head` of the descriptor table of `queue` into `chain`
 /// (reusing its allocation). Walk errors are recorded in `chain.error`.
-pub fn walk_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16, chain: &mut Chain) {
+pub fn walk_chain(queue: &Queue, mem: &GuestMem, head: u16, chain: &mut Chain) {
     chain.head = head;
     chain.segments.clear();
     chain.error = None;
@@ -224,7 +221,7 @@ pub fn walk_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16, chain: &mut C
 }
 
 fn walk(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mut table: GuestAddress,
     mut table_len: u16,
     head: u16,
@@ -294,12 +291,12 @@ fn walk(
 pub trait ChainHandler {
     /// Serve `chain` (walked, not yet validated) and return the number of bytes written into its
     /// buffers, for the used ring.
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32;
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32;
 
     /// Like [`ChainHandler::handle`], but may decline to serve `chain` now (`None`, say because
     /// a rate limiter is out of tokens): [`process_queue`] then leaves the chain in the
     /// available ring and ends the pass with [`Progress::deferred`].
-    fn try_handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Option<u32> {
+    fn try_handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> Option<u32> {
         Some(self.handle(mem, chain))
     }
 }
@@ -327,7 +324,7 @@ pub struct Progress {
 /// before a reset.
 pub fn process_queue(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     chain: &mut Chain,
     handler: &mut dyn ChainHandler,
 ) -> Result<Progress, QueueError> {
@@ -339,7 +336,7 @@ pub fn process_queue(
 /// and put in the used ring first, so a pause waits for one request, never for a whole pass.
 pub fn process_queue_until(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     chain: &mut Chain,
     handler: &mut dyn ChainHandler,
     stop: &AtomicBool,
@@ -456,7 +453,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Fill `buf` from the stream.
-    pub fn read(&mut self, mem: &GuestMemoryMmap, buf: &mut [u8]) -> Result<(), CursorError> {
+    pub fn read(&mut self, mem: &GuestMem, buf: &mut [u8]) -> Result<(), CursorError> {
         let len = buf.len();
         self.advance(len, |addr, at, n| {
             mem.read_slice(&mut buf[at..at + n], addr)
@@ -464,7 +461,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Write `buf` into the stream.
-    pub fn write(&mut self, mem: &GuestMemoryMmap, buf: &[u8]) -> Result<(), CursorError> {
+    pub fn write(&mut self, mem: &GuestMem, buf: &[u8]) -> Result<(), CursorError> {
         self.advance(buf.len(), |addr, at, n| {
             mem.write_slice(&buf[at..at + n], addr)
         })
@@ -487,7 +484,7 @@ mod tests {
 
     struct Count(u32);
     impl ChainHandler for Count {
-        fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+        fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
             self.0 += 1;
             match chain.validate(mem, 8) {
                 Ok(()) => 7,
@@ -591,7 +588,7 @@ mod tests {
         // Two buffers of 2.25 GiB each (the same memory twice): each is inside guest memory,
         // together they pass 4 GiB. The memory is reserved, never touched.
         let big = 0x9000_0000u64;
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), big as usize)]).unwrap();
+        let m = GuestMem::from_ranges(&[(GuestAddress(0), big as usize)]).unwrap();
         let mut tq = TestQueue::new(&m, 16);
         let mut q = tq.queue();
         let mut c = Chain::default();
@@ -643,10 +640,10 @@ mod tests {
     /// Serves `budget` chains, then declines.
     struct Budget(u32);
     impl ChainHandler for Budget {
-        fn handle(&mut self, _: &GuestMemoryMmap, _: &mut Chain) -> u32 {
+        fn handle(&mut self, _: &GuestMem, _: &mut Chain) -> u32 {
             unreachable!("process_queue calls try_handle")
         }
-        fn try_handle(&mut self, _: &GuestMemoryMmap, _: &mut Chain) -> Option<u32> {
+        fn try_handle(&mut self, _: &GuestMem, _: &mut Chain) -> Option<u32> {
             self.0 = self.0.checked_sub(1)?;
             Some(1)
         }

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use guestmem::GuestMem;
 use virtio_queue::QueueState;
-use vm_memory::GuestMemoryMmap;
 
 use super::queue::{Chain, ChainHandler, Cursor};
 use super::worker::QueueWorker;
@@ -57,7 +57,7 @@ pub struct RngHandler {
 }
 
 impl RngHandler {
-    fn fill(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Result<u32, RngError> {
+    fn fill(&mut self, mem: &GuestMem, chain: &mut Chain) -> Result<u32, RngError> {
         // Readable buffers are ignored; a chain that fails validation gets nothing.
         if chain.validate(mem, usize::from(QUEUE_SIZE)).is_err() {
             return Ok(0);
@@ -74,7 +74,7 @@ impl RngHandler {
 }
 
 impl ChainHandler for RngHandler {
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
         match self.fill(mem, chain) {
             Ok(n) => n,
             Err(e) => {
@@ -118,7 +118,7 @@ impl VirtioDevice for Rng {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::balloon::{Balloon, BalloonOptions, DiscardMemory, ZeroFill, VIRTIO_BALLOON_F_STATS_VQ};
 use super::block::request::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
@@ -117,7 +118,7 @@ const BLK_DATA: u64 = 0x200000;
 const BLK_STATUS: u64 = 0x300000;
 
 /// Queue request `n`: write 512 bytes of `n + 1` to sector `n`, status byte preset to 0xff.
-fn blk_write(m: &GuestMemoryMmap, q: &mut TestQueue, n: u64) {
+fn blk_write(m: &GuestMem, q: &mut TestQueue, n: u64) {
     let hdr = BLK_HDR + 16 * n;
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
@@ -133,7 +134,7 @@ fn blk_write(m: &GuestMemoryMmap, q: &mut TestQueue, n: u64) {
     ]);
 }
 
-fn blk_status(m: &GuestMemoryMmap, n: u64) -> u8 {
+fn blk_status(m: &GuestMem, n: u64) -> u8 {
     m.read_obj(GuestAddress(BLK_STATUS + n)).unwrap()
 }
 
@@ -347,14 +348,14 @@ fn net_packet(seed: u8) -> Vec<u8> {
     p
 }
 
-fn net_transmit(m: &GuestMemoryMmap, q: &mut TestQueue, slot: u64, p: &[u8]) {
+fn net_transmit(m: &GuestMem, q: &mut TestQueue, slot: u64, p: &[u8]) {
     let at = NET_TX_BUF + slot * 0x1000;
     m.write_slice(p, GuestAddress(at)).unwrap();
     q.add_chain(&[(at, p.len() as u32, R)]);
 }
 
 /// The frame (without its header) of the `i`th used receive buffer.
-fn net_received(m: &GuestMemoryMmap, q: &TestQueue, i: u16) -> Vec<u8> {
+fn net_received(m: &GuestMem, q: &TestQueue, i: u16) -> Vec<u8> {
     let (id, len) = q.used(i);
     let mut b = vec![0u8; len as usize];
     m.read_slice(&mut b, GuestAddress(NET_RX_BUF + u64::from(id) * 0x1000))
@@ -479,7 +480,7 @@ const VS_EV_BUF: u64 = 0x300000;
 
 /// The guest side of a vsock device: its rings and the packets it has read.
 struct VsockDriver<'a> {
-    m: &'a GuestMemoryMmap,
+    m: &'a GuestMem,
     rx: TestQueue<'a>,
     tx: TestQueue<'a>,
     ev: TestQueue<'a>,
@@ -489,7 +490,7 @@ struct VsockDriver<'a> {
 }
 
 impl<'a> VsockDriver<'a> {
-    fn new(m: &'a GuestMemoryMmap) -> Self {
+    fn new(m: &'a GuestMem) -> Self {
         VsockDriver {
             m,
             rx: TestQueue::new_at(m, 64, 0),
@@ -728,13 +729,13 @@ fn console_output_and_input_survive_pause_and_restore_once() {
 struct Discards(AtomicU32);
 
 impl DiscardMemory for Discards {
-    fn discard(&self, mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Result<()> {
+    fn discard(&self, mem: &GuestMem, addr: GuestAddress, len: u64) -> io::Result<()> {
         self.0.fetch_add((len / 4096) as u32, Ordering::SeqCst);
         ZeroFill.discard(mem, addr, len)
     }
 }
 
-fn inflate(m: &GuestMemoryMmap, q: &mut TestQueue, n: u64) {
+fn inflate(m: &GuestMem, q: &mut TestQueue, n: u64) {
     let pfn = (0x200 + n as u32).to_le_bytes();
     m.write_slice(&pfn, GuestAddress(0x80000 + n * 4)).unwrap();
     q.add_chain(&[(0x80000 + n * 4, 4, R)]);

@@ -4,8 +4,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use guestmem::GuestMem;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::*;
@@ -27,13 +28,13 @@ pub const AVAIL: u64 = 0x3000;
 pub const USED: u64 = 0x4000;
 
 /// 4 MiB of guest memory at 0.
-pub fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+pub fn mem() -> GuestMem {
+    GuestMem::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
 }
 
 /// A split queue at [`DESC`], [`AVAIL`] and [`USED`], driven as a driver would.
 pub struct TestQueue<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMem,
     pub size: u16,
     pub desc: u64,
     pub avail: u64,
@@ -43,12 +44,12 @@ pub struct TestQueue<'a> {
 }
 
 impl<'a> TestQueue<'a> {
-    pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+    pub fn new(mem: &'a GuestMem, size: u16) -> Self {
         Self::new_at(mem, size, 0)
     }
 
     /// Rings at [`DESC`], [`AVAIL`], [`USED`] plus `shift`.
-    pub fn new_at(mem: &'a GuestMemoryMmap, size: u16, shift: u64) -> Self {
+    pub fn new_at(mem: &'a GuestMem, size: u16, shift: u64) -> Self {
         let z = vec![0u8; 0x1000];
         for a in [DESC, DESC + 0x1000, AVAIL, USED] {
             mem.write_slice(&z, GuestAddress(a + shift)).unwrap();
@@ -206,7 +207,7 @@ impl VirtioInterrupt for CountingInterrupt {
 
 /// A virtio-mmio transport for `device`, with its interrupt line.
 pub fn mmio_transport(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     device: Box<dyn VirtioDevice>,
 ) -> (MmioTransport, Arc<EventFd>) {
     let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -269,7 +270,7 @@ pub fn mmio_notify(t: &mut MmioTransport, q: u16) {
 /// What a restore in a new process does: a new transport for `device` (built like the saved
 /// one), restored from the JSON of a saved state, then resumed.
 pub fn mmio_restore(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     json: &str,
     device: Box<dyn VirtioDevice>,
 ) -> (MmioTransport, Arc<EventFd>) {

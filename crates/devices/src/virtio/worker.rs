@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use guestmem::GuestMem;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -247,7 +247,7 @@ struct Serving {
     self_kick: EventFd,
     epoll: Epoll,
     stop: StopSignal,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     interrupt: Arc<dyn VirtioInterrupt>,
     handler: Box<dyn ChainHandler + Send>,
     chain: Chain,
@@ -326,7 +326,7 @@ impl QueueWorker {
     pub fn spawn<H: ChainHandler + Send + 'static>(
         name: String,
         active: ActiveQueue,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         handler: H,
     ) -> Result<QueueWorker, WorkerError> {
@@ -416,7 +416,7 @@ mod tests {
     struct Gated(Arc<Gate>);
 
     impl ChainHandler for Gated {
-        fn handle(&mut self, _mem: &GuestMemoryMmap, _chain: &mut Chain) -> u32 {
+        fn handle(&mut self, _mem: &GuestMem, _chain: &mut Chain) -> u32 {
             self.0.entered.fetch_add(1, Ordering::SeqCst);
             let mut closed = self.0.closed.lock().unwrap();
             while *closed {

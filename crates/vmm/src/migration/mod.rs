@@ -5,9 +5,9 @@
 //!   left would take less than the downtime limit at the measured bandwidth (or 30 rounds have
 //!   passed); then stop-and-copy: the vCPUs park, the last dirty pages and the whole device
 //!   and vCPU state go over, the target checks a digest of memory and state, and the source
-//!   commits and exits. The device threads are paused for the whole migration, so that every
-//!   write to guest memory is a vCPU's and KVM's log misses none (guest I/O waits meanwhile;
-//!   vCPUs run on).
+//!   commits and exits. Dirty pages come from [`crate::dirty::DirtyTracker`]: KVM's log of the
+//!   vCPUs' writes and vm-memory's of the device threads', so guest I/O goes on during
+//!   pre-copy; the device threads pause (finishing the I/O in flight) only for stop-and-copy.
 //! - **Target** ([`receive`]): `vessel serve` + `vm.migrate-receive`: listens, receives into
 //!   fresh memory, builds the same machine and loads the state, and runs it once the source
 //!   commits.
@@ -32,7 +32,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use vm_memory::GuestMemoryMmap;
+use guestmem::GuestMem;
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +159,7 @@ impl Write for Stream {
 /// exact: CRC-32 over the address and contents of every page that is not all zeroes (pages
 /// never touched are skipped without being faulted in). Source and target compute it at the
 /// same time, during stop-and-copy.
-pub fn digest(mem: &GuestMemoryMmap, state: &[u8]) -> Result<u32, MigrationError> {
+pub fn digest(mem: &GuestMem, state: &[u8]) -> Result<u32, MigrationError> {
     let page = hypervisor::mem::PAGE_SIZE as usize;
     let mut h = crc32fast::Hasher::new();
     crate::snapshot::memory::scan_used(mem, MigrationError::Memory, |addr, chunk, used| {

@@ -36,10 +36,11 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use api::types::MigrationPhase;
+use guestmem::GuestMem;
 use hypervisor::dirty::DirtyBitmap;
 use hypervisor::mem::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Tag, BATCH_PAGES};
 use super::send::{hold, Outgoing};
@@ -158,7 +159,7 @@ impl PageDigest {
 
 /// [`super::digest`] over the pages outside `skip` (the target does not have the others yet).
 pub fn digest_outside(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     state: &[u8],
     skip: &DirtySet,
 ) -> Result<u32, MigrationError> {
@@ -187,7 +188,8 @@ fn json_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, protocol::ProtocolError> {
 }
 
 /// The source's switch-over and post-copy: `pending` are the dirty bitmaps not sent yet.
-/// Sets `paused` once the vCPUs are parked by this and `committed` at the point of no return;
+/// Sets `paused` once the vCPUs are parked by this, `paused_devices` once the device threads
+/// are, and `committed` at the point of no return;
 /// returns the downtime (from the pause to the VM running on the target).
 pub(super) fn run_source(
     h: &VmHandle,
@@ -195,14 +197,18 @@ pub(super) fn run_source(
     pending: &[DirtyBitmap],
     out: &Outgoing,
     paused: &mut bool,
+    paused_devices: &mut bool,
     committed: &mut bool,
 ) -> Result<Duration, MigrationError> {
     let m = &h.machine;
     out.update(|s| s.phase = MigrationPhase::StopAndCopy);
     let paused_at = Instant::now();
     *paused = h.pause_for_migration()?;
+    // Completes the I/O in flight (its pages are logged) before the last dirty pages.
+    m.pause_devices();
+    *paused_devices = true;
     hold("stop-and-copy");
-    let last = m.vm_fd.dirty_bitmap(&m.mem)?;
+    let last = super::send::take_dirty(m)?;
     let mut set = DirtySet::union(&[pending, &last]);
     let state = m.state(layout_of(&m.mem))?;
     let state = json_bytes(&state)?;
@@ -249,7 +255,7 @@ enum FromTarget {
 /// Pushes every page of `set` to the target, requested ones first, and waits for its done.
 fn serve_pages(
     stream: &mut Stream,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     set: &mut DirtySet,
     out: &Outgoing,
 ) -> Result<(), String> {
@@ -568,7 +574,7 @@ impl PageSource for Fetcher {
 }
 
 /// Drops the pages of `set` from `mem` (they are stale: the source sends them again).
-pub fn drop_pages(mem: &GuestMemoryMmap, set: &DirtySet) -> Result<(), MigrationError> {
+pub fn drop_pages(mem: &GuestMem, set: &DirtySet) -> Result<(), MigrationError> {
     let mut at = 0;
     while let Some(a) = set.next(at) {
         let mut end = a + PAGE_SIZE;

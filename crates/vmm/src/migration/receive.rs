@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use api::types::{MigrationPhase, MigrationRole, MigrationStatus};
 use devices::bus::lock;
+use guestmem::GuestMem;
 use hypervisor::mem::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag};
 use super::Outgoing;
@@ -116,7 +117,7 @@ pub fn receive(
             ))
         }
     };
-    let mem = match GuestMemoryMmap::from_ranges(&arch::layout::ram_ranges(config.memory)) {
+    let mem = match GuestMem::from_ranges(&arch::layout::ram_ranges(config.memory)) {
         Ok(m) => m,
         Err(e) => {
             return Err(refuse(

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use api::types::{MigrateSendRequest, MigrationPhase, MigrationRole, MigrationStatus};
 use devices::bus::lock;
+use guestmem::GuestMem;
 use hypervisor::dirty::DirtyBitmap;
 use hypervisor::mem::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
 use super::{digest, Addr, MigrationError, Stream};
 use crate::api::VmHandle;
+use crate::dirty::Consumer;
 use crate::snapshot::memory::{layout_of, scan_used};
 
 /// Pre-copy rounds before stop-and-copy is forced (the guest dirties memory faster than it
@@ -46,7 +48,7 @@ impl Outgoing {
 /// Sends pages to the target, paced to the bandwidth limit.
 struct Pages<'a> {
     stream: &'a mut Stream,
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMem,
     out: &'a Outgoing,
     buf: Vec<u8>,
     started: Instant,
@@ -144,6 +146,13 @@ pub(super) fn hold(phase: &str) {
     }
 }
 
+/// The pages dirtied since the last call (the guest's and the VMM's writes).
+pub(super) fn take_dirty(m: &crate::vm::Machine) -> Result<Vec<DirtyBitmap>, MigrationError> {
+    m.dirty
+        .take(&m.vm_fd, &m.mem, Consumer::Migration)?
+        .ok_or_else(|| MigrationError::Build("dirty tracking stopped".to_string()))
+}
+
 fn dirty_bytes(bitmaps: &[DirtyBitmap]) -> u64 {
     bitmaps.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE
 }
@@ -179,15 +188,16 @@ pub fn send(
     protocol::write_json(&mut stream, Tag::Hello, &hello)?;
     protocol::expect(&mut stream, &mut buf, Tag::Ready)?;
 
-    // From here on, every change to guest memory is a vCPU's: KVM logs it.
-    m.pause_devices();
+    // The dirty tracker logs the guest's writes (KVM) and the device threads' (vm-memory's
+    // bitmap), so the devices run on through pre-copy; they pause for stop-and-copy only.
     let mut paused_vcpus = false;
+    let mut paused_devices = false;
     let mut committed = false;
     let result = (|| -> Result<Duration, MigrationError> {
         // A userfaultfd-restored VM's untouched pages come in first: the first round sends
-        // resident pages only, and the pager's fills are not in KVM's dirty log.
+        // resident pages only, and the pager's fills are in neither dirty log.
         m.populate_memory()?;
-        m.vm_fd.set_dirty_logging(&m.mem, true)?;
+        m.dirty.start(&m.vm_fd, &m.mem, Consumer::Migration)?;
         let mut pages = Pages {
             stream: &mut stream,
             mem: &m.mem,
@@ -207,7 +217,7 @@ pub fn send(
         let downtime = Duration::from_millis(req.downtime_ms);
         let mut round = 1;
         let bitmaps = loop {
-            let bitmaps = m.vm_fd.dirty_bitmap(&m.mem)?;
+            let bitmaps = take_dirty(m)?;
             let dirty = dirty_bytes(&bitmaps);
             let took = round_start.elapsed().as_secs_f64().max(1e-6);
             let bandwidth = ((pages.sent - round_sent) as f64 / took).max(1.0);
@@ -248,6 +258,7 @@ pub fn send(
                 &bitmaps,
                 out,
                 &mut paused_vcpus,
+                &mut paused_devices,
                 &mut committed,
             );
         }
@@ -255,9 +266,12 @@ pub fn send(
         out.update(|s| s.phase = MigrationPhase::StopAndCopy);
         let paused_at = Instant::now();
         paused_vcpus = h.pause_for_migration()?;
+        // Completes the I/O in flight (its pages are logged) before the last dirty pages.
+        m.pause_devices();
+        paused_devices = true;
         hold("stop-and-copy");
         pages.dirty(&bitmaps)?;
-        let last = m.vm_fd.dirty_bitmap(&m.mem)?;
+        let last = take_dirty(m)?;
         pages.dirty(&last)?;
         let state = m.state(layout_of(&m.mem))?;
         let state =
@@ -307,9 +321,11 @@ pub fn send(
         Err(e) => {
             // Tell the target (if it still listens), then carry on here.
             let _ = protocol::write_frame(&mut stream, Tag::Abort, &[]);
-            let _ = m.vm_fd.set_dirty_logging(&m.mem, false);
-            if let Err(r) = m.resume_devices() {
-                tracing::error!("after a failed migration: {r}");
+            m.dirty.stop(&m.vm_fd, &m.mem, Consumer::Migration);
+            if paused_devices {
+                if let Err(r) = m.resume_devices() {
+                    tracing::error!("after a failed migration: {r}");
+                }
             }
             if paused_vcpus {
                 h.resume_after_migration();

@@ -3,26 +3,32 @@
 //!
 //! ```text
 //! VESSEL-SNAPSHOT
-//! {"format_version":1,"vessel_version":"0.1.0","body_len":1234,"body_crc32":305419896}
+//! {"format_version":2,"vessel_version":"0.1.0","body_len":1234,"body_crc32":305419896,
+//!  "snapshot_id":"9f2c…","parent":{"dir":"/snaps/full","id":"41d0…"}}
 //! {...the state...}
 //! ```
 //!
-//! A file from a newer format is refused with a version error (never half-read); an older one
-//! is refused the same way until a migration exists for it. The checksum catches truncation
+//! (the header is one line). Every snapshot has a random `snapshot_id`; a diff snapshot names
+//! its `parent` (absolute directory and id), whose memory file holds the pages the diff left
+//! out. Version 2 added both; version 1 files (no id, no parent: full snapshots) are still
+//! read. A file from a newer format is refused with a version error (never half-read), so an
+//! older Vessel never mistakes a diff snapshot for a full one. The checksum catches truncation
 //! and bit rot before any state reaches KVM. Files are written to a temporary name, synced and
 //! renamed, so a crash never leaves a half-written snapshot under the real name.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// First line of every state file.
 pub const MAGIC: &str = "VESSEL-SNAPSHOT";
-/// The state format this Vessel writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The state format this Vessel writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest state format this Vessel reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Longest header line accepted.
 const MAX_HEADER: usize = 4096;
 
@@ -39,7 +45,7 @@ pub enum FormatError {
     NotASnapshot(String),
     #[error(
         "{path}: snapshot format version {found} (written by Vessel {writer}); this Vessel \
-         {ours} reads version {FORMAT_VERSION} only"
+         {ours} reads versions {OLDEST_VERSION} to {FORMAT_VERSION} only"
     )]
     Version {
         path: String,
@@ -59,6 +65,44 @@ struct Header {
     vessel_version: String,
     body_len: u64,
     body_crc32: u32,
+    #[serde(flatten)]
+    lineage: Lineage,
+}
+
+/// A snapshot, as another one refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    /// Its directory (absolute).
+    pub dir: PathBuf,
+    /// Its `snapshot_id`.
+    pub id: String,
+}
+
+/// Where a snapshot stands in a chain of diff snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// Random, unique per snapshot (empty in version 1 files).
+    #[serde(default, rename = "snapshot_id")]
+    pub id: String,
+    /// The snapshot this one is a diff against; none for a full snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<SnapshotRef>,
+}
+
+impl Lineage {
+    /// A new snapshot id: 128 random bits in hex.
+    pub fn new_id() -> String {
+        let mut b = [0u8; 16];
+        if getrandom::fill(&mut b).is_err() {
+            // No entropy source: unique enough for telling snapshots apart.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            b = (t ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+        }
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FormatError + '_ {
@@ -69,13 +113,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FormatError + '_ {
 }
 
 /// Writes `state` to `path` (through `path.tmp`, synced, then renamed).
-pub fn write_state<T: Serialize>(path: &Path, state: &T) -> Result<(), FormatError> {
+pub fn write_state<T: Serialize>(
+    path: &Path,
+    state: &T,
+    lineage: &Lineage,
+) -> Result<(), FormatError> {
     let body = serde_json::to_vec(state).map_err(FormatError::Encode)?;
     let header = Header {
         format_version: FORMAT_VERSION,
         vessel_version: env!("CARGO_PKG_VERSION").to_string(),
         body_len: body.len() as u64,
         body_crc32: crc32fast::hash(&body),
+        lineage: lineage.clone(),
     };
     let header = serde_json::to_string(&header).map_err(FormatError::Encode)?;
     let tmp = path.with_extension("tmp");
@@ -88,7 +137,13 @@ pub fn write_state<T: Serialize>(path: &Path, state: &T) -> Result<(), FormatErr
 }
 
 /// Reads a state file written by [`write_state`], checking magic, version and checksum.
+#[cfg(test)]
 pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
+    read_state_lineage(path).map(|(t, _)| t)
+}
+
+/// [`read_state`], with the snapshot's place in its chain.
+pub fn read_state_lineage<T: DeserializeOwned>(path: &Path) -> Result<(T, Lineage), FormatError> {
     let name = || path.display().to_string();
     let f = File::open(path).map_err(io_err(path))?;
     let mut r = BufReader::new(f);
@@ -111,7 +166,7 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
             path: name(),
             why: format!("header: {e}"),
         })?;
-    if header.format_version != FORMAT_VERSION {
+    if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&header.format_version) {
         return Err(FormatError::Version {
             path: name(),
             found: header.format_version,
@@ -139,10 +194,11 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
             why: "checksum mismatch".to_string(),
         });
     }
-    serde_json::from_slice(&body).map_err(|e| FormatError::Corrupt {
+    let state = serde_json::from_slice(&body).map_err(|e| FormatError::Corrupt {
         path: name(),
         why: e.to_string(),
-    })
+    })?;
+    Ok((state, header.lineage))
 }
 
 #[cfg(test)]
@@ -166,16 +222,41 @@ mod tests {
     fn round_trip() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("state");
-        write_state(&p, &sample()).unwrap();
-        assert_eq!(read_state::<S>(&p).unwrap(), sample());
+        let lineage = Lineage {
+            id: Lineage::new_id(),
+            parent: Some(SnapshotRef {
+                dir: "/snaps/a".into(),
+                id: Lineage::new_id(),
+            }),
+        };
+        write_state(&p, &sample(), &lineage).unwrap();
+        let (s, l) = read_state_lineage::<S>(&p).unwrap();
+        assert_eq!(s, sample());
+        assert_eq!(l, lineage);
+        assert_eq!(l.id.len(), 32);
+        assert_ne!(l.id, l.parent.unwrap().id);
         assert!(!p.with_extension("tmp").exists());
+        // A version 1 file (no id, no parent) is still read.
+        let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
+        let mut lines: Vec<&str> = text.splitn(3, '\n').collect();
+        let body = lines[2];
+        let v1 = format!(
+            "{{\"format_version\":1,\"vessel_version\":\"0.1.0\",\"body_len\":{},\"body_crc32\":{}}}",
+            body.len(),
+            crc32fast::hash(body.as_bytes())
+        );
+        lines[1] = &v1;
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        let (s, l) = read_state_lineage::<S>(&p).unwrap();
+        assert_eq!(s, sample());
+        assert_eq!(l, Lineage::default());
     }
 
     #[test]
     fn every_corruption_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("state");
-        write_state(&p, &sample()).unwrap();
+        write_state(&p, &sample(), &Lineage::default()).unwrap();
         let good = std::fs::read(&p).unwrap();
         let header_end = good.iter().rposition(|&c| c == b'\n').unwrap();
         // Flip each byte of the body in turn: the checksum (or the parser) refuses all.
@@ -202,12 +283,12 @@ mod tests {
     fn other_versions_get_a_version_error() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("state");
-        write_state(&p, &sample()).unwrap();
+        write_state(&p, &sample(), &Lineage::default()).unwrap();
         let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
-        let text = text.replacen("\"format_version\":1", "\"format_version\":99", 1);
+        let text = text.replacen("\"format_version\":2", "\"format_version\":99", 1);
         std::fs::write(&p, text).unwrap();
         let e = read_state::<S>(&p).unwrap_err();
         assert!(matches!(e, FormatError::Version { found: 99, .. }), "{e}");
-        assert!(e.to_string().contains("reads version 1 only"), "{e}");
+        assert!(e.to_string().contains("reads versions 1 to 2 only"), "{e}");
     }
 }

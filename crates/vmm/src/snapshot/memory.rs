@@ -9,17 +9,19 @@
 //! zeroes).
 //! The guest's writes go to private copies: the file is never modified, so many VMs can be
 //! restored from one snapshot at once.
+//!
+//! A diff snapshot's file has the same layout but holds only the pages dirtied since its
+//! parent (written even when zero); its holes mean "see the parent". A chain is restored by
+//! mapping the full snapshot's file, then each diff's data extents over it, oldest first.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use guestmem::{GuestMapping, GuestMem, GuestRegion};
+use hypervisor::dirty::DirtyBitmap;
 use serde::{Deserialize, Serialize};
-use vm_memory::mmap::MmapRegion;
-use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use api::types::RestoreMemory;
 use hypervisor::mem::PAGE_SIZE;
@@ -93,7 +95,7 @@ impl UnsyncedMemory {
 /// renamed, so that a VM restored from an older file at `path` keeps its mapping intact).
 #[cfg(test)]
 fn write_memory(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats), MemoryError> {
     let (regions, stats, unsynced) = write_memory_unsynced(mem, path)?;
@@ -104,7 +106,7 @@ fn write_memory(
 /// [`write_memory`] without the sync and the rename: the guest may run on meanwhile (the
 /// file's contents are final), then [`UnsyncedMemory::finish`].
 pub fn write_memory_unsynced(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
     let regions = layout_of(mem);
@@ -138,13 +140,75 @@ pub fn write_memory_unsynced(
     ))
 }
 
+/// A diff memory file at `path`: the same layout as a full one, but only the pages `dirty`
+/// marks are written (all of them, zero or not: a hole means "unchanged, see the parent").
+pub fn write_diff_unsynced(
+    mem: &GuestMem,
+    dirty: &[DirtyBitmap],
+    path: &Path,
+) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
+    let regions = layout_of(mem);
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.set_len(total).map_err(io_err(&tmp))?;
+    let mut stats = WriteStats { total, written: 0 };
+    let mut buf = vec![0u8; CHUNK as usize];
+    for b in dirty {
+        let r = regions
+            .iter()
+            .find(|r| r.guest_addr == b.start.0 && r.size == b.len)
+            .ok_or_else(|| {
+                MemoryError::Layout(format!("no region at {:#x} for dirty pages", b.start.0))
+            })?;
+        let pages = b.pages();
+        let dirty_page = |p: u64| {
+            b.bits
+                .get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        };
+        let mut p = 0;
+        while p < pages {
+            if !dirty_page(p) {
+                p += 1;
+                continue;
+            }
+            // A run of dirty pages, at most a chunk.
+            let first = p;
+            while p < pages && dirty_page(p) && (p - first) * PAGE_SIZE < CHUNK {
+                p += 1;
+            }
+            let off = first * PAGE_SIZE;
+            let bytes = &mut buf[..((p - first) * PAGE_SIZE) as usize];
+            let addr = r.guest_addr + off;
+            mem.read_slice(bytes, GuestAddress(addr))
+                .map_err(|_| MemoryError::Guest {
+                    addr,
+                    why: "cannot read it".to_string(),
+                })?;
+            file.write_all_at(bytes, r.file_offset + off)
+                .map_err(io_err(&tmp))?;
+            stats.written += bytes.len() as u64;
+        }
+    }
+    Ok((
+        regions,
+        stats,
+        UnsyncedMemory {
+            file,
+            tmp,
+            path: path.to_path_buf(),
+        },
+    ))
+}
+
 /// Walks guest memory in chunks of [`CHUNK`] and hands `f` (guest address, contents, which
 /// pages are used) each chunk with a used page: one the guest touched (resident, for
 /// anonymous memory: untouched pages are skipped without being faulted in; every page of a
 /// file mapping, whose residency says nothing of its contents) that is not all zeroes.
 /// Snapshots write these pages, migration sends and digests them.
 pub(crate) fn scan_used<E>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     read_err: impl Fn(u64) -> E,
     mut f: impl FnMut(u64, &[u8], &[bool]) -> Result<(), E>,
 ) -> Result<(), E> {
@@ -207,7 +271,7 @@ fn write_runs(file: &File, chunk: &[u8], used: &[bool], at: u64) -> std::io::Res
 }
 
 /// The regions of `mem`, packed one after the other in file order.
-pub fn layout_of(mem: &GuestMemoryMmap) -> Vec<MemoryRegionInfo> {
+pub fn layout_of(mem: &GuestMem) -> Vec<MemoryRegionInfo> {
     let mut offset = 0;
     mem.iter()
         .map(|r| {
@@ -224,11 +288,29 @@ pub fn layout_of(mem: &GuestMemoryMmap) -> Vec<MemoryRegionInfo> {
 
 /// Maps the memory file at `path` as guest memory with `regions` (privately: the file is never
 /// written).
+#[cfg(test)]
 pub fn map_memory(
     path: &Path,
     regions: &[MemoryRegionInfo],
     mode: RestoreMemory,
-) -> Result<GuestMemoryMmap, MemoryError> {
+) -> Result<GuestMem, MemoryError> {
+    map_memory_chain(&[path.to_path_buf()], regions, mode)
+}
+
+/// Maps a chain of memory files as guest memory with `regions`: `files[0]` is a full
+/// snapshot's, each later one a diff against the one before. The first is mapped privately
+/// region by region, then each data extent of each diff (`SEEK_DATA`/`SEEK_HOLE`; holes mean
+/// "unchanged") is mapped privately over it, newest last. No file is ever written. Eager mode
+/// then faults in every data extent of every file.
+pub fn map_memory_chain(
+    files: &[std::path::PathBuf],
+    regions: &[MemoryRegionInfo],
+    mode: RestoreMemory,
+) -> Result<GuestMem, MemoryError> {
+    let Some(path) = files.first() else {
+        return Err(MemoryError::Layout("no memory file".to_string()));
+    };
+    let path = path.as_path();
     let file = open_checked(path, regions)?;
     let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
     if mode == RestoreMemory::Userfaultfd {
@@ -245,20 +327,36 @@ pub fn map_memory(
         };
         let size = usize::try_from(r.size).map_err(|e| map_err(e.to_string()))?;
         let f = file.try_clone().map_err(io_err(path))?;
-        let mapping = MmapRegion::build(
+        let mapping = GuestMapping::build(
             Some(FileOffset::new(f, r.file_offset)),
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
         )
         .map_err(|e| map_err(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+        let region = GuestRegion::new(mapping, GuestAddress(r.guest_addr))
             .ok_or_else(|| map_err("the region wraps around the address space".into()))?;
         out.push(region);
     }
-    let mem = GuestMemoryMmap::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    let mem = GuestMem::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
+    let mut opened = vec![(path, file)];
+    for diff in &files[1..] {
+        let f = open_checked(diff, regions)?;
+        for (guest, offset, len) in data_extents(&f, diff, regions)? {
+            hypervisor::mem::map_file_over(&mem, GuestAddress(guest), len, &f, offset).map_err(
+                |e| MemoryError::Map {
+                    path: diff.display().to_string(),
+                    addr: guest,
+                    why: e.to_string(),
+                },
+            )?;
+        }
+        opened.push((diff.as_path(), f));
+    }
     if mode == RestoreMemory::Eager {
-        populate_data(&file, path, &mem, regions)?;
+        for (p, f) in &opened {
+            populate_data(f, p, &mem, regions)?;
+        }
     }
     Ok(mem)
 }
@@ -290,20 +388,18 @@ pub(crate) fn open_checked(path: &Path, regions: &[MemoryRegionInfo]) -> Result<
     Ok(file)
 }
 
-/// Eager restore: copies in the file's data extents (holes stay unpopulated: they read as
-/// zeroes and cost nothing until the guest writes them).
-fn populate_data(
+/// The data extents of a memory file, page aligned, as (guest address, file offset, length).
+fn data_extents(
     file: &File,
     path: &Path,
-    mem: &GuestMemoryMmap,
     regions: &[MemoryRegionInfo],
-) -> Result<(), MemoryError> {
+) -> Result<Vec<(u64, u64, u64)>, MemoryError> {
     use nix::unistd::{lseek, Whence};
     let err = |e: nix::Error| MemoryError::Io {
         path: path.display().to_string(),
         source: e.into(),
     };
-    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut out = Vec::new();
     for r in regions {
         let end = r.file_offset + r.size;
         let mut at = r.file_offset as i64;
@@ -318,23 +414,36 @@ fn populate_data(
             }
             let hole = (lseek(file, data as i64, Whence::SeekHole).map_err(err)? as u64).min(end);
             let start = data & !(PAGE_SIZE - 1);
-            let stop = hole.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-            let guest = r.guest_addr + (start - r.file_offset);
-            let len = stop.min(end) - start;
-            let done = hypervisor::mem::populate(mem, GuestAddress(guest), len).map_err(|e| {
-                MemoryError::Map {
-                    path: path.display().to_string(),
-                    addr: guest,
-                    why: e.to_string(),
-                }
-            })?;
-            if !done {
-                // An older kernel: read each page in (the guest's first write copies it).
-                for p in (0..len).step_by(PAGE_SIZE as usize) {
-                    let _ = mem.read_slice(&mut buf, GuestAddress(guest + p));
-                }
-            }
+            let stop = (hole.div_ceil(PAGE_SIZE) * PAGE_SIZE).min(end);
+            out.push((r.guest_addr + (start - r.file_offset), start, stop - start));
             at = stop as i64;
+        }
+    }
+    Ok(out)
+}
+
+/// Eager restore: copies in the file's data extents (holes stay unpopulated: they read as
+/// zeroes, or the parent's pages, and cost nothing until the guest writes them).
+fn populate_data(
+    file: &File,
+    path: &Path,
+    mem: &GuestMem,
+    regions: &[MemoryRegionInfo],
+) -> Result<(), MemoryError> {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for (guest, _, len) in data_extents(file, path, regions)? {
+        let done = hypervisor::mem::populate(mem, GuestAddress(guest), len).map_err(|e| {
+            MemoryError::Map {
+                path: path.display().to_string(),
+                addr: guest,
+                why: e.to_string(),
+            }
+        })?;
+        if !done {
+            // An older kernel: read each page in (the guest's first write copies it).
+            for p in (0..len).step_by(PAGE_SIZE as usize) {
+                let _ = mem.read_slice(&mut buf, GuestAddress(guest + p));
+            }
         }
     }
     Ok(())
@@ -345,10 +454,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    fn guest(ranges: &[(u64, usize)]) -> GuestMemoryMmap {
+    fn guest(ranges: &[(u64, usize)]) -> GuestMem {
         let ranges: Vec<(GuestAddress, usize)> =
             ranges.iter().map(|&(a, s)| (GuestAddress(a), s)).collect();
-        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+        GuestMem::from_ranges(&ranges).unwrap()
     }
 
     #[test]
@@ -403,6 +512,99 @@ mod tests {
         let (_, stats2) = write_memory(&again, &p2).unwrap();
         assert_eq!(stats2.written, stats.written);
         assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&p2).unwrap());
+    }
+
+    fn dirty(mem: &GuestMem, pages: &[u64]) -> Vec<DirtyBitmap> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, r)| {
+                let start = r.start_addr().raw_value();
+                let mut bits = vec![0u64; r.len().div_ceil(PAGE_SIZE * 64) as usize];
+                for &a in pages {
+                    if (start..start + r.len()).contains(&a) {
+                        let p = (a - start) / PAGE_SIZE;
+                        bits[(p / 64) as usize] |= 1 << (p % 64);
+                    }
+                }
+                DirtyBitmap {
+                    slot: slot as u32,
+                    start: r.start_addr(),
+                    len: r.len(),
+                    bits,
+                }
+            })
+            .collect()
+    }
+
+    fn contents(mem: &GuestMem) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in mem.iter() {
+            let mut b = vec![0u8; r.len() as usize];
+            mem.read_slice(&mut b, r.start_addr()).unwrap();
+            out.extend(b);
+        }
+        out
+    }
+
+    #[test]
+    fn a_chain_of_diffs_maps_back_as_the_last_state() {
+        let mem = guest(&[(0, 4 << 20), (64 << 20, 2 << 20)]);
+        mem.write_slice(&[1u8; 3 * 4096], GuestAddress(0x10000))
+            .unwrap();
+        mem.write_slice(&[2u8; 4096], GuestAddress(64 << 20))
+            .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let full = d.path().join("full");
+        let (regions, _) = write_memory(&mem, &full).unwrap();
+
+        // Diff 1: one page changed, one zeroed (written as zeroes, not a hole), one new in
+        // the high region.
+        mem.write_slice(&[3u8; 4096], GuestAddress(0x10000))
+            .unwrap();
+        mem.write_slice(&[0u8; 4096], GuestAddress(0x11000))
+            .unwrap();
+        mem.write_slice(&[4u8; 4096], GuestAddress((64 << 20) + 0x5000))
+            .unwrap();
+        let d1 = d.path().join("diff1");
+        let pages1 = [0x10000, 0x11000, (64 << 20) + 0x5000];
+        let (r1, s1, u1) = write_diff_unsynced(&mem, &dirty(&mem, &pages1), &d1).unwrap();
+        u1.finish().unwrap();
+        assert_eq!(r1, regions);
+        assert_eq!(s1.written, 3 * 4096);
+        let after1 = contents(&mem);
+
+        // Diff 2 on top: a page of diff 1 changed again.
+        mem.write_slice(&[5u8; 4096], GuestAddress((64 << 20) + 0x5000))
+            .unwrap();
+        let d2 = d.path().join("diff2");
+        let (_, s2, u2) =
+            write_diff_unsynced(&mem, &dirty(&mem, &[(64 << 20) + 0x5000]), &d2).unwrap();
+        u2.finish().unwrap();
+        assert_eq!(s2.written, 4096);
+        use std::os::unix::fs::MetadataExt;
+        let alloc = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert!(
+            alloc(&d2) < alloc(&full),
+            "{} vs {}",
+            alloc(&d2),
+            alloc(&full)
+        );
+
+        for mode in [RestoreMemory::Eager, RestoreMemory::Lazy] {
+            let back = map_memory_chain(&[full.clone(), d1.clone()], &regions, mode).unwrap();
+            assert!(contents(&back) == after1, "{mode:?}: full + diff1");
+            let back =
+                map_memory_chain(&[full.clone(), d1.clone(), d2.clone()], &regions, mode).unwrap();
+            assert!(
+                contents(&back) == contents(&mem),
+                "{mode:?}: full + diff1 + diff2"
+            );
+            // Private: writes reach no file.
+            back.write_slice(&[9u8; 4096], GuestAddress(0x10000))
+                .unwrap();
+        }
+        let again = map_memory_chain(&[full, d1, d2], &regions, RestoreMemory::Lazy).unwrap();
+        assert!(contents(&again) == contents(&mem));
     }
 
     #[test]

@@ -1,11 +1,17 @@
 //! VM snapshots: a directory with a state file ([`format`], [`STATE_FILE`]) and a memory file
 //! ([`memory`], [`MEMORY_FILE`]).
 //!
-//! Taking one ([`Machine::snapshot_unsynced`], then [`PendingSnapshot::finish`]) needs the
+//! Taking one ([`Machine::snapshot_unsynced`], then [`Machine::finish_snapshot`]) needs the
 //! vCPUs parked; it pauses the device threads, reads every vCPU's, KVM's and device's state,
 //! writes memory, lets the devices go on, and syncs the files and writes the state file once
 //! the VM runs again. Restoring ([`crate::Vm::restore`]) builds the same machine in a new process on the
 //! mapped memory file, loads the saved state into it, and starts the devices where they were.
+//!
+//! Diff snapshots: every snapshot becomes the VM's *base* (so does the snapshot a VM was
+//! restored from), and the dirty tracker ([`crate::dirty`], consumer `SnapshotBase`) collects
+//! the pages written since. A diff snapshot writes only those into its memory file and names
+//! the base as its parent in the state file's header ([`format::Lineage`]); restoring follows
+//! the parents ([`resolve_chain`]) and maps the files over one another.
 
 pub mod disks;
 pub mod format;
@@ -23,8 +29,13 @@ use devices::virtio::pci::VirtioPciState;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::dirty::Consumer;
 use crate::vm::Machine;
+pub use format::{Lineage, SnapshotRef as SnapshotBase};
 use memory::MemoryRegionInfo;
+
+/// Longest chain of diff snapshots a restore follows.
+pub const MAX_CHAIN: usize = 64;
 
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state";
@@ -48,6 +59,16 @@ pub enum SnapshotError {
     Cpu(String),
     #[error("the snapshot does not match: {0}")]
     Mismatch(String),
+    #[error(
+        "a diff snapshot needs a base: take a full snapshot first (or restore this VM from one)"
+    )]
+    NoBase,
+    #[error("the parent snapshot {dir} (of {child}): {why}")]
+    Parent {
+        dir: String,
+        child: String,
+        why: String,
+    },
     #[error("disk snapshot: {0}")]
     Disks(#[from] disks::DiskSnapshotError),
 }
@@ -79,29 +100,25 @@ pub struct VmSnapshot {
     pub frozen_disks: Vec<disks::FrozenDisk>,
 }
 
-/// A snapshot whose files are written but not yet synced: [`PendingSnapshot::finish`] once
+/// A snapshot whose files are written but not yet synced: [`Machine::finish_snapshot`] once
 /// the VM runs again (the state file appears last, so a crash never leaves a snapshot that
 /// looks complete).
 pub struct PendingSnapshot {
     memory: memory::UnsyncedMemory,
     state: Box<VmSnapshot>,
-    state_path: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    lineage: Lineage,
+    /// The dirty pages a diff consumed (given back if it fails).
+    taken: Option<Vec<hypervisor::dirty::DirtyBitmap>>,
     pub info: SnapshotInfo,
-}
-
-impl PendingSnapshot {
-    /// Syncs and names the memory file, then writes the state file.
-    pub fn finish(self) -> Result<SnapshotInfo, SnapshotError> {
-        self.memory.finish()?;
-        format::write_state(&self.state_path, &*self.state)?;
-        Ok(self.info)
-    }
 }
 
 /// What taking a snapshot did.
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotInfo {
     pub memory: memory::WriteStats,
+    /// Whether this is a diff snapshot.
+    pub diff: bool,
     /// How long the device threads were paused (the vCPUs were paused longer).
     pub devices_paused: Duration,
 }
@@ -185,19 +202,31 @@ impl Machine {
     }
 
     /// Writes a snapshot into `dir` (created if missing; it must not hold a snapshot already)
-    /// up to the point where the VM may run again. Every vCPU must be parked; the device
-    /// threads are paused meanwhile and go on after. The caller resumes the vCPUs and then
-    /// calls [`PendingSnapshot::finish`] (the sync is off the pause). With `disk_snapshot`,
-    /// the writable disks are frozen at the same instant and the VM goes on with new overlays
+    /// up to the point where the VM may run again: all used memory, or with `diff` only the
+    /// pages written since the base snapshot. Every vCPU must be parked; the device threads
+    /// are paused meanwhile and go on after. The caller resumes the vCPUs and then calls
+    /// [`Machine::finish_snapshot`] (the sync is off the pause). With `disk_snapshot`, the
+    /// writable disks are frozen at the same instant and the VM goes on with new overlays
     /// (see [`disks`]).
     pub fn snapshot_unsynced(
         &self,
         dir: &Path,
+        diff: bool,
         disk_snapshot: bool,
     ) -> Result<PendingSnapshot, SnapshotError> {
         let bad_dir = |why: String| SnapshotError::Dir {
             path: dir.display().to_string(),
             why,
+        };
+        let parent = if diff {
+            let base = lock(&self.snapshot_base).clone();
+            let base = base
+                .filter(|_| self.dirty.has(Consumer::SnapshotBase))
+                .ok_or(SnapshotError::NoBase)?;
+            check_parent(&base, dir)?;
+            Some(base)
+        } else {
+            None
         };
         std::fs::create_dir_all(dir).map_err(|e| bad_dir(e.to_string()))?;
         if dir.join(STATE_FILE).exists() {
@@ -205,15 +234,23 @@ impl Machine {
                 "it holds a snapshot already; use another directory".to_string(),
             ));
         }
+        let dir = dir.canonicalize().map_err(|e| bad_dir(e.to_string()))?;
+        if parent.as_ref().is_some_and(|p| p.dir == dir) {
+            return Err(bad_dir("it holds the base snapshot".to_string()));
+        }
         let planned = if disk_snapshot {
-            disks::plan(&self.config_now().disks, dir)?
+            disks::plan(&self.config_now().disks, &dir)?
         } else {
             Vec::new()
         };
-        // Memory a pager still serves: the scan below sees resident pages only.
-        self.populate_memory()?;
+        // Memory a pager still serves: a full snapshot's scan sees resident pages only (a
+        // diff reads only pages written since its base, which are resident).
+        if !diff {
+            self.populate_memory()?;
+        }
         let paused = Instant::now();
         self.pause_devices();
+        let mut taken = None;
         let result = (|| {
             // Disks first: an image that cannot be frozen fails the snapshot before memory is
             // written.
@@ -225,8 +262,22 @@ impl Machine {
                 state.config.disks[f.index].path = f.path.clone();
             }
             state.frozen_disks = frozen;
-            let (regions, stats, unsynced) =
-                memory::write_memory_unsynced(&self.mem, &dir.join(MEMORY_FILE))?;
+            let path = dir.join(MEMORY_FILE);
+            let (regions, stats, unsynced) = if diff {
+                let pages = self
+                    .dirty
+                    .take(&self.vm_fd, &self.mem, Consumer::SnapshotBase)?
+                    .ok_or(SnapshotError::NoBase)?;
+                let written = memory::write_diff_unsynced(&self.mem, &pages, &path);
+                taken = Some(pages);
+                written?
+            } else {
+                // From this instant on, the pages written are the next diff's.
+                *lock(&self.snapshot_base) = None;
+                self.dirty
+                    .start(&self.vm_fd, &self.mem, Consumer::SnapshotBase)?;
+                memory::write_memory_unsynced(&self.mem, &path)?
+            };
             if regions != state.memory {
                 return Err(SnapshotError::Mismatch(
                     "guest memory changed its layout while it was written".to_string(),
@@ -236,17 +287,71 @@ impl Machine {
         })();
         let devices_paused = paused.elapsed();
         let resumed = self.resume_devices();
-        let (state, stats, unsynced) = result?;
+        let (state, stats, unsynced) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.snapshot_failed(taken.as_deref());
+                return Err(e);
+            }
+        };
         resumed?;
         Ok(PendingSnapshot {
             memory: unsynced,
             state: Box::new(state),
-            state_path: dir.join(STATE_FILE),
+            dir,
+            lineage: Lineage {
+                id: Lineage::new_id(),
+                parent,
+            },
+            taken,
             info: SnapshotInfo {
                 memory: stats,
+                diff,
                 devices_paused,
             },
         })
+    }
+
+    /// Syncs and names the memory file, then writes the state file; the snapshot becomes the
+    /// base of the next diff.
+    pub fn finish_snapshot(&self, p: PendingSnapshot) -> Result<SnapshotInfo, SnapshotError> {
+        let state_path = p.dir.join(STATE_FILE);
+        let done = p
+            .memory
+            .finish()
+            .map_err(SnapshotError::from)
+            .and_then(|()| Ok(format::write_state(&state_path, &*p.state, &p.lineage)?));
+        match done {
+            Ok(()) => {
+                *lock(&self.snapshot_base) = Some(SnapshotBase {
+                    dir: p.dir,
+                    id: p.lineage.id,
+                });
+                Ok(p.info)
+            }
+            Err(e) => {
+                self.snapshot_failed(p.taken.as_deref());
+                Err(e)
+            }
+        }
+    }
+
+    /// After a failed snapshot: a diff's pages count as dirty again (the base stays); a
+    /// failed full snapshot leaves no base.
+    fn snapshot_failed(&self, taken: Option<&[hypervisor::dirty::DirtyBitmap]>) {
+        match taken {
+            Some(pages) => self.dirty.give_back(Consumer::SnapshotBase, pages),
+            None => *lock(&self.snapshot_base) = None,
+        }
+    }
+
+    /// Makes the snapshot this machine was restored from the base of its diff snapshots
+    /// (before its vCPUs first run).
+    pub(crate) fn set_restored_base(&self, base: SnapshotBase) -> Result<(), SnapshotError> {
+        self.dirty
+            .start(&self.vm_fd, &self.mem, Consumer::SnapshotBase)?;
+        *lock(&self.snapshot_base) = Some(base);
+        Ok(())
     }
 
     /// Loads `snap` into this freshly built machine (same configuration, memory mapped from
@@ -408,4 +513,68 @@ pub fn check_cpu(offered: &hypervisor::kvm::CpuId, snap: &VmSnapshot) -> Result<
         }
     }
     Ok(())
+}
+
+/// Checks that the base snapshot is still there, unchanged, before a diff builds on it.
+fn check_parent(base: &SnapshotBase, child: &Path) -> Result<(), SnapshotError> {
+    let (_, lineage): (serde_json::Value, Lineage) =
+        format::read_state_lineage(&base.dir.join(STATE_FILE)).map_err(|e| {
+            SnapshotError::Parent {
+                dir: base.dir.display().to_string(),
+                child: child.display().to_string(),
+                why: e.to_string(),
+            }
+        })?;
+    if lineage.id != base.id {
+        return Err(SnapshotError::Parent {
+            dir: base.dir.display().to_string(),
+            child: child.display().to_string(),
+            why: "it was replaced by another snapshot; take a full snapshot".to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Follows the parents of the snapshot in `dir` (whose header says `lineage`, whose memory
+/// is `regions`) down to its full snapshot; returns the memory files, the full snapshot's
+/// first. Each parent must be there, have the id its child recorded and the same memory
+/// layout.
+pub fn resolve_chain(
+    dir: &Path,
+    lineage: &Lineage,
+    regions: &[MemoryRegionInfo],
+) -> Result<Vec<std::path::PathBuf>, SnapshotError> {
+    let mut files = vec![dir.join(MEMORY_FILE)];
+    let mut child = dir.to_path_buf();
+    let mut next = lineage.parent.clone();
+    while let Some(parent) = next {
+        let err = |why: String| SnapshotError::Parent {
+            dir: parent.dir.display().to_string(),
+            child: child.display().to_string(),
+            why,
+        };
+        if files.len() > MAX_CHAIN {
+            return Err(err(format!(
+                "the chain of diff snapshots is longer than {MAX_CHAIN}"
+            )));
+        }
+        let (snap, l): (VmSnapshot, Lineage) =
+            format::read_state_lineage(&parent.dir.join(STATE_FILE))
+                .map_err(|e| err(e.to_string()))?;
+        if l.id != parent.id {
+            return Err(err(format!(
+                "it is snapshot {}, not {} which the diff was taken against",
+                if l.id.is_empty() { "without id" } else { &l.id },
+                parent.id
+            )));
+        }
+        if snap.memory != regions {
+            return Err(err("its memory layout differs".to_string()));
+        }
+        files.push(parent.dir.join(MEMORY_FILE));
+        child = parent.dir.clone();
+        next = l.parent;
+    }
+    files.reverse();
+    Ok(files)
 }

@@ -26,9 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
+use guestmem::GuestMem;
 use hypervisor::mem::PAGE_SIZE;
 use hypervisor::uffd::{UffdEvent, Userfault};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -546,13 +547,13 @@ impl Pager {
     pub fn start(
         path: &Path,
         regions: &[MemoryRegionInfo],
-    ) -> Result<(GuestMemoryMmap, Pager), MemoryError> {
+    ) -> Result<(GuestMem, Pager), MemoryError> {
         let file = super::memory::open_checked(path, regions)?;
         let ranges: Vec<(GuestAddress, usize)> = regions
             .iter()
             .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges)
+        let mem = GuestMem::from_ranges(&ranges)
             .map_err(|e| MemoryError::Layout(format!("cannot map guest memory: {e}")))?;
         let source = FileSource {
             file,
@@ -566,7 +567,7 @@ impl Pager {
     /// starts the pager thread serving its missing pages from `source`. Pages for which
     /// `present(guest)` holds are not fetched: they are in `mem` already, or zero if missing.
     pub fn serve(
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         regions: &[MemoryRegionInfo],
         source: Box<dyn PageSource>,
         present: Option<&dyn Fn(u64) -> bool>,
@@ -646,8 +647,8 @@ mod tests {
 
     /// A memory file of two regions (as below and above the 3 GiB hole) with data in a few
     /// places; returns the guest memory it was written from and the layout.
-    fn snapshot(path: &Path) -> (GuestMemoryMmap, Vec<MemoryRegionInfo>) {
-        let mem = GuestMemoryMmap::from_ranges(&[
+    fn snapshot(path: &Path) -> (GuestMem, Vec<MemoryRegionInfo>) {
+        let mem = GuestMem::from_ranges(&[
             (GuestAddress(0), 4 << 20),
             (GuestAddress(64 << 20), 2 << 20),
         ])
@@ -677,7 +678,7 @@ mod tests {
         pager.stats()
     }
 
-    fn byte(mem: &GuestMemoryMmap, a: u64) -> u8 {
+    fn byte(mem: &GuestMem, a: u64) -> u8 {
         mem.read_obj::<u8>(GuestAddress(a)).unwrap()
     }
 

@@ -20,9 +20,9 @@ mod tests_engines;
 use std::sync::Arc;
 
 use block::DiskBackend;
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
-use vm_memory::GuestMemoryMmap;
 
 use self::engine::threads::{ThreadPool, POOL_THREADS};
 use self::engine::EngineSetup;
@@ -237,7 +237,7 @@ impl Block {
     /// The engine for one queue; an `auto` io_uring that cannot start falls back to threads.
     fn queue_engine(
         &mut self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         depth: u16,
     ) -> Result<Box<dyn engine::Engine>, ActivateError> {
         let setup = |kind, pool| EngineSetup {
@@ -377,7 +377,7 @@ impl VirtioDevice for Block {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {

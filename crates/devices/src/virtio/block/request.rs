@@ -16,7 +16,8 @@
 use std::sync::Arc;
 
 use block::DiskBackend;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::engine::{execute_blocking, Bounce, Data, Op};
 use super::{
@@ -177,7 +178,7 @@ impl Parser {
     }
 
     /// Check the request in `chain` (walked, not yet validated).
-    pub(crate) fn parse(&self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Parsed {
+    pub(crate) fn parse(&self, mem: &GuestMem, chain: &mut Chain) -> Parsed {
         let Some(status_addr) = chain.status_addr(mem) else {
             tracing::debug!(
                 "virtio-blk: chain {} has no writable status byte{}; returned unserved",
@@ -216,7 +217,7 @@ impl Parser {
         }
     }
 
-    fn request(&self, mem: &GuestMemoryMmap, chain: &Chain) -> Result<Answer, RequestError> {
+    fn request(&self, mem: &GuestMem, chain: &Chain) -> Result<Answer, RequestError> {
         if chain.readable_len < HEADER_LEN {
             return Err(RequestError::ShortHeader);
         }
@@ -283,7 +284,7 @@ impl Parser {
     /// ones dropped).
     fn discard_or_zero(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         kind: u32,
         input: &mut Cursor,
     ) -> Result<Vec<(u64, u64)>, RequestError> {
@@ -378,7 +379,7 @@ impl BlockHandler {
 }
 
 impl ChainHandler for BlockHandler {
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
         let (status_addr, status, written) = match self.parser.parse(mem, chain) {
             Parsed::Unserved => return 0,
             Parsed::Done {

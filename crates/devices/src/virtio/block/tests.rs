@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use block::raw::RawBackend;
 use block::{DiskBackend, Format};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::engine::threads::ThreadPool;
@@ -125,7 +126,7 @@ const STATUS: u64 = 0x80000;
 
 /// A driver building requests: each request gets its own header and status slot.
 pub(super) struct Driver<'a> {
-    pub m: &'a GuestMemoryMmap,
+    pub m: &'a GuestMem,
     pub tq: TestQueue<'a>,
     pub n: u64,
     /// Head of the request whose status byte is at each address.
@@ -133,11 +134,11 @@ pub(super) struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    pub fn new(m: &'a GuestMemoryMmap) -> Self {
+    pub fn new(m: &'a GuestMem) -> Self {
         Self::with_size(m, 256)
     }
 
-    pub fn with_size(m: &'a GuestMemoryMmap, size: u16) -> Self {
+    pub fn with_size(m: &'a GuestMem, size: u16) -> Self {
         Driver {
             m,
             tq: TestQueue::new(m, size),
@@ -181,7 +182,7 @@ impl<'a> Driver<'a> {
     }
 
     /// A driver for an existing queue, numbering its slots from `n`.
-    pub fn with_queue(m: &'a GuestMemoryMmap, tq: TestQueue<'a>, n: u64) -> Self {
+    pub fn with_queue(m: &'a GuestMem, tq: TestQueue<'a>, n: u64) -> Self {
         Driver {
             m,
             tq,
@@ -444,7 +445,7 @@ fn discard_and_write_zeroes_with(kind: EngineKind) {
     disk.fill(0xaa);
     let mut d = Driver::new(&m);
     let mut bq = d.block_queue(&disk, rw_features(), kind);
-    let seg = |m: &GuestMemoryMmap, at: u64, segs: &[[u8; 16]]| {
+    let seg = |m: &GuestMem, at: u64, segs: &[[u8; 16]]| {
         for (i, s) in segs.iter().enumerate() {
             m.write_slice(s, GuestAddress(at + 16 * i as u64)).unwrap();
         }
@@ -662,7 +663,7 @@ fn malformed_chains_fail_alone_with(kind: EngineKind) {
 fn lengths_that_overflow_get_ioerr() {
     // 2.25 GiB of reserved (untouched) guest memory, used twice by one chain.
     let big = 0x9000_0000u64;
-    let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), big as usize)]).unwrap();
+    let m = GuestMem::from_ranges(&[(GuestAddress(0), big as usize)]).unwrap();
     for kind in engines() {
         let disk = TestDisk::new(64 * 512, false);
         let mut d = Driver::new(&m);

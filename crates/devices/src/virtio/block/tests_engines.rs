@@ -6,7 +6,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use block::{DiskBackend, Format};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::engine::threads::ThreadPool;
 use super::engine::uring::UringEngine;
@@ -182,7 +183,7 @@ fn io_errors_from_the_file_are_ioerr() {
     assert_eq!(d.status(read), VIRTIO_BLK_S_OK);
 }
 
-fn uring_engine(disk: &Arc<TestDisk>, m: &GuestMemoryMmap, depth: u16) -> UringEngine {
+fn uring_engine(disk: &Arc<TestDisk>, m: &GuestMem, depth: u16) -> UringEngine {
     let dynd: Arc<dyn DiskBackend> = disk.clone();
     let pool = ThreadPool::new(dynd, 2, "test").unwrap();
     UringEngine::new(disk.raw_file().unwrap(), m.clone(), pool, depth).unwrap()
@@ -227,11 +228,8 @@ fn io_uring_moves_data_between_the_file_and_guest_memory() {
         return;
     }
     // Two regions, so a buffer can straddle host mappings.
-    let m = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), 2 << 20),
-        (GuestAddress(2 << 20), 2 << 20),
-    ])
-    .unwrap();
+    let m = GuestMem::from_ranges(&[(GuestAddress(0), 2 << 20), (GuestAddress(2 << 20), 2 << 20)])
+        .unwrap();
     for direct in [false, true] {
         let disk = TestDisk::with(1 << 20, false, direct, false);
         let mut e = uring_engine(&disk, &m, 16);
@@ -534,4 +532,75 @@ fn block_state_has_the_engine_and_rate_limit() {
     assert_eq!(b2.rate_limit, ops_limit(100, 1000));
     let mut other = Block::new(TestDisk::new(4096, false), BlockOptions::default()).unwrap();
     assert!(other.restore_device_state(&st).is_err(), "another serial");
+}
+
+/// The guest pages whose dirty bit is set in `m`'s bitmaps (the VMM's writes).
+fn vmm_dirty_pages(m: &GuestMem) -> Vec<u64> {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut out = Vec::new();
+    for r in m.iter() {
+        for p in 0..r.len() / 4096 {
+            if r.bitmap().dirty_at((p * 4096) as usize) {
+                out.push(r.start_addr().0 + p * 4096);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_engine_marks_the_pages_a_read_fills() {
+    let mut cases: Vec<(EngineKind, bool)> =
+        vec![(EngineKind::Sync, false), (EngineKind::Threads, false)];
+    if engine::uring::available().is_ok() {
+        // Straight into guest buffers through the ring, and (O_DIRECT, unaligned) through the
+        // pool's bounce buffer.
+        cases.push((EngineKind::IoUring, false));
+        cases.push((EngineKind::IoUring, true));
+    }
+    for (kind, direct) in cases {
+        let m = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let disk = TestDisk::with(1 << 20, false, direct, false);
+        std::fs::write(disk.path(), vec![0x5au8; 1 << 20]).unwrap();
+        let dynd: Arc<dyn DiskBackend> = disk.clone();
+        let pool = ThreadPool::new(dynd.clone(), 2, "test").unwrap();
+        let mut e = engine::build(engine::EngineSetup {
+            kind,
+            disk: &dynd,
+            mem: &m,
+            pool: Some(&pool),
+            depth: 8,
+        })
+        .unwrap();
+        guestmem::clear_dirty(&m);
+        // 6 KiB from the middle of page 0x21000 (unaligned: O_DIRECT bounces it), and a whole
+        // page at 0x40000.
+        let (bufs, offset) = if direct {
+            (vec![(0x21800, 6144)], 4096)
+        } else {
+            (vec![(0x21800, 6144), (0x40000, 4096)], 0)
+        };
+        e.submit(3, Op::Read(data(offset, &bufs)));
+        e.flush_submissions();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut done = Vec::new();
+        while done.is_empty() {
+            assert!(Instant::now() < deadline, "{kind} read did not complete");
+            if let Some(fd) = e.completion_fd() {
+                engine::wait_readable(fd, Duration::from_millis(100));
+            }
+            e.reap(&mut done);
+        }
+        assert!(done[0].result.is_ok(), "{kind}: {:?}", done[0].result);
+        let mut b = [0u8; 4];
+        m.read_slice(&mut b, GuestAddress(0x22ffc)).unwrap();
+        assert_eq!(b, [0x5a; 4], "{kind}: the read landed");
+        let want: Vec<u64> = if direct {
+            vec![0x21000, 0x22000]
+        } else {
+            vec![0x21000, 0x22000, 0x40000]
+        };
+        assert_eq!(vmm_dirty_pages(&m), want, "{kind} direct={direct}");
+    }
 }

@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use guestmem::GuestMem;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -50,7 +51,7 @@ struct InFlight {
 /// One queue's requests: parsing, submission, completion.
 pub(crate) struct BlockQueue {
     queue: Arc<Mutex<Queue>>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     parser: Parser,
     engine: Box<dyn Engine>,
     limiter: Option<Arc<SharedLimiter>>,
@@ -68,7 +69,7 @@ pub(crate) struct BlockQueue {
 impl BlockQueue {
     pub(crate) fn new(
         queue: Queue,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         parser: Parser,
         engine: Box<dyn Engine>,
         limiter: Option<Arc<SharedLimiter>>,
@@ -444,7 +445,7 @@ impl WorkerLoop for BlockServing {
 pub(crate) struct BlockWorker {
     index: u16,
     queue: Arc<Mutex<Queue>>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     thread: DeviceThread<BlockServing>,
 }
 
@@ -519,7 +520,7 @@ impl BlockWorker {
     }
 
     /// The guest memory the queue's requests point into.
-    pub(crate) fn mem(&self) -> &GuestMemoryMmap {
+    pub(crate) fn mem(&self) -> &GuestMem {
         &self.mem
     }
 

@@ -9,7 +9,8 @@
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestMemoryMmap};
+use guestmem::GuestMem;
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{apply_active_pairs, NetBackend};
@@ -79,7 +80,7 @@ impl CtrlHandler {
 }
 
 impl ChainHandler for CtrlHandler {
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
         if chain.validate(mem, MAX_CHAIN_DESCRIPTORS).is_err() {
             return 0;
         }

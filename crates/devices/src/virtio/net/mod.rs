@@ -30,9 +30,9 @@ mod tests;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueState;
-use vm_memory::GuestMemoryMmap;
 
 pub use ::net::MacAddr;
 pub use backend::NetBackend;
@@ -369,7 +369,7 @@ impl VirtioDevice for Net {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {

@@ -1,7 +1,7 @@
 //! Receive: one frame (header included) into the driver's receive buffers.
 
+use guestmem::GuestMem;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::HDR_LEN;
 use crate::virtio::queue::{
@@ -48,7 +48,7 @@ impl RxOutcome {
 }
 
 /// A chain the device can write a frame into: validated, writable buffers only, not empty.
-fn usable(mem: &GuestMemoryMmap, c: &mut Chain) -> bool {
+fn usable(mem: &GuestMem, c: &mut Chain) -> bool {
     c.validate(mem, MAX_CHAIN_DESCRIPTORS).is_ok() && c.readable_len == 0 && c.writable_len > 0
 }
 
@@ -57,7 +57,7 @@ fn usable(mem: &GuestMemoryMmap, c: &mut Chain) -> bool {
 /// header says how many). `pool` keeps walked chains between calls. An `Err` is a corrupt ring.
 pub fn deliver(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     packet: &mut [u8],
     mrg: bool,
     pool: &mut Vec<Chain>,

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guestmem::GuestMem;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ctrl::*;
@@ -42,7 +43,7 @@ fn pair() -> (Arc<dyn NetBackend>, UnixDatagram) {
     (Arc::new(a), b)
 }
 
-fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+fn read(m: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     m.read_slice(&mut v, GuestAddress(addr)).unwrap();
     v
@@ -50,7 +51,7 @@ fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 
 /// An active device with one queue pair (and the control queue) on a socket pair.
 struct Harness<'a> {
-    m: &'a GuestMemoryMmap,
+    m: &'a GuestMem,
     rx: TestQueue<'a>,
     tx: TestQueue<'a>,
     ctrl: TestQueue<'a>,
@@ -61,14 +62,14 @@ struct Harness<'a> {
 }
 
 impl<'a> Harness<'a> {
-    fn new(m: &'a GuestMemoryMmap, pairs: usize, extra_features: u64) -> Self {
+    fn new(m: &'a GuestMem, pairs: usize, extra_features: u64) -> Self {
         let none = RateLimiterConfig::default();
         Harness::limited(m, pairs, extra_features, none, none)
     }
 
     /// With receive and transmit rate limits.
     fn limited(
-        m: &'a GuestMemoryMmap,
+        m: &'a GuestMem,
         pairs: usize,
         extra_features: u64,
         rx_limit: RateLimiterConfig,

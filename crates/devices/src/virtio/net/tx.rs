@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use guestmem::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN};
@@ -56,7 +56,7 @@ enum Sent {
 }
 
 impl TxHandler<'_> {
-    fn send(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Result<Sent, TxError> {
+    fn send(&mut self, mem: &GuestMem, chain: &mut Chain) -> Result<Sent, TxError> {
         chain.validate(mem, MAX_CHAIN_DESCRIPTORS)?;
         if chain.writable_len > 0 {
             return Err(TxError::Writable);
@@ -86,12 +86,12 @@ impl TxHandler<'_> {
 }
 
 impl ChainHandler for TxHandler<'_> {
-    fn handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> u32 {
+    fn handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> u32 {
         // Only reached without deferral: a limited packet is dropped.
         self.try_handle(mem, chain).unwrap_or(0)
     }
 
-    fn try_handle(&mut self, mem: &GuestMemoryMmap, chain: &mut Chain) -> Option<u32> {
+    fn try_handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> Option<u32> {
         match self.send(mem, chain) {
             Ok(Sent::Limited) => return None,
             Ok(Sent::Done) => {

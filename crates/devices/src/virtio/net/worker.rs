@@ -16,8 +16,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
+use guestmem::GuestMem;
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -75,7 +75,7 @@ pub struct PairOptions {
 }
 
 struct Pair {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     interrupt: Arc<dyn VirtioInterrupt>,
     backend: Arc<dyn NetBackend>,
     epoll: Epoll,
@@ -118,7 +118,7 @@ impl PairWorker {
         name: String,
         rx: ActiveQueue,
         tx: ActiveQueue,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         backend: Arc<dyn NetBackend>,
         opts: PairOptions,

@@ -23,9 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -189,7 +190,7 @@ impl VirtioDevice for Vsock {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
@@ -280,7 +281,7 @@ impl Worker {
     fn spawn(
         muxer: Muxer,
         queues: [ActiveQueue; 3],
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
         reset_event: bool,
     ) -> Result<Worker, VsockError> {
@@ -335,7 +336,7 @@ impl Worker {
 pub struct WorkerState {
     pub muxer: Muxer,
     pub(crate) queues: Vec<Arc<Mutex<Queue>>>,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMem,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     chain: Chain,
     payload: Vec<u8>,
@@ -352,7 +353,7 @@ impl WorkerState {
     pub fn new(
         muxer: Muxer,
         queues: Vec<Queue>,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> WorkerState {
         WorkerState {

@@ -20,7 +20,7 @@ const TX_BUFS: u64 = 0x300000;
 const RX_CHAINS: u16 = 8;
 
 struct Driver<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a GuestMem,
     rx: TestQueue<'a>,
     tx: TestQueue<'a>,
     kicks: Vec<EventFd>,
@@ -34,7 +34,7 @@ struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    fn new(mem: &'a GuestMemoryMmap, dir: &Path) -> Driver<'a> {
+    fn new(mem: &'a GuestMem, dir: &Path) -> Driver<'a> {
         let rx = TestQueue::new_at(mem, 64, 0);
         let tx = TestQueue::new_at(mem, 64, 0x10000);
         let ev = TestQueue::new_at(mem, 16, 0x20000);

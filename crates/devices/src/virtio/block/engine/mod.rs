@@ -23,8 +23,8 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use block::{AlignedBuf, DiskBackend};
+use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::RequestError;
@@ -226,7 +226,7 @@ impl Bounce {
 /// through `bounce` in pieces of [`BOUNCE_LEN`].
 pub(crate) fn execute_blocking(
     disk: &dyn DiskBackend,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     op: &Op,
     bounce: &mut Bounce,
 ) -> Result<(), RequestError> {
@@ -279,7 +279,7 @@ pub(crate) fn execute_blocking(
 pub(crate) struct EngineSetup<'a> {
     pub kind: EngineKind,
     pub disk: &'a Arc<dyn DiskBackend>,
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a GuestMem,
     /// The device's thread pool (threads and io_uring engines).
     pub pool: Option<&'a Arc<threads::ThreadPool>>,
     /// Most requests in flight (the queue size).

@@ -26,8 +26,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use guestmem::GuestMem;
 use io_uring::{opcode, types, IoUring};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::queue::Segment;
@@ -55,6 +56,9 @@ const _: () = assert!(
 pub(crate) struct Iovecs {
     v: Vec<IoVec>,
     len: u64,
+    /// The same buffers as guest ranges: a read marks them dirty when it completes (the
+    /// kernel writes them behind vm-memory's back).
+    guest: Vec<(GuestAddress, u64)>,
 }
 
 impl Iovecs {
@@ -80,6 +84,7 @@ enum Kind {
 struct RingOp {
     kind: Kind,
     iovecs: Vec<IoVec>,
+    guest: Vec<(GuestAddress, u64)>,
     /// First iovec not yet transferred.
     first: usize,
     offset: u64,
@@ -109,7 +114,7 @@ impl RingOp {
 pub(crate) struct Ring {
     uring: IoUring,
     file: File,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     /// The eventfd registered with the ring (a clone), to wait on when dropping.
     wake: EventFd,
     ops: Vec<Option<RingOp>>,
@@ -119,12 +124,7 @@ pub(crate) struct Ring {
 
 impl Ring {
     /// A ring on `file` for buffers in `mem`; completions signal `wake`.
-    pub(crate) fn new(
-        file: File,
-        mem: GuestMemoryMmap,
-        depth: u16,
-        wake: &EventFd,
-    ) -> io::Result<Ring> {
+    pub(crate) fn new(file: File, mem: GuestMem, depth: u16, wake: &EventFd) -> io::Result<Ring> {
         let depth = depth.max(1);
         // One submission entry per operation in flight is enough: an operation has at most
         // one submission outstanding. The completion queue is twice as large.
@@ -151,7 +151,9 @@ impl Ring {
     pub(crate) fn iovecs(&self, bufs: &[Segment]) -> Option<Iovecs> {
         let mut v = Vec::with_capacity(bufs.len());
         let mut len = 0u64;
+        let mut guest = Vec::with_capacity(bufs.len());
         for s in bufs.iter().filter(|s| s.len > 0) {
+            guest.push((s.addr, u64::from(s.len)));
             for slice in self.mem.get_slices(s.addr, s.len as usize) {
                 let guard = slice.ok()?.ptr_guard_mut();
                 v.push(IoVec {
@@ -161,7 +163,7 @@ impl Ring {
                 len += guard.len() as u64;
             }
         }
-        (v.len() <= IOV_MAX).then_some(Iovecs { v, len })
+        (v.len() <= IOV_MAX).then_some(Iovecs { v, len, guest })
     }
 
     /// Read `iov.len()` bytes at `offset` into the guest buffers of `iov`.
@@ -179,6 +181,7 @@ impl Ring {
         let none = Iovecs {
             v: Vec::new(),
             len: 0,
+            guest: Vec::new(),
         };
         self.start(token, Kind::Fsync, none, 0)
     }
@@ -194,6 +197,7 @@ impl Ring {
         *slot = Some(RingOp {
             kind,
             iovecs: iov.v,
+            guest: iov.guest,
             first: 0,
             offset,
             remaining: iov.len,
@@ -302,7 +306,15 @@ impl Ring {
             } else {
                 Ok(())
             };
-            self.ops[token] = None;
+            if let Some(op) = self.ops[token].take() {
+                if op.kind == Kind::Read {
+                    // Whatever the kernel wrote (all of it, or part before an error) is in
+                    // guest memory now: log it for dirty tracking.
+                    for &(addr, len) in &op.guest {
+                        guestmem::mark_dirty(&self.mem, addr, len);
+                    }
+                }
+            }
             self.in_flight -= 1;
             out.push((token, result));
         }

@@ -5,19 +5,19 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use block::DiskBackend;
-use vm_memory::GuestMemoryMmap;
+use guestmem::GuestMem;
 
 use super::{execute_blocking, Bounce, Completion, Engine, Op};
 
 pub(crate) struct SyncEngine {
     disk: Arc<dyn DiskBackend>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     bounce: Bounce,
     done: Vec<Completion>,
 }
 
 impl SyncEngine {
-    pub(crate) fn new(disk: Arc<dyn DiskBackend>, mem: GuestMemoryMmap) -> Self {
+    pub(crate) fn new(disk: Arc<dyn DiskBackend>, mem: GuestMem) -> Self {
         SyncEngine {
             disk,
             mem,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use block::DiskBackend;
-use vm_memory::GuestMemoryMmap;
+use guestmem::GuestMem;
 
 use super::{execute_blocking, Bounce, Completion, Engine, Op, Sink};
 use crate::bus::lock;
@@ -26,7 +26,7 @@ pub(crate) const POOL_THREADS: usize = 4;
 pub(crate) struct Job {
     pub token: usize,
     pub op: Op,
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     pub sink: Arc<Sink>,
 }
 
@@ -107,11 +107,11 @@ impl Drop for ThreadPool {
 pub(crate) struct ThreadsEngine {
     pool: Arc<ThreadPool>,
     sink: Arc<Sink>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
 }
 
 impl ThreadsEngine {
-    pub(crate) fn new(pool: Arc<ThreadPool>, mem: GuestMemoryMmap) -> io::Result<Self> {
+    pub(crate) fn new(pool: Arc<ThreadPool>, mem: GuestMem) -> io::Result<Self> {
         Ok(ThreadsEngine {
             pool,
             sink: Sink::new()?,

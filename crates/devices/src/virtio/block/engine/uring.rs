@@ -11,8 +11,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, OnceLock};
 
+use guestmem::GuestMem;
 use io_uring::{opcode, IoUring, Probe};
-use vm_memory::GuestMemoryMmap;
 
 use super::ring::Ring;
 use super::threads::{Job, ThreadPool};
@@ -59,7 +59,7 @@ pub(crate) struct UringEngine {
     flush: bool,
     pool: Arc<ThreadPool>,
     sink: Arc<Sink>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     /// Operations finished at submission (no I/O needed, or refused).
     ready: Vec<Completion>,
     reaped: Vec<(usize, io::Result<()>)>,
@@ -70,7 +70,7 @@ pub(crate) struct UringEngine {
 impl UringEngine {
     pub(crate) fn new(
         file: block::RawFile,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         pool: Arc<ThreadPool>,
         depth: u16,
     ) -> io::Result<Self> {
