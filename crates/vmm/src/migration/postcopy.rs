@@ -591,6 +591,105 @@ pub fn drop_pages(mem: &GuestMem, set: &DirtySet) -> Result<(), MigrationError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::pager::Pager;
+    use devices::bus::lock;
+    use std::os::unix::net::UnixStream;
+
+    const HIGH: u64 = 64 << 20;
+
+    fn memory() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 4 << 20), (GuestAddress(HIGH), 2 << 20)]).unwrap()
+    }
+
+    fn byte(mem: &GuestMem, a: u64) -> u8 {
+        mem.read_obj::<u8>(GuestAddress(a)).unwrap()
+    }
+
+    /// The source's memory, the target's (a pre-copied page, a stale copy of a dirty one)
+    /// and the dirty set.
+    fn setup() -> (GuestMem, GuestMem, DirtySet) {
+        let (src, dst) = (memory(), memory());
+        let dirty = [0x1000u64, 0x2000, 0x10_0000, HIGH + 0x3000];
+        for (i, &a) in dirty.iter().enumerate() {
+            src.write_slice(&[i as u8 + 1; 4096], GuestAddress(a))
+                .unwrap();
+        }
+        src.write_slice(&[0x77; 4096], GuestAddress(0x3000))
+            .unwrap();
+        dst.write_slice(&[0x77; 4096], GuestAddress(0x3000))
+            .unwrap();
+        dst.write_slice(&[0xee; 4096], GuestAddress(0x1000))
+            .unwrap();
+        let mut set = DirtySet {
+            regions: vec![(0, 4 << 20, vec![0; 16]), (HIGH, 2 << 20, vec![0; 8])],
+        };
+        for a in dirty {
+            let (r, p) = set.slot(a).unwrap();
+            set.regions[r].2[p / 64] |= 1 << (p % 64);
+        }
+        drop_pages(&dst, &set).unwrap();
+        (src, dst, set)
+    }
+
+    fn start_target(dst: &GuestMem, set: &DirtySet, stream: UnixStream) -> (Pager, Arc<Outgoing>) {
+        let out = Arc::new(Outgoing::default());
+        let (fetcher, go) = Fetcher::new(&Stream::Unix(stream), set.clone(), out.clone()).unwrap();
+        go.store(true, Ordering::SeqCst);
+        let pager = Pager::serve(
+            dst,
+            &layout_of(dst),
+            Box::new(fetcher),
+            Some(&|g| !set.contains(g)),
+        )
+        .unwrap();
+        (pager, out)
+    }
+
+    #[test]
+    fn missing_pages_come_from_the_source_and_both_sides_agree_at_the_end() {
+        let (src, dst, set) = setup();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (pager, out) = start_target(&dst, &set, b);
+        // The target's first touch may come before the push: it waits for its page.
+        let source = {
+            let (src, mut set) = (src.clone(), set.clone());
+            std::thread::spawn(move || {
+                let done = Outgoing::default();
+                serve_pages(&mut Stream::Unix(a), &src, &mut set, &done)
+            })
+        };
+        assert_eq!(byte(&dst, HIGH + 0x3000), 4);
+        assert_eq!(byte(&dst, 0x1000), 1);
+        assert_eq!(byte(&dst, 0x10_0000), 3);
+        // Present before, or never touched: as they were.
+        assert_eq!(byte(&dst, 0x3000), 0x77);
+        assert_eq!(byte(&dst, 0x20_0000), 0);
+        source.join().unwrap().unwrap();
+        for _ in 0..1000 {
+            if lock(&out.status).phase == MigrationPhase::Completed {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let s = lock(&out.status).clone();
+        assert_eq!(s.phase, MigrationPhase::Completed, "{s:?}");
+        assert_eq!((s.error, s.remaining_bytes), (None, 0));
+        assert_eq!(byte(&dst, 0x2000), 2);
+        assert_eq!(pager.stats().copied_pages, 4);
+    }
+
+    #[test]
+    fn a_lost_source_fails_the_target_with_the_missing_pages() {
+        let (_, dst, set) = setup();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (pager, out) = start_target(&dst, &set, b);
+        let (tx, rx) = mpsc::channel();
+        pager.on_error(move |e| tx.send(e).unwrap());
+        drop(a);
+        let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(e.contains("with 4 pages"), "{e}");
+        assert_eq!(lock(&out.status).phase, MigrationPhase::Failed);
+    }
 
     #[test]
     fn dirty_sets_union_walk_and_take() {
