@@ -459,3 +459,30 @@ fn killing_the_source_during_post_copy_fails_the_target_clearly() {
         "{e}"
     );
 }
+
+#[test]
+fn killing_the_target_during_post_copy_never_resumes_the_source() {
+    let mut p = pair_with(
+        "mig-postcopy-kill-target",
+        &["env", "VESSEL_MIGRATION_HOLD=postcopy"],
+        &[],
+        "256M",
+        BUSY,
+        None,
+    );
+    start_postcopy(&p);
+    let _ = p.target.child.kill();
+    let _ = p.target.child.wait();
+    // The guest's state moved to the target: the source ends with an error instead of
+    // running a stale copy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(s) = p.source.child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "the source hangs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(1));
+    assert!(!p.source.seen.contains("MISMATCH"), "{}", p.source.seen);
+}
