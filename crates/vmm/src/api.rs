@@ -264,6 +264,19 @@ impl VmController for VmHandle {
     fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
         self.stopping()?;
         crate::migration::Addr::parse(&req.to).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        match req.post_copy_after_rounds {
+            Some(_) if !req.post_copy => {
+                return Err(ApiError::bad_request(
+                    "post_copy_after_rounds needs post_copy",
+                ))
+            }
+            Some(0) => {
+                return Err(ApiError::bad_request(
+                    "post_copy_after_rounds must be at least 1",
+                ))
+            }
+            _ => {}
+        }
         let mut slot = lock(&self.migration);
         if slot
             .as_ref()
