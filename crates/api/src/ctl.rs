@@ -110,6 +110,10 @@ pub enum MigrateCommand {
         /// first full copy).
         #[arg(long, value_name = "N", requires = "post_copy", value_parser = clap::value_parser!(u32).range(1..))]
         post_copy_after: Option<u32>,
+        /// Compare all of guest memory on both sides at stop-and-copy (also catches a page the
+        /// dirty log missed; costs downtime), not only the pages sent.
+        #[arg(long)]
+        full_digest: bool,
         /// Return once started instead of following the progress.
         #[arg(long)]
         no_wait: bool,
@@ -240,6 +244,7 @@ fn migrate(
             bandwidth,
             post_copy,
             post_copy_after,
+            full_digest,
             no_wait,
         } => {
             client.migrate_send(&MigrateSendRequest {
@@ -248,6 +253,7 @@ fn migrate(
                 bandwidth_mbps: *bandwidth,
                 post_copy: *post_copy,
                 post_copy_after_rounds: *post_copy_after,
+                full_digest: *full_digest,
             })?;
             if *no_wait {
                 done(out, json, Ok(()), &format!("migration to {to} started"))?;
@@ -532,6 +538,7 @@ mod tests {
             &["restore", "--dir", "/s", "--memory", "userfaultfd"],
             &["migrate", "send", "--to", "tcp:h:1", "--downtime", "50"],
             &["migrate", "send", "--to", "x", "--post-copy"],
+            &["migrate", "send", "--to", "x", "--full-digest"],
             &[
                 "migrate",
                 "send",

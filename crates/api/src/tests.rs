@@ -241,6 +241,7 @@ fn every_route_through_the_client() {
         bandwidth_mbps: Some(1000),
         post_copy: false,
         post_copy_after_rounds: None,
+        full_digest: false,
     })
     .unwrap();
     c.migrate_receive(&MigrateReceiveRequest {
@@ -271,7 +272,7 @@ fn every_route_through_the_client() {
             "reset",
             r#"snapshot SnapshotRequest { dir: "/snap", diff: true, disk_snapshot: false }"#,
             r#"restore RestoreRequest { dir: "/snap", memory: Userfaultfd }"#,
-            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None }"#,
+            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None, full_digest: false }"#,
             r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock" }"#,
             "migration_status",
             "migrate_cancel",
@@ -355,6 +356,7 @@ fn openapi_covers_every_route_and_schema() {
             bandwidth_mbps: Some(1),
             post_copy: true,
             post_copy_after_rounds: Some(1),
+            full_digest: false,
         })
         .unwrap(),
     );
@@ -519,6 +521,7 @@ fn controller_errors_keep_status_and_message() {
             bandwidth_mbps: None,
             post_copy: false,
             post_copy_after_rounds: None,
+            full_digest: false,
         })
         .unwrap_err();
     assert_eq!(e.api_error().unwrap().status, 501);

@@ -274,6 +274,11 @@ pub struct MigrateSendRequest {
     /// the first full copy), converged or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_after_rounds: Option<u32>,
+    /// Check at stop-and-copy that all of guest memory is the same on both sides, rather than
+    /// only that every page sent arrived intact: this also catches a page the dirty log missed,
+    /// but adds a pass over the used memory on both sides to the downtime.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_digest: bool,
 }
 
 /// `PUT /api/v1/vm.migrate-receive`: waits for an incoming migration; returns at once.

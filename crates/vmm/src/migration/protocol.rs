@@ -104,6 +104,10 @@ pub struct Hello {
     pub vessel_version: String,
     /// The machine (`VmConfig`), as JSON.
     pub config: serde_json::Value,
+    /// Digest all of guest memory at stop-and-copy ([`super::digest`]) rather than the logs
+    /// of pages sent and received ([`super::PageLog`]).
+    #[serde(default)]
+    pub full_digest: bool,
 }
 
 /// `Round`'s body: progress the target reports too.

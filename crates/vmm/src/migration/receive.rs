@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag};
 use super::Outgoing;
-use super::{digest, Addr, MigrationError, Stream};
+use super::{digest, Addr, MigrationError, PageLog, Stream};
 use crate::config::VmConfig;
 use crate::snapshot::memory::layout_of;
 use crate::snapshot::pager::Pager;
@@ -108,6 +108,7 @@ pub fn receive(
             .into(),
         ));
     }
+    let full_digest = hello.full_digest;
     let config: VmConfig = match serde_json::from_value(hello.config) {
         Ok(c) => c,
         Err(e) => {
@@ -134,6 +135,7 @@ pub fn receive(
     protocol::write_frame(&mut stream, Tag::Ready, &[])?;
 
     let mut received = 0u64;
+    let mut log = PageLog::new(&mem);
     let mut postcopy: Option<super::postcopy::DirtySet> = None;
     let state = loop {
         match protocol::read_frame(&mut stream, &mut buf)? {
@@ -148,6 +150,7 @@ pub fn receive(
                 }
                 mem.write_slice(data, GuestAddress(addr))
                     .map_err(|_| protocol::ProtocolError::Bad(format!("pages at {addr:#x}")))?;
+                log.record(addr, data);
                 received += data.len() as u64;
                 update(&|s| s.transferred_bytes = received);
             }
@@ -170,6 +173,7 @@ pub fn receive(
         }
     };
     update(&|s| s.phase = MigrationPhase::StopAndCopy);
+    let state_at = Instant::now();
     let sum = match &postcopy {
         // What the target has of memory (the rest comes later) and the state.
         Some(set) => {
@@ -177,8 +181,10 @@ pub fn receive(
             super::postcopy::drop_pages(&mem, set)?;
             sum
         }
-        None => digest(&mem, &state)?,
+        None if full_digest => digest(&mem, &state)?,
+        None => log.digest(&state),
     };
+    let digested_at = Instant::now();
     let snap: VmSnapshot = match serde_json::from_slice(&state) {
         Ok(s) => s,
         Err(e) => {
@@ -227,6 +233,11 @@ pub fn receive(
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
     };
+    tracing::debug!(
+        "incoming stop-and-copy: digest {:?}, VM built and restored {:?}",
+        digested_at - state_at,
+        digested_at.elapsed()
+    );
     // The source compares the digests and commits, or aborts.
     protocol::write_frame(&mut stream, Tag::Ready, &[&sum.to_le_bytes()])?;
     protocol::expect(&mut stream, &mut buf, Tag::Commit)?;

@@ -12,7 +12,7 @@ use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
-use super::{digest, Addr, MigrationError, Stream};
+use super::{digest, Addr, MigrationError, PageLog, Stream};
 use crate::api::VmHandle;
 use crate::dirty::Consumer;
 use crate::snapshot::memory::{layout_of, scan_used};
@@ -55,6 +55,8 @@ struct Pages<'a> {
     sent: u64,
     /// Bytes per second, or none.
     limit: Option<u64>,
+    /// What was sent of each page.
+    log: PageLog,
 }
 
 impl Pages<'_> {
@@ -77,6 +79,7 @@ impl Pages<'_> {
                 Tag::Pages,
                 &[&a.to_le_bytes(), &(n as u32).to_le_bytes(), &self.buf],
             )?;
+            self.log.record(a, &self.buf);
             self.sent += bytes as u64;
             self.out.update(|s| s.transferred_bytes = self.sent);
             if let Some(limit) = self.limit {
@@ -184,6 +187,7 @@ pub fn send(
         vessel_version: env!("CARGO_PKG_VERSION").to_string(),
         config: serde_json::to_value(m.config_now())
             .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
+        full_digest: req.full_digest,
     };
     protocol::write_json(&mut stream, Tag::Hello, &hello)?;
     protocol::expect(&mut stream, &mut buf, Tag::Ready)?;
@@ -206,6 +210,7 @@ pub fn send(
             started,
             sent: 0,
             limit: req.bandwidth_mbps.map(|mbps| mbps.max(1) * 1_000_000 / 8),
+            log: PageLog::new(&m.mem),
         };
         out.update(|s| {
             s.phase = MigrationPhase::Precopy;
@@ -278,8 +283,20 @@ pub fn send(
             serde_json::to_vec(&state).map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
         // The target digests its copy while this side digests the original.
         protocol::write_frame(pages.stream, Tag::State, &[&state])?;
-        let sum = digest(&m.mem, &state)?;
+        let copied_at = Instant::now();
+        let sum = if req.full_digest {
+            digest(&m.mem, &state)?
+        } else {
+            pages.log.digest(&state)
+        };
+        let digested_at = Instant::now();
         protocol::expect(pages.stream, &mut buf, Tag::Ready)?;
+        tracing::debug!(
+            "stop-and-copy: last pages and state {:?}, digest {:?}, target ready after {:?}",
+            copied_at - paused_at,
+            digested_at - copied_at,
+            digested_at.elapsed()
+        );
         let theirs = buf
             .get(..4)
             .and_then(|b| b.try_into().ok())
