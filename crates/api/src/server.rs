@@ -100,6 +100,31 @@ impl std::fmt::Debug for ServerHandle {
     }
 }
 
+/// Binds a listening socket at `path` so that the file appears only once it listens (a client
+/// that waits for the file never sees `ECONNREFUSED`): bound under a temporary name beside it,
+/// then renamed. A path too long for the temporary name is bound directly.
+fn bind_then_publish(path: &Path) -> std::io::Result<StdUnixListener> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = name.map(|n| path.with_file_name(format!(".{n}.{}.tmp", std::process::id())));
+    let Some(tmp) = tmp else {
+        return StdUnixListener::bind(path);
+    };
+    let _ = fs::remove_file(&tmp);
+    let listener = match StdUnixListener::bind(&tmp) {
+        Ok(l) => l,
+        // Longer than a socket address holds: no room for the temporary name.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return StdUnixListener::bind(path)
+        }
+        Err(e) => return Err(e),
+    };
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
 /// Starts the API server on `socket_path` and returns once it is listening.
 ///
 /// A stale socket (nothing listening) at the path is replaced; a live one is
@@ -114,7 +139,7 @@ pub fn serve(
         source,
     };
     clear_stale_socket(&path)?;
-    let listener = StdUnixListener::bind(&path).map_err(io_err)?;
+    let listener = bind_then_publish(&path).map_err(io_err)?;
     listener.set_nonblocking(true).map_err(io_err)?;
     let m = fs::symlink_metadata(&path).map_err(io_err)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -375,4 +400,33 @@ fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_file_appears_listening_and_alone() {
+        let dir = std::env::temp_dir().join(format!("vessel-bind-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = bind_then_publish(&path).unwrap();
+        // Connectable at once, and no temporary name left behind.
+        StdUnixStream::connect(&path).unwrap();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("api.sock")]);
+        drop(listener);
+        // A name with no room for the temporary one beside it is bound directly.
+        let long = dir.join("x".repeat(100 - dir.as_os_str().len().min(99)));
+        if long.as_os_str().len() < 108 {
+            let _ = fs::remove_file(&long);
+            let _listener = bind_then_publish(&long).unwrap();
+            StdUnixStream::connect(&long).unwrap();
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -208,7 +208,8 @@ impl Pong {
     }
 }
 
-/// `PUT /api/v1/vm.snapshot`: the VM must be paused.
+/// `PUT /api/v1/vm.snapshot`: a running VM is paused for it and resumed before the files are
+/// synced; a paused VM stays paused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {

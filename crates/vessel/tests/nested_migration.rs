@@ -1,7 +1,7 @@
 //! Snapshots and live migration with Debian's stock kernel as L2 in the nested test host (see
 //! tests/nested/README.md): L2 writes numbered records to its virtio disk and keeps a TCP
 //! connection to an echo server in L1 busy, while L1 pauses it, snapshots it, kills it,
-//! restores it in a new Vessel (and, in the ignored test, migrates that one to a third). L2
+//! restores it in a new Vessel (and, in the second test, migrates that one to a third). L2
 //! then checks that every record is on the disk and every line came back over the one connection. Slow (TCG)
 //! and needs what `scripts/setup --tests` installs.
 
@@ -126,12 +126,9 @@ fn debian_guest_keeps_its_disk_and_tcp_connection_across_snapshot_and_restore() 
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
 
-/// The same, then a live migration of the restored VM to a third Vessel. Ignored in CI: on
-/// the nested TCG host the migrated guest stops now and then (its timer interrupts stop
-/// arriving; L1 goes idle) after running for a while: under investigation. Run it with
-/// `cargo nextest run -p vessel --test nested_migration --run-ignored all`.
+/// The same, then a live migration of the restored VM to a third Vessel, with the disk
+/// writes and the TCP traffic going on through pre-copy (device threads keep running).
 #[test]
-#[ignore = "an intermittent stall of the migrated guest on the nested host, under investigation"]
 fn debian_guest_keeps_its_disk_and_tcp_connection_across_live_migration() {
     let log = run_l1(true);
     assert!(log.contains("L1MIG: snapshot taken"), "{log}");
