@@ -109,35 +109,47 @@ pub fn write_memory_unsynced(
     mem: &GuestMem,
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
-    let regions = layout_of(mem);
-    let total: u64 = regions.iter().map(|r| r.size).sum();
-    let tmp = path.with_extension("tmp");
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
-    file.set_len(total).map_err(io_err(&tmp))?;
-    let mut stats = WriteStats { total, written: 0 };
-    let guest_err = |addr| MemoryError::Guest {
-        addr,
-        why: "cannot read it".to_string(),
-    };
-    scan_used(mem, guest_err, |addr, chunk, used| {
+    let (regions, mut stats, out) = create_file(mem, path)?;
+    scan_used(mem, unreadable, |addr, chunk, used| {
         // Regions are packed in the file in guest-address order.
         let at = regions
             .iter()
             .find(|r| (r.guest_addr..r.guest_addr + r.size).contains(&addr))
             .map(|r| r.file_offset + (addr - r.guest_addr))
-            .ok_or_else(|| guest_err(addr))?;
-        stats.written += write_runs(&file, chunk, used, at).map_err(io_err(&tmp))?;
+            .ok_or_else(|| unreadable(addr))?;
+        stats.written += write_runs(&out.file, chunk, used, at).map_err(io_err(&out.tmp))?;
         Ok(())
     })?;
+    Ok((regions, stats, out))
+}
+
+/// Creates `path.tmp` with the layout of `mem` and its size, all holes, to be written by the
+/// caller and then [`UnsyncedMemory::finish`]ed.
+fn create_file(
+    mem: &GuestMem,
+    path: &Path,
+) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
+    let regions = layout_of(mem);
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let tmp = path.with_extension("tmp");
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.set_len(total).map_err(io_err(&tmp))?;
     Ok((
         regions,
-        stats,
+        WriteStats { total, written: 0 },
         UnsyncedMemory {
             file,
             tmp,
             path: path.to_path_buf(),
         },
     ))
+}
+
+fn unreadable(addr: u64) -> MemoryError {
+    MemoryError::Guest {
+        addr,
+        why: "cannot read it".to_string(),
+    }
 }
 
 /// A diff memory file at `path`: the same layout as a full one, but only the pages `dirty`
@@ -147,12 +159,7 @@ pub fn write_diff_unsynced(
     dirty: &[DirtyBitmap],
     path: &Path,
 ) -> Result<(Vec<MemoryRegionInfo>, WriteStats, UnsyncedMemory), MemoryError> {
-    let regions = layout_of(mem);
-    let total: u64 = regions.iter().map(|r| r.size).sum();
-    let tmp = path.with_extension("tmp");
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
-    file.set_len(total).map_err(io_err(&tmp))?;
-    let mut stats = WriteStats { total, written: 0 };
+    let (regions, mut stats, out) = create_file(mem, path)?;
     let mut buf = vec![0u8; CHUNK as usize];
     for b in dirty {
         let r = regions
@@ -182,24 +189,14 @@ pub fn write_diff_unsynced(
             let bytes = &mut buf[..((p - first) * PAGE_SIZE) as usize];
             let addr = r.guest_addr + off;
             mem.read_slice(bytes, GuestAddress(addr))
-                .map_err(|_| MemoryError::Guest {
-                    addr,
-                    why: "cannot read it".to_string(),
-                })?;
-            file.write_all_at(bytes, r.file_offset + off)
-                .map_err(io_err(&tmp))?;
+                .map_err(|_| unreadable(addr))?;
+            out.file
+                .write_all_at(bytes, r.file_offset + off)
+                .map_err(io_err(&out.tmp))?;
             stats.written += bytes.len() as u64;
         }
     }
-    Ok((
-        regions,
-        stats,
-        UnsyncedMemory {
-            file,
-            tmp,
-            path: path.to_path_buf(),
-        },
-    ))
+    Ok((regions, stats, out))
 }
 
 /// Walks guest memory in chunks of [`CHUNK`] and hands `f` (guest address, contents, which
