@@ -8,6 +8,7 @@ use crate::raw::RawBackend;
 use crate::{probe, DiskBackend, Error, Format, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 /// Longest backing chain we follow (QEMU has no hard limit; this only stops runaway
 /// chains, loops are detected separately).
@@ -145,17 +146,11 @@ pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Box<dyn DiskBac
     };
     if layers.len() == 1 && layers[0].format == Format::Raw {
         let raw = RawBackend::open_with(path, opts.read_only, opts.direct)?;
-        return Ok(Box::new(Locked {
-            inner: raw,
-            _locks: locks,
-        }));
+        return Ok(Box::new(Locked::new(Box::new(raw), locks)));
     }
     prepare_dirty(&layers, opts.read_only, opts.repair_dirty)?;
     let q = Qcow2Backend::open_chain_with(&layers, opts.read_only, opts.direct)?;
-    Ok(Box::new(Locked {
-        inner: q,
-        _locks: locks,
-    }))
+    Ok(Box::new(Locked::new(Box::new(q), locks)))
 }
 
 /// Dirty images: repair the writable top (as QEMU does); refuse dirty backing files.
@@ -180,13 +175,29 @@ fn prepare_dirty(layers: &[Layer], read_only: bool, repair: bool) -> Result<()> 
 }
 
 /// A backend together with the locks of its chain (released when dropped, after the
-/// backend has been flushed and closed).
-struct Locked<B: DiskBackend> {
-    inner: B,
-    _locks: Vec<ImageLock>,
+/// backend has been flushed and closed). The locks may also come after the backend was
+/// opened ([`Locked::set_locks`]): a switched disk's backing file is the image the old disk
+/// held the write lock on until it closed.
+pub struct Locked<B: DiskBackend + ?Sized> {
+    inner: Box<B>,
+    locks: Mutex<Vec<ImageLock>>,
 }
 
-impl<B: DiskBackend> DiskBackend for Locked<B> {
+impl<B: DiskBackend + ?Sized> Locked<B> {
+    pub fn new(inner: Box<B>, locks: Vec<ImageLock>) -> Self {
+        Locked {
+            inner,
+            locks: Mutex::new(locks),
+        }
+    }
+
+    /// Replaces the locks held (the old ones are released).
+    pub fn set_locks(&self, locks: Vec<ImageLock>) {
+        *self.locks.lock().unwrap_or_else(|e| e.into_inner()) = locks;
+    }
+}
+
+impl<B: DiskBackend + ?Sized> DiskBackend for Locked<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }

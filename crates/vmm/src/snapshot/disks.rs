@@ -17,7 +17,7 @@
 //! overlays stay after the VM ends (they are its disks); delete them when done.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use block::DiskBackend;
 use serde::{Deserialize, Serialize};
@@ -60,51 +60,8 @@ fn disk_err(index: usize, path: &Path, why: impl ToString) -> DiskSnapshotError 
     }
 }
 
-/// A disk whose image locks are taken after it is opened: a switched disk's backing file is the
-/// image the old disk held the write lock on until it closed.
-pub(crate) struct LateLocked {
-    inner: Box<dyn DiskBackend>,
-    locks: Mutex<Vec<block::lock::ImageLock>>,
-}
-
-impl LateLocked {
-    fn new(inner: Box<dyn DiskBackend>) -> Self {
-        LateLocked {
-            inner,
-            locks: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-impl DiskBackend for LateLocked {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], off: u64) -> block::Result<()> {
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> block::Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn flush(&self) -> block::Result<()> {
-        self.inner.flush()
-    }
-    fn discard(&self, off: u64, len: u64) -> block::Result<()> {
-        self.inner.discard(off, len)
-    }
-    fn write_zeroes(&self, off: u64, len: u64) -> block::Result<()> {
-        self.inner.write_zeroes(off, len)
-    }
-    fn read_only(&self) -> bool {
-        self.inner.read_only()
-    }
-    fn format(&self) -> block::Format {
-        self.inner.format()
-    }
-    fn raw_file(&self) -> Option<block::RawFile> {
-        self.inner.raw_file()
-    }
-}
+/// A disk whose image locks are taken after it is opened (see [`block::chain::Locked`]).
+pub(crate) type LateLocked = block::chain::Locked<dyn DiskBackend>;
 
 /// One disk to freeze: its index, current image and the overlay the VM goes on with.
 #[derive(Debug, Clone)]
@@ -218,7 +175,7 @@ fn open_overlay(
         CacheMode::Unsafe => Box::new(crate::virtio::NoFlush(disk)),
         _ => disk,
     };
-    Ok(Arc::new(LateLocked::new(disk)))
+    Ok(Arc::new(LateLocked::new(disk, Vec::new())))
 }
 
 impl crate::vm::Machine {
@@ -291,7 +248,7 @@ impl crate::vm::Machine {
                 let locks = block::chain::resolve_chain(&p.overlay, Some(block::Format::Qcow2))
                     .and_then(|layers| block::chain::lock_chain(&layers, false));
                 match locks {
-                    Ok(l) => *devices::bus::lock(&new.locks) = l,
+                    Ok(l) => new.set_locks(l),
                     Err(e) => tracing::warn!(
                         "disk {}: cannot lock {} and its backing files: {e}",
                         p.index,
