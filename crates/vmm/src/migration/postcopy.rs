@@ -217,19 +217,8 @@ pub(super) fn run_source(
     let sum = digest_outside(&m.mem, &state, &set)?;
     let mut buf = Vec::new();
     protocol::expect(stream, &mut buf, Tag::Ready)?;
-    let theirs = buf
-        .get(..4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes);
-    if theirs != Some(sum) {
-        return Err(MigrationError::Digest);
-    }
-    hold("commit");
-    if out.cancel.load(Ordering::SeqCst) {
-        return Err(MigrationError::Cancelled);
-    }
     // The point of no return: the VM runs on the target, with pages only this side has.
-    protocol::write_frame(stream, Tag::Commit, &[])?;
+    super::send::commit(stream, &buf, sum, out)?;
     *committed = true;
     let lost = |e: &dyn std::fmt::Display| MigrationError::Postcopy(e.to_string());
     protocol::expect(stream, &mut buf, Tag::Resumed).map_err(|e| lost(&e))?;

@@ -149,6 +149,30 @@ pub(super) fn hold(phase: &str) {
     }
 }
 
+/// Once the target is ready (`ready`: its `Ready` frame, the digest of its copy): checks the
+/// digest against `sum` (this side's) and that the migration was not cancelled meanwhile,
+/// then sends the commit, the point of no return: from here the VM belongs to the target.
+pub(super) fn commit(
+    stream: &mut Stream,
+    ready: &[u8],
+    sum: u32,
+    out: &Outgoing,
+) -> Result<(), MigrationError> {
+    let theirs = ready
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes);
+    if theirs != Some(sum) {
+        return Err(MigrationError::Digest);
+    }
+    hold("commit");
+    if out.cancel.load(Ordering::SeqCst) {
+        return Err(MigrationError::Cancelled);
+    }
+    protocol::write_frame(stream, Tag::Commit, &[])?;
+    Ok(())
+}
+
 /// The pages dirtied since the last call (the guest's and the VMM's writes).
 pub(super) fn take_dirty(m: &crate::vm::Machine) -> Result<Vec<DirtyBitmap>, MigrationError> {
     m.dirty
@@ -297,19 +321,7 @@ pub fn send(
             digested_at - copied_at,
             digested_at.elapsed()
         );
-        let theirs = buf
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes);
-        if theirs != Some(sum) {
-            return Err(MigrationError::Digest);
-        }
-        hold("commit");
-        if out.cancel.load(Ordering::SeqCst) {
-            return Err(MigrationError::Cancelled);
-        }
-        // The point of no return: from here the VM belongs to the target.
-        protocol::write_frame(pages.stream, Tag::Commit, &[])?;
+        commit(pages.stream, &buf, sum, out)?;
         committed = true;
         hold("committed");
         if let Err(e) = protocol::expect(pages.stream, &mut buf, Tag::Resumed) {
