@@ -8,6 +8,8 @@ use hypervisor::{install_kick_handler, Hypervisor, IoSpace, KickHandle, Vcpu, Vc
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+mod common;
+
 /// A VM with 64 KiB of RAM running `code` in real mode at 0x1000.
 fn real_mode_vm(code: &[u8]) -> (hypervisor::Vm, Vcpu, GuestMem) {
     let hv = Hypervisor::new().expect("/dev/kvm");
@@ -16,14 +18,7 @@ fn real_mode_vm(code: &[u8]) -> (hypervisor::Vm, Vcpu, GuestMem) {
     let vm = hv.create_vm().unwrap();
     vm.register_memory(&mem).unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
+    common::start_real_mode(&vcpu);
     (vm, vcpu, mem)
 }
 
@@ -251,21 +246,13 @@ fn a_restored_vcpu_goes_on_where_it_stopped() {
     let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
     let (hv, _vm, mut vcpu) = irqchip_vm(&mem);
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
+    common::start_real_mode(&vcpu);
     let mut regs = vcpu.regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
     regs.rax = 0x41;
     vcpu.set_regs(&regs).unwrap();
-    let out = |vcpu: &mut Vcpu| loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0x80, d) => break u16::from_le_bytes([d[0], d[1]]),
-            VcpuExit::Interrupted => continue,
-            other => panic!("unexpected exit {other:?}"),
-        }
+    let out = |vcpu: &mut Vcpu| {
+        let d = common::run_until_out(vcpu, 0x80);
+        u16::from_le_bytes([d[0], d[1]])
     };
     assert_eq!(out(&mut vcpu), 0x42);
     assert_eq!(out(&mut vcpu), 0x43);
@@ -412,21 +399,8 @@ fn dirty_log_has_exactly_the_pages_the_guest_wrote() {
     );
     vm.set_dirty_logging(&mem, true).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0x80, _) => break,
-            VcpuExit::Interrupted => continue,
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
+    common::start_real_mode(&vcpu);
+    common::run_until_out(&mut vcpu, 0x80);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0x44);
     assert_eq!(mem.read_obj::<u16>(GuestAddress(0x5ffe)).unwrap(), 0x2222);
 

@@ -7,8 +7,10 @@ use std::time::Duration;
 use guestmem::GuestMem;
 use hypervisor::mem::PAGE_SIZE;
 use hypervisor::uffd::{UffdEvent, Userfault};
-use hypervisor::{Hypervisor, VcpuExit};
+use hypervisor::Hypervisor;
 use vm_memory::{Bytes, GuestAddress};
+
+mod common;
 
 /// Serves faults until `stop`: the page at 0x1000 gets `code`, 0x3000 gets 0x5a bytes, the
 /// rest zeroes; pages reported removed come back as zeroes too. Returns the events seen.
@@ -77,24 +79,8 @@ fn kvm_guest_memory_comes_from_the_fault_handler() {
     let vm = hv.create_vm().unwrap();
     vm.register_memory(&mem).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.regs().unwrap();
-    regs.rip = 0x1000;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0x80, d) => {
-                assert_eq!(d, &[0x5a]);
-                break;
-            }
-            VcpuExit::Interrupted => continue,
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
+    common::start_real_mode(&vcpu);
+    assert_eq!(common::run_until_out(&mut vcpu, 0x80), [0x5a]);
     // The VMM's own accesses fault through the handler as well.
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x4000)).unwrap(), 0x5a);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3001)).unwrap(), 0x5a);
