@@ -90,10 +90,9 @@ pub fn discard(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<(), MemEr
     Ok(())
 }
 
-/// Faults in the guest-physical range `addr..addr+len` (page aligned, inside one region) for
-/// writing, so that the guest finds it resident (private file mappings get their copies now):
-/// `MADV_POPULATE_WRITE` (Linux 5.14); returns false where the kernel lacks it.
-pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, MemError> {
+/// The host address of the guest-physical range `addr..addr+len`, which must be page aligned
+/// and inside one region; `None` for an empty range (after the same checks).
+fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<Option<*mut u8>, MemError> {
     let raw = addr.raw_value();
     if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
@@ -105,13 +104,23 @@ pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, Me
         return Err(outside());
     }
     if len == 0 {
-        return Ok(true);
+        return Ok(None);
     }
-    let host = region
+    region
         .get_host_address(MemoryRegionAddress(offset))
-        .map_err(|_| outside())?;
-    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked against the
-    // region above), which stays mapped while `mem` is borrowed; populating only faults pages
+        .map(Some)
+        .map_err(|_| outside())
+}
+
+/// Faults in the guest-physical range `addr..addr+len` (page aligned, inside one region) for
+/// writing, so that the guest finds it resident (private file mappings get their copies now):
+/// `MADV_POPULATE_WRITE` (Linux 5.14); returns false where the kernel lacks it.
+pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, MemError> {
+    let Some(host) = host_range(mem, addr, len)? else {
+        return Ok(true);
+    };
+    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked by
+    // `host_range`), which stays mapped while `mem` is borrowed; populating only faults pages
     // in (their contents do not change).
     let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_POPULATE_WRITE) };
     if r == 0 {
@@ -122,7 +131,7 @@ pub fn populate(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<bool, Me
         return Ok(false);
     }
     Err(MemError::Madvise {
-        addr: raw,
+        addr: addr.raw_value(),
         len,
         source: e,
     })
@@ -142,27 +151,16 @@ pub fn map_file_over(
 ) -> Result<(), MemError> {
     use std::os::fd::AsRawFd;
     let raw = addr.raw_value();
-    if !raw.is_multiple_of(PAGE_SIZE)
-        || !len.is_multiple_of(PAGE_SIZE)
-        || !offset.is_multiple_of(PAGE_SIZE)
-    {
+    if !offset.is_multiple_of(PAGE_SIZE) {
         return Err(MemError::Unaligned { addr: raw, len });
     }
-    let outside = || MemError::OutsideMemory { addr: raw, len };
-    let region = mem.find_region(addr).ok_or_else(outside)?;
-    let region_offset = raw - region.start_addr().raw_value();
-    if region.len() - region_offset < len {
-        return Err(outside());
-    }
-    if len == 0 {
+    let Some(host) = host_range(mem, addr, len)? else {
         return Ok(());
-    }
-    let host = region
-        .get_host_address(MemoryRegionAddress(region_offset))
-        .map_err(|_| outside())?;
-    let file_offset = libc::off_t::try_from(offset).map_err(|_| outside())?;
-    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked against the
-    // region above), which stays mapped while `mem` is borrowed; MAP_FIXED replaces exactly
+    };
+    let file_offset =
+        libc::off_t::try_from(offset).map_err(|_| MemError::OutsideMemory { addr: raw, len })?;
+    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked by
+    // `host_range`), which stays mapped while `mem` is borrowed; MAP_FIXED replaces exactly
     // those pages with a private mapping of the same size and protection, so the region's
     // own unmap later covers it too. Guest memory is never behind a Rust reference, only
     // accessed through vm-memory's volatile copies, so changing its contents breaks no Rust
@@ -191,31 +189,17 @@ pub fn map_file_over(
 /// are resident in this process (`mincore`): pages the guest never touched are not, and can be
 /// left out of a snapshot.
 pub fn resident_pages(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<Vec<bool>, MemError> {
-    let raw = addr.raw_value();
-    if !raw.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
-        return Err(MemError::Unaligned { addr: raw, len });
-    }
-    let outside = || MemError::OutsideMemory { addr: raw, len };
-    let region = mem.find_region(addr).ok_or_else(outside)?;
-    let offset = raw - region.start_addr().raw_value();
-    if region.len() - offset < len {
-        return Err(outside());
-    }
-    let pages = (len / PAGE_SIZE) as usize;
-    let mut vec = vec![0u8; pages];
-    if pages == 0 {
+    let Some(host) = host_range(mem, addr, len)? else {
         return Ok(Vec::new());
-    }
-    let host = region
-        .get_host_address(MemoryRegionAddress(offset))
-        .map_err(|_| outside())?;
-    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked against the
-    // region above), which stays mapped while `mem` is borrowed; mincore only reads the page
+    };
+    let mut vec = vec![0u8; (len / PAGE_SIZE) as usize];
+    // SAFETY: `host..host+len` lies inside one mapping of guest memory (checked by
+    // `host_range`), which stays mapped while `mem` is borrowed; mincore only reads the page
     // tables and writes one byte per page into `vec`, which has exactly that many bytes.
     let r = unsafe { libc::mincore(host.cast(), len as usize, vec.as_mut_ptr()) };
     if r != 0 {
         return Err(MemError::Madvise {
-            addr: raw,
+            addr: addr.raw_value(),
             len,
             source: io::Error::last_os_error(),
         });
