@@ -71,6 +71,53 @@ fn wait_used(mem: &GuestMem, base: u64, n: u16) {
     }
 }
 
+/// Writes 0x5a to every page of `mem`, as a guest that used all of its memory.
+fn use_all(mem: &GuestMem) {
+    let page = [0x5au8; 4096];
+    for p in 0..(MEM as u64 / 4096) {
+        mem.write_slice(&page, GuestAddress(p * 4096)).unwrap();
+    }
+}
+
+/// Activates the first `n` queues of `balloon`, one queue layout each, 0x40000 apart;
+/// returns their kick eventfds.
+fn activate(
+    balloon: &mut dyn VirtioDevice,
+    mem: &GuestMem,
+    n: u16,
+    int: Arc<Counter>,
+) -> Vec<EventFd> {
+    let mut kicks = Vec::new();
+    let mut active = Vec::new();
+    for i in 0..n {
+        let e = EventFd::new(EFD_NONBLOCK).unwrap();
+        kicks.push(e.try_clone().unwrap());
+        active.push(ActiveQueue {
+            index: i,
+            queue: queue(mem, 0x40000 * u64::from(i)),
+            notifier: e,
+        });
+    }
+    balloon.activate(mem.clone(), int, active).unwrap();
+    kicks
+}
+
+/// Inflates 32 MiB through the inflate queue (at 0, kicked through `kick`): pages 16 MiB..48
+/// MiB, in two chains of 4096 frame numbers (the lists at 1 MiB); returns once both are used.
+fn inflate_16m_to_48m(mem: &GuestMem, kick: &EventFd) {
+    let list = 1u64 << 20;
+    for (k, first) in [(0u16, 0x1000u32), (1, 0x2000)] {
+        let pfns: Vec<u8> = (first..first + 0x1000)
+            .flat_map(|p| p.to_le_bytes())
+            .collect();
+        let at = list + PFNS * u64::from(k);
+        mem.write_slice(&pfns, GuestAddress(at)).unwrap();
+        post(mem, 0, k, at, pfns.len() as u32);
+    }
+    kick.write(1).unwrap();
+    wait_used(mem, 0, 2);
+}
+
 fn rss(mem: &GuestMem) -> u64 {
     let host = hypervisor::mem::host_address(mem, GuestAddress(0)).unwrap();
     hypervisor::mem::resident_bytes_at(host).unwrap()
@@ -80,10 +127,7 @@ fn rss(mem: &GuestMem) -> u64 {
 fn inflating_gives_memory_back_to_the_host() {
     let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     // The guest has used all of its memory.
-    let page = [0x5au8; 4096];
-    for p in 0..(MEM as u64 / 4096) {
-        mem.write_slice(&page, GuestAddress(p * 4096)).unwrap();
-    }
+    use_all(&mem);
     let before = rss(&mem);
     assert!(before >= MEM as u64 - (1 << 20), "rss {before}");
 
@@ -94,34 +138,10 @@ fn inflating_gives_memory_back_to_the_host() {
     balloon.read_config(0, &mut c);
     assert_eq!(u32::from_le_bytes(c), 8192, "num_pages");
     balloon.ack_features(balloon.features());
-    // inflateq, deflateq, reporting_vq (no stats): one queue layout each, 0x10000 apart, in
-    // the first 256 KiB; the PFN list at 1 MiB.
-    let mut kicks = Vec::new();
-    let mut active = Vec::new();
-    for i in 0..3u16 {
-        let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        kicks.push(e.try_clone().unwrap());
-        active.push(ActiveQueue {
-            index: i,
-            queue: queue(&mem, 0x40000 * u64::from(i)),
-            notifier: e,
-        });
-    }
+    // inflateq, deflateq, reporting_vq (no stats).
     let int = Arc::new(Counter::default());
-    balloon.activate(mem.clone(), int.clone(), active).unwrap();
-
-    // Inflate 32 MiB: pages 16 MiB..48 MiB, in two chains of 4096 frame numbers.
-    let list = 1u64 << 20;
-    for (k, first) in [(0u16, 0x1000u32), (1, 0x2000)] {
-        let pfns: Vec<u8> = (first..first + 0x1000)
-            .flat_map(|p| p.to_le_bytes())
-            .collect();
-        let at = list + PFNS * u64::from(k);
-        mem.write_slice(&pfns, GuestAddress(at)).unwrap();
-        post(&mem, 0, k, at, pfns.len() as u32);
-    }
-    kicks[0].write(1).unwrap();
-    wait_used(&mem, 0, 2);
+    let kicks = activate(&mut balloon, &mem, 3, int.clone());
+    inflate_16m_to_48m(&mem, &kicks[0]);
     balloon.write_config(4, &8192u32.to_le_bytes());
     assert_eq!(handle.actual(), 32 << 20);
 
@@ -205,10 +225,7 @@ fn inflating_uffd_restored_memory_gives_zeroes_and_snapshots_them() {
     };
     // The saved guest had used all of its memory.
     let orig = GuestMem::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let page = [0x5au8; 4096];
-    for p in 0..(MEM as u64 / 4096) {
-        orig.write_slice(&page, GuestAddress(p * 4096)).unwrap();
-    }
+    use_all(&orig);
     let (file, regions) = snap(&orig, "memory");
     drop(orig);
     let (mem, pager) = Pager::start(&file, &regions).unwrap();
@@ -218,32 +235,8 @@ fn inflating_uffd_restored_memory_gives_zeroes_and_snapshots_them() {
     let cfg = parse_balloon("size=32M").unwrap();
     let (mut balloon, _handle) = vmm::virtio::balloon_device(&cfg).unwrap();
     balloon.ack_features(balloon.features());
-    let mut kicks = Vec::new();
-    let mut active = Vec::new();
-    for i in 0..2u16 {
-        let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        kicks.push(e.try_clone().unwrap());
-        active.push(ActiveQueue {
-            index: i,
-            queue: queue(&mem, 0x40000 * u64::from(i)),
-            notifier: e,
-        });
-    }
-    balloon
-        .activate(mem.clone(), Arc::new(Counter::default()), active)
-        .unwrap();
-    // Inflate 16 MiB..48 MiB.
-    let list = 1u64 << 20;
-    for (k, first) in [(0u16, 0x1000u32), (1, 0x2000)] {
-        let pfns: Vec<u8> = (first..first + 0x1000)
-            .flat_map(|p| p.to_le_bytes())
-            .collect();
-        let at = list + PFNS * u64::from(k);
-        mem.write_slice(&pfns, GuestAddress(at)).unwrap();
-        post(&mem, 0, k, at, pfns.len() as u32);
-    }
-    kicks[0].write(1).unwrap();
-    wait_used(&mem, 0, 2);
+    let kicks = activate(&mut balloon, &mem, 2, Arc::new(Counter::default()));
+    inflate_16m_to_48m(&mem, &kicks[0]);
     let mut b = [0u8; 16];
     for at in [16u64 << 20, 20 << 20, (32 << 20) + 123, (48 << 20) - 16] {
         mem.read_slice(&mut b, GuestAddress(at)).unwrap();
