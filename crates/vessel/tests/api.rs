@@ -53,9 +53,7 @@ impl Vm {
     }
 
     fn ctl(&self, args: &[&str]) -> std::process::Output {
-        let mut full = vec!["ctl", "--api-socket", self.socket.to_str().unwrap()];
-        full.extend_from_slice(args);
-        vessel(&full)
+        common::ctl(&self.socket, args)
     }
 
     /// CPU time (user + system, in clock ticks) the VMM process has used.

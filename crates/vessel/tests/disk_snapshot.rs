@@ -46,12 +46,6 @@ fn soak_disk_vm(socket: &Path, disk: &Path) -> Console {
     ])
 }
 
-fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    let mut full = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
-    full.extend_from_slice(args);
-    vessel(&full)
-}
-
 fn qemu_img(args: &[&str]) -> std::process::Output {
     Command::new("qemu-img")
         .args(args)

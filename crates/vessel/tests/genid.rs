@@ -4,20 +4,13 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::soak::Console;
 use common::*;
 
 /// `arch::layout::VMGENID_ADDR`.
 const GENID: &str = "genid=0xfe000";
-
-fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    let mut full = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
-    full.extend_from_slice(args);
-    vessel(&full)
-}
 
 /// The next `soak genid=HEX` line's ID.
 fn next_genid(c: &mut Console) -> String {
@@ -28,18 +21,6 @@ fn next_genid(c: &mut Console) -> String {
             assert_eq!(id.len(), 32, "{line}");
             return id.to_string();
         }
-    }
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -14,21 +14,15 @@ use common::*;
 
 const CPUS: usize = 2;
 
-fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    let mut full = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
-    full.extend_from_slice(args);
-    vessel(&full)
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
+/// The exit code of `child` (`who`), once it ends: it must within a minute.
+fn exit_code(child: &mut std::process::Child, who: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(Instant::now() < deadline, "{who} hangs");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -449,15 +443,7 @@ fn killing_the_source_during_post_copy_fails_the_target_clearly() {
     let _ = p.source.child.wait();
     // The target cannot go on without the pages; it ends with an error saying so (no hang:
     // the wait below gives up only after a minute).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        if let Some(s) = p.target.child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(Instant::now() < deadline, "the target hangs");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(1));
+    assert_eq!(exit_code(&mut p.target.child, "the target"), Some(1));
     let e = std::fs::read_to_string(&err).unwrap();
     assert!(
         e.contains("lost the connection to the source with") && e.contains("pages"),
@@ -480,14 +466,6 @@ fn killing_the_target_during_post_copy_never_resumes_the_source() {
     let _ = p.target.child.wait();
     // The guest's state moved to the target: the source ends with an error instead of
     // running a stale copy.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        if let Some(s) = p.source.child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(Instant::now() < deadline, "the source hangs");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(1));
+    assert_eq!(exit_code(&mut p.source.child, "the source"), Some(1));
     assert!(!p.source.seen.contains("MISMATCH"), "{}", p.source.seen);
 }

@@ -17,6 +17,11 @@ use common::*;
 const CPUS: usize = 2;
 
 fn soak_vm(socket: &Path) -> Console {
+    soak_vm_with(socket, "action=soak soakms=50")
+}
+
+/// A 2-CPU VM with its API on `socket`, booted with `cmdline` (a soak workload).
+fn soak_vm_with(socket: &Path, cmdline: &str) -> Console {
     Console::spawn(&[
         "run",
         "--cpus",
@@ -26,14 +31,8 @@ fn soak_vm(socket: &Path) -> Console {
         "--api-socket",
         socket.to_str().unwrap(),
         "--cmdline",
-        "action=soak soakms=50",
+        cmdline,
     ])
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    let mut full = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
-    full.extend_from_slice(args);
-    vessel(&full)
 }
 
 /// Takes a snapshot of a soaking VM into `dir`; returns the iterations reported before it
@@ -441,17 +440,7 @@ fn diff_snapshots_restore_as_a_chain() {
     );
     let path = |p: &PathBuf| p.to_str().unwrap().to_string();
     // 16 MiB written once before the soak: in the full snapshot, never in a diff.
-    let mut vm = Console::spawn(&[
-        "run",
-        "--cpus",
-        "2",
-        "--memory",
-        "128M",
-        "--api-socket",
-        socket.to_str().unwrap(),
-        "--cmdline",
-        "action=soak soakms=50 touch=16",
-    ]);
+    let mut vm = soak_vm_with(&socket, "action=soak soakms=50 touch=16");
     vm.soak_lines(CPUS, 1);
     // No base yet: a diff is refused, clearly, and the VM runs on.
     let o = ctl(&socket, &["snapshot", "--dir", &path(&d1), "--diff"]);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub mod nested;
 pub mod soak;
@@ -33,6 +33,26 @@ pub fn vessel_with_timeout(args: &[&str], limit: Duration) -> Output {
     let out = child.wait_with_output().expect("wait for vessel");
     drop(watchdog);
     out
+}
+
+/// Runs `vessel ctl` against the VM whose API listens on `socket`.
+pub fn ctl(socket: &Path, args: &[&str]) -> Output {
+    let mut full = vec!["ctl", "--api-socket", socket.to_str().unwrap()];
+    full.extend_from_slice(args);
+    vessel(&full)
+}
+
+/// Waits for `path` to appear (up to 10 s).
+pub fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 pub fn stdout(o: &Output) -> String {
