@@ -60,7 +60,11 @@ impl DirtyBitmap {
         let Some(off) = addr.0.checked_sub(self.start.0).filter(|&o| o < self.len) else {
             return false;
         };
-        let page = off / PAGE_SIZE;
+        self.page_dirty(off / PAGE_SIZE)
+    }
+
+    /// Whether page `page` (an index in the region) is dirty (false past the bitmap).
+    pub fn page_dirty(&self, page: u64) -> bool {
         self.bits
             .get((page / 64) as usize)
             .is_some_and(|w| w & (1 << (page % 64)) != 0)

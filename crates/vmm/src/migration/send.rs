@@ -15,7 +15,7 @@ use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
 use super::{digest, Addr, MigrationError, PageLog, Stream};
 use crate::api::VmHandle;
 use crate::dirty::Consumer;
-use crate::snapshot::memory::{layout_of, scan_used};
+use crate::snapshot::memory::{layout_of, runs, scan_used};
 
 /// Pre-copy rounds before stop-and-copy is forced (the guest dirties memory faster than it
 /// can be sent).
@@ -100,17 +100,8 @@ impl Pages<'_> {
         pages: u64,
         want: impl Fn(u64) -> bool,
     ) -> Result<(), MigrationError> {
-        let mut p = 0;
-        while p < pages {
-            if !want(p) {
-                p += 1;
-                continue;
-            }
-            let first = p;
-            while p < pages && want(p) {
-                p += 1;
-            }
-            self.run(start + first * PAGE_SIZE, p - first)?;
+        for r in runs(pages, u64::MAX, want) {
+            self.run(start + r.start * PAGE_SIZE, r.end - r.start)?;
         }
         Ok(())
     }
@@ -127,11 +118,7 @@ impl Pages<'_> {
     /// Every dirty page of `bitmaps`.
     fn dirty(&mut self, bitmaps: &[DirtyBitmap]) -> Result<(), MigrationError> {
         for b in bitmaps {
-            self.runs(b.start.0, b.pages(), |p| {
-                b.bits
-                    .get((p / 64) as usize)
-                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
-            })?;
+            self.runs(b.start.0, b.pages(), |p| b.page_dirty(p))?;
         }
         Ok(())
     }

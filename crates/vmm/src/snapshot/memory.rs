@@ -168,25 +168,10 @@ pub fn write_diff_unsynced(
             .ok_or_else(|| {
                 MemoryError::Layout(format!("no region at {:#x} for dirty pages", b.start.0))
             })?;
-        let pages = b.pages();
-        let dirty_page = |p: u64| {
-            b.bits
-                .get((p / 64) as usize)
-                .is_some_and(|w| w & (1 << (p % 64)) != 0)
-        };
-        let mut p = 0;
-        while p < pages {
-            if !dirty_page(p) {
-                p += 1;
-                continue;
-            }
-            // A run of dirty pages, at most a chunk.
-            let first = p;
-            while p < pages && dirty_page(p) && (p - first) * PAGE_SIZE < CHUNK {
-                p += 1;
-            }
-            let off = first * PAGE_SIZE;
-            let bytes = &mut buf[..((p - first) * PAGE_SIZE) as usize];
+        // Runs of dirty pages, at most a chunk each.
+        for run in runs(b.pages(), CHUNK / PAGE_SIZE, |p| b.page_dirty(p)) {
+            let off = run.start * PAGE_SIZE;
+            let bytes = &mut buf[..((run.end - run.start) * PAGE_SIZE) as usize];
             let addr = r.guest_addr + off;
             mem.read_slice(bytes, GuestAddress(addr))
                 .map_err(|_| unreadable(addr))?;
@@ -247,24 +232,38 @@ pub(crate) fn scan_used<E>(
 /// Writes the runs of `used` pages of `chunk` at `at`; returns the bytes written.
 fn write_runs(file: &File, chunk: &[u8], used: &[bool], at: u64) -> std::io::Result<u64> {
     let page = PAGE_SIZE as usize;
-    let keep = |i: usize| used[i];
-    let pages = chunk.len() / page;
+    let pages = (chunk.len() / page) as u64;
     let mut written = 0;
-    let mut i = 0;
-    while i < pages {
-        if !keep(i) {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < pages && keep(i) {
-            i += 1;
-        }
-        let bytes = &chunk[start * page..i * page];
+    for r in runs(pages, u64::MAX, |i| used[i as usize]) {
+        let (start, end) = (r.start as usize, r.end as usize);
+        let bytes = &chunk[start * page..end * page];
         file.write_all_at(bytes, at + (start * page) as u64)?;
         written += bytes.len() as u64;
     }
     Ok(written)
+}
+
+/// The runs of consecutive indexes in `0..n` for which `keep` holds, in order, each at most
+/// `max` long (a longer run is cut into several).
+pub(crate) fn runs(
+    n: u64,
+    max: u64,
+    keep: impl Fn(u64) -> bool,
+) -> impl Iterator<Item = std::ops::Range<u64>> {
+    let mut p = 0;
+    std::iter::from_fn(move || {
+        while p < n && !keep(p) {
+            p += 1;
+        }
+        if p >= n {
+            return None;
+        }
+        let first = p;
+        while p < n && keep(p) && p - first < max {
+            p += 1;
+        }
+        Some(first..p)
+    })
 }
 
 /// The regions of `mem`, packed one after the other in file order.
@@ -450,6 +449,17 @@ fn populate_data(
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn runs_are_the_kept_stretches_cut_at_max() {
+        let keep = |i: u64| matches!(i, 1..=2 | 4..=8 | 9);
+        let all: Vec<_> = runs(10, u64::MAX, keep).collect();
+        assert_eq!(all, [1..3, 4..10]);
+        let cut: Vec<_> = runs(10, 2, keep).collect();
+        assert_eq!(cut, [1..3, 4..6, 6..8, 8..10]);
+        assert_eq!(runs(0, 1, |_| true).count(), 0);
+        assert_eq!(runs(5, 1, |_| false).count(), 0);
+    }
 
     fn guest(ranges: &[(u64, usize)]) -> GuestMem {
         let ranges: Vec<(GuestAddress, usize)> =
