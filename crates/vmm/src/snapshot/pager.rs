@@ -429,26 +429,21 @@ fn run(
     let mut populate: Option<Populate> = None;
     let result = (|| -> Result<(), String> {
         let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+        let mut polling_source = w.source.arrivals();
+        let source = polling_source.map(|fd| (fd, TOKEN_SOURCE));
         for (fd, token) in [
             (w.uffd.fd().as_raw_fd(), TOKEN_UFFD),
             (stop.as_raw_fd(), TOKEN_STOP),
             (wake.as_raw_fd(), TOKEN_WAKE),
-        ] {
+        ]
+        .into_iter()
+        .chain(source)
+        {
             epoll
                 .ctl(
                     ControlOperation::Add,
                     fd,
                     EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(|e| format!("epoll: {e}"))?;
-        }
-        let mut polling_source = w.source.arrivals();
-        if let Some(fd) = polling_source {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, TOKEN_SOURCE),
                 )
                 .map_err(|e| format!("epoll: {e}"))?;
         }
