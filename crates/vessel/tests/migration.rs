@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::soak::{last_iters, Console};
+use common::soak::{assert_went_on, last_iters, Console};
 use common::*;
 
 const CPUS: usize = 2;
@@ -177,14 +177,7 @@ fn migrate_and_check(p: &mut Pair, listen: &str, to: &str, extra: &[&str]) {
     assert!(stdout(&o).contains("completed"), "{}", stdout(&o));
     // The source hands over and exits 0; the target runs the VM on from where it was.
     assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
-    let lines = p.target.soak_lines(CPUS, 3);
-    for cpu in 0..CPUS {
-        let first = lines.iter().find(|l| l.cpu == cpu).unwrap();
-        assert!(
-            first.iter > before[cpu],
-            "cpu {cpu}: {first:?} after {before:?}"
-        );
-    }
+    assert_went_on(&p.target.soak_lines(CPUS, 3), CPUS, &before, "");
     let o = ctl(&p.dst_api, &["--json", "info"]);
     assert!(stdout(&o).contains("\"running\""), "{}", stdout(&o));
     // The target still tells how the VM came.
@@ -403,14 +396,7 @@ fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
         stdout(&o)
     );
     assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
-    let lines = p.target.soak_lines(CPUS, 3);
-    for cpu in 0..CPUS {
-        let first = lines.iter().find(|l| l.cpu == cpu).unwrap();
-        assert!(
-            first.iter > before[cpu],
-            "cpu {cpu}: {first:?} after {before:?}"
-        );
-    }
+    assert_went_on(&p.target.soak_lines(CPUS, 3), CPUS, &before, "");
     wait_phase(&p.dst_api, "completed");
     let o = ctl(&p.dst_api, &["--json", "migrate", "status"]);
     assert!(!stdout(&o).contains("\"error\""), "{}", stdout(&o));

@@ -11,7 +11,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::soak::{last_iters, Console, SoakLine};
+use common::soak::{assert_went_on, last_iters, Console, SoakLine};
 use common::*;
 
 const CPUS: usize = 2;
@@ -64,12 +64,7 @@ fn restored_vm_continues_the_soak_workload() {
     let lines = restored.soak_lines(CPUS, 3);
     // Every CPU goes on from where the snapshot was taken: past what it had reported, with
     // every page check passing (soak_lines fails on a MISMATCH).
-    for (cpu, first) in (0..CPUS).map(|c| (c, lines.iter().find(|l| l.cpu == c).unwrap())) {
-        assert!(
-            first.iter > before[cpu],
-            "cpu {cpu}: {first:?} vs {before:?}"
-        );
-    }
+    assert_went_on(&lines, CPUS, &before, "");
     // The workload is deterministic: a second restore reports the same iterations and sums.
     assert_eq!(restored.stop(), Some(143));
     let mut again = Console::spawn(&["run", "--restore", dir.to_str().unwrap()]);
@@ -373,12 +368,7 @@ fn uffd_restore_serves_pages_on_demand_and_snapshots_again() {
         socket2.to_str().unwrap(),
     ]);
     let lines = restored.soak_lines(CPUS, 3);
-    for (cpu, first) in (0..CPUS).map(|c| (c, lines.iter().find(|l| l.cpu == c).unwrap())) {
-        assert!(
-            first.iter > before[cpu],
-            "cpu {cpu}: {first:?} vs {before:?}"
-        );
-    }
+    assert_went_on(&lines, CPUS, &before, "");
     // The touched 64 MiB were never asked for: neither resident nor served.
     let resident = rss(restored.child.id());
     assert!(resident < 48 << 20, "RSS {resident}");
@@ -417,13 +407,7 @@ fn allocated(p: &Path) -> u64 {
 fn restore_continues(args: &[&str], before: &[u64]) -> Vec<SoakLine> {
     let mut vm = Console::spawn(args);
     let lines = vm.soak_lines(CPUS, 3);
-    for cpu in 0..CPUS {
-        let first = lines.iter().find(|l| l.cpu == cpu).unwrap();
-        assert!(
-            first.iter > before[cpu],
-            "{args:?} cpu {cpu}: {first:?} vs {before:?}"
-        );
-    }
+    assert_went_on(&lines, CPUS, before, &format!("{args:?} "));
     assert_eq!(vm.stop(), Some(143));
     lines
 }

@@ -113,6 +113,18 @@ impl Drop for Console {
     }
 }
 
+/// Asserts that each of `cpus` CPUs went on past the iteration it had reported (`before`):
+/// its first line in `lines` is a later one. `what` starts the message.
+pub fn assert_went_on(lines: &[SoakLine], cpus: usize, before: &[u64], what: &str) {
+    for cpu in 0..cpus {
+        let first = lines.iter().find(|l| l.cpu == cpu).unwrap();
+        assert!(
+            first.iter > before[cpu],
+            "{what}cpu {cpu}: {first:?} after {before:?}"
+        );
+    }
+}
+
 /// The last iteration each of `cpus` CPUs reported in `lines`.
 pub fn last_iters(lines: &[SoakLine], cpus: usize) -> Vec<u64> {
     (0..cpus)
