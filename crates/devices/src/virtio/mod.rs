@@ -22,6 +22,7 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub(crate) mod transport;
 pub mod vsock;
 pub mod worker;
 
