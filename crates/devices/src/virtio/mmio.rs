@@ -17,10 +17,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{CoreState, Half, Ring, TransportCore, TransportError, TransportInterrupt};
-use super::{
-    ActivateError, QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioInterrupt,
-    VirtioInterruptType,
-};
+use super::{QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VirtioInterruptType};
 use crate::{BusDevice, Interrupt};
 
 /// "virt", little-endian.
@@ -82,28 +79,8 @@ pub fn cmdline_device(base: u64, irq: u32) -> String {
 pub enum MmioError {
     #[error("device has {0} queues; at most 65535 are possible")]
     TooManyQueues(usize),
-    #[error("cannot create queue eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
-    #[error("saved state has {saved} queues, the device {now}")]
-    QueueCount { saved: usize, now: usize },
-    #[error("cannot restore an active device; reset it first")]
-    Active,
-    #[error("restoring device state: {0}")]
-    Device(#[source] ActivateError),
-    #[error("saved queue {0} is invalid: {1}")]
-    Queue(u16, String),
-}
-
-impl From<TransportError> for MmioError {
-    fn from(e: TransportError) -> Self {
-        match e {
-            TransportError::EventFd(e) => MmioError::EventFd(e),
-            TransportError::QueueCount { saved, now } => MmioError::QueueCount { saved, now },
-            TransportError::Active => MmioError::Active,
-            TransportError::Device(e) => MmioError::Device(e),
-            TransportError::Queue(i, e) => MmioError::Queue(i, e),
-        }
-    }
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 /// State shared with the device's workers: the interrupt status register, the device-set
@@ -248,7 +225,7 @@ impl MmioTransport {
     /// Serve again after [`MmioTransport::pause`], or start a restored device. Nothing on a
     /// running or inactive device.
     pub fn resume(&mut self) -> Result<(), MmioError> {
-        self.core.resume().map_err(MmioError::Device)
+        Ok(self.core.resume()?)
     }
 
     /// Restore saved state into a fresh transport whose device was built with the same backend
@@ -373,7 +350,7 @@ mod tests {
     use super::*;
     use crate::virtio::testing::{mem, TestQueue, AVAIL, DESC, R, USED, W};
     use crate::virtio::{
-        feature, ActiveQueue, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+        feature, ActivateError, ActiveQueue, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
         STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     };
     use std::sync::Mutex;

@@ -26,10 +26,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{CoreState, Half, Ring, TransportCore, TransportError, TransportInterrupt};
-use super::{
-    ActivateError, QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioInterrupt,
-    VirtioInterruptType,
-};
+use super::{QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VirtioInterruptType};
 use crate::bus::lock;
 use crate::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR};
 use crate::pci::msix::{MsiVectors, Msix, MsixState};
@@ -82,32 +79,12 @@ pub fn notify_address(bar_addr: u64, q: u16) -> u64 {
 pub enum VirtioPciError {
     #[error("device has {0} queues; virtio-pci here supports {MAX_QUEUES}")]
     TooManyQueues(usize),
-    #[error("cannot create queue eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
     #[error("PCI function: {0}")]
     Pci(#[from] PciError),
     #[error("saved state does not match this device: {0}")]
     StateMismatch(String),
-    #[error("cannot restore an active device; reset it first")]
-    Active,
-    #[error("restoring device state: {0}")]
-    Device(#[source] ActivateError),
-    #[error("saved queue {0} is invalid: {1}")]
-    Queue(u16, String),
-}
-
-impl From<TransportError> for VirtioPciError {
-    fn from(e: TransportError) -> Self {
-        match e {
-            TransportError::EventFd(e) => VirtioPciError::EventFd(e),
-            TransportError::QueueCount { saved, now } => {
-                VirtioPciError::StateMismatch(format!("{saved} queues saved, {now} now"))
-            }
-            TransportError::Active => VirtioPciError::Active,
-            TransportError::Device(e) => VirtioPciError::Device(e),
-            TransportError::Queue(i, e) => VirtioPciError::Queue(i, e),
-        }
-    }
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 /// The PCI class of a virtio device type: (base class, subclass, programming interface).
@@ -403,7 +380,7 @@ impl VirtioPciDevice {
     /// Serve again after [`VirtioPciDevice::pause`], or start a restored device. Nothing on a
     /// running or inactive device.
     pub fn resume(&mut self) -> Result<(), VirtioPciError> {
-        self.core.resume().map_err(VirtioPciError::Device)
+        Ok(self.core.resume()?)
     }
 
     /// Restore saved state into a fresh function whose device was built with the same backend
@@ -412,13 +389,12 @@ impl VirtioPciDevice {
     /// and MSI routes are restored. Add the function to the root bus afterwards, so that its
     /// BARs are mapped where the saved registers say.
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioPciError> {
-        // A vector count that does not match the queues' is a queue count mismatch too (an
-        // active device is refused first, below).
-        if s.queue_vectors.len() != s.queues.len() && !self.core.is_active() {
+        let n = self.core.queues.len();
+        // (An active device is refused first, below.)
+        if !self.core.is_active() && (s.queues.len() != n || s.queue_vectors.len() != n) {
             return Err(VirtioPciError::StateMismatch(format!(
-                "{} queues saved, {} now",
-                s.queues.len(),
-                self.core.queues.len()
+                "{} queues saved, {n} now",
+                s.queues.len()
             )));
         }
         self.core.check_restore(&s.queues)?;

@@ -943,7 +943,11 @@ fn transport_state_json_keeps_its_shape() {
 fn transport_state_json_from_before_the_core_restores_and_serves() {
     use super::pci::{VirtioPciState, NOTIFY_OFFSET, VIRTIO_BAR};
     use crate::pci::PciDevice;
+    // Each in new guest memory holding the rings as the saved device left them: one chain
+    // made available and served.
     let m = mem();
+    let mut q = TestQueue::new(&m, 16);
+    q.add_chain(&[(0x10000, 8, W)]);
     let s: VirtioMmioState = serde_json::from_str(MMIO_STATE_BEFORE_CORE).unwrap();
     let (mut t, irq) = mmio_transport(&m, Box::new(Rng::new()));
     t.restore(&s).unwrap();
@@ -951,26 +955,21 @@ fn transport_state_json_from_before_the_core_restores_and_serves() {
     assert!(irq.read().is_err());
     t.resume().unwrap();
     assert_eq!(irq.read().unwrap(), 1, "the pending interrupt raised again");
-    let mut q = TestQueue::new(&m, 16);
-    q.add_chain(&[(0x10000, 8, W)]);
     q.add_chain(&[(0x10000, 8, W)]);
     mmio_notify(&mut t, 0);
     wait_for(|| q.used_idx() == 2);
     assert_eq!(q.used(1), (1, 8), "served from the saved ring position");
 
+    let m = mem();
+    let mut q = TestQueue::new(&m, 16);
+    q.add_chain(&[(0x10000, 8, W)]);
     let s: VirtioPciState = serde_json::from_str(PCI_STATE_BEFORE_CORE).unwrap();
     let (mut d, intx) = pci_rng(&m);
     d.restore(&s).unwrap();
     assert_eq!(d.state(), s);
     assert!(intx.read().is_err());
     d.resume().unwrap();
-    assert_eq!(
-        intx.read().unwrap(),
-        1,
-        "the pending interrupt raised again"
-    );
-    let mut q = TestQueue::new(&m, 16);
-    q.add_chain(&[(0x10000, 8, W)]);
+    assert_eq!(intx.read().unwrap(), 1, "the pending INTx asserted again");
     q.add_chain(&[(0x10000, 8, W)]);
     d.bar_write(VIRTIO_BAR, NOTIFY_OFFSET, &[0, 0]);
     wait_for(|| q.used_idx() == 2);

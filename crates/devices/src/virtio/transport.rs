@@ -19,7 +19,7 @@ use super::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 
-/// Errors of the shared transport logic; each transport maps them into its own error.
+/// Errors of the shared transport logic; both transports' errors wrap them.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot create queue eventfd: {0}")]
@@ -287,15 +287,17 @@ impl<S: TransportInterrupt> TransportCore<S> {
 
     /// Serve again after [`TransportCore::pause`], or start a restored device. Nothing on a
     /// running or inactive device.
-    pub fn resume(&mut self) -> Result<(), ActivateError> {
+    pub fn resume(&mut self) -> Result<(), TransportError> {
         if let Some(queues) = self.restored.take() {
             let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
-            self.device.activate(self.mem.clone(), interrupt, queues)?;
+            self.device
+                .activate(self.mem.clone(), interrupt, queues)
+                .map_err(TransportError::Device)?;
             self.shared.restarted();
             return Ok(());
         }
         if self.active {
-            self.device.resume()?;
+            self.device.resume().map_err(TransportError::Device)?;
         }
         Ok(())
     }
