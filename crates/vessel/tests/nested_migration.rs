@@ -1,9 +1,9 @@
 //! Snapshots and live migration with Debian's stock kernel as L2 in the nested test host (see
 //! tests/nested/README.md): L2 writes numbered records to its virtio disk and keeps a TCP
-//! connection to an echo server in L1 busy, while L1 pauses it, snapshots it, kills it,
-//! restores it in a new Vessel (and, in the second test, migrates that one to a third). L2
-//! then checks that every record is on the disk and every line came back over the one connection. Slow (TCG)
-//! and needs what `scripts/setup --tests` installs.
+//! connection to an echo server in L1 busy, while L1 pauses it, snapshots it, kills it and
+//! restores it in a new Vessel (two more tests then migrate that one to a third, with pre-copy
+//! or post-copy). L2 then checks that every record is on the disk and every line came back
+//! over the one connection. Slow (TCG) and needs what `scripts/setup --tests` installs.
 
 mod common;
 
@@ -43,8 +43,11 @@ if [ -n "$MIGRATE" ]; then
     restored=$!
     sleep 1
     $V ctl --api-socket /tmp/c.sock migrate receive --listen unix:/tmp/mig.sock || exit 1
-    $V ctl --json --api-socket /tmp/b.sock migrate send --to unix:/tmp/mig.sock >/dev/null || exit 1
+    $V ctl --json --api-socket /tmp/b.sock migrate send $SEND_ARGS --to unix:/tmp/mig.sock >/dev/null || exit 1
     echo "L1MIG: migrated"
+    # Post-copy: the pages the target's pager fetched from the source after it started.
+    [ -n "$SEND_ARGS" ] && ( sleep 8; $V ctl --json --api-socket /tmp/c.sock info \
+        | grep '"copied_pages"' | sed 's/^ */L1MIG: pager /' ) &
     tail -n +1 -f /tmp/c.out &
 fi
 wait $restored
@@ -88,14 +91,28 @@ echo "L2MIG: echoed lines $lines, match $([ "$(md5sum < /tmp/echo.out | cut -d' 
 echo "L2MIG: done"
 "#;
 
-/// Runs the L1 script, migrating after the restore when `migrate`; returns the log.
-fn run_l1(migrate: bool) -> String {
+/// After the restore: nothing more, or a live migration of the restored VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    Nothing,
+    PreCopy,
+    /// Post-copy right after the first round.
+    PostCopy,
+}
+
+/// Runs the L1 script; returns the log.
+fn run_l1(then: Then) -> String {
     let tun = nested_env("NESTED_MODDIR").join("kernel/drivers/net/tun.ko");
-    let tag = format!("{}-{migrate}", std::process::id());
+    let tag = format!("{}-{then:?}", std::process::id());
     let disk = repo_root().join(format!("target/nested-mig-{tag}.raw"));
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
     let cmd = repo_root().join(format!("target/nested-mig-{tag}.sh"));
-    let script = format!("MIGRATE={}\n{L1_CMD}", if migrate { "1" } else { "" });
+    let (migrate, send_args) = match then {
+        Then::Nothing => ("", ""),
+        Then::PreCopy => ("1", ""),
+        Then::PostCopy => ("1", "--post-copy --post-copy-after 1"),
+    };
+    let script = format!("MIGRATE={migrate}\nSEND_ARGS='{send_args}'\n{L1_CMD}");
     std::fs::write(&cmd, script).unwrap();
     let log = nested_run(&[
         "--timeout",
@@ -118,7 +135,7 @@ fn run_l1(migrate: bool) -> String {
 
 #[test]
 fn debian_guest_keeps_its_disk_and_tcp_connection_across_snapshot_and_restore() {
-    let log = run_l1(false);
+    let log = run_l1(Then::Nothing);
     assert!(log.contains("L1MIG: snapshot taken"), "{log}");
     assert!(log.contains("L1MIG: restored VM is writing"), "{log}");
     assert!(log.contains("L2MIG: disk records bad: 0"), "{log}");
@@ -130,7 +147,26 @@ fn debian_guest_keeps_its_disk_and_tcp_connection_across_snapshot_and_restore() 
 /// writes and the TCP traffic going on through pre-copy (device threads keep running).
 #[test]
 fn debian_guest_keeps_its_disk_and_tcp_connection_across_live_migration() {
-    let log = run_l1(true);
+    let log = run_l1(Then::PreCopy);
+    assert_migrated(&log);
+}
+
+/// The same with post-copy forced after the first round: the migrated guest runs on the
+/// target while its pager fetches the pages it lacks from the source (userfaultfd under
+/// Linux's KVM with nested SVM).
+#[test]
+fn debian_guest_keeps_its_disk_and_tcp_connection_across_post_copy_migration() {
+    let log = run_l1(Then::PostCopy);
+    assert_migrated(&log);
+    let copied: u64 = log
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("L1MIG: pager \"copied_pages\": "))
+        .and_then(|n| n.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no pager figures in the log:\n{log}"));
+    assert!(copied > 0, "nothing came through post-copy:\n{log}");
+}
+
+fn assert_migrated(log: &str) {
     assert!(log.contains("L1MIG: snapshot taken"), "{log}");
     assert!(log.contains("L1MIG: migrated"), "{log}");
     assert!(log.contains("L2MIG: disk records bad: 0"), "{log}");

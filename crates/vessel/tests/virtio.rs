@@ -6,6 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::virtio::{assert_block_pattern, assert_refused, run_ok};
 use common::*;
 
 /// The guest's block test on a fresh 32 MiB raw disk with `options` added to `--disk`; checks
@@ -35,18 +36,7 @@ fn block_pattern(name: &str, options: &str) -> Duration {
     );
     // Found through the DSDT: the command line stays as given.
     assert!(!out.contains("virtio_mmio.device="), "{out}");
-    let s8 = sector(&disk, 8);
-    assert!(
-        s8.starts_with(b"vessel virtio-blk sector 8"),
-        "{:?}",
-        &s8[..32]
-    );
-    let last = sector(&disk, 65535);
-    assert!(
-        last.starts_with(b"vessel virtio-blk sector 65535"),
-        "{:?}",
-        &last[..32]
-    );
+    assert_block_pattern(&disk, 65535);
     took
 }
 
@@ -93,21 +83,20 @@ fn block_bench_mode_runs_every_workload() {
     let disk = dir.file("disk.raw");
     raw_disk(&disk, 4 << 20);
     let spec = format!("path={}", disk.display());
-    let o = vessel(&[
-        "run",
-        "--memory",
-        "64M",
-        "--disk",
-        &spec,
-        "--cmdline",
-        "bench=blk qd=4 benchtime=20 benchwarm=0",
-    ]);
-    assert_code(&o, 0);
-    let out = stdout(&o);
-    assert!(out.contains("bench tsc "), "{out}");
-    assert!(
-        out.contains("bench blk mmio@0xd0000000 capacity 8192 sectors region 4 MiB qd 4"),
-        "{out}"
+    let out = run_ok(
+        &[
+            "run",
+            "--memory",
+            "64M",
+            "--disk",
+            &spec,
+            "--cmdline",
+            "bench=blk qd=4 benchtime=20 benchwarm=0",
+        ],
+        &[
+            "bench tsc ",
+            "bench blk mmio@0xd0000000 capacity 8192 sectors region 4 MiB qd 4",
+        ],
     );
     for w in ["randread-4k", "randwrite-4k", "seqread-1m", "seqwrite-1m"] {
         let line = out
@@ -122,14 +111,13 @@ fn block_bench_mode_runs_every_workload() {
 
 #[test]
 fn without_acpi_devices_are_on_the_command_line() {
-    let o = vessel(&["run", "--rng", "--cmdline", "acpi=off"]);
-    assert_code(&o, 0);
-    let out = stdout(&o);
-    assert!(
-        out.contains("cmdline: acpi=off virtio_mmio.device=4K@0xd0000000:5"),
-        "{out}"
+    run_ok(
+        &["run", "--rng", "--cmdline", "acpi=off"],
+        &[
+            "cmdline: acpi=off virtio_mmio.device=4K@0xd0000000:5",
+            "virtio-rng mmio@0xd0000000: ok",
+        ],
     );
-    assert!(out.contains("virtio-rng mmio@0xd0000000: ok"), "{out}");
 }
 
 #[test]
@@ -138,12 +126,9 @@ fn read_only_disks_refuse_writes() {
     let disk = dir.file("disk.raw");
     raw_disk(&disk, 1 << 20);
     let spec = format!("path={},readonly=on", disk.display());
-    let o = vessel(&["run", "--disk", &spec]);
-    assert_code(&o, 0);
-    assert!(
-        stdout(&o).contains("2048 sectors: read-only, read ok"),
-        "{}",
-        stdout(&o)
+    run_ok(
+        &["run", "--disk", &spec],
+        &["2048 sectors: read-only, read ok"],
     );
     assert!(
         std::fs::read(&disk).unwrap().iter().all(|b| *b == 0),
@@ -178,12 +163,9 @@ fn qcow2_overlay_disk_stays_consistent() {
     ]);
     for options in ["", ",cache=none"] {
         let spec = format!("path={},queues=2{options}", top.display());
-        let o = vessel(&["run", "--disk", &spec, "--cpus", "2"]);
-        assert_code(&o, 0);
-        assert!(
-            stdout(&o).contains("131072 sectors: write/read/flush ok"),
-            "{options}: {}",
-            stdout(&o)
+        run_ok(
+            &["run", "--disk", &spec, "--cpus", "2"],
+            &["131072 sectors: write/read/flush ok"],
         );
         // The writes went to the overlay; both images are consistent.
         ok(&["image", "check", top.to_str().unwrap()]);
@@ -191,24 +173,15 @@ fn qcow2_overlay_disk_stays_consistent() {
     }
     // qcow2 has no plain file for io_uring.
     let spec = format!("path={},engine=io_uring", top.display());
-    let o = vessel(&["run", "--disk", &spec]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("engine=io_uring needs a raw image"),
-        "{}",
-        stderr(&o)
+    assert_refused(
+        &["run", "--disk", &spec],
+        "engine=io_uring needs a raw image",
     );
 }
 
 #[test]
 fn entropy_device() {
-    let o = vessel(&["run", "--rng"]);
-    assert_code(&o, 0);
-    assert!(
-        stdout(&o).contains("virtio-rng mmio@0xd0000000: ok"),
-        "{}",
-        stdout(&o)
-    );
+    run_ok(&["run", "--rng"], &["virtio-rng mmio@0xd0000000: ok"]);
 }
 
 #[test]
@@ -270,11 +243,10 @@ fn bad_disk_options_are_refused() {
         ("path=/tmp/x,bw_burst=1M", "bw_burst needs bw"),
         ("readonly=on", "path= is required"),
     ] {
-        let o = vessel(&["run", "--disk", spec]);
-        assert_eq!(o.status.code(), Some(1), "{spec}");
-        assert!(stderr(&o).contains(needle), "{spec}: {}", stderr(&o));
+        assert_refused(&["run", "--disk", spec], needle);
     }
-    let o = vessel(&["run", "--transport", "isa", "--rng"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("invalid --transport 'isa'"));
+    assert_refused(
+        &["run", "--transport", "isa", "--rng"],
+        "invalid --transport 'isa'",
+    );
 }

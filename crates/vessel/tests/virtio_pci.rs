@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::virtio::{assert_block_pattern, assert_refused, run_ok};
 use common::*;
 
 /// blk in slot 1 and rng in slot 2 on `cpus` vCPUs; `extra` goes on the guest command line.
@@ -12,41 +13,27 @@ fn blk_and_rng(name: &str, cpus: &str, extra: &str) {
     raw_disk(&disk, 16 << 20);
     let spec = format!("path={},serial=pci-disk", disk.display());
     let cmdline = format!("console=ttyS0 virtio=blk,rng {extra}");
-    let o = vessel(&[
-        "run",
-        "--transport",
-        "pci",
-        "--cpus",
-        cpus,
-        "--disk",
-        &spec,
-        "--rng",
-        "--cmdline",
-        &cmdline,
-    ]);
-    assert_code(&o, 0);
-    let out = stdout(&o);
-    assert!(
-        out.contains("virtio-blk pci@00:01.0 32768 sectors: write/read/flush ok serial 'pci-disk'"),
-        "{out}"
+    let ran = format!("all {cpus} cpus ran in ring 3");
+    run_ok(
+        &[
+            "run",
+            "--transport",
+            "pci",
+            "--cpus",
+            cpus,
+            "--disk",
+            &spec,
+            "--rng",
+            "--cmdline",
+            &cmdline,
+        ],
+        &[
+            "virtio-blk pci@00:01.0 32768 sectors: write/read/flush ok serial 'pci-disk'",
+            "virtio-rng pci@00:02.0: ok",
+            &ran,
+        ],
     );
-    assert!(out.contains("virtio-rng pci@00:02.0: ok"), "{out}");
-    assert!(
-        out.contains(&format!("all {cpus} cpus ran in ring 3")),
-        "{out}"
-    );
-    let s8 = sector(&disk, 8);
-    assert!(
-        s8.starts_with(b"vessel virtio-blk sector 8\n"),
-        "{:?}",
-        &s8[..32]
-    );
-    let last = sector(&disk, 32767);
-    assert!(
-        last.starts_with(b"vessel virtio-blk sector 32767\n"),
-        "{:?}",
-        &last[..32]
-    );
+    assert_block_pattern(&disk, 32767);
 }
 
 #[test]
@@ -67,12 +54,9 @@ fn guest_moves_the_bars() {
 
 #[test]
 fn mmio_is_still_the_default() {
-    let o = vessel(&["run", "--rng", "--cmdline", "virtio=rng"]);
-    assert_code(&o, 0);
-    assert!(
-        stdout(&o).contains("virtio-rng mmio@0xd0000000: ok"),
-        "{}",
-        stdout(&o)
+    run_ok(
+        &["run", "--rng", "--cmdline", "virtio=rng"],
+        &["virtio-rng mmio@0xd0000000: ok"],
     );
 }
 
@@ -86,11 +70,5 @@ fn too_many_pci_devices_are_refused() {
     for _ in 0..32 {
         args.extend(["--disk", &spec]);
     }
-    let o = vessel(&args);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("too many virtio devices: 32"),
-        "{}",
-        stderr(&o)
-    );
+    assert_refused(&args, "too many virtio devices: 32");
 }

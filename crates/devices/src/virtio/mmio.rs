@@ -14,16 +14,10 @@ use std::sync::Arc;
 
 use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice,
-    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-};
+use super::transport::{CoreState, Half, Ring, TransportCore, TransportError, TransportInterrupt};
+use super::{QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VirtioInterruptType};
 use crate::{BusDevice, Interrupt};
 
 /// "virt", little-endian.
@@ -80,103 +74,13 @@ pub fn cmdline_device(base: u64, irq: u32) -> String {
     )
 }
 
-/// The queues the driver made ready, built and validated against guest memory, each with a
-/// clone of its notification eventfd: what [`VirtioDevice::activate`] takes. On error, the
-/// index of the offending queue and the reason. Shared by the mmio and pci transports.
-pub(crate) fn ready_queues(
-    queues: &[QueueRegs],
-    notifiers: &[EventFd],
-    mem: &GuestMem,
-    event_idx: bool,
-) -> Result<Vec<ActiveQueue>, (u16, String)> {
-    let mut active = Vec::new();
-    for (i, (regs, fd)) in queues.iter().zip(notifiers).enumerate() {
-        if !regs.ready {
-            continue;
-        }
-        let index = i as u16;
-        let queue = regs.build(event_idx, mem).map_err(|e| (index, e))?;
-        let notifier = fd
-            .try_clone()
-            .map_err(|e| (index, format!("eventfd: {e}")))?;
-        active.push(ActiveQueue {
-            index,
-            queue,
-            notifier,
-        });
-    }
-    Ok(active)
-}
-
-/// The device-status rules both transports share: bits are only added, in order
-/// (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK), and FEATURES_OK is only accepted for features
-/// the device offered, VERSION_1 included (then acknowledged to the device). Returns the new
-/// status and the bits it newly sets, or `None` if the write is ignored. A write of 0 (reset)
-/// is the caller's.
-pub(crate) fn status_transition(
-    transport: &str,
-    old: u32,
-    value: u32,
-    device: &mut dyn VirtioDevice,
-    driver_features: u64,
-) -> Option<(u32, u32)> {
-    // NEEDS_RESET is the device's to set; a driver writing back what it read may include it.
-    let mut value = value & !STATUS_NEEDS_RESET;
-    if value & old != old {
-        tracing::debug!("{transport}: status {value:#x} clears bits of {old:#x}; ignored");
-        return None;
-    }
-    let new = value & !old;
-    let requires = [
-        (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
-        (STATUS_FEATURES_OK, STATUS_DRIVER),
-        (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
-    ];
-    for (bit, needed) in requires {
-        if new & bit != 0 && value & needed == 0 {
-            tracing::debug!("{transport}: status {value:#x} out of order; ignored");
-            return None;
-        }
-    }
-    if new & STATUS_FEATURES_OK != 0 {
-        let offered = device.features();
-        if driver_features & !offered != 0 || !has_feature(driver_features, VIRTIO_F_VERSION_1) {
-            tracing::debug!(
-                "{transport}: driver features {driver_features:#x} not acceptable (offered {offered:#x})"
-            );
-            // FEATURES_OK stays clear: the driver reads it back and gives up.
-            value &= !STATUS_FEATURES_OK;
-        } else {
-            device.ack_features(driver_features);
-        }
-    }
-    Some((value, new))
-}
-
-/// Logs why activation at DRIVER_OK failed (the caller then sets NEEDS_RESET).
-pub(crate) fn log_activation_failure(transport: &str, queue: u16, reason: &str) {
-    if queue == u16::MAX {
-        tracing::warn!("{transport}: device activation failed: {reason}");
-    } else {
-        tracing::warn!("{transport}: queue {queue} is invalid: {reason}");
-    }
-}
-
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     #[error("device has {0} queues; at most 65535 are possible")]
     TooManyQueues(usize),
-    #[error("cannot create queue eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
-    #[error("saved state has {saved} queues, the device {now}")]
-    QueueCount { saved: usize, now: usize },
-    #[error("cannot restore an active device; reset it first")]
-    Active,
-    #[error("restoring device state: {0}")]
-    Device(#[source] ActivateError),
-    #[error("saved queue {0} is invalid: {1}")]
-    Queue(u16, String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 /// State shared with the device's workers: the interrupt status register, the device-set
@@ -205,76 +109,19 @@ impl VirtioInterrupt for Shared {
     }
 }
 
-/// What the driver wrote into one queue's registers (shared with the PCI transport).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct QueueRegs {
-    pub(crate) max_size: u16,
-    /// 0 for a value that does not fit 16 bits (invalid either way).
-    pub(crate) size: u16,
-    pub(crate) ready: bool,
-    pub(crate) desc: u64,
-    pub(crate) avail: u64,
-    pub(crate) used: u64,
-    /// Ring positions to start from (non-zero only after a restore).
-    pub(crate) next_avail: u16,
-    pub(crate) next_used: u16,
-}
-
-impl QueueRegs {
-    pub(crate) fn new(max_size: u16) -> Self {
-        QueueRegs {
-            max_size,
-            size: max_size,
-            ready: false,
-            desc: 0,
-            avail: 0,
-            used: 0,
-            next_avail: 0,
-            next_used: 0,
-        }
+impl TransportInterrupt for Shared {
+    fn needs_reset(&self) -> &AtomicBool {
+        &self.needs_reset
     }
 
-    /// A `Queue` from these registers, or why not.
-    pub(crate) fn build(&self, event_idx: bool, mem: &GuestMem) -> Result<Queue, String> {
-        let size = self.size;
-        if size == 0 || !size.is_power_of_two() || size > self.max_size {
-            return Err(format!(
-                "size {size} (must be a power of two up to {})",
-                self.max_size
-            ));
-        }
-        let mut q = Queue::new(self.max_size).map_err(|e| e.to_string())?;
-        q.try_set_size(size).map_err(|e| e.to_string())?;
-        q.try_set_desc_table_address(GuestAddress(self.desc))
-            .map_err(|e| e.to_string())?;
-        q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .map_err(|e| e.to_string())?;
-        q.try_set_used_ring_address(GuestAddress(self.used))
-            .map_err(|e| e.to_string())?;
-        q.set_event_idx(event_idx);
-        q.set_next_avail(self.next_avail);
-        q.set_next_used(self.next_used);
-        q.set_ready(true);
-        if !q.is_valid(mem) {
-            return Err(format!(
-                "rings at {:#x}/{:#x}/{:#x} are not all in guest memory",
-                self.desc, self.avail, self.used
-            ));
-        }
-        Ok(q)
+    fn reset(&self) {
+        self.interrupt_status.store(0, Ordering::SeqCst);
     }
 
-    pub(crate) fn snapshot(&self) -> QueueSnapshot {
-        QueueSnapshot {
-            max_size: self.max_size,
-            next_avail: self.next_avail,
-            next_used: self.next_used,
-            event_idx_enabled: false,
-            size: self.size,
-            ready: self.ready,
-            desc_table: self.desc,
-            avail_ring: self.avail,
-            used_ring: self.used,
+    fn restarted(&self) {
+        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
+            // An edge may have been lost with the old process; a spurious one is harmless.
+            let _ = self.irq.trigger();
         }
     }
 }
@@ -295,22 +142,10 @@ pub struct VirtioMmioState {
     pub device: VirtioDeviceState,
 }
 
-/// A virtio device behind virtio-mmio registers.
+/// A virtio device behind virtio-mmio registers: the shared transport logic and the register
+/// layout.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMem,
-    shared: Arc<Shared>,
-    notifiers: Vec<EventFd>,
-    queues: Vec<QueueRegs>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    config_generation: u32,
-    active: bool,
-    /// A restored running device, validated and waiting for [`MmioTransport::resume`].
-    restored: Option<Vec<ActiveQueue>>,
+    core: TransportCore<Shared>,
 }
 
 impl MmioTransport {
@@ -321,94 +156,62 @@ impl MmioTransport {
         irq: Arc<dyn Interrupt>,
         device: Box<dyn VirtioDevice>,
     ) -> Result<MmioTransport, MmioError> {
-        let sizes = device.queue_max_sizes().to_vec();
-        if sizes.len() > usize::from(u16::MAX) {
-            return Err(MmioError::TooManyQueues(sizes.len()));
+        let queues = device.queue_max_sizes().len();
+        if queues > usize::from(u16::MAX) {
+            return Err(MmioError::TooManyQueues(queues));
         }
-        let notifiers = sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
+            interrupt_status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq,
+        });
         Ok(MmioTransport {
-            device,
-            mem,
-            shared: Arc::new(Shared {
-                interrupt_status: AtomicU32::new(0),
-                needs_reset: AtomicBool::new(false),
-                irq,
-            }),
-            notifiers,
-            queues: sizes.into_iter().map(QueueRegs::new).collect(),
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            config_generation: 0,
-            active: false,
-            restored: None,
+            core: TransportCore::new("virtio-mmio", mem, device, shared)?,
         })
     }
 
     /// One eventfd per queue, in queue order: signalled on `QueueNotify`. Register them as
     /// ioeventfds at `base + QUEUE_NOTIFY_OFFSET`, 4 bytes, datamatch = the queue index.
     pub fn queue_notifiers(&self) -> &[EventFd] {
-        &self.notifiers
+        self.core.queue_notifiers()
     }
 
     /// The device behind the transport.
     pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+        self.core.device.as_ref()
     }
 
     /// The device behind the transport, to change its backend while it is paused (a disk
     /// snapshot switches a block device's disk).
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+        self.core.device.as_mut()
     }
 
     /// Whether the driver has set `DRIVER_OK` and the device runs.
     pub fn is_active(&self) -> bool {
-        self.active
+        self.core.is_active()
     }
 
     /// The device status register as the guest reads it.
     pub fn device_status(&self) -> u32 {
-        let nr = if self.shared.needs_reset.load(Ordering::SeqCst) {
-            STATUS_NEEDS_RESET
-        } else {
-            0
-        };
-        self.status | nr
+        self.core.device_status()
     }
 
     /// The state to save. Take it with the vCPUs paused; the queues' ring positions come from
     /// the device's workers, which hold each queue's lock for a whole processing pass.
     pub fn state(&self) -> VirtioMmioState {
-        let mut queues: Vec<QueueSnapshot> = self.queues.iter().map(QueueRegs::snapshot).collect();
-        let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-        for q in queues.iter_mut().filter(|q| q.ready) {
-            q.event_idx_enabled = event_idx;
-        }
-        if self.active {
-            for (i, s) in self.device.queue_states() {
-                if let Some(q) = queues.get_mut(usize::from(i)) {
-                    q.next_avail = s.next_avail;
-                    q.next_used = s.next_used;
-                }
-            }
-        }
+        let c = self.core.state();
         VirtioMmioState {
-            status: self.status,
-            needs_reset: self.shared.needs_reset.load(Ordering::SeqCst),
-            interrupt_status: self.shared.interrupt_status.load(Ordering::SeqCst),
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
-            queues,
-            device: self.device.state(),
+            status: c.status,
+            needs_reset: c.needs_reset,
+            interrupt_status: self.core.shared.interrupt_status.load(Ordering::SeqCst),
+            device_features_sel: c.device_features_sel,
+            driver_features_sel: c.driver_features_sel,
+            driver_features: c.driver_features,
+            queue_sel: c.queue_sel,
+            config_generation: c.config_generation,
+            queues: c.queues,
+            device: c.device,
         }
     }
 
@@ -416,30 +219,13 @@ impl MmioTransport {
     /// writes nothing to guest memory and raises no interrupt. Idempotent; nothing on an
     /// inactive device.
     pub fn pause(&mut self) {
-        // A restored device not yet started has nothing running.
-        if self.active && self.restored.is_none() {
-            self.device.pause();
-        }
+        self.core.pause();
     }
 
     /// Serve again after [`MmioTransport::pause`], or start a restored device. Nothing on a
     /// running or inactive device.
     pub fn resume(&mut self) -> Result<(), MmioError> {
-        if let Some(queues) = self.restored.take() {
-            let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
-            self.device
-                .activate(self.mem.clone(), interrupt, queues)
-                .map_err(MmioError::Device)?;
-            if self.shared.interrupt_status.load(Ordering::SeqCst) != 0 {
-                // An edge may have been lost with the old process; a spurious one is harmless.
-                let _ = self.shared.irq.trigger();
-            }
-            return Ok(());
-        }
-        if self.active {
-            self.device.resume().map_err(MmioError::Device)?;
-        }
-        Ok(())
+        Ok(self.core.resume()?)
     }
 
     /// Restore saved state into a fresh transport whose device was built with the same backend
@@ -448,227 +234,80 @@ impl MmioTransport {
     /// once the VM's interrupt controllers are restored too, so that no interrupt the device
     /// raises is overwritten.
     pub fn restore(&mut self, state: &VirtioMmioState) -> Result<(), MmioError> {
-        if self.active {
-            return Err(MmioError::Active);
-        }
-        if state.queues.len() != self.queues.len() {
-            return Err(MmioError::QueueCount {
-                saved: state.queues.len(),
-                now: self.queues.len(),
-            });
-        }
-        for (i, (saved, regs)) in state.queues.iter().zip(&self.queues).enumerate() {
-            if saved.max_size != regs.max_size {
-                return Err(MmioError::Queue(
-                    i as u16,
-                    format!(
-                        "maximum size {} saved, {} now",
-                        saved.max_size, regs.max_size
-                    ),
-                ));
-            }
-        }
-        self.device.reset();
-        self.device
-            .restore(&state.device)
-            .map_err(MmioError::Device)?;
-        self.queues = state
-            .queues
-            .iter()
-            .map(|s| QueueRegs {
-                max_size: s.max_size,
-                size: s.size,
-                ready: s.ready,
-                desc: s.desc_table,
-                avail: s.avail_ring,
-                used: s.used_ring,
-                next_avail: s.next_avail,
-                next_used: s.next_used,
-            })
-            .collect();
-        self.status = state.status & !STATUS_NEEDS_RESET;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.driver_features = state.driver_features;
-        self.queue_sel = state.queue_sel;
-        self.config_generation = state.config_generation;
-        self.shared
-            .needs_reset
-            .store(state.needs_reset, Ordering::SeqCst);
-        self.shared
-            .interrupt_status
-            .store(state.interrupt_status, Ordering::SeqCst);
-        if self.status & STATUS_DRIVER_OK != 0 && !state.needs_reset {
-            let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-            let queues = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)
-                .map_err(|(i, e)| MmioError::Queue(i, e))?;
-            self.restored = Some(queues);
-            self.active = true;
-        }
+        self.core.check_restore(&state.queues)?;
+        let core = CoreState {
+            status: state.status,
+            needs_reset: state.needs_reset,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            config_generation: state.config_generation,
+            queues: state.queues.clone(),
+            device: state.device.clone(),
+        };
+        self.core.restore(&core, |shared| {
+            shared
+                .interrupt_status
+                .store(state.interrupt_status, Ordering::SeqCst);
+        })?;
         Ok(())
     }
 
     /// A machine reset (the guest rebooted): the device stops and forgets the driver, as on a
-    /// driver reset. (Configuration space, for PCI, is the caller's: restore its power-on
-    /// state.)
+    /// driver reset.
     pub fn hard_reset(&mut self) {
-        self.reset();
-    }
-
-    fn reset(&mut self) {
-        self.device.reset();
-        self.active = false;
-        self.restored = None;
-        for q in &mut self.queues {
-            *q = QueueRegs::new(q.max_size);
-        }
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.shared.interrupt_status.store(0, Ordering::SeqCst);
-        self.shared.needs_reset.store(false, Ordering::SeqCst);
-    }
-
-    /// Build the ready queues and start the device. On error, the index of the offending queue
-    /// (or `u16::MAX` for the device itself) and the reason.
-    fn activate(&mut self) -> Result<(), (u16, String)> {
-        let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-        let active = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)?;
-        let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
-        self.device
-            .activate(self.mem.clone(), interrupt, active)
-            .map_err(|e| (u16::MAX, e.to_string()))?;
-        self.active = true;
-        Ok(())
-    }
-
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let Some((value, new)) = status_transition(
-            "virtio-mmio",
-            self.status,
-            value,
-            &mut *self.device,
-            self.driver_features,
-        ) else {
-            return;
-        };
-        self.status = value;
-        if new & STATUS_DRIVER_OK != 0 && value & STATUS_FAILED == 0 {
-            if let Err((queue, reason)) = self.activate() {
-                log_activation_failure("virtio-mmio", queue, &reason);
-                self.shared.set_needs_reset();
-            }
-        }
-    }
-
-    /// The selected queue, if queue registers may be written now (features negotiated, device
-    /// not yet running, queue not yet ready).
-    fn writable_queue(&mut self, reg: u64) -> Option<&mut QueueRegs> {
-        let ok = self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        let q = self.queues.get_mut(self.queue_sel as usize);
-        match q {
-            Some(q) if ok && (!q.ready || reg == REG_QUEUE_READY) => Some(q),
-            _ => {
-                tracing::debug!(
-                    "virtio-mmio: queue register {reg:#x} written in state {:#x}; ignored",
-                    self.status
-                );
-                None
-            }
-        }
+        self.core.reset();
     }
 
     fn read_reg(&self, offset: u64) -> u32 {
-        let sel_queue = self.queues.get(self.queue_sel as usize);
+        let core = &self.core;
+        let sel_queue = core.selected_queue();
         match offset {
             REG_MAGIC => MAGIC_VALUE,
             REG_VERSION => VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
+            REG_DEVICE_ID => core.device.device_type(),
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
-                _ => 0,
-            },
+            REG_DEVICE_FEATURES => core.device_features_word(),
             REG_QUEUE_NUM_MAX => sel_queue.map_or(0, |q| u32::from(q.max_size)),
             REG_QUEUE_READY => sel_queue.map_or(0, |q| u32::from(q.ready)),
-            REG_INTERRUPT_STATUS => self.shared.interrupt_status.load(Ordering::SeqCst),
-            REG_STATUS => self.device_status(),
+            REG_INTERRUPT_STATUS => core.shared.interrupt_status.load(Ordering::SeqCst),
+            REG_STATUS => core.device_status(),
             // No shared memory regions: length (and base) all ones.
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_CONFIG_GENERATION => core.config_generation,
             _ => 0,
         }
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
+        let core = &mut self.core;
+        let half = if offset & 4 == 0 {
+            Half::Low
+        } else {
+            Half::High
+        };
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            REG_DRIVER_FEATURES => {
-                let s = self.status;
-                if s & STATUS_DRIVER == 0 || s & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0 {
-                    tracing::debug!("virtio-mmio: driver features written in state {s:#x}");
-                    return;
-                }
-                let v = u64::from(v);
-                match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
-                    // Features past bit 63 do not exist; setting one fails FEATURES_OK.
-                    _ if v != 0 => self.driver_features |= feature(63),
-                    _ => {}
-                }
+            REG_DEVICE_FEATURES_SEL => core.device_features_sel = v,
+            REG_DRIVER_FEATURES => core.write_driver_features(v),
+            REG_DRIVER_FEATURES_SEL => core.driver_features_sel = v,
+            REG_QUEUE_SEL => core.queue_sel = v,
+            REG_QUEUE_NUM => core.write_queue_size(offset, u16::try_from(v).unwrap_or(0)),
+            REG_QUEUE_READY => core.write_queue_ready(offset, v),
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => {
+                core.write_queue_address(offset, Ring::Desc, half, u64::from(v));
             }
-            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            REG_QUEUE_SEL => self.queue_sel = v,
-            REG_QUEUE_NUM => {
-                if let Some(q) = self.writable_queue(offset) {
-                    q.size = u16::try_from(v).unwrap_or(0);
-                }
+            REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => {
+                core.write_queue_address(offset, Ring::Avail, half, u64::from(v));
             }
-            REG_QUEUE_READY => {
-                if let Some(q) = self.writable_queue(offset) {
-                    q.ready = v == 1;
-                }
+            REG_QUEUE_DEVICE_LOW | REG_QUEUE_DEVICE_HIGH => {
+                core.write_queue_address(offset, Ring::Used, half, u64::from(v));
             }
-            REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW
-            | REG_QUEUE_DEVICE_HIGH => {
-                if let Some(q) = self.writable_queue(offset) {
-                    let field = match offset {
-                        REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH => &mut q.desc,
-                        REG_QUEUE_DRIVER_LOW | REG_QUEUE_DRIVER_HIGH => &mut q.avail,
-                        _ => &mut q.used,
-                    };
-                    let v = u64::from(v);
-                    *field = if offset & 4 == 0 {
-                        (*field & !0xffff_ffff) | v
-                    } else {
-                        (*field & 0xffff_ffff) | (v << 32)
-                    };
-                }
-            }
-            QUEUE_NOTIFY_OFFSET => match self.notifiers.get(v as usize) {
-                Some(evt) => {
-                    if let Err(e) = evt.write(1) {
-                        tracing::warn!("virtio-mmio: queue {v} notify: {e}");
-                    }
-                }
-                None => tracing::debug!("virtio-mmio: notify of queue {v}, which does not exist"),
-            },
+            QUEUE_NOTIFY_OFFSET => core.notify(u64::from(v)),
             REG_INTERRUPT_ACK => {
-                self.shared.interrupt_status.fetch_and(!v, Ordering::SeqCst);
+                core.shared.interrupt_status.fetch_and(!v, Ordering::SeqCst);
             }
-            REG_STATUS => self.set_status(v),
+            REG_STATUS => core.set_status(v),
             _ => tracing::debug!("virtio-mmio: write of {v:#x} to {offset:#x} ignored"),
         }
     }
@@ -677,7 +316,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_OFFSET {
-            self.device.read_config(offset - CONFIG_OFFSET, data);
+            self.core.device.read_config(offset - CONFIG_OFFSET, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -689,7 +328,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_OFFSET {
-            self.device.write_config(offset - CONFIG_OFFSET, data);
+            self.core.device.write_config(offset - CONFIG_OFFSET, data);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -710,8 +349,14 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::virtio::testing::{mem, TestQueue, AVAIL, DESC, R, USED, W};
+    use crate::virtio::{
+        feature, ActivateError, ActiveQueue, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
+        STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    };
     use std::sync::Mutex;
     use virtio_queue::QueueState;
+    use virtio_queue::QueueT;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[derive(Default, Debug)]
     struct Log {
@@ -898,7 +543,7 @@ mod tests {
         // Features cannot change after FEATURES_OK.
         w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
         w(&mut t, REG_DRIVER_FEATURES, 0);
-        assert_eq!(t.driver_features, f);
+        assert_eq!(t.core.driver_features, f);
         // Clearing a bit without a reset: ignored.
         w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
         assert_eq!(r(&mut t, REG_STATUS), OK);
@@ -925,7 +570,7 @@ mod tests {
         assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
         // Writes to a ready queue are ignored.
         w(&mut t, REG_QUEUE_NUM, 4);
-        assert_eq!(t.queues[0].size, 16);
+        assert_eq!(t.core.queues[0].size, 16);
         w(&mut t, REG_STATUS, OK | STATUS_DRIVER_OK);
         assert_eq!(r(&mut t, REG_STATUS), OK | STATUS_DRIVER_OK);
         assert_eq!(log.lock().unwrap().activated, vec![(0, 16, DESC, 0)]);
@@ -975,8 +620,11 @@ mod tests {
     #[test]
     fn interrupts_set_status_bits() {
         let (t, _, irq) = transport();
-        t.shared.trigger(VirtioInterruptType::Queue(0)).unwrap();
-        t.shared.trigger(VirtioInterruptType::Config).unwrap();
+        t.core
+            .shared
+            .trigger(VirtioInterruptType::Queue(0))
+            .unwrap();
+        t.core.shared.trigger(VirtioInterruptType::Config).unwrap();
         let mut t = t;
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 3);
         assert_eq!(irq.read().unwrap(), 2);

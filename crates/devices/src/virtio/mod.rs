@@ -1,4 +1,4 @@
-//! Virtio devices and their MMIO transport.
+//! Virtio devices and their transports (MMIO and PCI).
 //!
 //! A device implements [`VirtioDevice`]: it offers features and queues, exposes a config space
 //! and, once the driver has set everything up, is *activated* with guest memory, an interrupt
@@ -6,9 +6,10 @@
 //! arrive on. Devices process their queues on worker threads ([`worker`]) that wait on those
 //! eventfds, so a KVM ioeventfd can replace the MMIO `QueueNotify` write without a device change.
 //!
-//! The transport ([`mmio::MmioTransport`]) is a [`crate::BusDevice`] implementing virtio-mmio
-//! version 2 (virtio 1.2 §4.2.2): it owns the status state machine, the queue registers and the
-//! interrupt status register.
+//! The transports, [`mmio::MmioTransport`] (a [`crate::BusDevice`] implementing virtio-mmio
+//! version 2, virtio 1.2 §4.2.2) and [`pci::VirtioPciDevice`] (virtio-pci modern), each own a
+//! `transport::TransportCore`: the status state machine, the queue registers and their
+//! validation; each adds its register layout and interrupt delivery.
 //!
 //! Guest input is never trusted: descriptor chains are walked by [`queue`], which bounds their
 //! length, detects loops and checks every buffer against guest memory; a bad chain fails only its
@@ -22,6 +23,9 @@ pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+pub(crate) mod transport;
+
+pub use transport::TransportError;
 pub mod vsock;
 pub mod worker;
 

@@ -14,23 +14,19 @@
 //! changes and one per queue, as the driver assigns them (`VIRTIO_MSI_NO_VECTOR` = none). With
 //! MSI-X disabled, interrupts set the ISR and pulse the optional INTx line.
 //!
-//! The status state machine and the queue validation are the virtio-mmio transport's: the same
-//! ordering rules, the same feature check at FEATURES_OK, the same queue checks at DRIVER_OK
-//! (shared `QueueRegs`), and `DEVICE_NEEDS_RESET` when activation fails.
+//! The status state machine, feature negotiation, queue validation, activation, reset and
+//! pause/resume/state/restore are the virtio-mmio transport's too: both own a
+//! [`TransportCore`](super::transport::TransportCore).
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use guestmem::GuestMem;
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{log_activation_failure, ready_queues, status_transition, QueueRegs};
-use super::{
-    feature, has_feature, ActivateError, ActiveQueue, QueueSnapshot, VirtioDevice,
-    VirtioDeviceState, VirtioInterrupt, VirtioInterruptType, STATUS_DRIVER, STATUS_DRIVER_OK,
-    STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_RING_F_EVENT_IDX,
-};
+use super::transport::{CoreState, Half, Ring, TransportCore, TransportError, TransportInterrupt};
+use super::{QueueSnapshot, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VirtioInterruptType};
 use crate::bus::lock;
 use crate::pci::config::{CAP_ID_MSIX, CAP_ID_VENDOR};
 use crate::pci::msix::{MsiVectors, Msix, MsixState};
@@ -83,18 +79,12 @@ pub fn notify_address(bar_addr: u64, q: u16) -> u64 {
 pub enum VirtioPciError {
     #[error("device has {0} queues; virtio-pci here supports {MAX_QUEUES}")]
     TooManyQueues(usize),
-    #[error("cannot create queue eventfd: {0}")]
-    EventFd(#[source] std::io::Error),
     #[error("PCI function: {0}")]
     Pci(#[from] PciError),
     #[error("saved state does not match this device: {0}")]
     StateMismatch(String),
-    #[error("cannot restore an active device; reset it first")]
-    Active,
-    #[error("restoring device state: {0}")]
-    Device(#[source] ActivateError),
-    #[error("saved queue {0} is invalid: {1}")]
-    Queue(u16, String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
 }
 
 /// The PCI class of a virtio device type: (base class, subclass, programming interface).
@@ -151,6 +141,41 @@ impl VirtioInterrupt for Shared {
     }
 }
 
+impl TransportInterrupt for Shared {
+    fn needs_reset(&self) -> &AtomicBool {
+        &self.needs_reset
+    }
+
+    fn reset(&self) {
+        self.isr.store(0, Ordering::SeqCst);
+        self.config_vector
+            .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        for v in &self.queue_vectors {
+            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+        }
+    }
+
+    /// A level the old process asserted for a pending ISR: assert it again (MSI-X pending bits
+    /// are in the restored PBA).
+    fn restarted(&self) {
+        self.resample();
+    }
+}
+
+impl Shared {
+    /// Assert the INTx line if an interrupt is pending in the ISR (and MSI-X is off).
+    fn resample(&self) {
+        if self.isr.load(Ordering::SeqCst) == 0 || lock(&self.msix).enabled() {
+            return;
+        }
+        if let Some(line) = &self.intx {
+            if let Err(e) = line.trigger() {
+                tracing::warn!("virtio-pci: INTx: {e}");
+            }
+        }
+    }
+}
+
 /// The INTx side of a function, for the VM monitor's resample loop.
 #[derive(Clone)]
 pub struct IntxHandle(Arc<Shared>);
@@ -159,15 +184,7 @@ impl IntxHandle {
     /// The guest's EOI de-asserted the (level-triggered) line: assert it again if an interrupt
     /// is still pending in the ISR (and MSI-X is off).
     pub fn resampled(&self) {
-        let s = &self.0;
-        if s.isr.load(Ordering::SeqCst) == 0 || lock(&s.msix).enabled() {
-            return;
-        }
-        if let Some(line) = &s.intx {
-            if let Err(e) = line.trigger() {
-                tracing::warn!("virtio-pci: INTx: {e}");
-            }
-        }
+        self.0.resample();
     }
 }
 
@@ -191,24 +208,12 @@ pub struct VirtioPciState {
     pub device: VirtioDeviceState,
 }
 
-/// A virtio device behind a virtio-pci function.
+/// A virtio device behind a virtio-pci function: the PCI configuration space and the shared
+/// transport logic behind the BAR's structures.
 pub struct VirtioPciDevice {
     config: PciConfig,
     msix_cap: usize,
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMem,
-    shared: Arc<Shared>,
-    notifiers: Vec<EventFd>,
-    queues: Vec<QueueRegs>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u16,
-    config_generation: u8,
-    active: bool,
-    /// A restored running device, validated and waiting for [`VirtioPciDevice::resume`].
-    restored: Option<Vec<ActiveQueue>>,
+    core: TransportCore<Shared>,
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
@@ -235,10 +240,6 @@ impl VirtioPciDevice {
         if sizes.len() > MAX_QUEUES || sizes.len() + 1 > MAX_VECTORS {
             return Err(VirtioPciError::TooManyQueues(sizes.len()));
         }
-        let notifiers = sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
-            .collect::<Result<Vec<_>, _>>()?;
         let msix = Msix::new(Self::vector_count(sizes.len()), vectors)?;
         let dtype = device.device_type();
         let mut config = PciConfig::new(&PciHeader {
@@ -287,32 +288,21 @@ impl VirtioPciDevice {
             MSIX_PBA_OFFSET as u32,
         );
         let msix_cap = config.add_capability(CAP_ID_MSIX, &body, &wmask)?;
+        let shared = Arc::new(Shared {
+            isr: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            msix: Mutex::new(msix),
+            config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            queue_vectors: sizes
+                .iter()
+                .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                .collect(),
+            intx,
+        });
         Ok(VirtioPciDevice {
             config,
             msix_cap,
-            device,
-            mem,
-            shared: Arc::new(Shared {
-                isr: AtomicU32::new(0),
-                needs_reset: AtomicBool::new(false),
-                msix: Mutex::new(msix),
-                config_vector: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
-                queue_vectors: sizes
-                    .iter()
-                    .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
-                    .collect(),
-                intx,
-            }),
-            notifiers,
-            queues: sizes.into_iter().map(QueueRegs::new).collect(),
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            config_generation: 0,
-            active: false,
-            restored: None,
+            core: TransportCore::new("virtio-pci", mem, device, shared)?,
         })
     }
 
@@ -324,75 +314,59 @@ impl VirtioPciDevice {
     /// One eventfd per queue, in queue order: signalled on a notification. Register them as
     /// ioeventfds at [`notify_address`] wherever the BAR is.
     pub fn queue_notifiers(&self) -> &[EventFd] {
-        &self.notifiers
+        self.core.queue_notifiers()
     }
 
     /// The device behind the transport.
     pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+        self.core.device.as_ref()
     }
 
     /// The device behind the transport, to change its backend while it is paused (a disk
     /// snapshot switches a block device's disk).
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+        self.core.device.as_mut()
     }
 
     /// Whether the driver has set `DRIVER_OK` and the device runs.
     pub fn is_active(&self) -> bool {
-        self.active
+        self.core.is_active()
     }
 
     /// The handle the VM monitor's INTx resample loop calls.
     pub fn intx_handle(&self) -> IntxHandle {
-        IntxHandle(self.shared.clone())
+        IntxHandle(self.core.shared.clone())
     }
 
     /// The device status as the guest reads it.
     pub fn device_status(&self) -> u32 {
-        let nr = if self.shared.needs_reset.load(Ordering::SeqCst) {
-            STATUS_NEEDS_RESET
-        } else {
-            0
-        };
-        self.status | nr
+        self.core.device_status()
     }
 
     /// The state to save (vCPUs paused).
     pub fn state(&self) -> VirtioPciState {
-        let mut queues: Vec<QueueSnapshot> = self.queues.iter().map(QueueRegs::snapshot).collect();
-        let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-        for q in queues.iter_mut().filter(|q| q.ready) {
-            q.event_idx_enabled = event_idx;
-        }
-        if self.active {
-            for (i, s) in self.device.queue_states() {
-                if let Some(q) = queues.get_mut(usize::from(i)) {
-                    q.next_avail = s.next_avail;
-                    q.next_used = s.next_used;
-                }
-            }
-        }
+        let c = self.core.state();
+        let shared = &self.core.shared;
         VirtioPciState {
             pci: self.config.state(),
-            msix: lock(&self.shared.msix).state(),
-            status: self.status,
-            needs_reset: self.shared.needs_reset.load(Ordering::SeqCst),
-            isr: self.shared.isr.load(Ordering::SeqCst),
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            driver_features: self.driver_features,
-            queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
-            config_vector: self.shared.config_vector.load(Ordering::SeqCst),
-            queue_vectors: self
-                .shared
+            msix: lock(&shared.msix).state(),
+            status: c.status,
+            needs_reset: c.needs_reset,
+            isr: shared.isr.load(Ordering::SeqCst),
+            device_features_sel: c.device_features_sel,
+            driver_features_sel: c.driver_features_sel,
+            driver_features: c.driver_features,
+            // Written as 16 bits (and 8 bits here), restored from them.
+            queue_sel: c.queue_sel as u16,
+            config_generation: c.config_generation as u8,
+            config_vector: shared.config_vector.load(Ordering::SeqCst),
+            queue_vectors: shared
                 .queue_vectors
                 .iter()
                 .map(|v| v.load(Ordering::SeqCst))
                 .collect(),
-            queues,
-            device: self.device.state(),
+            queues: c.queues,
+            device: c.device,
         }
     }
 
@@ -400,29 +374,13 @@ impl VirtioPciDevice {
     /// writes nothing to guest memory and raises no interrupt. Idempotent; nothing on an
     /// inactive device.
     pub fn pause(&mut self) {
-        // A restored device not yet started has nothing running.
-        if self.active && self.restored.is_none() {
-            self.device.pause();
-        }
+        self.core.pause();
     }
 
     /// Serve again after [`VirtioPciDevice::pause`], or start a restored device. Nothing on a
     /// running or inactive device.
     pub fn resume(&mut self) -> Result<(), VirtioPciError> {
-        if let Some(queues) = self.restored.take() {
-            let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
-            self.device
-                .activate(self.mem.clone(), interrupt, queues)
-                .map_err(VirtioPciError::Device)?;
-            // A level the old process asserted for a pending ISR: assert it again (MSI-X
-            // pending bits are in the restored PBA).
-            self.intx_handle().resampled();
-            return Ok(());
-        }
-        if self.active {
-            self.device.resume().map_err(VirtioPciError::Device)?;
-        }
-        Ok(())
+        Ok(self.core.resume()?)
     }
 
     /// Restore saved state into a fresh function whose device was built with the same backend
@@ -431,183 +389,70 @@ impl VirtioPciDevice {
     /// and MSI routes are restored. Add the function to the root bus afterwards, so that its
     /// BARs are mapped where the saved registers say.
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), VirtioPciError> {
-        if self.active {
-            return Err(VirtioPciError::Active);
-        }
-        let n = self.queues.len();
-        if s.queues.len() != n || s.queue_vectors.len() != n {
+        let n = self.core.queues.len();
+        // (An active device is refused first, below.)
+        if !self.core.is_active() && (s.queues.len() != n || s.queue_vectors.len() != n) {
             return Err(VirtioPciError::StateMismatch(format!(
                 "{} queues saved, {n} now",
                 s.queues.len()
             )));
         }
-        for (i, (saved, regs)) in s.queues.iter().zip(&self.queues).enumerate() {
-            if saved.max_size != regs.max_size {
-                return Err(VirtioPciError::Queue(
-                    i as u16,
-                    format!(
-                        "maximum size {} saved, {} now",
-                        saved.max_size, regs.max_size
-                    ),
-                ));
-            }
-        }
+        self.core.check_restore(&s.queues)?;
         self.config.restore(&s.pci)?;
-        lock(&self.shared.msix).restore(&s.msix)?;
-        self.device.reset();
-        self.device
-            .restore(&s.device)
-            .map_err(VirtioPciError::Device)?;
-        self.queues = s
-            .queues
-            .iter()
-            .map(|q| QueueRegs {
-                max_size: q.max_size,
-                size: q.size,
-                ready: q.ready,
-                desc: q.desc_table,
-                avail: q.avail_ring,
-                used: q.used_ring,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-            })
-            .collect();
-        self.status = s.status & !STATUS_NEEDS_RESET;
-        self.device_features_sel = s.device_features_sel;
-        self.driver_features_sel = s.driver_features_sel;
-        self.driver_features = s.driver_features;
-        self.queue_sel = s.queue_sel;
-        self.config_generation = s.config_generation;
-        self.shared
-            .needs_reset
-            .store(s.needs_reset, Ordering::SeqCst);
-        self.shared.isr.store(s.isr, Ordering::SeqCst);
-        self.shared
-            .config_vector
-            .store(s.config_vector, Ordering::SeqCst);
-        for (v, saved) in self.shared.queue_vectors.iter().zip(&s.queue_vectors) {
-            v.store(*saved, Ordering::SeqCst);
-        }
-        if self.status & STATUS_DRIVER_OK != 0 && !s.needs_reset {
-            let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-            let queues = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)
-                .map_err(|(i, e)| VirtioPciError::Queue(i, e))?;
-            self.restored = Some(queues);
-            self.active = true;
-        }
+        lock(&self.core.shared.msix).restore(&s.msix)?;
+        let core = CoreState {
+            status: s.status,
+            needs_reset: s.needs_reset,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            driver_features: s.driver_features,
+            queue_sel: u32::from(s.queue_sel),
+            config_generation: u32::from(s.config_generation),
+            queues: s.queues.clone(),
+            device: s.device.clone(),
+        };
+        self.core.restore(&core, |shared| {
+            shared.isr.store(s.isr, Ordering::SeqCst);
+            shared
+                .config_vector
+                .store(s.config_vector, Ordering::SeqCst);
+            for (v, saved) in shared.queue_vectors.iter().zip(&s.queue_vectors) {
+                v.store(*saved, Ordering::SeqCst);
+            }
+        })?;
         Ok(())
     }
 
     /// A machine reset (the guest rebooted): the device stops and forgets the driver, as on a
-    /// driver reset. (Configuration space, for PCI, is the caller's: restore its power-on
-    /// state.)
+    /// driver reset. (Configuration space is the caller's: restore its power-on state.)
     pub fn hard_reset(&mut self) {
-        self.reset();
-    }
-
-    fn reset(&mut self) {
-        self.device.reset();
-        self.active = false;
-        self.restored = None;
-        for q in &mut self.queues {
-            *q = QueueRegs::new(q.max_size);
-        }
-        self.status = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.shared.isr.store(0, Ordering::SeqCst);
-        self.shared.needs_reset.store(false, Ordering::SeqCst);
-        self.shared
-            .config_vector
-            .store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
-        for v in &self.shared.queue_vectors {
-            v.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
-        }
-    }
-
-    /// Build the ready queues and start the device (as virtio-mmio does).
-    fn activate(&mut self) -> Result<(), (u16, String)> {
-        let event_idx = has_feature(self.driver_features, VIRTIO_RING_F_EVENT_IDX);
-        let active = ready_queues(&self.queues, &self.notifiers, &self.mem, event_idx)?;
-        let interrupt: Arc<dyn VirtioInterrupt> = self.shared.clone();
-        self.device
-            .activate(self.mem.clone(), interrupt, active)
-            .map_err(|e| (u16::MAX, e.to_string()))?;
-        self.active = true;
-        Ok(())
-    }
-
-    /// The device status state machine: the rules of the virtio-mmio transport.
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let Some((value, new)) = status_transition(
-            "virtio-pci",
-            self.status,
-            value,
-            &mut *self.device,
-            self.driver_features,
-        ) else {
-            return;
-        };
-        self.status = value;
-        if new & STATUS_DRIVER_OK != 0 && value & STATUS_FAILED == 0 {
-            if let Err((queue, reason)) = self.activate() {
-                log_activation_failure("virtio-pci", queue, &reason);
-                self.shared.set_needs_reset();
-            }
-        }
-    }
-
-    /// The selected queue, if its registers may be written now.
-    fn writable_queue(&mut self, reg: u64) -> Option<&mut QueueRegs> {
-        let ok = self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
-        match self.queues.get_mut(usize::from(self.queue_sel)) {
-            Some(q) if ok && (!q.ready || reg == 0x1c) => Some(q),
-            _ => {
-                tracing::debug!(
-                    "virtio-pci: queue register {reg:#x} written in state {:#x}; ignored",
-                    self.status
-                );
-                None
-            }
-        }
+        self.core.reset();
     }
 
     /// The common configuration structure as the guest would read it now.
     fn common_bytes(&self) -> [u8; COMMON_CFG_LEN as usize] {
+        let core = &self.core;
         let mut b = [0u8; COMMON_CFG_LEN as usize];
-        let features = match self.device_features_sel {
-            0 => self.device.features() as u32,
-            1 => (self.device.features() >> 32) as u32,
-            _ => 0,
-        };
-        let driver = match self.driver_features_sel {
-            0 => self.driver_features as u32,
-            1 => (self.driver_features >> 32) as u32,
-            _ => 0,
-        };
-        b[0x00..0x04].copy_from_slice(&self.device_features_sel.to_le_bytes());
+        let features = core.device_features_word();
+        let driver = core.driver_features_word();
+        b[0x00..0x04].copy_from_slice(&core.device_features_sel.to_le_bytes());
         b[0x04..0x08].copy_from_slice(&features.to_le_bytes());
-        b[0x08..0x0c].copy_from_slice(&self.driver_features_sel.to_le_bytes());
+        b[0x08..0x0c].copy_from_slice(&core.driver_features_sel.to_le_bytes());
         b[0x0c..0x10].copy_from_slice(&driver.to_le_bytes());
-        let cv = self.shared.config_vector.load(Ordering::SeqCst);
+        let cv = core.shared.config_vector.load(Ordering::SeqCst);
         b[0x10..0x12].copy_from_slice(&cv.to_le_bytes());
-        b[0x12..0x14].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
-        b[0x14] = self.device_status() as u8;
-        b[0x15] = self.config_generation;
-        b[0x16..0x18].copy_from_slice(&self.queue_sel.to_le_bytes());
-        let sel = usize::from(self.queue_sel);
-        if let Some(q) = self.queues.get(sel) {
-            let qv = self.shared.queue_vectors[sel].load(Ordering::SeqCst);
+        b[0x12..0x14].copy_from_slice(&(core.queues.len() as u16).to_le_bytes());
+        b[0x14] = core.device_status() as u8;
+        b[0x15] = core.config_generation as u8;
+        let queue_sel = core.queue_sel as u16;
+        b[0x16..0x18].copy_from_slice(&queue_sel.to_le_bytes());
+        let sel = usize::from(queue_sel);
+        if let Some(q) = core.queues.get(sel) {
+            let qv = core.shared.queue_vectors[sel].load(Ordering::SeqCst);
             b[0x18..0x1a].copy_from_slice(&q.size.to_le_bytes());
             b[0x1a..0x1c].copy_from_slice(&qv.to_le_bytes());
             b[0x1c..0x1e].copy_from_slice(&u16::from(q.ready).to_le_bytes());
-            b[0x1e..0x20].copy_from_slice(&self.queue_sel.to_le_bytes());
+            b[0x1e..0x20].copy_from_slice(&queue_sel.to_le_bytes());
             b[0x20..0x28].copy_from_slice(&q.desc.to_le_bytes());
             b[0x28..0x30].copy_from_slice(&q.avail.to_le_bytes());
             b[0x30..0x38].copy_from_slice(&q.used.to_le_bytes());
@@ -617,7 +462,7 @@ impl VirtioPciDevice {
 
     /// A vector number as the device stores it: one past the table is "no vector".
     fn checked_vector(&self, v: u16) -> u16 {
-        if v < lock(&self.shared.msix).count() {
+        if v < lock(&self.core.shared.msix).count() {
             v
         } else {
             VIRTIO_MSI_NO_VECTOR
@@ -629,56 +474,36 @@ impl VirtioPciDevice {
         raw[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
         let v = u64::from_le_bytes(raw);
         match (offset, data.len()) {
-            (0x00, 4) => self.device_features_sel = v as u32,
-            (0x08, 4) => self.driver_features_sel = v as u32,
-            (0x0c, 4) => {
-                let s = self.status;
-                if s & STATUS_DRIVER == 0 || s & (STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0 {
-                    tracing::debug!("virtio-pci: driver features written in state {s:#x}");
-                    return;
-                }
-                match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
-                    _ if v != 0 => self.driver_features |= feature(63),
-                    _ => {}
-                }
-            }
+            (0x00, 4) => self.core.device_features_sel = v as u32,
+            (0x08, 4) => self.core.driver_features_sel = v as u32,
+            (0x0c, 4) => self.core.write_driver_features(v as u32),
             (0x10, 2) => {
                 let cv = self.checked_vector(v as u16);
-                self.shared.config_vector.store(cv, Ordering::SeqCst);
+                self.core.shared.config_vector.store(cv, Ordering::SeqCst);
             }
-            (0x14, 1) => self.set_status(v as u32),
-            (0x16, 2) => self.queue_sel = v as u16,
-            (0x18, 2) => {
-                if let Some(q) = self.writable_queue(offset) {
-                    q.size = v as u16;
-                }
-            }
+            (0x14, 1) => self.core.set_status(v as u32),
+            (0x16, 2) => self.core.queue_sel = u32::from(v as u16),
+            (0x18, 2) => self.core.write_queue_size(offset, v as u16),
             (0x1a, 2) => {
                 let qv = self.checked_vector(v as u16);
-                if let Some(slot) = self.shared.queue_vectors.get(usize::from(self.queue_sel)) {
+                let sel = self.core.queue_sel as usize;
+                if let Some(slot) = self.core.shared.queue_vectors.get(sel) {
                     slot.store(qv, Ordering::SeqCst);
                 }
             }
-            (0x1c, 2) => {
-                if let Some(q) = self.writable_queue(offset) {
-                    q.ready = v == 1;
-                }
-            }
+            (0x1c, 2) => self.core.write_queue_ready(offset, v as u32),
             (0x20..=0x37, 4 | 8) if offset.is_multiple_of(data.len() as u64) => {
-                if let Some(q) = self.writable_queue(offset) {
-                    let field = match offset {
-                        0x20..=0x27 => &mut q.desc,
-                        0x28..=0x2f => &mut q.avail,
-                        _ => &mut q.used,
-                    };
-                    *field = match (data.len(), offset & 4) {
-                        (8, _) => v,
-                        (_, 0) => (*field & !0xffff_ffff) | v,
-                        _ => (*field & 0xffff_ffff) | (v << 32),
-                    };
-                }
+                let ring = match offset {
+                    0x20..=0x27 => Ring::Desc,
+                    0x28..=0x2f => Ring::Avail,
+                    _ => Ring::Used,
+                };
+                let half = match (data.len(), offset & 4) {
+                    (8, _) => Half::Whole,
+                    (_, 0) => Half::Low,
+                    _ => Half::High,
+                };
+                self.core.write_queue_address(offset, ring, half, v);
             }
             _ => tracing::debug!(
                 "virtio-pci: {}-byte write of {v:#x} to common config {offset:#x} ignored",
@@ -702,7 +527,7 @@ impl PciDevice for VirtioPciDevice {
         let ctl = self.msix_cap + 2;
         if offset < ctl + 2 && offset.saturating_add(data.len()) > ctl {
             let control = (self.config.read_reg(self.msix_cap) >> 16) as u16;
-            lock(&self.shared.msix).set_control(control);
+            lock(&self.core.shared.msix).set_control(control);
         }
     }
 
@@ -719,16 +544,16 @@ impl PciDevice for VirtioPciDevice {
             }
             ISR_CFG_OFFSET => {
                 // Reading clears it.
-                data[0] = self.shared.isr.swap(0, Ordering::SeqCst) as u8;
+                data[0] = self.core.shared.isr.swap(0, Ordering::SeqCst) as u8;
             }
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_MAX).contains(&o) => {
-                self.device.read_config(o - DEVICE_CFG_OFFSET, data);
+                self.core.device.read_config(o - DEVICE_CFG_OFFSET, data);
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                lock(&self.shared.msix).read_table(o - MSIX_TABLE_OFFSET, data);
+                lock(&self.core.shared.msix).read_table(o - MSIX_TABLE_OFFSET, data);
             }
             o if o >= MSIX_PBA_OFFSET => {
-                lock(&self.shared.msix).read_pba(o - MSIX_PBA_OFFSET, data);
+                lock(&self.core.shared.msix).read_pba(o - MSIX_PBA_OFFSET, data);
             }
             _ => {}
         }
@@ -742,23 +567,14 @@ impl PciDevice for VirtioPciDevice {
         match offset {
             o if o.saturating_add(len) <= COMMON_CFG_LEN => self.common_write(o, data),
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_MAX).contains(&o) => {
-                self.device.write_config(o - DEVICE_CFG_OFFSET, data);
+                self.core.device.write_config(o - DEVICE_CFG_OFFSET, data);
             }
             o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
-                let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
-                match self.notifiers.get(q as usize) {
-                    Some(evt) => {
-                        if let Err(e) = evt.write(1) {
-                            tracing::warn!("virtio-pci: queue {q} notify: {e}");
-                        }
-                    }
-                    None => {
-                        tracing::debug!("virtio-pci: notify of queue {q}, which does not exist")
-                    }
-                }
+                self.core
+                    .notify((o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER));
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                lock(&self.shared.msix).write_table(o - MSIX_TABLE_OFFSET, data);
+                lock(&self.core.shared.msix).write_table(o - MSIX_TABLE_OFFSET, data);
             }
             _ => tracing::debug!("virtio-pci: {len}-byte write to BAR offset {offset:#x} ignored"),
         }
@@ -772,7 +588,10 @@ mod tests {
     use crate::pci::msix::CONTROL_ENABLE;
     use crate::virtio::rng::Rng;
     use crate::virtio::testing::{mem, settle, TestQueue, AVAIL, DESC, R, USED, W};
-    use crate::virtio::{STATUS_ACKNOWLEDGE, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+    use crate::virtio::{
+        feature, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+        STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    };
 
     fn rng() -> (VirtioPciDevice, Arc<FakeVectors>, GuestMem) {
         let m = mem();
@@ -1059,7 +878,10 @@ mod tests {
         .unwrap();
         assert_eq!(cfg(&mut d, 0x3d, 1), 1, "INTA#");
         let intx = d.intx_handle();
-        d.shared.trigger(VirtioInterruptType::Queue(0)).unwrap();
+        d.core
+            .shared
+            .trigger(VirtioInterruptType::Queue(0))
+            .unwrap();
         assert_eq!(line.0.load(Ordering::SeqCst), 1);
         // EOI with the ISR still set: asserted again; after the ISR read, not.
         intx.resampled();
@@ -1074,7 +896,7 @@ mod tests {
             .unwrap()
             .1;
         d.config_write(msix + 2, &CONTROL_ENABLE.to_le_bytes());
-        d.shared.trigger(VirtioInterruptType::Config).unwrap();
+        d.core.shared.trigger(VirtioInterruptType::Config).unwrap();
         intx.resampled();
         assert_eq!(line.0.load(Ordering::SeqCst), 2);
         assert!(

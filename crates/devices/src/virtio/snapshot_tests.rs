@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use guestmem::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::balloon::{Balloon, BalloonOptions, DiscardMemory, ZeroFill, VIRTIO_BALLOON_F_STATS_VQ};
 use super::block::request::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
@@ -859,4 +860,118 @@ fn a_running_device_pauses_and_resets_cleanly() {
     q.add_chain(&[(0x10000, 8, W)]);
     mmio_notify(&mut t, 0);
     q.wait_used(1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transport state: the JSON shape of snapshots
+
+/// A transport's state as JSON, as the code before the shared transport core wrote it: a
+/// running rng that served one request and has its interrupt pending. Snapshots from then must
+/// still restore.
+const MMIO_STATE_BEFORE_CORE: &str = r#"{"status":15,"needs_reset":false,"interrupt_status":1,"device_features_sel":0,"driver_features_sel":1,"driver_features":4831838208,"queue_sel":5,"config_generation":0,"queues":[{"max_size":256,"next_avail":1,"next_used":1,"event_idx_enabled":true,"size":16,"ready":true,"desc_table":4096,"avail_ring":12288,"used_ring":16384}],"device":{"device_type":4,"avail_features":5100273664,"acked_features":4831838208,"config":[],"specific":"none"}}"#;
+/// The same through virtio-pci (MSI-X off, an INTx line).
+const PCI_STATE_BEFORE_CORE: &str = r#"{"pci":{"regs":[272898804,1048576,4278190081,0,4,0,0,0,0,0,0,4201204,0,64,0,256,17846281,0,0,56,34890761,0,12288,4,4,51409929,0,4096,1,65553,16384,24576,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]},"msix":{"entries":[{"addr_lo":0,"addr_hi":0,"data":0,"control":1},{"addr_lo":0,"addr_hi":0,"data":0,"control":1}],"pba":[0],"enabled":false,"function_masked":false},"status":15,"needs_reset":false,"isr":1,"device_features_sel":0,"driver_features_sel":1,"driver_features":4294967296,"queue_sel":3,"config_generation":0,"config_vector":0,"queue_vectors":[1],"queues":[{"max_size":256,"next_avail":1,"next_used":1,"event_idx_enabled":false,"size":16,"ready":true,"desc_table":4096,"avail_ring":12288,"used_ring":16384}],"device":{"device_type":4,"avail_features":5100273664,"acked_features":4294967296,"config":[],"specific":"none"}}"#;
+
+/// A virtio-pci rng with an INTx line.
+fn pci_rng(m: &GuestMem) -> (super::pci::VirtioPciDevice, Arc<EventFd>) {
+    use crate::pci::msix::tests::FakeVectors;
+    let intx = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let d = super::pci::VirtioPciDevice::new(
+        m.clone(),
+        Box::new(Rng::new()),
+        Arc::new(FakeVectors::default()),
+        Some(intx.clone()),
+    )
+    .unwrap();
+    (d, intx)
+}
+
+/// Bring each transport to the state of the JSON above and save it.
+fn transport_states_now() -> (String, String) {
+    use super::pci::{NOTIFY_OFFSET, VIRTIO_BAR};
+    use crate::pci::PciDevice;
+    let m = mem();
+    let (mut t, irq) = mmio_transport(&m, Box::new(Rng::new()));
+    let mut q = TestQueue::new(&m, 16);
+    mmio_start(&mut t, BASE | feature(VIRTIO_RING_F_EVENT_IDX), &[(0, &q)]);
+    q.add_chain(&[(0x10000, 8, W)]);
+    mmio_notify(&mut t, 0);
+    q.wait_used(1);
+    wait_for(|| irq.read().is_ok());
+    mmio_write(&mut t, super::mmio::REG_QUEUE_SEL, 5);
+    t.pause();
+    let mmio = save(&t);
+
+    let (mut d, intx) = pci_rng(&m);
+    let mut w = |off: u64, len: usize, v: u64| {
+        d.bar_write(VIRTIO_BAR, off, &v.to_le_bytes()[..len]);
+    };
+    let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    w(0x14, 1, u64::from(STATUS_ACKNOWLEDGE));
+    w(0x14, 1, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+    w(0x08, 4, 1);
+    w(0x0c, 4, 1);
+    w(0x10, 2, 0);
+    w(0x14, 1, u64::from(ok));
+    w(0x16, 2, 0);
+    w(0x18, 2, 16);
+    w(0x1a, 2, 1);
+    w(0x20, 8, DESC);
+    w(0x28, 8, AVAIL);
+    w(0x30, 8, USED);
+    w(0x1c, 2, 1);
+    w(0x14, 1, u64::from(ok | STATUS_DRIVER_OK));
+    w(0x16, 2, 3);
+    let mut q = TestQueue::new(&m, 16);
+    q.add_chain(&[(0x10000, 8, W)]);
+    w(NOTIFY_OFFSET, 2, 0);
+    q.wait_used(1);
+    wait_for(|| intx.read().is_ok());
+    d.pause();
+    let pci = serde_json::to_string(&d.state()).unwrap();
+    (mmio, pci)
+}
+
+#[test]
+fn transport_state_json_keeps_its_shape() {
+    let (mmio, pci) = transport_states_now();
+    assert_eq!(mmio, MMIO_STATE_BEFORE_CORE);
+    assert_eq!(pci, PCI_STATE_BEFORE_CORE);
+}
+
+#[test]
+fn transport_state_json_from_before_the_core_restores_and_serves() {
+    use super::pci::{VirtioPciState, NOTIFY_OFFSET, VIRTIO_BAR};
+    use crate::pci::PciDevice;
+    // Each in new guest memory holding the rings as the saved device left them: one chain
+    // made available and served.
+    let m = mem();
+    let mut q = TestQueue::new(&m, 16);
+    q.add_chain(&[(0x10000, 8, W)]);
+    let s: VirtioMmioState = serde_json::from_str(MMIO_STATE_BEFORE_CORE).unwrap();
+    let (mut t, irq) = mmio_transport(&m, Box::new(Rng::new()));
+    t.restore(&s).unwrap();
+    assert_eq!(t.state(), s);
+    assert!(irq.read().is_err());
+    t.resume().unwrap();
+    assert_eq!(irq.read().unwrap(), 1, "the pending interrupt raised again");
+    q.add_chain(&[(0x10000, 8, W)]);
+    mmio_notify(&mut t, 0);
+    wait_for(|| q.used_idx() == 2);
+    assert_eq!(q.used(1), (1, 8), "served from the saved ring position");
+
+    let m = mem();
+    let mut q = TestQueue::new(&m, 16);
+    q.add_chain(&[(0x10000, 8, W)]);
+    let s: VirtioPciState = serde_json::from_str(PCI_STATE_BEFORE_CORE).unwrap();
+    let (mut d, intx) = pci_rng(&m);
+    d.restore(&s).unwrap();
+    assert_eq!(d.state(), s);
+    assert!(intx.read().is_err());
+    d.resume().unwrap();
+    assert_eq!(intx.read().unwrap(), 1, "the pending INTx asserted again");
+    q.add_chain(&[(0x10000, 8, W)]);
+    d.bar_write(VIRTIO_BAR, NOTIFY_OFFSET, &[0, 0]);
+    wait_for(|| q.used_idx() == 2);
+    assert_eq!(q.used(1), (1, 8), "served from the saved ring position");
 }

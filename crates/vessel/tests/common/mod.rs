@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 pub mod nested;
 pub mod soak;
+pub mod virtio;
 
 pub const VESSEL: &str = env!("CARGO_BIN_EXE_vessel");
 
