@@ -38,7 +38,7 @@ impl Vm {
     }
 
     fn wait_for_console(&self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
             if log.contains(text) && self.socket.exists() {

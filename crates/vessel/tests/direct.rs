@@ -245,7 +245,7 @@ fn start_held_guest(sock: &std::path::Path) -> (std::process::Child, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut stream = loop {
         match UnixStream::connect(sock) {
             Ok(s) => break s,

@@ -18,7 +18,7 @@ fn disk_steps(c: &mut Console, n: usize) -> u64 {
     let mut last = 0;
     let mut seen = 0;
     while seen < n {
-        let line = c.line(std::time::Duration::from_secs(30));
+        let line = c.line(std::time::Duration::from_secs(60));
         assert!(
             !line.contains("MISMATCH") && !line.starts_with("FAIL"),
             "{}",

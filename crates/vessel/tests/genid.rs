@@ -15,7 +15,7 @@ const GENID: &str = "genid=0xfe000";
 /// The next `soak genid=HEX` line's ID.
 fn next_genid(c: &mut Console) -> String {
     loop {
-        let line = c.line(Duration::from_secs(30));
+        let line = c.line(Duration::from_secs(60));
         assert!(!line.contains("MISMATCH"), "{}", c.seen);
         if let Some(id) = line.strip_prefix("soak genid=") {
             assert_eq!(id.len(), 32, "{line}");

@@ -129,7 +129,7 @@ fn latest_iters(c: &mut Console) -> Vec<u64> {
 
 /// Waits until the migration status on `socket` says `want`.
 fn wait_phase(socket: &Path, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = phase(socket);
         if now == want {

@@ -105,7 +105,7 @@ fn serve_restores_through_the_api_and_eagerly() {
     snapshot_soak(&dir, &tmp.file("api.sock"));
     let socket: PathBuf = tmp.file("serve.sock");
     let mut vm = Console::spawn(&["serve", "--api-socket", socket.to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !socket.exists() {
         assert!(std::time::Instant::now() < deadline, "no API socket");
         std::thread::sleep(Duration::from_millis(10));

@@ -43,9 +43,9 @@ pub fn ctl(socket: &Path, args: &[&str]) -> Output {
     vessel(&full)
 }
 
-/// Waits for `path` to appear (up to 10 s).
+/// Waits for `path` to appear (up to 60 s).
 pub fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
         assert!(
             Instant::now() < deadline,

@@ -81,7 +81,7 @@ impl Console {
     /// Reads until every one of `cpus` CPUs printed `n` more soak lines; returns them. Fails
     /// on a line that is not `ok`.
     pub fn soak_lines(&mut self, cpus: usize, n: usize) -> Vec<SoakLine> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut got = Vec::new();
         let mut per_cpu = vec![0usize; cpus];
         while per_cpu.iter().any(|&c| c < n) {
