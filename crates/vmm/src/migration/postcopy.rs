@@ -187,14 +187,24 @@ fn json_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, protocol::ProtocolError> {
     serde_json::to_vec(v).map_err(|e| bad(&e.to_string()))
 }
 
-/// The source's switch-over and post-copy: `pending` are the dirty bitmaps not sent yet.
+/// What pre-copy leaves to the switch-over.
+pub(super) struct Precopied<'a> {
+    /// The dirty bitmaps not sent yet.
+    pub pending: &'a [DirtyBitmap],
+    /// What was sent of each page.
+    pub log: &'a super::PageLog,
+    /// Digest all of memory rather than the log (`full_digest`).
+    pub full_digest: bool,
+}
+
+/// The source's switch-over and post-copy, after the pre-copy rounds `pre`.
 /// Sets `paused` once the vCPUs are parked by this, `paused_devices` once the device threads
 /// are, and `committed` at the point of no return;
 /// returns the downtime (from the pause to the VM running on the target).
 pub(super) fn run_source(
     h: &VmHandle,
     stream: &mut Stream,
-    pending: &[DirtyBitmap],
+    pre: Precopied,
     out: &Outgoing,
     paused: &mut bool,
     paused_devices: &mut bool,
@@ -209,12 +219,16 @@ pub(super) fn run_source(
     *paused_devices = true;
     hold("stop-and-copy");
     let last = super::send::take_dirty(m)?;
-    let mut set = DirtySet::union(&[pending, &last]);
+    let mut set = DirtySet::union(&[pre.pending, &last]);
     let state = m.state(layout_of(&m.mem))?;
     let state = json_bytes(&state)?;
     protocol::write_frame(stream, Tag::Postcopy, &[&json_bytes(&set)?])?;
     protocol::write_frame(stream, Tag::State, &[&state])?;
-    let sum = digest_outside(&m.mem, &state, &set)?;
+    let sum = if pre.full_digest {
+        digest_outside(&m.mem, &state, &set)?
+    } else {
+        pre.log.digest_skipping(&state, |a| set.contains(a))
+    };
     let mut buf = Vec::new();
     protocol::expect(stream, &mut buf, Tag::Ready)?;
     // The point of no return: the VM runs on the target, with pages only this side has.

@@ -271,7 +271,11 @@ pub fn send(
             return super::postcopy::run_source(
                 h,
                 pages.stream,
-                &bitmaps,
+                super::postcopy::Precopied {
+                    pending: &bitmaps,
+                    log: &pages.log,
+                    full_digest: req.full_digest,
+                },
                 out,
                 &mut paused_vcpus,
                 &mut paused_devices,
