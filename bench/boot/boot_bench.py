@@ -28,6 +28,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from facts import cpu_model, host_check, loadavg, parse_size, run_text  # noqa: E402
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BANNER = b"Vessel guest"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -50,56 +53,9 @@ def _on_signal(signum, _frame):
 # Machine facts
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def run_text(argv, timeout=30):
-    try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout)
-        return r.returncode, r.stdout, r.stderr
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, "", str(e)
-
-
-def host_check(vessel):
-    rc, out, err = run_text([vessel, "host-check", "--json"], timeout=60)
-    if rc != 0:
-        return {"error": (err or out).strip() or f"exit status {rc}"}
-    try:
-        return json.loads(out)
-    except ValueError as e:
-        return {"error": f"cannot parse host-check output: {e}"}
-
-
 def qemu_version(qemu):
     rc, out, _ = run_text([qemu, "--version"])
     return out.splitlines()[0].strip() if rc == 0 and out else "unknown"
-
-
-def parse_size(text):
-    """Vessel's/QEMU's size syntax: 512M, 2G, 1024K; a plain number is MiB."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 128M, 1G)")
-    n, unit = int(m.group(1)), (m.group(2) or "M").upper()
-    return n << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
 
 
 def find_guest_elf(vessel):

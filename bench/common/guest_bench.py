@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from facts import loadavg
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 GUEST_MAC = "52:54:00:12:34:56"
@@ -89,14 +91,6 @@ def read_first(path, prefix):
     except OSError:
         pass
     return "unknown"
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def first_line(argv):

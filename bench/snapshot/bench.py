@@ -38,6 +38,9 @@ import threading
 import time
 import traceback
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from facts import cpu_model, host_check, loadavg, parse_size, run_text  # noqa: E402
+
 SOAK_RE = re.compile(rb"soak cpu=(\d+) iter=(\d+) t=(\d+) sum=0x[0-9a-f]+ ok")
 TOUCH_RE = re.compile(rb"touch: (\d+) MiB at")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -65,53 +68,7 @@ def ms(a, b):
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine facts (as in bench/boot)
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg():
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def run_text(argv, timeout=60):
-    try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout)
-        return r.returncode, r.stdout, r.stderr
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, "", str(e)
-
-
-def host_check(vessel):
-    rc, out, err = run_text([vessel, "host-check", "--json"])
-    if rc != 0:
-        return {"error": (err or out).strip() or f"exit status {rc}"}
-    try:
-        return json.loads(out)
-    except ValueError as e:
-        return {"error": f"cannot parse host-check output: {e}"}
-
-
-def parse_size(text):
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 128M, 1G)")
-    n, unit = int(m.group(1)), (m.group(2) or "M").upper()
-    return n << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
+# Machine facts: bench/common/facts.py
 
 
 def size_name(b):
@@ -978,8 +935,8 @@ def main():
         return 2
 
     hc = host_check(args.vessel)
-    _, vver, _ = run_text([args.vessel, "--version"])
-    _, qver, _ = run_text([qemu, "--version"])
+    _, vver, _ = run_text([args.vessel, "--version"], timeout=60)
+    _, qver, _ = run_text([qemu, "--version"], timeout=60)
     workdir = args.workdir or tempfile.mkdtemp(prefix="vessel-snapbench-", dir="/var/tmp")
     os.makedirs(workdir, exist_ok=True)
     st = Setup(args, workdir, guest)
