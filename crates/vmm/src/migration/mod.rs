@@ -160,12 +160,25 @@ impl Write for Stream {
 /// never touched are skipped without being faulted in). Source and target compute it at the
 /// same time, during stop-and-copy.
 pub fn digest(mem: &GuestMem, state: &[u8]) -> Result<u32, MigrationError> {
+    digest_skipping(mem, state, |_| false)
+}
+
+/// [`digest`] with the pages at the guest addresses `skip` names left out (post-copy: the
+/// target does not have them yet).
+pub fn digest_skipping(
+    mem: &GuestMem,
+    state: &[u8],
+    skip: impl Fn(u64) -> bool,
+) -> Result<u32, MigrationError> {
     let page = hypervisor::mem::PAGE_SIZE as usize;
     let mut h = crc32fast::Hasher::new();
     crate::snapshot::memory::scan_used(mem, MigrationError::Memory, |addr, chunk, used| {
         for (i, p) in chunk.chunks(page).enumerate().filter(|(i, _)| used[*i]) {
-            h.update(&(addr + (i * page) as u64).to_le_bytes());
-            h.update(p);
+            let a = addr + (i * page) as u64;
+            if !skip(a) {
+                h.update(&a.to_le_bytes());
+                h.update(p);
+            }
         }
         Ok(())
     })?;

@@ -46,7 +46,7 @@ use super::protocol::{self, Tag, BATCH_PAGES};
 use super::send::{hold, Outgoing};
 use super::{MigrationError, Stream};
 use crate::api::VmHandle;
-use crate::snapshot::memory::{layout_of, scan_used, MemoryRegionInfo};
+use crate::snapshot::memory::{layout_of, MemoryRegionInfo};
 use crate::snapshot::pager::{Arrived, PageSource};
 
 /// The pages the target misses: one bit per page, per region.
@@ -157,28 +157,6 @@ impl PageDigest {
     }
 }
 
-/// [`super::digest`] over the pages outside `skip` (the target does not have the others yet).
-pub fn digest_outside(
-    mem: &GuestMem,
-    state: &[u8],
-    skip: &DirtySet,
-) -> Result<u32, MigrationError> {
-    let page = PAGE_SIZE as usize;
-    let mut h = crc32fast::Hasher::new();
-    scan_used(mem, MigrationError::Memory, |addr, chunk, used| {
-        for (i, p) in chunk.chunks(page).enumerate().filter(|(i, _)| used[*i]) {
-            let a = addr + (i * page) as u64;
-            if !skip.contains(a) {
-                h.update(&a.to_le_bytes());
-                h.update(p);
-            }
-        }
-        Ok(())
-    })?;
-    h.update(state);
-    Ok(h.finalize())
-}
-
 fn bad(what: &str) -> protocol::ProtocolError {
     protocol::ProtocolError::Bad(what.to_string())
 }
@@ -225,7 +203,7 @@ pub(super) fn run_source(
     protocol::write_frame(stream, Tag::Postcopy, &[&json_bytes(&set)?])?;
     protocol::write_frame(stream, Tag::State, &[&state])?;
     let sum = if pre.full_digest {
-        digest_outside(&m.mem, &state, &set)?
+        super::digest_skipping(&m.mem, &state, |a| set.contains(a))?
     } else {
         pre.log.digest_skipping(&state, |a| set.contains(a))
     };
