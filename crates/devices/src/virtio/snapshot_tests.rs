@@ -902,6 +902,10 @@ fn transport_states_now() -> (String, String) {
     t.pause();
     let mmio = save(&t);
 
+    // Fresh rings before the PCI device goes live: the MMIO device left avail index 1 at
+    // the same addresses, and a device that polls on activation would serve that stale
+    // chain before the rings were zeroed, then never see the new one.
+    let mut q = TestQueue::new(&m, 16);
     let (mut d, intx) = pci_rng(&m);
     let mut w = |off: u64, len: usize, v: u64| {
         d.bar_write(VIRTIO_BAR, off, &v.to_le_bytes()[..len]);
@@ -922,7 +926,6 @@ fn transport_states_now() -> (String, String) {
     w(0x1c, 2, 1);
     w(0x14, 1, u64::from(ok | STATUS_DRIVER_OK));
     w(0x16, 2, 3);
-    let mut q = TestQueue::new(&m, 16);
     q.add_chain(&[(0x10000, 8, W)]);
     w(NOTIFY_OFFSET, 2, 0);
     q.wait_used(1);
