@@ -348,8 +348,14 @@ fn json_u64(json: &str, key: &str) -> u64 {
 /// touched once.
 const BUSY: &str = "action=soak soakms=50 work=16 soakpages=64 touch=64";
 
-/// Starts a post-copy migration forced after the first round, the source holding 2 s once
-/// the VM runs on the target; returns when both sides say post-copy.
+/// The source's holds for the post-copy tests: 2 s after the first round with the busy guest
+/// running (it dirties pages, so post-copy has some to fetch), and 2 s once the VM runs on
+/// the target before any page is sent.
+const HOLD_POSTCOPY: &str = "VESSEL_MIGRATION_HOLD=precopy,postcopy";
+
+/// Starts a post-copy migration forced after the first round, the source holding as
+/// [`HOLD_POSTCOPY`] says; returns when both sides say post-copy, with pages still missing
+/// on the target.
 fn start_postcopy(p: &Pair) {
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
     assert_code(
@@ -372,13 +378,20 @@ fn start_postcopy(p: &Pair) {
     assert_code(&o, 0);
     wait_phase(&p.src_api, "postcopy");
     wait_phase(&p.dst_api, "postcopy");
+    // No page arrives while the source holds: the target owes them all.
+    let o = ctl(&p.dst_api, &["--json", "migrate", "status"]);
+    assert!(
+        json_u64(&stdout(&o), "remaining_bytes") > 0,
+        "no page left for post-copy: {}",
+        stdout(&o)
+    );
 }
 
 #[test]
 fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
     let mut p = pair_with(
         "mig-postcopy",
-        &["env", "VESSEL_MIGRATION_HOLD=postcopy"],
+        &["env", HOLD_POSTCOPY],
         &[],
         "256M",
         BUSY,
@@ -418,7 +431,7 @@ fn killing_the_source_during_post_copy_fails_the_target_clearly() {
     let err = tmp.file("target.err");
     let mut p = pair_with(
         "mig-postcopy-kill",
-        &["env", "VESSEL_MIGRATION_HOLD=postcopy"],
+        &["env", HOLD_POSTCOPY],
         &[],
         "256M",
         BUSY,
@@ -441,7 +454,7 @@ fn killing_the_source_during_post_copy_fails_the_target_clearly() {
 fn killing_the_target_during_post_copy_never_resumes_the_source() {
     let mut p = pair_with(
         "mig-postcopy-kill-target",
-        &["env", "VESSEL_MIGRATION_HOLD=postcopy"],
+        &["env", HOLD_POSTCOPY],
         &[],
         "256M",
         BUSY,

@@ -124,13 +124,14 @@ impl Pages<'_> {
     }
 }
 
-/// A fault-injection point for tests: with `VESSEL_MIGRATION_HOLD=<phase>` in the source's
-/// environment, the migration waits 2 s at that point (`stop-and-copy`: vCPUs just parked;
-/// `commit`: the target is ready, nothing committed; `committed`: the commit is sent;
-/// `postcopy`: the VM runs on the target, no page sent yet), so a test can kill either side
-/// there.
+/// A fault-injection point for tests: with `VESSEL_MIGRATION_HOLD=<phase>[,<phase>...]` in
+/// the source's environment, the migration waits 2 s at each of those points (`precopy`: the
+/// first round is sent and the guest runs on, so it dirties pages for the next; `stop-and-copy`:
+/// vCPUs just parked; `commit`: the target is ready, nothing committed; `committed`: the commit
+/// is sent; `postcopy`: the VM runs on the target, no page sent yet), so a test can kill either
+/// side there.
 pub(super) fn hold(phase: &str) {
-    if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p == phase) {
+    if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p.split(',').any(|p| p == phase)) {
         tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -230,6 +231,7 @@ pub fn send(
         let mut round_start = Instant::now();
         let mut round_sent = 0;
         pages.used()?;
+        hold("precopy");
         let downtime = Duration::from_millis(req.downtime_ms);
         let mut round = 1;
         let bitmaps = loop {
