@@ -105,6 +105,14 @@ fn disk_snapshot_and_clones(format: &str) {
     let overlay = tmp.file(&format!("{name}.snap.qcow2"));
     assert!(overlay.exists());
     let frozen = std::fs::read(&disk).unwrap();
+    // The info names the engine serving the overlay (a qcow2 file: the thread pool), not the
+    // one the raw image had at boot.
+    let o = ctl(&socket, &["info"]);
+    assert!(
+        stdout(&o).contains("(engine threads, cache writeback)"),
+        "{}",
+        stdout(&o)
+    );
     let step = disk_steps(&mut vm, 12);
     assert!(step >= 24, "{step}");
     assert!(

@@ -36,7 +36,6 @@ pub struct VmHandle {
     pub started: Instant,
     pub boot_marker: Arc<Mutex<BootMarker>>,
     pub acpi_pm: Arc<Mutex<AcpiPm>>,
-    pub devices: Vec<DeviceInfo>,
     /// Serializes pause and resume.
     transition: Mutex<()>,
     shutdown_requested: AtomicBool,
@@ -55,7 +54,6 @@ impl VmHandle {
         started: Instant,
         boot_marker: Arc<Mutex<BootMarker>>,
         acpi_pm: Arc<Mutex<AcpiPm>>,
-        devices: Vec<DeviceInfo>,
     ) -> Self {
         VmHandle {
             me,
@@ -67,7 +65,6 @@ impl VmHandle {
             started,
             boot_marker,
             acpi_pm,
-            devices,
             transition: Mutex::new(()),
             shutdown_requested: AtomicBool::new(false),
             migration: Mutex::new(None),
@@ -165,7 +162,8 @@ impl VmController for VmHandle {
                 .boot_time()
                 .map(|d| d.as_millis() as u64),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            devices: self.devices.clone(),
+            // The engines as they are now: a disk snapshot may have moved a disk to another.
+            devices: device_list(&self.machine.config, &self.machine.disk_engines()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             exit_reason: exit.map(|r| r.to_string()),
             pager: self.machine.pager.as_ref().map(|p| {

@@ -8,7 +8,7 @@ use arch::acpi::MmioDevice;
 use arch::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_IRQS, VIRTIO_MMIO_SIZE};
 use block::DiskBackend;
 use devices::virtio::balloon::{Balloon, BalloonHandle, BalloonOptions, DiscardMemory};
-use devices::virtio::block::{Block, BlockOptions, EngineKind};
+use devices::virtio::block::{Block, BlockOptions};
 use devices::virtio::console::{Console, ConsoleBackend};
 use devices::virtio::mmio::{cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::Net;
@@ -93,8 +93,8 @@ impl DiskBackend for NoFlush {
     }
 }
 
-/// A block device for `d` (its images locked if `lock`), and the engine serving it.
-fn block_device(d: &DiskConfig, lock: bool) -> Result<(Box<dyn VirtioDevice>, EngineKind), Error> {
+/// A block device for `d` (its images locked if `lock`).
+fn block_device(d: &DiskConfig, lock: bool) -> Result<Box<dyn VirtioDevice>, Error> {
     let path = d.path.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
@@ -135,7 +135,7 @@ fn block_device(d: &DiskConfig, lock: bool) -> Result<(Box<dyn VirtioDevice>, En
             ", rate limited"
         }
     );
-    Ok((Box::new(block), engine))
+    Ok(Box::new(block))
 }
 
 /// A virtio-net device on the configured tap, opened (or created) now.
@@ -208,8 +208,6 @@ pub struct VirtioDevices {
     pub pci: Option<crate::pci::PciHost>,
     /// The balloon's handle (target, statistics), for the API later.
     pub balloon: Option<BalloonHandle>,
-    /// The engine serving each disk, in configuration order.
-    pub disk_engines: Vec<EngineKind>,
 }
 
 impl VirtioDevices {
@@ -233,11 +231,8 @@ pub fn setup(
     config: &VmConfig,
 ) -> Result<VirtioDevices, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let mut disk_engines = Vec::with_capacity(config.disks.len());
     for d in &config.disks {
-        let (device, engine) = block_device(d, !config.skip_disk_locks)?;
-        devices.push(device);
-        disk_engines.push(engine);
+        devices.push(block_device(d, !config.skip_disk_locks)?);
     }
     for n in &config.nets {
         devices.push(net_device(n)?);
@@ -259,7 +254,6 @@ pub fn setup(
     }
     let mut out = VirtioDevices {
         balloon,
-        disk_engines,
         ..Default::default()
     };
     if config.transport == crate::config::Transport::Pci {

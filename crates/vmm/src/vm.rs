@@ -644,7 +644,6 @@ impl Vm {
                 self.started,
                 self.boot_marker.clone(),
                 self.machine.acpi_pm.clone(),
-                crate::api::device_list(&self.machine.config, &self.machine.virtio.disk_engines),
             )
         });
         if let Some(status) = self.incoming.take() {

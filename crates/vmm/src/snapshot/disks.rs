@@ -179,6 +179,16 @@ fn open_overlay(
 }
 
 impl crate::vm::Machine {
+    /// The engine serving each disk now, in configuration order.
+    pub(crate) fn disk_engines(&self) -> Vec<devices::virtio::block::EngineKind> {
+        (0..self.config.disks.len())
+            .map(|i| {
+                self.with_block(i, |b| b.engine())
+                    .unwrap_or(self.config.disks[i].engine)
+            })
+            .collect()
+    }
+
     /// The block device of disk `index`, locked, given to `f`.
     fn with_block<R>(
         &self,
