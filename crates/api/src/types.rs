@@ -263,7 +263,8 @@ pub struct MigrateSendRequest {
     /// The longest pause the final stop-and-copy round may take.
     #[serde(default = "default_downtime_ms")]
     pub downtime_ms: u64,
-    /// A bandwidth cap in megabits per second; none means unlimited.
+    /// A bandwidth cap in megabits per second; none means unlimited. It paces the pages
+    /// pushed during post-copy too; pages the target asks for go at once and count against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth_mbps: Option<u64>,
     /// Switch to post-copy when pre-copy does not converge (the expected downtime stays above

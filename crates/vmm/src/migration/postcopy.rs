@@ -173,6 +173,9 @@ pub(super) struct Precopied<'a> {
     pub log: &'a super::PageLog,
     /// Digest all of memory rather than the log (`full_digest`).
     pub full_digest: bool,
+    /// The bandwidth cap in bytes per second, if any: it paces the background push of
+    /// post-copy too (requested pages go at once, and count against it).
+    pub limit: Option<u64>,
 }
 
 /// The source's switch-over and post-copy, after the pre-copy rounds `pre`.
@@ -223,7 +226,7 @@ pub(super) fn run_source(
     });
     tracing::info!("post-copy: the VM runs on the target, {total} pages to go");
     hold("postcopy");
-    serve_pages(stream, &m.mem, &mut set, out).map_err(|e| lost(&e))?;
+    serve_pages(stream, &m.mem, &mut set, out, pre.limit).map_err(|e| lost(&e))?;
     Ok(downtime)
 }
 
@@ -234,11 +237,14 @@ enum FromTarget {
 }
 
 /// Pushes every page of `set` to the target, requested ones first, and waits for its done.
+/// With a `limit` (bytes per second) the push waits while it is ahead of that rate; a request
+/// is served at once all the same (the guest is waiting for it), and the push makes up for it.
 fn serve_pages(
     stream: &mut Stream,
     mem: &GuestMem,
     set: &mut DirtySet,
     out: &Outgoing,
+    limit: Option<u64>,
 ) -> Result<(), String> {
     let mut reader = stream.try_clone().map_err(|e| format!("connection: {e}"))?;
     let (tx, rx) = mpsc::channel();
@@ -309,13 +315,29 @@ fn serve_pages(
     };
     let mut theirs = None;
     let mut wanted: VecDeque<(u64, u64)> = VecDeque::new();
+    let began = Instant::now();
+    let mut total = 0u64;
     loop {
+        // How long the push must wait to keep to the limit.
+        let ahead = limit
+            .map(|l| Duration::from_secs_f64(total as f64 / l.max(1) as f64))
+            .and_then(|due| due.checked_sub(began.elapsed()))
+            .filter(|d| !d.is_zero());
         // Requests first.
         loop {
             let msg = if set.count() == 0 && wanted.is_empty() {
                 match rx.recv() {
                     Ok(m) => m,
                     Err(_) => return Err("the post-copy reader stopped".to_string()),
+                }
+            } else if let (Some(wait), true) = (ahead, wanted.is_empty()) {
+                // Paced: nothing to push before `wait`, unless the target asks.
+                match rx.recv_timeout(wait) {
+                    Ok(m) => m,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err("the post-copy reader stopped".to_string())
+                    }
                 }
             } else {
                 match rx.try_recv() {
@@ -357,6 +379,9 @@ fn serve_pages(
         }
         if let Some((a, n)) = wanted.pop_front() {
             sent += send_range(stream, set, a, n, &mut digest)?;
+        } else if ahead.is_some() {
+            // Waited above with nothing asked: the rate is checked again.
+            continue;
         } else if let Some(a) = set.next(cursor) {
             sent += send_range(stream, set, a, BATCH_PAGES, &mut digest)?;
             cursor = a + BATCH_PAGES * PAGE_SIZE;
@@ -365,6 +390,7 @@ fn serve_pages(
         }
         let left = set.count() * PAGE_SIZE;
         let bytes = std::mem::take(&mut sent) * PAGE_SIZE;
+        total += bytes;
         out.update(|s| {
             s.remaining_bytes = left;
             s.transferred_bytes += bytes;
@@ -636,7 +662,7 @@ mod tests {
             let (src, mut set) = (src.clone(), set.clone());
             std::thread::spawn(move || {
                 let done = Outgoing::default();
-                serve_pages(&mut Stream::Unix(a), &src, &mut set, &done)
+                serve_pages(&mut Stream::Unix(a), &src, &mut set, &done, None)
             })
         };
         assert_eq!(byte(&dst, HIGH + 0x3000), 4);
@@ -657,6 +683,60 @@ mod tests {
         assert_eq!((s.error, s.remaining_bytes), (None, 0));
         assert_eq!(byte(&dst, 0x2000), 2);
         assert_eq!(pager.stats().copied_pages, 4);
+    }
+
+    /// Runs the source's side of post-copy for `setup()`'s set on a thread, capped at `limit`
+    /// bytes per second.
+    fn start_source(
+        src: &GuestMem,
+        set: &DirtySet,
+        stream: UnixStream,
+        limit: Option<u64>,
+    ) -> std::thread::JoinHandle<Result<(), String>> {
+        let (src, mut set) = (src.clone(), set.clone());
+        std::thread::spawn(move || {
+            serve_pages(
+                &mut Stream::Unix(stream),
+                &src,
+                &mut set,
+                &Outgoing::default(),
+                limit,
+            )
+        })
+    }
+
+    #[test]
+    fn the_bandwidth_cap_paces_the_push() {
+        let (src, dst, set) = setup();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (pager, _out) = start_target(&dst, &set, b);
+        let began = Instant::now();
+        // The first frame carries the three low pages (12 KiB, one batch); at 8 KiB/s the
+        // last page may not leave before 1.5 s.
+        start_source(&src, &set, a, Some(8192))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(
+            began.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(pager.stats().copied_pages, 4);
+        assert_eq!(byte(&dst, HIGH + 0x3000), 4);
+    }
+
+    #[test]
+    fn a_requested_page_goes_at_once_under_the_cap() {
+        let (src, dst, set) = setup();
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_pager, _out) = start_target(&dst, &set, b);
+        // At 1 byte/s the push would send the high page hours after the first frame: the
+        // guest's touch asks for it, and the source serves the request without waiting.
+        let source = start_source(&src, &set, a, Some(1));
+        assert_eq!(byte(&dst, HIGH + 0x3000), 4);
+        assert_eq!(byte(&dst, 0x1000), 1);
+        source.join().unwrap().unwrap();
     }
 
     #[test]

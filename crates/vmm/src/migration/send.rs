@@ -277,6 +277,7 @@ pub fn send(
                     pending: &bitmaps,
                     log: &pages.log,
                     full_digest: req.full_digest,
+                    limit: pages.limit,
                 },
                 out,
                 &mut paused_vcpus,
