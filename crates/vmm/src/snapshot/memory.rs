@@ -303,6 +303,35 @@ pub fn map_memory_chain(
     regions: &[MemoryRegionInfo],
     mode: RestoreMemory,
 ) -> Result<GuestMem, MemoryError> {
+    map_memory_chain_within(files, regions, mode, mapping_budget())
+}
+
+/// Mappings a restore leaves to the rest of the VMM (threads' stacks, libraries, I/O rings).
+const MAP_RESERVE: u64 = 4096;
+
+/// How many more mappings this process may make for a diff chain: `vm.max_map_count` less
+/// what is mapped now and [`MAP_RESERVE`].
+fn mapping_budget() -> u64 {
+    let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(65530);
+    let now = std::fs::read_to_string("/proc/self/maps")
+        .map(|s| s.lines().count() as u64)
+        .unwrap_or(0);
+    max.saturating_sub(now).saturating_sub(MAP_RESERVE)
+}
+
+/// [`map_memory_chain`] making at most `budget` new mappings: each data extent of a diff is
+/// mapped over the full snapshot's mapping (splitting it: two more mappings) while the budget
+/// lasts, and read in (copied, as an eager restore would) after that, so a finely scattered
+/// chain cannot run the process out of `vm.max_map_count`.
+fn map_memory_chain_within(
+    files: &[std::path::PathBuf],
+    regions: &[MemoryRegionInfo],
+    mode: RestoreMemory,
+    mut budget: u64,
+) -> Result<GuestMem, MemoryError> {
     let Some(path) = files.first() else {
         return Err(MemoryError::Layout("no memory file".to_string()));
     };
@@ -336,18 +365,32 @@ pub fn map_memory_chain(
     }
     let mem = GuestMem::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
     let mut opened = vec![(path, file)];
+    let mut copied = 0u64;
     for diff in &files[1..] {
         let f = open_checked(diff, regions)?;
         for (guest, offset, len) in data_extents(&f, diff, regions)? {
-            hypervisor::mem::map_file_over(&mem, GuestAddress(guest), len, &f, offset).map_err(
-                |e| MemoryError::Map {
-                    path: diff.display().to_string(),
-                    addr: guest,
-                    why: e.to_string(),
-                },
-            )?;
+            let map_err = |why: String| MemoryError::Map {
+                path: diff.display().to_string(),
+                addr: guest,
+                why,
+            };
+            if budget >= 2 {
+                budget -= 2;
+                hypervisor::mem::map_file_over(&mem, GuestAddress(guest), len, &f, offset)
+                    .map_err(|e| map_err(e.to_string()))?;
+            } else {
+                copy_extent(&f, diff, &mem, guest, offset, len)?;
+                copied += len;
+            }
         }
         opened.push((diff.as_path(), f));
+    }
+    if copied > 0 {
+        tracing::info!(
+            "restore: {} KiB of the diff snapshots read in rather than mapped \
+             (vm.max_map_count leaves too few mappings for their extents)",
+            copied / 1024
+        );
     }
     if mode == RestoreMemory::Eager {
         for (p, f) in &opened {
@@ -355,6 +398,33 @@ pub fn map_memory_chain(
         }
     }
     Ok(mem)
+}
+
+/// Reads `len` bytes of `file` from `offset` into guest memory at `guest`.
+fn copy_extent(
+    file: &File,
+    path: &Path,
+    mem: &GuestMem,
+    guest: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(), MemoryError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset + done)
+            .map_err(io_err(path))?;
+        mem.write_slice(&buf[..n], GuestAddress(guest + done))
+            .map_err(|e| MemoryError::Map {
+                path: path.display().to_string(),
+                addr: guest + done,
+                why: e.to_string(),
+            })?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Opens the memory file at `path` and checks it holds `regions` (page aligned).
@@ -610,8 +680,29 @@ mod tests {
             back.write_slice(&[9u8; 4096], GuestAddress(0x10000))
                 .unwrap();
         }
-        let again = map_memory_chain(&[full, d1, d2], &regions, RestoreMemory::Lazy).unwrap();
+        let again = map_memory_chain(
+            &[full.clone(), d1.clone(), d2.clone()],
+            &regions,
+            RestoreMemory::Lazy,
+        )
+        .unwrap();
         assert!(contents(&again) == contents(&mem));
+        // Out of mappings: no extent mapped (0), or diff 1's first only (2): the rest is read
+        // in, with the same result.
+        for budget in [0, 2] {
+            let files = [full.clone(), d1.clone(), d2.clone()];
+            let back =
+                map_memory_chain_within(&files, &regions, RestoreMemory::Lazy, budget).unwrap();
+            assert!(contents(&back) == contents(&mem), "budget {budget}");
+            back.write_slice(&[9u8; 4096], GuestAddress((64 << 20) + 0x5000))
+                .unwrap();
+            let again =
+                map_memory_chain_within(&files, &regions, RestoreMemory::Lazy, budget).unwrap();
+            assert!(
+                contents(&again) == contents(&mem),
+                "budget {budget}: private"
+            );
+        }
     }
 
     #[test]
