@@ -14,7 +14,10 @@ a thread that stamps each line with time.perf_counter_ns() as it arrives.
   * migration: source and target on this host over TCP on 127.0.0.1, for an idle guest
     (action=hold), a lightly and a busily dirtying guest (action=soak) -- total time and
     downtime as each VMM reports them, the gap in the console seen from outside, and QEMU's
-    STOP/RESUME event timestamps.
+    STOP/RESUME event timestamps; with --post-copy, the soaking guests again with post-copy
+    switched on at the end of the first pass (Vessel: post_copy_after_rounds 1; QEMU:
+    migrate-start-postcopy near the end of its first pass) -- also request -> running on the
+    target, the post-copy phase and the pages fetched on demand.
 
 Standard library only. A benchmark, not a test: it reports numbers and has no thresholds.
 See README.md for the exact definitions.
@@ -45,6 +48,7 @@ SOAK_RE = re.compile(rb"soak cpu=(\d+) iter=(\d+) t=(\d+) sum=0x[0-9a-f]+ ok")
 TOUCH_RE = re.compile(rb"touch: (\d+) MiB at")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 QEMU_BANDWIDTH = 100 << 30  # bytes/s: "unlimited" (QEMU's default cap is 128 MiB/s)
+POLL_POSTCOPY = 0.005  # s: Vessel's migration status polled this often in post-copy runs
 
 
 class Failure(Exception):
@@ -665,10 +669,28 @@ def console_gap(src, dst, t0, rec, timeout):
     dst.wait_line(soak_line, i + 1, timeout, "the target's second soak line")
 
 
-def vessel_migrate(st, scenario, rep):
+def checked_after(dst, mark, args, scenario):
+    """Post-copy: the guest on the target checks its whole work buffer (every window of
+    `soakpages` pages, one per iteration) after the last page arrived (console line `mark`)."""
+    busy = scenario == "busy"
+    windows = 512 * (args.busy_work if busy else 1) // (args.busy_pages if busy else 16)
+
+    def cpu0_iter(ln):
+        m = SOAK_RE.search(ln)
+        return int(m.group(2)) if m and m.group(1) == b"0" else None
+
+    _, _, ln = dst.wait_line(lambda x: cpu0_iter(x) is not None, mark, args.timeout,
+                             "a soak line after the post-copy")
+    done = cpu0_iter(ln) + windows
+    dst.wait_line(lambda x: (cpu0_iter(x) or 0) >= done, mark, args.timeout,
+                  f"the soak line of iteration {done} (every window checked)")
+
+
+def vessel_migrate(st, scenario, rep, post_copy=False):
     mem, args = st.args.mig_memory, st.args
     cmdline = migration_cmdline(args, scenario, mem)
-    rec = {"phase": "migration", "vmm": "vessel", "scenario": scenario, "rep": rep}
+    rec = {"phase": "migration", "vmm": "vessel", "scenario": scenario, "rep": rep,
+           "mode": "postcopy" if post_copy else "precopy"}
     src = dst = None
     try:
         src = st.vessel_boot(mem, cmdline)
@@ -678,11 +700,13 @@ def vessel_migrate(st, scenario, rep):
         time.sleep(args.settle)
         addr = f"tcp:127.0.0.1:{free_port()}"
         vessel_api(dst.api, "PUT", "vm.migrate-receive", {"listen": addr})
+        req = {"to": addr, "downtime_ms": args.downtime_ms}
+        if post_copy:  # forced right after the first full copy, converged or not
+            req.update(post_copy=True, post_copy_after_rounds=1)
         t0 = now_ns()
-        vessel_api(src.api, "PUT", "vm.migrate-send", {"to": addr,
-                                                       "downtime_ms": args.downtime_ms})
+        vessel_api(src.api, "PUT", "vm.migrate-send", req)
         deadline = time.monotonic() + args.timeout
-        status = None
+        status, t_postcopy = None, None
         while True:
             try:
                 status = vessel_api(src.api, "GET", "vm.migration-status", timeout=10)
@@ -691,19 +715,26 @@ def vessel_migrate(st, scenario, rep):
                     raise Failure(f"the source exited (status {src.p.returncode}) before its "
                                   f"migration status said completed; last status {status}")
                 raise
+            if status["phase"] == "postcopy" and t_postcopy is None:
+                t_postcopy = now_ns()  # the VM runs on the target
             if status["phase"] in ("completed", "failed", "cancelled"):
                 break
             if time.monotonic() > deadline:
                 raise Failure(f"migration not finished after {args.timeout} s: {status}")
-            time.sleep(0.01)
-        rec["done_ms"] = ms(t0, now_ns())
+            time.sleep(POLL_POSTCOPY if post_copy else 0.01)
+        t_done = now_ns()
+        rec["done_ms"] = ms(t0, t_done)
         if status["phase"] != "completed":
             raise Failure(f"vessel migration {status['phase']}: {status.get('error')} "
-                          f"(PUT vm.migrate-send to {addr})")
+                          f"(PUT vm.migrate-send {json.dumps(req)})")
         rec["total_ms"] = status["elapsed_ms"]
         rec["downtime_ms"] = status.get("downtime_ms")
         rec["transferred_mib"] = status["transferred_bytes"] / (1 << 20)
         rec["rounds"] = status["round"]
+        if t_postcopy is not None:
+            rec["running_ms"] = ms(t0, t_postcopy)
+            rec["postcopy_ms"] = ms(t_postcopy, t_done)
+        mark = dst.mark()
         try:
             src.p.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -712,9 +743,17 @@ def vessel_migrate(st, scenario, rep):
             raise Failure(f"the source exited with status {src.p.returncode}; {src.tail()}")
         if "action=soak" in cmdline:
             console_gap(src, dst, t0, rec, args.timeout)
+        if post_copy:
+            checked_after(dst, mark, args, scenario)
         info = vessel_api(dst.api, "GET", "vm.info")
         if info.get("state") != "running":
             raise Failure(f"target not running after the migration: {info.get('state')}")
+        if post_copy:
+            pager = info.get("pager")
+            if not pager:
+                raise Failure(f"no post-copy: the target has no pager (vm.info {info})")
+            rec["faults"] = pager["faults"]
+            rec["fetched_mib"] = pager["copied_pages"] * 4096 / (1 << 20)
     except Failure as e:
         rec["error"] = str(e)
     finally:
@@ -725,7 +764,8 @@ def vessel_migrate(st, scenario, rep):
 def qemu_migrate(st, scenario, rep):
     mem, args = st.args.mig_memory, st.args
     cmdline = migration_cmdline(args, scenario, mem)
-    rec = {"phase": "migration", "vmm": "qemu", "scenario": scenario, "rep": rep}
+    rec = {"phase": "migration", "vmm": "qemu", "scenario": scenario, "rep": rep,
+           "mode": "precopy"}
     src = dst = None
     try:
         src = st.qemu(mem, cmdline)
@@ -760,6 +800,109 @@ def qemu_migrate(st, scenario, rep):
         rec["event_downtime_ms"] = (event_time(resume) - event_time(stop)) * 1000
         if "action=soak" in cmdline:
             console_gap(src, dst, t0, rec, args.timeout)
+        status = dst.qmp.cmd("query-status")
+        if status.get("status") != "running":
+            raise Failure(f"target not running after the migration: {status}")
+    except Failure as e:
+        rec["error"] = str(e)
+    finally:
+        stop_all(src, dst)
+    return rec
+
+
+def qemu_start_postcopy(src, ev_src, rec, args):
+    """Sends migrate-start-postcopy near the end of QEMU's first pass: once `ram.remaining`
+    (polled) is at most --qemu-switch-mib, or at its MIGRATION_PASS 2 event with 0. QEMU
+    switches at the end of the iteration in flight (see README.md). Returns the send time."""
+    left = args.qemu_switch_mib << 20
+    while True:
+        if left == 0:
+            _, ev = src.qmp.wait_event(
+                lambda e: (e["event"] == "MIGRATION_PASS" and e["data"]["pass"] >= 2)
+                or (e["event"] == "MIGRATION"
+                    and e["data"]["status"] in ("completed", "failed", "cancelled")),
+                ev_src, args.timeout, "the end of the first pass")
+            status, rem = ev["data"].get("status", "active"), None
+        else:
+            info = src.qmp.cmd("query-migrate")
+            status, rem = info.get("status"), info.get("ram", {}).get("remaining")
+        if status not in ("setup", "active"):
+            raise Failure(f"qemu migration {status} before the switch to post-copy")
+        if left == 0 or (rem is not None and rem <= left):
+            break
+        time.sleep(POLL_POSTCOPY)
+    t = now_ns()
+    src.qmp.cmd("migrate-start-postcopy")
+    if rem is not None:
+        rec["switch_left_mib"] = rem / (1 << 20)
+    return t
+
+
+def qemu_migrate_postcopy(st, scenario, rep):
+    """QEMU's post-copy, switched on near the end of its first pass (see README.md)."""
+    mem, args = st.args.mig_memory, st.args
+    cmdline = migration_cmdline(args, scenario, mem)
+    rec = {"phase": "migration", "vmm": "qemu", "scenario": scenario, "rep": rep,
+           "mode": "postcopy"}
+    src = dst = None
+    try:
+        src = st.qemu(mem, cmdline)
+        dst = st.qemu(mem, cmdline, incoming=True)
+        for q in (src, dst):
+            q.qmp.cmd("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+        # A 1 ms limit keeps pre-copy from converging (and completing without post-copy) at
+        # the end of the first pass; the switch-over itself does not look at it.
+        src.qmp.cmd("migrate-set-parameters", {"max-bandwidth": QEMU_BANDWIDTH,
+                                               "downtime-limit": 1})
+        src.wait_line(ready_pred(cmdline), 0, args.timeout, "the guest's workload")
+        check_touch(src, touch_mib(args, mem))
+        time.sleep(args.settle)
+        uri = f"tcp:127.0.0.1:{free_port()}"
+        dst.qmp.cmd("migrate-incoming", {"uri": uri})
+        ev_src, ev_dst = src.qmp.mark(), dst.qmp.mark()
+        t0 = now_ns()
+        src.qmp.cmd("migrate", {"uri": uri})
+        t_cmd = qemu_start_postcopy(src, ev_src, rec, args)
+        t_switch, ev = src.qmp.wait_event(
+            lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in (
+                "postcopy-active", "completed", "failed", "cancelled"),
+            ev_src, args.timeout, "postcopy-active on the source")
+        if ev["data"]["status"] != "postcopy-active":
+            raise Failure(f"qemu migration {ev['data']['status']} without post-copy")
+        rec["switch_ms"] = ms(t_cmd, t_switch)
+        t_run, _ = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst, args.timeout,
+                                      "RESUME on the target")
+        t_done = src.qmp.wait_migration(ev_src, args.timeout)
+        rec["done_ms"] = ms(t0, t_done)
+        rec["running_ms"] = ms(t0, t_run)
+        rec["postcopy_ms"] = ms(t_run, t_done)
+        mark = dst.mark()
+        deadline = time.monotonic() + 5
+        while True:
+            info = src.qmp.cmd("query-migrate")
+            if info.get("total-time") or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        ram = info.get("ram", {})
+        rec["total_ms"] = info.get("total-time")
+        rec["downtime_ms"] = info.get("downtime")
+        if rec["downtime_ms"] and rec["total_ms"] and rec["downtime_ms"] > rec["total_ms"]:
+            # QEMU 7.2 takes a post-copy downtime of 0 ms (under 1 ms) for "not set" and
+            # reports its clock since boot instead.
+            rec["downtime_ms"], rec["downtime_reported"] = 0, info.get("downtime")
+        rec["transferred_mib"] = ram.get("transferred", 0) / (1 << 20)
+        rec["rounds"] = ram.get("dirty-sync-count")
+        rec["faults"] = ram.get("postcopy-requests")
+        if "postcopy-bytes" in ram:
+            rec["fetched_mib"] = ram["postcopy-bytes"] / (1 << 20)
+        _, resume = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst, 5,
+                                       "RESUME on the target")
+        _, stop = src.qmp.wait_event(lambda e: e["event"] == "STOP", ev_src, 5,
+                                     "STOP on the source")
+        rec["event_downtime_ms"] = (event_time(resume) - event_time(stop)) * 1000
+        console_gap(src, dst, t0, rec, args.timeout)
+        checked_after(dst, mark, args, scenario)
         status = dst.qmp.cmd("query-status")
         if status.get("status") != "running":
             raise Failure(f"target not running after the migration: {status}")
@@ -846,8 +989,8 @@ def report(records, args):
     if any(r["phase"] == "migration" for r in records):
         rows = []
         for sc in args.scenarios:
-            v = {"phase": "migration", "vmm": "vessel", "scenario": sc}
-            q = {"phase": "migration", "vmm": "qemu", "scenario": sc}
+            v = {"phase": "migration", "vmm": "vessel", "scenario": sc, "mode": "precopy"}
+            q = {"phase": "migration", "vmm": "qemu", "scenario": sc, "mode": "precopy"}
             rows += [
                 (f"{sc}: total time (VMM's report)", "ms", 0, v, q, "total_ms", "total_ms"),
                 ("  downtime (VMM's report)", "ms", 0, v, q, "downtime_ms", "downtime_ms"),
@@ -859,6 +1002,33 @@ def report(records, args):
                 ("  request -> dst first guest line", "ms", 0, v, q, "first_line_ms",
                  "first_line_ms"),
                 ("  transferred", "MiB", 0, v, q, "transferred_mib", "transferred_mib"),
+                ("  rounds / dirty syncs", "", 0, v, q, "rounds", "rounds"),
+            ]
+        for sc in args.scenarios:
+            v = {"phase": "migration", "vmm": "vessel", "scenario": sc, "mode": "postcopy"}
+            q = {"phase": "migration", "vmm": "qemu", "scenario": sc, "mode": "postcopy"}
+            rows += [
+                (f"{sc} post-copy: total time (VMM's report)", "ms", 0, v, q, "total_ms",
+                 "total_ms"),
+                ("  downtime (VMM's report)", "ms", 0, v, q, "downtime_ms", "downtime_ms"),
+                ("  console gap, src last -> dst first line", "ms", 0, v, q, "gap_ms",
+                 "gap_ms"),
+                ("  guest TSC gap across the move", "ms", 0, v, q, "tsc_gap_ms", "tsc_gap_ms"),
+                ("  qemu STOP(src) -> RESUME(dst) events", "ms", 0, None, q, None,
+                 "event_downtime_ms"),
+                ("  request -> running on the target", "ms", 0, v, q, "running_ms",
+                 "running_ms"),
+                ("  request -> dst first guest line", "ms", 0, v, q, "first_line_ms",
+                 "first_line_ms"),
+                ("  post-copy phase: running -> completed", "ms", 0, v, q, "postcopy_ms",
+                 "postcopy_ms"),
+                ("  (qemu: first pass left at start-postcopy)", "MiB", 0, None, q, None,
+                 "switch_left_mib"),
+                ("  (qemu: start-postcopy -> postcopy-active)", "ms", 0, None, q, None,
+                 "switch_ms"),
+                ("  transferred", "MiB", 0, v, q, "transferred_mib", "transferred_mib"),
+                ("  moved after the switch", "MiB", 0, v, q, "fetched_mib", "fetched_mib"),
+                ("  page faults / postcopy-requests", "", 0, v, q, "faults", "faults"),
                 ("  rounds / dirty syncs", "", 0, v, q, "rounds", "rounds"),
             ]
         table(f"migration ({size_name(args.mig_memory)}, tcp 127.0.0.1)", rows, records)
@@ -894,6 +1064,15 @@ def main():
     ap.add_argument("--settle", type=float, default=0.5,
                     help="seconds the guest runs before a snapshot/migration (default 0.5)")
     ap.add_argument("--timeout", type=float, default=180, help="per-step timeout, s")
+    ap.add_argument("--post-copy", action="store_true",
+                    help="also migrate each soaking scenario (light, busy) with post-copy, "
+                         "switched on after the first pass by both VMMs")
+    ap.add_argument("--post-copy-only", action="store_true",
+                    help="post-copy runs only (implies --post-copy)")
+    ap.add_argument("--qemu-switch-mib", type=int, default=64,
+                    help="post-copy: QEMU gets migrate-start-postcopy once its first pass has "
+                         "this many MiB left (0: at the end of the pass, MIGRATION_PASS 2; "
+                         "default 64)")
     ap.add_argument("--skip-restore", action="store_true", help="no snapshot/restore runs")
     ap.add_argument("--skip-migration", action="store_true", help="no migration runs")
     ap.add_argument("--workdir", help="where snapshots go (default: a new directory in "
@@ -911,6 +1090,10 @@ def main():
     for s in args.scenarios:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s!r}: idle, light or busy")
+    args.post_copy = args.post_copy or args.post_copy_only
+    if args.post_copy and not any(s != "idle" for s in args.scenarios):
+        ap.error("--post-copy needs a soaking scenario (light or busy): an idle guest dirties "
+                 "nothing, so QEMU's pre-copy always completes before a switch")
     if args.runs < 1 or args.cpus < 1 or not 0 <= args.touch_pct <= 90:
         ap.error("--runs and --cpus must be at least 1, --touch-pct 0-90")
 
@@ -959,6 +1142,9 @@ def main():
     print(f"  settings: {args.runs} runs, {args.cpus} vCPU(s), guest writes {args.touch_pct}% "
           f"of its RAM at boot (touch=), soakms={args.soakms}, downtime limit "
           f"{args.downtime_ms} ms, snapshots in {workdir}")
+    if args.post_copy:
+        print(f"  post-copy: vessel post_copy_after_rounds=1; qemu migrate-start-postcopy at "
+              f"{args.qemu_switch_mib} MiB left in its first pass, downtime-limit 1 ms")
     print(flush=True)
 
     records = []
@@ -1022,14 +1208,22 @@ def main():
                     elif p and os.path.exists(p):
                         os.unlink(p)
         if not args.skip_migration:
-            for sc in args.scenarios:
-                print(f"migration {sc}...", file=sys.stderr, flush=True)
+            modes = ([] if args.post_copy_only else ["precopy"]) + \
+                (["postcopy"] if args.post_copy else [])
+            for sc, mode in [(sc, m) for sc in args.scenarios for m in modes
+                             if m == "precopy" or sc != "idle"]:
+                print(f"migration {sc} {mode}...", file=sys.stderr, flush=True)
                 for rep in range(args.runs):
-                    order = [("vessel", vessel_migrate), ("qemu", qemu_migrate)]
+                    if mode == "precopy":
+                        order = [("vessel", vessel_migrate), ("qemu", qemu_migrate)]
+                    else:
+                        order = [("vessel", lambda *a: vessel_migrate(*a, post_copy=True)),
+                                 ("qemu", qemu_migrate_postcopy)]
                     if rep % 2:
                         order.reverse()
                     for vmm, f in order:
-                        what = {"phase": "migration", "vmm": vmm, "scenario": sc, "rep": rep}
+                        what = {"phase": "migration", "vmm": vmm, "scenario": sc,
+                                "mode": mode, "rep": rep}
                         note(f, what, st, sc, rep)
     except (KeyboardInterrupt, Interrupted) as e:
         print(f"\ninterrupted ({str(e) or 'Ctrl-C'}); reporting what was measured",

@@ -3,7 +3,7 @@
 # bundled guest (PVH, --kernel / -kernel), side by side with ratios.
 # Usage: bench/snapshot/run.sh [--runs R] [--sizes 128M,1G,4G] [--mig-memory 1G]
 #                              [--scenarios idle,light,busy] [--cpus N] [--json FILE] [-v]
-#                              [--build] [...]                  (--help for all options)
+#                              [--post-copy] [--build] [...]    (--help for all options)
 # Needs python3 (stdlib only), /dev/kvm, cargo (to build the guest) and qemu-system-x86_64:
 # without QEMU it stops (Debian: apt-get install -y qemu-system-x86). Snapshots go to a new
 # directory in /var/tmp (--workdir): up to about 2 x half of the largest guest size on disk.
