@@ -228,7 +228,7 @@ fn inflating_uffd_restored_memory_gives_zeroes_and_snapshots_them() {
     use_all(&orig);
     let (file, regions) = snap(&orig, "memory");
     drop(orig);
-    let (mem, pager) = Pager::start(&file, &regions).unwrap();
+    let (mem, pager) = Pager::start(std::slice::from_ref(&file), &regions).unwrap();
     // Served before the inflation: 20 MiB.
     assert_eq!(mem.read_obj::<u8>(GuestAddress(20 << 20)).unwrap(), 0x5a);
 
@@ -257,7 +257,7 @@ fn inflating_uffd_restored_memory_gives_zeroes_and_snapshots_them() {
     pager.populate().unwrap();
     let (file2, regions2) = snap(&mem, "memory2");
     drop(pager);
-    let (again, _pager2) = Pager::start(&file2, &regions2).unwrap();
+    let (again, _pager2) = Pager::start(std::slice::from_ref(&file2), &regions2).unwrap();
     for (at, want) in [
         (16u64 << 20, 0),
         (30 << 20, 0),

@@ -459,12 +459,14 @@ fn diff_snapshots_restore_as_a_chain() {
     let state = std::fs::read_to_string(d2.join("state")).unwrap_or_default();
     assert!(state.contains("\"parent\""), "no parent in d2's header");
 
-    // The last diff restores, lazily and eagerly: full + d1 + d2.
+    // The last diff restores, lazily, eagerly and through userfaultfd: full + d1 + d2.
     restore_continues(&["run", "--restore", &path(&d2)], &before);
-    restore_continues(
-        &["run", "--restore", &path(&d2), "--restore-memory", "eager"],
-        &before,
-    );
+    for mode in ["eager", "uffd"] {
+        restore_continues(
+            &["run", "--restore", &path(&d2), "--restore-memory", mode],
+            &before,
+        );
+    }
 
     // A VM restored from d2 takes d2 as its base: a diff of it chains on.
     let socket2 = tmp.file("api2.sock");

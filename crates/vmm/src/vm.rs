@@ -251,16 +251,8 @@ impl Vm {
         }
         let files = crate::snapshot::resolve_chain(dir, &lineage, &snap.memory)?;
         let (mem, pager) = match opts.memory {
-            api::types::RestoreMemory::Userfaultfd if files.len() > 1 => {
-                return Err(SnapshotError::Mismatch(format!(
-                    "{} is a diff snapshot: restore it lazily or eagerly (the userfaultfd \
-                     pager serves full snapshots only)",
-                    dir.display()
-                ))
-                .into())
-            }
             api::types::RestoreMemory::Userfaultfd => {
-                let (mem, pager) = crate::snapshot::pager::Pager::start(&files[0], &snap.memory)
+                let (mem, pager) = crate::snapshot::pager::Pager::start(&files, &snap.memory)
                     .map_err(SnapshotError::from)?;
                 (mem, Some(pager))
             }

@@ -658,13 +658,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let (pager, out) = start_target(&dst, &set, b);
         // The target's first touch may come before the push: it waits for its page.
-        let source = {
-            let (src, mut set) = (src.clone(), set.clone());
-            std::thread::spawn(move || {
-                let done = Outgoing::default();
-                serve_pages(&mut Stream::Unix(a), &src, &mut set, &done, None)
-            })
-        };
+        let source = start_source(&src, &set, a, None);
         assert_eq!(byte(&dst, HIGH + 0x3000), 4);
         assert_eq!(byte(&dst, 0x1000), 1);
         assert_eq!(byte(&dst, 0x10_0000), 3);

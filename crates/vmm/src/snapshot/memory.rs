@@ -455,7 +455,7 @@ pub(crate) fn open_checked(path: &Path, regions: &[MemoryRegionInfo]) -> Result<
 }
 
 /// The data extents of a memory file, page aligned, as (guest address, file offset, length).
-fn data_extents(
+pub(crate) fn data_extents(
     file: &File,
     path: &Path,
     regions: &[MemoryRegionInfo],

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -100,10 +100,30 @@ pub trait PageSource: Send {
     fn next_data(&mut self, r: &MemoryRegionInfo, at: u64) -> Result<Option<u64>, String>;
 }
 
-/// Pages from a snapshot's memory file (holes are zeroes).
+/// Pages from a snapshot's memory file (holes are zeroes), with the data of a chain of diff
+/// snapshots over it (a diff's holes mean "as in the older files").
 pub struct FileSource {
     file: File,
+    /// The diffs, oldest first.
+    diffs: Vec<DiffFile>,
     regions: Vec<MemoryRegionInfo>,
+}
+
+/// A diff snapshot's memory file and its data extents (guest address, file offset, length),
+/// in address order.
+struct DiffFile {
+    file: File,
+    extents: Vec<(u64, u64, u64)>,
+}
+
+impl FileSource {
+    /// The extents of diff `d` that overlap `start..end`.
+    fn overlapping(&self, d: usize, start: u64, end: u64) -> &[(u64, u64, u64)] {
+        let e = &self.diffs[d].extents;
+        let first = e.partition_point(|&(g, _, len)| g + len <= start);
+        let last = e.partition_point(|&(g, _, _)| g < end);
+        &e[first..last.max(first)]
+    }
 }
 
 impl PageSource for FileSource {
@@ -116,23 +136,37 @@ impl PageSource for FileSource {
         self.file
             .read_exact_at(buf, r.file_offset + (start - r.guest_addr))
             .map_err(|e| format!("reading the memory file at guest {start:#x}: {e}"))?;
+        let end = start + buf.len() as u64;
+        for d in 0..self.diffs.len() {
+            for &(g, off, len) in self.overlapping(d, start, end) {
+                let (lo, hi) = (g.max(start), (g + len).min(end));
+                let into = &mut buf[(lo - start) as usize..(hi - start) as usize];
+                self.diffs[d]
+                    .file
+                    .read_exact_at(into, off + (lo - g))
+                    .map_err(|e| format!("reading a diff memory file at guest {lo:#x}: {e}"))?;
+            }
+        }
         Ok(true)
     }
 
     fn next_data(&mut self, r: &MemoryRegionInfo, at: u64) -> Result<Option<u64>, String> {
         use nix::unistd::{lseek, Whence};
         let off = r.file_offset + (at - r.guest_addr);
-        let data = match lseek(&self.file, off as i64, Whence::SeekData) {
-            Ok(d) => d as u64,
-            Err(nix::Error::ENXIO) => return Ok(None),
+        let end = r.guest_addr + r.size;
+        let mut next = match lseek(&self.file, off as i64, Whence::SeekData) {
+            Ok(d) if d as u64 >= r.file_offset + r.size => None,
+            Ok(d) => Some(r.guest_addr + (d as u64 - r.file_offset) / PAGE_SIZE * PAGE_SIZE),
+            Err(nix::Error::ENXIO) => None,
             Err(e) => return Err(format!("seeking data in the memory file: {e}")),
         };
-        if data >= r.file_offset + r.size {
-            return Ok(None);
+        for d in 0..self.diffs.len() {
+            if let Some(&(g, _, _)) = self.overlapping(d, at, end).first() {
+                let g = g.max(at) / PAGE_SIZE * PAGE_SIZE;
+                next = Some(next.map_or(g, |n| n.min(g)));
+            }
         }
-        Ok(Some(
-            r.guest_addr + (data - r.file_offset) / PAGE_SIZE * PAGE_SIZE,
-        ))
+        Ok(next)
     }
 }
 
@@ -538,12 +572,23 @@ impl std::fmt::Display for PagerStats {
 
 impl Pager {
     /// Maps anonymous guest memory with `regions`, registers it with a new userfaultfd and
-    /// starts the pager thread serving it from the memory file at `path`.
+    /// starts the pager thread serving it from the memory files `files`: a full snapshot's,
+    /// then the diffs on top of it, oldest first.
     pub fn start(
-        path: &Path,
+        files: &[PathBuf],
         regions: &[MemoryRegionInfo],
     ) -> Result<(GuestMem, Pager), MemoryError> {
+        let Some(path) = files.first() else {
+            return Err(MemoryError::Layout("no memory file".to_string()));
+        };
         let file = super::memory::open_checked(path, regions)?;
+        let mut diffs = Vec::new();
+        for p in &files[1..] {
+            let f = super::memory::open_checked(p, regions)?;
+            let mut extents = super::memory::data_extents(&f, p, regions)?;
+            extents.sort_unstable();
+            diffs.push(DiffFile { file: f, extents });
+        }
         let ranges: Vec<(GuestAddress, usize)> = regions
             .iter()
             .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
@@ -552,6 +597,7 @@ impl Pager {
             .map_err(|e| MemoryError::Layout(format!("cannot map guest memory: {e}")))?;
         let source = FileSource {
             file,
+            diffs,
             regions: regions.to_vec(),
         };
         let pager = Pager::serve(&mem, regions, Box::new(source), None)?;
@@ -638,6 +684,7 @@ impl Drop for Pager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use vm_memory::Bytes;
 
     /// A memory file of two regions (as below and above the 3 GiB hole) with data in a few
@@ -682,7 +729,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("memory");
         let (orig, regions) = snapshot(&p);
-        let (mem, pager) = Pager::start(&p, &regions).unwrap();
+        let (mem, pager) = Pager::start(std::slice::from_ref(&p), &regions).unwrap();
         // Nothing is resident before the first touch.
         let r = hypervisor::mem::resident_pages(&mem, GuestAddress(0), 4 << 20).unwrap();
         assert!(r.iter().all(|&x| !x));
@@ -720,7 +767,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("memory");
         let (_, regions) = snapshot(&p);
-        let (mem, pager) = Pager::start(&p, &regions).unwrap();
+        let (mem, pager) = Pager::start(std::slice::from_ref(&p), &regions).unwrap();
         // Served, then discarded (as the balloon does).
         assert_eq!(byte(&mem, 0x3000), 0x11);
         hypervisor::mem::discard(&mem, GuestAddress(0x3000), PAGE_SIZE).unwrap();
@@ -747,7 +794,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("memory");
         let (orig, regions) = snapshot(&p);
-        let (mem, pager) = Pager::start(&p, &regions).unwrap();
+        let (mem, pager) = Pager::start(std::slice::from_ref(&p), &regions).unwrap();
         pager.populate().unwrap();
         pager.populate().unwrap();
         for (g, v) in [(0x3000u64, 0x11u8), (0x10_0000, 0x22), (0x20_0000, 0x33)] {
@@ -766,12 +813,76 @@ mod tests {
         assert_eq!(s.copied_pages, 5, "{s}");
     }
 
+    /// Writes a diff memory file for `regions`: `pages` (guest address, byte) and holes
+    /// elsewhere.
+    fn diff(path: &Path, regions: &[MemoryRegionInfo], pages: &[(u64, u8)]) {
+        let f = File::create(path).unwrap();
+        let end = regions
+            .iter()
+            .map(|r| r.file_offset + r.size)
+            .max()
+            .unwrap();
+        f.set_len(end).unwrap();
+        for &(g, v) in pages {
+            let r = regions
+                .iter()
+                .find(|r| (r.guest_addr..r.guest_addr + r.size).contains(&g))
+                .unwrap();
+            f.write_all_at(&[v; PAGE_SIZE as usize], r.file_offset + (g - r.guest_addr))
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_chain_of_diffs_serves_the_newest_data_of_each_page() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("memory");
+        let (_, regions) = snapshot(&p);
+        let (d1, d2) = (d.path().join("diff1"), d.path().join("diff2"));
+        // Diff 1: a data page changed, another zeroed, a page new in a hole; diff 2 changes
+        // diff 1's new page again and adds one in the high region's far chunk.
+        diff(
+            &d1,
+            &regions,
+            &[(0x3000, 0x55), (0x10_0000, 0), (0x6000, 0x66)],
+        );
+        let far = (64 << 20) + (1 << 20);
+        diff(&d2, &regions, &[(0x6000, 0x77), (far, 0x88)]);
+        let files = [p.clone(), d1.clone(), d2.clone()];
+        let (mem, pager) = Pager::start(&files, &regions).unwrap();
+        let want = [
+            (0x3000u64, 0x55u8),
+            (0x4000, 0x11),
+            (0x6000, 0x77),
+            (0x10_0000, 0),
+            (0x20_0000, 0x33),
+            ((64 << 20) + 0x1000, 0x44),
+            (far, 0x88),
+            (far + PAGE_SIZE, 0),
+        ];
+        for (g, v) in want {
+            assert_eq!(byte(&mem, g), v, "{g:#x}");
+        }
+        // A populate pass finds the diffs' data too (the far page is in a chunk of its own,
+        // where the full file has a hole).
+        let (mem, pager2) = {
+            drop(pager);
+            Pager::start(&files, &regions).unwrap()
+        };
+        pager2.populate().unwrap();
+        let r = hypervisor::mem::resident_pages(&mem, GuestAddress(far), PAGE_SIZE).unwrap();
+        assert!(r[0], "the diff's far page was not populated");
+        for (g, v) in want {
+            assert_eq!(byte(&mem, g), v, "{g:#x} after populate");
+        }
+    }
+
     #[test]
     fn an_unreadable_file_ends_the_vm_with_an_error() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("memory");
         let (_, regions) = snapshot(&p);
-        let (mem, pager) = Pager::start(&p, &regions).unwrap();
+        let (mem, pager) = Pager::start(std::slice::from_ref(&p), &regions).unwrap();
         let (tx, rx) = mpsc::channel();
         pager.on_error(move |e| tx.send(e).unwrap());
         // Cut the file short under the pager: reads fail.
