@@ -112,6 +112,37 @@ fn host_range(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<Option<*mu
         .map_err(|_| outside())
 }
 
+/// Asks for transparent huge pages on every anonymous region of `mem` (`MADV_HUGEPAGE`), as
+/// QEMU and Cloud Hypervisor do: fewer page faults when the guest (or an incoming migration)
+/// first touches its memory, and fewer TLB misses; or, with `on` false, rules them out from
+/// now on (`MADV_NOHUGEPAGE`: khugepaged no longer fills the holes of a range into a huge
+/// page). File mappings (a restored snapshot) are left alone. Returns whether the kernel took
+/// the advice everywhere (a kernel without THP refuses it; the memory works the same, with
+/// small pages).
+pub fn advise_hugepages(mem: &GuestMem, on: bool) -> bool {
+    let advice = if on {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    let mut all = true;
+    for region in mem.iter() {
+        if region.file_offset().is_some() {
+            continue;
+        }
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            all = false;
+            continue;
+        };
+        // SAFETY: `host..host+len` is exactly one region's mapping of guest memory, mapped
+        // while `mem` is borrowed. MADV_(NO)HUGEPAGE only changes how the kernel backs the
+        // range (huge or small pages); contents and protection stay as they are.
+        let r = unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
+        all &= r == 0;
+    }
+    all
+}
+
 /// Faults in the guest-physical range `addr..addr+len` (page aligned, inside one region) for
 /// writing, so that the guest finds it resident (private file mappings get their copies now):
 /// `MADV_POPULATE_WRITE` (Linux 5.14); returns false where the kernel lacks it.
@@ -252,6 +283,64 @@ mod tests {
         assert_eq!(touched, vec![3, 7]);
         assert!(resident_pages(&m, GuestAddress(1 << 20), PAGE_SIZE).is_err());
         assert!(resident_pages(&m, GuestAddress(1), PAGE_SIZE).is_err());
+    }
+
+    /// The `VmFlags` of this process's mapping that holds `host`.
+    fn vm_flags_at(host: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = first.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&host);
+                    continue;
+                }
+            }
+            if let (true, Some(f)) = (inside, line.strip_prefix("VmFlags:")) {
+                return f.trim().to_string();
+            }
+        }
+        panic!("no mapping at {host:#x}");
+    }
+
+    #[test]
+    fn anonymous_guest_memory_asks_for_huge_pages() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|s| !s.contains("[never]"));
+        let m =
+            GuestMem::from_ranges(&[(GuestAddress(0), 8 << 20), (GuestAddress(1 << 30), 4 << 20)])
+                .unwrap();
+        let hosts = [
+            host_address(&m, GuestAddress(0)).unwrap(),
+            host_address(&m, GuestAddress(1 << 30)).unwrap(),
+        ];
+        for h in hosts {
+            assert!(
+                !vm_flags_at(h).split(' ').any(|f| f == "hg"),
+                "{}",
+                vm_flags_at(h)
+            );
+        }
+        let has = |h: usize, flag: &str| vm_flags_at(h).split(' ').any(|f| f == flag);
+        assert_eq!(advise_hugepages(&m, true), thp);
+        if thp {
+            for h in hosts {
+                assert!(has(h, "hg"), "{}", vm_flags_at(h));
+            }
+        }
+        // And off again (as before a post-copy drops pages).
+        assert_eq!(advise_hugepages(&m, false), thp);
+        if thp {
+            for h in hosts {
+                assert!(has(h, "nh") && !has(h, "hg"), "{}", vm_flags_at(h));
+            }
+        }
+        // The memory works as before.
+        m.write_obj(0x5au8, GuestAddress((1 << 30) + 5)).unwrap();
+        assert_eq!(m.read_obj::<u8>(GuestAddress((1 << 30) + 5)).unwrap(), 0x5a);
     }
 
     #[test]

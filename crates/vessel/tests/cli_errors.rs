@@ -95,6 +95,11 @@ fn bad_memory_size() {
 }
 
 #[test]
+fn bad_thp_switch() {
+    rejects(&["--thp", "maybe"], "--thp maybe: expected on or off");
+}
+
+#[test]
 fn zero_cpus() {
     rejects(&["--cpus", "0"], "at least 1");
 }

@@ -393,3 +393,49 @@ fn soak_rejects_a_bad_period() {
         stdout(&o)
     );
 }
+
+/// The `VmFlags` of the mappings of process `pid` that are exactly `len` bytes long.
+fn flags_of_mappings(pid: u32, len: u64) -> Vec<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = Vec::new();
+    let mut sized = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                sized = hi - lo == len;
+                continue;
+            }
+        }
+        if let (true, Some(f)) = (sized, line.strip_prefix("VmFlags:")) {
+            out.push(f.trim().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn guest_memory_gets_transparent_huge_pages_unless_told_not_to() {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"));
+    // 200 MiB: a size no other mapping of the process has.
+    for (switch, want) in [(None, thp), (Some("off"), false)] {
+        let mut args = vec![
+            "run",
+            "--memory",
+            "200M",
+            "--cmdline",
+            "action=soak soakms=50",
+        ];
+        if let Some(s) = switch {
+            args.extend(["--thp", s]);
+        }
+        let mut vm = common::soak::Console::spawn(&args);
+        vm.soak_lines(1, 1);
+        let flags = flags_of_mappings(vm.child.id(), 200 << 20);
+        assert_eq!(flags.len(), 1, "{switch:?}: {flags:?}");
+        let hg = flags[0].split(' ').any(|f| f == "hg");
+        assert_eq!(hg, want, "{switch:?}: {}", flags[0]);
+        assert_eq!(vm.stop(), Some(143));
+    }
+}

@@ -153,6 +153,10 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Back anonymous guest RAM with transparent huge pages (`MADV_HUGEPAGE`), the default.
+    /// A migration target follows the source's choice.
+    #[serde(default = "yes")]
+    pub thp: bool,
     #[serde(skip)]
     pub kernel: KernelSource,
     #[serde(skip)]
@@ -188,6 +192,10 @@ pub struct VmConfig {
     /// until it exits).
     #[serde(skip)]
     pub skip_disk_locks: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Configuration errors: each says what is wrong and what is allowed.
@@ -639,6 +647,7 @@ mod tests {
         VmConfig {
             cpus,
             memory,
+            thp: true,
             kernel: KernelSource::Path("k".into()),
             initrd: None,
             cmdline: String::new(),

@@ -202,6 +202,9 @@ impl Vm {
                 reason: e.to_string(),
             }
         })?;
+        if config.thp && !hypervisor::mem::advise_hugepages(&mem, true) {
+            tracing::debug!("no transparent huge pages for guest memory: small pages it is");
+        }
         let mut vm = Vm::create(config, mem, None, start)?;
         vm.load_boot()?;
         Ok(vm)

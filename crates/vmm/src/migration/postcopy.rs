@@ -582,6 +582,10 @@ impl PageSource for Fetcher {
 
 /// Drops the pages of `set` from `mem` (they are stale: the source sends them again).
 pub fn drop_pages(mem: &GuestMem, set: &DirtySet) -> Result<(), MigrationError> {
+    // Until the pager has them, the dropped pages must stay missing: khugepaged would fill
+    // a dropped page with zeroes if it merged its range into a huge page before userfaultfd
+    // is armed (once armed, it leaves holes alone).
+    hypervisor::mem::advise_hugepages(mem, false);
     let mut at = 0;
     while let Some(a) = set.next(at) {
         let mut end = a + PAGE_SIZE;

@@ -127,6 +127,10 @@ pub fn receive(
             ))
         }
     };
+    if config.thp {
+        // Fewer faults as the pages arrive, and the guest keeps the source's page size.
+        hypervisor::mem::advise_hugepages(&mem, true);
+    }
     update(&|s| {
         s.total_bytes = config.memory;
         s.phase = MigrationPhase::Precopy;
