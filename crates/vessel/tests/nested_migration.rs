@@ -33,7 +33,9 @@ wait_for /tmp/a.out "L2MIG: record 20 " || exit 1
 $V ctl --api-socket /tmp/a.sock pause && $V ctl --api-socket /tmp/a.sock snapshot --dir /tmp/snap || exit 1
 echo "L1MIG: snapshot taken, $(du -k /tmp/snap/memory | cut -f1) KiB of memory on disk"
 kill $(pidof vessel) ; sleep 1
-$V run --restore /tmp/snap --api-socket /tmp/b.sock > /tmp/b.out 2>&1 &
+# The file exists before tail looks (the shell creates it in the background job).
+: > /tmp/b.out
+$V run --restore /tmp/snap --api-socket /tmp/b.sock >> /tmp/b.out 2>&1 &
 restored=$!
 tail -n +1 -f /tmp/b.out &
 wait_for /tmp/b.out "L2MIG: record 50 " || exit 1
