@@ -761,55 +761,6 @@ def vessel_migrate(st, scenario, rep, post_copy=False):
     return rec
 
 
-def qemu_migrate(st, scenario, rep):
-    mem, args = st.args.mig_memory, st.args
-    cmdline = migration_cmdline(args, scenario, mem)
-    rec = {"phase": "migration", "vmm": "qemu", "scenario": scenario, "rep": rep,
-           "mode": "precopy"}
-    src = dst = None
-    try:
-        src = st.qemu(mem, cmdline)
-        dst = st.qemu(mem, cmdline, incoming=True)
-        src.qmp.cmd("migrate-set-parameters", {"max-bandwidth": QEMU_BANDWIDTH,
-                                               "downtime-limit": args.downtime_ms})
-        src.wait_line(ready_pred(cmdline), 0, args.timeout, "the guest's workload")
-        check_touch(src, touch_mib(args, mem))
-        time.sleep(args.settle)
-        uri = f"tcp:127.0.0.1:{free_port()}"
-        dst.qmp.cmd("migrate-incoming", {"uri": uri})
-        ev_src, ev_dst = src.qmp.mark(), dst.qmp.mark()
-        t0 = now_ns()
-        src.qmp.cmd("migrate", {"uri": uri})
-        rec["done_ms"] = ms(t0, src.qmp.wait_migration(ev_src, args.timeout))
-        # The MIGRATION event comes just before QEMU fills in total-time and downtime.
-        deadline = time.monotonic() + 5
-        while True:
-            info = src.qmp.cmd("query-migrate")
-            if info.get("total-time") or time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
-        rec["total_ms"] = info.get("total-time")
-        rec["downtime_ms"] = info.get("downtime")
-        rec["setup_ms"] = info.get("setup-time")
-        rec["transferred_mib"] = info.get("ram", {}).get("transferred", 0) / (1 << 20)
-        rec["rounds"] = info.get("ram", {}).get("dirty-sync-count")
-        _, resume = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst,
-                                       args.timeout, "RESUME on the target")
-        _, stop = src.qmp.wait_event(lambda e: e["event"] == "STOP", ev_src, 5,
-                                     "STOP on the source")
-        rec["event_downtime_ms"] = (event_time(resume) - event_time(stop)) * 1000
-        if "action=soak" in cmdline:
-            console_gap(src, dst, t0, rec, args.timeout)
-        status = dst.qmp.cmd("query-status")
-        if status.get("status") != "running":
-            raise Failure(f"target not running after the migration: {status}")
-    except Failure as e:
-        rec["error"] = str(e)
-    finally:
-        stop_all(src, dst)
-    return rec
-
-
 def qemu_start_postcopy(src, ev_src, rec, args):
     """Sends migrate-start-postcopy near the end of QEMU's first pass: once `ram.remaining`
     (polled) is at most --qemu-switch-mib, or at its MIGRATION_PASS 2 event with 0. QEMU
@@ -838,23 +789,27 @@ def qemu_start_postcopy(src, ev_src, rec, args):
     return t
 
 
-def qemu_migrate_postcopy(st, scenario, rep):
-    """QEMU's post-copy, switched on near the end of its first pass (see README.md)."""
+def qemu_migrate(st, scenario, rep, post_copy=False):
+    """QEMU's pre-copy, or its post-copy switched on near the end of its first pass (see
+    README.md)."""
     mem, args = st.args.mig_memory, st.args
     cmdline = migration_cmdline(args, scenario, mem)
     rec = {"phase": "migration", "vmm": "qemu", "scenario": scenario, "rep": rep,
-           "mode": "postcopy"}
+           "mode": "postcopy" if post_copy else "precopy"}
     src = dst = None
     try:
         src = st.qemu(mem, cmdline)
         dst = st.qemu(mem, cmdline, incoming=True)
-        for q in (src, dst):
-            q.qmp.cmd("migrate-set-capabilities",
-                      {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
-        # A 1 ms limit keeps pre-copy from converging (and completing without post-copy) at
-        # the end of the first pass; the switch-over itself does not look at it.
+        downtime_limit = args.downtime_ms
+        if post_copy:
+            for q in (src, dst):
+                q.qmp.cmd("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+            # A 1 ms limit keeps pre-copy from converging (and completing without post-copy)
+            # at the end of the first pass; the switch-over itself does not look at it.
+            downtime_limit = 1
         src.qmp.cmd("migrate-set-parameters", {"max-bandwidth": QEMU_BANDWIDTH,
-                                               "downtime-limit": 1})
+                                               "downtime-limit": downtime_limit})
         src.wait_line(ready_pred(cmdline), 0, args.timeout, "the guest's workload")
         check_touch(src, touch_mib(args, mem))
         time.sleep(args.settle)
@@ -863,21 +818,24 @@ def qemu_migrate_postcopy(st, scenario, rep):
         ev_src, ev_dst = src.qmp.mark(), dst.qmp.mark()
         t0 = now_ns()
         src.qmp.cmd("migrate", {"uri": uri})
-        t_cmd = qemu_start_postcopy(src, ev_src, rec, args)
-        t_switch, ev = src.qmp.wait_event(
-            lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in (
-                "postcopy-active", "completed", "failed", "cancelled"),
-            ev_src, args.timeout, "postcopy-active on the source")
-        if ev["data"]["status"] != "postcopy-active":
-            raise Failure(f"qemu migration {ev['data']['status']} without post-copy")
-        rec["switch_ms"] = ms(t_cmd, t_switch)
-        t_run, _ = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst, args.timeout,
-                                      "RESUME on the target")
+        if post_copy:
+            t_cmd = qemu_start_postcopy(src, ev_src, rec, args)
+            t_switch, ev = src.qmp.wait_event(
+                lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in (
+                    "postcopy-active", "completed", "failed", "cancelled"),
+                ev_src, args.timeout, "postcopy-active on the source")
+            if ev["data"]["status"] != "postcopy-active":
+                raise Failure(f"qemu migration {ev['data']['status']} without post-copy")
+            rec["switch_ms"] = ms(t_cmd, t_switch)
+            t_run, _ = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst,
+                                          args.timeout, "RESUME on the target")
         t_done = src.qmp.wait_migration(ev_src, args.timeout)
         rec["done_ms"] = ms(t0, t_done)
-        rec["running_ms"] = ms(t0, t_run)
-        rec["postcopy_ms"] = ms(t_run, t_done)
-        mark = dst.mark()
+        if post_copy:
+            rec["running_ms"] = ms(t0, t_run)
+            rec["postcopy_ms"] = ms(t_run, t_done)
+            mark = dst.mark()
+        # The MIGRATION event comes just before QEMU fills in total-time and downtime.
         deadline = time.monotonic() + 5
         while True:
             info = src.qmp.cmd("query-migrate")
@@ -887,22 +845,27 @@ def qemu_migrate_postcopy(st, scenario, rep):
         ram = info.get("ram", {})
         rec["total_ms"] = info.get("total-time")
         rec["downtime_ms"] = info.get("downtime")
-        if rec["downtime_ms"] and rec["total_ms"] and rec["downtime_ms"] > rec["total_ms"]:
-            # QEMU 7.2 takes a post-copy downtime of 0 ms (under 1 ms) for "not set" and
-            # reports its clock since boot instead.
-            rec["downtime_ms"], rec["downtime_reported"] = 0, info.get("downtime")
         rec["transferred_mib"] = ram.get("transferred", 0) / (1 << 20)
         rec["rounds"] = ram.get("dirty-sync-count")
-        rec["faults"] = ram.get("postcopy-requests")
-        if "postcopy-bytes" in ram:
-            rec["fetched_mib"] = ram["postcopy-bytes"] / (1 << 20)
-        _, resume = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst, 5,
-                                       "RESUME on the target")
+        if post_copy:
+            if rec["downtime_ms"] and rec["total_ms"] and rec["downtime_ms"] > rec["total_ms"]:
+                # QEMU 7.2 takes a post-copy downtime of 0 ms (under 1 ms) for "not set" and
+                # reports its clock since boot instead.
+                rec["downtime_ms"], rec["downtime_reported"] = 0, info.get("downtime")
+            rec["faults"] = ram.get("postcopy-requests")
+            if "postcopy-bytes" in ram:
+                rec["fetched_mib"] = ram["postcopy-bytes"] / (1 << 20)
+        else:
+            rec["setup_ms"] = info.get("setup-time")
+        _, resume = dst.qmp.wait_event(lambda e: e["event"] == "RESUME", ev_dst,
+                                       args.timeout, "RESUME on the target")
         _, stop = src.qmp.wait_event(lambda e: e["event"] == "STOP", ev_src, 5,
                                      "STOP on the source")
         rec["event_downtime_ms"] = (event_time(resume) - event_time(stop)) * 1000
-        console_gap(src, dst, t0, rec, args.timeout)
-        checked_after(dst, mark, args, scenario)
+        if "action=soak" in cmdline:
+            console_gap(src, dst, t0, rec, args.timeout)
+        if post_copy:
+            checked_after(dst, mark, args, scenario)
         status = dst.qmp.cmd("query-status")
         if status.get("status") != "running":
             raise Failure(f"target not running after the migration: {status}")
@@ -1218,7 +1181,7 @@ def main():
                         order = [("vessel", vessel_migrate), ("qemu", qemu_migrate)]
                     else:
                         order = [("vessel", lambda *a: vessel_migrate(*a, post_copy=True)),
-                                 ("qemu", qemu_migrate_postcopy)]
+                                 ("qemu", lambda *a: qemu_migrate(*a, post_copy=True))]
                     if rep % 2:
                         order.reverse()
                     for vmm, f in order:
