@@ -303,7 +303,9 @@ pub fn map_memory_chain(
     regions: &[MemoryRegionInfo],
     mode: RestoreMemory,
 ) -> Result<GuestMem, MemoryError> {
-    map_memory_chain_within(files, regions, mode, mapping_budget())
+    // /proc/self/maps is read only for a chain: a full snapshot maps no extent.
+    let budget = if files.len() > 1 { mapping_budget() } else { 0 };
+    map_memory_chain_within(files, regions, mode, budget)
 }
 
 /// Mappings a restore leaves to the rest of the VMM (threads' stacks, libraries, I/O rings).
@@ -364,26 +366,26 @@ fn map_memory_chain_within(
         out.push(region);
     }
     let mem = GuestMem::from_regions(out).map_err(|e| MemoryError::Layout(e.to_string()))?;
-    let mut opened = vec![(path, file)];
+    let diffs = files[1..]
+        .iter()
+        .map(|p| DiffFile::open(p, regions))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut copied = 0u64;
-    for diff in &files[1..] {
-        let f = open_checked(diff, regions)?;
-        for (guest, offset, len) in data_extents(&f, diff, regions)? {
-            let map_err = |why: String| MemoryError::Map {
-                path: diff.display().to_string(),
-                addr: guest,
-                why,
-            };
+    for (diff, d) in files[1..].iter().zip(&diffs) {
+        for &(guest, offset, len) in &d.extents {
             if budget >= 2 {
                 budget -= 2;
-                hypervisor::mem::map_file_over(&mem, GuestAddress(guest), len, &f, offset)
-                    .map_err(|e| map_err(e.to_string()))?;
+                hypervisor::mem::map_file_over(&mem, GuestAddress(guest), len, &d.file, offset)
+                    .map_err(|e| MemoryError::Map {
+                        path: diff.display().to_string(),
+                        addr: guest,
+                        why: e.to_string(),
+                    })?;
             } else {
-                copy_extent(&f, diff, &mem, guest, offset, len)?;
+                copy_extent(&d.file, diff, &mem, guest, offset, len)?;
                 copied += len;
             }
         }
-        opened.push((diff.as_path(), f));
     }
     if copied > 0 {
         tracing::info!(
@@ -393,8 +395,9 @@ fn map_memory_chain_within(
         );
     }
     if mode == RestoreMemory::Eager {
-        for (p, f) in &opened {
-            populate_data(f, p, &mem, regions)?;
+        populate_extents(path, &mem, &data_extents(&file, path, regions)?)?;
+        for (diff, d) in files[1..].iter().zip(&diffs) {
+            populate_extents(diff, &mem, &d.extents)?;
         }
     }
     Ok(mem)
@@ -454,8 +457,25 @@ pub(crate) fn open_checked(path: &Path, regions: &[MemoryRegionInfo]) -> Result<
     Ok(file)
 }
 
+/// A diff snapshot's memory file and its data extents (guest address, file offset, length),
+/// in guest-address order.
+pub(crate) struct DiffFile {
+    pub(crate) file: File,
+    pub(crate) extents: Vec<(u64, u64, u64)>,
+}
+
+impl DiffFile {
+    /// Opens the diff at `path`, checks it holds `regions` and lists its data.
+    pub(crate) fn open(path: &Path, regions: &[MemoryRegionInfo]) -> Result<DiffFile, MemoryError> {
+        let file = open_checked(path, regions)?;
+        let mut extents = data_extents(&file, path, regions)?;
+        extents.sort_unstable();
+        Ok(DiffFile { file, extents })
+    }
+}
+
 /// The data extents of a memory file, page aligned, as (guest address, file offset, length).
-pub(crate) fn data_extents(
+fn data_extents(
     file: &File,
     path: &Path,
     regions: &[MemoryRegionInfo],
@@ -488,16 +508,16 @@ pub(crate) fn data_extents(
     Ok(out)
 }
 
-/// Eager restore: copies in the file's data extents (holes stay unpopulated: they read as
-/// zeroes, or the parent's pages, and cost nothing until the guest writes them).
-fn populate_data(
-    file: &File,
+/// Eager restore: copies in the data `extents` of the memory file at `path` (holes stay
+/// unpopulated: they read as zeroes, or the parent's pages, and cost nothing until the guest
+/// writes them).
+fn populate_extents(
     path: &Path,
     mem: &GuestMem,
-    regions: &[MemoryRegionInfo],
+    extents: &[(u64, u64, u64)],
 ) -> Result<(), MemoryError> {
     let mut buf = vec![0u8; PAGE_SIZE as usize];
-    for (guest, _, len) in data_extents(file, path, regions)? {
+    for &(guest, _, len) in extents {
         let done = hypervisor::mem::populate(mem, GuestAddress(guest), len).map_err(|e| {
             MemoryError::Map {
                 path: path.display().to_string(),

@@ -33,7 +33,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::memory::{MemoryError, MemoryRegionInfo};
+use super::memory::{DiffFile, MemoryError, MemoryRegionInfo};
 
 /// Bytes served around a fault (aligned): 64 pages.
 pub const CHUNK: u64 = 256 << 10;
@@ -107,13 +107,6 @@ pub struct FileSource {
     /// The diffs, oldest first.
     diffs: Vec<DiffFile>,
     regions: Vec<MemoryRegionInfo>,
-}
-
-/// A diff snapshot's memory file and its data extents (guest address, file offset, length),
-/// in address order.
-struct DiffFile {
-    file: File,
-    extents: Vec<(u64, u64, u64)>,
 }
 
 impl FileSource {
@@ -582,13 +575,10 @@ impl Pager {
             return Err(MemoryError::Layout("no memory file".to_string()));
         };
         let file = super::memory::open_checked(path, regions)?;
-        let mut diffs = Vec::new();
-        for p in &files[1..] {
-            let f = super::memory::open_checked(p, regions)?;
-            let mut extents = super::memory::data_extents(&f, p, regions)?;
-            extents.sort_unstable();
-            diffs.push(DiffFile { file: f, extents });
-        }
+        let diffs = files[1..]
+            .iter()
+            .map(|p| DiffFile::open(p, regions))
+            .collect::<Result<Vec<_>, _>>()?;
         let ranges: Vec<(GuestAddress, usize)> = regions
             .iter()
             .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
