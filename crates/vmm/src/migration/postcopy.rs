@@ -319,10 +319,7 @@ fn serve_pages(
     let mut total = 0u64;
     loop {
         // How long the push must wait to keep to the limit.
-        let ahead = limit
-            .map(|l| Duration::from_secs_f64(total as f64 / l.max(1) as f64))
-            .and_then(|due| due.checked_sub(began.elapsed()))
-            .filter(|d| !d.is_zero());
+        let ahead = super::send::ahead(total, limit, began);
         // Requests first.
         loop {
             let msg = if set.count() == 0 && wanted.is_empty() {

@@ -82,11 +82,8 @@ impl Pages<'_> {
             self.log.record(a, &self.buf);
             self.sent += bytes as u64;
             self.out.update(|s| s.transferred_bytes = self.sent);
-            if let Some(limit) = self.limit {
-                let due = Duration::from_secs_f64(self.sent as f64 / limit as f64);
-                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                    std::thread::sleep(wait);
-                }
+            if let Some(wait) = ahead(self.sent, self.limit, self.started) {
+                std::thread::sleep(wait);
             }
             at += n;
         }
@@ -122,6 +119,15 @@ impl Pages<'_> {
         }
         Ok(())
     }
+}
+
+/// How far `sent` bytes since `since` are ahead of a `limit` in bytes per second: how long
+/// the sender waits before sending more (none: unlimited, or not ahead).
+pub(super) fn ahead(sent: u64, limit: Option<u64>, since: Instant) -> Option<Duration> {
+    limit
+        .map(|l| Duration::from_secs_f64(sent as f64 / l.max(1) as f64))
+        .and_then(|due| due.checked_sub(since.elapsed()))
+        .filter(|d| !d.is_zero())
 }
 
 /// A fault-injection point for tests: with `VESSEL_MIGRATION_HOLD=<phase>[,<phase>...]` in
