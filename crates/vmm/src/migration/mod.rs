@@ -155,16 +155,28 @@ impl Write for Stream {
     }
 }
 
-/// A digest of guest memory and the state bytes, the same on both sides when the copy is
-/// exact: CRC-32 over the address and contents of every page that is not all zeroes (pages
-/// never touched are skipped without being faulted in). Source and target compute it at the
-/// same time, during stop-and-copy.
-pub fn digest(mem: &GuestMem, state: &[u8]) -> Result<u32, MigrationError> {
-    digest_skipping(mem, state, |_| false)
+/// The switch-over digest both sides compare: the page `log` (pages as sent or received) and
+/// `state`, or with `full` all of guest memory ([`digest_skipping`]); the pages at the guest
+/// addresses `skip` names are left out (post-copy: the target does not have them yet).
+pub(super) fn switch_digest(
+    mem: &GuestMem,
+    log: &PageLog,
+    state: &[u8],
+    full: bool,
+    skip: impl Fn(u64) -> bool,
+) -> Result<u32, MigrationError> {
+    if full {
+        digest_skipping(mem, state, skip)
+    } else {
+        Ok(log.digest_skipping(state, skip))
+    }
 }
 
-/// [`digest`] with the pages at the guest addresses `skip` names left out (post-copy: the
-/// target does not have them yet).
+/// A digest of guest memory and the state bytes, the same on both sides when the copy is
+/// exact: CRC-32 over the address and contents of every page that is not all zeroes (pages
+/// never touched are skipped without being faulted in), except the pages at the guest
+/// addresses `skip` names (post-copy: the target does not have them yet). Source and target
+/// compute it at the same time, during stop-and-copy.
 pub fn digest_skipping(
     mem: &GuestMem,
     state: &[u8],

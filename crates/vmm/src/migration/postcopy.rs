@@ -205,11 +205,9 @@ pub(super) fn run_source(
     let state = json_bytes(&state)?;
     protocol::write_frame(stream, Tag::Postcopy, &[&json_bytes(&set)?])?;
     protocol::write_frame(stream, Tag::State, &[&state])?;
-    let sum = if pre.full_digest {
-        super::digest_skipping(&m.mem, &state, |a| set.contains(a))?
-    } else {
-        pre.log.digest_skipping(&state, |a| set.contains(a))
-    };
+    let sum = super::switch_digest(&m.mem, pre.log, &state, pre.full_digest, |a| {
+        set.contains(a)
+    })?;
     let mut buf = Vec::new();
     protocol::expect(stream, &mut buf, Tag::Ready)?;
     // The point of no return: the VM runs on the target, with pages only this side has.

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag};
 use super::Outgoing;
-use super::{digest, Addr, MigrationError, PageLog, Stream};
+use super::{Addr, MigrationError, PageLog, Stream};
 use crate::config::VmConfig;
 use crate::snapshot::memory::layout_of;
 use crate::snapshot::pager::Pager;
@@ -181,16 +181,11 @@ pub fn receive(
     let sum = match &postcopy {
         // What the target has of memory (the rest comes later) and the state.
         Some(set) => {
-            let sum = if full_digest {
-                super::digest_skipping(&mem, &state, |a| set.contains(a))?
-            } else {
-                log.digest_skipping(&state, |a| set.contains(a))
-            };
+            let sum = super::switch_digest(&mem, &log, &state, full_digest, |a| set.contains(a))?;
             super::postcopy::drop_pages(&mem, set)?;
             sum
         }
-        None if full_digest => digest(&mem, &state)?,
-        None => log.digest(&state),
+        None => super::switch_digest(&mem, &log, &state, full_digest, |_| false)?,
     };
     let digested_at = Instant::now();
     let snap: VmSnapshot = match serde_json::from_slice(&state) {

@@ -12,7 +12,7 @@ use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
-use super::{digest, Addr, MigrationError, PageLog, Stream};
+use super::{Addr, MigrationError, PageLog, Stream};
 use crate::api::VmHandle;
 use crate::dirty::Consumer;
 use crate::snapshot::memory::{layout_of, runs, scan_used};
@@ -308,11 +308,7 @@ pub fn send(
         // The target digests its copy while this side digests the original.
         protocol::write_frame(pages.stream, Tag::State, &[&state])?;
         let copied_at = Instant::now();
-        let sum = if req.full_digest {
-            digest(&m.mem, &state)?
-        } else {
-            pages.log.digest(&state)
-        };
+        let sum = super::switch_digest(&m.mem, &pages.log, &state, req.full_digest, |_| false)?;
         let digested_at = Instant::now();
         protocol::expect(pages.stream, &mut buf, Tag::Ready)?;
         tracing::debug!(
