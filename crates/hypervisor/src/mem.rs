@@ -241,6 +241,14 @@ pub fn resident_pages(mem: &GuestMem, addr: GuestAddress, len: u64) -> Result<Ve
 /// Resident bytes of this process's mappings that contain `addr` (a host address), from
 /// `/proc/self/smaps`; for tests and diagnostics.
 pub fn resident_bytes_at(host_addr: usize) -> Option<u64> {
+    let v = smaps_field_at(host_addr, "Rss:")?;
+    let kib: u64 = v.trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The value of `field` (e.g. `Rss:`) in `/proc/self/smaps` for the mapping that holds
+/// `host_addr`, trimmed.
+fn smaps_field_at(host_addr: usize, field: &str) -> Option<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut inside = false;
     for line in smaps.lines() {
@@ -253,9 +261,8 @@ pub fn resident_bytes_at(host_addr: usize) -> Option<u64> {
             }
         }
         if inside {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().ok()?;
-                return Some(kib * 1024);
+            if let Some(v) = line.strip_prefix(field) {
+                return Some(v.trim().to_string());
             }
         }
     }
@@ -287,23 +294,7 @@ mod tests {
 
     /// The `VmFlags` of this process's mapping that holds `host`.
     fn vm_flags_at(host: usize) -> String {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut inside = false;
-        for line in smaps.lines() {
-            let first = line.split_whitespace().next().unwrap_or("");
-            if let Some((lo, hi)) = first.split_once('-') {
-                if let (Ok(lo), Ok(hi)) =
-                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-                {
-                    inside = (lo..hi).contains(&host);
-                    continue;
-                }
-            }
-            if let (true, Some(f)) = (inside, line.strip_prefix("VmFlags:")) {
-                return f.trim().to_string();
-            }
-        }
-        panic!("no mapping at {host:#x}");
+        smaps_field_at(host, "VmFlags:").expect("a mapping with VmFlags")
     }
 
     #[test]
