@@ -678,17 +678,9 @@ mod tests {
         assert_eq!(copied_pages(&pager, 4), 4);
     }
 
-    /// The pager's count of pages copied in, once it reaches `want` (or after 10 s). The
-    /// target says done as the last page arrives, and a fault wakes as its page is copied,
-    /// both before the pager counts it.
+    /// The pager's count of pages copied in, once it reaches `want` (or after 10 s).
     fn copied_pages(pager: &Pager, want: u64) -> u64 {
-        for _ in 0..1000 {
-            if pager.stats().copied_pages >= want {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        pager.stats().copied_pages
+        crate::snapshot::pager::tests::settled(pager, |s| s.copied_pages >= want).copied_pages
     }
 
     /// Runs the source's side of post-copy for `setup()`'s set on a thread, capped at `limit`

@@ -672,7 +672,7 @@ impl Drop for Pager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::Path;
     use vm_memory::Bytes;
@@ -699,7 +699,9 @@ mod tests {
         (mem, regions)
     }
 
-    fn settled(pager: &Pager, done: impl Fn(&PagerStats) -> bool) -> PagerStats {
+    /// The pager's counters once `done` holds for them (or after 10 s): a faulting thread
+    /// wakes, and a post-copy target confirms its last page, before the pager counts it.
+    pub(crate) fn settled(pager: &Pager, done: impl Fn(&PagerStats) -> bool) -> PagerStats {
         for _ in 0..1000 {
             let s = pager.stats();
             if done(&s) {
