@@ -245,7 +245,7 @@ impl<'a> Driver<'a> {
     }
 }
 
-fn test_id() -> [u8; ID_BYTES] {
+pub(super) fn test_id() -> [u8; ID_BYTES] {
     let mut id = [0u8; ID_BYTES];
     id[..13].copy_from_slice(b"vessel-serial");
     id

@@ -162,6 +162,8 @@ impl BlockQueue {
         let mem = self.mem.clone();
         let mut used = self.complete(&mut q)?;
         let mut pending = false;
+        // The pass stopped because every slot was in flight.
+        let mut full = false;
         if !self.limited {
             let budget = u32::from(q.size());
             let (mut served, mut rounds) = (0u32, 0u32);
@@ -182,6 +184,7 @@ impl BlockQueue {
                     }
                     if self.free.is_empty() {
                         // Full: a completion wakes the worker.
+                        full = true;
                         break 'passes;
                     }
                     let Some(head) = pop_head(&mut q, &mem)? else {
@@ -215,6 +218,7 @@ impl BlockQueue {
                                 other => {
                                     // Back to the ring: it is taken again when the limiter
                                     // (or a completion) wakes the worker.
+                                    full = other.is_none();
                                     self.free.extend(other);
                                     let back = q.next_avail().wrapping_sub(1);
                                     q.set_next_avail(back);
@@ -248,6 +252,11 @@ impl BlockQueue {
         }
         self.engine.flush_submissions();
         used += self.complete(&mut q)?;
+        if full && !self.free.is_empty() {
+            // The completions that free slots were reaped here, clearing the eventfd that would
+            // have woken the worker: come back for the chains still in the ring.
+            pending = true;
+        }
         let notify = used > 0 && q.needs_notification(&mem).map_err(ring_err)?;
         Ok(Progress {
             notify,
