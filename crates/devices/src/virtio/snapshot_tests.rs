@@ -169,6 +169,7 @@ fn block_pause_mid_stream_snapshot_and_restore_serve_each_request_once() {
     mmio_notify(&mut t.lock().unwrap(), 0);
     wait_for(|| disk.writes_started.load(Ordering::SeqCst) == 1);
     // Pause while the worker is in the middle of request 0: it finishes that request only.
+    let stops = super::worker::STOPS_RAISED.load(Ordering::SeqCst);
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let pauser = {
         let t = t.clone();
@@ -177,6 +178,8 @@ fn block_pause_mid_stream_snapshot_and_restore_serve_each_request_once() {
             done_tx.send(()).unwrap();
         })
     };
+    // The worker has been asked to stop before the gate opens.
+    wait_for(|| super::worker::STOPS_RAISED.load(Ordering::SeqCst) > stops);
     settle();
     assert!(done_rx.try_recv().is_err(), "pause returned mid-request");
     disk.set_gate(false);

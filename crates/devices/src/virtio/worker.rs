@@ -79,6 +79,8 @@ impl StopSignal {
 
     fn raise(&self) -> io::Result<()> {
         self.flag.store(true, Ordering::Release);
+        #[cfg(test)]
+        STOPS_RAISED.fetch_add(1, Ordering::SeqCst);
         self.fd.write(1)
     }
 
@@ -88,6 +90,12 @@ impl StopSignal {
         self.flag.store(false, Ordering::Release);
     }
 }
+
+/// How many stops this process has raised: a test that pauses a device from another thread
+/// waits for it before it lets the worker go on (nextest runs each test in its own process).
+#[cfg(test)]
+pub(crate) static STOPS_RAISED: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
 
 /// What a device thread owns and runs.
 pub trait WorkerLoop: Send + 'static {
@@ -462,6 +470,7 @@ mod tests {
         kick.write(1).unwrap();
         wait_for(|| gate.entered.load(Ordering::SeqCst) == 1);
         // Pause from another thread: it cannot return while the chain is being served.
+        let stop = w.thread.stop.clone();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let pauser = std::thread::spawn(move || {
             w.pause();
@@ -469,6 +478,7 @@ mod tests {
             done_tx.send(()).unwrap();
             w
         });
+        wait_for(|| stop.requested());
         std::thread::sleep(Duration::from_millis(20));
         assert!(done_rx.try_recv().is_err(), "pause returned mid-request");
         *gate.closed.lock().unwrap() = false;
