@@ -147,8 +147,12 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolE
     if len > MAX_FRAME {
         return Err(ProtocolError::Bad(format!("a {len}-byte message")));
     }
-    buf.clear();
-    buf.resize(len as usize, 0);
+    // Every byte is read over: no need to zero what the buffer already has.
+    let len = len as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf.truncate(len);
     r.read_exact(buf)?;
     match tag {
         Tag::Error => Err(ProtocolError::Remote(

@@ -60,32 +60,47 @@ struct Pages<'a> {
 }
 
 impl Pages<'_> {
-    /// Sends `pages` pages from `addr` (inside one region).
+    /// Sends `pages` pages from `addr` (inside one region), read from guest memory now.
     fn run(&mut self, addr: u64, pages: u64) -> Result<(), MigrationError> {
-        let mut at = 0;
-        while at < pages {
-            if self.out.cancel.load(Ordering::SeqCst) {
-                return Err(MigrationError::Cancelled);
-            }
-            let n = (pages - at).min(BATCH_PAGES);
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = (0..pages).step_by(BATCH_PAGES as usize).try_for_each(|at| {
             let a = addr + at * PAGE_SIZE;
-            let bytes = (n * PAGE_SIZE) as usize;
-            self.buf.resize(bytes, 0);
+            buf.resize(((pages - at).min(BATCH_PAGES) * PAGE_SIZE) as usize, 0);
             self.mem
-                .read_slice(&mut self.buf, GuestAddress(a))
+                .read_slice(&mut buf, GuestAddress(a))
                 .map_err(|_| MigrationError::Memory(a))?;
-            protocol::write_frame(
-                self.stream,
-                Tag::Pages,
-                &[&a.to_le_bytes(), &(n as u32).to_le_bytes(), &self.buf],
-            )?;
-            self.log.record(a, &self.buf);
-            self.sent += bytes as u64;
-            self.out.update(|s| s.transferred_bytes = self.sent);
-            if let Some(wait) = ahead(self.sent, self.limit, self.started) {
-                std::thread::sleep(wait);
-            }
-            at += n;
+            self.batch(a, &buf)
+        });
+        self.buf = buf;
+        result
+    }
+
+    /// Sends the pages `data` holds from `addr`, already read from guest memory (after the
+    /// dirty log started, so a later write to them is sent again).
+    fn copied(&mut self, addr: u64, data: &[u8]) -> Result<(), MigrationError> {
+        let batch = (BATCH_PAGES * PAGE_SIZE) as usize;
+        for (i, b) in data.chunks(batch).enumerate() {
+            self.batch(addr + (i * batch) as u64, b)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one frame of pages, paced to the limit.
+    fn batch(&mut self, addr: u64, data: &[u8]) -> Result<(), MigrationError> {
+        if self.out.cancel.load(Ordering::SeqCst) {
+            return Err(MigrationError::Cancelled);
+        }
+        let n = data.len() as u64 / PAGE_SIZE;
+        protocol::write_frame(
+            self.stream,
+            Tag::Pages,
+            &[&addr.to_le_bytes(), &(n as u32).to_le_bytes(), data],
+        )?;
+        self.log.record(addr, data);
+        self.sent += data.len() as u64;
+        self.out.update(|s| s.transferred_bytes = self.sent);
+        if let Some(wait) = ahead(self.sent, self.limit, self.started) {
+            std::thread::sleep(wait);
         }
         Ok(())
     }
@@ -104,11 +119,16 @@ impl Pages<'_> {
     }
 
     /// Round 1: every page the guest has touched and that is not all zeroes (the target's
-    /// memory starts zeroed).
+    /// memory starts zeroed), sent from the copy the scan read.
     fn used(&mut self) -> Result<(), MigrationError> {
         let mem = self.mem;
-        scan_used(mem, MigrationError::Memory, |addr, _, used| {
-            self.runs(addr, used.len() as u64, |p| used[p as usize])
+        let page = PAGE_SIZE as usize;
+        scan_used(mem, MigrationError::Memory, |addr, chunk, used| {
+            for r in runs(used.len() as u64, u64::MAX, |p| used[p as usize]) {
+                let (from, to) = (r.start as usize * page, r.end as usize * page);
+                self.copied(addr + from as u64, &chunk[from..to])?;
+            }
+            Ok(())
         })
     }
 
