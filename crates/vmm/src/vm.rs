@@ -10,6 +10,7 @@ use arch::boot::{self, BootEntry, KernelSpec};
 use arch::cpuid::{self, Topology};
 use arch::layout;
 use arch::regs;
+use arch::template::CpuTemplate;
 use devices::legacy::{AcpiPm, BootMarker, Cmos, ExitDevice, Serial, SerialInput, I8042};
 use devices::{Bus, BusDevice, Interrupt, VmEvent, VmEventSink};
 use guestmem::GuestMem;
@@ -192,6 +193,76 @@ impl Drop for TempKernel {
     }
 }
 
+/// The KVM half of a machine: the VM with its irqchip, timers and memory slots, and its vCPUs
+/// (CPUID, MSRs, LAPIC wiring and FPU as at power-on). It depends only on the CPUs, memory and
+/// CPU template of the configuration, so a migration target builds it while the pages arrive
+/// instead of in the downtime (registering 1 GiB with KVM alone can take milliseconds).
+pub(crate) struct KvmMachine {
+    vm: hypervisor::Vm,
+    vcpus: Vec<Arc<Mutex<hypervisor::Vcpu>>>,
+    msr_indices: Vec<u32>,
+    max_vcpus: u32,
+    /// What it was built for.
+    cpus: u32,
+    memory: u64,
+    template: CpuTemplate,
+}
+
+impl KvmMachine {
+    /// Builds the KVM half of `config` on `mem`.
+    pub(crate) fn build(config: &VmConfig, mem: &GuestMem) -> Result<KvmMachine, Error> {
+        let hv = Hypervisor::new()?;
+        let max_vcpus = hv.max_vcpus() as u32;
+        config.validate(max_vcpus, crate::config::host_memory())?;
+        let tsc_deadline = hv
+            .info()
+            .caps
+            .iter()
+            .any(|(n, ok)| *n == "TSC_DEADLINE_TIMER" && *ok);
+        let mut base_cpuid = hv.supported_cpuid()?;
+        config.cpu_template.apply(&mut base_cpuid)?;
+        let msr_list = hv.msr_index_list()?;
+        let msr_indices = hv.msrs_to_save()?;
+
+        let vm = hv.create_vm()?;
+        vm.setup_irqchip_and_timers()?;
+        vm.register_memory(mem)?;
+
+        let topo = Topology {
+            cpus: config.cpus,
+            tsc_deadline,
+        };
+        let msrs = regs::boot_msrs(&msr_list);
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(u64::from(id))?;
+            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
+            vcpu.set_msrs(&msrs)?;
+            let mut lapic = vcpu.lapic()?;
+            regs::set_lint(&mut lapic);
+            vcpu.set_lapic(&lapic)?;
+            vcpu.set_fpu(&regs::boot_fpu())?;
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        Ok(KvmMachine {
+            vm,
+            vcpus,
+            msr_indices,
+            max_vcpus,
+            cpus: config.cpus,
+            memory: config.memory,
+            template: config.cpu_template.clone(),
+        })
+    }
+
+    /// Whether it was built for `config`'s CPUs, memory and CPU template.
+    fn fits(&self, config: &VmConfig) -> bool {
+        self.cpus == config.cpus
+            && self.memory == config.memory
+            && self.template == config.cpu_template
+    }
+}
+
 impl Vm {
     /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
     /// `start` is when the process started (for the boot-time marker).
@@ -318,7 +389,27 @@ impl Vm {
         start: Instant,
         snap: &crate::snapshot::VmSnapshot,
     ) -> Result<Vm, Error> {
-        let mut vm = Vm::create(config, mem, pager, start)?;
+        Vm::create_restored_on(None, config, mem, pager, start, snap)
+    }
+
+    /// [`Vm::create_restored`] on the KVM half built beforehand, if it fits `config`.
+    pub(crate) fn create_restored_on(
+        kvm: Option<KvmMachine>,
+        config: VmConfig,
+        mem: GuestMem,
+        pager: Option<crate::snapshot::pager::Pager>,
+        start: Instant,
+        snap: &crate::snapshot::VmSnapshot,
+    ) -> Result<Vm, Error> {
+        let kvm = match kvm {
+            Some(k) if k.fits(&config) => k,
+            // Built for another machine: drop it (and its memory slots) first.
+            other => {
+                drop(other);
+                KvmMachine::build(&config, &mem)?
+            }
+        };
+        let mut vm = Vm::create_on(kvm, config, mem, pager, start)?;
         vm.machine.restore_state(snap)?;
         vm.restored = true;
         Ok(vm)
@@ -333,22 +424,25 @@ impl Vm {
         pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
     ) -> Result<Vm, Error> {
-        let hv = Hypervisor::new()?;
-        config.validate(hv.max_vcpus() as u32, crate::config::host_memory())?;
-        let info = hv.info();
-        let tsc_deadline = info
-            .caps
-            .iter()
-            .any(|(n, ok)| *n == "TSC_DEADLINE_TIMER" && *ok);
+        let kvm = KvmMachine::build(&config, &mem)?;
+        Vm::create_on(kvm, config, mem, pager, start)
+    }
 
-        let mut base_cpuid = hv.supported_cpuid()?;
-        config.cpu_template.apply(&mut base_cpuid)?;
-        let msr_list = hv.msr_index_list()?;
-        let msr_indices = hv.msrs_to_save()?;
-
-        let vm = hv.create_vm()?;
-        vm.setup_irqchip_and_timers()?;
-        vm.register_memory(&mem)?;
+    /// [`Vm::create`] on a KVM half built for `config` and `mem`.
+    fn create_on(
+        kvm: KvmMachine,
+        config: VmConfig,
+        mem: GuestMem,
+        pager: Option<crate::snapshot::pager::Pager>,
+        start: Instant,
+    ) -> Result<Vm, Error> {
+        config.validate(kvm.max_vcpus, crate::config::host_memory())?;
+        let KvmMachine {
+            vm,
+            vcpus,
+            msr_indices,
+            ..
+        } = kvm;
 
         let control = Arc::new(Control::new().map_err(io("cannot create the control channel"))?);
         let events = event_sink(control.clone());
@@ -394,23 +488,6 @@ impl Vm {
             )?;
         }
 
-        // vCPUs.
-        let topo = Topology {
-            cpus: config.cpus,
-            tsc_deadline,
-        };
-        let msrs = regs::boot_msrs(&msr_list);
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for id in 0..config.cpus {
-            let vcpu = vm.create_vcpu(u64::from(id))?;
-            vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
-            vcpu.set_msrs(&msrs)?;
-            let mut lapic = vcpu.lapic()?;
-            regs::set_lint(&mut lapic);
-            vcpu.set_lapic(&lapic)?;
-            vcpu.set_fpu(&regs::boot_fpu())?;
-            vcpus.push(Arc::new(Mutex::new(vcpu)));
-        }
         tracing::debug!(
             "VM built: {} vCPUs, {} MiB",
             config.cpus,

@@ -240,14 +240,22 @@ impl PageLog {
     /// The digest of the log, with the pages at the guest addresses `skip` names counted as
     /// never sent (post-copy: the target does not have them yet), and `state`.
     pub fn digest_skipping(&self, state: &[u8], skip: impl Fn(u64) -> bool) -> u32 {
+        // The same bytes as one update per page's CRC, a block at a time: a call per page
+        // took milliseconds of the downtime for 1 GiB.
+        const PER_BLOCK: usize = 1024;
         let mut h = crc32fast::Hasher::new();
-        for (i, c) in self.crcs.iter().enumerate() {
-            let c = if skip(i as u64 * hypervisor::mem::PAGE_SIZE) {
-                0
-            } else {
-                *c
-            };
-            h.update(&c.to_le_bytes());
+        let mut block = [0u8; PER_BLOCK * 4];
+        for (n, crcs) in self.crcs.chunks(PER_BLOCK).enumerate() {
+            for (i, c) in crcs.iter().enumerate() {
+                let page = (n * PER_BLOCK + i) as u64;
+                let c = if skip(page * hypervisor::mem::PAGE_SIZE) {
+                    0
+                } else {
+                    *c
+                };
+                block[i * 4..i * 4 + 4].copy_from_slice(&c.to_le_bytes());
+            }
+            h.update(&block[..crcs.len() * 4]);
         }
         h.update(state);
         h.finalize()
@@ -282,6 +290,24 @@ mod tests {
         d.record(0x5000, &[9u8; 4096]);
         assert_ne!(a.digest(b"s"), d.digest(b"s"));
         assert_eq!(a.digest(b"s"), d.digest_skipping(b"s", |a| a == 0x5000));
+    }
+
+    #[test]
+    fn the_page_log_digest_is_the_crc_of_each_page_crc_then_the_state() {
+        // 3000 pages: more than one block of the digest, and a partial last block.
+        let mem = GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 3000 << 12)]).unwrap();
+        let mut log = PageLog::new(&mem);
+        for p in (0..3000u64).step_by(7) {
+            log.record(p << 12, &[p as u8; 4096]);
+        }
+        let skip = |a: u64| (a >> 12).is_multiple_of(5);
+        let mut h = crc32fast::Hasher::new();
+        for (i, c) in log.crcs.iter().enumerate() {
+            let c = if skip((i as u64) << 12) { 0 } else { *c };
+            h.update(&c.to_le_bytes());
+        }
+        h.update(b"state");
+        assert_eq!(log.digest_skipping(b"state", skip), h.finalize());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::config::VmConfig;
 use crate::snapshot::memory::layout_of;
 use crate::snapshot::pager::Pager;
 use crate::snapshot::VmSnapshot;
-use crate::vm::{RestoreOptions, Vm};
+use crate::vm::{KvmMachine, RestoreOptions, Vm};
 
 /// A bound migration listener.
 pub enum Listener {
@@ -131,6 +131,12 @@ pub fn receive(
         // Fewer faults as the pages arrive, and the guest keeps the source's page size.
         hypervisor::mem::advise_hugepages(&mem, true);
     }
+    // The KVM half of the machine now, not in the downtime; a host that cannot build it
+    // refuses before any page is sent.
+    let kvm = match KvmMachine::build(&config, &mem) {
+        Ok(k) => k,
+        Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
+    };
     update(&|s| {
         s.total_bytes = config.memory;
         s.phase = MigrationPhase::Precopy;
@@ -232,7 +238,7 @@ pub fn receive(
             Err(e) => return Err(refuse(&mut stream, e)),
         }
     }
-    let mut vm = match Vm::create_restored(config, mem, pager, start, &snap) {
+    let mut vm = match Vm::create_restored_on(Some(kvm), config, mem, pager, start, &snap) {
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
     };
