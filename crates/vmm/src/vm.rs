@@ -348,9 +348,10 @@ impl Vm {
         config.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.on_reboot = crate::config::OnReboot::Exit;
-        let mut vm = Vm::create_restored(config, mem, pager, start, &snap).inspect_err(|_| {
-            crate::snapshot::disks::remove_overlays(&overlays);
-        })?;
+        let mut vm =
+            Vm::create_restored(None, config, mem, pager, start, &snap).inspect_err(|_| {
+                crate::snapshot::disks::remove_overlays(&overlays);
+            })?;
         // Every restore is another generation of the VM (clones must not share random
         // state): a new ID in the (private) memory, announced when the VM starts. The guest's
         // entropy: with a virtio-rng device its driver reads the host's anyway.
@@ -381,19 +382,9 @@ impl Vm {
     }
 
     /// Builds the machine of `snap` with `config` on `mem` (which holds the saved memory) and
-    /// loads the saved state; the devices start when it runs.
+    /// loads the saved state; the devices start when it runs. `kvm` is the KVM half if it was
+    /// built beforehand (used if it fits `config`).
     pub(crate) fn create_restored(
-        config: VmConfig,
-        mem: GuestMem,
-        pager: Option<crate::snapshot::pager::Pager>,
-        start: Instant,
-        snap: &crate::snapshot::VmSnapshot,
-    ) -> Result<Vm, Error> {
-        Vm::create_restored_on(None, config, mem, pager, start, snap)
-    }
-
-    /// [`Vm::create_restored`] on the KVM half built beforehand, if it fits `config`.
-    pub(crate) fn create_restored_on(
         kvm: Option<KvmMachine>,
         config: VmConfig,
         mem: GuestMem,

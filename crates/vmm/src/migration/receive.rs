@@ -238,7 +238,7 @@ pub fn receive(
             Err(e) => return Err(refuse(&mut stream, e)),
         }
     }
-    let mut vm = match Vm::create_restored_on(Some(kvm), config, mem, pager, start, &snap) {
+    let mut vm = match Vm::create_restored(Some(kvm), config, mem, pager, start, &snap) {
         Ok(vm) => vm,
         Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
     };
