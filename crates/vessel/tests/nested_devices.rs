@@ -94,7 +94,9 @@ fn debian_kernel_echoes_through_vsock_both_ways() {
 /// the balloon driven through the API: once the guest has dirtied its memory, inflate to
 /// 256 MiB, then deflate to 0.
 const BALLOON_L1: &str = r#"#!/bin/sh
-exec >/dev/console 2>&1
+# To a file, printed by BALLOON_L1_AFTER once vessel has exited: on the console these lines
+# and the guest's cut into each other.
+exec >>/tmp/l1-balloon.log 2>&1
 (
     i=0
     while [ -z "$(pidof vessel)" ] && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
@@ -137,6 +139,9 @@ exec >/dev/console 2>&1
 ) &
 "#;
 
+/// L1's `/l1-after`: the log of BALLOON_L1's scripts.
+const BALLOON_L1_AFTER: &str = "cat /tmp/l1-balloon.log\n";
+
 /// L2's side: dirty 320 MiB (a tmpfs file, then removed: free in the guest, resident on the
 /// host), then follow MemTotal as L1 inflates the balloon and deflates it again.
 const BALLOON_L2: &str = r#"full=$(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2)
@@ -155,8 +160,8 @@ sleep 2
 echo "L2BALLOON: done"
 "#;
 
-/// The `L1RSS:` samples (kB) in the log, in order. (L1 and L2 share one console, so lines of
-/// the two may interleave; a sample cut by L2's output is skipped.)
+/// The `L1RSS:` samples (kB) in the log, in order (printed after vessel exits; a line that is
+/// not a whole sample is skipped).
 fn rss_samples(log: &str) -> Vec<u64> {
     log.lines()
         .filter_map(|l| l.strip_prefix("L1RSS: "))
@@ -172,11 +177,16 @@ fn debian_kernel_balloon_returns_memory_to_the_host() {
     ));
     std::fs::write(&setup, BALLOON_L1).unwrap();
     let setup_file = format!("{}:/balloon-setup.sh", setup.display());
+    let after = setup.with_extension("after");
+    std::fs::write(&after, BALLOON_L1_AFTER).unwrap();
+    let after_file = format!("{}:/l1-after", after.display());
     let log = nested_run(&[
         "--timeout",
         "900",
         "--l1-file",
         &setup_file,
+        "--l1-file",
+        &after_file,
         "--vessel-args",
         "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 512M \
          --balloon size=0,stats=on --api-socket /tmp/balloon.sock \
@@ -186,6 +196,7 @@ fn debian_kernel_balloon_returns_memory_to_the_host() {
         BALLOON_L2,
     ]);
     let _ = std::fs::remove_file(&setup);
+    let _ = std::fs::remove_file(&after);
     assert!(log.contains("L2BALLOON: done"), "{log}");
     // L1 inflated once the guest had dirtied its memory, which Vessel then held: 256 MiB of
     // it went back to the host (allow for pages the guest kept busy).

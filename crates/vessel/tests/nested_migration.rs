@@ -162,7 +162,12 @@ fn debian_guest_keeps_its_disk_and_tcp_connection_across_post_copy_migration() {
     assert_migrated(&log);
     let copied: u64 = log
         .lines()
-        .find_map(|l| l.trim().strip_prefix("L1MIG: pager \"copied_pages\": "))
+        // Anywhere in a line: L1's line is one write, but L2's console may have left half a
+        // line before it.
+        .find_map(|l| {
+            l.split_once("L1MIG: pager \"copied_pages\": ")
+                .map(|(_, n)| n)
+        })
         .and_then(|n| n.trim_end_matches(',').parse().ok())
         .unwrap_or_else(|| panic!("no pager figures in the log:\n{log}"));
     assert!(copied > 0, "nothing came through post-copy:\n{log}");
