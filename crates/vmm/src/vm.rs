@@ -393,7 +393,12 @@ impl Vm {
         snap: &crate::snapshot::VmSnapshot,
     ) -> Result<Vm, Error> {
         let kvm = match kvm {
-            Some(k) if k.fits(&config) => k,
+            Some(k) if k.fits(&config) => {
+                // Built (and validated) for another configuration of the same machine: this
+                // one has its own console and sockets to check.
+                config.validate(k.max_vcpus, crate::config::host_memory())?;
+                k
+            }
             // Built for another machine: drop it (and its memory slots) first.
             other => {
                 drop(other);
@@ -419,7 +424,7 @@ impl Vm {
         Vm::create_on(kvm, config, mem, pager, start)
     }
 
-    /// [`Vm::create`] on a KVM half built for `config` and `mem`.
+    /// [`Vm::create`] on a KVM half built for `config` and `mem` (`config` validated).
     fn create_on(
         kvm: KvmMachine,
         config: VmConfig,
@@ -427,7 +432,6 @@ impl Vm {
         pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
     ) -> Result<Vm, Error> {
-        config.validate(kvm.max_vcpus, crate::config::host_memory())?;
         let KvmMachine {
             vm,
             vcpus,
