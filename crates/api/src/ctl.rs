@@ -12,8 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client::{Client, ClientError};
 use crate::types::{
-    BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateSendRequest, MigrationPhase,
-    MigrationStatus, RestoreMemory, RestoreRequest, SnapshotRequest, VmInfo, DEFAULT_DOWNTIME_MS,
+    BalloonInfo, BalloonSetRequest, IfNotConverged, MigrateReceiveRequest, MigrateSendRequest,
+    MigrationPhase, MigrationStatus, RestoreMemory, RestoreRequest, SnapshotRequest, VmInfo,
+    DEFAULT_DOWNTIME_MS,
 };
 
 /// How often `migrate send` polls the migration's progress.
@@ -26,17 +27,29 @@ pub enum CtlError {
     Client(#[from] ClientError),
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
+    #[error("{0}")]
+    Usage(&'static str),
+}
+
+impl CtlError {
+    /// The exit code: 2 for a bad command line, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CtlError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// Control a running VM through its API socket.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vessel ctl")]
 pub struct CtlArgs {
-    /// The VM's API socket (`vessel run --api-socket PATH`).
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    /// The VM's API socket (`vessel run --api-socket PATH`); before or after the verb.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub api_socket: Option<PathBuf>,
     /// Print the server's JSON instead of a summary.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -106,6 +119,14 @@ pub enum MigrateCommand {
         /// fetches missing pages from the source; a broken connection then loses the VM).
         #[arg(long)]
         post_copy: bool,
+        /// If pre-copy does not converge (the last round would still pause the VM longer
+        /// than --downtime): fail (the VM runs on here), stop-and-copy (accept the longer
+        /// pause) or post-copy (as --post-copy).
+        #[arg(long, value_name = "WHAT", value_enum, conflicts_with = "post_copy")]
+        if_not_converged: Option<NotConvergedArg>,
+        /// Pre-copy rounds at most before the migration counts as not converged (default 30).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        max_rounds: Option<u32>,
         /// With --post-copy: switch after N pre-copy rounds at the latest (1: right after the
         /// first full copy).
         #[arg(long, value_name = "N", requires = "post_copy", value_parser = clap::value_parser!(u32).range(1..))]
@@ -131,6 +152,23 @@ pub enum MigrateCommand {
     Status,
     /// Cancels the running migration; the source VM carries on.
     Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NotConvergedArg {
+    Fail,
+    StopAndCopy,
+    PostCopy,
+}
+
+impl From<NotConvergedArg> for IfNotConverged {
+    fn from(a: NotConvergedArg) -> Self {
+        match a {
+            NotConvergedArg::Fail => IfNotConverged::Fail,
+            NotConvergedArg::StopAndCopy => IfNotConverged::StopAndCopy,
+            NotConvergedArg::PostCopy => IfNotConverged::PostCopy,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -162,7 +200,11 @@ pub fn run_with(args: &CtlArgs, out: &mut dyn Write) -> Result<i32, CtlError> {
 }
 
 fn run_polling(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i32, CtlError> {
-    let client = Client::new(&args.api_socket);
+    let socket = args
+        .api_socket
+        .as_ref()
+        .ok_or(CtlError::Usage("--api-socket PATH is required"))?;
+    let client = Client::new(socket);
     let json = args.json;
     match &args.command {
         CtlCommand::Ping => {
@@ -243,6 +285,8 @@ fn migrate(
             downtime,
             bandwidth,
             post_copy,
+            if_not_converged,
+            max_rounds,
             post_copy_after,
             full_digest,
             no_wait,
@@ -253,6 +297,8 @@ fn migrate(
                 bandwidth_mbps: *bandwidth,
                 post_copy: *post_copy,
                 post_copy_after_rounds: *post_copy_after,
+                if_not_converged: if_not_converged.map(Into::into),
+                max_rounds: *max_rounds,
                 full_digest: *full_digest,
             })?;
             if *no_wait {
@@ -383,6 +429,9 @@ pub fn summary(s: &MigrationStatus) -> String {
     }
     if let Some(d) = s.downtime_ms {
         line.push_str(&format!(", downtime {d} ms"));
+        if s.downtime_limit_exceeded {
+            line.push_str(" (over the limit)");
+        }
     }
     if let Some(e) = &s.error {
         line.push_str(&format!(": {e}"));
@@ -590,7 +639,47 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "{bad:?}");
         }
-        assert!(CtlArgs::try_parse_from(["vessel-ctl", "info"]).is_err());
+        // The socket and --json go before or after the verb; without a socket, a usage error.
+        let after = CtlArgs::try_parse_from([
+            "vessel-ctl",
+            "migrate",
+            "status",
+            "--json",
+            "--api-socket",
+            "/run/v.sock",
+        ])
+        .unwrap();
+        assert!(after.json);
+        assert_eq!(after.api_socket, Some(PathBuf::from("/run/v.sock")));
+        let none = CtlArgs::try_parse_from(["vessel-ctl", "info"]).unwrap();
+        let e = run_with(&none, &mut Vec::new()).unwrap_err();
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(e.to_string().contains("--api-socket"), "{e}");
+        // What a migration that does not converge does.
+        let a = p(&[
+            "migrate",
+            "send",
+            "--to",
+            "x",
+            "--if-not-converged",
+            "stop-and-copy",
+        ]);
+        match a.unwrap().command {
+            CtlCommand::Migrate(MigrateCommand::Send {
+                if_not_converged, ..
+            }) => assert_eq!(if_not_converged, Some(NotConvergedArg::StopAndCopy)),
+            c => panic!("{c:?}"),
+        }
+        assert!(p(&[
+            "migrate",
+            "send",
+            "--to",
+            "x",
+            "--post-copy",
+            "--if-not-converged",
+            "fail"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -100,25 +100,35 @@ impl std::fmt::Debug for ServerHandle {
     }
 }
 
+/// Who may connect to the API socket: its owner only (whatever the umask), as the API can
+/// stop, snapshot and migrate the VM.
+const SOCKET_MODE: u32 = 0o600;
+
 /// Binds a listening socket at `path` so that the file appears only once it listens (a client
-/// that waits for the file never sees `ECONNREFUSED`): bound under a temporary name beside it,
-/// then renamed. A path too long for the temporary name is bound directly.
+/// that waits for the file never sees `ECONNREFUSED`) and with mode [`SOCKET_MODE`]: bound
+/// under a temporary name beside it, then renamed. A path too long for the temporary name is
+/// bound directly (and its mode set at once).
 fn bind_then_publish(path: &Path) -> std::io::Result<StdUnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(SOCKET_MODE));
+    let direct = || {
+        let l = StdUnixListener::bind(path)?;
+        private(path)?;
+        Ok(l)
+    };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let tmp = name.map(|n| path.with_file_name(format!(".{n}.{}.tmp", std::process::id())));
     let Some(tmp) = tmp else {
-        return StdUnixListener::bind(path);
+        return direct();
     };
     let _ = fs::remove_file(&tmp);
     let listener = match StdUnixListener::bind(&tmp) {
         Ok(l) => l,
         // Longer than a socket address holds: no room for the temporary name.
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-            return StdUnixListener::bind(path)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => return direct(),
         Err(e) => return Err(e),
     };
-    if let Err(e) = fs::rename(&tmp, path) {
+    if let Err(e) = private(&tmp).and_then(|()| fs::rename(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
@@ -419,6 +429,12 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("api.sock")]);
+        let mode = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        // Private whatever the umask (the test process's is the usual 022).
+        assert_eq!(mode(&path), 0o600);
         drop(listener);
         // A name with no room for the temporary one beside it is bound directly.
         let long = dir.join("x".repeat(100 - dir.as_os_str().len().min(99)));
@@ -426,6 +442,7 @@ mod tests {
             let _ = fs::remove_file(&long);
             let _listener = bind_then_publish(&long).unwrap();
             StdUnixStream::connect(&long).unwrap();
+            assert_eq!(mode(&long), 0o600);
         }
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -241,6 +241,8 @@ fn every_route_through_the_client() {
         bandwidth_mbps: Some(1000),
         post_copy: false,
         post_copy_after_rounds: None,
+        if_not_converged: None,
+        max_rounds: None,
         full_digest: false,
     })
     .unwrap();
@@ -272,7 +274,7 @@ fn every_route_through_the_client() {
             "reset",
             r#"snapshot SnapshotRequest { dir: "/snap", diff: true, disk_snapshot: false }"#,
             r#"restore RestoreRequest { dir: "/snap", memory: Userfaultfd }"#,
-            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None, full_digest: false }"#,
+            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None, if_not_converged: None, max_rounds: None, full_digest: false }"#,
             r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock" }"#,
             "migration_status",
             "migrate_cancel",
@@ -356,6 +358,8 @@ fn openapi_covers_every_route_and_schema() {
             bandwidth_mbps: Some(1),
             post_copy: true,
             post_copy_after_rounds: Some(1),
+            if_not_converged: None,
+            max_rounds: None,
             full_digest: false,
         })
         .unwrap(),
@@ -521,6 +525,8 @@ fn controller_errors_keep_status_and_message() {
             bandwidth_mbps: None,
             post_copy: false,
             post_copy_after_rounds: None,
+            if_not_converged: None,
+            max_rounds: None,
             full_digest: false,
         })
         .unwrap_err();

@@ -276,11 +276,45 @@ pub struct MigrateSendRequest {
     /// the first full copy), converged or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_after_rounds: Option<u32>,
+    /// What happens when pre-copy does not converge (after its rounds, the last one would
+    /// still pause the VM longer than `downtime_ms`): fail (the default; the VM runs on
+    /// here), stop-and-copy (accept the longer pause; the status reports it) or post-copy
+    /// (the same as `post_copy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_not_converged: Option<IfNotConverged>,
+    /// Pre-copy rounds at most (1 to 1000; default 30) before the migration counts as not
+    /// converged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
     /// Check at stop-and-copy that all of guest memory is the same on both sides, rather than
     /// only that every page sent arrived intact: this also catches a page the dirty log missed,
     /// but adds a pass over the used memory on both sides to the downtime.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full_digest: bool,
+}
+
+impl MigrateSendRequest {
+    /// What a migration that does not converge does (`post_copy` is a shorthand for
+    /// `if_not_converged: post-copy`).
+    pub fn if_not_converged(&self) -> IfNotConverged {
+        match (self.post_copy, self.if_not_converged) {
+            (true, _) => IfNotConverged::PostCopy,
+            (false, p) => p.unwrap_or_default(),
+        }
+    }
+}
+
+/// What a migration does when pre-copy cannot get the last round under the downtime limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IfNotConverged {
+    /// The migration fails and the VM runs on at the source.
+    #[default]
+    Fail,
+    /// Stop and copy anyway, pausing the VM longer than the limit (reported in the status).
+    StopAndCopy,
+    /// Switch to post-copy.
+    PostCopy,
 }
 
 /// `PUT /api/v1/vm.migrate-receive`: waits for an incoming migration; returns at once.
@@ -381,6 +415,10 @@ pub struct MigrationStatus {
     /// The downtime actually taken, once completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// The VM was paused longer than the downtime limit (stop-and-copy chosen for a migration
+    /// that did not converge, or a last round slower than measured).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub downtime_limit_exceeded: bool,
     /// Milliseconds since the migration started.
     #[serde(default)]
     pub elapsed_ms: u64,

@@ -48,20 +48,27 @@ fn init_logging(filter: Option<&str>) {
 
 fn main() {
     let start = std::time::Instant::now();
+    vmm::exit::install_panic_hook();
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
-    let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
-        Command::Run(args) => run::run(*args, start).map_err(Into::into),
-        Command::Serve(args) => run::serve(args, start).map_err(Into::into),
-        Command::HostCheck(args) => host_check::run(args).map_err(Into::into),
-        Command::Image(args) => block::cli::run(args).map_err(Into::into),
-        Command::Ctl(args) => api::ctl::run(&args).map_err(Into::into),
+    // Each error with its exit code (README, "Exit codes").
+    let failed = |e: &dyn std::error::Error, code| (e.to_string(), code);
+    let result: Result<i32, (String, i32)> = match cli.command {
+        Command::Run(args) => run::run(*args, start).map_err(|e| failed(&e, e.exit_code())),
+        Command::Serve(args) => run::serve(args, start).map_err(|e| failed(&e, e.exit_code())),
+        Command::HostCheck(args) => {
+            host_check::run(args).map_err(|e| failed(&e, vmm::exit::EXIT_ERROR))
+        }
+        Command::Image(args) => {
+            block::cli::run(args).map_err(|e| failed(&e, vmm::exit::EXIT_ERROR))
+        }
+        Command::Ctl(args) => api::ctl::run(&args).map_err(|e| failed(&e, e.exit_code())),
     };
     match result {
         Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("vessel: error: {e}");
-            std::process::exit(vmm::exit::EXIT_ERROR);
+        Err((message, code)) => {
+            eprintln!("vessel: error: {message}");
+            std::process::exit(code);
         }
     }
 }

@@ -131,6 +131,17 @@ pub enum Error {
     Usage(String),
 }
 
+impl Error {
+    /// The exit code: 2 for a configuration Vessel cannot start (README, "Exit codes"),
+    /// 1 for a failure of the host or of Vessel.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Vm(e) if !e.is_config() => vmm::exit::EXIT_ERROR,
+            _ => vmm::exit::EXIT_USAGE,
+        }
+    }
+}
+
 fn config(args: RunArgs) -> Result<VmConfig, Error> {
     let kernel = match args.kernel {
         Some(p) => KernelSource::Path(p),

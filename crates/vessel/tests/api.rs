@@ -240,7 +240,7 @@ fn an_api_socket_path_that_is_a_file_is_refused() {
     let p = std::env::temp_dir().join(format!("vessel-api-file-{}", std::process::id()));
     std::fs::write(&p, b"keep me").unwrap();
     let o = vessel(&["run", "--api-socket", p.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
     std::fs::remove_file(&p).unwrap();
 }

@@ -201,10 +201,10 @@ fn the_balloon_flag_and_its_errors() {
     let o = run(&["run", "--balloon", "size=16M,stats=on", "--memory", "64M"]);
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     let o = run(&["run", "--balloon", "size=64M", "--memory", "64M"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--balloon size 64M is not below"));
     let o = run(&["run", "--balloon", "colour=red"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid --balloon"));
 }
 

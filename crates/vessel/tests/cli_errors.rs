@@ -10,7 +10,7 @@ fn rejects(args: &[&str], needle: &str) {
     full.extend_from_slice(args);
     let o = vessel(&full);
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
     assert!(lines[0].starts_with("vessel: error: "), "{args:?}: {err}");

@@ -179,7 +179,7 @@ fn disk_snapshot_and_clones(format: &str) {
         .unwrap();
     drop(f);
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("changed since the snapshot"),
         "{}",

@@ -5,185 +5,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::soak::{assert_went_on, last_iters, Console};
+use common::migration::*;
+use common::soak::{assert_went_on, Console};
 use common::*;
-
-const CPUS: usize = 2;
-
-/// The exit code of `child` (`who`), once it ends: it must within a minute.
-fn exit_code(child: &mut std::process::Child, who: &str) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code();
-        }
-        assert!(Instant::now() < deadline, "{who} hangs");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The `"phase"` of `vessel ctl migrate status --json`.
-fn phase(socket: &Path) -> String {
-    let o = ctl(socket, &["--json", "migrate", "status"]);
-    let out = stdout(&o);
-    let at = out.find("\"phase\"").unwrap_or_else(|| panic!("{out}"));
-    out[at..].split('"').nth(3).unwrap().to_string()
-}
-
-struct Pair {
-    tmp: TempDir,
-    source: Console,
-    target: Console,
-    src_api: PathBuf,
-    dst_api: PathBuf,
-}
-
-/// A soaking source VM and an empty target (`vessel serve`), each run through `prefix` (a
-/// command such as `ip netns exec NAME`, or nothing).
-fn pair(name: &str, src_prefix: &[&str], dst_prefix: &[&str], memory: &str) -> Pair {
-    pair_with(
-        name,
-        src_prefix,
-        dst_prefix,
-        memory,
-        "action=soak soakms=50",
-        None,
-    )
-}
-
-/// [`pair`] with the guest's command line, and the target's stderr to a file.
-fn pair_with(
-    name: &str,
-    src_prefix: &[&str],
-    dst_prefix: &[&str],
-    memory: &str,
-    cmdline: &str,
-    dst_stderr: Option<&Path>,
-) -> Pair {
-    let tmp = TempDir::new(name);
-    let src_api = tmp.file("src.sock");
-    let dst_api = tmp.file("dst.sock");
-    let mut args: Vec<String> = src_prefix.iter().map(|s| s.to_string()).collect();
-    if !src_prefix.is_empty() {
-        args.push(VESSEL.to_string());
-    }
-    args.extend(
-        [
-            "run",
-            "--cpus",
-            "2",
-            "--memory",
-            memory,
-            "--api-socket",
-            src_api.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    let source = spawn_prefixed(&args);
-    let mut args: Vec<String> = dst_prefix.iter().map(|s| s.to_string()).collect();
-    if !dst_prefix.is_empty() {
-        args.push(VESSEL.to_string());
-    }
-    args.extend(
-        ["serve", "--api-socket", dst_api.to_str().unwrap()]
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    if let Some(err) = dst_stderr {
-        assert!(dst_prefix.is_empty());
-        let cmd = format!("exec {VESSEL} {} 2>{}", args.join(" "), err.display());
-        args = vec!["sh".into(), "-c".into(), cmd];
-    }
-    let target = spawn_prefixed(&args);
-    wait_for(&src_api);
-    wait_for(&dst_api);
-    Pair {
-        tmp,
-        source,
-        target,
-        src_api,
-        dst_api,
-    }
-}
-
-/// `args[0]` is vessel's first argument, or a wrapper command (then vessel's path follows).
-fn spawn_prefixed(args: &[String]) -> Console {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    if refs[0] == "run" || refs[0] == "serve" {
-        Console::spawn(&refs)
-    } else {
-        Console::spawn_command(&refs)
-    }
-}
-
-fn latest_iters(c: &mut Console) -> Vec<u64> {
-    last_iters(&c.soak_lines(CPUS, 2), CPUS)
-}
-
-/// Waits until the migration status on `socket` says `want`.
-fn wait_phase(socket: &Path, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = phase(socket);
-        if now == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "phase {now}, never {want}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts a migration slowed to 8 Mbit/s from `p`'s source to `addr` and returns once it
-/// copies.
-fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
-    assert_code(
-        &ctl(target_api, &["migrate", "receive", "--listen", addr]),
-        0,
-    );
-    let o = ctl(
-        &p.src_api,
-        &[
-            "migrate",
-            "send",
-            "--to",
-            addr,
-            "--bandwidth",
-            "8",
-            "--no-wait",
-        ],
-    );
-    assert_code(&o, 0);
-    wait_phase(&p.src_api, "precopy");
-}
-
-/// `extra`: more `migrate send` arguments.
-fn migrate_and_check(p: &mut Pair, listen: &str, to: &str, extra: &[&str]) {
-    let before = latest_iters(&mut p.source);
-    let o = ctl(&p.dst_api, &["migrate", "receive", "--listen", listen]);
-    assert_code(&o, 0);
-    assert_eq!(phase(&p.dst_api), "listening");
-    // `migrate send` follows the migration to its end.
-    let mut args = vec!["migrate", "send", "--to", to];
-    args.extend_from_slice(extra);
-    let o = ctl(&p.src_api, &args);
-    assert_code(&o, 0);
-    assert!(stdout(&o).contains("completed"), "{}", stdout(&o));
-    // The source hands over and exits 0; the target runs the VM on from where it was.
-    assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
-    assert_went_on(&p.target.soak_lines(CPUS, 3), CPUS, &before, "");
-    let o = ctl(&p.dst_api, &["--json", "info"]);
-    assert!(stdout(&o).contains("\"running\""), "{}", stdout(&o));
-    // The target still tells how the VM came.
-    assert_eq!(phase(&p.dst_api), "completed");
-    assert_eq!(p.target.stop(), Some(143));
-}
 
 #[test]
 fn migration_over_a_unix_socket_moves_the_running_vm() {
@@ -356,7 +182,9 @@ const HOLD_POSTCOPY: &str = "VESSEL_MIGRATION_HOLD=precopy,postcopy";
 /// Starts a post-copy migration forced after the first round, the source holding as
 /// [`HOLD_POSTCOPY`] says; returns when both sides say post-copy, with pages still missing
 /// on the target.
-fn start_postcopy(p: &Pair) {
+fn start_postcopy(p: &mut Pair) {
+    // The guest runs its workload (its memory touched) before the migration starts.
+    p.source.soak_lines(CPUS, 1);
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
     assert_code(
         &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
@@ -398,7 +226,7 @@ fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
         None,
     );
     let before = latest_iters(&mut p.source);
-    start_postcopy(&p);
+    start_postcopy(&mut p);
     // The target runs the VM (its missing pages wait for the source, which holds), and the
     // source stays until every page is over.
     assert!(p.source.child.try_wait().unwrap().is_none());
@@ -437,7 +265,7 @@ fn killing_the_source_during_post_copy_fails_the_target_clearly() {
         BUSY,
         Some(&err),
     );
-    start_postcopy(&p);
+    start_postcopy(&mut p);
     let _ = p.source.child.kill();
     let _ = p.source.child.wait();
     // The target cannot go on without the pages; it ends with an error saying so (no hang:
@@ -460,7 +288,7 @@ fn killing_the_target_during_post_copy_never_resumes_the_source() {
         BUSY,
         None,
     );
-    start_postcopy(&p);
+    start_postcopy(&mut p);
     let _ = p.target.child.kill();
     let _ = p.target.child.wait();
     // The guest's state moved to the target: the source ends with an error instead of

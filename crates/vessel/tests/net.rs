@@ -333,7 +333,7 @@ fn bad_net_options_are_refused() {
         ("tap=t0,rx_bw_burst=1M", "rx_bw_burst needs rx_bw"),
     ] {
         let o = vessel(&["run", "--net", spec]);
-        assert_code(&o, 1);
+        assert_code(&o, 2);
         let err = stderr(&o);
         assert!(
             err.contains(&format!("invalid --net '{spec}'")) && err.contains(want),

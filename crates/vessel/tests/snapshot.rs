@@ -150,14 +150,14 @@ fn corrupt_or_foreign_state_is_refused() {
     bad[n - 10] ^= 1;
     std::fs::write(&state, &bad).unwrap();
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
     // A state file of another format version.
     let text =
         String::from_utf8_lossy(&good).replacen("\"format_version\":2", "\"format_version\":7", 1);
     std::fs::write(&state, text.as_bytes()).unwrap();
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("format version 7"), "{}", stderr(&o));
     // A truncated memory file.
     std::fs::write(&state, &good).unwrap();
@@ -167,7 +167,7 @@ fn corrupt_or_foreign_state_is_refused() {
         .unwrap();
     f.set_len(1 << 20).unwrap();
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("needs"), "{}", stderr(&o));
     // Snapshots never overwrite one another.
     let socket = tmp.file("api2.sock");
@@ -234,7 +234,7 @@ fn clones_get_their_own_vsock_socket_and_cid() {
         "--net",
         "tap=vclone0",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("0 network devices"), "{}", stderr(&o));
 }
 
@@ -311,7 +311,7 @@ fn a_host_without_the_guests_cpu_features_refuses_the_snapshot() {
         }
     });
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("cannot run the saved VM") && stderr(&o).contains(name),
         "{}",
@@ -496,7 +496,7 @@ fn diff_snapshots_restore_as_a_chain() {
     other.replace_range(id_at..id_at + 32, &"0".repeat(32));
     std::fs::write(&d1_state, other).unwrap();
     let o = vessel(&["run", "--restore", &path(&d2)]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("parent snapshot") && stderr(&o).contains("not "),
         "{}",

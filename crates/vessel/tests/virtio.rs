@@ -218,7 +218,7 @@ fn a_disk_in_use_is_locked() {
     let second = vessel(&["run", "--disk", &spec]);
     first.kill().unwrap();
     first.wait().unwrap();
-    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
     let err = stderr(&second);
     assert!(err.contains("vessel: error: cannot open disk"), "{err}");
     assert!(err.to_lowercase().contains("lock"), "{err}");

@@ -89,7 +89,7 @@ fn bad_vsock_options_are_one_line_errors() {
         "cid=3,socket=/tmp/x,y=1",
     ] {
         let o = vessel(&["run", "--vsock", spec]);
-        assert_code(&o, 1);
+        assert_code(&o, 2);
         let err = stderr(&o);
         assert!(err.contains("invalid --vsock"), "{spec}: {err}");
     }

@@ -262,8 +262,21 @@ impl VmController for VmHandle {
     fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
         self.stopping()?;
         crate::migration::Addr::parse(&req.to).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let post_copy = req.if_not_converged() == api::types::IfNotConverged::PostCopy;
+        if req.post_copy
+            && req
+                .if_not_converged
+                .is_some_and(|p| !matches!(p, api::types::IfNotConverged::PostCopy))
+        {
+            return Err(ApiError::bad_request(
+                "post_copy contradicts if_not_converged: give one of them",
+            ));
+        }
+        if req.max_rounds.is_some_and(|n| !(1..=1000).contains(&n)) {
+            return Err(ApiError::bad_request("max_rounds must be 1 to 1000"));
+        }
         match req.post_copy_after_rounds {
-            Some(_) if !req.post_copy => {
+            Some(_) if !post_copy => {
                 return Err(ApiError::bad_request(
                     "post_copy_after_rounds needs post_copy",
                 ))
@@ -340,8 +353,13 @@ impl VmController for VmHandle {
                 ))
             }
             Some(m) if !lock(&m.status).phase.is_finished() => {
-                m.cancel.store(true, Ordering::SeqCst);
-                Ok(())
+                if m.cancel.cancel() {
+                    Ok(())
+                } else {
+                    Err(ApiError::conflict(
+                        "the migration is committed: the VM belongs to the target now",
+                    ))
+                }
             }
             _ => Err(ApiError::conflict("no migration is running")),
         }

@@ -8,6 +8,7 @@
 //! | 2 | bad command line (from the argument parser) |
 //! | 3 | the guest reset the machine (ACPI reset register, i8042 reset, `reboot`) |
 //! | 4 | the guest crashed: triple fault, or an exit KVM could not handle |
+//! | 70 | Vessel hit an internal error (a panic, in any thread): a bug, reported on stderr |
 //! | 130 | SIGINT |
 //! | 143 | SIGTERM |
 
@@ -31,6 +32,40 @@ pub const EXIT_ERROR: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_RESET: i32 = 3;
 pub const EXIT_CRASH: i32 = 4;
+/// A panic anywhere in the process (EX_SOFTWARE of sysexits.h).
+pub const EXIT_PANIC: i32 = 70;
+
+/// Makes every panic fatal and loud: the message names the thread, and the process ends at
+/// once with [`EXIT_PANIC`]. A panicking vCPU or device thread would otherwise end alone and
+/// leave the VM hung; an API handler's panic would be swallowed by the server.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let bt = std::backtrace::Backtrace::capture();
+        let bt = match bt.status() {
+            std::backtrace::BacktraceStatus::Captured => format!("\n{bt}"),
+            _ => String::new(),
+        };
+        // One write, so lines of other threads cannot cut into it.
+        let msg = format!(
+            "vessel: internal error: thread '{name}' panicked{at}: {what}; the VM is stopped \
+             (exit code {EXIT_PANIC}){bt}\n"
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), msg.as_bytes());
+        std::process::exit(EXIT_PANIC);
+    }));
+}
 
 impl ExitReason {
     /// The process exit code for this reason.

@@ -19,6 +19,7 @@ use api::VmController;
 use devices::bus::lock;
 
 use crate::exit::ExitReason;
+use crate::migration::Canceller;
 use crate::vm::{Error, RestoreOptions, Vm};
 
 /// Forwards API calls to the current controller.
@@ -105,6 +106,8 @@ pub struct Empty {
     busy: AtomicBool,
     /// The incoming migration's progress.
     migration: Arc<Mutex<MigrationStatus>>,
+    /// Cancels the incoming migration, while it can be.
+    incoming: Mutex<Option<Arc<Canceller>>>,
 }
 
 const NO_VM: &str = "no VM yet: restore a snapshot (vm.restore) first";
@@ -171,9 +174,13 @@ impl VmController for Empty {
         Ok(lock(&self.migration).clone())
     }
     fn migrate_cancel(&self) -> Result<(), ApiError> {
-        Err(ApiError::conflict(
-            "cancel a migration on its source; the target drops what it received",
-        ))
+        match lock(&self.incoming).as_ref() {
+            Some(c) if c.cancel() => Ok(()),
+            Some(_) => Err(ApiError::conflict(
+                "the target is ready and the source decides now: cancel on the source",
+            )),
+            None => Err(ApiError::conflict("no migration is running")),
+        }
     }
 }
 
@@ -237,6 +244,7 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
         started: start,
         busy: AtomicBool::new(false),
         migration: migration.clone(),
+        incoming: Mutex::new(None),
     });
     let switch = Arc::new(ApiSwitch::new(empty.clone()));
     let server = api::server::serve(socket, switch.clone())?;
@@ -277,18 +285,31 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
                         continue;
                     }
                 };
+                let cancel = Arc::new(Canceller::default());
+                *lock(&empty.incoming) = Some(cancel.clone());
                 let _ = reply.send(Ok(()));
-                match crate::migration::receive(&listener, &opts, start, &migration) {
+                // SIGINT/SIGTERM cancel a migration still waiting or receiving.
+                let received = on_stop_signal(&stop, &cancel, || {
+                    crate::migration::receive(&listener, &opts, start, &migration, &cancel)
+                });
+                *lock(&empty.incoming) = None;
+                match received {
                     Ok(mut vm) => {
                         drop(listener);
                         vm.set_incoming_migration(lock(&migration).clone());
                         break vm.run_attached(&switch);
                     }
                     Err(e) => {
-                        tracing::warn!("incoming migration failed: {e}");
+                        let cancelled = cancel.is_cancelled();
                         let mut s = lock(&migration);
-                        s.phase = api::types::MigrationPhase::Failed;
-                        s.error = Some(e.to_string());
+                        if cancelled {
+                            tracing::info!("incoming migration cancelled");
+                            s.phase = api::types::MigrationPhase::Cancelled;
+                        } else {
+                            tracing::warn!("incoming migration failed: {e}");
+                            s.phase = api::types::MigrationPhase::Failed;
+                            s.error = Some(e.to_string());
+                        }
                     }
                 }
             }
@@ -298,4 +319,27 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
     };
     server.stop();
     result
+}
+
+/// Runs `f` while a watcher cancels `cancel` when one of the stop signals' `flags` is raised.
+fn on_stop_signal<T>(
+    flags: &[(i32, Arc<AtomicBool>)],
+    cancel: &Canceller,
+    f: impl FnOnce() -> T,
+) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                if flags.iter().any(|(_, f)| f.load(Ordering::SeqCst)) {
+                    cancel.cancel();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let r = f();
+        done.store(true, Ordering::SeqCst);
+        r
+    })
 }

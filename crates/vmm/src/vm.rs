@@ -72,6 +72,24 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether the VM could not start because of what it was asked to be or to use: a
+    /// value, or a file (kernel, initrd, disk, snapshot, socket path) that cannot serve;
+    /// exit code 2, where a failure of the host or of Vessel itself is 1.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Error::Config(_)
+                | Error::Template(_)
+                | Error::Boot(_)
+                | Error::Console(_)
+                | Error::Virtio(_)
+                | Error::Api(_)
+                | Error::Snapshot(_)
+        )
+    }
+}
+
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
@@ -751,7 +769,13 @@ fn shared<D: BusDevice + 'static>(d: D) -> Arc<Mutex<D>> {
 
 /// Maps device events to exit reasons.
 fn event_sink(control: Arc<Control>) -> VmEventSink {
+    // A fault-injection point for tests: `VESSEL_TEST_PANIC=guest-exit` makes the exit
+    // device's port handler panic on the vCPU thread that wrote it, as a device bug would.
+    let panic_on_exit = std::env::var("VESSEL_TEST_PANIC").is_ok_and(|v| v == "guest-exit");
     Arc::new(move |e| {
+        if panic_on_exit && matches!(e, VmEvent::Exit(_)) {
+            panic!("VESSEL_TEST_PANIC: the exit device's handler fails");
+        }
         control.request_exit(match e {
             VmEvent::PowerOff => ExitReason::PowerOff,
             VmEvent::Reset => ExitReason::Reset,

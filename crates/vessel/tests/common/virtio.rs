@@ -17,11 +17,11 @@ pub fn run_ok(args: &[&str], lines: &[&str]) -> String {
     out
 }
 
-/// Runs `vessel` with `args` and asserts it is refused (exit status 1) with `message`.
+/// Runs `vessel` with `args` and asserts it is refused (exit status 2) with `message`.
 pub fn assert_refused(args: &[&str], message: &str) {
     let o = vessel(args);
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
     assert!(err.contains(message), "{args:?}: {err}");
 }
 

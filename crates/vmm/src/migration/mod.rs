@@ -28,9 +28,13 @@ pub use receive::{listen, receive, Listener};
 pub use send::{send, Outgoing};
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use devices::bus::lock;
 
 use guestmem::GuestMem;
 
@@ -57,6 +61,16 @@ pub enum MigrationError {
     Digest,
     #[error("cancelled")]
     Cancelled,
+    #[error(
+        "pre-copy did not converge by round {rounds}: the last round would pause the VM for \
+         {expected_ms} ms, over the {limit_ms} ms limit (raise the limit, or choose \
+         stop-and-copy or post-copy for this case)"
+    )]
+    NotConverged {
+        rounds: u32,
+        expected_ms: u64,
+        limit_ms: u64,
+    },
     #[error("reading guest memory at {0:#x}")]
     Memory(u64),
     #[error("post-copy failed after the VM moved to the target: {0}")]
@@ -101,14 +115,132 @@ impl Stream {
             addr: addr.to_string(),
             source,
         };
-        Ok(match addr {
+        let stream = match addr {
             Addr::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(err)?;
+                let s = connect_tcp(a).map_err(err)?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }
             Addr::Unix(p) => Stream::Unix(UnixStream::connect(p).map_err(err)?),
-        })
+        };
+        stream.set_timeout(Some(IO_TIMEOUT)).map_err(err)?;
+        Ok(stream)
+    }
+
+    /// Read and write time limits (none: wait for ever). Until the commit both sides keep
+    /// [`IO_TIMEOUT`], so a peer that goes silent fails the migration instead of hanging it;
+    /// after it the stream may idle (post-copy waits for page requests).
+    pub(crate) fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    /// Ends the connection both ways: blocked reads and writes on every handle return.
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long either side waits on a silent peer before the commit.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Connects to `addr` (`HOST:PORT`), each of its addresses in turn, within
+/// [`CONNECT_TIMEOUT`] each.
+fn connect_tcp(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the name has no address")))
+}
+
+/// The cancel switch of one side of a migration. Cancelling before the point of no return
+/// shuts the connection down, so a side blocked on its peer (connecting, waiting for a frame,
+/// sending) stops at once; [`Canceller::disarm`] marks that point (the source's commit, the
+/// target's last `Ready`), after which cancel is refused.
+#[derive(Default)]
+pub struct Canceller(Mutex<CancelState>);
+
+#[derive(Default)]
+struct CancelState {
+    cancelled: bool,
+    disarmed: bool,
+    conn: Option<Stream>,
+}
+
+impl Canceller {
+    /// Cancels, unless past the point of no return; returns whether it did.
+    pub fn cancel(&self) -> bool {
+        let mut s = lock(&self.0);
+        if s.disarmed {
+            return false;
+        }
+        s.cancelled = true;
+        if let Some(c) = s.conn.take() {
+            c.shutdown();
+        }
+        true
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        lock(&self.0).cancelled
+    }
+
+    /// Fails with [`MigrationError::Cancelled`] if cancelled.
+    pub fn check(&self) -> Result<(), MigrationError> {
+        if self.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Watches `stream` (a clone of it is shut down on cancel).
+    pub(crate) fn attach(&self, stream: &Stream) -> Result<(), MigrationError> {
+        let clone = stream.try_clone().map_err(|e| MigrationError::Connect {
+            addr: "migration stream".to_string(),
+            source: e,
+        })?;
+        let mut s = lock(&self.0);
+        if s.cancelled {
+            clone.shutdown();
+            return Err(MigrationError::Cancelled);
+        }
+        s.conn = Some(clone);
+        Ok(())
+    }
+
+    /// Lets the connection go (the migration failed): nothing is left to cancel.
+    pub(crate) fn release(&self) {
+        let mut s = lock(&self.0);
+        s.disarmed = true;
+        s.conn = None;
+    }
+
+    /// The point of no return: fails if cancelled already, else refuses every later cancel.
+    pub(crate) fn disarm(&self) -> Result<(), MigrationError> {
+        let mut s = lock(&self.0);
+        if s.cancelled {
+            return Err(MigrationError::Cancelled);
+        }
+        s.disarmed = true;
+        s.conn = None;
+        Ok(())
     }
 }
 

@@ -96,6 +96,24 @@ impl Tag {
     }
 }
 
+impl Tag {
+    /// The longest body a frame of this kind may have: a peer cannot make this side
+    /// allocate more than a frame of its kind needs.
+    pub fn max_len(self) -> u64 {
+        match self {
+            Tag::Hello => 1 << 20,
+            Tag::Pages => 12 + BATCH_PAGES * hypervisor::mem::PAGE_SIZE,
+            Tag::State => 64 << 20,
+            // One bit per page of guest memory, as JSON numbers.
+            Tag::Postcopy => MAX_FRAME,
+            Tag::Error | Tag::PostcopyEnd => 64 << 10,
+            Tag::Round => 4 << 10,
+            Tag::Ready | Tag::Commit | Tag::Resumed | Tag::Abort => 64,
+            Tag::PageRequest | Tag::PostcopyDone => 64,
+        }
+    }
+}
+
 /// `Hello`'s body.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
@@ -144,8 +162,11 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolE
     let tag = Tag::from_u8(head[0])
         .ok_or_else(|| ProtocolError::Bad(format!("unknown message type {}", head[0])))?;
     let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
-    if len > MAX_FRAME {
-        return Err(ProtocolError::Bad(format!("a {len}-byte message")));
+    if len > tag.max_len() {
+        return Err(ProtocolError::Bad(format!(
+            "a {len}-byte {tag:?} message (at most {})",
+            tag.max_len()
+        )));
     }
     // Every byte is read over: no need to zero what the buffer already has.
     let len = len as usize;
@@ -218,5 +239,18 @@ mod tests {
         let mut huge = vec![Tag::Pages as u8];
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(read_frame(&mut huge.as_slice(), &mut buf).is_err());
+        // Each kind has its own limit: a Ready frame one byte over its own is refused before
+        // anything is read or allocated.
+        let mut long = vec![Tag::Ready as u8];
+        long.extend_from_slice(&(Tag::Ready.max_len() + 1).to_le_bytes());
+        let e = read_frame(&mut long.as_slice(), &mut buf).unwrap_err();
+        assert!(e.to_string().contains("at most 64"), "{e}");
+        let mut full = Vec::new();
+        let pages = vec![0u8; (Tag::Pages.max_len()) as usize];
+        write_frame(&mut full, Tag::Pages, &[&pages]).unwrap();
+        assert_eq!(
+            read_frame(&mut full.as_slice(), &mut buf).unwrap(),
+            Tag::Pages
+        );
     }
 }

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag};
 use super::Outgoing;
-use super::{Addr, MigrationError, PageLog, Stream};
+use super::{Addr, Canceller, MigrationError, PageLog, Stream};
 use crate::config::VmConfig;
 use crate::snapshot::memory::layout_of;
 use crate::snapshot::pager::Pager;
@@ -54,19 +54,42 @@ pub fn listen(addr: &str) -> Result<Listener, MigrationError> {
     })
 }
 
-fn accept(l: &Listener) -> Result<Stream, MigrationError> {
+impl Listener {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Listener::Tcp(t) => t.as_fd(),
+            Listener::Unix(u, _) => u.as_fd(),
+        }
+    }
+}
+
+/// Waits for the source, checking `cancel` every 100 ms.
+fn accept(l: &Listener, cancel: &Canceller) -> Result<Stream, MigrationError> {
     let err = |source| MigrationError::Connect {
         addr: "incoming migration".to_string(),
         source,
     };
-    Ok(match l {
+    loop {
+        cancel.check()?;
+        let mut fds = [nix::poll::PollFd::new(l.fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => break,
+            Err(e) => return Err(err(e.into())),
+        }
+    }
+    let stream = match l {
         Listener::Tcp(t) => {
             let (s, _) = t.accept().map_err(err)?;
             let _ = s.set_nodelay(true);
             Stream::Tcp(s)
         }
         Listener::Unix(u, _) => Stream::Unix(u.accept().map_err(err)?.0),
-    })
+    };
+    stream.set_timeout(Some(super::IO_TIMEOUT)).map_err(err)?;
+    cancel.attach(&stream)?;
+    Ok(stream)
 }
 
 /// Tells the source why the target gives up, and returns the error.
@@ -76,12 +99,15 @@ fn refuse(stream: &mut Stream, e: MigrationError) -> MigrationError {
 }
 
 /// Receives one migration on `listener` and returns the VM, ready to run (the source has
-/// committed). The host-side settings (console, API socket) come from `opts`.
+/// committed). The host-side settings (console, API socket) come from `opts`. `cancel` ends
+/// it (waiting for the source, or receiving) until the target says it is ready to run the
+/// VM; from then the source decides.
 pub fn receive(
     listener: &Listener,
     opts: &RestoreOptions,
     start: Instant,
     status: &Mutex<MigrationStatus>,
+    cancel: &Canceller,
 ) -> Result<Vm, MigrationError> {
     let update = |f: &dyn Fn(&mut MigrationStatus)| f(&mut lock(status));
     *lock(status) = MigrationStatus {
@@ -89,7 +115,7 @@ pub fn receive(
         role: Some(MigrationRole::Receive),
         ..Default::default()
     };
-    let mut stream = accept(listener)?;
+    let mut stream = accept(listener, cancel)?;
     let began = Instant::now();
     update(&|s| s.phase = MigrationPhase::Setup);
     let mut buf = Vec::new();
@@ -247,9 +273,13 @@ pub fn receive(
         digested_at - state_at,
         digested_at.elapsed()
     );
-    // The source compares the digests and commits, or aborts.
+    // The source compares the digests and commits, or aborts: this side cannot cancel any
+    // more (the source might commit while it does).
+    cancel.disarm()?;
     protocol::write_frame(&mut stream, Tag::Ready, &[&sum.to_le_bytes()])?;
     protocol::expect(&mut stream, &mut buf, Tag::Commit)?;
+    // The VM is this side's; the stream may idle (post-copy page requests).
+    let _ = stream.set_timeout(None);
     if let Some((out, go)) = live {
         // From here the stream is the pager's.
         protocol::write_frame(&mut stream, Tag::Resumed, &[])?;

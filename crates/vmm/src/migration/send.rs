@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use api::types::{MigrateSendRequest, MigrationPhase, MigrationRole, MigrationStatus};
+use api::types::{
+    IfNotConverged, MigrateSendRequest, MigrationPhase, MigrationRole, MigrationStatus,
+};
 use devices::bus::lock;
 use guestmem::GuestMem;
 use hypervisor::dirty::DirtyBitmap;
@@ -12,7 +14,7 @@ use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
-use super::{Addr, MigrationError, PageLog, Stream};
+use super::{Addr, Canceller, MigrationError, PageLog, Stream};
 use crate::api::VmHandle;
 use crate::dirty::Consumer;
 use crate::snapshot::memory::{layout_of, runs, scan_used};
@@ -25,7 +27,7 @@ const MAX_ROUNDS: u32 = 30;
 #[derive(Default)]
 pub struct Outgoing {
     pub status: Mutex<MigrationStatus>,
-    pub cancel: AtomicBool,
+    pub cancel: Canceller,
     /// The status was read after the migration ended (the source may exit now).
     pub final_status_read: AtomicBool,
 }
@@ -87,9 +89,7 @@ impl Pages<'_> {
 
     /// Sends one frame of pages, paced to the limit.
     fn batch(&mut self, addr: u64, data: &[u8]) -> Result<(), MigrationError> {
-        if self.out.cancel.load(Ordering::SeqCst) {
-            return Err(MigrationError::Cancelled);
-        }
+        self.out.cancel.check()?;
         let n = data.len() as u64 / PAGE_SIZE;
         protocol::write_frame(
             self.stream,
@@ -180,10 +180,10 @@ pub(super) fn commit(
         return Err(MigrationError::Digest);
     }
     hold("commit");
-    if out.cancel.load(Ordering::SeqCst) {
-        return Err(MigrationError::Cancelled);
-    }
+    out.cancel.disarm()?;
     protocol::write_frame(stream, Tag::Commit, &[])?;
+    // From here the VM is the target's; the stream may idle (post-copy page requests).
+    let _ = stream.set_timeout(None);
     Ok(())
 }
 
@@ -207,7 +207,6 @@ pub fn send(
     out: &Outgoing,
 ) -> Result<Duration, MigrationError> {
     let started = Instant::now();
-    let addr = Addr::parse(&req.to)?;
     let m = &h.machine;
     out.update(|s| {
         *s = MigrationStatus {
@@ -217,31 +216,34 @@ pub fn send(
             ..Default::default()
         }
     });
-    let mut stream = Stream::connect(&addr)?;
+    let mut stream: Option<Stream> = None;
     let mut buf = Vec::new();
-    let hello = Hello {
-        magic: protocol::MAGIC.to_string(),
-        version: protocol::VERSION,
-        vessel_version: env!("CARGO_PKG_VERSION").to_string(),
-        config: serde_json::to_value(m.config_now())
-            .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
-        full_digest: req.full_digest,
-    };
-    protocol::write_json(&mut stream, Tag::Hello, &hello)?;
-    protocol::expect(&mut stream, &mut buf, Tag::Ready)?;
-
     // The dirty tracker logs the guest's writes (KVM) and the device threads' (vm-memory's
     // bitmap), so the devices run on through pre-copy; they pause for stop-and-copy only.
     let mut paused_vcpus = false;
     let mut paused_devices = false;
     let mut committed = false;
-    let result = (|| -> Result<Duration, MigrationError> {
+    let result = (|| -> Result<(Duration, bool), MigrationError> {
+        // Connecting and the greeting fail like any later step: the status says so and the
+        // VM runs on.
+        let stream = stream.insert(Stream::connect(&Addr::parse(&req.to)?)?);
+        out.cancel.attach(stream)?;
+        let hello = Hello {
+            magic: protocol::MAGIC.to_string(),
+            version: protocol::VERSION,
+            vessel_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: serde_json::to_value(m.config_now())
+                .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
+            full_digest: req.full_digest,
+        };
+        protocol::write_json(stream, Tag::Hello, &hello)?;
+        protocol::expect(stream, &mut buf, Tag::Ready)?;
         // A userfaultfd-restored VM's untouched pages come in first: the first round sends
         // resident pages only, and the pager's fills are in neither dirty log.
         m.populate_memory()?;
         m.dirty.start(&m.vm_fd, &m.mem, Consumer::Migration)?;
         let mut pages = Pages {
-            stream: &mut stream,
+            stream,
             mem: &m.mem,
             out,
             buf: Vec::new(),
@@ -260,7 +262,7 @@ pub fn send(
         hold("precopy");
         let downtime = Duration::from_millis(req.downtime_ms);
         let mut round = 1;
-        let bitmaps = loop {
+        let (bitmaps, expected) = loop {
             let bitmaps = take_dirty(m)?;
             let dirty = dirty_bytes(&bitmaps);
             let took = round_start.elapsed().as_secs_f64().max(1e-6);
@@ -274,10 +276,10 @@ pub fn send(
                 s.elapsed_ms = started.elapsed().as_millis() as u64;
             });
             if expected <= downtime
-                || round >= MAX_ROUNDS
+                || round >= req.max_rounds.unwrap_or(MAX_ROUNDS)
                 || (req.post_copy && req.post_copy_after_rounds.is_some_and(|n| round >= n))
             {
-                break bitmaps;
+                break (bitmaps, expected);
             }
             round += 1;
             round_start = Instant::now();
@@ -295,7 +297,24 @@ pub fn send(
         };
 
         let forced = req.post_copy_after_rounds.is_some_and(|n| round >= n);
-        if req.post_copy && (forced || out.status().expected_downtime_ms > req.downtime_ms) {
+        let expected_ms = expected.as_millis() as u64;
+        let converged = expected <= downtime;
+        let policy = req.if_not_converged();
+        if !converged && policy == IfNotConverged::Fail {
+            return Err(MigrationError::NotConverged {
+                rounds: round,
+                expected_ms,
+                limit_ms: req.downtime_ms,
+            });
+        }
+        if !converged && policy == IfNotConverged::StopAndCopy {
+            tracing::warn!(
+                "pre-copy did not converge after {round} rounds: stop-and-copy as asked, with \
+                 about {expected_ms} ms of downtime (limit {} ms)",
+                req.downtime_ms
+            );
+        }
+        if policy == IfNotConverged::PostCopy && (forced || !converged) {
             return super::postcopy::run_source(
                 h,
                 pages.stream,
@@ -309,7 +328,8 @@ pub fn send(
                 &mut paused_vcpus,
                 &mut paused_devices,
                 &mut committed,
-            );
+            )
+            .map(|d| (d, true));
         }
         // Stop and copy.
         out.update(|s| s.phase = MigrationPhase::StopAndCopy);
@@ -343,14 +363,24 @@ pub fn send(
         if let Err(e) = protocol::expect(pages.stream, &mut buf, Tag::Resumed) {
             tracing::error!("migration committed but the target did not confirm: {e}");
         }
-        Ok(paused_at.elapsed())
+        Ok((paused_at.elapsed(), converged))
     })();
+    // The connection closes when `stream` drops: the cancel switch keeps no handle on it.
+    out.cancel.release();
     match result {
-        Ok(downtime) => {
+        Ok((downtime, converged)) => {
+            let ms = downtime.as_millis() as u64;
+            if ms > req.downtime_ms {
+                tracing::warn!(
+                    "the VM was paused for {ms} ms, over the {} ms limit",
+                    req.downtime_ms
+                );
+            }
             out.update(|s| {
                 s.phase = MigrationPhase::Completed;
                 s.remaining_bytes = 0;
-                s.downtime_ms = Some(downtime.as_millis() as u64);
+                s.downtime_ms = Some(ms);
+                s.downtime_limit_exceeded = !converged || ms > req.downtime_ms;
                 s.elapsed_ms = started.elapsed().as_millis() as u64;
             });
             Ok(downtime)
@@ -365,7 +395,9 @@ pub fn send(
         }
         Err(e) => {
             // Tell the target (if it still listens), then carry on here.
-            let _ = protocol::write_frame(&mut stream, Tag::Abort, &[]);
+            if let Some(s) = stream.as_mut() {
+                let _ = protocol::write_frame(s, Tag::Abort, &[]);
+            }
             m.dirty.stop(&m.vm_fd, &m.mem, Consumer::Migration);
             if paused_devices {
                 if let Err(r) = m.resume_devices() {
@@ -375,7 +407,8 @@ pub fn send(
             if paused_vcpus {
                 h.resume_after_migration();
             }
-            let cancelled = matches!(e, MigrationError::Cancelled);
+            // A cancel shuts the connection down: whatever failed then, it was the cancel.
+            let cancelled = out.cancel.is_cancelled();
             out.update(|s| {
                 s.phase = if cancelled {
                     MigrationPhase::Cancelled

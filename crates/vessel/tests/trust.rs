@@ -1,0 +1,93 @@
+//! What a VMM process owes its host whatever happens inside it: a panic in any thread ends
+//! the process loudly with its own exit code (never a hung VM), the control socket is
+//! private, and errors keep to the README's exit-code table.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::soak::Console;
+use common::*;
+
+#[test]
+fn a_panic_in_a_port_handler_ends_the_vm_with_its_own_code_and_names_the_thread() {
+    // The bundled guest ends by writing its status to the exit device; the test hook makes
+    // that port's handler panic on the vCPU thread, as a device bug would.
+    let child = Command::new(VESSEL)
+        .args(["run", "--cpus", "2"])
+        .env("VESSEL_TEST_PANIC", "guest-exit")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Before the hook, the vCPU thread ended alone and the VM hung: the watchdog kills it.
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let o = child.wait_with_output().unwrap();
+    drop(watchdog);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(70), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("vessel: internal error: thread 'vcpu"))
+        .unwrap_or_else(|| panic!("no panic line naming a vCPU thread:\n{err}"));
+    assert!(line.contains("panicked at"), "{line}");
+    assert!(line.contains("VESSEL_TEST_PANIC"), "{line}");
+}
+
+#[test]
+fn the_api_socket_is_private_whatever_the_umask() {
+    let tmp = TempDir::new("trust-sock");
+    let sock = tmp.file("api.sock");
+    // A permissive umask: the socket must still be the owner's only.
+    let mut c = Console::spawn_command(&[
+        "sh",
+        "-c",
+        &format!(
+            "umask 000; exec {VESSEL} serve --api-socket {}",
+            sock.display()
+        ),
+    ]);
+    wait_for(&sock);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    assert_eq!(c.stop(), Some(143));
+}
+
+#[test]
+fn configuration_errors_exit_2_and_ctl_takes_its_flags_after_the_verb() {
+    // A value the parser takes but the configuration refuses.
+    let o = vessel(&["run", "--disk", "path=/nonexistent/disk.img"]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).starts_with("vessel: error: "), "{}", stderr(&o));
+    // A snapshot directory that holds no snapshot.
+    let tmp = TempDir::new("trust-codes");
+    let o = vessel(&["run", "--restore", tmp.0.to_str().unwrap()]);
+    assert_code(&o, 2);
+    // ctl: no socket is a usage error; the flags work after the verb too.
+    let o = vessel(&["ctl", "info"]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("--api-socket"), "{}", stderr(&o));
+    let sock = tmp.file("api.sock");
+    let mut c = Console::spawn(&["serve", "--api-socket", sock.to_str().unwrap()]);
+    wait_for(&sock);
+    let o = vessel(&[
+        "ctl",
+        "info",
+        "--json",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("\"empty\""), "{}", stdout(&o));
+    // A runtime failure (the API refuses: no VM to pause) stays 1.
+    let o = vessel(&["ctl", "pause", "--api-socket", sock.to_str().unwrap()]);
+    assert_code(&o, 1);
+    assert_eq!(c.stop(), Some(143));
+}
