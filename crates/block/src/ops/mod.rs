@@ -453,6 +453,41 @@ mod tests {
     }
 
     #[test]
+    fn create_replaces_only_with_force_and_never_in_use() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.qcow2");
+        let opts = |force| CreateOptions {
+            size: Some(1 << 20),
+            force,
+            ..Default::default()
+        };
+        create(&p, &opts(false)).unwrap();
+        let e = create(&p, &opts(false)).unwrap_err().to_string();
+        assert!(e.contains("--force"), "{e}");
+        let lock = ImageLock::acquire(&p, LockMode::Read).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let e = create(&p, &opts(true)).unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        assert!(std::fs::read(&p).unwrap() == before);
+        drop(lock);
+        create(&p, &opts(true)).unwrap();
+        // A failed create leaves no new file behind.
+        let q = d.path().join("y.qcow2");
+        let bad = CreateOptions {
+            cluster_size: Some(3),
+            ..opts(false)
+        };
+        assert!(create(&q, &bad).is_err());
+        let bad = CreateOptions {
+            prealloc: Prealloc::Metadata,
+            format: Some(Format::Raw),
+            ..opts(false)
+        };
+        assert!(create(&q, &bad).is_err());
+        assert!(!q.exists());
+    }
+
+    #[test]
     fn relpaths() {
         assert_eq!(
             relative_path(Path::new("/a/b/c.img"), Path::new("/a/b")),

@@ -487,3 +487,150 @@ pub fn fix_copied_flags(m: &mut Qcow2Meta) -> Result<(), MetaError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{create, CreateOptions};
+    use std::os::unix::fs::FileExt;
+
+    /// A 16 MiB qcow2 image with data at 0 and 8 MiB.
+    fn image(dir: &Path) -> std::path::PathBuf {
+        let p = dir.join("t.qcow2");
+        create(
+            &p,
+            &CreateOptions {
+                size: Some(16 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let d = crate::open(&p, crate::OpenOptions::default()).unwrap();
+        d.write_at(&[1; 65536], 0).unwrap();
+        d.write_at(&[2; 65536], 8 << 20).unwrap();
+        d.flush().unwrap();
+        p
+    }
+
+    fn be64(p: &Path, off: u64) -> u64 {
+        let mut b = [0u8; 8];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut b, off)
+            .unwrap();
+        u64::from_be_bytes(b)
+    }
+
+    fn poke(p: &Path, off: u64, v: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(&v.to_be_bytes(), off).unwrap();
+    }
+
+    fn kinds(p: &Path) -> Vec<HazardKind> {
+        let mut m = Qcow2Meta::open(p, false).unwrap();
+        check(&mut m, false)
+            .unwrap()
+            .hazards
+            .iter()
+            .map(|h| h.kind)
+            .collect()
+    }
+
+    #[test]
+    fn clean_image_has_no_hazards_and_passes_the_guard() {
+        let d = tempfile::tempdir().unwrap();
+        let p = image(d.path());
+        assert!(kinds(&p).is_empty());
+        guard_write(&p).unwrap();
+        assert_eq!(be64(&p, 72) & 2, 0);
+    }
+
+    #[test]
+    fn l1_entry_at_the_refcount_table_is_an_overlap() {
+        let d = tempfile::tempdir().unwrap();
+        let p = image(d.path());
+        let l1 = be64(&p, 40);
+        poke(&p, l1, COPIED | be64(&p, 48));
+        assert!(kinds(&p).contains(&HazardKind::Overlap));
+        let e = guard_write(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot be opened read/write") && e.contains("the refcount table"),
+            "{e}"
+        );
+        assert_eq!(be64(&p, 72) & 2, 2, "corrupt bit set");
+        let e = guard_write(&p).unwrap_err();
+        assert!(matches!(e, MetaError::MarkedCorrupt { .. }), "{e}");
+    }
+
+    #[test]
+    fn data_cluster_on_an_l2_table_is_an_overlap() {
+        let d = tempfile::tempdir().unwrap();
+        let p = image(d.path());
+        let l2 = be64(&p, be64(&p, 40)) & OFFSET_MASK;
+        // L2 entry 1 points at the L2 table itself.
+        poke(&p, l2 + 8, COPIED | l2);
+        let mut m = Qcow2Meta::open(&p, false).unwrap();
+        let r = check(&mut m, false).unwrap();
+        assert!(r.hazards.iter().any(|h| h.kind == HazardKind::Overlap
+            && h.what.contains("an L2 table and as a data cluster")));
+        assert_eq!(r.exit_code(), 2);
+    }
+
+    #[test]
+    fn l2_past_eof_and_unaligned_are_reported_not_failed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = image(d.path());
+        let l1 = be64(&p, 40);
+        poke(&p, l1, COPIED | (1 << 40));
+        assert!(kinds(&p).contains(&HazardKind::OutsideFile));
+        poke(&p, l1, COPIED | 0x10200);
+        assert!(kinds(&p).contains(&HazardKind::Unaligned));
+    }
+
+    #[test]
+    fn zero_refcount_of_a_referenced_cluster_is_a_hazard_unless_dirty() {
+        let d = tempfile::tempdir().unwrap();
+        let p = image(d.path());
+        // Refcount of the L2 table's cluster to 0: the allocator could hand it out again.
+        let l2 = be64(&p, be64(&p, 40)) & OFFSET_MASK;
+        let rb = be64(&p, be64(&p, 48));
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&0u16.to_be_bytes(), rb + (l2 >> 16) * 2)
+            .unwrap();
+        assert!(kinds(&p).contains(&HazardKind::RefcountTooLow));
+        // Dirty (lazy refcounts after a crash): stale refcounts are expected, the open
+        // repairs them.
+        poke(&p, 72, be64(&p, 72) | 1);
+        guard_write(&p).unwrap();
+        let mut m = Qcow2Meta::open(&p, true).unwrap();
+        let r = check(&mut m, true).unwrap();
+        assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+        // Clean again, refcount 0 on a referenced cluster: refused.
+        drop(m);
+        f.write_all_at(&0u16.to_be_bytes(), rb + (l2 >> 16) * 2)
+            .unwrap();
+        assert!(guard_write(&p).is_err());
+        assert_eq!(be64(&p, 72) & 2, 2);
+    }
+
+    #[test]
+    fn v2_images_are_refused_without_a_bit_to_set() {
+        let d = tempfile::tempdir().unwrap();
+        let p = image(d.path());
+        // Make it v2 (the header's v3 fields are then ignored).
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&2u32.to_be_bytes(), 4).unwrap();
+        let l1 = be64(&p, 40);
+        poke(&p, l1, COPIED | be64(&p, 48));
+        let before = std::fs::read(&p).unwrap();
+        let e = guard_write(&p).unwrap_err();
+        assert!(
+            matches!(e, MetaError::CorruptFound { marked: false, .. }),
+            "{e}"
+        );
+        assert!(
+            std::fs::read(&p).unwrap() == before,
+            "a v2 image is not written"
+        );
+    }
+}

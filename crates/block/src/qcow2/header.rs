@@ -506,6 +506,17 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_bit_parses() {
+        let mut h = sample();
+        h.incompatible = INCOMPAT_CORRUPT;
+        let mut buf = h.serialize().unwrap();
+        buf.resize(1 << 16, 0);
+        let p = Header::parse(&buf, 4 << 16).unwrap();
+        assert!(p.corrupt() && !p.dirty());
+        assert!(!sample().corrupt());
+    }
+
+    #[test]
     fn rejects_bad_input() {
         let h = sample();
         let mut buf = h.serialize().unwrap();

@@ -11,9 +11,9 @@ use crate::{DiskBackend, Error, Format, Result};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
-use storage::ImageFile;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use storage::ImageFile;
 
 /// An imago image stack (top image with its backing chain).
 pub type Access = FormatAccess<ImageFile>;

@@ -158,3 +158,45 @@ impl Storage for ImageFile {
         self.inner.resize(new_size, prealloc_mode)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::qcow2::meta::Qcow2Meta;
+    use crate::{open, OpenOptions};
+
+    #[test]
+    fn a_corrupt_marked_image_reads_but_never_writes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.qcow2");
+        crate::ops::create(
+            &p,
+            &crate::ops::CreateOptions {
+                size: Some(4 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let disk = open(&p, OpenOptions::default()).unwrap();
+        disk.write_at(&[7; 4096], 65536).unwrap();
+        drop(disk);
+        let mut m = Qcow2Meta::open_for_repair(&p).unwrap();
+        m.set_corrupt(true).unwrap();
+        drop(m);
+        let before = std::fs::read(&p).unwrap();
+        let ro = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let disk = open(&p, ro).unwrap();
+        let mut buf = [0u8; 4096];
+        disk.read_at(&mut buf, 65536).unwrap();
+        assert_eq!(buf, [7; 4096]);
+        assert!(disk.write_at(&buf, 0).is_err());
+        drop(disk);
+        // Read-write: refused, by us (and imago would refuse it too).
+        let e = open(&p, OpenOptions::default()).err().unwrap().to_string();
+        assert!(e.contains("cannot be opened read/write"), "{e}");
+        assert!(Qcow2Meta::open(&p, true).is_err());
+        assert!(std::fs::read(&p).unwrap() == before);
+    }
+}
