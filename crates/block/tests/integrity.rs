@@ -259,9 +259,15 @@ fn writing_operations_refuse_an_image_in_use() {
         assert_ne!(o.status.code(), Some(0));
         assert!(String::from_utf8_lossy(&o.stderr).contains("lock"));
     }
-    assert!(std::fs::read(&img).unwrap() == before, "an image in use changed");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "an image in use changed"
+    );
     assert!(std::fs::read(&base).unwrap() == base_before);
     drop((_w, _t, _b));
     run_ok(VESSEL, &["create", "--force", &img, "8M"], 0);
-    assert_eq!(json(&vessel(&["info", "--json", &img]))["virtual-size"], 8 << 20);
+    assert_eq!(
+        json(&vessel(&["info", "--json", &img]))["virtual-size"],
+        8 << 20
+    );
 }

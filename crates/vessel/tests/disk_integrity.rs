@@ -146,7 +146,11 @@ fn image_commands_refuse_a_running_vms_disk() {
     assert_eq!(checksum(&disk), before);
     assert_code(&image(&["create", "--force", d, "64M"]), 0);
     let o = qemu_img(&["info", d]);
-    assert!(stdout(&o).contains("virtual size: 64 MiB"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("virtual size: 64 MiB"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 /// The qcow2 header fields at `off`, big-endian.
