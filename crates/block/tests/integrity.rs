@@ -37,8 +37,11 @@ fn image_with_data(d: &Path, name: &str, qemu: bool) -> String {
     img
 }
 
-/// The damaged images of the brief: (name, how to damage a fresh image).
-fn damages() -> Vec<(&'static str, fn(&str))> {
+/// How to damage a fresh image.
+type Damage = fn(&str);
+
+/// The damaged images: (name, damage).
+fn damages() -> Vec<(&'static str, Damage)> {
     vec![
         ("clean", |_| {}),
         ("l2-past-eof", |img| {

@@ -436,7 +436,8 @@ pub fn check(m: &mut Qcow2Meta, repair: bool) -> Result<CheckReport, MetaError> 
 ///
 /// Cost: one [`check`] walk without repair: it reads the L1 tables, every L2 table and the
 /// refcount blocks (for 64 KiB clusters 1/8192 of the allocated data plus 1/32768 of the
-/// file) and keeps 17 bytes of memory per host cluster while it runs.
+/// file) and keeps about 25 bytes of memory per host cluster while it runs (references,
+/// role, the on-disk refcounts and their copy).
 pub fn guard_write(path: &Path) -> Result<(), MetaError> {
     let mut m = Qcow2Meta::open(path, false)?;
     if m.header.corrupt() {
