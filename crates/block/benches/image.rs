@@ -121,7 +121,7 @@ fn run_qemu(path: &Path, fmt: &str, write: bool, random: bool, cfg: &Cfg) -> Opt
 fn fresh_overlay(cfg: &Cfg) -> PathBuf {
     let ov = cfg.dir.join("overlay.qcow2");
     let _ = std::fs::remove_file(&ov);
-    block::ops::clone(&cfg.dir.join("base.qcow2"), &ov).expect("clone");
+    block::ops::clone(&cfg.dir.join("base.qcow2"), &ov, false).expect("clone");
     ov
 }
 
@@ -140,6 +140,7 @@ fn main() {
         let o = block::ops::CreateOptions {
             format: Some(f),
             size: Some(cfg.size),
+            force: true,
             ..Default::default()
         };
         block::ops::create(p, &o).expect("create");

@@ -21,7 +21,10 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Format of the top image; probed when `None`.
     pub format: Option<Format>,
-    /// Take OFD locks (like QEMU). Only disable for diagnostics (`info -U`).
+    /// Take OFD locks (like QEMU). Only disable for diagnostics (`info -U`) and for a
+    /// migration target (the source holds the locks). A locked read-write open of a qcow2
+    /// image first validates its metadata ([`crate::qcow2::check::guard_write`]); an
+    /// unlocked one does not (someone else may be writing the image).
     pub lock: bool,
     /// Repair a dirty (lazy-refcount, unclean shutdown) top image when opening it writable.
     pub repair_dirty: bool,
@@ -147,6 +150,9 @@ pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Box<dyn DiskBac
     if layers.len() == 1 && layers[0].format == Format::Raw {
         let raw = RawBackend::open_with(path, opts.read_only, opts.direct)?;
         return Ok(Box::new(Locked::new(Box::new(raw), locks)));
+    }
+    if opts.lock && !opts.read_only && layers[0].format == Format::Qcow2 {
+        crate::qcow2::check::guard_write(&layers[0].path)?;
     }
     prepare_dirty(&layers, opts.read_only, opts.repair_dirty)?;
     let q = Qcow2Backend::open_chain_with(&layers, opts.read_only, opts.direct)?;

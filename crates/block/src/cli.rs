@@ -63,6 +63,10 @@ pub enum ImageCommand {
         /// qcow2 cluster size in bytes (default 64K).
         #[arg(long, value_parser = parse_size)]
         cluster_size: Option<u64>,
+        /// Replace an existing file. An image in use (by a VM, or any process holding its
+        /// lock) is refused even so.
+        #[arg(long)]
+        force: bool,
         /// Image file.
         path: PathBuf,
         /// Virtual size, as qemu-img accepts it positionally.
@@ -86,6 +90,9 @@ pub enum ImageCommand {
         /// Template (base) image.
         #[arg(long = "from")]
         from: PathBuf,
+        /// Replace an existing file (never one in use).
+        #[arg(long)]
+        force: bool,
         /// New overlay image.
         path: PathBuf,
     },
@@ -135,7 +142,14 @@ pub enum ImageCommand {
         #[arg(allow_hyphen_values = true)]
         size: String,
     },
-    /// Check image consistency (exit 0 clean, 2 corrupt, 3 leaks).
+    /// Check image consistency (qcow2), like `qemu-img check`.
+    ///
+    /// Exit status: 0 no problems; 1 the check could not run (unreadable file, header
+    /// invalid, image in use); 2 corruptions found (overlapping or misplaced metadata,
+    /// refcounts lower than the references, wrong COPIED flags); 3 leaked clusters only
+    /// (wasted space, no harm to data); 63 the format (raw) does not support checks. An
+    /// image marked corrupt (header bit) is reported; with --repair that leaves no
+    /// corruption the mark is cleared.
     Check {
         /// Repair leaked clusters, refcount errors and COPIED flags.
         #[arg(short = 'r', long)]
@@ -216,6 +230,7 @@ pub fn run(args: ImageArgs) -> Result<i32, CliError> {
             backing_format,
             preallocation,
             cluster_size,
+            force,
             path,
             size_pos,
         } => {
@@ -226,6 +241,7 @@ pub fn run(args: ImageArgs) -> Result<i32, CliError> {
                 backing_format,
                 prealloc: preallocation,
                 cluster_size,
+                force,
             };
             ops::create(&path, &opts)?;
             Ok(0)
@@ -249,8 +265,8 @@ pub fn run(args: ImageArgs) -> Result<i32, CliError> {
             }
             Ok(0)
         }
-        ImageCommand::Clone { from, path } => {
-            ops::clone(&from, &path)?;
+        ImageCommand::Clone { from, force, path } => {
+            ops::clone(&from, &path, force)?;
             Ok(0)
         }
         ImageCommand::Snapshot { op } => run_snapshot(op),
@@ -344,7 +360,17 @@ fn run_resize(path: &std::path::Path, size: &str, shrink: bool) -> Result<i32, C
     Ok(0)
 }
 
+/// `qemu-img check`'s exit status for a format without checks.
+pub const EXIT_CHECK_UNSUPPORTED: i32 = 63;
+
 fn run_check(path: &std::path::Path, repair: bool, json: bool) -> Result<i32, CliError> {
+    if crate::probe(path)? != Format::Qcow2 {
+        eprintln!(
+            "vessel: {}: this image format does not support checks",
+            path.display()
+        );
+        return Ok(EXIT_CHECK_UNSUPPORTED);
+    }
     let r = ops::check(path, repair)?;
     if json {
         print_json(&r)?;
@@ -352,6 +378,12 @@ fn run_check(path: &std::path::Path, repair: bool, json: bool) -> Result<i32, Cl
     }
     for m in &r.messages {
         eprintln!("{m}");
+    }
+    if r.marked_corrupt {
+        println!(
+            "The image is marked corrupt (corrupt bit set in the header): it opens read-only \
+             only; --repair clears the mark once no corruption is left."
+        );
     }
     if repair && (r.corruptions_fixed > 0 || r.leaks_fixed > 0) {
         println!(

@@ -85,8 +85,12 @@ fn bad_magic() {
     // Without an explicit format it is probed as raw, like qemu-img does.
     let info = json(&vessel(&["info", "--json", &img]));
     assert_eq!(info["format"], "raw");
+    // Probed as raw: a format without checks (63, as qemu-img check says).
     let o = run(VESSEL, &["check", &img]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(63));
+    if have_qemu() {
+        assert_eq!(run("qemu-img", &["check", &img]).status.code(), Some(63));
+    }
 }
 
 #[test]
@@ -127,11 +131,28 @@ fn l2_offset_past_eof() {
     poke(&img, l1, &((1u64 << 63) | (1 << 40)).to_be_bytes());
     let o = run(VESSEL, &["check", &img]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    // A corruption the check finds (2, as qemu-img check says), not a check that failed (1).
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("L2 table") && err.contains(&format!("{l1:#x}")),
+        err.contains("L2 table at 0x10000000000") && err.contains(&format!("{l1:#x}")),
         "{err}"
     );
+    if have_qemu() {
+        assert_eq!(run("qemu-img", &["check", &img]).status.code(), Some(2));
+    }
+    // Refused read-write (and marked corrupt), still readable read-only.
+    let e = block::open(&img, block::OpenOptions::default())
+        .err()
+        .expect("a read-write open must fail")
+        .to_string();
+    assert!(e.contains("Image is corrupt"), "{e}");
+    let ro = block::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let disk = block::open(&img, ro).expect("read-only open");
+    let mut buf = [0u8; 512];
+    disk.read_at(&mut buf, 1 << 20).unwrap();
 }
 
 #[test]

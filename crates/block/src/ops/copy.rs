@@ -2,6 +2,7 @@
 
 use super::{create, invalid, io, CreateOptions, Progress, Result};
 use crate::chain::{lock_chain, resolve_backing, resolve_chain, Layer};
+use crate::qcow2::check::guard_write;
 use crate::qcow2::meta::Qcow2Meta;
 use crate::qcow2::{open_imago, open_imago_single, Access};
 use crate::{DiskBackend, Format, OpenOptions};
@@ -45,6 +46,8 @@ pub fn convert(
             format: Some(out_fmt),
             size: Some(size),
             cluster_size,
+            // Like qemu-img convert: the target is replaced, but never while in use.
+            force: true,
             ..Default::default()
         },
     )?;
@@ -106,6 +109,11 @@ pub fn commit(path: &Path, progress: Progress<'_>) -> Result<()> {
     // The overlay and its direct backing file are both written.
     let _top_lock = lock_chain(&layers[..1], false)?;
     let _base_locks = lock_chain(&layers[1..], false)?;
+    for l in &layers[..2] {
+        if l.format == Format::Qcow2 {
+            guard_write(&l.path)?;
+        }
+    }
     let mut top = open_imago_single(&layers[0], true)?;
     let base = open_imago(&layers[1..], true)?;
     let size = top.size();
@@ -173,6 +181,7 @@ pub fn rebase(
     if crate::probe(path)? != Format::Qcow2 {
         return Err(invalid(path, "only qcow2 images have a backing file"));
     }
+    guard_write(path)?;
     let new_fmt = match (new_base, new_fmt) {
         (Some(b), None) => Some(crate::probe(&resolve_backing(path, b))?),
         (_, f) => f,

@@ -116,7 +116,7 @@ fn layer_info(l: &Layer) -> Result<ImageInfo> {
             compat: if h.version >= 3 { "1.1" } else { "0.10" }.into(),
             lazy_refcounts: h.compatible & crate::qcow2::header::COMPAT_LAZY_REFCOUNTS != 0,
             refcount_bits: h.refcount_bits(),
-            corrupt: false,
+            corrupt: h.corrupt(),
             extended_l2: false,
             compression_type: "zlib".into(),
         },
@@ -197,8 +197,8 @@ impl ImageInfo {
         }
         if let Some(fs) = &self.format_specific {
             s += &format!(
-                "Format specific information:\n    compat: {}\n    compression type: {}\n    lazy refcounts: {}\n    refcount bits: {}\n    corrupt: false\n    extended l2: false\n",
-                fs.data.compat, fs.data.compression_type, fs.data.lazy_refcounts, fs.data.refcount_bits
+                "Format specific information:\n    compat: {}\n    compression type: {}\n    lazy refcounts: {}\n    refcount bits: {}\n    corrupt: {}\n    extended l2: false\n",
+                fs.data.compat, fs.data.compression_type, fs.data.lazy_refcounts, fs.data.refcount_bits, fs.data.corrupt
             );
         }
         s += &format!("dirty flag: {}\n", self.dirty_flag);

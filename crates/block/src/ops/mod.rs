@@ -9,7 +9,7 @@ pub use info::{info, ImageInfo};
 
 use crate::chain::{resolve_backing, resolve_chain};
 use crate::lock::{ImageLock, LockMode};
-use crate::qcow2::check::CheckReport;
+use crate::qcow2::check::{guard_write, CheckReport};
 use crate::qcow2::meta::{MetaError, Qcow2Meta};
 use crate::qcow2::snapshot::{self, Snapshot, SnapshotError};
 use crate::{probe, Error, Format};
@@ -91,9 +91,12 @@ pub struct CreateOptions {
     pub backing_format: Option<Format>,
     pub prealloc: Prealloc,
     pub cluster_size: Option<u64>,
+    /// Replace an existing file (never one in use: its write lock is taken first).
+    pub force: bool,
 }
 
-/// Create a new image.
+/// Create a new image. An existing file is only replaced with `force`, and only when its
+/// write lock can be taken (as `qemu-img create` does): never under a running VM.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let format = opts.format.unwrap_or(Format::Qcow2);
     let mut size = opts.size;
@@ -133,9 +136,46 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         backing = Some((name.clone(), bfmt));
     }
     let size = size.ok_or_else(|| invalid(path, "image size is required"))?;
-    match format {
+    if format == Format::Qcow2 {
+        check_qcow2_options(path, opts, backing.is_some())?;
+    }
+    let (lock, made) = claim_target(path, opts.force)?;
+    let r = match format {
         Format::Raw => create_raw(path, size, opts.prealloc),
         Format::Qcow2 => create_qcow2(path, size, opts, backing),
+    };
+    drop(lock);
+    if r.is_err() && made {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Take the write lock of the file an image is about to be written to: an existing file
+/// (replaced only with `force`), or a new empty one made for it. Returns the lock, held
+/// while the image is written, and whether the file is new.
+fn claim_target(path: &Path, force: bool) -> Result<(ImageLock, bool)> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) if !force => Err(invalid(
+            path,
+            "file exists; use --force to replace it with a new image",
+        )),
+        Ok(_) => Ok((ImageLock::acquire(path, LockMode::Write)?, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| io(path, e))?;
+            match ImageLock::acquire(path, LockMode::Write) {
+                Ok(lock) => Ok((lock, true)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(path);
+                    Err(e.into())
+                }
+            }
+        }
+        Err(e) => Err(io(path, e)),
     }
 }
 
@@ -179,6 +219,21 @@ fn create_raw(path: &Path, size: u64, prealloc: Prealloc) -> Result<()> {
     }
 }
 
+/// Options a qcow2 image cannot be made with (checked before any file is touched).
+fn check_qcow2_options(path: &Path, opts: &CreateOptions, backing: bool) -> Result<()> {
+    let cs = opts.cluster_size.unwrap_or(65536);
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return Err(invalid(path, format!("invalid cluster size {cs}")));
+    }
+    if backing && opts.prealloc != Prealloc::Off {
+        return Err(invalid(
+            path,
+            "preallocation is not supported with a backing file",
+        ));
+    }
+    Ok(())
+}
+
 fn create_qcow2(
     path: &Path,
     size: u64,
@@ -186,15 +241,6 @@ fn create_qcow2(
     backing: Option<(String, Format)>,
 ) -> Result<()> {
     let cs = opts.cluster_size.unwrap_or(65536);
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-        return Err(invalid(path, format!("invalid cluster size {cs}")));
-    }
-    if backing.is_some() && opts.prealloc != Prealloc::Off {
-        return Err(invalid(
-            path,
-            "preallocation is not supported with a backing file",
-        ));
-    }
     let storage =
         ImagoFile::create_open(StorageCreateOptions::new().filename(path).overwrite(true))
             .map_err(|e| io(path, e))?;
@@ -230,7 +276,8 @@ pub fn relative_path(to: &Path, from: &Path) -> PathBuf {
 }
 
 /// Create a thin qcow2 overlay on `base` (the template), storing a relative backing path.
-pub fn clone(base: &Path, path: &Path) -> Result<()> {
+/// An existing `path` is only replaced with `force` (and never while in use).
+pub fn clone(base: &Path, path: &Path, force: bool) -> Result<()> {
     let base_abs = std::fs::canonicalize(base).map_err(|e| io(base, e))?;
     let dir = path
         .parent()
@@ -245,6 +292,7 @@ pub fn clone(base: &Path, path: &Path) -> Result<()> {
             format: Some(Format::Qcow2),
             backing: Some(rel.to_string_lossy().into_owned()),
             backing_format: Some(fmt),
+            force,
             ..Default::default()
         },
     )
@@ -255,6 +303,8 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
     if probe(path)? != Format::Qcow2 {
         return Err(invalid(path, "this image format does not support checks"));
     }
+    // Like qemu-img check: a shared lock (refused while a VM writes the image), the
+    // write lock to repair.
     let _lock = ImageLock::acquire(
         path,
         if repair {
@@ -263,7 +313,11 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
             LockMode::Read
         },
     )?;
-    let mut m = Qcow2Meta::open(path, repair)?;
+    let mut m = if repair {
+        Qcow2Meta::open_for_repair(path)?
+    } else {
+        Qcow2Meta::open(path, false)?
+    };
     Ok(crate::qcow2::check::check(&mut m, repair)?)
 }
 
@@ -280,6 +334,9 @@ fn open_qcow2_locked(path: &Path, mode: LockMode) -> Result<(ImageLock, Qcow2Met
         return Err(invalid(path, "internal snapshots need a qcow2 image"));
     }
     let lock = ImageLock::acquire(path, mode)?;
+    if mode == LockMode::Write {
+        guard_write(path)?;
+    }
     let mut m = Qcow2Meta::open(path, mode == LockMode::Write)?;
     if m.header.dirty() {
         if mode == LockMode::Write {
@@ -323,6 +380,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
         }
         return f.set_len(new_size).map_err(|e| io(path, e));
     }
+    guard_write(path)?;
     let m = Qcow2Meta::open(path, false)?;
     let cur = m.header.size;
     if new_size < cur {
@@ -392,6 +450,41 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert!(parse_size("x").is_err());
         assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn create_replaces_only_with_force_and_never_in_use() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.qcow2");
+        let opts = |force| CreateOptions {
+            size: Some(1 << 20),
+            force,
+            ..Default::default()
+        };
+        create(&p, &opts(false)).unwrap();
+        let e = create(&p, &opts(false)).unwrap_err().to_string();
+        assert!(e.contains("--force"), "{e}");
+        let lock = ImageLock::acquire(&p, LockMode::Read).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let e = create(&p, &opts(true)).unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        assert!(std::fs::read(&p).unwrap() == before);
+        drop(lock);
+        create(&p, &opts(true)).unwrap();
+        // A failed create leaves no new file behind.
+        let q = d.path().join("y.qcow2");
+        let bad = CreateOptions {
+            cluster_size: Some(3),
+            ..opts(false)
+        };
+        assert!(create(&q, &bad).is_err());
+        let bad = CreateOptions {
+            prealloc: Prealloc::Metadata,
+            format: Some(Format::Raw),
+            ..opts(false)
+        };
+        assert!(create(&q, &bad).is_err());
+        assert!(!q.exists());
     }
 
     #[test]

@@ -120,6 +120,12 @@ impl Header {
         self.incompatible & INCOMPAT_DIRTY != 0
     }
 
+    /// Whether the corrupt bit is set (QEMU sets it when it catches a write that would
+    /// overwrite metadata; such an image may only be opened read-only, or repaired).
+    pub fn corrupt(&self) -> bool {
+        self.incompatible & INCOMPAT_CORRUPT != 0
+    }
+
     /// L1 entries needed to map `size` bytes.
     pub fn l1_entries_for(&self, size: u64) -> u64 {
         let per_l1 = self.cluster_size() * self.l2_entries();
@@ -242,12 +248,8 @@ impl Header {
                 format!("unknown incompatible feature bits {unknown:#x}"),
             ));
         }
-        if self.incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(invalid(
-                72,
-                "image is marked corrupt (corrupt bit set); repair it with qemu-img check -r all",
-            ));
-        }
+        // The corrupt bit is accepted here: such an image may still be opened read-only
+        // (and checked, repaired); writers refuse it (`crate::qcow2::guard`).
         if self.incompatible & INCOMPAT_DATA_FILE != 0 {
             return Err(HeaderError::Unsupported("external data file".into()));
         }
@@ -501,6 +503,17 @@ mod tests {
         buf.resize(1 << 16, 0);
         let p = Header::parse(&buf, 4 << 16).unwrap();
         assert_eq!(p, h);
+    }
+
+    #[test]
+    fn corrupt_bit_parses() {
+        let mut h = sample();
+        h.incompatible = INCOMPAT_CORRUPT;
+        let mut buf = h.serialize().unwrap();
+        buf.resize(1 << 16, 0);
+        let p = Header::parse(&buf, 4 << 16).unwrap();
+        assert!(p.corrupt() && !p.dirty());
+        assert!(!sample().corrupt());
     }
 
     #[test]

@@ -37,6 +37,20 @@ pub enum MetaError {
     },
     #[error("{path}: {what}")]
     Unsupported { path: PathBuf, what: String },
+    #[error(
+        "{path}: qcow2: Image is corrupt; cannot be opened read/write (the header's corrupt bit is set; `vessel image check` shows why, `--repair` or `qemu-img check -r all` may fix it)"
+    )]
+    MarkedCorrupt { path: PathBuf },
+    #[error(
+        "{path}: qcow2: Image is corrupt; cannot be opened read/write: {what}{}; it still opens read-only, `vessel image check` lists the problems",
+        if *.marked { "; the image is now marked corrupt" } else { "" }
+    )]
+    CorruptFound {
+        path: PathBuf,
+        what: String,
+        /// The corrupt bit was set (qcow2 v3; v2 images have no feature bits).
+        marked: bool,
+    },
 }
 
 /// A decoded L2 entry.
@@ -94,8 +108,25 @@ pub struct Qcow2Meta {
 
 impl Qcow2Meta {
     /// Open and validate the header and refcount structures. `writable` opens the file
-    /// read-write (for repair and snapshot operations).
+    /// read-write (for snapshot operations and header rewrites); an image whose header has
+    /// the corrupt bit set is refused then (see [`Qcow2Meta::open_for_repair`]).
     pub fn open(path: &Path, writable: bool) -> Result<Self, MetaError> {
+        let m = Self::open_inner(path, writable)?;
+        if writable && m.header.corrupt() {
+            return Err(MetaError::MarkedCorrupt {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Open read-write even if the image is marked corrupt: for repair (`check --repair`)
+    /// and for setting the corrupt bit.
+    pub fn open_for_repair(path: &Path) -> Result<Self, MetaError> {
+        Self::open_inner(path, true)
+    }
+
+    fn open_inner(path: &Path, writable: bool) -> Result<Self, MetaError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
@@ -373,6 +404,21 @@ impl Qcow2Meta {
             self.header.incompatible |= super::header::INCOMPAT_DIRTY;
         } else {
             self.header.incompatible &= !super::header::INCOMPAT_DIRTY;
+        }
+        let v = self.header.incompatible;
+        self.write_header_u64(off::INCOMPAT, v)
+    }
+
+    /// Set or clear the corrupt bit (v3 only; v2 images have no feature bits, QEMU does
+    /// not mark them either).
+    pub fn set_corrupt(&mut self, corrupt: bool) -> Result<(), MetaError> {
+        if self.header.version < 3 {
+            return Ok(());
+        }
+        if corrupt {
+            self.header.incompatible |= super::header::INCOMPAT_CORRUPT;
+        } else {
+            self.header.incompatible &= !super::header::INCOMPAT_CORRUPT;
         }
         let v = self.header.incompatible;
         self.write_header_u64(off::INCOMPAT, v)

@@ -4,18 +4,19 @@ pub mod check;
 pub mod header;
 pub mod meta;
 pub mod snapshot;
+pub mod storage;
 
 use crate::chain::Layer;
 use crate::{DiskBackend, Error, Format, Result};
-use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, Storage, StorageOpenOptions};
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, StorageOpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use storage::ImageFile;
 
 /// An imago image stack (top image with its backing chain).
-pub type Access = FormatAccess<ImagoFile>;
+pub type Access = FormatAccess<ImageFile>;
 
 fn imago_err(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
@@ -33,11 +34,14 @@ fn open_layer(
     backing: Option<Arc<Access>>,
 ) -> Result<Access> {
     let p = &layer.path;
-    let storage = ImagoFile::open(
+    // A corrupt-marked image opens read-only only (imago would refuse it altogether).
+    let hide_corrupt = !writable && layer.format == Format::Qcow2 && marked_corrupt(p)?;
+    let storage = ImageFile::open(
         StorageOpenOptions::new()
             .filename(p)
             .write(writable)
             .direct(direct),
+        hide_corrupt,
     )
     .map_err(|e| imago_err(p, e))?;
     let gate = DenyImplicitOpenGate::default();
@@ -50,7 +54,7 @@ fn open_layer(
             FormatAccess::new(raw)
         }
         Format::Qcow2 => {
-            let q = Qcow2::<ImagoFile, Arc<Access>>::builder(storage)
+            let q = Qcow2::<ImageFile, Arc<Access>>::builder(storage)
                 .write(writable)
                 .backing(backing)
                 .data_file(None)
@@ -60,6 +64,12 @@ fn open_layer(
         }
     };
     Ok(access)
+}
+
+/// Whether the qcow2 image at `path` has the corrupt bit set (v3 only).
+fn marked_corrupt(path: &Path) -> Result<bool> {
+    let m = meta::Qcow2Meta::open(path, false)?;
+    Ok(m.header.version >= 3 && m.header.corrupt())
 }
 
 /// Open a resolved chain through imago: backing files read-only, bottom up.

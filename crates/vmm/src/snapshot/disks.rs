@@ -149,6 +149,8 @@ fn create_overlay(
         size: Some(size),
         backing: Some(backing_name.to_string()),
         backing_format: Some(fmt),
+        // The empty file reserved above is ours to replace.
+        force: true,
         ..Default::default()
     };
     block::ops::create(overlay, &opts).map_err(|e| {
