@@ -700,7 +700,8 @@ def vessel_migrate(st, scenario, rep, post_copy=False):
         time.sleep(args.settle)
         addr = f"tcp:127.0.0.1:{free_port()}"
         vessel_api(dst.api, "PUT", "vm.migrate-receive", {"listen": addr})
-        req = {"to": addr, "downtime_ms": args.downtime_ms}
+        # As QEMU, never give up on a busy guest: stop and copy after the last round.
+        req = {"to": addr, "downtime_ms": args.downtime_ms, "if_not_converged": "stop-and-copy"}
         if post_copy:  # forced right after the first full copy, converged or not
             req.update(post_copy=True, post_copy_after_rounds=1)
         t0 = now_ns()
