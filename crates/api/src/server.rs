@@ -166,10 +166,12 @@ pub fn serve(
         shutdown: Some(tx),
         thread: None,
     };
-    let thread = std::thread::Builder::new()
-        .name("vessel-api".into())
-        .spawn(move || run(rt, listener, app, rx))
-        .map_err(io_err)?;
+    let thread = jail::seccomp::spawn(
+        jail::seccomp::ThreadClass::Api,
+        "vessel-api".into(),
+        move || run(rt, listener, app, rx),
+    )
+    .map_err(io_err)?;
     handle.thread = Some(thread);
     Ok(handle)
 }

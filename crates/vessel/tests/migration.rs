@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::migration::*;
@@ -174,17 +175,46 @@ fn json_u64(json: &str, key: &str) -> u64 {
 /// touched once.
 const BUSY: &str = "action=soak soakms=50 work=16 soakpages=64 touch=64";
 
-/// The source's holds for the post-copy tests: 2 s after the first round with the busy guest
-/// running (it dirties pages, so post-copy has some to fetch), and 2 s once the VM runs on
-/// the target before any page is sent.
+/// The source's holds for the post-copy tests: after the first round with the busy guest
+/// running (it dirties pages, so post-copy has some to fetch), and once the VM runs on the
+/// target before any page is sent; each until the test releases it (`Release`).
 const HOLD_POSTCOPY: &str = "VESSEL_MIGRATION_HOLD=precopy,postcopy";
 
-/// Starts a post-copy migration forced after the first round, the source holding as
-/// [`HOLD_POSTCOPY`] says; returns when both sides say post-copy, with pages still missing
-/// on the target.
-fn start_postcopy(p: &mut Pair) {
-    // The guest runs its workload (its memory touched) before the migration starts.
-    p.source.soak_lines(CPUS, 1);
+/// The directory whose files release the source's holds (`VESSEL_MIGRATION_RELEASE`).
+struct Release(TempDir);
+
+impl Release {
+    fn new(name: &str) -> Release {
+        Release(TempDir::new(&format!("{name}-release")))
+    }
+    fn env(&self) -> String {
+        format!("VESSEL_MIGRATION_RELEASE={}", self.0 .0.display())
+    }
+    fn release(&self, phase: &str) {
+        std::fs::write(self.0.file(phase), b"").unwrap();
+    }
+}
+
+/// A busy source that holds where [`HOLD_POSTCOPY`] says until released, and a target.
+fn postcopy_pair(name: &str, dst_stderr: Option<&Path>) -> (Pair, Release) {
+    let release = Release::new(name);
+    let env = release.env();
+    let p = pair_with(
+        name,
+        &["env", HOLD_POSTCOPY, &env],
+        &[],
+        "256M",
+        BUSY,
+        dst_stderr,
+    );
+    (p, release)
+}
+
+/// Starts a post-copy migration forced after the first round; releases the first hold once
+/// the guest has run on (written pages) since the dirty log started; returns when both sides
+/// say post-copy, with pages still missing on the target (the source holds before sending
+/// any).
+fn start_postcopy(p: &mut Pair, release: &Release) {
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
     assert_code(
         &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
@@ -204,9 +234,14 @@ fn start_postcopy(p: &mut Pair) {
         ],
     );
     assert_code(&o, 0);
+    // The dirty log runs from before the first round: every window the guest rewrites from
+    // here on is dirty when the round ends (a loaded host may starve the guest for seconds,
+    // so a fixed wait would not do).
+    wait_phase(&p.src_api, "precopy");
+    p.source.soak_lines(CPUS, 2);
+    release.release("precopy");
     wait_phase(&p.src_api, "postcopy");
     wait_phase(&p.dst_api, "postcopy");
-    // No page arrives while the source holds: the target owes them all.
     let o = ctl(&p.dst_api, &["--json", "migrate", "status"]);
     assert!(
         json_u64(&stdout(&o), "remaining_bytes") > 0,
@@ -217,16 +252,9 @@ fn start_postcopy(p: &mut Pair) {
 
 #[test]
 fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
-    let mut p = pair_with(
-        "mig-postcopy",
-        &["env", HOLD_POSTCOPY],
-        &[],
-        "256M",
-        BUSY,
-        None,
-    );
+    let (mut p, release) = postcopy_pair("mig-postcopy", None);
     let before = latest_iters(&mut p.source);
-    start_postcopy(&mut p);
+    start_postcopy(&mut p, &release);
     // The target runs the VM (its missing pages wait for the source, which holds), and the
     // source stays until every page is over.
     assert!(p.source.child.try_wait().unwrap().is_none());
@@ -236,6 +264,7 @@ fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
         "{}",
         stdout(&o)
     );
+    release.release("postcopy");
     assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
     assert_went_on(&p.target.soak_lines(CPUS, 3), CPUS, &before, "");
     wait_phase(&p.dst_api, "completed");
@@ -257,15 +286,8 @@ fn post_copy_moves_a_busy_vm_and_the_source_exits_after_the_last_page() {
 fn killing_the_source_during_post_copy_fails_the_target_clearly() {
     let tmp = TempDir::new("mig-postcopy-err");
     let err = tmp.file("target.err");
-    let mut p = pair_with(
-        "mig-postcopy-kill",
-        &["env", HOLD_POSTCOPY],
-        &[],
-        "256M",
-        BUSY,
-        Some(&err),
-    );
-    start_postcopy(&mut p);
+    let (mut p, release) = postcopy_pair("mig-postcopy-kill", Some(&err));
+    start_postcopy(&mut p, &release);
     let _ = p.source.child.kill();
     let _ = p.source.child.wait();
     // The target cannot go on without the pages; it ends with an error saying so (no hang:
@@ -280,17 +302,11 @@ fn killing_the_source_during_post_copy_fails_the_target_clearly() {
 
 #[test]
 fn killing_the_target_during_post_copy_never_resumes_the_source() {
-    let mut p = pair_with(
-        "mig-postcopy-kill-target",
-        &["env", HOLD_POSTCOPY],
-        &[],
-        "256M",
-        BUSY,
-        None,
-    );
-    start_postcopy(&mut p);
+    let (mut p, release) = postcopy_pair("mig-postcopy-kill-target", None);
+    start_postcopy(&mut p, &release);
     let _ = p.target.child.kill();
     let _ = p.target.child.wait();
+    release.release("postcopy");
     // The guest's state moved to the target: the source ends with an error instead of
     // running a stale copy.
     assert_eq!(exit_code(&mut p.source.child, "the source"), Some(1));

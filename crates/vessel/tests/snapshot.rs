@@ -508,14 +508,14 @@ fn diff_snapshots_restore_as_a_chain() {
     bad[n - 10] ^= 1;
     std::fs::write(&d1_state, &bad).unwrap();
     let o = vessel(&["run", "--restore", &path(&d2)]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
     assert!(stderr(&o).contains("parent snapshot"), "{}", stderr(&o));
     // ... or none at all.
     std::fs::write(&d1_state, &good).unwrap();
     std::fs::rename(&full, tmp.file("moved")).unwrap();
     let o = vessel(&["run", "--restore", &path(&d2)]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("parent snapshot") && stderr(&o).contains("full/state"),
         "{}",

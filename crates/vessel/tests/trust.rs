@@ -91,3 +91,89 @@ fn configuration_errors_exit_2_and_ctl_takes_its_flags_after_the_verb() {
     assert_code(&o, 1);
     assert_eq!(c.stop(), Some(143));
 }
+
+/// Runs `vessel args` with the seccomp test hook armed for `class`: a thread of that class
+/// makes a system call no filter allows once its filter is in place. The process must end
+/// with code 71 and name the class and the call.
+fn forbidden_call_ends_the_vm(class: &str, args: &[&str]) {
+    let child = Command::new(VESSEL)
+        .args(args)
+        .env("VESSEL_TEST_SECCOMP", class)
+        .env_remove("VESSEL_SECCOMP")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let o = child.wait_with_output().unwrap();
+    drop(watchdog);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(71), "{class}: {err}");
+    let want =
+        format!("vessel: seccomp: a {class} thread made a forbidden system call: personality");
+    assert!(err.contains(&want), "{class}: no '{want}' in:\n{err}");
+}
+
+#[test]
+fn each_thread_class_is_killed_for_a_forbidden_system_call() {
+    let tmp = TempDir::new("trust-seccomp");
+    let disk = tmp.file("disk.raw");
+    raw_disk(&disk, 16 << 20);
+    let disk_spec = format!("path={},engine=threads", disk.display());
+    let sock = tmp.file("api.sock");
+    let console = format!("socket:{}", tmp.file("console.sock").display());
+    // The bundled guest's default run activates its virtio devices (block, entropy).
+    for (class, args) in [
+        ("main", vec!["run"]),
+        ("spawner", vec!["run"]),
+        ("vcpu", vec!["run"]),
+        ("device", vec!["run", "--rng"]),
+        ("block-io", vec!["run", "--disk", &disk_spec]),
+        ("console", vec!["run", "--console", &console]),
+        ("api", vec!["serve", "--api-socket", sock.to_str().unwrap()]),
+    ] {
+        forbidden_call_ends_the_vm(class, &args);
+    }
+    // A migration thread starts with `migrate send` (to a port nobody listens on).
+    let socket = tmp.file("mig-api.sock");
+    let mut vm = Command::new(VESSEL)
+        .args([
+            "run",
+            "--api-socket",
+            socket.to_str().unwrap(),
+            "--cmdline",
+            "action=soak",
+        ])
+        .env("VESSEL_TEST_SECCOMP", "migration")
+        .env_remove("VESSEL_SECCOMP")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&socket);
+    let _ = ctl(
+        &socket,
+        &["migrate", "send", "--to", "tcp:127.0.0.1:1", "--no-wait"],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = vm.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "the VM never ended");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut vm.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(71), "{err}");
+    assert!(
+        err.contains("a migration thread made a forbidden system call: personality"),
+        "{err}"
+    );
+}

@@ -304,9 +304,10 @@ impl VmController for VmHandle {
         lock(&out.status).phase = api::types::MigrationPhase::Setup;
         *slot = Some(out.clone());
         drop(slot);
-        std::thread::Builder::new()
-            .name("vessel-migrate".into())
-            .spawn(move || {
+        jail::seccomp::spawn(
+            jail::seccomp::ThreadClass::Migration,
+            "vessel-migrate".into(),
+            move || {
                 match crate::migration::send(&me, &req, &out) {
                     Ok(downtime) => {
                         tracing::info!("migrated to {} (downtime {downtime:?})", req.to);
@@ -327,8 +328,9 @@ impl VmController for VmHandle {
                     }
                     Err(e) => tracing::warn!("migration to {} failed: {e}", req.to),
                 }
-            })
-            .map_err(|e| ApiError::internal(format!("cannot start the migration: {e}")))?;
+            },
+        )
+        .map_err(|e| ApiError::internal(format!("cannot start the migration: {e}")))?;
         Ok(())
     }
 

@@ -103,9 +103,7 @@ impl Console {
     /// Starts forwarding host input into the serial port.
     pub fn start_input(&mut self, serial: SerialInput, control: Arc<Control>) -> Result<(), Error> {
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
+            jail::seccomp::spawn(jail::seccomp::ThreadClass::Console, name.into(), f)
                 .map(|_| ())
                 .map_err(Error::Thread)
         };
@@ -265,9 +263,10 @@ fn accept_loop(
             *lock(&client) = Some(stream);
         }
         let serial = serial.clone();
-        let _ = std::thread::Builder::new()
-            .name("console-sock".into())
-            .spawn(move || {
+        let _ = jail::seccomp::spawn(
+            jail::seccomp::ThreadClass::Console,
+            "console-sock".into(),
+            move || {
                 let mut reader = reader;
                 let mut buf = [0u8; 256];
                 while let Ok(n) = reader.read(&mut buf) {
@@ -276,7 +275,8 @@ fn accept_loop(
                     }
                     push_all(&serial, &buf[..n]);
                 }
-            });
+            },
+        );
     }
 }
 

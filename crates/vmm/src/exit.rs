@@ -52,7 +52,11 @@ pub fn install_panic_hook() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        let bt = std::backtrace::Backtrace::capture();
+        // A backtrace reads the binary's symbols: files no seccomp filter lets a thread open.
+        let bt = match jail::seccomp::active() {
+            false => std::backtrace::Backtrace::capture(),
+            true => std::backtrace::Backtrace::disabled(),
+        };
         let bt = match bt.status() {
             std::backtrace::BacktraceStatus::Captured => format!("\n{bt}"),
             _ => String::new(),

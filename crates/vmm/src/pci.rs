@@ -108,15 +108,17 @@ fn spawn_resampler(
     resample: EventFd,
     intx: devices::virtio::pci::IntxHandle,
 ) -> Result<(), Error> {
-    std::thread::Builder::new()
-        .name(format!("vessel-intx-{slot:02x}"))
-        .spawn(move || {
+    jail::seccomp::spawn(
+        jail::seccomp::ThreadClass::Device,
+        format!("vessel-intx-{slot:02x}"),
+        move || {
             while resample.read().is_ok() {
                 intx.resampled();
             }
-        })
-        .map(|_| ())
-        .map_err(Error::Thread)
+        },
+    )
+    .map(|_| ())
+    .map_err(Error::Thread)
 }
 
 /// Hands out BAR addresses from the PCI MMIO window, each aligned to its size.

@@ -330,6 +330,10 @@ fn on_stop_signal<T>(
     let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
+            if let Err(e) = jail::seccomp::enter(jail::seccomp::ThreadClass::Main) {
+                tracing::error!("{e}");
+                return;
+            }
             while !done.load(Ordering::SeqCst) {
                 if flags.iter().any(|(_, f)| f.load(Ordering::SeqCst)) {
                     cancel.cancel();

@@ -37,14 +37,16 @@ pub type SharedVcpu = Arc<Mutex<Vcpu>>;
 /// Starts vCPU `vcpu`'s thread.
 pub fn spawn(vcpu: SharedVcpu, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
     let index = lock(&vcpu).id();
-    let thread = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
-        .spawn(move || {
+    let thread = jail::seccomp::spawn(
+        jail::seccomp::ThreadClass::Vcpu,
+        format!("vcpu{index}"),
+        move || {
             // The vCPU's run page does not move: it stays in the same Arc'ed mutex.
             lock(&vcpu).bind_to_current_thread();
             run_loop(&vcpu, &ctx);
             lock(&vcpu).unbind_thread();
-        })?;
+        },
+    )?;
     Ok(VcpuHandle {
         index,
         kick: KickHandle::for_thread(&thread),

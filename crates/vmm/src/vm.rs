@@ -64,6 +64,8 @@ pub enum Error {
     Api(#[from] api::server::ServeError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Seccomp(#[from] jail::seccomp::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -735,6 +737,8 @@ impl Vm {
             handle.set_incoming_migration(status);
         }
         switch.set(handle.clone());
+        // Built and started: from here the main thread only runs, restarts and ends the VM.
+        jail::seccomp::enter(jail::seccomp::ThreadClass::Main)?;
 
         let reason = loop {
             let reason = self.run_vcpus(&handle, &signals);

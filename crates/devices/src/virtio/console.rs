@@ -149,10 +149,10 @@ impl ConsoleBackend {
     pub fn stdio() -> Result<ConsoleBackend, ConsoleError> {
         let input = ConsoleInput::new()?;
         let feed = input.clone();
-        std::thread::Builder::new()
-            .name("vconsole-in".into())
-            .spawn(move || copy_into(io::stdin(), &feed))
-            .map_err(ConsoleError::Io)?;
+        jail::seccomp::spawn(CONSOLE, "vconsole-in".into(), move || {
+            copy_into(io::stdin(), &feed)
+        })
+        .map_err(ConsoleError::Io)?;
         Ok(Self::new(Box::new(io::stdout()), Some(input)))
     }
 
@@ -170,25 +170,25 @@ impl ConsoleBackend {
         let input = ConsoleInput::new()?;
         let client: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
         let (feed, current) = (input.clone(), client.clone());
-        std::thread::Builder::new()
-            .name("vconsole-accept".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
-                    let Ok(reader) = stream.try_clone() else {
-                        continue;
-                    };
-                    *lock(&current) = Some(stream);
-                    let feed = feed.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("vconsole-sock".into())
-                        .spawn(move || copy_into(reader, &feed));
-                }
-            })
-            .map_err(ConsoleError::Io)?;
+        jail::seccomp::spawn(CONSOLE, "vconsole-accept".into(), move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let Ok(reader) = stream.try_clone() else {
+                    continue;
+                };
+                *lock(&current) = Some(stream);
+                let feed = feed.clone();
+                let _ = jail::seccomp::spawn(CONSOLE, "vconsole-sock".into(), move || {
+                    copy_into(reader, &feed)
+                });
+            }
+        })
+        .map_err(ConsoleError::Io)?;
         Ok(Self::new(Box::new(SocketOut(client)), Some(input)))
     }
 }
+
+const CONSOLE: jail::seccomp::ThreadClass = jail::seccomp::ThreadClass::Console;
 
 fn copy_into(mut from: impl Read, to: &ConsoleInput) {
     let mut buf = [0u8; 256];

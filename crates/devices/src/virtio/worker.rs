@@ -187,13 +187,15 @@ impl<S: WorkerLoop> DeviceThread<S> {
             }
             Run::Gone => Err(WorkerError::Gone(self.name.clone())),
             Run::Paused(mut state) => {
-                let t = std::thread::Builder::new()
-                    .name(self.name.clone())
-                    .spawn(move || {
+                let t = jail::seccomp::spawn(
+                    jail::seccomp::ThreadClass::Device,
+                    self.name.clone(),
+                    move || {
                         state.run();
                         state
-                    })
-                    .map_err(WorkerError::Spawn)?;
+                    },
+                )
+                .map_err(WorkerError::Spawn)?;
                 self.run = Run::Running(t);
                 Ok(())
             }

@@ -246,9 +246,10 @@ fn serve_pages(
 ) -> Result<(), String> {
     let mut reader = stream.try_clone().map_err(|e| format!("connection: {e}"))?;
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("vessel-postcopy-rx".into())
-        .spawn(move || {
+    jail::seccomp::spawn(
+        jail::seccomp::ThreadClass::Migration,
+        "vessel-postcopy-rx".into(),
+        move || {
             let mut buf = Vec::new();
             loop {
                 let msg = match protocol::read_frame(&mut reader, &mut buf) {
@@ -268,8 +269,9 @@ fn serve_pages(
                     return;
                 }
             }
-        })
-        .map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
+        },
+    )
+    .map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
     let mut digest = PageDigest::default();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut batch: Vec<u8> = Vec::new();

@@ -288,7 +288,10 @@ pub fn receive(
             s.phase = MigrationPhase::Postcopy;
             s.elapsed_ms = began.elapsed().as_millis() as u64;
         });
-        update(&|s| s.phase = MigrationPhase::Postcopy);
+        // Until the API serves the VM, status calls read `status`: the live one's copy (with
+        // the pages still missing), not a post-copy phase with nothing remaining.
+        let now = out.status();
+        update(&|s| *s = now.clone());
         vm.set_incoming_live(out);
         return Ok(vm);
     }

@@ -155,11 +155,24 @@ pub(super) fn ahead(sent: u64, limit: Option<u64>, since: Instant) -> Option<Dur
 /// first round is sent and the guest runs on, so it dirties pages for the next; `stop-and-copy`:
 /// vCPUs just parked; `commit`: the target is ready, nothing committed; `committed`: the commit
 /// is sent; `postcopy`: the VM runs on the target, no page sent yet), so a test can kill either
-/// side there.
+/// side there. With `VESSEL_MIGRATION_RELEASE=DIR` as well, it waits instead until the file
+/// `DIR/<phase>` exists (at most 60 s): the test decides when the migration goes on.
 pub(super) fn hold(phase: &str) {
     if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p.split(',').any(|p| p == phase)) {
-        tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");
-        std::thread::sleep(Duration::from_secs(2));
+        match std::env::var_os("VESSEL_MIGRATION_RELEASE") {
+            Some(dir) => {
+                tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase}");
+                let release = std::path::Path::new(&dir).join(phase);
+                let until = Instant::now() + Duration::from_secs(60);
+                while !release.exists() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            None => {
+                tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase} for 2 s");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
     }
 }
 

@@ -622,10 +622,12 @@ impl Pager {
         let on_error: Arc<Mutex<Option<ErrorSink>>> = Arc::new(Mutex::new(None));
         let thread = {
             let (stop, wake, on_error) = (stop.clone(), wake.clone(), on_error.clone());
-            std::thread::Builder::new()
-                .name("uffd-pager".into())
-                .spawn(move || run(worker, stop, wake, rx, on_error))
-                .map_err(io)?
+            jail::seccomp::spawn(
+                jail::seccomp::ThreadClass::Pager,
+                "uffd-pager".into(),
+                move || run(worker, stop, wake, rx, on_error),
+            )
+            .map_err(io)?
         };
         Ok(Pager {
             stop,

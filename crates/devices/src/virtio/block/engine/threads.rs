@@ -51,9 +51,11 @@ impl ThreadPool {
         };
         for i in 0..threads.max(1) {
             let (rx, disk) = (rx.clone(), disk.clone());
-            let t = std::thread::Builder::new()
-                .name(format!("{name}-io{i}"))
-                .spawn(move || serve(&rx, &*disk))?;
+            let t = jail::seccomp::spawn(
+                jail::seccomp::ThreadClass::BlockIo,
+                format!("{name}-io{i}"),
+                move || serve(&rx, &*disk),
+            )?;
             pool.threads.push(t);
         }
         Ok(Arc::new(pool))
