@@ -139,6 +139,32 @@ fn each_thread_class_is_killed_for_a_forbidden_system_call() {
     ] {
         forbidden_call_ends_the_vm(class, &args);
     }
+    // The pager starts with a restore over userfaultfd: snapshot a running VM first.
+    let snap_api = tmp.file("snap-api.sock");
+    let snap = tmp.file("snap");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--api-socket",
+        snap_api.to_str().unwrap(),
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(1, 1);
+    assert_code(
+        &ctl(&snap_api, &["snapshot", "--dir", snap.to_str().unwrap()]),
+        0,
+    );
+    drop(vm);
+    forbidden_call_ends_the_vm(
+        "pager",
+        &[
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--restore-memory",
+            "uffd",
+        ],
+    );
     // A migration thread starts with `migrate send` (to a port nobody listens on).
     let socket = tmp.file("mig-api.sock");
     let mut vm = Command::new(VESSEL)
