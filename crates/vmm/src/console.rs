@@ -2,7 +2,6 @@
 //! socket clients attach to.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -67,7 +66,8 @@ impl Console {
         match cfg {
             ConsoleConfig::Off => c.output = Some(Box::new(std::io::sink())),
             ConsoleConfig::File(p) => {
-                let f = File::create(p).map_err(|e| Error::File(p.clone(), e))?;
+                let f = devices::output::CappedFile::create(p)
+                    .map_err(|e| Error::File(p.clone(), e))?;
                 c.output = Some(Box::new(f));
             }
             ConsoleConfig::Stdio => {
@@ -226,8 +226,8 @@ impl Write for SocketOut {
         backlog.drain(..excess);
         drop(backlog);
         let mut client = lock(&self.client);
-        if let Some(c) = client.as_mut() {
-            if c.write_all(buf).is_err() {
+        if let Some(c) = client.as_ref() {
+            if devices::output::send_without_waiting(c, buf).is_err() {
                 *client = None;
             }
         }

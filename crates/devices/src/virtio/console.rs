@@ -7,7 +7,6 @@
 //! Unix socket's client, the same backends as the serial console's.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
@@ -141,7 +140,8 @@ impl ConsoleBackend {
 
     /// Output written to a new file, no input.
     pub fn file(path: &Path) -> Result<ConsoleBackend, ConsoleError> {
-        let f = File::create(path).map_err(|e| ConsoleError::File(path.to_path_buf(), e))?;
+        let f = crate::output::CappedFile::create(path)
+            .map_err(|e| ConsoleError::File(path.to_path_buf(), e))?;
         Ok(Self::new(Box::new(f), None))
     }
 
@@ -207,8 +207,8 @@ struct SocketOut(Arc<Mutex<Option<UnixStream>>>);
 impl Write for SocketOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut client = lock(&self.0);
-        if let Some(c) = client.as_mut() {
-            if c.write_all(buf).is_err() {
+        if let Some(c) = client.as_ref() {
+            if crate::output::send_without_waiting(c, buf).is_err() {
                 *client = None;
             }
         }
