@@ -7,6 +7,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod log;
 pub mod output;
 pub mod pci;
 pub mod rate_limiter;

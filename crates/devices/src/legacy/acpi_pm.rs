@@ -90,7 +90,9 @@ impl BusDevice for AcpiPm {
                 if sleep_type == self.s5_sleep_type {
                     (self.events)(VmEvent::PowerOff);
                 } else {
-                    tracing::warn!("guest asked for unsupported ACPI sleep type {sleep_type}");
+                    crate::warn_limited!(
+                        "guest asked for unsupported ACPI sleep type {sleep_type}"
+                    );
                 }
             }
             RESET if v == self.reset_value => (self.events)(VmEvent::Reset),

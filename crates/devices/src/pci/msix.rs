@@ -256,7 +256,7 @@ impl Msix {
         if self.programmed[usize::from(v)] != Some(msg) {
             match self.vectors.program(v, msg) {
                 Ok(()) => self.programmed[usize::from(v)] = Some(msg),
-                Err(e) => tracing::warn!("msi-x: cannot route vector {v}: {e}"),
+                Err(e) => crate::warn_limited!("msi-x: cannot route vector {v}: {e}"),
             }
         }
     }
@@ -270,7 +270,7 @@ impl Msix {
         if self.pending(v) {
             self.set_pending(v, false);
             if let Err(e) = self.vectors.trigger(v) {
-                tracing::warn!("msi-x: vector {v}: {e}");
+                crate::warn_limited!("msi-x: vector {v}: {e}");
             }
         }
     }

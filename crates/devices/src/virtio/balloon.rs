@@ -633,7 +633,7 @@ impl BalloonLoop {
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!("virtio-balloon queue {index}: {e}; device needs a reset");
+                crate::warn_limited!("virtio-balloon queue {index}: {e}; device needs a reset");
                 self.broken = true;
                 self.interrupt.set_needs_reset();
             }

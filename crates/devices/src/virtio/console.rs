@@ -537,7 +537,7 @@ impl WorkerLoop for ConsoleLoop {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        tracing::warn!("virtio-console: {e}; device needs a reset");
+                        crate::warn_limited!("virtio-console: {e}; device needs a reset");
                         self.broken = true;
                         self.interrupt.set_needs_reset();
                     }

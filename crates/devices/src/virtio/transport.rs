@@ -432,9 +432,9 @@ impl<S: TransportInterrupt> TransportCore<S> {
             if let Err((queue, reason)) = self.activate() {
                 let name = self.name;
                 if queue == u16::MAX {
-                    tracing::warn!("{name}: device activation failed: {reason}");
+                    crate::warn_limited!("{name}: device activation failed: {reason}");
                 } else {
-                    tracing::warn!("{name}: queue {queue} is invalid: {reason}");
+                    crate::warn_limited!("{name}: queue {queue} is invalid: {reason}");
                 }
                 self.shared.set_needs_reset();
             }

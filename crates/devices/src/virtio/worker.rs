@@ -291,7 +291,7 @@ impl Serving {
                 }
             }
             Err(e) => {
-                tracing::warn!("virtio queue {index}: {e}; device needs a reset");
+                crate::warn_limited!("virtio queue {index}: {e}; device needs a reset");
                 self.broken = true;
                 self.interrupt.set_needs_reset();
             }

@@ -358,7 +358,7 @@ impl BlockServing {
     }
 
     fn fail(&mut self, e: QueueError) {
-        tracing::warn!("virtio-blk queue {}: {e}; device needs a reset", self.index);
+        crate::warn_limited!("virtio-blk queue {}: {e}; device needs a reset", self.index);
         self.broken = true;
         self.interrupt.set_needs_reset();
     }

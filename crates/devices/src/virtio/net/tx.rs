@@ -100,11 +100,8 @@ impl ChainHandler for TxHandler<'_> {
             }
             Err(e) => {
                 self.stats.dropped += 1;
-                // Rate-limited by nature: one line per bad packet would let a guest flood the
-                // log, so only the first few are shown.
-                if self.stats.dropped <= 10 {
-                    tracing::warn!("virtio-net: transmit packet dropped: {e}");
-                }
+                // One line per bad packet would let a guest flood the log.
+                crate::warn_limited!("virtio-net: transmit packet dropped: {e}");
             }
         }
         // Nothing is written into transmit buffers.

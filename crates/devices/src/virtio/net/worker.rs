@@ -312,7 +312,7 @@ impl WorkerLoop for Pair {
 
 impl Pair {
     fn fatal(&mut self, queue: u16, e: QueueError) {
-        tracing::warn!("virtio-net queue {queue}: {e}; device needs a reset");
+        crate::warn_limited!("virtio-net queue {queue}: {e}; device needs a reset");
         self.broken = true;
         self.update_poll();
         self.interrupt.set_needs_reset();
@@ -464,12 +464,10 @@ impl Pair {
                     self.pending = None;
                     self.rx_granted = false;
                     self.rx_stats.dropped += 1;
-                    if self.rx_stats.dropped <= 10 {
-                        tracing::warn!(
-                            "virtio-net queue {}: received frame of {len} bytes dropped: {why:?}",
-                            self.rx_index
-                        );
-                    }
+                    crate::warn_limited!(
+                        "virtio-net queue {}: received frame of {len} bytes dropped: {why:?}",
+                        self.rx_index
+                    );
                 }
                 RxOutcome::NoBuffers { seen_avail, .. } => {
                     // Ask the driver for a notification when it adds buffers past those seen,

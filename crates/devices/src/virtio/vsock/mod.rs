@@ -420,7 +420,7 @@ impl WorkerState {
     }
 
     fn fatal(&mut self, q: usize, e: QueueError) {
-        tracing::warn!("virtio-vsock queue {q}: {e}; device needs a reset");
+        crate::warn_limited!("virtio-vsock queue {q}: {e}; device needs a reset");
         self.broken = true;
         self.interrupt.set_needs_reset();
     }

@@ -190,7 +190,7 @@ impl Muxer {
 
     fn push_control(&mut self, key: ConnKey, op: u16, flags: u32) {
         if self.control.len() >= MAX_PENDING_CONTROL {
-            tracing::warn!("virtio-vsock: too many packets for the guest; op {op} dropped");
+            crate::warn_limited!("virtio-vsock: too many packets for the guest; op {op} dropped");
             return;
         }
         self.control.push_back(Control { key, op, flags });
