@@ -27,7 +27,7 @@ impl MacAddr {
     /// A random unicast, locally administered address (first byte `x2`, `x6`, `xA` or `xE`).
     pub fn random_local() -> Result<MacAddr, MacError> {
         let mut b = [0u8; 6];
-        getrandom::fill(&mut b).map_err(|e| MacError::Random(e.to_string()))?;
+        jail::random::fill(&mut b).map_err(|e| MacError::Random(e.to_string()))?;
         b[0] = (b[0] & !0x01) | 0x02;
         Ok(MacAddr(b))
     }

@@ -65,7 +65,7 @@ impl RngHandler {
         let mut out = Cursor::new(chain.writable(), MAX_BYTES_PER_CHAIN);
         let n = out.remaining() as usize;
         self.buf.resize(n, 0);
-        getrandom::fill(&mut self.buf[..n]).map_err(|e| RngError::GetRandom(e.to_string()))?;
+        jail::random::fill(&mut self.buf[..n]).map_err(|e| RngError::GetRandom(e.to_string()))?;
         match out.write(mem, &self.buf[..n]) {
             Ok(()) => Ok(n as u32),
             Err(_) => Ok(0),

@@ -93,7 +93,7 @@ impl Lineage {
     /// A new snapshot id: 128 random bits in hex.
     pub fn new_id() -> String {
         let mut b = [0u8; 16];
-        if getrandom::fill(&mut b).is_err() {
+        if jail::random::fill(&mut b).is_err() {
             // No entropy source: unique enough for telling snapshots apart.
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
