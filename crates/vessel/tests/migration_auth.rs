@@ -179,3 +179,99 @@ fn a_tampered_frame_fails_the_migration_with_the_vm_on_the_source_only() {
     assert_code(&o, 0);
     handed_over(&mut p, &before);
 }
+
+/// The `soak disk step=N ok` lines' last step after `n` of them (a panic on a mismatch: the
+/// guest checks each sector against what it wrote a round before).
+fn disk_steps(c: &mut common::soak::Console, n: usize) -> u64 {
+    let (mut last, mut seen) = (0, 0);
+    while seen < n {
+        let line = c.line(std::time::Duration::from_secs(60));
+        assert!(
+            !line.contains("MISMATCH") && !line.starts_with("FAIL"),
+            "{}",
+            c.seen
+        );
+        if let Some(rest) = line.strip_prefix("soak disk step=") {
+            last = rest.strip_suffix(" ok").unwrap().parse().unwrap();
+            seen += 1;
+        }
+    }
+    last
+}
+
+/// The files process `pid` has open.
+fn open_files(pid: u32) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect()
+}
+
+#[test]
+fn the_target_opens_the_disk_its_own_request_names() {
+    let tmp = TempDir::new("auth-disk");
+    let src_disk = tmp.file("src.raw");
+    std::fs::write(&src_disk, vec![0u8; 16 << 20]).unwrap();
+    // The same image under another name on the "target host" (shared storage mounted
+    // elsewhere): the guest's writes before the switch are there.
+    let dst_disk = tmp.file("dst-view.raw");
+    std::fs::hard_link(&src_disk, &dst_disk).unwrap();
+    let disk_arg = format!("path={}", src_disk.display());
+    let mut p = pair_in(
+        tmp,
+        &[],
+        &[],
+        "128M",
+        "action=soak soakms=20 soakdisk=on virtio=blk",
+        None,
+        &["--disk", &disk_arg],
+    );
+    disk_steps(&mut p.source, 3);
+    let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
+
+    // A receive that names no disk, or two, for a VM with one: refused once the source says
+    // what it has, before any memory is sent; the source runs on.
+    for disks in [
+        &[][..],
+        &["--disk", "/nonexistent/a.raw", "--disk", "/b.raw"],
+    ] {
+        let mut args = vec!["migrate", "receive", "--listen", &addr, "--token", TOKEN];
+        args.extend_from_slice(disks);
+        assert_code(&ctl(&p.dst_api, &args), 0);
+        let o = send(&p, &addr, TOKEN, &[]);
+        assert_code(&o, 1);
+        let named = format!("names {}", disks.len() / 2);
+        assert!(
+            stdout(&o).contains("the source has 1 disks") && stdout(&o).contains(&named),
+            "{}",
+            stdout(&o)
+        );
+        wait_phase(&p.dst_api, "failed");
+        let s = status_json(&p.dst_api);
+        assert!(s.contains("\"transferred_bytes\": 0"), "{s}");
+        disk_steps(&mut p.source, 2);
+    }
+
+    // The target's own path: the VM moves and its disk checks go on against the same
+    // content; the target has its path open, never the source's.
+    let dst = dst_disk.display().to_string();
+    let disk = format!("{dst},cache=writeback");
+    assert_code(
+        &ctl(
+            &p.dst_api,
+            &[
+                "migrate", "receive", "--listen", &addr, "--token", TOKEN, "--disk", &disk,
+            ],
+        ),
+        0,
+    );
+    let before = disk_steps(&mut p.source, 1);
+    let o = send(&p, &addr, TOKEN, &[]);
+    assert_code(&o, 0);
+    assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
+    assert!(disk_steps(&mut p.target, 3) > before);
+    let files = open_files(p.target.child.id());
+    assert!(files.contains(&dst_disk), "{files:?}");
+    assert!(!files.contains(&src_disk), "{files:?}");
+    assert_eq!(p.target.stop(), Some(143));
+}

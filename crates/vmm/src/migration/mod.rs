@@ -22,6 +22,7 @@
 //! target; after it, only the target runs the VM (after a post-copy commit, a broken
 //! connection loses the VM on both sides).
 
+pub mod bindings;
 pub mod postcopy;
 pub mod protocol;
 mod receive;
@@ -57,6 +58,8 @@ pub enum MigrationError {
     Protocol(#[from] protocol::ProtocolError),
     #[error(transparent)]
     Auth(#[from] seal::AuthError),
+    #[error("this host's resources for the VM: {0}")]
+    Bind(#[from] bindings::BindError),
     #[error(transparent)]
     Kvm(#[from] hypervisor::Error),
     #[error(transparent)]

@@ -202,7 +202,8 @@ pub(super) fn run_source(
     hold("stop-and-copy");
     let last = super::send::take_dirty(m)?;
     let mut set = DirtySet::union(&[pre.pending, &last]);
-    let state = m.state(layout_of(&m.mem))?;
+    let mut state = m.state(layout_of(&m.mem))?;
+    super::bindings::strip(&mut state.config);
     let state = json_bytes(&state)?;
     protocol::write_frame(stream, Tag::Postcopy, &[&json_bytes(&set)?])?;
     protocol::write_frame(stream, Tag::State, &[&state])?;

@@ -124,8 +124,12 @@ pub struct Hello {
     pub magic: String,
     pub version: u32,
     pub vessel_version: String,
-    /// The machine (`VmConfig`), as JSON.
+    /// The machine (`VmConfig`), as JSON, without its host paths (disk files, taps, sockets).
     pub config: serde_json::Value,
+    /// The source's host paths, used by the target only when its receive request says
+    /// `same_paths` (see `bindings`).
+    #[serde(default)]
+    pub source_paths: super::bindings::SourcePaths,
     /// Digest all of guest memory at stop-and-copy ([`super::digest`]) rather than the logs
     /// of pages sent and received ([`super::PageLog`]).
     #[serde(default)]

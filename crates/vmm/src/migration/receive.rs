@@ -11,6 +11,7 @@ use guestmem::GuestMem;
 use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bindings::HostBindings;
 use super::protocol::{self, Hello, Round, Tag};
 use super::seal::{Channel, Role};
 use super::Outgoing;
@@ -167,7 +168,7 @@ pub fn receive(
 /// the end (it is left empty then).
 fn receive_on(
     chan: &mut Option<Channel>,
-    _req: &MigrateReceiveRequest,
+    req: &MigrateReceiveRequest,
     opts: &RestoreOptions,
     start: Instant,
     status: &Mutex<MigrationStatus>,
@@ -195,6 +196,9 @@ fn receive_on(
     let full_digest = hello.full_digest;
     let config: VmConfig = serde_json::from_value(hello.config)
         .map_err(|e| MigrationError::Build(format!("configuration: {e}")))?;
+    // This host's disks, taps and sockets, from the receive request: refused now, before any
+    // memory is sent, if they do not fit the machine.
+    let bindings = HostBindings::from_request(req, &config, &hello.source_paths)?;
     let mem = GuestMem::from_ranges(&arch::layout::ram_ranges(config.memory)).map_err(|e| {
         MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20))
     })?;
@@ -262,8 +266,9 @@ fn receive_on(
         None => super::switch_digest(&mem, &log, &state, full_digest, |_| false)?,
     };
     let digested_at = Instant::now();
-    let snap: VmSnapshot =
+    let mut snap: VmSnapshot =
         serde_json::from_slice(&state).map_err(|e| MigrationError::Build(format!("state: {e}")))?;
+    bindings.apply(&mut snap)?;
     let mut config = snap.config.clone();
     config.console = opts.console.clone();
     config.api_socket = opts.api_socket.clone();

@@ -242,7 +242,9 @@ pub fn send(
         // Both sides prove they hold the token before anything else crosses; every frame
         // after it is sealed.
         let stream = stream.insert(Channel::handshake(conn, req.token.expose(), Role::Source)?);
-        let machine = m.config_now();
+        // The machine without this host's paths: the target binds its own.
+        let mut machine = m.config_now();
+        let source_paths = super::bindings::strip(&mut machine);
         let hello = Hello {
             magic: protocol::MAGIC.to_string(),
             version: protocol::VERSION,
@@ -250,6 +252,7 @@ pub fn send(
             config: serde_json::to_value(machine)
                 .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
             full_digest: req.full_digest,
+            source_paths,
         };
         protocol::write_json(stream, Tag::Hello, &hello)?;
         protocol::expect(stream, &mut buf, Tag::Ready)?;
@@ -357,7 +360,8 @@ pub fn send(
         pages.dirty(&bitmaps)?;
         let last = take_dirty(m)?;
         pages.dirty(&last)?;
-        let state = m.state(layout_of(&m.mem))?;
+        let mut state = m.state(layout_of(&m.mem))?;
+        super::bindings::strip(&mut state.config);
         let state =
             serde_json::to_vec(&state).map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
         // The target digests its copy while this side digests the original.
