@@ -234,7 +234,8 @@ def vessel_api(sock, method, route, body=None, timeout=300):
     data = b"" if body is None else json.dumps(body).encode()
     req = (f"{method} /api/v1/{route} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
-    what = f"{method} /api/v1/{route}" + (f" {json.dumps(body)}" if body is not None else "")
+    shown = dict(body, token="...") if isinstance(body, dict) and "token" in body else body
+    what = f"{method} /api/v1/{route}" + (f" {json.dumps(shown)}" if body is not None else "")
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
     try:
@@ -699,9 +700,12 @@ def vessel_migrate(st, scenario, rep, post_copy=False):
         check_touch(src, touch_mib(args, mem))
         time.sleep(args.settle)
         addr = f"tcp:127.0.0.1:{free_port()}"
-        vessel_api(dst.api, "PUT", "vm.migrate-receive", {"listen": addr})
+        # The target makes the migration's token (older Vessels answer 204 and need none).
+        recv = vessel_api(dst.api, "PUT", "vm.migrate-receive", {"listen": addr})
         # As QEMU, never give up on a busy guest: stop and copy after the last round.
         req = {"to": addr, "downtime_ms": args.downtime_ms, "if_not_converged": "stop-and-copy"}
+        if isinstance(recv, dict) and "token" in recv:
+            req["token"] = recv["token"]
         if post_copy:  # forced right after the first full copy, converged or not
             req.update(post_copy=True, post_copy_after_rounds=1)
         t0 = now_ns()
@@ -727,7 +731,7 @@ def vessel_migrate(st, scenario, rep, post_copy=False):
         rec["done_ms"] = ms(t0, t_done)
         if status["phase"] != "completed":
             raise Failure(f"vessel migration {status['phase']}: {status.get('error')} "
-                          f"(PUT vm.migrate-send {json.dumps(req)})")
+                          f"(PUT vm.migrate-send {json.dumps(dict(req, token='...'))})")
         rec["total_ms"] = status["elapsed_ms"]
         rec["downtime_ms"] = status.get("downtime_ms")
         rec["transferred_mib"] = status["transferred_bytes"] / (1 << 20)

@@ -13,8 +13,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
-    ApiError, BalloonInfo, BalloonSetRequest, Endpoint, MigrateReceiveRequest, MigrateSendRequest,
-    MigrationStatus, Pong, RestoreRequest, SnapshotRequest, VmInfo,
+    ApiError, BalloonInfo, BalloonSetRequest, Endpoint, MigrateReceiveRequest,
+    MigrateReceiveResponse, MigrateSendRequest, MigrationStatus, Pong, RestoreRequest,
+    SnapshotRequest, VmInfo,
 };
 
 /// The largest response the client reads.
@@ -124,8 +125,12 @@ impl Client {
         self.put(Endpoint::MigrateSend, Some(req))
     }
 
-    pub fn migrate_receive(&self, req: &MigrateReceiveRequest) -> Result<(), ClientError> {
-        self.put(Endpoint::MigrateReceive, Some(req))
+    /// Returns the migration's token.
+    pub fn migrate_receive(
+        &self,
+        req: &MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ClientError> {
+        self.put_for(Endpoint::MigrateReceive, req)
     }
 
     pub fn migration_status(&self) -> Result<MigrationStatus, ClientError> {
@@ -163,6 +168,20 @@ impl Client {
             None => None,
         };
         check(self.raw(ep.method().as_str(), &ep.path(), body.as_deref())?).map(|_| ())
+    }
+
+    /// A PUT whose answer has a JSON body.
+    fn put_for<B: Serialize, T: DeserializeOwned>(
+        &self,
+        ep: Endpoint,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body)
+            .map_err(|e| ClientError::Protocol(format!("cannot encode request: {e}")))?;
+        let resp = check(self.raw(ep.method().as_str(), &ep.path(), Some(&body))?)?;
+        serde_json::from_slice(&resp.body).map_err(|e| {
+            ClientError::Protocol(format!("{}: invalid JSON response: {e}", ep.name()))
+        })
     }
 
     /// Sends one request as it is and returns the response as it is, whatever its status.

@@ -1,8 +1,8 @@
 //! The trait the VMM implements to be driven by the API.
 
 use crate::types::{
-    ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateSendRequest,
-    MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo,
+    ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateReceiveResponse,
+    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo,
 };
 
 /// The message of a balloon request to a VM without a balloon.
@@ -36,8 +36,12 @@ pub trait VmController: Send + Sync + 'static {
     fn restore(&self, req: RestoreRequest) -> Result<(), ApiError>;
     /// Starts a live migration to `req.to`; returns once it has started.
     fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError>;
-    /// Starts listening for an incoming migration; returns once listening.
-    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError>;
+    /// Starts listening for an incoming migration; returns once listening, with the
+    /// migration's token (the request's, or a generated one).
+    fn migrate_receive(
+        &self,
+        req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError>;
     /// Progress of the current (or last) migration.
     fn migration_status(&self) -> Result<MigrationStatus, ApiError>;
     /// Cancels the running migration; the source VM keeps running.

@@ -12,9 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client::{Client, ClientError};
 use crate::types::{
-    BalloonInfo, BalloonSetRequest, IfNotConverged, MigrateReceiveRequest, MigrateSendRequest,
-    MigrationPhase, MigrationStatus, RestoreMemory, RestoreRequest, SnapshotRequest, VmInfo,
-    DEFAULT_DOWNTIME_MS,
+    BalloonInfo, BalloonSetRequest, DiskCache, IfNotConverged, MigrateDisk, MigrateReceiveRequest,
+    MigrateSendRequest, MigrationPhase, MigrationStatus, MigrationToken, RestoreMemory,
+    RestoreRequest, SnapshotRequest, VmInfo, DEFAULT_DOWNTIME_MS,
 };
 
 /// How often `migrate send` polls the migration's progress.
@@ -29,6 +29,16 @@ pub enum CtlError {
     Output(#[from] io::Error),
     #[error("{0}")]
     Usage(&'static str),
+    #[error("cannot read the token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the token file {0} is empty")]
+    EmptyTokenFile(PathBuf),
+    #[error("invalid --disk '{0}': expected PATH or PATH,cache=writeback|none|unsafe")]
+    Disk(String),
 }
 
 impl CtlError {
@@ -138,8 +148,15 @@ pub enum MigrateCommand {
         /// Return once started instead of following the progress.
         #[arg(long)]
         no_wait: bool,
+        /// The migration's token, as `migrate receive` printed it on the target (visible to
+        /// other local users in the process list: prefer --token-file).
+        #[arg(long, value_name = "TOKEN", required_unless_present = "token_file")]
+        token: Option<String>,
+        /// A file holding the migration's token (its first line).
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
     },
-    /// Waits for an incoming migration.
+    /// Waits for an incoming migration; prints the migration's token for `migrate send`.
     Receive {
         /// `tcp:HOST:PORT` or `unix:PATH`.
         #[arg(long, value_name = "ADDR")]
@@ -147,6 +164,27 @@ pub enum MigrateCommand {
         /// Follow the migration until it ends.
         #[arg(long)]
         wait: bool,
+        /// The migration's token (at least 16 characters); a random one is made if neither
+        /// this nor --token-file is given.
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        /// A file holding the migration's token (its first line).
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// This host's image for the source's next disk (once per disk, in order), with an
+        /// optional cache mode: PATH[,cache=writeback|none|unsafe].
+        #[arg(long, value_name = "PATH[,cache=MODE]")]
+        disk: Vec<String>,
+        /// This host's tap for the source's next network device (once per device, in order).
+        #[arg(long, value_name = "NAME")]
+        tap: Vec<String>,
+        /// This host's socket for the source's vsock device.
+        #[arg(long, value_name = "PATH")]
+        vsock_socket: Option<PathBuf>,
+        /// Use the source's own paths (disks, taps, vsock, console file) for what is not
+        /// given here: only for two processes on one host.
+        #[arg(long)]
+        same_paths: bool,
     },
     /// The current (or last) migration's progress.
     Status,
@@ -290,7 +328,11 @@ fn migrate(
             post_copy_after,
             full_digest,
             no_wait,
+            token,
+            token_file,
         } => {
+            let token = read_token(token, token_file)?
+                .ok_or(CtlError::Usage("give --token or --token-file"))?;
             client.migrate_send(&MigrateSendRequest {
                 to: to.clone(),
                 downtime_ms: *downtime,
@@ -300,6 +342,7 @@ fn migrate(
                 if_not_converged: if_not_converged.map(Into::into),
                 max_rounds: *max_rounds,
                 full_digest: *full_digest,
+                token,
             })?;
             if *no_wait {
                 done(out, json, Ok(()), &format!("migration to {to} started"))?;
@@ -307,12 +350,36 @@ fn migrate(
             }
             follow(client, json, out, poll)
         }
-        MigrateCommand::Receive { listen, wait } => {
-            client.migrate_receive(&MigrateReceiveRequest {
+        MigrateCommand::Receive {
+            listen,
+            wait,
+            token,
+            token_file,
+            disk,
+            tap,
+            vsock_socket,
+            same_paths,
+        } => {
+            let disks = disk
+                .iter()
+                .map(|d| parse_disk(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let r = client.migrate_receive(&MigrateReceiveRequest {
                 listen: listen.clone(),
+                token: read_token(token, token_file)?,
+                disks,
+                taps: tap.clone(),
+                vsock_socket: vsock_socket.clone(),
+                same_paths: *same_paths,
             })?;
+            if json {
+                print_json(out, &r)?;
+            } else {
+                writeln!(out, "listening on {listen}")?;
+                writeln!(out, "token: {}", r.token.expose())?;
+            }
+            out.flush()?;
             if !*wait {
-                done(out, json, Ok(()), &format!("listening on {listen}"))?;
                 return Ok(0);
             }
             follow(client, json, out, poll)
@@ -437,6 +504,48 @@ pub fn summary(s: &MigrationStatus) -> String {
         line.push_str(&format!(": {e}"));
     }
     line
+}
+
+/// The token given on the command line or in a file (its first line, trimmed).
+fn read_token(
+    token: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<MigrationToken>, CtlError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).map_err(|source| CtlError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        let line = text.lines().next().unwrap_or("").trim();
+        if line.is_empty() {
+            return Err(CtlError::EmptyTokenFile(path.clone()));
+        }
+        return Ok(Some(MigrationToken(line.to_string())));
+    }
+    Ok(token.clone().map(MigrationToken))
+}
+
+/// `PATH[,cache=MODE]`.
+fn parse_disk(s: &str) -> Result<MigrateDisk, CtlError> {
+    let bad = || CtlError::Disk(s.to_string());
+    let (path, cache) = match s.rsplit_once(",cache=") {
+        Some((p, c)) => (p, Some(c)),
+        None => (s, None),
+    };
+    if path.is_empty() {
+        return Err(bad());
+    }
+    let cache = match cache {
+        None => None,
+        Some("writeback") => Some(DiskCache::Writeback),
+        Some("none") => Some(DiskCache::None),
+        Some("unsafe") => Some(DiskCache::Unsafe),
+        Some(_) => return Err(bad()),
+    };
+    Ok(MigrateDisk {
+        path: PathBuf::from(path),
+        cache,
+    })
 }
 
 fn done(
@@ -585,9 +694,34 @@ mod tests {
             &["reset"],
             &["snapshot", "--dir", "/s", "--diff"],
             &["restore", "--dir", "/s", "--memory", "userfaultfd"],
-            &["migrate", "send", "--to", "tcp:h:1", "--downtime", "50"],
-            &["migrate", "send", "--to", "x", "--post-copy"],
-            &["migrate", "send", "--to", "x", "--full-digest"],
+            &[
+                "migrate",
+                "send",
+                "--to",
+                "tcp:h:1",
+                "--downtime",
+                "50",
+                "--token",
+                "t",
+            ],
+            &[
+                "migrate",
+                "send",
+                "--to",
+                "x",
+                "--post-copy",
+                "--token-file",
+                "/t",
+            ],
+            &[
+                "migrate",
+                "send",
+                "--to",
+                "x",
+                "--full-digest",
+                "--token",
+                "t",
+            ],
             &[
                 "migrate",
                 "send",
@@ -596,8 +730,27 @@ mod tests {
                 "--post-copy",
                 "--post-copy-after",
                 "2",
+                "--token",
+                "t",
             ],
             &["migrate", "receive", "--listen", "tcp:0.0.0.0:1"],
+            &[
+                "migrate",
+                "receive",
+                "--listen",
+                "tcp:0.0.0.0:1",
+                "--token-file",
+                "/t",
+                "--disk",
+                "/a.raw",
+                "--disk",
+                "/b.qcow2,cache=none",
+                "--tap",
+                "vtap0",
+                "--vsock-socket",
+                "/v.sock",
+            ],
+            &["migrate", "receive", "--listen", "unix:/m", "--same-paths"],
             &["migrate", "status"],
             &["migrate", "cancel"],
             &["openapi"],
@@ -608,7 +761,7 @@ mod tests {
         ] {
             p(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
-        let a = p(&["migrate", "send", "--to", "x"]).unwrap();
+        let a = p(&["migrate", "send", "--to", "x", "--token", "t"]).unwrap();
         match a.command {
             CtlCommand::Migrate(MigrateCommand::Send {
                 downtime,
@@ -621,6 +774,28 @@ mod tests {
             &["snapshot"][..],
             &["restore", "--dir", "/s", "--memory", "x"],
             &["migrate", "send"],
+            // The token is required, once.
+            &["migrate", "send", "--to", "x"],
+            &[
+                "migrate",
+                "send",
+                "--to",
+                "x",
+                "--token",
+                "a",
+                "--token-file",
+                "/b",
+            ],
+            &[
+                "migrate",
+                "receive",
+                "--listen",
+                "x",
+                "--token",
+                "a",
+                "--token-file",
+                "/b",
+            ],
             &["migrate", "send", "--to", "x", "--downtime", "-1"],
             &["migrate", "send", "--to", "x", "--post-copy-after", "2"],
             &[
@@ -663,6 +838,8 @@ mod tests {
             "x",
             "--if-not-converged",
             "stop-and-copy",
+            "--token",
+            "t",
         ]);
         match a.unwrap().command {
             CtlCommand::Migrate(MigrateCommand::Send {
@@ -677,9 +854,40 @@ mod tests {
             "x",
             "--post-copy",
             "--if-not-converged",
-            "fail"
+            "fail",
+            "--token",
+            "t"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn disks_and_token_files() {
+        assert_eq!(
+            parse_disk("/a b.raw").unwrap(),
+            MigrateDisk {
+                path: "/a b.raw".into(),
+                cache: None
+            }
+        );
+        assert_eq!(
+            parse_disk("/x,y.qcow2,cache=unsafe").unwrap().cache,
+            Some(DiskCache::Unsafe)
+        );
+        for bad in ["", ",cache=none", "/a,cache=fast"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        let dir = std::env::temp_dir().join(format!("vessel-ctl-token-{}", std::process::id()));
+        std::fs::write(&dir, "  s3cret-token-0123456789  \nrest\n").unwrap();
+        let t = read_token(&None, &Some(dir.clone())).unwrap().unwrap();
+        assert_eq!(t.expose(), "s3cret-token-0123456789");
+        // Never in a Debug form.
+        assert!(!format!("{t:?}").contains("s3cret"));
+        std::fs::write(&dir, "\n").unwrap();
+        assert!(read_token(&None, &Some(dir.clone())).is_err());
+        std::fs::remove_file(&dir).unwrap();
+        assert!(read_token(&None, &Some(dir)).is_err());
+        assert_eq!(read_token(&None, &None).unwrap(), None);
     }
 
     #[test]

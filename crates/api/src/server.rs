@@ -298,7 +298,7 @@ async fn dispatch(
         }
         Endpoint::MigrateReceive => {
             let req = parse(&body)?;
-            no_content(call(c, move |c| c.migrate_receive(req)).await?)
+            Json(call(c, move |c| c.migrate_receive(req)).await?).into_response()
         }
         Endpoint::BalloonSet => {
             let req = parse(&body)?;

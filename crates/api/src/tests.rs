@@ -97,8 +97,16 @@ impl VmController for FakeVm {
     fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
         self.record("migrate_send", format!(" {req:?}"))
     }
-    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
-        self.record("migrate_receive", format!(" {req:?}"))
+    fn migrate_receive(
+        &self,
+        req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
+        self.record("migrate_receive", format!(" {req:?}"))?;
+        Ok(MigrateReceiveResponse {
+            token: req
+                .token
+                .unwrap_or_else(|| MigrationToken("generated-token-0123456789".into())),
+        })
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
         self.record("migration_status", String::new())?;
@@ -166,8 +174,11 @@ impl VmController for Bare {
     fn migrate_send(&self, _: MigrateSendRequest) -> Result<(), ApiError> {
         Ok(())
     }
-    fn migrate_receive(&self, _: MigrateReceiveRequest) -> Result<(), ApiError> {
-        Ok(())
+    fn migrate_receive(
+        &self,
+        _: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
+        Err(ApiError::conflict("bare"))
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
         Ok(MigrationStatus::default())
@@ -244,12 +255,23 @@ fn every_route_through_the_client() {
         if_not_converged: None,
         max_rounds: None,
         full_digest: false,
+        token: MigrationToken("s3cret-0123456789abcdef".into()),
     })
     .unwrap();
-    c.migrate_receive(&MigrateReceiveRequest {
-        listen: "unix:/tmp/m.sock".into(),
-    })
-    .unwrap();
+    let r = c
+        .migrate_receive(&MigrateReceiveRequest {
+            listen: "unix:/tmp/m.sock".into(),
+            token: None,
+            disks: vec![MigrateDisk {
+                path: "/d.raw".into(),
+                cache: Some(DiskCache::None),
+            }],
+            taps: vec!["vtap1".into()],
+            vsock_socket: None,
+            same_paths: false,
+        })
+        .unwrap();
+    assert_eq!(r.token.expose(), "generated-token-0123456789");
     assert_eq!(c.migration_status().unwrap().phase, MigrationPhase::None);
     c.migrate_cancel().unwrap();
     *vm.balloon.lock().unwrap() = fake_balloon();
@@ -274,8 +296,8 @@ fn every_route_through_the_client() {
             "reset",
             r#"snapshot SnapshotRequest { dir: "/snap", diff: true, disk_snapshot: false }"#,
             r#"restore RestoreRequest { dir: "/snap", memory: Userfaultfd }"#,
-            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None, if_not_converged: None, max_rounds: None, full_digest: false }"#,
-            r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock" }"#,
+            r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None, if_not_converged: None, max_rounds: None, full_digest: false, token: MigrationToken(<hidden>) }"#,
+            r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock", token: None, disks: [MigrateDisk { path: "/d.raw", cache: Some(None) }], taps: ["vtap1"], vsock_socket: None, same_paths: false }"#,
             "migration_status",
             "migrate_cancel",
             "balloon",
@@ -361,6 +383,37 @@ fn openapi_covers_every_route_and_schema() {
             if_not_converged: None,
             max_rounds: None,
             full_digest: false,
+            token: MigrationToken("t".into()),
+        })
+        .unwrap(),
+    );
+    check(
+        "MigrateReceiveRequest",
+        serde_json::to_value(MigrateReceiveRequest {
+            listen: "x".into(),
+            token: Some(MigrationToken("t".into())),
+            disks: vec![MigrateDisk {
+                path: "/d".into(),
+                cache: Some(DiskCache::Writeback),
+            }],
+            taps: vec!["t".into()],
+            vsock_socket: Some("/v".into()),
+            same_paths: true,
+        })
+        .unwrap(),
+    );
+    check(
+        "MigrateDisk",
+        serde_json::to_value(MigrateDisk {
+            path: "/d".into(),
+            cache: Some(DiskCache::Unsafe),
+        })
+        .unwrap(),
+    );
+    check(
+        "MigrateReceiveResponse",
+        serde_json::to_value(MigrateReceiveResponse {
+            token: MigrationToken("t".into()),
         })
         .unwrap(),
     );
@@ -528,6 +581,7 @@ fn controller_errors_keep_status_and_message() {
             if_not_converged: None,
             max_rounds: None,
             full_digest: false,
+            token: MigrationToken("t".into()),
         })
         .unwrap_err();
     assert_eq!(e.api_error().unwrap().status, 501);
@@ -813,6 +867,8 @@ fn ctl_migrate_send_follows_progress_until_the_end() {
             "tcp:127.0.0.1:1",
             "--bandwidth",
             "100",
+            "--token",
+            "t",
         ],
     );
     assert_eq!(r.unwrap(), 0, "{out}");
@@ -833,7 +889,10 @@ fn ctl_migrate_send_follows_progress_until_the_end() {
         ..status(MigrationPhase::Failed, 2, 5, 5)
     }]
     .into();
-    let (r, out) = ctl(&p, &["--json", "migrate", "send", "--to", "x"]);
+    let (r, out) = ctl(
+        &p,
+        &["--json", "migrate", "send", "--to", "x", "--token", "t"],
+    );
     assert_eq!(r.unwrap(), 1);
     let s: MigrationStatus = serde_json::from_str(&out).unwrap();
     assert_eq!(s.error.as_deref(), Some("connection reset"));
@@ -841,9 +900,33 @@ fn ctl_migrate_send_follows_progress_until_the_end() {
     *vm.statuses.lock().unwrap() = [status(MigrationPhase::Cancelled, 2, 5, 5)].into();
     let (r, out) = ctl(&p, &["migrate", "receive", "--listen", "x", "--wait"]);
     assert_eq!(r.unwrap(), 1);
-    assert!(out.starts_with("migration: cancelled"), "{out}");
+    assert!(
+        out.starts_with("listening on x\ntoken: generated-token-0123456789\nmigration: cancelled"),
+        "{out}"
+    );
+    // The token the target makes, for scripts.
+    let (r, out) = ctl(&p, &["--json", "migrate", "receive", "--listen", "x"]);
+    assert_eq!(r.unwrap(), 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["token"], "generated-token-0123456789");
+    let (r, out) = ctl(
+        &p,
+        &[
+            "migrate",
+            "receive",
+            "--listen",
+            "x",
+            "--token",
+            "mine-0123456789abcdef",
+        ],
+    );
+    assert_eq!(r.unwrap(), 0);
+    assert!(out.ends_with("token: mine-0123456789abcdef\n"), "{out}");
 
-    let (r, out) = ctl(&p, &["migrate", "send", "--to", "x", "--no-wait"]);
+    let (r, out) = ctl(
+        &p,
+        &["migrate", "send", "--to", "x", "--no-wait", "--token", "t"],
+    );
     assert_eq!((r.unwrap(), out.as_str()), (0, "migration to x started\n"));
     let (r, out) = ctl(&p, &["migrate", "cancel"]);
     assert_eq!((r.unwrap(), out.as_str()), (0, "migration cancelled\n"));

@@ -291,6 +291,29 @@ pub struct MigrateSendRequest {
     /// but adds a pass over the used memory on both sides to the downtime.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub full_digest: bool,
+    /// The migration's secret, as `vm.migrate-receive` set or returned it on the target: the
+    /// two sides prove to each other that they hold it, and it keys the encryption of the
+    /// stream. Never logged, and not part of the status.
+    pub token: MigrationToken,
+}
+
+/// A migration's shared secret (at least 16 characters; the target generates 64 hex digits,
+/// 256 bits, when none is given). Its `Debug` form hides it, so it never reaches a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MigrationToken(pub String);
+
+impl MigrationToken {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for MigrationToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MigrationToken(<hidden>)")
+    }
 }
 
 impl MigrateSendRequest {
@@ -323,6 +346,56 @@ pub enum IfNotConverged {
 pub struct MigrateReceiveRequest {
     /// Where to listen: `tcp:HOST:PORT` or `unix:PATH`.
     pub listen: String,
+    /// The migration's secret (at least 16 characters); when absent the target generates a
+    /// random 256-bit one and returns it. The source must give the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<MigrationToken>,
+    /// This host's file for each of the source's disks, in the source's order: the count
+    /// must match the source's disks (unless `same_paths`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<MigrateDisk>,
+    /// This host's tap for each of the source's network devices, in order (unless
+    /// `same_paths`). The guest keeps its MAC address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub taps: Vec<String>,
+    /// This host's socket for the source's vsock device (the guest keeps its CID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_socket: Option<PathBuf>,
+    /// Use the source's own host paths (disk files, taps, vsock socket, virtio-console file)
+    /// for whatever this request does not give: only for a migration between two processes
+    /// on one host. Without it, the target never opens a path that came from the source.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub same_paths: bool,
+}
+
+/// A disk's binding on the migration target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateDisk {
+    /// The disk image on this host (the same contents as the source's, shared or copied).
+    pub path: PathBuf,
+    /// The host cache mode on this host (default: the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<DiskCache>,
+}
+
+/// A disk's host cache mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskCache {
+    /// Through the host's page cache.
+    Writeback,
+    /// O_DIRECT: around the host's page cache.
+    None,
+    /// Guest flushes are ignored: fastest, and data is lost if the host crashes.
+    Unsafe,
+}
+
+/// `vm.migrate-receive`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateReceiveResponse {
+    /// The migration's secret, to give to `vm.migrate-send` on the source.
+    pub token: MigrationToken,
 }
 
 /// Where a migration is.
@@ -553,9 +626,15 @@ mod tests {
 
     #[test]
     fn request_defaults_and_unknown_fields() {
-        let r: MigrateSendRequest = serde_json::from_str(r#"{"to":"tcp:1.2.3.4:5"}"#).unwrap();
+        let r: MigrateSendRequest =
+            serde_json::from_str(r#"{"to":"tcp:1.2.3.4:5","token":"t"}"#).unwrap();
         assert_eq!(r.downtime_ms, 300);
+        assert_eq!(r.token.expose(), "t");
         assert_eq!(r.bandwidth_mbps, None);
+        // The token is required to send; receiving makes one when none is given.
+        assert!(serde_json::from_str::<MigrateSendRequest>(r#"{"to":"x"}"#).is_err());
+        let r: MigrateReceiveRequest = serde_json::from_str(r#"{"listen":"x"}"#).unwrap();
+        assert!(r.token.is_none() && r.disks.is_empty() && !r.same_paths);
         let r: RestoreRequest = serde_json::from_str(r#"{"dir":"/x"}"#).unwrap();
         assert_eq!(r.memory, RestoreMemory::Lazy);
         let r: SnapshotRequest = serde_json::from_str(r#"{"dir":"/x"}"#).unwrap();

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::migration::TOKEN;
 use common::soak::Console;
 use common::*;
 
@@ -65,10 +66,16 @@ fn generation_id_changes_on_every_restore_and_not_on_migration() {
     wait_for(&target_api);
     let addr = format!("unix:{}", tmp.file("mig.sock").display());
     assert_code(
-        &ctl(&target_api, &["migrate", "receive", "--listen", &addr]),
+        &ctl(
+            &target_api,
+            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+        ),
         0,
     );
-    let o = ctl(&socket, &["migrate", "send", "--to", &addr]);
+    let o = ctl(
+        &socket,
+        &["migrate", "send", "--token", TOKEN, "--to", &addr],
+    );
     assert_code(&o, 0);
     assert_eq!(vm.child.wait().unwrap().code(), Some(0));
     // The guest checks its ID after every report line (each 20 ms).

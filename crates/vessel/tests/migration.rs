@@ -122,11 +122,25 @@ fn a_side_killed_at_stop_and_copy_or_around_the_commit_leaves_the_vm_on_one_side
         let mut p = pair("mig-hold", &["env", &env], &[], "128M");
         let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
         assert_code(
-            &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+            &ctl(
+                &p.dst_api,
+                &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+            ),
             0,
         );
         assert_code(
-            &ctl(&p.src_api, &["migrate", "send", "--to", &addr, "--no-wait"]),
+            &ctl(
+                &p.src_api,
+                &[
+                    "migrate",
+                    "send",
+                    "--token",
+                    TOKEN,
+                    "--to",
+                    &addr,
+                    "--no-wait",
+                ],
+            ),
             0,
         );
         wait_phase(&p.src_api, "stop-and-copy");
@@ -217,7 +231,10 @@ fn postcopy_pair(name: &str, dst_stderr: Option<&Path>) -> (Pair, Release) {
 fn start_postcopy(p: &mut Pair, release: &Release) {
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
     assert_code(
-        &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+        &ctl(
+            &p.dst_api,
+            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+        ),
         0,
     );
     let o = ctl(
@@ -225,6 +242,8 @@ fn start_postcopy(p: &mut Pair, release: &Release) {
         &[
             "migrate",
             "send",
+            "--token",
+            TOKEN,
             "--to",
             &addr,
             "--post-copy",

@@ -1,5 +1,5 @@
-//! Migrations that fail fail safe, on the direct host: a refused connect, a silent or garbled
-//! peer, cancel on either side, SIGTERM to a waiting target and a downtime limit that cannot
+//! Migrations that fail fail safe, on the direct host: a refused connect, a silent, garbled
+//! or impostor peer, cancel on either side, SIGTERM to a waiting target and a downtime limit that cannot
 //! be met each end with a clear status, the VM running on exactly one side with its soak
 //! checksums intact, and a new migration that succeeds afterwards.
 
@@ -16,7 +16,7 @@ use common::*;
 /// Runs `vessel ctl migrate send --to addr extra...` (following it) and returns its output,
 /// which must come within 60 s (a hang is killed and fails the exit-code checks).
 fn send(p: &Pair, to: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["migrate", "send", "--to", to];
+    let mut args = vec!["migrate", "send", "--token", TOKEN, "--to", to];
     args.extend_from_slice(extra);
     ctl(&p.src_api, &args)
 }
@@ -116,28 +116,31 @@ fn a_silent_or_garbled_target_fails_or_is_cancelled_in_setup() {
     peer.join().unwrap();
     source_runs_on(&mut p);
 
-    // 2. Garbage instead of `Ready`: an unknown message type.
+    // 2. Garbage instead of the handshake: refused before any frame.
     let garbled = p.tmp.file("garbled.sock");
-    let peer = fake_target(&garbled, vec![77, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let peer = fake_target(&garbled, b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
     let o = send(&p, &format!("unix:{}", garbled.display()), &[]);
     assert_code(&o, 1);
     assert!(
-        stdout(&o).contains("unknown message type 77"),
+        stdout(&o).contains("did not start the authenticated migration handshake"),
         "{}",
         stdout(&o)
     );
     peer.join().unwrap();
     source_runs_on(&mut p);
 
-    // 3. A `Ready` frame that claims a gigabyte: refused before anything is allocated.
-    let huge = p.tmp.file("huge.sock");
-    let mut frame = vec![2u8];
-    frame.extend_from_slice(&(1u64 << 30).to_le_bytes());
-    let peer = fake_target(&huge, frame);
-    let o = send(&p, &format!("unix:{}", huge.display()), &[]);
+    // 3. A target that greets as Vessel does but cannot prove it holds the token: the
+    // source sends nothing of the VM to it.
+    let fake = p.tmp.file("fake.sock");
+    let mut reply = b"vessel-mig-auth\x01".to_vec();
+    reply.extend_from_slice(&[7u8; 32]);
+    reply.push(0);
+    reply.extend_from_slice(&[0u8; 32]);
+    let peer = fake_target(&fake, reply);
+    let o = send(&p, &format!("unix:{}", fake.display()), &[]);
     assert_code(&o, 1);
     assert!(
-        stdout(&o).contains("1073741824-byte Ready"),
+        stdout(&o).contains("could not prove it holds the migration token"),
         "{}",
         stdout(&o)
     );
@@ -154,7 +157,10 @@ fn a_waiting_target_ends_on_sigterm_and_either_side_can_cancel() {
 
     // 1. SIGTERM to a target waiting for a source: it ends, with SIGTERM's code.
     assert_code(
-        &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+        &ctl(
+            &p.dst_api,
+            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+        ),
         0,
     );
     wait_phase(&p.dst_api, "listening");
@@ -164,7 +170,13 @@ fn a_waiting_target_ends_on_sigterm_and_either_side_can_cancel() {
     let dst2 = p.tmp.file("dst2.sock");
     let mut target2 = Console::spawn(&["serve", "--api-socket", dst2.to_str().unwrap()]);
     wait_for(&dst2);
-    assert_code(&ctl(&dst2, &["migrate", "receive", "--listen", &addr]), 0);
+    assert_code(
+        &ctl(
+            &dst2,
+            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+        ),
+        0,
+    );
     wait_phase(&dst2, "listening");
     assert_code(&ctl(&dst2, &["migrate", "cancel"]), 0);
     wait_phase(&dst2, "cancelled");
@@ -205,7 +217,10 @@ fn a_downtime_limit_that_cannot_be_met_fails_unless_the_caller_accepts_it() {
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
     let limits = ["--downtime", "0", "--max-rounds", "1"];
     assert_code(
-        &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+        &ctl(
+            &p.dst_api,
+            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+        ),
         0,
     );
     let o = send(&p, &addr, &limits);
@@ -220,7 +235,10 @@ fn a_downtime_limit_that_cannot_be_met_fails_unless_the_caller_accepts_it() {
 
     // Accepting the longer pause is the caller's choice, and the status says it happened.
     assert_code(
-        &ctl(&p.dst_api, &["migrate", "receive", "--listen", &addr]),
+        &ctl(
+            &p.dst_api,
+            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
+        ),
         0,
     );
     let mut args = limits.to_vec();

@@ -44,8 +44,12 @@ if [ -n "$MIGRATE" ]; then
     $V serve --api-socket /tmp/c.sock > /tmp/c.out 2>&1 &
     restored=$!
     sleep 1
-    $V ctl --api-socket /tmp/c.sock migrate receive --listen unix:/tmp/mig.sock || exit 1
-    $V ctl --json --api-socket /tmp/b.sock migrate send $SEND_ARGS --to unix:/tmp/mig.sock >/dev/null || exit 1
+    # The target's own bindings for the disk and the tap; it makes the token.
+    $V ctl --api-socket /tmp/c.sock migrate receive --listen unix:/tmp/mig.sock \
+      --disk /disk.raw --tap vtap0 > /tmp/recv.out || exit 1
+    sed -n 's/^token: //p' /tmp/recv.out > /tmp/mig.token
+    $V ctl --json --api-socket /tmp/b.sock migrate send $SEND_ARGS --token-file /tmp/mig.token \
+      --to unix:/tmp/mig.sock >/dev/null || exit 1
     echo "L1MIG: migrated"
     # Post-copy: the pages the target's pager fetched from the source after it started.
     [ -n "$SEND_ARGS" ] && ( sleep 8; $V ctl --json --api-socket /tmp/c.sock info \

@@ -262,6 +262,8 @@ impl VmController for VmHandle {
     fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
         self.stopping()?;
         crate::migration::Addr::parse(&req.to).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        crate::migration::seal::check_token(req.token.expose())
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let post_copy = req.if_not_converged() == api::types::IfNotConverged::PostCopy;
         if req.post_copy
             && req
@@ -334,7 +336,10 @@ impl VmController for VmHandle {
         Ok(())
     }
 
-    fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
+    fn migrate_receive(
+        &self,
+        _req: MigrateReceiveRequest,
+    ) -> Result<api::types::MigrateReceiveResponse, ApiError> {
         Err(ApiError::conflict(
             "this process runs a VM already: receive a migration in a new one (vessel serve)",
         ))

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use api::types::{
-    ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateSendRequest,
-    MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo, VmState,
+    ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateReceiveResponse,
+    MigrateSendRequest, MigrationStatus, MigrationToken, RestoreRequest, SnapshotRequest, VmInfo,
+    VmState,
 };
 use api::VmController;
 use devices::bus::lock;
@@ -72,7 +73,10 @@ impl VmController for ApiSwitch {
     fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
         self.now().migrate_send(req)
     }
-    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
+    fn migrate_receive(
+        &self,
+        req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
         self.now().migrate_receive(req)
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
@@ -167,8 +171,24 @@ impl VmController for Empty {
     fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
         Err(ApiError::conflict(NO_VM))
     }
-    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
-        self.start(Start::MigrateReceive(req))
+    fn migrate_receive(
+        &self,
+        mut req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
+        let token = match req.token.take() {
+            Some(t) => {
+                crate::migration::seal::check_token(t.expose())
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                t
+            }
+            None => MigrationToken(
+                crate::migration::seal::new_token()
+                    .map_err(|e| ApiError::internal(e.to_string()))?,
+            ),
+        };
+        req.token = Some(token.clone());
+        self.start(Start::MigrateReceive(req))?;
+        Ok(MigrateReceiveResponse { token })
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
         Ok(lock(&self.migration).clone())
@@ -223,7 +243,10 @@ impl VmController for Ended {
     fn migrate_send(&self, _req: MigrateSendRequest) -> Result<(), ApiError> {
         Err(self.gone())
     }
-    fn migrate_receive(&self, _req: MigrateReceiveRequest) -> Result<(), ApiError> {
+    fn migrate_receive(
+        &self,
+        _req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
         Err(self.gone())
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
@@ -290,7 +313,7 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
                 let _ = reply.send(Ok(()));
                 // SIGINT/SIGTERM cancel a migration still waiting or receiving.
                 let received = on_stop_signal(&stop, &cancel, || {
-                    crate::migration::receive(&listener, &opts, start, &migration, &cancel)
+                    crate::migration::receive(&listener, &req, &opts, start, &migration, &cancel)
                 });
                 *lock(&empty.incoming) = None;
                 match received {

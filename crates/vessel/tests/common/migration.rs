@@ -10,6 +10,18 @@ use super::*;
 
 pub const CPUS: usize = 2;
 
+/// The migration token the tests give both sides (a target makes its own when given none).
+pub const TOKEN: &str = "vessel-test-token-0123456789";
+
+/// The token `vessel ctl migrate receive` printed (`token: ...`).
+pub fn printed_token(o: &std::process::Output) -> String {
+    let out = stdout(o);
+    out.lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap_or_else(|| panic!("no token in {out}"))
+        .to_string()
+}
+
 /// The exit code of `child` (`who`), once it ends: it must within a minute.
 pub fn exit_code(child: &mut std::process::Child, who: &str) -> Option<i32> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -60,7 +72,27 @@ pub fn pair_with(
     cmdline: &str,
     dst_stderr: Option<&Path>,
 ) -> Pair {
-    let tmp = TempDir::new(name);
+    pair_in(
+        TempDir::new(name),
+        src_prefix,
+        dst_prefix,
+        memory,
+        cmdline,
+        dst_stderr,
+        &[],
+    )
+}
+
+/// [`pair_with`] in `tmp`, with more arguments for the source's `vessel run` (devices).
+pub fn pair_in(
+    tmp: TempDir,
+    src_prefix: &[&str],
+    dst_prefix: &[&str],
+    memory: &str,
+    cmdline: &str,
+    dst_stderr: Option<&Path>,
+    src_args: &[&str],
+) -> Pair {
     let src_api = tmp.file("src.sock");
     let dst_api = tmp.file("dst.sock");
     let mut args: Vec<String> = src_prefix.iter().map(|s| s.to_string()).collect();
@@ -80,6 +112,7 @@ pub fn pair_with(
             cmdline,
         ]
         .iter()
+        .chain(src_args)
         .map(|s| s.to_string()),
     );
     let source = spawn_prefixed(&args);
@@ -140,7 +173,10 @@ pub fn wait_phase(socket: &Path, want: &str) {
 /// copies.
 pub fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
     assert_code(
-        &ctl(target_api, &["migrate", "receive", "--listen", addr]),
+        &ctl(
+            target_api,
+            &["migrate", "receive", "--token", TOKEN, "--listen", addr],
+        ),
         0,
     );
     let o = ctl(
@@ -148,6 +184,8 @@ pub fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
         &[
             "migrate",
             "send",
+            "--token",
+            TOKEN,
             "--to",
             addr,
             "--bandwidth",
@@ -162,11 +200,14 @@ pub fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
 /// `extra`: more `migrate send` arguments.
 pub fn migrate_and_check(p: &mut Pair, listen: &str, to: &str, extra: &[&str]) {
     let before = latest_iters(&mut p.source);
+    // The target makes the token; the source gives it back.
     let o = ctl(&p.dst_api, &["migrate", "receive", "--listen", listen]);
     assert_code(&o, 0);
+    let token = printed_token(&o);
+    assert_eq!(token.len(), 64, "{token}");
     assert_eq!(phase(&p.dst_api), "listening");
     // `migrate send` follows the migration to its end.
-    let mut args = vec!["migrate", "send", "--to", to];
+    let mut args = vec!["migrate", "send", "--token", &token, "--to", to];
     args.extend_from_slice(extra);
     let o = ctl(&p.src_api, &args);
     assert_code(&o, 0);

@@ -15,13 +15,18 @@
 //! - **Post-copy** ([`postcopy`], on request): instead of stop-and-copy, the VM runs on the
 //!   target at once and its missing pages come from the source on demand.
 //!
+//! Every connection starts with [`seal`]'s handshake (both sides prove they hold the
+//! migration's token) and every frame after it is encrypted and authenticated.
+//!
 //! Any failure before the commit leaves the VM running on the source and nothing on the
 //! target; after it, only the target runs the VM (after a post-copy commit, a broken
 //! connection loses the VM on both sides).
 
+pub mod bindings;
 pub mod postcopy;
 pub mod protocol;
 mod receive;
+pub mod seal;
 mod send;
 
 pub use receive::{listen, receive, Listener};
@@ -51,6 +56,10 @@ pub enum MigrationError {
     },
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),
+    #[error(transparent)]
+    Auth(#[from] seal::AuthError),
+    #[error("this host's resources for the VM: {0}")]
+    Bind(#[from] bindings::BindError),
     #[error(transparent)]
     Kvm(#[from] hypervisor::Error),
     #[error(transparent)]
@@ -110,7 +119,7 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn connect(addr: &Addr) -> Result<Stream, MigrationError> {
+    pub(crate) fn connect(addr: &Addr) -> Result<Stream, MigrationError> {
         let err = |source| MigrationError::Connect {
             addr: addr.to_string(),
             source,

@@ -31,8 +31,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::types::MigrationPhase;
@@ -42,12 +41,14 @@ use hypervisor::mem::PAGE_SIZE;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::protocol::{self, Tag, BATCH_PAGES};
+use super::protocol::{self, FrameRead, FrameWrite, Tag, BATCH_PAGES};
+use super::seal::Channel;
 use super::send::{hold, Outgoing};
 use super::{MigrationError, Stream};
 use crate::api::VmHandle;
 use crate::snapshot::memory::{layout_of, MemoryRegionInfo};
 use crate::snapshot::pager::{Arrived, PageSource};
+use devices::bus::lock;
 
 /// The pages the target misses: one bit per page, per region.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -184,7 +185,7 @@ pub(super) struct Precopied<'a> {
 /// returns the downtime (from the pause to the VM running on the target).
 pub(super) fn run_source(
     h: &VmHandle,
-    stream: &mut Stream,
+    stream: &mut Channel,
     pre: Precopied,
     out: &Outgoing,
     paused: &mut bool,
@@ -201,7 +202,8 @@ pub(super) fn run_source(
     hold("stop-and-copy");
     let last = super::send::take_dirty(m)?;
     let mut set = DirtySet::union(&[pre.pending, &last]);
-    let state = m.state(layout_of(&m.mem))?;
+    let mut state = m.state(layout_of(&m.mem))?;
+    super::bindings::strip(&mut state.config);
     let state = json_bytes(&state)?;
     protocol::write_frame(stream, Tag::Postcopy, &[&json_bytes(&set)?])?;
     protocol::write_frame(stream, Tag::State, &[&state])?;
@@ -238,13 +240,17 @@ enum FromTarget {
 /// With a `limit` (bytes per second) the push waits while it is ahead of that rate; a request
 /// is served at once all the same (the guest is waiting for it), and the push makes up for it.
 fn serve_pages(
-    stream: &mut Stream,
+    stream: &mut Channel,
     mem: &GuestMem,
     set: &mut DirtySet,
     out: &Outgoing,
     limit: Option<u64>,
 ) -> Result<(), String> {
-    let mut reader = stream.try_clone().map_err(|e| format!("connection: {e}"))?;
+    // The reader thread opens the target's frames with its own state (the direction's key
+    // and counter); this thread seals what it sends.
+    let mut reader = stream
+        .take_reader()
+        .map_err(|e| format!("connection: {e}"))?;
     let (tx, rx) = mpsc::channel();
     jail::seccomp::spawn(
         jail::seccomp::ThreadClass::Migration,
@@ -252,7 +258,7 @@ fn serve_pages(
         move || {
             let mut buf = Vec::new();
             loop {
-                let msg = match protocol::read_frame(&mut reader, &mut buf) {
+                let msg = match reader.read_frame(&mut buf) {
                     Ok(Tag::PageRequest) if buf.len() == 16 => {
                         let a = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
                         let n = u64::from_le_bytes(buf[8..].try_into().unwrap_or_default());
@@ -278,7 +284,7 @@ fn serve_pages(
     let mut cursor = 0u64;
     let mut sent = 0u64;
     // Sends the pages of `set` in `from..from + n pages` (a run at a time).
-    let mut send_range = |stream: &mut Stream,
+    let mut send_range = |stream: &mut Channel,
                           set: &mut DirtySet,
                           from: u64,
                           n: u64,
@@ -395,18 +401,24 @@ fn serve_pages(
     }
 }
 
+/// Where the target's migration thread hands the connection to the [`Fetcher`] once the
+/// source has committed (and this side has said `Resumed`): the sealing state of each
+/// direction goes on from there.
+pub type Handover = Arc<Mutex<Option<Channel>>>;
+
 /// The target's page source during post-copy: requests and receives pages over the
 /// migration stream.
 pub struct Fetcher {
-    reader: Stream,
-    writer: Stream,
+    /// A handle on the connection, polled for arrivals.
+    fd: Stream,
+    /// The connection, once handed over.
+    io: Option<Channel>,
+    handover: Handover,
     /// Pages still owed by the source.
     missing: DirtySet,
     missing_count: u64,
     digest: PageDigest,
-    /// The source committed: the stream belongs to the pager now.
-    go: Arc<AtomicBool>,
-    /// Requests made before `go`.
+    /// Requests made before the handover.
     queued: Vec<(u64, u64)>,
     out: Arc<Outgoing>,
     done_sent: bool,
@@ -415,38 +427,52 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(
-        stream: &Stream,
+        stream: &Channel,
         missing: DirtySet,
         out: Arc<Outgoing>,
-    ) -> Result<(Fetcher, Arc<AtomicBool>), MigrationError> {
+    ) -> Result<(Fetcher, Handover), MigrationError> {
         let io = |e| protocol::ProtocolError::Io(e);
-        let go = Arc::new(AtomicBool::new(false));
+        let handover: Handover = Arc::default();
         let missing_count = missing.count();
         out.update(|s| s.remaining_bytes = missing_count * PAGE_SIZE);
         Ok((
             Fetcher {
-                reader: stream.try_clone().map_err(io)?,
-                writer: stream.try_clone().map_err(io)?,
+                fd: stream.stream().try_clone().map_err(io)?,
+                io: None,
+                handover: handover.clone(),
                 missing,
                 missing_count,
                 digest: PageDigest::default(),
-                go: go.clone(),
                 queued: Vec::new(),
                 out,
                 done_sent: false,
                 buf: Vec::new(),
             },
-            go,
+            handover,
         ))
     }
 
+    /// Whether the connection is this side's now (taking it if it was just handed over).
+    fn connected(&mut self) -> bool {
+        if self.io.is_none() {
+            self.io = lock(&self.handover).take();
+        }
+        self.io.is_some()
+    }
+
+    fn write(&mut self, tag: Tag, parts: &[&[u8]]) -> Result<(), String> {
+        let r = match self.io.as_mut() {
+            Some(io) => io.write_frame(tag, parts),
+            None => Err(protocol::ProtocolError::Bad("not connected".to_string())),
+        };
+        r.map_err(|e| self.lost(&e))
+    }
+
     fn request(&mut self, start: u64, pages: u64) -> Result<(), String> {
-        protocol::write_frame(
-            &mut self.writer,
+        self.write(
             Tag::PageRequest,
             &[&start.to_le_bytes(), &pages.to_le_bytes()],
         )
-        .map_err(|e| self.lost(&e))
     }
 
     fn lost(&self, e: &dyn std::fmt::Display) -> String {
@@ -470,7 +496,7 @@ impl PageSource for Fetcher {
         let first = need.iter().position(|&b| b).unwrap_or(0) as u64;
         let last = need.iter().rposition(|&b| b).unwrap_or(0) as u64;
         let (a, n) = (start + first * PAGE_SIZE, last - first + 1);
-        if self.go.load(Ordering::SeqCst) {
+        if self.connected() {
             for (qa, qn) in std::mem::take(&mut self.queued) {
                 self.request(qa, qn)?;
             }
@@ -482,11 +508,11 @@ impl PageSource for Fetcher {
     }
 
     fn arrivals(&self) -> Option<RawFd> {
-        Some(self.reader.as_raw_fd())
+        Some(self.fd.as_raw_fd())
     }
 
     fn arrived(&mut self) -> Result<Arrived, String> {
-        if !self.go.load(Ordering::SeqCst) {
+        if !self.connected() {
             // The migration thread still reads the stream (the commit).
             std::thread::sleep(Duration::from_millis(1));
             return Ok((Vec::new(), false));
@@ -495,7 +521,11 @@ impl PageSource for Fetcher {
             self.request(qa, qn)?;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        let tag = protocol::read_frame(&mut self.reader, &mut buf).map_err(|e| self.lost(&e));
+        let tag = match self.io.as_mut() {
+            Some(io) => io.read_frame(&mut buf),
+            None => Err(protocol::ProtocolError::Bad("not connected".to_string())),
+        };
+        let tag = tag.map_err(|e| self.lost(&e));
         let tag = match tag {
             Ok(t) => t,
             Err(_) if self.missing_count == 0 => {
@@ -540,12 +570,8 @@ impl PageSource for Fetcher {
                 });
                 if left == 0 && !self.done_sent {
                     self.done_sent = true;
-                    protocol::write_frame(
-                        &mut self.writer,
-                        Tag::PostcopyDone,
-                        &[&self.digest.0.to_le_bytes()],
-                    )
-                    .map_err(|e| self.lost(&e))?;
+                    let digest = self.digest.0.to_le_bytes();
+                    self.write(Tag::PostcopyDone, &[&digest])?;
                 }
             }
             Tag::PostcopyEnd => {
@@ -599,9 +625,9 @@ pub fn drop_pages(mem: &GuestMem, set: &DirtySet) -> Result<(), MigrationError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::seal::pair;
     use crate::snapshot::pager::Pager;
     use devices::bus::lock;
-    use std::os::unix::net::UnixStream;
 
     const HIGH: u64 = 64 << 20;
 
@@ -639,10 +665,10 @@ mod tests {
         (src, dst, set)
     }
 
-    fn start_target(dst: &GuestMem, set: &DirtySet, stream: UnixStream) -> (Pager, Arc<Outgoing>) {
+    fn start_target(dst: &GuestMem, set: &DirtySet, stream: Channel) -> (Pager, Arc<Outgoing>) {
         let out = Arc::new(Outgoing::default());
-        let (fetcher, go) = Fetcher::new(&Stream::Unix(stream), set.clone(), out.clone()).unwrap();
-        go.store(true, Ordering::SeqCst);
+        let (fetcher, handover) = Fetcher::new(&stream, set.clone(), out.clone()).unwrap();
+        *lock(&handover) = Some(stream);
         let pager = Pager::serve(
             dst,
             &layout_of(dst),
@@ -656,7 +682,7 @@ mod tests {
     #[test]
     fn missing_pages_come_from_the_source_and_both_sides_agree_at_the_end() {
         let (src, dst, set) = setup();
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let (pager, out) = start_target(&dst, &set, b);
         // The target's first touch may come before the push: it waits for its page.
         let source = start_source(&src, &set, a, None);
@@ -690,25 +716,19 @@ mod tests {
     fn start_source(
         src: &GuestMem,
         set: &DirtySet,
-        stream: UnixStream,
+        mut stream: Channel,
         limit: Option<u64>,
     ) -> std::thread::JoinHandle<Result<(), String>> {
         let (src, mut set) = (src.clone(), set.clone());
         std::thread::spawn(move || {
-            serve_pages(
-                &mut Stream::Unix(stream),
-                &src,
-                &mut set,
-                &Outgoing::default(),
-                limit,
-            )
+            serve_pages(&mut stream, &src, &mut set, &Outgoing::default(), limit)
         })
     }
 
     #[test]
     fn the_bandwidth_cap_paces_the_push() {
         let (src, dst, set) = setup();
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let (pager, _out) = start_target(&dst, &set, b);
         let began = Instant::now();
         // The first frame carries the three low pages (12 KiB, one batch); at 8 KiB/s the
@@ -729,7 +749,7 @@ mod tests {
     #[test]
     fn a_requested_page_goes_at_once_under_the_cap() {
         let (src, dst, set) = setup();
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let (_pager, _out) = start_target(&dst, &set, b);
         // At 1 byte/s the push would send the high page hours after the first frame: the
         // guest's touch asks for it, and the source serves the request without waiting.
@@ -742,7 +762,7 @@ mod tests {
     #[test]
     fn a_lost_source_fails_the_target_with_the_missing_pages() {
         let (_, dst, set) = setup();
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let (pager, out) = start_target(&dst, &set, b);
         let (tx, rx) = mpsc::channel();
         pager.on_error(move |e| tx.send(e).unwrap());

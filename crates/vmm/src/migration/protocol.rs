@@ -1,7 +1,8 @@
 //! The live-migration wire protocol: framed messages over one stream (TCP or Unix).
 //!
-//! A frame is a one-byte tag, a little-endian `u64` length and that many bytes. The source
-//! speaks first:
+//! A frame is a one-byte tag, a little-endian `u64` length and that many bytes, sealed
+//! (`seal`: the body encrypted, a GCM tag after it) once the handshake has proven that both
+//! sides hold the migration's token; nothing else crosses before it. The source speaks first:
 //!
 //! ```text
 //! source                                   target
@@ -26,14 +27,15 @@
 //! source then resumes, the target drops what it received. Once the source has sent `Commit` it
 //! never runs the VM again, so the VM never runs on both sides.
 
-use std::io::{Read, Write};
+#[cfg(test)]
+use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
 /// First bytes of `Hello`.
 pub const MAGIC: &str = "vessel-migration";
 /// The protocol version this Vessel speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest frame accepted (a batch of pages, or the state).
 pub const MAX_FRAME: u64 = 256 << 20;
 /// Pages per `Pages` frame at most.
@@ -50,6 +52,8 @@ pub enum ProtocolError {
     Bad(String),
     #[error("the other side failed: {0}")]
     Remote(String),
+    #[error(transparent)]
+    Auth(#[from] super::seal::AuthError),
 }
 
 /// Message kinds.
@@ -120,8 +124,12 @@ pub struct Hello {
     pub magic: String,
     pub version: u32,
     pub vessel_version: String,
-    /// The machine (`VmConfig`), as JSON.
+    /// The machine (`VmConfig`), as JSON, without its host paths (disk files, taps, sockets).
     pub config: serde_json::Value,
+    /// The source's host paths, used by the target only when its receive request says
+    /// `same_paths` (see `bindings`).
+    #[serde(default)]
+    pub source_paths: super::bindings::SourcePaths,
     /// Digest all of guest memory at stop-and-copy ([`super::digest`]) rather than the logs
     /// of pages sent and received ([`super::PageLog`]).
     #[serde(default)]
@@ -135,30 +143,46 @@ pub struct Round {
     pub remaining_bytes: u64,
 }
 
+/// Writes frames (sealed: [`super::seal::FrameWriter`]).
+pub trait FrameWrite {
+    /// Writes one frame whose body is the concatenation of `parts`.
+    fn write_frame(&mut self, tag: Tag, parts: &[&[u8]]) -> Result<(), ProtocolError>;
+}
+
+/// Reads frames (sealed: [`super::seal::FrameReader`]).
+pub trait FrameRead {
+    /// Reads one frame into `buf` (reused); returns its tag. `Error` frames become
+    /// [`ProtocolError::Remote`], `Abort` a remote error too.
+    fn read_frame(&mut self, buf: &mut Vec<u8>) -> Result<Tag, ProtocolError>;
+}
+
 /// Writes one frame whose body is the concatenation of `parts`.
-pub fn write_frame(w: &mut impl Write, tag: Tag, parts: &[&[u8]]) -> Result<(), ProtocolError> {
-    let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-    let mut head = [0u8; 9];
-    head[0] = tag as u8;
-    head[1..].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&head)?;
-    for p in parts {
-        w.write_all(p)?;
-    }
-    Ok(())
+pub fn write_frame(
+    w: &mut impl FrameWrite,
+    tag: Tag,
+    parts: &[&[u8]],
+) -> Result<(), ProtocolError> {
+    w.write_frame(tag, parts)
 }
 
 /// Writes a frame with a JSON body.
-pub fn write_json<T: Serialize>(w: &mut impl Write, tag: Tag, v: &T) -> Result<(), ProtocolError> {
+pub fn write_json<T: Serialize>(
+    w: &mut impl FrameWrite,
+    tag: Tag,
+    v: &T,
+) -> Result<(), ProtocolError> {
     let body = serde_json::to_vec(v).map_err(|e| ProtocolError::Bad(e.to_string()))?;
-    write_frame(w, tag, &[&body])
+    w.write_frame(tag, &[&body])
 }
 
-/// Reads one frame into `buf` (reused); returns its tag. `Error` frames become
-/// [`ProtocolError::Remote`], `Abort` a remote error too.
-pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolError> {
-    let mut head = [0u8; 9];
-    r.read_exact(&mut head)?;
+/// Reads one frame into `buf` (reused); returns its tag.
+pub fn read_frame(r: &mut impl FrameRead, buf: &mut Vec<u8>) -> Result<Tag, ProtocolError> {
+    r.read_frame(buf)
+}
+
+/// A frame's header: its tag and body length, checked against the kind's limit before any
+/// of the body is read or allocated.
+pub fn parse_head(head: &[u8; 9]) -> Result<(Tag, u64), ProtocolError> {
     let tag = Tag::from_u8(head[0])
         .ok_or_else(|| ProtocolError::Bad(format!("unknown message type {}", head[0])))?;
     let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
@@ -168,25 +192,34 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolE
             tag.max_len()
         )));
     }
-    // Every byte is read over: no need to zero what the buffer already has.
-    let len = len as usize;
-    if buf.len() < len {
-        buf.resize(len, 0);
-    }
-    buf.truncate(len);
-    r.read_exact(buf)?;
+    Ok((tag, len))
+}
+
+/// `tag`, or the peer's error for `Error` and `Abort` frames (`body`: the message).
+pub fn remote_errors(tag: Tag, body: &[u8]) -> Result<Tag, ProtocolError> {
     match tag {
         Tag::Error => Err(ProtocolError::Remote(
-            String::from_utf8_lossy(buf).into_owned(),
+            String::from_utf8_lossy(body).into_owned(),
         )),
         Tag::Abort => Err(ProtocolError::Remote("migration aborted".to_string())),
         t => Ok(t),
     }
 }
 
+/// Reads one unsealed frame (what a target without a handshake answers; tests).
+#[cfg(test)]
+pub fn read_plain_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolError> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head)?;
+    let (tag, len) = parse_head(&head)?;
+    buf.resize(len as usize, 0);
+    r.read_exact(buf)?;
+    remote_errors(tag, buf)
+}
+
 /// Reads a frame that must be `want`.
-pub fn expect(r: &mut impl Read, buf: &mut Vec<u8>, want: Tag) -> Result<(), ProtocolError> {
-    let got = read_frame(r, buf)?;
+pub fn expect(r: &mut impl FrameRead, buf: &mut Vec<u8>, want: Tag) -> Result<(), ProtocolError> {
+    let got = r.read_frame(buf)?;
     if got != want {
         return Err(ProtocolError::Unexpected {
             got,
@@ -212,45 +245,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_round_trip_and_garbage_is_refused() {
-        let mut wire = Vec::new();
-        write_frame(&mut wire, Tag::Pages, &[b"ab", b"cd"]).unwrap();
-        write_json(
-            &mut wire,
-            Tag::Round,
-            &Round {
-                round: 2,
-                remaining_bytes: 9,
-            },
-        )
-        .unwrap();
-        write_frame(&mut wire, Tag::Error, &[b"disk busy"]).unwrap();
-        let mut r = wire.as_slice();
-        let mut buf = Vec::new();
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Tag::Pages);
-        assert_eq!(buf, b"abcd");
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Tag::Round);
-        assert_eq!(json::<Round>(&buf).unwrap().round, 2);
-        let e = read_frame(&mut r, &mut buf).unwrap_err();
-        assert!(e.to_string().contains("disk busy"), "{e}");
-        // Truncated, unknown, oversized.
-        assert!(read_frame(&mut &wire[..5], &mut buf).is_err());
-        assert!(read_frame(&mut &[77u8, 0, 0, 0, 0, 0, 0, 0, 0][..], &mut buf).is_err());
-        let mut huge = vec![Tag::Pages as u8];
-        huge.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(read_frame(&mut huge.as_slice(), &mut buf).is_err());
-        // Each kind has its own limit: a Ready frame one byte over its own is refused before
-        // anything is read or allocated.
-        let mut long = vec![Tag::Ready as u8];
-        long.extend_from_slice(&(Tag::Ready.max_len() + 1).to_le_bytes());
-        let e = read_frame(&mut long.as_slice(), &mut buf).unwrap_err();
+    fn headers_are_checked_against_their_kind() {
+        let head = |tag: u8, len: u64| {
+            let mut h = [0u8; 9];
+            h[0] = tag;
+            h[1..].copy_from_slice(&len.to_le_bytes());
+            h
+        };
+        assert_eq!(parse_head(&head(3, 12)).unwrap(), (Tag::Pages, 12));
+        // Unknown, oversized.
+        assert!(parse_head(&head(77, 0)).is_err());
+        assert!(parse_head(&head(Tag::Pages as u8, u64::MAX)).is_err());
+        // Each kind has its own limit.
+        let e = parse_head(&head(Tag::Ready as u8, Tag::Ready.max_len() + 1)).unwrap_err();
         assert!(e.to_string().contains("at most 64"), "{e}");
-        let mut full = Vec::new();
-        let pages = vec![0u8; (Tag::Pages.max_len()) as usize];
-        write_frame(&mut full, Tag::Pages, &[&pages]).unwrap();
-        assert_eq!(
-            read_frame(&mut full.as_slice(), &mut buf).unwrap(),
-            Tag::Pages
-        );
+        let full = Tag::Pages.max_len();
+        assert_eq!(parse_head(&head(3, full)).unwrap(), (Tag::Pages, full));
+        assert!(remote_errors(Tag::Error, b"disk busy")
+            .unwrap_err()
+            .to_string()
+            .contains("disk busy"));
+        assert!(remote_errors(Tag::Abort, b"").is_err());
     }
 }

@@ -5,13 +5,15 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use api::types::{MigrationPhase, MigrationRole, MigrationStatus};
+use api::types::{MigrateReceiveRequest, MigrationPhase, MigrationRole, MigrationStatus};
 use devices::bus::lock;
 use guestmem::GuestMem;
 use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bindings::HostBindings;
 use super::protocol::{self, Hello, Round, Tag};
+use super::seal::{Channel, Role};
 use super::Outgoing;
 use super::{Addr, Canceller, MigrationError, PageLog, Stream};
 use crate::config::VmConfig;
@@ -92,89 +94,133 @@ fn accept(l: &Listener, cancel: &Canceller) -> Result<Stream, MigrationError> {
     Ok(stream)
 }
 
-/// Tells the source why the target gives up, and returns the error.
-fn refuse(stream: &mut Stream, e: MigrationError) -> MigrationError {
-    let _ = protocol::write_frame(stream, Tag::Error, &[e.to_string().as_bytes()]);
-    e
+/// Waits for a source that proves it holds `token`. A connection that fails the handshake
+/// (a wrong token, a peer that does not speak it) is refused and closed, the refusal noted
+/// in the status, and the listener waits on: a stray peer cannot end the migration.
+fn accept_authenticated(
+    l: &Listener,
+    token: &str,
+    cancel: &Canceller,
+    status: &Mutex<MigrationStatus>,
+) -> Result<Channel, MigrationError> {
+    loop {
+        let stream = accept(l, cancel)?;
+        let peer = match &stream {
+            Stream::Tcp(t) => t
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".to_string()),
+            Stream::Unix(_) => "a Unix socket peer".to_string(),
+        };
+        match Channel::handshake(stream, token, Role::Target) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                cancel.check()?;
+                tracing::warn!("incoming migration: refused a connection from {peer}: {e}");
+                lock(status).error = Some(format!("refused a connection from {peer}: {e}"));
+            }
+        }
+    }
 }
 
 /// Receives one migration on `listener` and returns the VM, ready to run (the source has
-/// committed). The host-side settings (console, API socket) come from `opts`. `cancel` ends
-/// it (waiting for the source, or receiving) until the target says it is ready to run the
-/// VM; from then the source decides.
+/// committed). The host-side settings (console, API socket) come from `opts`, the token from
+/// `req`. `cancel` ends it (waiting for the source, or receiving) until the target says it
+/// is ready to run the VM; from then the source decides. Any failure after the handshake is
+/// told to the source (an `Error` frame) before the connection closes.
 pub fn receive(
     listener: &Listener,
+    req: &MigrateReceiveRequest,
+    opts: &RestoreOptions,
+    start: Instant,
+    status: &Mutex<MigrationStatus>,
+    cancel: &Canceller,
+) -> Result<Vm, MigrationError> {
+    *lock(status) = MigrationStatus {
+        phase: MigrationPhase::Listening,
+        role: Some(MigrationRole::Receive),
+        ..Default::default()
+    };
+    let token = req
+        .token
+        .as_ref()
+        .ok_or_else(|| MigrationError::Build("no migration token".to_string()))?;
+    let mut chan = Some(accept_authenticated(
+        listener,
+        token.expose(),
+        cancel,
+        status,
+    )?);
+    lock(status).error = None;
+    let result = receive_on(&mut chan, req, opts, start, status, cancel);
+    if let (Err(e), Some(c)) = (&result, chan.as_mut()) {
+        if !matches!(
+            e,
+            MigrationError::Protocol(protocol::ProtocolError::Remote(_))
+        ) {
+            let _ = protocol::write_frame(c, Tag::Error, &[e.to_string().as_bytes()]);
+        }
+    }
+    result
+}
+
+/// [`receive`] once the source is authenticated; `chan` is handed to the post-copy pager at
+/// the end (it is left empty then).
+fn receive_on(
+    chan: &mut Option<Channel>,
+    req: &MigrateReceiveRequest,
     opts: &RestoreOptions,
     start: Instant,
     status: &Mutex<MigrationStatus>,
     cancel: &Canceller,
 ) -> Result<Vm, MigrationError> {
     let update = |f: &dyn Fn(&mut MigrationStatus)| f(&mut lock(status));
-    *lock(status) = MigrationStatus {
-        phase: MigrationPhase::Listening,
-        role: Some(MigrationRole::Receive),
-        ..Default::default()
-    };
-    let mut stream = accept(listener, cancel)?;
+    let stream = chan
+        .as_mut()
+        .ok_or_else(|| MigrationError::Build("no connection".to_string()))?;
     let began = Instant::now();
     update(&|s| s.phase = MigrationPhase::Setup);
     let mut buf = Vec::new();
-    protocol::expect(&mut stream, &mut buf, Tag::Hello)?;
+    protocol::expect(stream, &mut buf, Tag::Hello)?;
     let hello: Hello = protocol::json(&buf)?;
     if hello.magic != protocol::MAGIC || hello.version != protocol::VERSION {
-        return Err(refuse(
-            &mut stream,
-            protocol::ProtocolError::Bad(format!(
-                "migration protocol {} version {} (from Vessel {}); this Vessel speaks version {}",
-                hello.magic,
-                hello.version,
-                hello.vessel_version,
-                protocol::VERSION
-            ))
-            .into(),
-        ));
+        return Err(protocol::ProtocolError::Bad(format!(
+            "migration protocol {} version {} (from Vessel {}); this Vessel speaks version {}",
+            hello.magic,
+            hello.version,
+            hello.vessel_version,
+            protocol::VERSION
+        ))
+        .into());
     }
     let full_digest = hello.full_digest;
-    let config: VmConfig = match serde_json::from_value(hello.config) {
-        Ok(c) => c,
-        Err(e) => {
-            return Err(refuse(
-                &mut stream,
-                MigrationError::Build(format!("configuration: {e}")),
-            ))
-        }
-    };
-    let mem = match GuestMem::from_ranges(&arch::layout::ram_ranges(config.memory)) {
-        Ok(m) => m,
-        Err(e) => {
-            return Err(refuse(
-                &mut stream,
-                MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20)),
-            ))
-        }
-    };
+    let config: VmConfig = serde_json::from_value(hello.config)
+        .map_err(|e| MigrationError::Build(format!("configuration: {e}")))?;
+    // This host's disks, taps and sockets, from the receive request: refused now, before any
+    // memory is sent, if they do not fit the machine.
+    let bindings = HostBindings::from_request(req, &config, &hello.source_paths)?;
+    let mem = GuestMem::from_ranges(&arch::layout::ram_ranges(config.memory)).map_err(|e| {
+        MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20))
+    })?;
     if config.thp {
         // Fewer faults as the pages arrive, and the guest keeps the source's page size.
         hypervisor::mem::advise_hugepages(&mem, true);
     }
     // The KVM half of the machine now, not in the downtime; a host that cannot build it
     // refuses before any page is sent.
-    let kvm = match KvmMachine::build(&config, &mem) {
-        Ok(k) => k,
-        Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
-    };
+    let kvm = KvmMachine::build(&config, &mem).map_err(|e| MigrationError::Build(e.to_string()))?;
     update(&|s| {
         s.total_bytes = config.memory;
         s.phase = MigrationPhase::Precopy;
         s.round = 1;
     });
-    protocol::write_frame(&mut stream, Tag::Ready, &[])?;
+    protocol::write_frame(stream, Tag::Ready, &[])?;
 
     let mut received = 0u64;
     let mut log = PageLog::new(&mem);
     let mut postcopy: Option<super::postcopy::DirtySet> = None;
     let state = loop {
-        match protocol::read_frame(&mut stream, &mut buf)? {
+        match protocol::read_frame(stream, &mut buf)? {
             Tag::Pages => {
                 let bad = || protocol::ProtocolError::Bad("malformed pages".to_string());
                 let head = buf.get(..12).ok_or_else(bad)?;
@@ -220,15 +266,9 @@ pub fn receive(
         None => super::switch_digest(&mem, &log, &state, full_digest, |_| false)?,
     };
     let digested_at = Instant::now();
-    let snap: VmSnapshot = match serde_json::from_slice(&state) {
-        Ok(s) => s,
-        Err(e) => {
-            return Err(refuse(
-                &mut stream,
-                MigrationError::Build(format!("state: {e}")),
-            ))
-        }
-    };
+    let mut snap: VmSnapshot =
+        serde_json::from_slice(&state).map_err(|e| MigrationError::Build(format!("state: {e}")))?;
+    bindings.apply(&mut snap)?;
     let mut config = snap.config.clone();
     config.console = opts.console.clone();
     config.api_socket = opts.api_socket.clone();
@@ -244,30 +284,19 @@ pub fn receive(
         let out = Arc::new(Outgoing::default());
         *lock(&out.status) = lock(status).clone();
         let regions = layout_of(&mem);
-        let started = super::postcopy::Fetcher::new(&stream, set.clone(), out.clone()).and_then(
-            |(fetcher, go)| {
-                let p = Pager::serve(
-                    &mem,
-                    &regions,
-                    Box::new(fetcher),
-                    Some(&|g| !set.contains(g)),
-                )
-                .map_err(|e| MigrationError::Build(format!("userfaultfd: {e}")))?;
-                Ok((p, go))
-            },
-        );
-        match started {
-            Ok((p, go)) => {
-                pager = Some(p);
-                live = Some((out, go));
-            }
-            Err(e) => return Err(refuse(&mut stream, e)),
-        }
+        let (fetcher, handover) = super::postcopy::Fetcher::new(stream, set.clone(), out.clone())?;
+        let p = Pager::serve(
+            &mem,
+            &regions,
+            Box::new(fetcher),
+            Some(&|g| !set.contains(g)),
+        )
+        .map_err(|e| MigrationError::Build(format!("userfaultfd: {e}")))?;
+        pager = Some(p);
+        live = Some((out, handover));
     }
-    let mut vm = match Vm::create_restored(Some(kvm), config, mem, pager, start, &snap) {
-        Ok(vm) => vm,
-        Err(e) => return Err(refuse(&mut stream, MigrationError::Build(e.to_string()))),
-    };
+    let mut vm = Vm::create_restored(Some(kvm), config, mem, pager, start, &snap)
+        .map_err(|e| MigrationError::Build(e.to_string()))?;
     tracing::debug!(
         "incoming stop-and-copy: digest {:?}, VM built and restored {:?}",
         digested_at - state_at,
@@ -276,14 +305,14 @@ pub fn receive(
     // The source compares the digests and commits, or aborts: this side cannot cancel any
     // more (the source might commit while it does).
     cancel.disarm()?;
-    protocol::write_frame(&mut stream, Tag::Ready, &[&sum.to_le_bytes()])?;
-    protocol::expect(&mut stream, &mut buf, Tag::Commit)?;
+    protocol::write_frame(stream, Tag::Ready, &[&sum.to_le_bytes()])?;
+    protocol::expect(stream, &mut buf, Tag::Commit)?;
     // The VM is this side's; the stream may idle (post-copy page requests).
     let _ = stream.set_timeout(None);
-    if let Some((out, go)) = live {
+    if let Some((out, handover)) = live {
         // From here the stream is the pager's.
-        protocol::write_frame(&mut stream, Tag::Resumed, &[])?;
-        go.store(true, std::sync::atomic::Ordering::SeqCst);
+        protocol::write_frame(stream, Tag::Resumed, &[])?;
+        *lock(&handover) = chan.take();
         out.update(|s| {
             s.phase = MigrationPhase::Postcopy;
             s.elapsed_ms = began.elapsed().as_millis() as u64;
@@ -295,7 +324,7 @@ pub fn receive(
         vm.set_incoming_live(out);
         return Ok(vm);
     }
-    let _ = protocol::write_frame(&mut stream, Tag::Resumed, &[]);
+    let _ = protocol::write_frame(stream, Tag::Resumed, &[]);
     update(&|s| {
         s.phase = MigrationPhase::Completed;
         s.elapsed_ms = began.elapsed().as_millis() as u64;

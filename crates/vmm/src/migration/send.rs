@@ -14,6 +14,7 @@ use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::protocol::{self, Hello, Round, Tag, BATCH_PAGES};
+use super::seal::{Channel, Role};
 use super::{Addr, Canceller, MigrationError, PageLog, Stream};
 use crate::api::VmHandle;
 use crate::dirty::Consumer;
@@ -49,7 +50,7 @@ impl Outgoing {
 
 /// Sends pages to the target, paced to the bandwidth limit.
 struct Pages<'a> {
-    stream: &'a mut Stream,
+    stream: &'a mut Channel,
     mem: &'a GuestMem,
     out: &'a Outgoing,
     buf: Vec<u8>,
@@ -180,7 +181,7 @@ pub(super) fn hold(phase: &str) {
 /// digest against `sum` (this side's) and that the migration was not cancelled meanwhile,
 /// then sends the commit, the point of no return: from here the VM belongs to the target.
 pub(super) fn commit(
-    stream: &mut Stream,
+    stream: &mut Channel,
     ready: &[u8],
     sum: u32,
     out: &Outgoing,
@@ -198,6 +199,16 @@ pub(super) fn commit(
     // From here the VM is the target's; the stream may idle (post-copy page requests).
     let _ = stream.set_timeout(None);
     Ok(())
+}
+
+/// The target's error, if it sent one before closing the connection (the source learns why a
+/// write failed).
+fn last_word(s: &mut Channel) -> Option<MigrationError> {
+    let _ = s.set_timeout(Some(Duration::from_secs(1)));
+    match protocol::read_frame(s, &mut Vec::new()) {
+        Err(e @ protocol::ProtocolError::Remote(_)) => Some(e.into()),
+        _ => None,
+    }
 }
 
 /// The pages dirtied since the last call (the guest's and the VMM's writes).
@@ -229,7 +240,7 @@ pub fn send(
             ..Default::default()
         }
     });
-    let mut stream: Option<Stream> = None;
+    let mut stream: Option<Channel> = None;
     let mut buf = Vec::new();
     // The dirty tracker logs the guest's writes (KVM) and the device threads' (vm-memory's
     // bitmap), so the devices run on through pre-copy; they pause for stop-and-copy only.
@@ -239,15 +250,22 @@ pub fn send(
     let result = (|| -> Result<(Duration, bool), MigrationError> {
         // Connecting and the greeting fail like any later step: the status says so and the
         // VM runs on.
-        let stream = stream.insert(Stream::connect(&Addr::parse(&req.to)?)?);
-        out.cancel.attach(stream)?;
+        let conn = Stream::connect(&Addr::parse(&req.to)?)?;
+        out.cancel.attach(&conn)?;
+        // Both sides prove they hold the token before anything else crosses; every frame
+        // after it is sealed.
+        let stream = stream.insert(Channel::handshake(conn, req.token.expose(), Role::Source)?);
+        // The machine without this host's paths: the target binds its own.
+        let mut machine = m.config_now();
+        let source_paths = super::bindings::strip(&mut machine);
         let hello = Hello {
             magic: protocol::MAGIC.to_string(),
             version: protocol::VERSION,
             vessel_version: env!("CARGO_PKG_VERSION").to_string(),
-            config: serde_json::to_value(m.config_now())
+            config: serde_json::to_value(machine)
                 .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
             full_digest: req.full_digest,
+            source_paths,
         };
         protocol::write_json(stream, Tag::Hello, &hello)?;
         protocol::expect(stream, &mut buf, Tag::Ready)?;
@@ -355,7 +373,8 @@ pub fn send(
         pages.dirty(&bitmaps)?;
         let last = take_dirty(m)?;
         pages.dirty(&last)?;
-        let state = m.state(layout_of(&m.mem))?;
+        let mut state = m.state(layout_of(&m.mem))?;
+        super::bindings::strip(&mut state.config);
         let state =
             serde_json::to_vec(&state).map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?;
         // The target digests its copy while this side digests the original.
@@ -407,9 +426,23 @@ pub fn send(
             Err(e)
         }
         Err(e) => {
-            // Tell the target (if it still listens), then carry on here.
+            // A write the target cut short: its reason is likely waiting to be read.
+            let e = match (e, stream.as_mut()) {
+                (MigrationError::Protocol(protocol::ProtocolError::Io(io)), Some(s))
+                    if !out.cancel.is_cancelled() =>
+                {
+                    last_word(s).unwrap_or(protocol::ProtocolError::Io(io).into())
+                }
+                (e, _) => e,
+            };
+            // Tell the target why (if it still listens), then carry on here.
             if let Some(s) = stream.as_mut() {
-                let _ = protocol::write_frame(s, Tag::Abort, &[]);
+                let _ = match &e {
+                    MigrationError::Protocol(protocol::ProtocolError::Remote(_)) => {
+                        protocol::write_frame(s, Tag::Abort, &[])
+                    }
+                    e => protocol::write_frame(s, Tag::Error, &[e.to_string().as_bytes()]),
+                };
             }
             m.dirty.stop(&m.vm_fd, &m.mem, Consumer::Migration);
             if paused_devices {
