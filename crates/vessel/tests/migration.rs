@@ -121,28 +121,7 @@ fn a_side_killed_at_stop_and_copy_or_around_the_commit_leaves_the_vm_on_one_side
         let env = format!("VESSEL_MIGRATION_HOLD={hold}");
         let mut p = pair("mig-hold", &["env", &env], &[], "128M");
         let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
-        assert_code(
-            &ctl(
-                &p.dst_api,
-                &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
-            ),
-            0,
-        );
-        assert_code(
-            &ctl(
-                &p.src_api,
-                &[
-                    "migrate",
-                    "send",
-                    "--token",
-                    TOKEN,
-                    "--to",
-                    &addr,
-                    "--no-wait",
-                ],
-            ),
-            0,
-        );
+        start_migration(&p, &p.dst_api, &addr, &[]);
         wait_phase(&p.src_api, "stop-and-copy");
         if hold == "commit" {
             // The target has the state and has built the VM; nothing is committed.
@@ -230,29 +209,12 @@ fn postcopy_pair(name: &str, dst_stderr: Option<&Path>) -> (Pair, Release) {
 /// any).
 fn start_postcopy(p: &mut Pair, release: &Release) {
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
-    assert_code(
-        &ctl(
-            &p.dst_api,
-            &["migrate", "receive", "--token", TOKEN, "--listen", &addr],
-        ),
-        0,
+    start_migration(
+        p,
+        &p.dst_api,
+        &addr,
+        &["--post-copy", "--post-copy-after", "1"],
     );
-    let o = ctl(
-        &p.src_api,
-        &[
-            "migrate",
-            "send",
-            "--token",
-            TOKEN,
-            "--to",
-            &addr,
-            "--post-copy",
-            "--post-copy-after",
-            "1",
-            "--no-wait",
-        ],
-    );
-    assert_code(&o, 0);
     // The dirty log runs from before the first round: every window the guest rewrites from
     // here on is dirty when the round ends (a loaded host may starve the guest for seconds,
     // so a fixed wait would not do).

@@ -15,22 +15,12 @@ use common::*;
 fn a_panic_in_a_port_handler_ends_the_vm_with_its_own_code_and_names_the_thread() {
     // The bundled guest ends by writing its status to the exit device; the test hook makes
     // that port's handler panic on the vCPU thread, as a device bug would.
-    let child = Command::new(VESSEL)
-        .args(["run", "--cpus", "2"])
-        .env("VESSEL_TEST_PANIC", "guest-exit")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    // Before the hook, the vCPU thread ended alone and the VM hung: the watchdog kills it.
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let o = child.wait_with_output().unwrap();
-    drop(watchdog);
+    // Before the hook, the vCPU thread ended alone and the VM hung (killed after 60 s).
+    let o = vessel_env(
+        &["run", "--cpus", "2"],
+        &[("VESSEL_TEST_PANIC", "guest-exit")],
+        Duration::from_secs(60),
+    );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(70), "{err}");
     let line = err
@@ -96,22 +86,11 @@ fn configuration_errors_exit_2_and_ctl_takes_its_flags_after_the_verb() {
 /// makes a system call no filter allows once its filter is in place. The process must end
 /// with code 71 and name the class and the call.
 fn forbidden_call_ends_the_vm(class: &str, args: &[&str]) {
-    let child = Command::new(VESSEL)
-        .args(args)
-        .env("VESSEL_TEST_SECCOMP", class)
-        .env_remove("VESSEL_SECCOMP")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let o = child.wait_with_output().unwrap();
-    drop(watchdog);
+    let o = vessel_env(
+        args,
+        &[("VESSEL_TEST_SECCOMP", class), ("VESSEL_SECCOMP", "on")],
+        Duration::from_secs(60),
+    );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(71), "{class}: {err}");
     let want =
@@ -176,16 +155,25 @@ fn each_thread_class_is_killed_for_a_forbidden_system_call() {
             "action=soak",
         ])
         .env("VESSEL_TEST_SECCOMP", "migration")
-        .env_remove("VESSEL_SECCOMP")
+        .env("VESSEL_SECCOMP", "on")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     wait_for(&socket);
+    // The VM may end before it answers: the thread starts before the reply goes out.
     let _ = ctl(
         &socket,
-        &["migrate", "send", "--to", "tcp:127.0.0.1:1", "--no-wait"],
+        &[
+            "migrate",
+            "send",
+            "--token",
+            "0123456789abcdef0123456789abcdef",
+            "--to",
+            "tcp:127.0.0.1:1",
+            "--no-wait",
+        ],
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {

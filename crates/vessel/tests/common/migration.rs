@@ -169,9 +169,9 @@ pub fn wait_phase(socket: &Path, want: &str) {
     }
 }
 
-/// Starts a migration slowed to 8 Mbit/s from `p`'s source to `addr` and returns once it
-/// copies.
-pub fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
+/// Has the target behind `target_api` listen on `addr` and starts a migration there from
+/// `p`'s source (`extra`: more `migrate send` arguments); returns once it is started.
+pub fn start_migration(p: &Pair, target_api: &Path, addr: &str, extra: &[&str]) {
     assert_code(
         &ctl(
             target_api,
@@ -179,21 +179,23 @@ pub fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
         ),
         0,
     );
-    let o = ctl(
-        &p.src_api,
-        &[
-            "migrate",
-            "send",
-            "--token",
-            TOKEN,
-            "--to",
-            addr,
-            "--bandwidth",
-            "8",
-            "--no-wait",
-        ],
-    );
-    assert_code(&o, 0);
+    let mut args = vec![
+        "migrate",
+        "send",
+        "--token",
+        TOKEN,
+        "--to",
+        addr,
+        "--no-wait",
+    ];
+    args.extend_from_slice(extra);
+    assert_code(&ctl(&p.src_api, &args), 0);
+}
+
+/// Starts a migration slowed to 8 Mbit/s from `p`'s source to `addr` and returns once it
+/// copies.
+pub fn start_slow_migration(p: &Pair, target_api: &Path, addr: &str) {
+    start_migration(p, target_api, addr, &["--bandwidth", "8"]);
     wait_phase(&p.src_api, "precopy");
 }
 

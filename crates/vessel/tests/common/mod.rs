@@ -19,8 +19,14 @@ pub fn vessel(args: &[&str]) -> Output {
 }
 
 pub fn vessel_with_timeout(args: &[&str], limit: Duration) -> Output {
+    vessel_env(args, &[], limit)
+}
+
+/// [`vessel_with_timeout`] with `env` set.
+pub fn vessel_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
     let child = Command::new(VESSEL)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
