@@ -6,6 +6,7 @@
 #![no_main]
 
 #[path = "common.rs"]
+#[allow(dead_code)]
 mod common;
 
 use std::sync::Arc;
