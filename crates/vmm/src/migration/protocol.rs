@@ -148,13 +148,16 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Tag, ProtocolE
     if len > MAX_FRAME {
         return Err(ProtocolError::Bad(format!("a {len}-byte message")));
     }
-    // Every byte is read over: no need to zero what the buffer already has.
-    let len = len as usize;
-    if buf.len() < len {
-        buf.resize(len, 0);
+    // The body is read as it comes (into the buffer's spare capacity, not zeroed first): a
+    // length alone does not make this side allocate up to MAX_FRAME bytes.
+    buf.clear();
+    let got = Read::by_ref(r).take(len).read_to_end(buf)?;
+    if got as u64 != len {
+        return Err(ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the connection ended {got} bytes into a {len}-byte message"),
+        )));
     }
-    buf.truncate(len);
-    r.read_exact(buf)?;
     match tag {
         Tag::Error => Err(ProtocolError::Remote(
             String::from_utf8_lossy(buf).into_owned(),
@@ -237,6 +240,27 @@ mod tests {
         let mut huge = vec![Tag::Pages as u8];
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(read_frame(&mut huge.as_slice(), &mut buf).is_err());
+        // A length within the limit and a body that never comes: an error, and no buffer of
+        // that size (the fuzz target spent most of its time zeroing such buffers).
+        let mut short = vec![Tag::State as u8];
+        short.extend_from_slice(&(200u64 << 20).to_le_bytes());
+        short.extend_from_slice(b"{}");
+        let mut buf = Vec::new();
+        let e = read_frame(&mut short.as_slice(), &mut buf).unwrap_err();
+        assert!(
+            e.to_string().contains("2 bytes into a 209715200-byte"),
+            "{e}"
+        );
+        assert!(buf.capacity() < 1 << 20, "{}", buf.capacity());
+        // The buffer is reused: a shorter frame after a longer one is exactly its body.
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Tag::Pages, &[&[7; 100]]).unwrap();
+        write_frame(&mut wire, Tag::Round, &[b"ab"]).unwrap();
+        let mut r = wire.as_slice();
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Tag::Pages);
+        assert_eq!(buf, [7; 100]);
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Tag::Round);
+        assert_eq!(buf, b"ab");
     }
 
     #[test]
