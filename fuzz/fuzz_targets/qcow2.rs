@@ -1,5 +1,5 @@
 //! qcow2 images from untrusted bytes, through the block crate's public entry points only: the
-//! header parser, then the image written to a file (in /dev/shm where there is one) and opened
+//! header parser, then the image written to a file (under TMPDIR) and opened
 //! read-only the way a VM opens a disk, read at a few offsets, described (`vessel image info`)
 //! and checked (`vessel image check`, without repair). Every failure must be an error, never a
 //! panic; nothing may write to the image.
@@ -21,12 +21,8 @@ const MAX_IMAGE: usize = 1 << 20;
 fn image_path() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let base = ["/dev/shm", "/tmp"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|d| d.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("vessel-fuzz-qcow2-{}", std::process::id()));
+        // scripts/fuzz points TMPDIR at a directory of its own (in /dev/shm) and removes it.
+        let dir = std::env::temp_dir().join(format!("vessel-fuzz-qcow2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("image.qcow2")
     })
