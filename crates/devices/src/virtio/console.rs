@@ -23,7 +23,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::queue::{
-    pop_head, process_queue_until, walk_chain, Chain, ChainHandler, Cursor, QueueError,
+    pop_head, process_queue, process_queue_until, walk_chain, Chain, ChainHandler, Cursor,
+    QueueError,
 };
 use super::worker::{
     pause_thread, resume_thread, DeviceThread, StopSignal, WorkerError, WorkerLoop,
@@ -421,6 +422,27 @@ fn serve_rx(
         used = true;
     }
     Ok(used && q.needs_notification(mem).unwrap_or(true))
+}
+
+/// One pass over the transmit queue (into `output`) and one over the receive queue (from
+/// `input`), as the worker makes them, without the worker thread: the fuzz target's way in.
+/// Returns whether the driver would be interrupted.
+#[doc(hidden)]
+pub fn serve_once(
+    txq: &mut Queue,
+    rxq: &mut Queue,
+    mem: &GuestMem,
+    output: Box<dyn Write + Send>,
+    input: &ConsoleInput,
+) -> Result<bool, QueueError> {
+    let mut chain = Chain::default();
+    let mut handler = TxHandler {
+        output: Arc::new(Mutex::new(output)),
+        buf: Vec::new(),
+    };
+    let tx = process_queue(txq, mem, &mut chain, &mut handler)?;
+    let rx = serve_rx(rxq, mem, &mut chain, input, &AtomicBool::new(false))?;
+    Ok(tx.notify || rx)
 }
 
 struct Worker {

@@ -82,10 +82,48 @@ impl DirtySet {
         out
     }
 
+    /// Checks a set the source sent against guest memory (`ram`: start and length of each
+    /// range): each region whole pages inside one range, regions apart, one bit per page and
+    /// none past the region's end. Everything else the target does with the set (dropping the
+    /// pages, the fetcher's count of missing pages) relies on this.
+    pub fn check(&self, ram: &[(u64, u64)]) -> Result<(), protocol::ProtocolError> {
+        let mut regions: Vec<&(u64, u64, Vec<u64>)> = self.regions.iter().collect();
+        regions.sort_by_key(|r| r.0);
+        let mut prev_end = 0;
+        for (i, (a, l, bits)) in regions.into_iter().enumerate() {
+            let bad = |why: &str| bad(&format!("dirty set region at {a:#x}+{l:#x}: {why}"));
+            let end = a
+                .checked_add(*l)
+                .ok_or_else(|| bad("past the address space"))?;
+            if *l == 0 || a % PAGE_SIZE != 0 || l % PAGE_SIZE != 0 {
+                return Err(bad("not whole pages"));
+            }
+            if !ram
+                .iter()
+                .any(|&(ra, rl)| *a >= ra && end <= ra.saturating_add(rl))
+            {
+                return Err(bad("not in guest memory"));
+            }
+            if i > 0 && *a < prev_end {
+                return Err(bad("overlaps another"));
+            }
+            prev_end = end;
+            let pages = l / PAGE_SIZE;
+            if bits.len() as u64 != pages.div_ceil(64) {
+                return Err(bad("not one bit per page"));
+            }
+            let tail = pages % 64;
+            if tail != 0 && bits.last().is_some_and(|w| w >> tail != 0) {
+                return Err(bad("bits past its end"));
+            }
+        }
+        Ok(())
+    }
+
     fn slot(&self, guest: u64) -> Option<(usize, usize)> {
         self.regions
             .iter()
-            .position(|(a, l, _)| (*a..*a + *l).contains(&guest))
+            .position(|(a, l, _)| guest.checked_sub(*a).is_some_and(|d| d < *l))
             .map(|i| (i, ((guest - self.regions[i].0) / PAGE_SIZE) as usize))
     }
 
@@ -122,11 +160,14 @@ impl DirtySet {
     /// The first page in the set at or after `at`.
     pub fn next(&self, at: u64) -> Option<u64> {
         for (a, l, bits) in &self.regions {
-            if at >= a + l {
+            if at >= a.saturating_add(*l) {
                 continue;
             }
             let from = (at.max(*a) - a) / PAGE_SIZE;
-            let pages = l / PAGE_SIZE;
+            // No page past the bits (nor past the address space) is in the set.
+            let pages = (l / PAGE_SIZE)
+                .min((bits.len() as u64).saturating_mul(64))
+                .min((u64::MAX - a) / PAGE_SIZE + 1);
             let mut p = from;
             while p < pages {
                 let w = bits.get((p / 64) as usize).copied().unwrap_or(0) >> (p % 64);
@@ -141,6 +182,20 @@ impl DirtySet {
             }
         }
         None
+    }
+
+    /// Calls `f(start, end)` for each run of consecutive pages in the set, in address order.
+    pub fn for_each_run<E>(&self, mut f: impl FnMut(u64, u64) -> Result<(), E>) -> Result<(), E> {
+        let mut at = 0;
+        while let Some(a) = self.next(at) {
+            let mut end = a.saturating_add(PAGE_SIZE);
+            while end.checked_add(PAGE_SIZE).is_some() && self.contains(end) {
+                end += PAGE_SIZE;
+            }
+            f(a, end)?;
+            at = end;
+        }
+        Ok(())
     }
 }
 
@@ -547,13 +602,7 @@ impl PageSource for Fetcher {
         let mut done = false;
         match tag {
             Tag::Pages => {
-                let head = buf.get(..12).ok_or_else(|| self.lost(&"malformed pages"))?;
-                let addr = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
-                let n = u32::from_le_bytes(head[8..].try_into().unwrap_or_default());
-                let data = &buf[12..];
-                if data.len() as u64 != u64::from(n) * PAGE_SIZE || addr % PAGE_SIZE != 0 {
-                    return Err(self.lost(&"malformed pages"));
-                }
+                let (addr, data) = protocol::pages(&buf).map_err(|e| self.lost(&e))?;
                 for (i, p) in data.chunks(PAGE_SIZE as usize).enumerate() {
                     let g = addr + i as u64 * PAGE_SIZE;
                     if self.missing.take(g) {
@@ -609,17 +658,10 @@ pub fn drop_pages(mem: &GuestMem, set: &DirtySet) -> Result<(), MigrationError> 
     // a dropped page with zeroes if it merged its range into a huge page before userfaultfd
     // is armed (once armed, it leaves holes alone).
     hypervisor::mem::advise_hugepages(mem, false);
-    let mut at = 0;
-    while let Some(a) = set.next(at) {
-        let mut end = a + PAGE_SIZE;
-        while set.contains(end) {
-            end += PAGE_SIZE;
-        }
+    set.for_each_run(|a, end| {
         hypervisor::mem::discard(mem, GuestAddress(a), end - a)
-            .map_err(|_| MigrationError::Memory(a))?;
-        at = end;
-    }
-    Ok(())
+            .map_err(|_| MigrationError::Memory(a))
+    })
 }
 
 #[cfg(test)]
@@ -770,6 +812,49 @@ mod tests {
         let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
         assert!(e.contains("with 4 pages"), "{e}");
         assert_eq!(lock(&out.status).phase, MigrationPhase::Failed);
+    }
+
+    #[test]
+    fn a_dirty_set_from_the_source_is_checked_against_guest_memory() {
+        let ram = [(0, 1 << 20), (4 << 20, 1 << 20)];
+        let set = |regions: Vec<(u64, u64, Vec<u64>)>| DirtySet { regions };
+        let ok = set(vec![
+            (0, 1 << 20, vec![1; 4]),
+            (4 << 20, 64 * PAGE_SIZE, vec![3]),
+        ]);
+        ok.check(&ram).unwrap();
+        // Seen writing the migration_frames fuzz target (and replayed through it): a region
+        // as large as half the address space with no bits made the walk that drops stale
+        // pages run for hours, and a region ending past the address space overflowed.
+        let huge = set(vec![(0, 1 << 63, vec![])]);
+        let past_end = set(vec![(u64::MAX - 4095, 8192, vec![3])]);
+        for bad in [
+            &huge,
+            &past_end,
+            &set(vec![(0, 0, vec![])]),
+            &set(vec![(100, PAGE_SIZE, vec![1])]),
+            &set(vec![(1 << 20, PAGE_SIZE, vec![1])]),
+            &set(vec![(0, 64 * PAGE_SIZE, vec![1, 1])]),
+            &set(vec![(0, 2 * PAGE_SIZE, vec![4])]),
+            &set(vec![
+                (0, 64 * PAGE_SIZE, vec![1]),
+                (PAGE_SIZE, PAGE_SIZE, vec![1]),
+            ]),
+        ] {
+            assert!(bad.check(&ram).is_err(), "{bad:?}");
+        }
+        // The walk itself ends, without overflow, on what the check refuses.
+        assert_eq!(huge.next(0), None);
+        assert_eq!(past_end.next(0), Some(u64::MAX - 4095));
+        assert!(past_end.contains(u64::MAX - 4095));
+        let mut runs = 0;
+        past_end
+            .for_each_run(|_, _| {
+                runs += 1;
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(runs, 1);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::time::Instant;
 use api::types::{MigrateReceiveRequest, MigrationPhase, MigrationRole, MigrationStatus};
 use devices::bus::lock;
 use guestmem::GuestMem;
-use hypervisor::mem::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::bindings::HostBindings;
@@ -216,20 +215,17 @@ fn receive_on(
     });
     protocol::write_frame(stream, Tag::Ready, &[])?;
 
+    let ram: Vec<(u64, u64)> = arch::layout::ram_ranges(config.memory)
+        .iter()
+        .map(|(a, l)| (a.0, *l as u64))
+        .collect();
     let mut received = 0u64;
     let mut log = PageLog::new(&mem);
     let mut postcopy: Option<super::postcopy::DirtySet> = None;
     let state = loop {
         match protocol::read_frame(stream, &mut buf)? {
             Tag::Pages => {
-                let bad = || protocol::ProtocolError::Bad("malformed pages".to_string());
-                let head = buf.get(..12).ok_or_else(bad)?;
-                let addr = u64::from_le_bytes(head[..8].try_into().map_err(|_| bad())?);
-                let n = u32::from_le_bytes(head[8..].try_into().map_err(|_| bad())?);
-                let data = &buf[12..];
-                if data.len() as u64 != u64::from(n) * PAGE_SIZE || addr % PAGE_SIZE != 0 {
-                    return Err(bad().into());
-                }
+                let (addr, data) = protocol::pages(&buf)?;
                 mem.write_slice(data, GuestAddress(addr))
                     .map_err(|_| protocol::ProtocolError::Bad(format!("pages at {addr:#x}")))?;
                 log.record(addr, data);
@@ -243,7 +239,11 @@ fn receive_on(
                     s.remaining_bytes = r.remaining_bytes;
                 });
             }
-            Tag::Postcopy => postcopy = Some(protocol::json(&buf)?),
+            Tag::Postcopy => {
+                let set: super::postcopy::DirtySet = protocol::json(&buf)?;
+                set.check(&ram)?;
+                postcopy = Some(set);
+            }
             Tag::State => break std::mem::take(&mut buf),
             other => {
                 return Err(protocol::ProtocolError::Unexpected {

@@ -328,13 +328,7 @@ impl<R: Read> FrameRead for FrameReader<R> {
         let mut head = [0u8; 9];
         self.inner.read_exact(&mut head)?;
         let (tag, len) = protocol::parse_head(&head)?;
-        // Every byte is read over: no need to zero what the buffer already has.
-        let sealed = len as usize + GCM_TAG_LEN;
-        if buf.len() < sealed {
-            buf.resize(sealed, 0);
-        }
-        buf.truncate(sealed);
-        self.inner.read_exact(buf)?;
+        protocol::read_body(&mut self.inner, len + GCM_TAG_LEN as u64, buf)?;
         let n = self.counter;
         let plain = key
             .open_in_place(nonce(n), aead::Aad::from(head), buf)

@@ -144,8 +144,18 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
 
 /// [`read_state`], with the snapshot's place in its chain.
 pub fn read_state_lineage<T: DeserializeOwned>(path: &Path) -> Result<(T, Lineage), FormatError> {
-    let name = || path.display().to_string();
     let f = File::open(path).map_err(io_err(path))?;
+    read_state_from(f, path)
+}
+
+/// [`read_state_lineage`] on any reader (`path` names it in errors): the state file parser,
+/// which the fuzz target drives from memory.
+#[doc(hidden)]
+pub fn read_state_from<T: DeserializeOwned>(
+    f: impl Read,
+    path: &Path,
+) -> Result<(T, Lineage), FormatError> {
+    let name = || path.display().to_string();
     let mut r = BufReader::new(f);
     let mut line = String::new();
     let mut read_line = |line: &mut String| -> Result<(), FormatError> {
