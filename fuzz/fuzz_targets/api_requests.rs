@@ -12,8 +12,8 @@
 use std::sync::{Arc, OnceLock};
 
 use api::types::{
-    ApiError, BalloonSetRequest, Endpoint, Method, MigrateReceiveRequest, MigrateSendRequest,
-    MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo,
+    ApiError, BalloonSetRequest, Endpoint, Method, MigrateReceiveRequest, MigrateReceiveResponse,
+    MigrateSendRequest, MigrationStatus, MigrationToken, RestoreRequest, SnapshotRequest, VmInfo,
 };
 use api::VmController;
 use axum::body::Body;
@@ -54,9 +54,20 @@ impl VmController for Controller {
         Addr::parse(&req.to).map_err(|e| ApiError::bad_request(e.to_string()))?;
         Ok(())
     }
-    fn migrate_receive(&self, req: MigrateReceiveRequest) -> Result<(), ApiError> {
+    fn migrate_receive(
+        &self,
+        req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
         Addr::parse(&req.listen).map_err(|e| ApiError::bad_request(e.to_string()))?;
-        Ok(())
+        let token = match req.token {
+            Some(t) => {
+                vmm::migration::seal::check_token(t.expose())
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                t
+            }
+            None => MigrationToken("0".repeat(64)),
+        };
+        Ok(MigrateReceiveResponse { token })
     }
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
         Ok(MigrationStatus::default())
