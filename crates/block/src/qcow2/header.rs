@@ -374,6 +374,14 @@ impl Header {
                 ));
             };
             let data = buf[data_start..data_end].to_vec();
+            // A feature name table is whole 48-byte entries (type, bit, 46-byte name); imago
+            // 0.2.6 indexes into a shorter last entry and panics, so none reaches it.
+            if ty == EXT_FEATURE_TABLE && len % 48 != 0 {
+                return Err(invalid(
+                    data_start as u64,
+                    format!("feature name table of {len} bytes is not whole 48-byte entries"),
+                ));
+            }
             if ty == EXT_BACKING_FORMAT {
                 let f = String::from_utf8(data)
                     .map_err(|_| invalid(data_start as u64, "backing format is not UTF-8"))?;
@@ -514,6 +522,22 @@ mod tests {
         let p = Header::parse(&buf, 4 << 16).unwrap();
         assert!(p.corrupt() && !p.dirty());
         assert!(!sample().corrupt());
+    }
+
+    /// Found by the qcow2 fuzz target (CI, first run): a feature name table whose last entry
+    /// is shorter than 48 bytes made imago panic while opening the image.
+    #[test]
+    fn a_feature_name_table_is_whole_entries() {
+        let mut h = sample();
+        h.other_extensions = vec![(EXT_FEATURE_TABLE, vec![0; 49])];
+        let mut buf = h.serialize().unwrap();
+        buf.resize(1 << 16, 0);
+        let e = Header::parse(&buf, 4 << 16).unwrap_err().to_string();
+        assert!(e.contains("not whole 48-byte entries"), "{e}");
+        h.other_extensions = vec![(EXT_FEATURE_TABLE, vec![0; 96])];
+        let mut buf = h.serialize().unwrap();
+        buf.resize(1 << 16, 0);
+        Header::parse(&buf, 4 << 16).unwrap();
     }
 
     #[test]
