@@ -376,7 +376,7 @@ impl Header {
             let data = buf[data_start..data_end].to_vec();
             // A feature name table is whole 48-byte entries (type, bit, 46-byte name); imago
             // 0.2.6 indexes into a shorter last entry and panics, so none reaches it.
-            if ty == EXT_FEATURE_TABLE && len % 48 != 0 {
+            if ty == EXT_FEATURE_TABLE && !len.is_multiple_of(48) {
                 return Err(invalid(
                     data_start as u64,
                     format!("feature name table of {len} bytes is not whole 48-byte entries"),
