@@ -45,6 +45,9 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 
 /// Errors opening or configuring a tap.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +189,41 @@ impl Tap {
         Ok(taps)
     }
 
+    /// Creates multi-queue tap `name`, persistent and owned by `uid`:`gid`, so that a process
+    /// of that user with no capabilities can attach to it (a jailed VMM). Returns false
+    /// without touching it when an interface of that name exists already.
+    pub fn create_persistent(name: &str, uid: u32, gid: u32) -> Result<bool, TapError> {
+        check_name(name)?;
+        if exists(name) {
+            return Ok(false);
+        }
+        let tap = Tap::open_with(name, 1, true)?.remove(0);
+        let fd = tap.file.as_raw_fd();
+        for (req, arg, what) in [
+            (TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER"),
+            (TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP"),
+            (TUNSETPERSIST, 1, "TUNSETPERSIST"),
+        ] {
+            // SAFETY: TUNSETOWNER, TUNSETGROUP and TUNSETPERSIST take their argument by value;
+            // `fd` is the tap's, open.
+            let rc = unsafe { libc::ioctl(fd, req, arg) };
+            tap.check(rc, what)?;
+        }
+        Ok(true)
+    }
+
+    /// Removes persistent tap `name` (made by [`Tap::create_persistent`]), if it exists.
+    pub fn remove_persistent(name: &str) -> Result<(), TapError> {
+        check_name(name)?;
+        if !exists(name) {
+            return Ok(());
+        }
+        let tap = Tap::open_with(name, 1, true)?.remove(0);
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        let rc = unsafe { libc::ioctl(tap.file.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong) };
+        tap.check(rc, "TUNSETPERSIST")
+    }
+
     /// Opens single-queue tap `name`.
     pub fn open(name: &str) -> Result<Tap, TapError> {
         let mut v = Tap::open_queues(name, 1)?;
@@ -286,6 +324,15 @@ impl AsFd for Tap {
     }
 }
 
+/// Whether a network interface `name` exists in this network namespace.
+pub fn exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated name that lives through the call.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +360,26 @@ mod tests {
             Tap::open_queues("vtap0", 0),
             Err(TapError::Queues { .. })
         ));
+    }
+
+    #[test]
+    fn a_persistent_tap_outlives_its_file_until_removed() {
+        if !have_tun() {
+            eprintln!("skipped: no /dev/net/tun or no CAP_NET_ADMIN");
+            return;
+        }
+        let name = format!("vtp{}", std::process::id() % 100_000);
+        assert!(Tap::create_persistent(&name, 4242, 4243).unwrap());
+        assert!(exists(&name), "gone with its file");
+        let owner = std::fs::read_to_string(format!("/sys/class/net/{name}/owner")).unwrap();
+        assert_eq!(owner.trim(), "4242");
+        // Made already: left alone.
+        assert!(!Tap::create_persistent(&name, 1, 1).unwrap());
+        // A multi-queue persistent tap takes the VMM's queues.
+        drop(Tap::open_queues(&name, 2).unwrap());
+        Tap::remove_persistent(&name).unwrap();
+        assert!(!exists(&name));
+        Tap::remove_persistent(&name).unwrap();
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `vessel`: the VM monitor and its tools.
 
+mod confine;
 mod host_check;
 mod run;
 

@@ -12,6 +12,8 @@ use vmm::config::{
 use vmm::vm::RestoreOptions;
 use vmm::{KernelSource, Vm, VmConfig};
 
+use crate::confine::{absolutize, ConfineArgs, Needs};
+
 /// The bundled guest (guests/), built by build.rs.
 static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vessel-guest.elf"));
 
@@ -110,29 +112,6 @@ pub struct RunArgs {
     confine: ConfineArgs,
 }
 
-/// How the VMM process is confined.
-#[derive(Args, Debug)]
-pub struct ConfineArgs {
-    /// System-call filters per thread class: on (a forbidden call ends the VM with exit code
-    /// 71 and a line naming the thread and the call), log (the kernel logs it and lets it
-    /// through) or off. Default: on, or VESSEL_SECCOMP.
-    #[arg(long, value_name = "on|log|off")]
-    seccomp: Option<String>,
-}
-
-impl ConfineArgs {
-    /// Puts the process's threads under their filters from here on.
-    fn apply(&self) -> Result<(), Error> {
-        let mode = self
-            .seccomp
-            .clone()
-            .or_else(|| std::env::var("VESSEL_SECCOMP").ok())
-            .unwrap_or_else(|| "on".to_string());
-        jail::seccomp::init(mode.parse()?)?;
-        Ok(())
-    }
-}
-
 /// `vessel serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -158,6 +137,10 @@ pub enum Error {
     Usage(String),
     #[error(transparent)]
     Seccomp(#[from] jail::seccomp::Error),
+    #[error(transparent)]
+    Jail(#[from] jail::sandbox::Error),
+    #[error(transparent)]
+    Affinity(#[from] jail::affinity::Error),
 }
 
 impl Error {
@@ -168,6 +151,7 @@ impl Error {
             Error::Vm(e) if !e.is_config() => vmm::exit::EXIT_ERROR,
             Error::Seccomp(jail::seccomp::Error::Mode(_)) => vmm::exit::EXIT_USAGE,
             Error::Seccomp(_) => vmm::exit::EXIT_ERROR,
+            Error::Jail(e) if !e.is_config() => vmm::exit::EXIT_ERROR,
             _ => vmm::exit::EXIT_USAGE,
         }
     }
@@ -234,33 +218,74 @@ fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
     }
 }
 
-pub fn run(args: RunArgs, start: Instant) -> Result<i32, Error> {
-    args.confine.apply()?;
-    let vm = match &args.restore {
+pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
+    let confine = std::mem::take(&mut args.confine);
+    let jailed = confine.jailed();
+    let vm = match args.restore.clone() {
         Some(dir) => {
-            let opts = RestoreOptions {
+            let mut opts = RestoreOptions {
                 memory: parse_restore_memory(&args.restore_memory)?,
                 console: parse_console(&args.console)?,
                 api_socket: args.api_socket.clone(),
                 nets: parse_nets(&args.net)?,
                 vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
             };
-            Vm::restore(dir, opts, start)?
+            let dir = if jailed {
+                absolutize_restore(&mut opts);
+                crate::confine::absolute(&dir)
+            } else {
+                dir
+            };
+            if let Some(code) = confine.apply(|| Needs::of_restore(&dir, &opts))? {
+                return Ok(code);
+            }
+            Vm::restore(&dir, opts, start)?
         }
-        None => Vm::build(config(args)?, start)?,
+        None => {
+            let mut config = config(args)?;
+            if jailed {
+                absolutize(&mut config);
+            }
+            confine.check_vcpus(config.cpus)?;
+            if let Some(code) = confine.apply(|| Ok(Needs::of_config(&config)))? {
+                return Ok(code);
+            }
+            Vm::build(config, start)?
+        }
     };
     report(vm.run()?)
 }
 
+fn absolutize_restore(opts: &mut RestoreOptions) {
+    use crate::confine::{absolute, absolute_console};
+    absolute_console(&mut opts.console);
+    if let Some(p) = &mut opts.api_socket {
+        *p = absolute(p);
+    }
+    if let Some(v) = &mut opts.vsock {
+        v.socket = absolute(&v.socket);
+    }
+}
+
 /// `vessel serve`: an empty VMM with an API, waiting for a snapshot to restore.
 pub fn serve(args: ServeArgs, start: Instant) -> Result<i32, Error> {
-    args.confine.apply()?;
-    let opts = RestoreOptions {
+    let jailed = args.confine.jailed();
+    let mut opts = RestoreOptions {
         console: parse_console(&args.console)?,
         api_socket: Some(args.api_socket.clone()),
         ..Default::default()
     };
-    report(vmm::session::serve(&args.api_socket, opts, start)?)
+    if jailed {
+        absolutize_restore(&mut opts);
+    }
+    let socket = opts.api_socket.clone().unwrap_or(args.api_socket);
+    if let Some(code) = args
+        .confine
+        .apply(|| Ok(Needs::of_serve(&socket, &opts.console)))?
+    {
+        return Ok(code);
+    }
+    report(vmm::session::serve(&socket, opts, start)?)
 }
 
 /// Says how the VM ended; returns the exit code.

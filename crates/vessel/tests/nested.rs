@@ -267,3 +267,76 @@ fn debian_kernel_io_through_io_uring_and_threads_engines() {
     assert!(log.contains("THREADS=same"), "{log}");
     assert!(log.contains("L1: vessel exit code 0"), "{log}");
 }
+
+/// L1's set-up for the jail test: a cgroup v2 hierarchy with every controller (L1 boots no
+/// init system, so nothing binds them to cgroup v1), and a watcher that records the jailed
+/// VMM's credentials and its cgroup's limits once it is in it.
+const JAIL_L1: &str = r#"mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+(
+    cg=/sys/fs/cgroup/vessel/l2
+    i=0
+    while [ $i -lt 600 ]; do
+        pid=$(head -n1 $cg/cgroup.procs 2>/dev/null)
+        if [ -n "$pid" ]; then
+            sleep 1
+            {
+                echo "JAIL: $(grep ^Uid: /proc/$pid/status | tr -s '\t ' ' ')"
+                echo "JAIL: $(grep ^CapEff: /proc/$pid/status | tr -s '\t ' ' ')"
+                echo "JAIL: $(grep ^NSpid: /proc/$pid/status | tr -s '\t ' ' ')"
+                echo "JAIL: memory.max=$(cat $cg/memory.max) cpu.max=$(cat $cg/cpu.max) pids.max=$(cat $cg/pids.max)"
+            } > /tmp/jail.log
+            exit 0
+        fi
+        i=$((i + 1))
+        sleep 0.2
+    done
+    echo "JAIL: the VMM never joined its cgroup" > /tmp/jail.log
+) >/dev/null 2>&1 &
+"#;
+
+/// L1's `/l1-after`: what the watcher saw, and whether the keeper removed the cgroup.
+const JAIL_AFTER: &str = r#"cat /tmp/jail.log
+if [ -d /sys/fs/cgroup/vessel/l2 ]; then echo "JAIL: cgroup left behind"; else echo "JAIL: cgroup removed"; fi
+"#;
+
+#[test]
+fn debian_kernel_boots_in_a_jail_with_cgroup_limits() {
+    let dir = repo_root().join(format!("target/nested-jail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let setup = dir.join("jail-setup.sh");
+    let after = dir.join("l1-after");
+    std::fs::write(&setup, JAIL_L1).unwrap();
+    std::fs::write(&after, JAIL_AFTER).unwrap();
+    let setup_file = format!("{}:/jail-setup.sh", setup.display());
+    let after_file = format!("{}:/l1-after", after.display());
+    let log = nested_run(&[
+        "--l1-file",
+        &setup_file,
+        "--l1-file",
+        &after_file,
+        "--vessel-args",
+        "run --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 256M \
+         --jail uid=1000,gid=1000,cgroup=vessel/l2,memory-max=1G,cpu-max=90%,pids-max=64 \
+         --cmdline 'console=ttyS0 panic=1' $(sh /jail-setup.sh)",
+        "--l2-cmd",
+        "echo L2: jailed guest up",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    // A real Linux guest booted and powered off under the jailed VMM.
+    assert!(log.contains("L2: jailed guest up"), "{log}");
+    assert!(log.contains("L1: vessel exit code 0"), "{log}");
+    for line in [
+        "JAIL: Uid: 1000 1000 1000 1000",
+        "JAIL: CapEff: 0000000000000000",
+        "JAIL: memory.max=1073741824 cpu.max=90000 100000 pids.max=64",
+        "JAIL: cgroup removed",
+    ] {
+        assert!(log.contains(line), "missing '{line}' in:\n{log}");
+    }
+    // PID 1 of its own PID namespace.
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("JAIL: NSpid:") && l.trim_end().ends_with(" 1")),
+        "{log}"
+    );
+}

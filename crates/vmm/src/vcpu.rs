@@ -41,6 +41,9 @@ pub fn spawn(vcpu: SharedVcpu, ctx: VcpuContext) -> std::io::Result<VcpuHandle> 
         jail::seccomp::ThreadClass::Vcpu,
         format!("vcpu{index}"),
         move || {
+            if let Err(e) = jail::affinity::pin_vcpu(index) {
+                tracing::warn!("vcpu{index}: cannot pin to the CPUs of --cpu-affinity: {e}");
+            }
             // The vCPU's run page does not move: it stays in the same Arc'ed mutex.
             lock(&vcpu).bind_to_current_thread();
             run_loop(&vcpu, &ctx);

@@ -168,11 +168,8 @@ struct PowerOn {
 
 /// Writes a new random VM generation ID into guest memory (see `arch::acpi`).
 fn write_generation_id(mem: &GuestMem) -> Result<(), Error> {
-    use std::io::Read;
     let mut id = [0u8; acpi::VMGENID_LEN];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .map_err(io("cannot read a random VM generation ID"))?;
+    jail::random::fill(&mut id).map_err(io("cannot read a random VM generation ID"))?;
     acpi::write_vm_generation_id(mem, &id)?;
     tracing::debug!("VM generation ID {}", hex(&id));
     Ok(())
@@ -182,34 +179,29 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Writes an in-memory kernel to a private temporary file for the loader, removed on drop.
-struct TempKernel(PathBuf);
+/// An in-memory kernel staged for the loader in an anonymous file (memfd), named by its
+/// /proc/self/fd path: nothing is written to the host's file system, which a jailed VMM
+/// cannot write anyway.
+struct TempKernel {
+    _file: std::fs::File,
+    path: PathBuf,
+}
 
 impl TempKernel {
     fn new(name: &str, bytes: &[u8]) -> std::io::Result<Self> {
-        let dir = std::env::temp_dir();
-        for attempt in 0..100u32 {
-            let p = dir.join(format!(".vessel-{name}-{}-{attempt}", std::process::id()));
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&p)
-            {
-                Ok(mut f) => {
-                    std::io::Write::write_all(&mut f, bytes)?;
-                    return Ok(TempKernel(p));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let cname = std::ffi::CString::new(format!("vessel-{name}"))
+            .map_err(|_| std::io::Error::other("NUL in a kernel name"))?;
+        // SAFETY: memfd_create reads a NUL-terminated name that lives through the call.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
         }
-        Err(std::io::Error::other("no free temporary file name"))
-    }
-}
-
-impl Drop for TempKernel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut f, bytes)?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        Ok(TempKernel { _file: f, path })
     }
 }
 
@@ -576,7 +568,7 @@ impl Vm {
             KernelSource::Bytes(name, bytes) => {
                 let t =
                     TempKernel::new(name, bytes).map_err(io("cannot stage the bundled guest"))?;
-                (t.0.clone(), Some(t))
+                (t.path.clone(), Some(t))
             }
         };
         let spec = KernelSpec {

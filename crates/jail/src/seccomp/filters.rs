@@ -67,6 +67,9 @@ const THREADS: &[Syscall] = syscalls![
     SYS_sched_getaffinity,
 ];
 
+/// A vCPU pins itself to the host CPUs of `--cpu-affinity`.
+const PINNING: &[Syscall] = syscalls![SYS_sched_setaffinity];
+
 /// Event and timer descriptors, epoll instances.
 const EVENTS: &[Syscall] = syscalls![
     SYS_eventfd2,
@@ -155,7 +158,7 @@ pub fn groups(class: ThreadClass) -> &'static [&'static [Syscall]] {
     match class {
         // The vCPU runs KVM_RUN and the port and MMIO handlers: device registers, virtio
         // activation (eventfds, io_uring rings), console output, PCI BAR moves (KVM ioctls).
-        ThreadClass::Vcpu => &[BASE, EVENTS, IOCTL, SIGNALS, SOCKETS, DISK_IO],
+        ThreadClass::Vcpu => &[BASE, EVENTS, IOCTL, SIGNALS, SOCKETS, DISK_IO, PINNING],
         ThreadClass::Device => &[BASE, EVENTS, DISK_IO, SOCKETS, IOCTL],
         ThreadClass::BlockIo => &[BASE, EVENTS, DISK_IO],
         ThreadClass::Console => &[BASE, EVENTS, SOCKETS, IOCTL],
@@ -171,7 +174,7 @@ pub fn groups(class: ThreadClass) -> &'static [&'static [Syscall]] {
             BASE, THREADS, EVENTS, IOCTL, SOCKETS, DISK_IO, FILES, SIGNALS,
         ],
         ThreadClass::Spawner => &[
-            BASE, THREADS, EVENTS, IOCTL, SOCKETS, DISK_IO, FILES, SIGNALS, CONFINE,
+            BASE, THREADS, EVENTS, IOCTL, SOCKETS, DISK_IO, FILES, SIGNALS, CONFINE, PINNING,
         ],
     }
 }
@@ -179,7 +182,7 @@ pub fn groups(class: ThreadClass) -> &'static [&'static [Syscall]] {
 /// The name of system call `nr`, if any class knows it.
 pub fn name(nr: i64) -> Option<&'static str> {
     [
-        BASE, THREADS, EVENTS, DISK_IO, SOCKETS, FILES, OPEN, IOCTL, SIGNALS, CONFINE,
+        BASE, THREADS, EVENTS, DISK_IO, SOCKETS, FILES, OPEN, IOCTL, SIGNALS, CONFINE, PINNING,
     ]
     .iter()
     .flat_map(|g| g.iter())

@@ -539,6 +539,19 @@ fn check_parent(base: &SnapshotBase, child: &Path) -> Result<(), SnapshotError> 
 /// is `regions`) down to its full snapshot; returns the memory files, the full snapshot's
 /// first. Each parent must be there, have the id its child recorded and the same memory
 /// layout.
+/// What restoring the snapshot in `dir` reads and writes on the host: the directories of its
+/// chain of snapshots, and its disks. A jail exposes these to the restoring VMM.
+pub fn restore_paths(
+    dir: &Path,
+) -> Result<(Vec<std::path::PathBuf>, Vec<crate::config::DiskConfig>), SnapshotError> {
+    let (snap, lineage): (VmSnapshot, Lineage) = format::read_state_lineage(&dir.join(STATE_FILE))?;
+    let dirs = resolve_chain(dir, &lineage, &snap.memory)?
+        .iter()
+        .filter_map(|f| f.parent().map(Path::to_path_buf))
+        .collect();
+    Ok((dirs, snap.config.disks))
+}
+
 pub fn resolve_chain(
     dir: &Path,
     lineage: &Lineage,

@@ -1,0 +1,209 @@
+//! The fork into the jail: the keeper's side (cgroup, signals, waiting, clean-up) and the
+//! VMM's side (namespaces, set-up steps, the new root, the drop).
+
+use std::path::{Path, PathBuf};
+
+use super::cgroup::Cgroup;
+use super::{creds, last_os, os, root, Error, JailSpec, NetNs, Plan, Privileged, Role};
+
+/// Signals the keeper passes on to the VMM (and SIGCHLD, which tells it the VMM ended).
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        set
+    }
+}
+
+/// The directory the jail's root is built on: `/run/vessel/jail/<keeper pid>`.
+fn base_dir() -> Result<PathBuf, Error> {
+    let parent = if Path::new("/run").is_dir() {
+        PathBuf::from("/run/vessel/jail")
+    } else {
+        std::env::temp_dir().join("vessel-jail")
+    };
+    std::fs::create_dir_all(&parent).map_err(os(format!("create {}", parent.display())))?;
+    let base = parent.join(std::process::id().to_string());
+    // A keeper with this PID that died before cleaning up left an empty directory.
+    let _ = std::fs::remove_dir(&base);
+    std::fs::create_dir(&base).map_err(os(format!("create {}", base.display())))?;
+    Ok(base)
+}
+
+pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
+    let Plan {
+        spec,
+        exposures,
+        devices,
+        privileged,
+    } = plan;
+    let cgroup = if spec.cgroup.is_some() || spec.limits.any() {
+        let name = spec
+            .cgroup
+            .clone()
+            .unwrap_or_else(|| format!("vessel/{}", std::process::id()));
+        Some(Cgroup::create(&name, &spec.limits)?)
+    } else {
+        None
+    };
+    // The keeper joins an existing network namespace too: the set-up steps look there, and
+    // their undoing runs there.
+    if let Some(NetNs::Path(p)) = &spec.netns {
+        if let Err(e) = enter_netns(p) {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+            return Err(e);
+        }
+    }
+    let mut steps = privileged;
+    let needed: Vec<bool> = steps.iter_mut().map(|s| s.needed(&spec)).collect();
+    let base = match base_dir() {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+            return Err(e);
+        }
+    };
+    let mut all = FORWARDED.to_vec();
+    all.push(libc::SIGCHLD);
+    let set = sigset(&all);
+    // SAFETY: a zeroed sigset is a valid out-parameter for the old mask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigprocmask reads `set` and writes `old`, both ours. From here the keeper takes
+    // these signals with sigwaitinfo; the VMM restores the old mask.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old) };
+    // SAFETY: unshare takes flags only; CLONE_NEWPID puts the children made from now on in a
+    // new PID namespace, the keeper itself stays where it is.
+    let forked = if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+        Err(last_os("new PID namespace"))
+    } else {
+        // SAFETY: the process has one thread (checked by `enter`), so the child is a whole copy.
+        match unsafe { libc::fork() } {
+            -1 => Err(last_os("fork")),
+            pid => Ok(pid),
+        }
+    };
+    let pid = match forked {
+        Ok(0) => {
+            // SAFETY: restores the mask saved above.
+            unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+            let setups = steps
+                .iter_mut()
+                .zip(&needed)
+                .filter(|(_, n)| **n)
+                .map(|(s, _)| s);
+            become_vmm(&spec, &base, cgroup.as_ref(), setups, &exposures, &devices)?;
+            return Ok(Role::Vmm);
+        }
+        Ok(pid) => pid,
+        Err(e) => {
+            // SAFETY: restores the mask saved above.
+            unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+            let _ = std::fs::remove_dir(&base);
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+            return Err(e);
+        }
+    };
+    tracing::debug!(
+        "jail: VMM is process {pid} (uid {}, gid {})",
+        spec.uid,
+        spec.gid
+    );
+    let code = wait_for(pid, &set);
+    if spec.netns != Some(NetNs::New) {
+        for (step, _) in steps.iter_mut().zip(&needed).filter(|(_, n)| **n) {
+            step.undo();
+        }
+    }
+    if let Some(cg) = cgroup {
+        cg.remove();
+    }
+    let _ = std::fs::remove_dir(&base);
+    Ok(Role::Keeper(code))
+}
+
+/// Waits for the VMM, passing the forwarded signals on; its exit code (128 + the signal
+/// when a signal ended it).
+fn wait_for(pid: libc::pid_t, set: &libc::sigset_t) -> i32 {
+    loop {
+        // SAFETY: a zeroed siginfo is a valid out-parameter.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigwaitinfo reads the set and writes `info`, both ours.
+        let sig = unsafe { libc::sigwaitinfo(set, &mut info) };
+        if FORWARDED.contains(&sig) {
+            // SAFETY: kill takes plain values; `pid` is our child, not yet reaped.
+            unsafe { libc::kill(pid, sig) };
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            continue;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into `status`.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 => continue,
+            -1 => return 1,
+            _ if libc::WIFEXITED(status) => return libc::WEXITSTATUS(status),
+            _ if libc::WIFSIGNALED(status) => return 128 + libc::WTERMSIG(status),
+            _ => continue,
+        }
+    }
+}
+
+fn enter_netns(path: &Path) -> Result<(), Error> {
+    let f =
+        std::fs::File::open(path).map_err(os(format!("network namespace {}", path.display())))?;
+    // SAFETY: setns takes the descriptor (ours, open) and a flag.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        return Err(last_os(format!(
+            "enter network namespace {}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The VMM's side: namespaces, cgroup, set-up steps, the new root, the drop.
+fn become_vmm<'a>(
+    spec: &JailSpec,
+    base: &Path,
+    cgroup: Option<&Cgroup>,
+    setups: impl Iterator<Item = &'a mut Box<dyn Privileged>>,
+    exposures: &[super::Exposure],
+    devices: &[PathBuf],
+) -> Result<(), Error> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number: the VMM dies with its keeper.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    // (An existing network namespace was joined by the keeper before the fork.)
+    if spec.netns == Some(NetNs::New) {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(flags) } != 0 {
+        return Err(last_os("new mount, IPC, UTS namespaces"));
+    }
+    if let Some(cg) = cgroup {
+        cg.join()?;
+    }
+    for step in setups {
+        step.setup(spec)
+            .map_err(|e| Error::Setup(format!("{}: {e}", step.name())))?;
+    }
+    root::build_and_pivot(base, spec, exposures, devices)?;
+    creds::drop_to(spec.uid, spec.gid)?;
+    root::landlock(exposures, devices)?;
+    super::test_hook();
+    Ok(())
+}

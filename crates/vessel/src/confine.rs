@@ -1,0 +1,284 @@
+//! How `vessel run` and `vessel serve` confine the VMM: seccomp filters, the jail, vCPU
+//! pinning. The jail needs the host files the VM uses, all absolute: [`Needs`] gathers them
+//! from the VM's configuration (after [`absolutize`]).
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use jail::sandbox::{Access, Exposure, JailSpec, Plan, Privileged, Role};
+use vmm::config::{ConsoleConfig, DiskConfig, VmConfig};
+
+use crate::run::Error;
+
+/// How the VMM process is confined.
+#[derive(Args, Debug, Default)]
+pub struct ConfineArgs {
+    /// System-call filters per thread class: on (a forbidden call ends the VM with exit code
+    /// 71 and a line naming the thread and the call), log (the kernel logs it and lets it
+    /// through) or off. Default: on, or VESSEL_SECCOMP.
+    #[arg(long, value_name = "on|log|off")]
+    seccomp: Option<String>,
+    /// Run the VMM jailed (needs root to set up): as uid:gid with no capabilities and
+    /// no_new_privs, in new mount, PID, IPC and UTS namespaces, seeing only the VM's own files
+    /// (bound at their paths into a new root, read-only where only read; landlock on top),
+    /// its own /dev/kvm. A keeper process waits for it, passes signals on and
+    /// removes what the jail made. `uid=N,gid=N[,netns=new|PATH][,cgroup=PATH]
+    /// [,memory-max=SIZE][,cpu-max=PERCENT%|QUOTA/PERIOD][,pids-max=N]`: netns puts the VMM
+    /// in a new or existing network namespace (its taps are made there); cgroup and the
+    /// limits put it in a cgroup v2 (default vessel/<pid>) with those limits. Taps that do
+    /// not exist are made for the jail's user and removed at the end.
+    #[arg(long, value_name = "SPEC")]
+    jail: Option<String>,
+    /// A host file or directory the jailed VMM may use besides the VM's own: where snapshots
+    /// are written, what a migration target's disks are. PATH (read-write) or PATH:ro;
+    /// repeatable.
+    #[arg(long, value_name = "PATH[:ro]", requires = "jail")]
+    jail_path: Vec<String>,
+    /// Pin vCPU threads to host CPUs: a CPU list for every vCPU (`2`, `0-3`, `0,2`), or
+    /// VCPU=LIST for one (`0=2`, `1=3`); repeatable.
+    #[arg(long, value_name = "[VCPU=]CPUS")]
+    cpu_affinity: Vec<String>,
+}
+
+/// What a jailed VMM needs from the host.
+#[derive(Debug, Default)]
+pub struct Needs {
+    exposures: Vec<Exposure>,
+    devices: Vec<PathBuf>,
+    taps: Vec<String>,
+}
+
+/// `p` made absolute with symbolic links resolved (for a path that does not exist yet, its
+/// directory's): the jail holds files at these paths.
+pub fn absolute(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            match dir.canonicalize() {
+                Ok(d) => d.join(name),
+                Err(_) => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+            }
+        }
+        _ => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
+}
+
+/// Makes a console's file or socket path absolute.
+pub fn absolute_console(c: &mut ConsoleConfig) {
+    match c {
+        ConsoleConfig::File(p) | ConsoleConfig::Socket(p) => *p = absolute(p),
+        _ => {}
+    }
+}
+
+/// Makes every host path of a VM's configuration absolute.
+pub fn absolutize(c: &mut VmConfig) {
+    if let vmm::KernelSource::Path(p) = &mut c.kernel {
+        *p = absolute(p);
+    }
+    if let Some(p) = &mut c.initrd {
+        *p = absolute(p);
+    }
+    for d in &mut c.disks {
+        d.path = absolute(&d.path);
+    }
+    absolute_console(&mut c.console);
+    if let Some(v) = &mut c.virtio_console {
+        absolute_console(v);
+    }
+    if let Some(v) = &mut c.vsock {
+        v.socket = absolute(&v.socket);
+    }
+    if let Some(p) = &mut c.api_socket {
+        *p = absolute(p);
+    }
+}
+
+impl Needs {
+    fn add(&mut self, path: &Path, access: Access) {
+        self.exposures.push(Exposure {
+            path: path.to_path_buf(),
+            access,
+        });
+    }
+
+    fn socket(&mut self, path: &Path) {
+        if let Some(dir) = path.parent() {
+            self.add(dir, Access::SocketDir);
+        }
+    }
+
+    fn console(&mut self, c: &ConsoleConfig) {
+        match c {
+            ConsoleConfig::File(p) => self.add(p, Access::Output),
+            ConsoleConfig::Socket(p) => self.socket(p),
+            _ => {}
+        }
+    }
+
+    /// A disk and the images below it (read-only).
+    fn disk(&mut self, d: &DiskConfig) {
+        let top = if d.read_only {
+            Access::Read
+        } else {
+            Access::ReadWrite
+        };
+        self.add(&d.path, top);
+        if let Ok(layers) = block::ops::info(&d.path, true, false) {
+            for l in layers.iter().skip(1) {
+                self.add(&absolute(Path::new(&l.filename)), Access::Read);
+            }
+        }
+    }
+
+    fn nets(&mut self, taps: impl Iterator<Item = String>) {
+        let taps: Vec<String> = taps.collect();
+        if !taps.is_empty() {
+            self.devices.push("/dev/net/tun".into());
+        }
+        self.taps.extend(taps);
+    }
+
+    /// What a VM built from `c` uses.
+    pub fn of_config(c: &VmConfig) -> Needs {
+        let mut n = Needs::default();
+        if let vmm::KernelSource::Path(p) = &c.kernel {
+            n.add(p, Access::Read);
+        }
+        if let Some(p) = &c.initrd {
+            n.add(p, Access::Read);
+        }
+        for d in &c.disks {
+            n.disk(d);
+        }
+        n.console(&c.console);
+        if let Some(v) = &c.virtio_console {
+            n.console(v);
+        }
+        if let Some(v) = &c.vsock {
+            n.socket(&v.socket);
+        }
+        if let Some(p) = &c.api_socket {
+            n.socket(p);
+        }
+        n.nets(c.nets.iter().map(|n| n.tap.clone()));
+        n
+    }
+
+    /// What restoring the snapshot in `dir` with `opts` uses.
+    pub fn of_restore(dir: &Path, opts: &vmm::vm::RestoreOptions) -> Result<Needs, Error> {
+        let mut n = Needs::default();
+        let (dirs, disks) =
+            vmm::snapshot::restore_paths(dir).map_err(|e| Error::Vm(vmm::Error::from(e)))?;
+        for d in dirs {
+            n.add(&absolute(&d), Access::Read);
+        }
+        for mut d in disks {
+            d.path = absolute(&d.path);
+            n.disk(&d);
+        }
+        n.console(&opts.console);
+        if let Some(p) = &opts.api_socket {
+            n.socket(p);
+        }
+        if let Some(v) = &opts.vsock {
+            n.socket(&v.socket);
+        }
+        n.nets(opts.nets.iter().map(|n| n.tap.clone()));
+        Ok(n)
+    }
+
+    /// What an empty `vessel serve` uses.
+    pub fn of_serve(api_socket: &Path, console: &ConsoleConfig) -> Needs {
+        let mut n = Needs::default();
+        n.socket(api_socket);
+        n.console(console);
+        // A VM restored or received later may have network devices.
+        n.devices.push("/dev/net/tun".into());
+        n
+    }
+}
+
+/// A tap the jail makes for its user when it does not exist, and removes at the end.
+struct JailTap(String);
+
+impl Privileged for JailTap {
+    fn name(&self) -> String {
+        format!("tap {}", self.0)
+    }
+    fn needed(&mut self, spec: &JailSpec) -> bool {
+        spec.netns == Some(jail::sandbox::NetNs::New) || !net::tap::exists(&self.0)
+    }
+    fn setup(&mut self, spec: &JailSpec) -> Result<(), String> {
+        net::tap::Tap::create_persistent(&self.0, spec.uid, spec.gid)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    fn undo(&mut self) {
+        if let Err(e) = net::tap::Tap::remove_persistent(&self.0) {
+            eprintln!("vessel: warning: jail: {e}");
+        }
+    }
+}
+
+impl ConfineArgs {
+    /// Whether the VMM is to be jailed (its paths must then be absolute).
+    pub fn jailed(&self) -> bool {
+        self.jail.is_some()
+    }
+
+    /// Checks `--cpu-affinity` names only vCPUs a VM of `cpus` has.
+    pub fn check_vcpus(&self, cpus: u32) -> Result<(), Error> {
+        Ok(jail::affinity::Affinity::parse(&self.cpu_affinity)?.check(cpus)?)
+    }
+
+    /// Confines the process: the jail (if asked; the keeper gets `Some(exit code)` back once
+    /// the VMM has ended), pinning, then the seccomp filters. Call before any thread starts.
+    pub fn apply(
+        &self,
+        needs: impl FnOnce() -> Result<Needs, Error>,
+    ) -> Result<Option<i32>, Error> {
+        let affinity = jail::affinity::Affinity::parse(&self.cpu_affinity)?;
+        if let Some(spec) = &self.jail {
+            let spec = JailSpec::parse(spec, |s| {
+                vmm::config::parse_size(s).map_err(|e| e.to_string())
+            })?;
+            let mut needs = needs()?;
+            for p in &self.jail_path {
+                let (path, access) = match p.strip_suffix(":ro") {
+                    Some(p) => (p, Access::Read),
+                    None => (p.as_str(), Access::ReadWrite),
+                };
+                needs.add(&absolute(Path::new(path)), access);
+            }
+            let plan = Plan {
+                spec,
+                exposures: needs.exposures,
+                devices: needs.devices,
+                privileged: needs
+                    .taps
+                    .into_iter()
+                    .map(|t| Box::new(JailTap(t)) as Box<dyn Privileged>)
+                    .collect(),
+            };
+            if let Role::Keeper(code) = jail::sandbox::enter(plan)? {
+                return Ok(Some(code));
+            }
+        }
+        affinity.install();
+        let mode = self
+            .seccomp
+            .clone()
+            .or_else(|| std::env::var("VESSEL_SECCOMP").ok())
+            .unwrap_or_else(|| "on".to_string());
+        jail::seccomp::init(mode.parse()?)?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,333 @@
+//! The jail (`--jail`): a VMM that runs as an unprivileged user with no capabilities, in its
+//! own namespaces, seeing only its VM's files; its keeper passes signals on and cleans up.
+//! And vCPU pinning (`--cpu-affinity`).
+//!
+//! The jail needs root to set up: these tests fail (never pass silently) without it.
+
+mod common;
+
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::soak::Console;
+use common::*;
+
+fn require_root() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    assert!(root && have_kvm(), "the jail tests need root and /dev/kvm");
+}
+
+/// A directory the jail's user owns.
+fn owned_dir(tmp: &TempDir, name: &str, uid: u32) -> PathBuf {
+    let d = tmp.file(name);
+    std::fs::create_dir_all(&d).unwrap();
+    chown(&d, Some(uid), Some(uid)).unwrap();
+    d
+}
+
+/// The keeper's only child: the jailed VMM, once it exists.
+fn vmm_pid(keeper: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
+        if let Some(p) = children.split_whitespace().next() {
+            return p.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "the keeper has no child");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `Field:` of /proc/PID/status, its values split.
+fn status(pid: u32, field: &str) -> Vec<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
+fn ns(pid: &str, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+/// Runs `vessel ARGS` through a shell that sends its stderr to `err`.
+fn spawn_logged(args: &[&str], env: &str, err: &Path) -> Console {
+    let cmd = format!("{env} exec {VESSEL} {} 2>{}", args.join(" "), err.display());
+    Console::spawn_command(&["sh", "-c", &cmd])
+}
+
+#[test]
+fn a_jailed_vm_runs_unprivileged_in_its_namespaces_and_sees_only_its_files() {
+    require_root();
+    const UID: u32 = 42_001;
+    let tmp = TempDir::new("jail-vm");
+    let vm_dir = owned_dir(&tmp, "vm", UID);
+    let disk = vm_dir.join("disk.raw");
+    raw_disk(&disk, 16 << 20);
+    chown(&disk, Some(UID), Some(UID)).unwrap();
+    let api = vm_dir.join("api.sock");
+    let snaps = owned_dir(&tmp, "snapshots", UID);
+    // A host file outside the jail, readable by everyone.
+    let secret = tmp.file("outside/secret");
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    std::fs::write(&secret, "host data").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = tmp.file("stderr");
+    let disk_spec = format!("path={}", disk.display());
+    let jail = format!("uid={UID},gid={UID}");
+    let mut vm = spawn_logged(
+        &[
+            "run",
+            "--disk",
+            &disk_spec,
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--jail",
+            &jail,
+            "--jail-path",
+            snaps.to_str().unwrap(),
+            "--cmdline",
+            "'action=soak soakms=50'",
+        ],
+        &format!("VESSEL_TEST_JAIL_OPEN={}", secret.display()),
+        &err,
+    );
+    vm.soak_lines(1, 2);
+    // The guest wrote, read and flushed its disk through the jail.
+    assert!(vm.seen.contains("write/read/flush ok"), "{}", vm.seen);
+    let keeper = vm.child.id();
+    let pid = vmm_pid(keeper);
+    assert_eq!(status(pid, "Uid"), vec![UID.to_string(); 4]);
+    assert_eq!(status(pid, "Gid"), vec![UID.to_string(); 4]);
+    assert_eq!(status(pid, "Groups"), Vec::<String>::new());
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status(pid, caps), ["0000000000000000"], "{caps}");
+    }
+    assert_eq!(status(pid, "NoNewPrivs"), ["1"]);
+    assert_eq!(status(pid, "Seccomp"), ["2"]);
+    // PID 1 of its own PID namespace; its own mount, IPC and UTS namespaces.
+    assert_eq!(status(pid, "NSpid"), [pid.to_string(), "1".into()]);
+    for kind in ["mnt", "pid", "ipc", "uts"] {
+        let (ours, its) = (ns("self", kind), ns(&pid.to_string(), kind));
+        assert_ne!(ours, its, "{kind}");
+    }
+    // The network namespace stays the host's unless asked.
+    assert_eq!(ns("self", "net"), ns(&pid.to_string(), "net"));
+    // A VMM (made to behave like a compromised one by the test hook) cannot open a host file
+    // outside its jail.
+    let log = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        log.contains(&format!(
+            "jailed VMM cannot open {}: No such file or directory",
+            secret.display()
+        )),
+        "{log}"
+    );
+    // The API cannot make it write outside either; the VM runs on.
+    let outside = tmp.file("outside/snap");
+    let o = ctl(&api, &["snapshot", "--dir", outside.to_str().unwrap()]);
+    assert_code(&o, 1);
+    assert!(!outside.exists());
+    let inside = snaps.join("s1");
+    assert_code(
+        &ctl(&api, &["snapshot", "--dir", inside.to_str().unwrap()]),
+        0,
+    );
+    assert!(inside.join("memory").exists() || std::fs::read_dir(&inside).unwrap().count() > 1);
+    vm.soak_lines(1, 1);
+    // SIGTERM to the keeper reaches the VMM, which ends as an unjailed one would.
+    assert_eq!(vm.stop(), Some(143));
+    assert!(
+        !Path::new(&format!("/run/vessel/jail/{keeper}")).exists(),
+        "the jail's directory is left behind"
+    );
+    assert!(!api.exists(), "the API socket is left behind");
+}
+
+#[test]
+fn a_jail_refuses_what_it_cannot_give_with_a_clear_error() {
+    require_root();
+    let tmp = TempDir::new("jail-refuse");
+    let disk = tmp.file("root-only.raw");
+    raw_disk(&disk, 1 << 20);
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let disk_spec = format!("path={}", disk.display());
+    for (args, code, says) in [
+        (
+            vec!["run", "--jail", "uid=0,gid=0"],
+            2,
+            "uid and gid must not be 0",
+        ),
+        (
+            vec!["run", "--jail", "gid=5"],
+            2,
+            "uid=N and gid=N are required",
+        ),
+        (
+            vec!["run", "--jail", "uid=5,gid=5,memory-max=lots"],
+            2,
+            "memory-max",
+        ),
+        (
+            vec!["run", "--disk", &disk_spec, "--jail", "uid=42002,gid=42002"],
+            2,
+            "uid 42002 gid 42002 cannot read and write",
+        ),
+        (vec!["run", "--jail-path", "/srv"], 2, "--jail"),
+        (vec!["run", "--cpu-affinity", "100000"], 2, "--cpu-affinity"),
+        (
+            vec!["run", "--cpus", "2", "--cpu-affinity", "2=0"],
+            2,
+            "vCPU 2",
+        ),
+    ] {
+        let o = vessel(&args);
+        assert_code(&o, code);
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
+
+/// The cgroup v2 hierarchy's directory and the controllers its root offers.
+fn cgroup2() -> Option<(PathBuf, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2")
+            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
+    })?;
+    let offered = std::fs::read_to_string(dir.join("cgroup.controllers")).ok()?;
+    Some((dir, offered))
+}
+
+#[test]
+fn a_jailed_vm_runs_in_a_cgroup_with_its_limits_or_is_refused_where_the_host_cannot() {
+    require_root();
+    let Some((root, offered)) = cgroup2() else {
+        panic!("no cgroup v2 hierarchy on this host");
+    };
+    let name = format!("vessel-test/{}", std::process::id());
+    let jail = format!("uid=42003,gid=42003,cgroup={name},memory-max=512M,cpu-max=50%,pids-max=64");
+    let have = |c: &str| offered.split_whitespace().any(|o| o == c);
+    if !(have("memory") && have("cpu") && have("pids")) {
+        // Controllers bound to cgroup v1 (this development host): a clear refusal, exit 1,
+        // and nothing left behind.
+        let o = vessel(&["run", "--jail", &jail]);
+        assert_code(&o, 1);
+        assert!(stderr(&o).contains("is not available in"), "{}", stderr(&o));
+        assert!(!root.join(&name).exists());
+        return;
+    }
+    let mut vm = Console::spawn(&["run", "--jail", &jail, "--cmdline", "action=soak soakms=50"]);
+    vm.soak_lines(1, 1);
+    let pid = vmm_pid(vm.child.id());
+    let cg = root.join(&name);
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+    assert_eq!(procs.trim(), pid.to_string());
+    let read = |f: &str| {
+        std::fs::read_to_string(cg.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("memory.max"), (512u64 << 20).to_string());
+    assert_eq!(read("cpu.max"), "50000 100000");
+    assert_eq!(read("pids.max"), "64");
+    assert_eq!(vm.stop(), Some(143));
+    assert!(!cg.exists(), "the cgroup is left behind");
+}
+
+#[test]
+fn a_jailed_vm_gets_a_tap_made_for_its_user_and_removed_after() {
+    require_root();
+    const UID: u32 = 42_004;
+    let tap = format!("vj{}", std::process::id() % 100_000);
+    let net = format!("tap={tap}");
+    let jail = format!("uid={UID},gid={UID}");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--net",
+        &net,
+        "--jail",
+        &jail,
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(1, 1);
+    let owner = std::fs::read_to_string(format!("/sys/class/net/{tap}/owner")).unwrap();
+    assert_eq!(owner.trim(), UID.to_string());
+    assert_eq!(vm.stop(), Some(143));
+    assert!(
+        !Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "the tap is left behind"
+    );
+    // In a new network namespace the tap is the VM's alone: not in the host's.
+    let jail = format!("uid={UID},gid={UID},netns=new");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--net",
+        &net,
+        "--jail",
+        &jail,
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(1, 1);
+    let pid = vmm_pid(vm.child.id());
+    assert_ne!(ns("self", "net"), ns(&pid.to_string(), "net"));
+    assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists());
+    assert_eq!(vm.stop(), Some(143));
+}
+
+/// The host CPUs thread `name` of process `pid` may run on.
+fn thread_cpus(pid: u32, name: &str) -> String {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        if std::fs::read_to_string(t.join("comm")).unwrap().trim() == name {
+            let s = std::fs::read_to_string(t.join("status")).unwrap();
+            return s
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap()
+                .trim()
+                .to_string();
+        }
+    }
+    panic!("no thread {name} in process {pid}");
+}
+
+#[test]
+fn vcpu_threads_are_pinned_as_asked() {
+    if !have_kvm() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let last = (cpus - 1).to_string();
+    let one = format!("1={last}");
+    let mut vm = Console::spawn(&[
+        "run",
+        "--cpus",
+        "2",
+        "--cpu-affinity",
+        "0",
+        "--cpu-affinity",
+        &one,
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(2, 1);
+    let pid = vm.child.id();
+    assert_eq!(thread_cpus(pid, "vcpu0"), "0");
+    assert_eq!(thread_cpus(pid, "vcpu1"), last);
+    assert_eq!(vm.stop(), Some(143));
+}
