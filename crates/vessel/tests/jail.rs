@@ -252,17 +252,21 @@ fn a_jailed_vm_gets_a_tap_made_for_its_user_and_removed_after() {
     const UID: u32 = 42_004;
     let tap = format!("vj{}", std::process::id() % 100_000);
     let net = format!("tap={tap}");
-    let jail = format!("uid={UID},gid={UID}");
-    let mut vm = Console::spawn(&[
-        "run",
-        "--net",
-        &net,
-        "--jail",
-        &jail,
-        "--cmdline",
-        "action=soak soakms=50",
-    ]);
-    vm.soak_lines(1, 1);
+    let start = |extra: &str| {
+        let jail = format!("uid={UID},gid={UID}{extra}");
+        let mut vm = Console::spawn(&[
+            "run",
+            "--net",
+            &net,
+            "--jail",
+            &jail,
+            "--cmdline",
+            "action=soak soakms=50",
+        ]);
+        vm.soak_lines(1, 1);
+        vm
+    };
+    let mut vm = start("");
     let owner = std::fs::read_to_string(format!("/sys/class/net/{tap}/owner")).unwrap();
     assert_eq!(owner.trim(), UID.to_string());
     assert_eq!(vm.stop(), Some(143));
@@ -271,17 +275,7 @@ fn a_jailed_vm_gets_a_tap_made_for_its_user_and_removed_after() {
         "the tap is left behind"
     );
     // In a new network namespace the tap is the VM's alone: not in the host's.
-    let jail = format!("uid={UID},gid={UID},netns=new");
-    let mut vm = Console::spawn(&[
-        "run",
-        "--net",
-        &net,
-        "--jail",
-        &jail,
-        "--cmdline",
-        "action=soak soakms=50",
-    ]);
-    vm.soak_lines(1, 1);
+    let mut vm = start(",netns=new");
     let pid = vmm_pid(vm.child.id());
     assert_ne!(ns("self", "net"), ns(&pid.to_string(), "net"));
     assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists());
