@@ -325,3 +325,41 @@ fn vcpu_threads_are_pinned_as_asked() {
     assert_eq!(thread_cpus(pid, "vcpu1"), last);
     assert_eq!(vm.stop(), Some(143));
 }
+
+#[test]
+fn a_jailed_vm_stopped_as_it_starts_still_stops() {
+    require_root();
+    // SIGTERM at once: the VMM (PID 1 of its namespace) has no handler yet, and would drop
+    // it if it were not held blocked until the handlers are in.
+    for _ in 0..3 {
+        let mut vm = Command::new(VESSEL)
+            .args([
+                "run",
+                "--jail",
+                "uid=42005,gid=42005",
+                "--cmdline",
+                "action=soak soakms=50",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let keeper = vm.id();
+        vmm_pid(keeper);
+        let _ = Command::new("kill")
+            .args(["-TERM", &keeper.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = vm.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = vm.kill();
+                panic!("the SIGTERM was lost: the jailed VM runs on");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(143));
+    }
+}

@@ -792,7 +792,24 @@ pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
             .map_err(io("cannot install a signal handler"))?;
         flags.push((sig, flag));
     }
+    unblock_stop_signals();
     Ok(flags)
+}
+
+/// Lets SIGINT and SIGTERM in on this thread, now that they have handlers. A jailed VMM
+/// starts with them blocked: it is PID 1 of its PID namespace, where a signal without a
+/// handler is dropped, so one sent early waits for the handlers instead.
+fn unblock_stop_signals() {
+    // SAFETY: the set is ours and initialised by sigemptyset before use; pthread_sigmask
+    // reads it and changes only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 /// SIGINT and SIGTERM set a flag and wake the main thread.
@@ -809,5 +826,6 @@ fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>
             .map_err(io("cannot install a signal handler"))?;
         flags.push((sig, flag));
     }
+    unblock_stop_signals();
     Ok(flags)
 }

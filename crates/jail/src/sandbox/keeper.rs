@@ -94,8 +94,15 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
     };
     let pid = match forked {
         Ok(0) => {
-            // SAFETY: restores the mask saved above.
-            unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+            // The old mask, but SIGINT and SIGTERM stay blocked until the VMM has its handlers
+            // (it unblocks them then): as PID 1 of its namespace it would drop them before.
+            let mut mask = old;
+            // SAFETY: sigaddset adds to the set we own; sigprocmask reads it.
+            unsafe {
+                libc::sigaddset(&mut mask, libc::SIGINT);
+                libc::sigaddset(&mut mask, libc::SIGTERM);
+                libc::sigprocmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
+            }
             let setups = steps
                 .iter_mut()
                 .zip(&needed)
