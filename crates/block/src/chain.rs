@@ -187,6 +187,8 @@ fn prepare_dirty(layers: &[Layer], read_only: bool, repair: bool) -> Result<()> 
 pub struct Locked<B: DiskBackend + ?Sized> {
     inner: Box<B>,
     locks: Mutex<Vec<ImageLock>>,
+    /// What [`DiskBackend::release_locks`] let go of, to take back.
+    released: Mutex<Vec<(PathBuf, LockMode)>>,
 }
 
 impl<B: DiskBackend + ?Sized> Locked<B> {
@@ -194,6 +196,7 @@ impl<B: DiskBackend + ?Sized> Locked<B> {
         Locked {
             inner,
             locks: Mutex::new(locks),
+            released: Mutex::new(Vec::new()),
         }
     }
 
@@ -230,5 +233,53 @@ impl<B: DiskBackend + ?Sized> DiskBackend for Locked<B> {
     }
     fn raw_file(&self) -> Option<crate::RawFile> {
         self.inner.raw_file()
+    }
+    fn release_locks(&self) {
+        let locks = std::mem::take(&mut *self.locks.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        released.extend(locks.iter().map(|l| (l.path().to_path_buf(), l.mode())));
+        // The locks go as `locks` drops: each closes its own descriptor.
+    }
+    fn retake_locks(&self) -> Result<()> {
+        let mut released = self.released.lock().unwrap_or_else(|e| e.into_inner());
+        // All or none: a lock taken before one that fails is let go again with `taken`.
+        let taken = released
+            .iter()
+            .map(|(path, mode)| ImageLock::acquire(path, *mode))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        released.clear();
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(taken);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_locks_are_taken_back_all_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.raw");
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        let opts = crate::OpenOptions {
+            lock: true,
+            ..Default::default()
+        };
+        let disk = open(&p, opts).unwrap();
+        let other = || ImageLock::acquire(&p, LockMode::Write);
+        assert!(other().is_err(), "an open disk holds its image");
+        disk.release_locks();
+        // Handed over: someone else may take it, and then the disk cannot have it back.
+        let squatter = other().unwrap();
+        assert!(disk.retake_locks().is_err());
+        drop(squatter);
+        disk.retake_locks().unwrap();
+        assert!(other().is_err());
+        // Nothing released, nothing to take.
+        disk.retake_locks().unwrap();
     }
 }

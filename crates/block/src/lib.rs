@@ -90,6 +90,14 @@ pub trait DiskBackend: Send + Sync {
     fn raw_file(&self) -> Option<RawFile> {
         None
     }
+    /// Releases the image locks the disk holds: a live migration hands the disk, flushed and
+    /// idle, to its target. Nothing for a disk without locks.
+    fn release_locks(&self) {}
+    /// Takes back what [`DiskBackend::release_locks`] released (a migration that failed); an
+    /// error if another process holds the image now.
+    fn retake_locks(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Direct access to a raw image's file (see [`DiskBackend::raw_file`]).

@@ -47,6 +47,8 @@ pub enum LockMode {
 #[derive(Debug)]
 pub struct ImageLock {
     _file: File,
+    path: PathBuf,
+    mode: LockMode,
 }
 
 fn flock_struct(ty: i32, byte: i64) -> libc::flock {
@@ -123,7 +125,21 @@ impl ImageLock {
         {
             return Err(busy("\"write\""));
         }
-        Ok(ImageLock { _file: file })
+        Ok(ImageLock {
+            _file: file,
+            path: path.to_path_buf(),
+            mode,
+        })
+    }
+
+    /// The image locked.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How it is locked.
+    pub fn mode(&self) -> LockMode {
+        self.mode
     }
 }
 

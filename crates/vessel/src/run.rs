@@ -196,7 +196,7 @@ fn config(args: RunArgs) -> Result<VmConfig, Error> {
         transport: parse_transport(&args.transport)?,
         api_socket: args.api_socket,
         on_reboot: vmm::config::parse_on_reboot(&args.on_reboot)?,
-        skip_disk_locks: false,
+        handed_over_disks: false,
     })
 }
 

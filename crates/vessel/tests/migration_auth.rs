@@ -275,3 +275,85 @@ fn the_target_opens_the_disk_its_own_request_names() {
     assert!(!files.contains(&src_disk), "{files:?}");
     assert_eq!(p.target.stop(), Some(143));
 }
+
+/// Whether another process could take `path`'s write lock now (taken and let go at once).
+fn lockable(path: &Path) -> bool {
+    block::lock::ImageLock::acquire(path, block::lock::LockMode::Write).is_ok()
+}
+
+#[test]
+fn the_disk_locks_change_hands_at_the_switch_and_come_back_if_it_fails() {
+    let tmp = TempDir::new("auth-locks");
+    let disk = tmp.file("disk.raw");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let release = tmp.file("release");
+    std::fs::create_dir(&release).unwrap();
+    let release_env = format!("VESSEL_MIGRATION_RELEASE={}", release.display());
+    let disk_arg = format!("path={}", disk.display());
+    let mut p = pair_in(
+        tmp,
+        &["env", "VESSEL_MIGRATION_HOLD=stop-and-copy", &release_env],
+        &[],
+        "128M",
+        "action=soak soakms=20 soakdisk=on virtio=blk",
+        None,
+        &["--disk", &disk_arg],
+    );
+    disk_steps(&mut p.source, 2);
+    // A running VM holds its disk.
+    assert!(!lockable(&disk));
+    let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
+    let disk_path = disk.display().to_string();
+    let receive = [
+        "migrate", "receive", "--listen", &addr, "--token", TOKEN, "--disk", &disk_path,
+    ];
+
+    // The source lets the disk go once its devices stopped (held there by the test hook); a
+    // third process takes it meanwhile, so the target cannot: the migration fails, and once
+    // the squatter goes the source has its disk back and runs on.
+    assert_code(&ctl(&p.dst_api, &receive), 0);
+    let send = [
+        "migrate",
+        "send",
+        "--to",
+        &addr,
+        "--token",
+        TOKEN,
+        "--no-wait",
+    ];
+    assert_code(&ctl(&p.src_api, &send), 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let squatter = loop {
+        match block::lock::ImageLock::acquire(&disk, block::lock::LockMode::Write) {
+            Ok(l) => break l,
+            Err(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the source never let the disk go"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    };
+    std::fs::write(release.join("stop-and-copy"), b"").unwrap();
+    wait_phase(&p.dst_api, "failed");
+    let s = status_json(&p.dst_api);
+    assert!(s.contains("in use by another process"), "{s}");
+    drop(squatter);
+    wait_phase(&p.src_api, "failed");
+    disk_steps(&mut p.source, 2);
+    assert!(
+        !lockable(&disk),
+        "the source runs on without its disk's lock"
+    );
+
+    // A migration that commits leaves the disk with the target, which goes on with it.
+    assert_code(&ctl(&p.dst_api, &receive), 0);
+    let o = ctl(&p.src_api, &send[..send.len() - 1]);
+    assert_code(&o, 0);
+    assert_eq!(p.source.child.wait().unwrap().code(), Some(0));
+    disk_steps(&mut p.target, 2);
+    assert!(!lockable(&disk), "the target runs without its disk's lock");
+    assert_eq!(p.target.stop(), Some(143));
+    assert!(lockable(&disk));
+}

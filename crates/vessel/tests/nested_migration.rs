@@ -23,6 +23,42 @@ mkdir -p /tmp
     sleep 0.3
   done ) &
 nc -ll -p 7000 -e /bin/cat &
+# The stall watchdog: when the guest's records stop coming for 60 s while a Vessel runs, dump
+# what each Vessel thread is doing (state, CPU time, kernel stack) and KVM's exit counters
+# (twice, 5 s apart) and L1's interrupts, then power off: the test fails with the evidence.
+diag() {
+    mount -t debugfs none /sys/kernel/debug 2>/dev/null
+    for round in 1 2; do
+        echo "L1DIAG: round $round, uptime $(cut -d' ' -f1 /proc/uptime)"
+        for pid in $(pidof vessel); do
+            for t in /proc/$pid/task/*; do
+                echo "L1DIAG: pid $pid $(cat $t/comm) state/utime/stime $(cut -d' ' -f3,14,15 $t/stat) wchan $(cat $t/wchan 2>/dev/null)"
+                sed 's/^/L1DIAG:     /' $t/stack 2>/dev/null
+            done
+        done
+        for f in /sys/kernel/debug/kvm/*; do
+            [ -f "$f" ] && echo "L1DIAG: kvm $(basename $f) $(cat $f 2>/dev/null)"
+        done
+        sed 's/^/L1DIAG: irq /' /proc/interrupts
+        for s in /tmp/*.sock; do $V ctl --json --api-socket $s info 2>&1 | tr -d '\n' | sed "s|^|L1DIAG: $s |"; echo; done
+        sleep 5
+    done
+}
+watchdog() {
+    last=-1; same=0
+    while :; do
+        n=$(cat /tmp/*.out 2>/dev/null | grep -c "L2MIG: record")
+        if [ "$n" = "$last" ] && pidof vessel >/dev/null; then same=$((same + 1)); else same=0; fi
+        last=$n
+        if [ $same -ge 60 ] && ! grep -q "L2MIG: disk records" /tmp/*.out 2>/dev/null; then
+            echo "L1MIG: STALL: no new record for 60 s (records: $n)"
+            diag
+            poweroff -f
+        fi
+        sleep 1
+    done
+}
+watchdog &
 wait_for() { i=0; while ! grep -q "$2" "$1" 2>/dev/null; do i=$((i + 1)); [ $i -gt 600 ] && echo "L1MIG: no '$2' in $1" && return 1; sleep 0.5; done; }
 ARGS="--kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 256M \
  --disk path=/disk.raw --net tap=vtap0,mac=52:54:00:12:34:56"

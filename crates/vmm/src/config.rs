@@ -188,10 +188,11 @@ pub struct VmConfig {
     /// What a guest reset does.
     #[serde(skip)]
     pub on_reboot: OnReboot,
-    /// Open disks without taking their locks (an incoming migration: the source holds them
-    /// until it exits).
+    /// The disks come from a live migration's source, which flushed them and released their
+    /// locks: lock them as usual, but never repair a dirty image (the source wrote it, with
+    /// its own caches, and takes it back if the migration fails).
     #[serde(skip)]
-    pub skip_disk_locks: bool,
+    pub handed_over_disks: bool,
 }
 
 fn yes() -> bool {
@@ -663,7 +664,7 @@ mod tests {
             transport: Transport::Mmio,
             api_socket: None,
             on_reboot: OnReboot::Exit,
-            skip_disk_locks: false,
+            handed_over_disks: false,
         }
     }
 

@@ -91,16 +91,23 @@ impl DiskBackend for NoFlush {
             .raw_file()
             .map(|f| block::RawFile { flush: false, ..f })
     }
+    fn release_locks(&self) {
+        self.0.release_locks()
+    }
+    fn retake_locks(&self) -> block::Result<()> {
+        self.0.retake_locks()
+    }
 }
 
-/// A block device for `d` (its images locked if `lock`).
-fn block_device(d: &DiskConfig, lock: bool) -> Result<Box<dyn VirtioDevice>, Error> {
+/// A block device for `d`, its images locked; a dirty image is repaired unless `repair` is
+/// false (disks handed over by a migration's source).
+fn block_device(d: &DiskConfig, repair: bool) -> Result<Box<dyn VirtioDevice>, Error> {
     let path = d.path.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
         direct: d.cache == CacheMode::None,
-        lock,
-        repair_dirty: lock,
+        lock: true,
+        repair_dirty: repair,
         ..Default::default()
     };
     let disk = block::open(&d.path, opts).map_err(|source| Error::Disk {
@@ -232,7 +239,7 @@ pub fn setup(
 ) -> Result<VirtioDevices, Error> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for d in &config.disks {
-        devices.push(block_device(d, !config.skip_disk_locks)?);
+        devices.push(block_device(d, !config.handed_over_disks)?);
     }
     for n in &config.nets {
         devices.push(net_device(n)?);

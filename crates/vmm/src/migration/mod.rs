@@ -82,6 +82,8 @@ pub enum MigrationError {
     },
     #[error("reading guest memory at {0:#x}")]
     Memory(u64),
+    #[error("handing the disks over: {0}")]
+    Disks(String),
     #[error("post-copy failed after the VM moved to the target: {0}")]
     Postcopy(String),
 }

@@ -254,6 +254,7 @@ pub(super) fn run_source(
     // Completes the I/O in flight (its pages are logged) before the last dirty pages.
     m.pause_devices();
     *paused_devices = true;
+    m.hand_over_disks().map_err(MigrationError::Disks)?;
     hold("stop-and-copy");
     let last = super::send::take_dirty(m)?;
     let mut set = DirtySet::union(&[pre.pending, &last]);

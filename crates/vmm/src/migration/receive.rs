@@ -273,9 +273,9 @@ fn receive_on(
     config.console = opts.console.clone();
     config.api_socket = opts.api_socket.clone();
     config.on_reboot = crate::config::OnReboot::Exit;
-    // The source holds its disks' locks until it exits; it has flushed and stopped its
-    // devices, and never writes again once it commits.
-    config.skip_disk_locks = true;
+    // The source has flushed its disks, stopped its devices and released the disks' locks:
+    // this side takes them (and fails the migration if someone else has them).
+    config.handed_over_disks = true;
     // Post-copy: the missing pages fault into the pager, which fetches them from the source
     // once it commits.
     let mut pager = None;

@@ -369,6 +369,7 @@ pub fn send(
         // Completes the I/O in flight (its pages are logged) before the last dirty pages.
         m.pause_devices();
         paused_devices = true;
+        m.hand_over_disks().map_err(MigrationError::Disks)?;
         hold("stop-and-copy");
         pages.dirty(&bitmaps)?;
         let last = take_dirty(m)?;
@@ -445,14 +446,32 @@ pub fn send(
                 };
             }
             m.dirty.stop(&m.vm_fd, &m.mem, Consumer::Migration);
-            if paused_devices {
-                if let Err(r) = m.resume_devices() {
-                    tracing::error!("after a failed migration: {r}");
+            // The disks' locks first: a VM that cannot have them back must not write.
+            let disks = if paused_devices {
+                m.take_back_disks()
+            } else {
+                Ok(())
+            };
+            let e = match disks {
+                Ok(()) => {
+                    if paused_devices {
+                        if let Err(r) = m.resume_devices() {
+                            tracing::error!("after a failed migration: {r}");
+                        }
+                    }
+                    if paused_vcpus {
+                        h.resume_after_migration();
+                    }
+                    e
                 }
-            }
-            if paused_vcpus {
-                h.resume_after_migration();
-            }
+                Err(d) => {
+                    let e = MigrationError::Disks(format!(
+                        "{e}; then the disks could not be taken back ({d}): the VM stays paused"
+                    ));
+                    tracing::error!("{e}");
+                    e
+                }
+            };
             // A cancel shuts the connection down: whatever failed then, it was the cancel.
             let cancelled = out.cancel.is_cancelled();
             out.update(|s| {

@@ -210,6 +210,42 @@ impl crate::vm::Machine {
         }
     }
 
+    /// Hands the disks over to a live migration's target: flushes each and releases its image
+    /// locks, so that the target can take them. The devices must be paused.
+    pub(crate) fn hand_over_disks(&self) -> Result<(), String> {
+        for i in 0..self.config.disks.len() {
+            let disk = self
+                .with_block(i, |b| b.disk().clone())
+                .ok_or_else(|| format!("disk {i}: no block device"))?;
+            disk.flush().map_err(|e| format!("disk {i}: flush: {e}"))?;
+            disk.release_locks();
+        }
+        Ok(())
+    }
+
+    /// Takes the disks' locks back after a migration failed, waiting (up to 10 s) for a target
+    /// that is still letting go of them. The VM must not run on without them.
+    pub(crate) fn take_back_disks(&self) -> Result<(), String> {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for i in 0..self.config.disks.len() {
+            let disk = self
+                .with_block(i, |b| b.disk().clone())
+                .ok_or_else(|| format!("disk {i}: no block device"))?;
+            loop {
+                match disk.retake_locks() {
+                    Ok(()) => break,
+                    // A target builds its VM with the locks and drops it when told the
+                    // migration failed: wait for that, not forever.
+                    Err(e) if std::time::Instant::now() >= until => {
+                        return Err(format!("disk {i}: {e}"));
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Freezes the planned disks (see the module documentation). The devices must be paused.
     /// Returns what was frozen; the VM's disks are its new overlays from then on. A disk whose
     /// overlay could not be made stays as it was (its overlay removed), and the error says so.
@@ -256,17 +292,15 @@ impl crate::vm::Machine {
             drop(old);
             devices::bus::lock(&self.disk_paths)[p.index] = p.overlay.clone();
             frozen.push(describe(p.index, &p.image)?);
-            if !self.config.skip_disk_locks {
-                let locks = block::chain::resolve_chain(&p.overlay, Some(block::Format::Qcow2))
-                    .and_then(|layers| block::chain::lock_chain(&layers, false));
-                match locks {
-                    Ok(l) => new.set_locks(l),
-                    Err(e) => tracing::warn!(
-                        "disk {}: cannot lock {} and its backing files: {e}",
-                        p.index,
-                        p.overlay.display()
-                    ),
-                }
+            let locks = block::chain::resolve_chain(&p.overlay, Some(block::Format::Qcow2))
+                .and_then(|layers| block::chain::lock_chain(&layers, false));
+            match locks {
+                Ok(l) => new.set_locks(l),
+                Err(e) => tracing::warn!(
+                    "disk {}: cannot lock {} and its backing files: {e}",
+                    p.index,
+                    p.overlay.display()
+                ),
             }
             tracing::info!(
                 "disk {}: {} frozen, the VM goes on with {}",
