@@ -255,3 +255,109 @@ fn a_downtime_limit_that_cannot_be_met_fails_unless_the_caller_accepts_it() {
     let s = status_json(&p.dst_api);
     assert!(s.contains("\"completed\""), "{s}");
 }
+
+/// Which side a cancel goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Target,
+}
+
+#[test]
+fn cancel_at_each_point_on_each_side_leaves_the_vm_on_exactly_one_side() {
+    // The source stops at each point (the test hook) until the test lets it go, so the
+    // cancel lands exactly there: in pre-copy; at stop-and-copy (vCPUs and devices stopped,
+    // the disk handed over); at the commit (the target built the VM, holds the disk and is
+    // ready; nothing committed); after the commit.
+    for hold in ["precopy", "stop-and-copy", "commit", "committed"] {
+        for side in [Side::Source, Side::Target] {
+            cancel_at(hold, side);
+        }
+    }
+}
+
+fn cancel_at(hold: &str, side: Side) {
+    let what = format!("cancel on the {side:?} at {hold}");
+    let tmp = TempDir::new(&format!("fs-cancel-{hold}-{side:?}"));
+    let disk = tmp.file("disk.raw");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let release = tmp.file("release");
+    std::fs::create_dir(&release).unwrap();
+    let hold_env = format!("VESSEL_MIGRATION_HOLD={hold}");
+    let release_env = format!("VESSEL_MIGRATION_RELEASE={}", release.display());
+    let disk_arg = format!("path={}", disk.display());
+    let mut p = pair_in(
+        tmp,
+        &["env", &hold_env, &release_env],
+        &[],
+        "128M",
+        "action=soak soakms=20 soakdisk=on virtio=blk",
+        None,
+        &["--disk", &disk_arg],
+    );
+    p.source.soak_lines(CPUS, 1);
+    let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
+    let disk_path = disk.display().to_string();
+    let receive = [
+        "migrate", "receive", "--listen", &addr, "--token", TOKEN, "--disk", &disk_path,
+    ];
+    assert_code(&ctl(&p.dst_api, &receive), 0);
+    let send_args = [
+        "migrate",
+        "send",
+        "--token",
+        TOKEN,
+        "--to",
+        &addr,
+        "--no-wait",
+    ];
+    assert_code(&ctl(&p.src_api, &send_args), 0);
+    wait_for(&release.join(format!("{hold}.held")));
+    let api = match side {
+        Side::Source => &p.src_api,
+        Side::Target => &p.dst_api,
+    };
+    let o = ctl(api, &["migrate", "cancel"]);
+    // The target is past its point of no return once it said it was ready; the source once
+    // it committed.
+    let refused = hold == "committed" || (hold == "commit" && side == Side::Target);
+    if refused {
+        assert_ne!(o.status.code(), Some(0), "{what}: {}", stdout(&o));
+    } else {
+        assert_code(&o, 0);
+    }
+    std::fs::write(release.join(hold), b"").unwrap();
+    if refused {
+        // The migration goes on to the end: the VM is the target's.
+        assert_eq!(
+            exit_code(&mut p.source.child, "the source"),
+            Some(0),
+            "{what}"
+        );
+        wait_phase(&p.dst_api, "completed");
+        p.target.soak_lines(CPUS, 2);
+        assert_eq!(p.target.stop(), Some(143), "{what}");
+        return;
+    }
+    let (cancelled, other) = match side {
+        Side::Source => (&p.src_api, &p.dst_api),
+        Side::Target => (&p.dst_api, &p.src_api),
+    };
+    wait_phase(cancelled, "cancelled");
+    wait_phase(other, "failed");
+    // The VM is on the source only: it runs on there, and the target is empty.
+    source_runs_on(&mut p);
+    let o = ctl(&p.dst_api, &["--json", "info"]);
+    assert!(stdout(&o).contains("\"empty\""), "{what}: {}", stdout(&o));
+    // And a new migration (the hold is let go) succeeds.
+    assert_code(&ctl(&p.dst_api, &receive), 0);
+    let o = ctl(&p.src_api, &send_args[..send_args.len() - 1]);
+    assert_code(&o, 0);
+    assert_eq!(
+        exit_code(&mut p.source.child, "the source"),
+        Some(0),
+        "{what}"
+    );
+    p.target.soak_lines(CPUS, 2);
+    assert_eq!(p.target.stop(), Some(143), "{what}");
+}

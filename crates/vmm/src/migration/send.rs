@@ -156,13 +156,18 @@ pub(super) fn ahead(sent: u64, limit: Option<u64>, since: Instant) -> Option<Dur
 /// first round is sent and the guest runs on, so it dirties pages for the next; `stop-and-copy`:
 /// vCPUs just parked; `commit`: the target is ready, nothing committed; `committed`: the commit
 /// is sent; `postcopy`: the VM runs on the target, no page sent yet), so a test can kill either
-/// side there. With `VESSEL_MIGRATION_RELEASE=DIR` as well, it waits instead until the file
-/// `DIR/<phase>` exists (at most 60 s): the test decides when the migration goes on.
+/// side there. With `VESSEL_MIGRATION_RELEASE=DIR` as well, it writes `DIR/<phase>.held`
+/// there and waits instead until the file `DIR/<phase>` exists (at most 60 s): the test knows
+/// where the migration is and decides when it goes on.
 pub(super) fn hold(phase: &str) {
     if std::env::var("VESSEL_MIGRATION_HOLD").is_ok_and(|p| p.split(',').any(|p| p == phase)) {
         match std::env::var_os("VESSEL_MIGRATION_RELEASE") {
             Some(dir) => {
                 tracing::warn!("VESSEL_MIGRATION_HOLD: holding the migration at {phase}");
+                let _ = std::fs::write(
+                    std::path::Path::new(&dir).join(format!("{phase}.held")),
+                    b"",
+                );
                 let release = std::path::Path::new(&dir).join(phase);
                 let until = Instant::now() + Duration::from_secs(60);
                 while !release.exists() && Instant::now() < until {
