@@ -26,6 +26,7 @@ nc -ll -p 7000 -e /bin/cat &
 # The stall watchdog: when the guest's records stop coming for 60 s while a Vessel runs, dump
 # what each Vessel thread is doing (state, CPU time, kernel stack) and KVM's exit counters
 # (twice, 5 s apart) and L1's interrupts, then power off: the test fails with the evidence.
+# It runs at the highest priority, in case the stall starves L1's other processes.
 diag() {
     mount -t debugfs none /sys/kernel/debug 2>/dev/null
     for round in 1 2; do
@@ -59,6 +60,8 @@ watchdog() {
     done
 }
 watchdog &
+# At the highest priority, so that it runs even if a stalled guest starves L1's processes.
+renice -n -20 -p $! >/dev/null 2>&1
 wait_for() { i=0; while ! grep -q "$2" "$1" 2>/dev/null; do i=$((i + 1)); [ $i -gt 600 ] && echo "L1MIG: no '$2' in $1" && return 1; sleep 0.5; done; }
 ARGS="--kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --cpus 1 --memory 256M \
  --disk path=/disk.raw --net tap=vtap0,mac=52:54:00:12:34:56"
