@@ -118,6 +118,8 @@ QEMU_PID="" TEE_PID=""
 cleanup() {
     # Never leave QEMU behind, whatever killed us.
     if [ -n "$QEMU_PID" ]; then kill "$QEMU_PID" 2>/dev/null || true; fi
+    if [ -n "${WATCH_PID:-}" ]; then kill "$WATCH_PID" 2>/dev/null || true; fi
+    if [ -n "${MON_PID:-}" ]; then kill "$MON_PID" 2>/dev/null || true; fi
     if [ -n "$TEE_PID" ]; then kill "$TEE_PID" 2>/dev/null || true; fi
     if [ "$KEEP" = 1 ]; then msg "work dir kept: $WORK"; else rm -rf "$WORK"; fi
 }
@@ -159,29 +161,92 @@ fi
 mkdir -p "$(dirname "$LOG")"
 : > "$LOG"
 
+# ---- the stall watch --------------------------------------------------------
+# No console output for STALL_SECS: ask the outer QEMU (its monitor) where L1's CPU is, five
+# times a second apart, name the code (the kernel's System.map, or a module's base from
+# L1's "L1: modules" line: L1 boots with nokaslr), log it, and end the run as stalled.
+STALL_SECS="${NESTED_STALL_SECS:-150}"
+# name_rip RIP: where RIP is: a module's function (from L1's "L1: modules" line and the
+# module's own symbol table; Debian's System.map is a stub), kernel text, or user space.
+name_rip() {
+    local rip="$1" mod
+    for mod in $(grep -o 'L1: modules .*' "$LOG" | tail -n1 | cut -d' ' -f3-); do
+        local name="${mod%@*}" at="${mod#*@0x}"
+        local base size off ko fn
+        base="$(printf '%016x' "$((16#${at%:*}))")"
+        size="${at#*:}"
+        if [[ ! "$rip" < "$base" ]] && [[ "$rip" < "$(printf '%016x' "$((16#$base + size))")" ]]; then
+            off=$((16#$rip - 16#$base))
+            ko="$(find "$NESTED_MODDIR" -name "${name//_/-}.ko" -o -name "$name.ko" 2>/dev/null | head -n1)"
+            fn=""
+            if [ -n "$ko" ] && command -v objdump >/dev/null; then
+                # The module's core starts with its .text: offsets in it are section offsets.
+                local best=-1 a addr n
+                while read -r addr n; do
+                    a=$((16#$addr))
+                    if [ "$a" -le "$off" ] && [ "$a" -gt "$best" ]; then best=$a; fn="$n"; fi
+                done < <(objdump -t "$ko" | grep -F "$(printf ' F .text\t')" | awk '{ print $1, $NF }')
+                [ -z "$fn" ] || fn="$fn+0x$(printf '%x' $((off - best)))"
+            fi
+            printf '%s: %s (offset 0x%x)' "$name" "${fn:-?}" "$off"
+            return
+        fi
+    done
+    if [[ ! "$rip" < "ffffffff80000000" ]]; then printf 'kernel text'
+    elif [[ "$rip" < "0000800000000000" ]]; then printf 'user space'
+    else printf 'unknown'; fi
+}
+watch_stall() {
+    local last=-1 same=0 size i rip
+    while sleep 5; do
+        size="$(stat -c %s "$LOG" 2>/dev/null || echo 0)"
+        if [ "$size" = "$last" ]; then same=$((same + 5)); else same=0; last="$size"; fi
+        [ "$same" -ge "$STALL_SECS" ] || continue
+        {
+            echo "nested: STALL: no console output for ${STALL_SECS}s; where the outer QEMU has L1's CPU:"
+            for i in 1 2 3 4 5; do printf 'info registers\n' > "$WORK/mon.in"; sleep 1; done
+            sleep 1
+            for rip in $(grep -o 'RIP=[0-9a-f]*' "$WORK/monitor.log" | cut -d= -f2 | tr 'A-F' 'a-f'); do
+                echo "nested: STALL: RIP $rip $(name_rip "$rip")"
+            done
+            grep -E '^(RAX|RSI|R8 |R12|RIP|CS |CR0|EFER)' "$WORK/monitor.log" | head -n 16 | sed 's/^/nested: STALL: /'
+        } | tee -a "$LOG"
+        : > "$WORK/stalled"
+        pkill -TERM -P "$QEMU_PID" 2>/dev/null || kill "$QEMU_PID" 2>/dev/null
+        return
+    done
+}
+
 # ---- boot L1 ------------------------------------------------------------------
 # shellcheck disable=SC2054  # the commas belong to QEMU option values
 QEMU=(qemu-system-x86_64
     -accel tcg,thread=multi
     -cpu qemu64,+svm,+npt
     -smp "$L1_CPUS" -m "$L1_MEM"
-    -nodefaults -no-user-config -display none -vga none -monitor none
+    -nodefaults -no-user-config -display none -vga none
     -serial stdio -no-reboot
     -kernel "$NESTED_KERNEL" -initrd "$WORK/l1-initrd.cpio"
-    -append "console=ttyS0 panic=-1 quiet${L1_APPEND:+ $L1_APPEND}")
+    -monitor "pipe:$WORK/mon"
+    -append "console=ttyS0 panic=-1 quiet nokaslr${L1_APPEND:+ $L1_APPEND}")
 msg "log: $LOG"
 msg "kernel $NESTED_KVER; timeout ${TIMEOUT}s; vessel args: $VESSEL_ARGS"
 msg "qemu: ${QEMU[*]}"
 
 # QEMU -> fifo -> sed (drop CRs, unbuffered) -> tee (stdout + log).
-mkfifo "$WORK/console"
+mkfifo "$WORK/console" "$WORK/mon.in" "$WORK/mon.out"
 sed -u 's/\r*$//' < "$WORK/console" | tee -a "$LOG" &
 TEE_PID=$!
+# The outer QEMU's monitor (HMP), read by the stall watch.
+cat "$WORK/mon.out" > "$WORK/monitor.log" &
+MON_PID=$!
 timeout --kill-after=10 "$TIMEOUT" "${QEMU[@]}" </dev/null >"$WORK/console" 2>&1 &
 QEMU_PID=$!
+watch_stall &
+WATCH_PID=$!
 QEMU_RC=0
 wait "$QEMU_PID" || QEMU_RC=$?
 QEMU_PID=""
+kill "$WATCH_PID" "$MON_PID" 2>/dev/null || true
 wait "$TEE_PID" || true
 TEE_PID=""
 T_END=$(elapsed)
@@ -203,6 +268,9 @@ verdict() { # verdict CODE REASON
     exit "$1"
 }
 
+if [ -f "$WORK/stalled" ]; then
+    verdict 4 "stalled: no console output for ${STALL_SECS}s (see the STALL lines); last marker: $stage"
+fi
 if [ "$QEMU_RC" = 124 ] || [ "$QEMU_RC" = 137 ]; then
     verdict 3 "timed out after ${TIMEOUT}s; last marker: $stage"
 fi
