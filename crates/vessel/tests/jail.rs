@@ -363,3 +363,65 @@ fn a_jailed_vm_stopped_as_it_starts_still_stops() {
         assert_eq!(status.code(), Some(143));
     }
 }
+
+#[test]
+fn a_jailed_vm_migrates_to_a_jailed_target() {
+    require_root();
+    const UID: u32 = 42_006;
+    let tmp = TempDir::new("jail-migrate");
+    let dir = owned_dir(&tmp, "vm", UID);
+    let disk = dir.join("disk.raw");
+    raw_disk(&disk, 16 << 20);
+    chown(&disk, Some(UID), Some(UID)).unwrap();
+    let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let jail = format!("uid={UID},gid={UID}");
+    let disk_spec = format!("path={}", disk.display());
+    let mut source = Console::spawn(&[
+        "run",
+        "--disk",
+        &disk_spec,
+        "--api-socket",
+        src_api.to_str().unwrap(),
+        "--jail",
+        &jail,
+        "--cmdline",
+        "action=soak soakms=50 soakdisk=on virtio=blk",
+    ]);
+    // The target sees the VM's directory (its disk, the sockets), nothing else.
+    let mut target = Console::spawn(&[
+        "serve",
+        "--api-socket",
+        dst_api.to_str().unwrap(),
+        "--jail",
+        &jail,
+        "--jail-path",
+        dir.to_str().unwrap(),
+    ]);
+    wait_for(&src_api);
+    wait_for(&dst_api);
+    source.soak_lines(1, 1);
+    let addr = format!("unix:{}", dir.join("mig.sock").display());
+    let o = ctl(
+        &dst_api,
+        &[
+            "migrate",
+            "receive",
+            "--listen",
+            &addr,
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    );
+    assert_code(&o, 0);
+    let token = common::migration::printed_token(&o);
+    let o = ctl(
+        &src_api,
+        &["migrate", "send", "--to", &addr, "--token", &token],
+    );
+    assert_code(&o, 0);
+    assert_eq!(source.child.wait().unwrap().code(), Some(0));
+    target.soak_lines(1, 2);
+    let pid = vmm_pid(target.child.id());
+    assert_eq!(status(pid, "Uid"), vec![UID.to_string(); 4]);
+    assert_eq!(target.stop(), Some(143));
+}
