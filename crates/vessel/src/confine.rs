@@ -133,7 +133,13 @@ impl Needs {
         self.add(&d.path, top);
         if let Ok(layers) = block::ops::info(&d.path, true, false) {
             for l in layers.iter().skip(1) {
-                self.add(&absolute(Path::new(&l.filename)), Access::Read);
+                // At the path the chain resolves to (which the VMM opens), symbolic links
+                // and all.
+                let p = Path::new(&l.filename);
+                self.add(
+                    &std::path::absolute(p).unwrap_or(p.to_path_buf()),
+                    Access::Read,
+                );
             }
         }
     }
@@ -192,7 +198,20 @@ impl Needs {
             n.socket(&v.socket);
         }
         n.nets(opts.nets.iter().map(|n| n.tap.clone()));
+        if opts.memory == api::types::RestoreMemory::Userfaultfd {
+            n.userfaultfd();
+        }
         Ok(n)
+    }
+
+    /// `/dev/userfaultfd`, where the host has it: the jail's user may then create the
+    /// userfaultfd a lazy restore or a post-copy target needs, without the sysctl
+    /// `vm.unprivileged_userfaultfd`.
+    fn userfaultfd(&mut self) {
+        let dev = Path::new("/dev/userfaultfd");
+        if dev.exists() {
+            self.devices.push(dev.to_path_buf());
+        }
     }
 
     /// What an empty `vessel serve` uses.
@@ -200,8 +219,10 @@ impl Needs {
         let mut n = Needs::default();
         n.socket(api_socket);
         n.console(console);
-        // A VM restored or received later may have network devices.
+        // A VM restored or received later may have network devices, and a post-copy or
+        // userfaultfd restore needs a userfaultfd.
         n.devices.push("/dev/net/tun".into());
+        n.userfaultfd();
         n
     }
 }

@@ -152,6 +152,25 @@ fn a_jailed_vm_runs_unprivileged_in_its_namespaces_and_sees_only_its_files() {
         "the jail's directory is left behind"
     );
     assert!(!api.exists(), "the API socket is left behind");
+    // The snapshot restores in a jail too, its memory through a userfaultfd the jail's user
+    // may create (/dev/userfaultfd in the jail).
+    let mut restored = Console::spawn(&[
+        "run",
+        "--restore",
+        inside.to_str().unwrap(),
+        "--restore-memory",
+        "uffd",
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--jail",
+        &jail,
+    ]);
+    restored.soak_lines(1, 2);
+    assert_eq!(
+        status(vmm_pid(restored.child.id()), "Uid")[0],
+        UID.to_string()
+    );
+    assert_eq!(restored.stop(), Some(143));
 }
 
 #[test]
