@@ -628,24 +628,10 @@ fn print_balloon(out: &mut dyn Write, b: &BalloonInfo) -> io::Result<()> {
     Ok(())
 }
 
-/// Parses a size: `64M`, `2G`, `512K`, `1T`, optionally followed by `B` or `iB`; a plain
-/// number is MiB (as `vessel run --memory` and `--balloon size=` take it).
+/// Parses a size (`spec::size`): a plain number is MiB (as `vessel run --memory` and
+/// `--balloon size=` take it).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("'{s}' is not a size such as 64M or 1G");
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 20),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
+    spec::size::parse(s, spec::size::Plain::MiB).map_err(|e| e.to_string())
 }
 
 /// `1536` → `1.5 KiB`.
@@ -899,7 +885,8 @@ mod tests {
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("16"), Ok(16 << 20));
         assert_eq!(parse_size("0"), Ok(0));
-        for bad in ["", "M", "x", "1.5G", "-1M", "99999999999T"] {
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        for bad in ["", "M", "x", "-1M", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert!(parse_size("lots").unwrap_err().contains("'lots'"));

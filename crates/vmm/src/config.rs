@@ -246,14 +246,10 @@ fn parse_bool(v: &str) -> Option<bool> {
     }
 }
 
-/// Parses a rate or a burst: a number, with an optional K, M or G suffix (powers of 1024);
-/// a plain number is taken as is (bytes or operations). Zero is refused.
+/// Parses a rate or a burst: a number, with an optional binary unit (`spec::size`); a plain
+/// number is taken as is (bytes or operations). Zero is refused.
 fn parse_rate(v: &str) -> Option<u64> {
-    let n = if v.bytes().all(|b| b.is_ascii_digit()) {
-        v.parse().ok()?
-    } else {
-        parse_size(v).ok()?
-    };
+    let n = spec::size::parse(v, spec::size::Plain::Bytes).ok()?;
     (n > 0).then_some(n)
 }
 
@@ -510,23 +506,9 @@ pub fn parse_transport(s: &str) -> Result<Transport, ConfigError> {
     }
 }
 
-/// Parses a memory size: `512M`, `2G`, `1048576K`, `4GiB`; a plain number is MiB (as in QEMU).
+/// Parses a memory size: `512M`, `2G`, `1.5G`, `4GiB`; a plain number is MiB (as in QEMU).
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let bad = || ConfigError::BadSize(s.to_string());
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 20),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
+    spec::size::parse(s, spec::size::Plain::MiB).map_err(|_| ConfigError::BadSize(s.to_string()))
 }
 
 /// Formats a byte count the way users typed it, for messages.
@@ -789,9 +771,9 @@ mod tests {
                 "tap=t,tx_pps=",
                 "tx_pps takes a number of packets above zero",
             ),
-            ("tap=t,rx_bw=1P", "rx_bw takes a number of bytes"),
+            ("tap=t,rx_bw=1Q", "rx_bw takes a number of bytes"),
             ("tap=t,rx_bw=-5", "rx_bw takes"),
-            ("tap=t,rx_bw=1.5M", "rx_bw takes"),
+            ("tap=t,rx_bw=1.5", "rx_bw takes"),
             ("tap=t,rx_pps=99999999999999999999", "rx_pps takes"),
             ("tap=t,tx_bw=17179869184G", "tx_bw takes"),
             ("tap=t,tx_bw_burst=1M", "tx_bw_burst needs tx_bw"),

@@ -407,34 +407,10 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
     access.sync().map_err(|e| io(path, e))
 }
 
-/// Parse a size like `10G`, `512M`, `4096`, `1.5G` (binary units, like qemu-img).
+/// Parse a size like `10G`, `512M`, `4096`, `1.5G` (binary units; a plain number is bytes,
+/// like qemu-img): `spec::size`.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = &s[i..];
-            let m: u64 = match unit.to_ascii_lowercase().trim_end_matches(['b', 'i']) {
-                "" => 1,
-                "k" => 1 << 10,
-                "m" => 1 << 20,
-                "g" => 1 << 30,
-                "t" => 1 << 40,
-                "p" => 1 << 50,
-                _ => return Err(format!("invalid size '{s}'")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    let v: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    if !(0.0..1.8e19).contains(&v) {
-        return Err(format!("invalid size '{s}'"));
-    }
-    let bytes = v * mult as f64;
-    if bytes >= 1.8e19 {
-        return Err(format!("size '{s}' is too large"));
-    }
-    Ok(bytes as u64)
+    spec::size::parse(s, spec::size::Plain::Bytes).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
