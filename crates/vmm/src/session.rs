@@ -270,8 +270,9 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
         incoming: Mutex::new(None),
     });
     let switch = Arc::new(ApiSwitch::new(empty.clone()));
-    let server = api::server::serve(socket, switch.clone())?;
+    // The stop signals before the socket: whoever sees the socket may signal at once.
     let stop = crate::vm::stop_flags()?;
+    let server = api::server::serve(socket, switch.clone())?;
     let result = loop {
         if let Some(sig) = stop.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
             break Ok(ExitReason::Signal(sig.0));

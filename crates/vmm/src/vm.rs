@@ -285,7 +285,8 @@ impl Vm {
                 reason: e.to_string(),
             }
         })?;
-        if config.thp && !hypervisor::mem::advise_hugepages(&mem, true) {
+        // `--thp off` rules huge pages out even where the host's THP is `always`.
+        if !hypervisor::mem::advise_hugepages(&mem, config.thp) && config.thp {
             tracing::debug!("no transparent huge pages for guest memory: small pages it is");
         }
         let mut vm = Vm::create(config, mem, None, start)?;
@@ -615,14 +616,15 @@ impl Vm {
         }
         *devices::bus::lock(&handle.kicks) = handles.iter().map(|h| h.kick).collect();
 
+        // A signal may have come before its wake-up was registered: look before waiting.
         let reason = loop {
-            self.control.wait_wake();
             if let Some(sig) = signals.iter().find(|(_, f)| f.load(Ordering::SeqCst)) {
                 self.control.request_exit(ExitReason::Signal(sig.0));
             }
             if let Some(r) = self.control.exit_reason() {
                 break r;
             }
+            self.control.wait_wake();
         };
 
         self.control.set_state(RunState::Stopping);
@@ -682,11 +684,17 @@ impl Vm {
                 pager: None,
             },
         })));
-        let server = match &self.machine.config.api_socket {
-            Some(path) => Some(api::server::serve(path, switch.clone())?),
-            None => None,
-        };
-        let result = self.run_attached(&switch);
+        // The socket appears once the API talks to the running VM (a client that waits for
+        // it may ask anything at once), and after the stop signals' handlers (it may signal).
+        let mut server = None;
+        let path = self.machine.config.api_socket.clone();
+        let api = switch.clone();
+        let result = self.run_attached_then(&switch, || {
+            if let Some(path) = &path {
+                server = Some(api::server::serve(path, api)?);
+            }
+            Ok(())
+        });
         if let Some(server) = server {
             server.stop();
         }
@@ -695,7 +703,17 @@ impl Vm {
 
     /// Runs the VM until it stops, with the API behind `switch` talking to it meanwhile (and
     /// reporting how it ended afterwards).
-    pub fn run_attached(mut self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
+    pub fn run_attached(self, switch: &ApiSwitch) -> Result<ExitReason, Error> {
+        self.run_attached_then(switch, || Ok(()))
+    }
+
+    /// [`Vm::run_attached`], calling `attached` once `switch` talks to the VM (and the stop
+    /// signals have their handlers), before it runs.
+    fn run_attached_then(
+        mut self,
+        switch: &ApiSwitch,
+        attached: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<ExitReason, Error> {
         hypervisor::install_kick_handler()?;
         let signals = install_stop_signals(&self.control)?;
         self.console.start_input(
@@ -729,6 +747,7 @@ impl Vm {
             handle.set_incoming_migration(status);
         }
         switch.set(handle.clone());
+        attached()?;
         // Built and started: from here the main thread only runs, restarts and ends the VM.
         jail::seccomp::enter(jail::seccomp::ThreadClass::Main)?;
 
@@ -783,8 +802,15 @@ fn event_sink(control: Arc<Control>) -> VmEventSink {
 /// The signals that stop Vessel.
 const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
 
-/// SIGINT and SIGTERM set a flag (for a main thread that polls).
+/// The process's SIGINT and SIGTERM flags (for a main thread that polls), registered the
+/// first time they are asked for, which must be before anything (an API socket) tells the
+/// world the process is there: a signal sent from then on is never lost. Every VM of the
+/// process shares them.
 pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
+    static FLAGS: std::sync::OnceLock<Vec<(i32, Arc<AtomicBool>)>> = std::sync::OnceLock::new();
+    if let Some(f) = FLAGS.get() {
+        return Ok(f.clone());
+    }
     let mut flags = Vec::new();
     for sig in STOP_SIGNALS {
         let flag = Arc::new(AtomicBool::new(false));
@@ -793,7 +819,7 @@ pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
         flags.push((sig, flag));
     }
     unblock_stop_signals();
-    Ok(flags)
+    Ok(FLAGS.get_or_init(|| flags).clone())
 }
 
 /// Lets SIGINT and SIGTERM in on this thread, now that they have handlers. A jailed VMM
@@ -812,20 +838,15 @@ fn unblock_stop_signals() {
     }
 }
 
-/// SIGINT and SIGTERM set a flag and wake the main thread.
+/// SIGINT and SIGTERM set the process's flags ([`stop_flags`]) and wake the main thread.
 fn install_stop_signals(control: &Control) -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
-    let mut flags = Vec::new();
+    let flags = stop_flags()?;
     for sig in STOP_SIGNALS {
-        let flag = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(sig, flag.clone())
-            .map_err(io("cannot install a signal handler"))?;
         let wake = control
             .wake_handle()
             .map_err(io("cannot install a signal handler"))?;
         signal_hook::low_level::pipe::register(sig, wake)
             .map_err(io("cannot install a signal handler"))?;
-        flags.push((sig, flag));
     }
-    unblock_stop_signals();
     Ok(flags)
 }

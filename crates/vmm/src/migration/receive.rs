@@ -201,10 +201,8 @@ fn receive_on(
     let mem = GuestMem::from_ranges(&arch::layout::ram_ranges(config.memory)).map_err(|e| {
         MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20))
     })?;
-    if config.thp {
-        // Fewer faults as the pages arrive, and the guest keeps the source's page size.
-        hypervisor::mem::advise_hugepages(&mem, true);
-    }
+    // The source's choice: huge pages (fewer faults as the pages arrive) or none at all.
+    hypervisor::mem::advise_hugepages(&mem, config.thp);
     // The KVM half of the machine now, not in the downtime; a host that cannot build it
     // refuses before any page is sent.
     let kvm = KvmMachine::build(&config, &mem).map_err(|e| MigrationError::Build(e.to_string()))?;
