@@ -444,3 +444,32 @@ fn a_jailed_vm_migrates_to_a_jailed_target() {
     assert_eq!(status(pid, "Uid"), vec![UID.to_string(); 4]);
     assert_eq!(target.stop(), Some(143));
 }
+
+#[test]
+fn a_jailed_vm_dies_with_its_keeper() {
+    require_root();
+    // The parent-death signal is cleared when the VMM changes its credentials: it must be set
+    // again after the drop, or a killed keeper leaves an orphan VM running.
+    let mut vm = Console::spawn(&[
+        "run",
+        "--jail",
+        "uid=42007,gid=42007",
+        "--cmdline",
+        "action=soak soakms=50",
+    ]);
+    vm.soak_lines(1, 1);
+    let keeper = vm.child.id();
+    let pid = vmm_pid(keeper);
+    vm.child.kill().unwrap();
+    let _ = vm.child.wait();
+    // What a killed keeper cannot remove.
+    let _ = std::fs::remove_dir(format!("/run/vessel/jail/{keeper}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Gone, or a zombie waiting for init.
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+    {
+        assert!(Instant::now() < deadline, "the VMM outlived its keeper");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

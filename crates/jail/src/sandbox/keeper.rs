@@ -1,6 +1,7 @@
 //! The fork into the jail: the keeper's side (cgroup, signals, waiting, clean-up) and the
 //! VMM's side (namespaces, set-up steps, the new root, the drop).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::cgroup::Cgroup;
@@ -81,6 +82,16 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
     // SAFETY: sigprocmask reads `set` and writes `old`, both ours. From here the keeper takes
     // these signals with sigwaitinfo; the VMM restores the old mask.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old) };
+    // The VMM learns whether its keeper lives from this pipe: the keeper holds the write end
+    // until it ends, so the read end hangs up once it is gone.
+    let mut life = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into `life`.
+    if unsafe { libc::pipe2(life.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(last_os("pipe"));
+    }
+    // SAFETY: both descriptors are new and owned here alone.
+    let (life_r, life_w) =
+        unsafe { (OwnedFd::from_raw_fd(life[0]), OwnedFd::from_raw_fd(life[1])) };
     // SAFETY: unshare takes flags only; CLONE_NEWPID puts the children made from now on in a
     // new PID namespace, the keeper itself stays where it is.
     let forked = if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -108,7 +119,16 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
                 .zip(&needed)
                 .filter(|(_, n)| **n)
                 .map(|(s, _)| s);
-            become_vmm(&spec, &base, cgroup.as_ref(), setups, &exposures, &devices)?;
+            drop(life_w);
+            become_vmm(
+                &spec,
+                &base,
+                cgroup.as_ref(),
+                setups,
+                &exposures,
+                &devices,
+                &life_r,
+            )?;
             return Ok(Role::Vmm);
         }
         Ok(pid) => pid,
@@ -138,6 +158,18 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
     }
     let _ = std::fs::remove_dir(&base);
     Ok(Role::Keeper(code))
+}
+
+/// Whether the keeper still holds its end of the life pipe (`keeper`: the read end).
+fn keeper_alive(keeper: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: keeper.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one pollfd, ours, and does not wait (timeout 0).
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 0
 }
 
 /// Waits for the VMM, passing the forwarded signals on; its exit code (128 + the signal
@@ -189,6 +221,7 @@ fn become_vmm<'a>(
     setups: impl Iterator<Item = &'a mut Box<dyn Privileged>>,
     exposures: &[super::Exposure],
     devices: &[PathBuf],
+    keeper: &OwnedFd,
 ) -> Result<(), Error> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number: the VMM dies with its keeper.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
@@ -210,6 +243,15 @@ fn become_vmm<'a>(
     }
     root::build_and_pivot(base, spec, exposures, devices)?;
     creds::drop_to(spec.uid, spec.gid)?;
+    // A change of credentials clears the parent-death signal: set it again, and make sure
+    // the keeper did not die before (the VMM is PID 1 of its namespace: getppid says 0).
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if !keeper_alive(keeper) {
+        return Err(Error::Setup(
+            "the keeper died while the jail was set up".into(),
+        ));
+    }
     root::landlock(exposures, devices)?;
     super::test_hook();
     Ok(())
