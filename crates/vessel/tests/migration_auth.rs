@@ -283,22 +283,7 @@ fn lockable(path: &Path) -> bool {
 
 #[test]
 fn the_disk_locks_change_hands_at_the_switch_and_come_back_if_it_fails() {
-    let tmp = TempDir::new("auth-locks");
-    let disk = tmp.file("disk.raw");
-    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-    let release = tmp.file("release");
-    std::fs::create_dir(&release).unwrap();
-    let release_env = format!("VESSEL_MIGRATION_RELEASE={}", release.display());
-    let disk_arg = format!("path={}", disk.display());
-    let mut p = pair_in(
-        tmp,
-        &["env", "VESSEL_MIGRATION_HOLD=stop-and-copy", &release_env],
-        &[],
-        "128M",
-        "action=soak soakms=20 soakdisk=on virtio=blk",
-        None,
-        &["--disk", &disk_arg],
-    );
+    let (mut p, disk, release) = held_pair_with_disk("auth-locks", "stop-and-copy");
     disk_steps(&mut p.source, 2);
     // A running VM holds its disk.
     assert!(!lockable(&disk));

@@ -278,23 +278,7 @@ fn cancel_at_each_point_on_each_side_leaves_the_vm_on_exactly_one_side() {
 
 fn cancel_at(hold: &str, side: Side) {
     let what = format!("cancel on the {side:?} at {hold}");
-    let tmp = TempDir::new(&format!("fs-cancel-{hold}-{side:?}"));
-    let disk = tmp.file("disk.raw");
-    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-    let release = tmp.file("release");
-    std::fs::create_dir(&release).unwrap();
-    let hold_env = format!("VESSEL_MIGRATION_HOLD={hold}");
-    let release_env = format!("VESSEL_MIGRATION_RELEASE={}", release.display());
-    let disk_arg = format!("path={}", disk.display());
-    let mut p = pair_in(
-        tmp,
-        &["env", &hold_env, &release_env],
-        &[],
-        "128M",
-        "action=soak soakms=20 soakdisk=on virtio=blk",
-        None,
-        &["--disk", &disk_arg],
-    );
+    let (mut p, disk, release) = held_pair_with_disk(&format!("fs-cancel-{hold}-{side:?}"), hold);
     p.source.soak_lines(CPUS, 1);
     let addr = format!("unix:{}", p.tmp.file("mig.sock").display());
     let disk_path = disk.display().to_string();

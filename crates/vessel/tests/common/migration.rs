@@ -223,3 +223,27 @@ pub fn migrate_and_check(p: &mut Pair, listen: &str, to: &str, extra: &[&str]) {
     assert_eq!(phase(&p.dst_api), "completed");
     assert_eq!(p.target.stop(), Some(143));
 }
+
+/// A source with a 16 MiB raw disk that the soak checks (`soakdisk=on`), held at `hold` by the
+/// test hook until the test writes `release/<hold>` (it marks `release/<hold>.held` when it
+/// gets there), and an empty target. Returns the pair, the disk and the release directory.
+pub fn held_pair_with_disk(name: &str, hold: &str) -> (Pair, PathBuf, PathBuf) {
+    let tmp = TempDir::new(name);
+    let disk = tmp.file("disk.raw");
+    std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+    let release = tmp.file("release");
+    std::fs::create_dir(&release).unwrap();
+    let hold_env = format!("VESSEL_MIGRATION_HOLD={hold}");
+    let release_env = format!("VESSEL_MIGRATION_RELEASE={}", release.display());
+    let disk_arg = format!("path={}", disk.display());
+    let p = pair_in(
+        tmp,
+        &["env", &hold_env, &release_env],
+        &[],
+        "128M",
+        "action=soak soakms=20 soakdisk=on virtio=blk",
+        None,
+        &["--disk", &disk_arg],
+    );
+    (p, disk, release)
+}
