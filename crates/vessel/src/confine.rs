@@ -266,7 +266,14 @@ impl ConfineArgs {
         &self,
         needs: impl FnOnce() -> Result<Needs, Error>,
     ) -> Result<Option<i32>, Error> {
+        // Every value checked before the jail forks: a mistake is the caller's, said once.
         let affinity = jail::affinity::Affinity::parse(&self.cpu_affinity)?;
+        let mode: jail::seccomp::Mode = self
+            .seccomp
+            .clone()
+            .or_else(|| std::env::var("VESSEL_SECCOMP").ok())
+            .unwrap_or_else(|| "on".to_string())
+            .parse()?;
         if let Some(spec) = &self.jail {
             let spec = JailSpec::parse(spec, |s| {
                 vmm::config::parse_size(s).map_err(|e| e.to_string())
@@ -294,12 +301,7 @@ impl ConfineArgs {
             }
         }
         affinity.install();
-        let mode = self
-            .seccomp
-            .clone()
-            .or_else(|| std::env::var("VESSEL_SECCOMP").ok())
-            .unwrap_or_else(|| "on".to_string());
-        jail::seccomp::init(mode.parse()?)?;
+        jail::seccomp::init(mode)?;
         Ok(None)
     }
 }
