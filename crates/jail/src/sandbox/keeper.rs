@@ -10,7 +10,7 @@ use super::{creds, last_os, os, root, Error, JailSpec, NetNs, Plan, Privileged, 
 /// Signals the keeper passes on to the VMM (and SIGCHLD, which tells it the VMM ended).
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+pub(crate) fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -37,6 +37,35 @@ fn base_dir() -> Result<PathBuf, Error> {
     Ok(base)
 }
 
+/// What the keeper made for the VMM, removed once the VMM has ended (or could not start).
+struct Made {
+    cgroup: Option<Cgroup>,
+    base: Option<PathBuf>,
+}
+
+impl Made {
+    fn remove(self) {
+        if let Some(base) = &self.base {
+            let _ = std::fs::remove_dir(base);
+        }
+        if let Some(cg) = self.cgroup {
+            cg.remove();
+        }
+    }
+}
+
+/// The life pipe: the keeper holds the write end until it ends, so the VMM's read end hangs
+/// up once the keeper is gone.
+fn life_pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    let mut life = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into `life`.
+    if unsafe { libc::pipe2(life.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(last_os("pipe"));
+    }
+    // SAFETY: both descriptors are new and owned here alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(life[0]), OwnedFd::from_raw_fd(life[1])) })
+}
+
 pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
     let Plan {
         spec,
@@ -44,36 +73,35 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
         devices,
         privileged,
     } = plan;
-    let cgroup = if spec.cgroup.is_some() || spec.limits.any() {
+    let (life_r, life_w) = life_pipe()?;
+    let mut made = Made {
+        cgroup: None,
+        base: None,
+    };
+    if spec.cgroup.is_some() || spec.limits.any() {
         let name = spec
             .cgroup
             .clone()
             .unwrap_or_else(|| format!("vessel/{}", std::process::id()));
-        Some(Cgroup::create(&name, &spec.limits)?)
-    } else {
-        None
-    };
+        made.cgroup = Some(Cgroup::create(&name, &spec.limits)?);
+    }
     // The keeper joins an existing network namespace too: the set-up steps look there, and
     // their undoing runs there.
     if let Some(NetNs::Path(p)) = &spec.netns {
         if let Err(e) = enter_netns(p) {
-            if let Some(cg) = cgroup {
-                cg.remove();
-            }
+            made.remove();
             return Err(e);
         }
     }
     let mut steps = privileged;
     let needed: Vec<bool> = steps.iter_mut().map(|s| s.needed(&spec)).collect();
-    let base = match base_dir() {
-        Ok(b) => b,
+    match base_dir() {
+        Ok(b) => made.base = Some(b),
         Err(e) => {
-            if let Some(cg) = cgroup {
-                cg.remove();
-            }
+            made.remove();
             return Err(e);
         }
-    };
+    }
     let mut all = FORWARDED.to_vec();
     all.push(libc::SIGCHLD);
     let set = sigset(&all);
@@ -82,16 +110,6 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
     // SAFETY: sigprocmask reads `set` and writes `old`, both ours. From here the keeper takes
     // these signals with sigwaitinfo; the VMM restores the old mask.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old) };
-    // The VMM learns whether its keeper lives from this pipe: the keeper holds the write end
-    // until it ends, so the read end hangs up once it is gone.
-    let mut life = [-1; 2];
-    // SAFETY: pipe2 writes two descriptors into `life`.
-    if unsafe { libc::pipe2(life.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(last_os("pipe"));
-    }
-    // SAFETY: both descriptors are new and owned here alone.
-    let (life_r, life_w) =
-        unsafe { (OwnedFd::from_raw_fd(life[0]), OwnedFd::from_raw_fd(life[1])) };
     // SAFETY: unshare takes flags only; CLONE_NEWPID puts the children made from now on in a
     // new PID namespace, the keeper itself stays where it is.
     let forked = if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
@@ -106,7 +124,8 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
     let pid = match forked {
         Ok(0) => {
             // The old mask, but SIGINT and SIGTERM stay blocked until the VMM has its handlers
-            // (it unblocks them then): as PID 1 of its namespace it would drop them before.
+            // (it lets them in then, `super::let_in`): as PID 1 of its namespace it would drop
+            // them before.
             let mut mask = old;
             // SAFETY: sigaddset adds to the set we own; sigprocmask reads it.
             unsafe {
@@ -120,10 +139,11 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
                 .filter(|(_, n)| **n)
                 .map(|(s, _)| s);
             drop(life_w);
+            let base = made.base.as_deref().expect("made above");
             become_vmm(
                 &spec,
-                &base,
-                cgroup.as_ref(),
+                base,
+                made.cgroup.as_ref(),
                 setups,
                 &exposures,
                 &devices,
@@ -135,13 +155,11 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
         Err(e) => {
             // SAFETY: restores the mask saved above.
             unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-            let _ = std::fs::remove_dir(&base);
-            if let Some(cg) = cgroup {
-                cg.remove();
-            }
+            made.remove();
             return Err(e);
         }
     };
+    drop(life_r);
     tracing::debug!(
         "jail: VMM is process {pid} (uid {}, gid {})",
         spec.uid,
@@ -153,11 +171,22 @@ pub(crate) fn fork_into_jail(plan: Plan) -> Result<Role, Error> {
             step.undo();
         }
     }
-    if let Some(cg) = cgroup {
-        cg.remove();
-    }
-    let _ = std::fs::remove_dir(&base);
+    made.remove();
+    drop(life_w);
     Ok(Role::Keeper(code))
+}
+
+/// Sets the parent-death signal (SIGKILL) and checks the keeper did not die before: the VMM
+/// is PID 1 of its namespace, where getppid says 0 whatever happened.
+fn die_with_keeper(keeper: &OwnedFd) -> Result<(), Error> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if !keeper_alive(keeper) {
+        return Err(Error::Setup(
+            "the keeper died while the jail was set up".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the keeper still holds its end of the life pipe (`keeper`: the read end).
@@ -204,7 +233,7 @@ fn enter_netns(path: &Path) -> Result<(), Error> {
     let f =
         std::fs::File::open(path).map_err(os(format!("network namespace {}", path.display())))?;
     // SAFETY: setns takes the descriptor (ours, open) and a flag.
-    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(last_os(format!(
             "enter network namespace {}",
             path.display()
@@ -223,8 +252,7 @@ fn become_vmm<'a>(
     devices: &[PathBuf],
     keeper: &OwnedFd,
 ) -> Result<(), Error> {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number: the VMM dies with its keeper.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    die_with_keeper(keeper)?;
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     // (An existing network namespace was joined by the keeper before the fork.)
     if spec.netns == Some(NetNs::New) {
@@ -243,15 +271,8 @@ fn become_vmm<'a>(
     }
     root::build_and_pivot(base, spec, exposures, devices)?;
     creds::drop_to(spec.uid, spec.gid)?;
-    // A change of credentials clears the parent-death signal: set it again, and make sure
-    // the keeper did not die before (the VMM is PID 1 of its namespace: getppid says 0).
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
-    if !keeper_alive(keeper) {
-        return Err(Error::Setup(
-            "the keeper died while the jail was set up".into(),
-        ));
-    }
+    // A change of credentials clears the parent-death signal: set it again.
+    die_with_keeper(keeper)?;
     root::landlock(exposures, devices)?;
     super::test_hook();
     Ok(())

@@ -248,6 +248,15 @@ fn threads() -> usize {
         .unwrap_or(0)
 }
 
+/// Unblocks `signals` on the calling thread, once their handlers are in place: a jailed VMM
+/// starts with SIGINT and SIGTERM blocked, since as PID 1 of its PID namespace it would drop
+/// a signal that has no handler yet, where a blocked one waits.
+pub fn let_in(signals: &[libc::c_int]) {
+    let set = keeper::sigset(signals);
+    // SAFETY: pthread_sigmask reads the set, ours, and changes only this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
 /// A fault-injection point for tests: with `VESSEL_TEST_JAIL_OPEN=PATH` the jailed VMM tries
 /// to open PATH (as a compromised VMM would) and reports the outcome on stderr.
 pub(crate) fn test_hook() {
