@@ -671,6 +671,8 @@ impl Vm {
     /// Runs the VM until it stops, and returns why; serves the control API on the configured
     /// socket meanwhile.
     pub fn run(self) -> Result<ExitReason, Error> {
+        // Nothing is served before the VM attaches (the socket appears then): the switch's
+        // first controller is never asked.
         let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
             info: api::types::VmInfo {
                 state: api::types::VmState::Running,
@@ -818,24 +820,9 @@ pub(crate) fn stop_flags() -> Result<Vec<(i32, Arc<AtomicBool>)>, Error> {
             .map_err(io("cannot install a signal handler"))?;
         flags.push((sig, flag));
     }
-    unblock_stop_signals();
+    // A jailed VMM starts with them blocked (see the jail): they may come in now.
+    jail::sandbox::let_in(&STOP_SIGNALS);
     Ok(FLAGS.get_or_init(|| flags).clone())
-}
-
-/// Lets SIGINT and SIGTERM in on this thread, now that they have handlers. A jailed VMM
-/// starts with them blocked: it is PID 1 of its PID namespace, where a signal without a
-/// handler is dropped, so one sent early waits for the handlers instead.
-fn unblock_stop_signals() {
-    // SAFETY: the set is ours and initialised by sigemptyset before use; pthread_sigmask
-    // reads it and changes only this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in STOP_SIGNALS {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
 }
 
 /// SIGINT and SIGTERM set the process's flags ([`stop_flags`]) and wake the main thread.

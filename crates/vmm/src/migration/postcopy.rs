@@ -248,14 +248,7 @@ pub(super) fn run_source(
     committed: &mut bool,
 ) -> Result<Duration, MigrationError> {
     let m = &h.machine;
-    out.update(|s| s.phase = MigrationPhase::StopAndCopy);
-    let paused_at = Instant::now();
-    *paused = h.pause_for_migration()?;
-    // Completes the I/O in flight (its pages are logged) before the last dirty pages.
-    m.pause_devices();
-    *paused_devices = true;
-    m.hand_over_disks().map_err(MigrationError::Disks)?;
-    hold("stop-and-copy");
+    let paused_at = super::send::stop_for_switch(h, out, paused, paused_devices)?;
     let last = super::send::take_dirty(m)?;
     let mut set = DirtySet::union(&[pre.pending, &last]);
     let mut state = m.state(layout_of(&m.mem))?;

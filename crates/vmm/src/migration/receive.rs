@@ -198,7 +198,8 @@ fn receive_on(
     // This host's disks, taps and sockets, from the receive request: refused now, before any
     // memory is sent, if they do not fit the machine.
     let bindings = HostBindings::from_request(req, &config, &hello.source_paths)?;
-    let mem = GuestMem::from_ranges(&arch::layout::ram_ranges(config.memory)).map_err(|e| {
+    let ranges = arch::layout::ram_ranges(config.memory);
+    let mem = GuestMem::from_ranges(&ranges).map_err(|e| {
         MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20))
     })?;
     // The source's choice: huge pages (fewer faults as the pages arrive) or none at all.
@@ -213,10 +214,7 @@ fn receive_on(
     });
     protocol::write_frame(stream, Tag::Ready, &[])?;
 
-    let ram: Vec<(u64, u64)> = arch::layout::ram_ranges(config.memory)
-        .iter()
-        .map(|(a, l)| (a.0, *l as u64))
-        .collect();
+    let ram: Vec<(u64, u64)> = ranges.iter().map(|(a, l)| (a.0, *l as u64)).collect();
     let mut received = 0u64;
     let mut log = PageLog::new(&mem);
     let mut postcopy: Option<super::postcopy::DirtySet> = None;

@@ -182,6 +182,26 @@ pub(super) fn hold(phase: &str) {
     }
 }
 
+/// Stops the VM for the switch: phase stop-and-copy, vCPUs parked, devices paused (the I/O in
+/// flight completes, its pages logged, before the last dirty pages), disks flushed and their
+/// locks handed over. Returns when the pause began; `paused_vcpus`/`paused_devices` say what
+/// a failure has to undo.
+pub(super) fn stop_for_switch(
+    h: &VmHandle,
+    out: &Outgoing,
+    paused_vcpus: &mut bool,
+    paused_devices: &mut bool,
+) -> Result<Instant, MigrationError> {
+    out.update(|s| s.phase = MigrationPhase::StopAndCopy);
+    let paused_at = Instant::now();
+    *paused_vcpus = h.pause_for_migration()?;
+    h.machine.pause_devices();
+    *paused_devices = true;
+    h.machine.hand_over_disks().map_err(MigrationError::Disks)?;
+    hold("stop-and-copy");
+    Ok(paused_at)
+}
+
 /// Once the target is ready (`ready`: its `Ready` frame, the digest of its copy): checks the
 /// digest against `sum` (this side's) and that the migration was not cancelled meanwhile,
 /// then sends the commit, the point of no return: from here the VM belongs to the target.
@@ -368,14 +388,7 @@ pub fn send(
             .map(|d| (d, true));
         }
         // Stop and copy.
-        out.update(|s| s.phase = MigrationPhase::StopAndCopy);
-        let paused_at = Instant::now();
-        paused_vcpus = h.pause_for_migration()?;
-        // Completes the I/O in flight (its pages are logged) before the last dirty pages.
-        m.pause_devices();
-        paused_devices = true;
-        m.hand_over_disks().map_err(MigrationError::Disks)?;
-        hold("stop-and-copy");
+        let paused_at = stop_for_switch(h, out, &mut paused_vcpus, &mut paused_devices)?;
         pages.dirty(&bitmaps)?;
         let last = take_dirty(m)?;
         pages.dirty(&last)?;

@@ -210,13 +210,17 @@ impl crate::vm::Machine {
         }
     }
 
+    /// Disk `i`'s backend.
+    fn disk_backend(&self, i: usize) -> Result<std::sync::Arc<dyn DiskBackend>, String> {
+        self.with_block(i, |b| b.disk().clone())
+            .ok_or_else(|| format!("disk {i}: no block device"))
+    }
+
     /// Hands the disks over to a live migration's target: flushes each and releases its image
     /// locks, so that the target can take them. The devices must be paused.
     pub(crate) fn hand_over_disks(&self) -> Result<(), String> {
         for i in 0..self.config.disks.len() {
-            let disk = self
-                .with_block(i, |b| b.disk().clone())
-                .ok_or_else(|| format!("disk {i}: no block device"))?;
+            let disk = self.disk_backend(i)?;
             disk.flush().map_err(|e| format!("disk {i}: flush: {e}"))?;
             disk.release_locks();
         }
@@ -228,9 +232,7 @@ impl crate::vm::Machine {
     pub(crate) fn take_back_disks(&self) -> Result<(), String> {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
         for i in 0..self.config.disks.len() {
-            let disk = self
-                .with_block(i, |b| b.disk().clone())
-                .ok_or_else(|| format!("disk {i}: no block device"))?;
+            let disk = self.disk_backend(i)?;
             loop {
                 match disk.retake_locks() {
                     Ok(()) => break,
