@@ -71,10 +71,25 @@ pub fn absolute(p: &Path) -> PathBuf {
 }
 
 /// Makes a console's file or socket path absolute.
-pub fn absolute_console(c: &mut ConsoleConfig) {
+fn absolute_console(c: &mut ConsoleConfig) {
     match c {
         ConsoleConfig::File(p) | ConsoleConfig::Socket(p) => *p = absolute(p),
         _ => {}
+    }
+}
+
+/// Makes the host paths a VM binds at start (console, API socket, vsock socket) absolute.
+fn absolute_bindings(
+    console: &mut ConsoleConfig,
+    api_socket: &mut Option<PathBuf>,
+    vsock: &mut Option<vmm::config::VsockConfig>,
+) {
+    absolute_console(console);
+    if let Some(p) = api_socket {
+        *p = absolute(p);
+    }
+    if let Some(v) = vsock {
+        v.socket = absolute(&v.socket);
     }
 }
 
@@ -89,24 +104,45 @@ pub fn absolutize(c: &mut VmConfig) {
     for d in &mut c.disks {
         d.path = absolute(&d.path);
     }
-    absolute_console(&mut c.console);
     if let Some(v) = &mut c.virtio_console {
         absolute_console(v);
     }
-    if let Some(v) = &mut c.vsock {
-        v.socket = absolute(&v.socket);
-    }
-    if let Some(p) = &mut c.api_socket {
-        *p = absolute(p);
-    }
+    absolute_bindings(&mut c.console, &mut c.api_socket, &mut c.vsock);
+}
+
+/// Makes every host path of a restore's options absolute.
+pub fn absolutize_restore(o: &mut vmm::vm::RestoreOptions) {
+    absolute_bindings(&mut o.console, &mut o.api_socket, &mut o.vsock);
 }
 
 impl Needs {
     fn add(&mut self, path: &Path, access: Access) {
-        self.exposures.push(Exposure {
+        let e = Exposure {
             path: path.to_path_buf(),
             access,
-        });
+        };
+        // Sockets often share a directory: bind it once.
+        if !self.exposures.contains(&e) {
+            self.exposures.push(e);
+        }
+    }
+
+    /// What a VM binds at start: its console, API socket, vsock socket and taps.
+    fn bindings(
+        &mut self,
+        console: &ConsoleConfig,
+        api_socket: Option<&Path>,
+        vsock: Option<&vmm::config::VsockConfig>,
+        nets: &[vmm::config::NetConfig],
+    ) {
+        self.console(console);
+        if let Some(p) = api_socket {
+            self.socket(p);
+        }
+        if let Some(v) = vsock {
+            self.socket(&v.socket);
+        }
+        self.nets(nets.iter().map(|n| n.tap.clone()));
     }
 
     fn socket(&mut self, path: &Path) {
@@ -164,17 +200,15 @@ impl Needs {
         for d in &c.disks {
             n.disk(d);
         }
-        n.console(&c.console);
         if let Some(v) = &c.virtio_console {
             n.console(v);
         }
-        if let Some(v) = &c.vsock {
-            n.socket(&v.socket);
-        }
-        if let Some(p) = &c.api_socket {
-            n.socket(p);
-        }
-        n.nets(c.nets.iter().map(|n| n.tap.clone()));
+        n.bindings(
+            &c.console,
+            c.api_socket.as_deref(),
+            c.vsock.as_ref(),
+            &c.nets,
+        );
         n
     }
 
@@ -190,14 +224,12 @@ impl Needs {
             d.path = absolute(&d.path);
             n.disk(&d);
         }
-        n.console(&opts.console);
-        if let Some(p) = &opts.api_socket {
-            n.socket(p);
-        }
-        if let Some(v) = &opts.vsock {
-            n.socket(&v.socket);
-        }
-        n.nets(opts.nets.iter().map(|n| n.tap.clone()));
+        n.bindings(
+            &opts.console,
+            opts.api_socket.as_deref(),
+            opts.vsock.as_ref(),
+            &opts.nets,
+        );
         if opts.memory == api::types::RestoreMemory::Userfaultfd {
             n.userfaultfd();
         }
@@ -255,19 +287,19 @@ impl ConfineArgs {
         self.jail.is_some()
     }
 
-    /// Checks `--cpu-affinity` names only vCPUs a VM of `cpus` has.
-    pub fn check_vcpus(&self, cpus: u32) -> Result<(), Error> {
-        Ok(jail::affinity::Affinity::parse(&self.cpu_affinity)?.check(cpus)?)
-    }
-
     /// Confines the process: the jail (if asked; the keeper gets `Some(exit code)` back once
     /// the VMM has ended), pinning, then the seccomp filters. Call before any thread starts.
+    /// `cpus`: the VM's vCPUs, when known, that `--cpu-affinity` may name.
     pub fn apply(
         &self,
+        cpus: Option<u32>,
         needs: impl FnOnce() -> Result<Needs, Error>,
     ) -> Result<Option<i32>, Error> {
         // Every value checked before the jail forks: a mistake is the caller's, said once.
         let affinity = jail::affinity::Affinity::parse(&self.cpu_affinity)?;
+        if let Some(cpus) = cpus {
+            affinity.check(cpus)?;
+        }
         let mode: jail::seccomp::Mode = self
             .seccomp
             .clone()

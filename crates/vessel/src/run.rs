@@ -12,7 +12,7 @@ use vmm::config::{
 use vmm::vm::RestoreOptions;
 use vmm::{KernelSource, Vm, VmConfig};
 
-use crate::confine::{absolutize, ConfineArgs, Needs};
+use crate::confine::{absolutize, absolutize_restore, ConfineArgs, Needs};
 
 /// The bundled guest (guests/), built by build.rs.
 static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vessel-guest.elf"));
@@ -236,7 +236,7 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
             } else {
                 dir
             };
-            if let Some(code) = confine.apply(|| Needs::of_restore(&dir, &opts))? {
+            if let Some(code) = confine.apply(None, || Needs::of_restore(&dir, &opts))? {
                 return Ok(code);
             }
             Vm::restore(&dir, opts, start)?
@@ -246,25 +246,15 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
             if jailed {
                 absolutize(&mut config);
             }
-            confine.check_vcpus(config.cpus)?;
-            if let Some(code) = confine.apply(|| Ok(Needs::of_config(&config)))? {
+            if let Some(code) =
+                confine.apply(Some(config.cpus), || Ok(Needs::of_config(&config)))?
+            {
                 return Ok(code);
             }
             Vm::build(config, start)?
         }
     };
     report(vm.run()?)
-}
-
-fn absolutize_restore(opts: &mut RestoreOptions) {
-    use crate::confine::{absolute, absolute_console};
-    absolute_console(&mut opts.console);
-    if let Some(p) = &mut opts.api_socket {
-        *p = absolute(p);
-    }
-    if let Some(v) = &mut opts.vsock {
-        v.socket = absolute(&v.socket);
-    }
 }
 
 /// `vessel serve`: an empty VMM with an API, waiting for a snapshot to restore.
@@ -281,7 +271,7 @@ pub fn serve(args: ServeArgs, start: Instant) -> Result<i32, Error> {
     let socket = opts.api_socket.clone().unwrap_or(args.api_socket);
     if let Some(code) = args
         .confine
-        .apply(|| Ok(Needs::of_serve(&socket, &opts.console)))?
+        .apply(None, || Ok(Needs::of_serve(&socket, &opts.console)))?
     {
         return Ok(code);
     }
