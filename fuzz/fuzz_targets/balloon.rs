@@ -31,7 +31,7 @@ use devices::virtio::queue::{process_queue, Chain};
 use devices::virtio::VirtioDevice;
 use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 /// Checks the device's side of the contract, then zeroes the pages.
@@ -47,19 +47,6 @@ impl DiscardMemory for Checked {
         assert!(addr.0.checked_add(len).is_some(), "discard wraps around");
         ZeroFill.discard(mem, addr, len)
     }
-}
-
-fn queue(data: &[u8], at: usize, size: u16, event_idx: bool, mem: &GuestMem) -> Option<Queue> {
-    let off =
-        |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(size);
-    q.set_desc_table_address(Some(u32::from(off(0, 16))), Some(0));
-    q.set_avail_ring_address(Some(u32::from(off(2, 2))), Some(0));
-    q.set_used_ring_address(Some(u32::from(off(4, 4))), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
 }
 
 const HEADER: usize = 2 + 4 * 6 + 1;
@@ -85,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
     let handle = dev.handle();
     let roles = [Role::Inflate, Role::Deflate, Role::Stats, Role::Reporting];
     let mut queues: Vec<Option<Queue>> = (0..4)
-        .map(|i| queue(data, 2 + 6 * i, size, event_idx, &mem))
+        .map(|i| common::queue(data, 2 + 6 * i, size, event_idx, &mem))
         .collect();
     let mut handlers: Vec<PagesHandler> = roles
         .iter()

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use devices::virtio::block::BlockHandler;
 use devices::virtio::queue::{process_queue, Chain};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 8 {
@@ -22,18 +21,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let size = 1u16 << (data[0] % 9); // 1..=256
     let event_idx = data[1] & 1 != 0;
-    let off = |i: usize, align: u16| u16::from_le_bytes([data[i], data[i + 1]]) & !(align - 1);
     let mem = common::guest_memory(&data[8..]);
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(size);
-    q.set_desc_table_address(Some(u32::from(off(2, 16))), Some(0));
-    q.set_avail_ring_address(Some(u32::from(off(4, 2))), Some(0));
-    q.set_used_ring_address(Some(u32::from(off(6, 4))), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    if !q.is_valid(&mem) {
+    let Some(mut q) = common::queue(data, 2, size, event_idx, &mem) else {
         return;
-    }
+    };
     let features = u64::MAX;
     let mut handler = BlockHandler::new(
         Arc::new(common::MemDisk::new()),

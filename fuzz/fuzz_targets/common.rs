@@ -13,7 +13,7 @@ use devices::virtio::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use guestmem::GuestMem;
-use virtio_queue::QueueState;
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory size: small, so that most guest addresses in the input are in range.
@@ -25,6 +25,30 @@ pub fn guest_memory(bytes: &[u8]) -> GuestMem {
     let n = bytes.len().min(MEM_SIZE);
     mem.write_slice(&bytes[..n], GuestAddress(0)).unwrap();
     mem
+}
+
+/// The register-access targets' input: a little-endian u16 length, that many bytes of
+/// script, and the rest as guest memory; `None` for an input too short to say.
+pub fn script_and_memory(data: &[u8]) -> Option<(&[u8], GuestMem)> {
+    let head = data.get(..2)?;
+    let len = usize::from(u16::from_le_bytes([head[0], head[1]])).min(data.len() - 2);
+    let (script, memory) = data[2..].split_at(len);
+    Some((script, guest_memory(memory)))
+}
+
+/// A queue of `size` whose ring addresses are the three little-endian u16s at `data[at..]`
+/// (desc, avail, used; aligned down as the spec requires), if the layout is valid in `mem`.
+pub fn queue(data: &[u8], at: usize, size: u16, event_idx: bool, mem: &GuestMem) -> Option<Queue> {
+    let off =
+        |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
+    let mut q = Queue::new(256).unwrap();
+    q.set_size(size);
+    q.set_desc_table_address(Some(u32::from(off(0, 16))), Some(0));
+    q.set_avail_ring_address(Some(u32::from(off(2, 2))), Some(0));
+    q.set_used_ring_address(Some(u32::from(off(4, 4))), Some(0));
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q.is_valid(mem).then_some(q)
 }
 
 /// A 64 KiB disk in memory.

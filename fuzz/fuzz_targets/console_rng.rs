@@ -23,23 +23,9 @@ use devices::virtio::console::{serve_once, Console, ConsoleBackend, ConsoleInput
 use devices::virtio::queue::{process_queue, Chain};
 use devices::virtio::rng::RngHandler;
 use devices::virtio::VirtioDevice;
-use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
-
-fn queue(data: &[u8], at: usize, size: u16, event_idx: bool, mem: &GuestMem) -> Option<Queue> {
-    let off =
-        |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(size);
-    q.set_desc_table_address(Some(u32::from(off(0, 16))), Some(0));
-    q.set_avail_ring_address(Some(u32::from(off(2, 2))), Some(0));
-    q.set_used_ring_address(Some(u32::from(off(4, 4))), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
-}
 
 /// Output that counts what it is given (a transmit chain is at most 1 MiB).
 #[derive(Clone, Default)]
@@ -68,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let (script, memory) = rest.split_at(script_len.min(rest.len()));
     let mem = common::guest_memory(memory);
     let mut queues: Vec<Option<Queue>> = (0..3)
-        .map(|i| queue(data, 2 + 6 * i, size, event_idx, &mem))
+        .map(|i| common::queue(data, 2 + 6 * i, size, event_idx, &mem))
         .collect();
     let out = Counted::default();
     let input = ConsoleInput::new().unwrap();

@@ -19,12 +19,9 @@ use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
+    let Some((script, mem)) = common::script_and_memory(data) else {
         return;
-    }
-    let len = usize::from(u16::from_le_bytes([data[0], data[1]])).min(data.len() - 2);
-    let (script, memory) = data[2..].split_at(len);
-    let mem = common::guest_memory(memory);
+    };
     let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
     let dev = common::SyncBlock::default();
     let mut t = MmioTransport::new(mem, irq, Box::new(dev)).unwrap();

@@ -26,9 +26,7 @@ use devices::virtio::net::{
     deliver, CtrlHandler, NetBackend, TxHandler, TxStats, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN,
 };
 use devices::virtio::queue::{process_queue, Chain};
-use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 
 /// A backend that checks what it is given and has nothing to receive.
 struct Sink;
@@ -50,19 +48,6 @@ impl NetBackend for Sink {
     }
 }
 
-fn queue(data: &[u8], at: usize, size: u16, event_idx: bool, mem: &GuestMem) -> Option<Queue> {
-    let off =
-        |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(size);
-    q.set_desc_table_address(Some(u32::from(off(0, 16))), Some(0));
-    q.set_avail_ring_address(Some(u32::from(off(2, 2))), Some(0));
-    q.set_used_ring_address(Some(u32::from(off(4, 4))), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
-}
-
 const HEADER: usize = 2 + 3 * 6 + 4 * 2;
 
 fuzz_target!(|data: &[u8]| {
@@ -75,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = common::guest_memory(&data[HEADER..]);
     let mut chain = Chain::default();
 
-    if let Some(mut q) = queue(data, 2, size, event_idx, &mem) {
+    if let Some(mut q) = common::queue(data, 2, size, event_idx, &mem) {
         let backend: Arc<dyn NetBackend> = Arc::new(Sink);
         let mut buf = Vec::new();
         let mut stats = TxStats::default();
@@ -94,7 +79,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(stats.bytes <= stats.packets * MAX_PACKET_LEN as u64);
     }
 
-    if let Some(mut q) = queue(data, 8, size, event_idx, &mem) {
+    if let Some(mut q) = common::queue(data, 8, size, event_idx, &mem) {
         let backends: Arc<[Arc<dyn NetBackend>]> =
             vec![Arc::new(Sink) as Arc<dyn NetBackend>; 2].into();
         let active = Arc::new(AtomicU16::new(1));
@@ -108,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
         assert!((1..=2).contains(&pairs), "{pairs} active pairs");
     }
 
-    if let Some(mut q) = queue(data, 14, size, event_idx, &mem) {
+    if let Some(mut q) = common::queue(data, 14, size, event_idx, &mem) {
         let mut pool = Vec::new();
         let mut from = HEADER;
         for i in 0..4 {

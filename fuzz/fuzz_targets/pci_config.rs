@@ -127,12 +127,9 @@ fn root(mem: &guestmem::GuestMem) -> (Arc<Mutex<PciRoot>>, PciWindow, Arc<Moves>
 const WIDTHS: [usize; 4] = [1, 2, 4, 8];
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
+    let Some((script, mem)) = common::script_and_memory(data) else {
         return;
-    }
-    let len = usize::from(u16::from_le_bytes([data[0], data[1]])).min(data.len() - 2);
-    let (script, memory) = data[2..].split_at(len);
-    let mem = common::guest_memory(memory);
+    };
     let (root, mut window, _moves) = root(&mem);
     let mut io = PciConfigIo::new(root.clone());
     let mut ecam = PciEcam::new(root.clone());

@@ -47,12 +47,9 @@ fn device(mem: &GuestMem) -> VirtioPciDevice {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
+    let Some((script, mem)) = common::script_and_memory(data) else {
         return;
-    }
-    let len = usize::from(u16::from_le_bytes([data[0], data[1]])).min(data.len() - 2);
-    let (script, memory) = data[2..].split_at(len);
-    let mem = common::guest_memory(memory);
+    };
     let mut d = device(&mem);
     for rec in script.chunks_exact(8) {
         let width = WIDTHS[usize::from(rec[1] >> 6)];

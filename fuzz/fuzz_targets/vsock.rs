@@ -29,9 +29,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::vsock::muxer::{Muxer, TOKEN_LISTENER, TOKEN_STREAM_BASE};
 use devices::virtio::vsock::WorkerState;
 use devices::virtio::{VirtioInterrupt, VirtioInterruptType};
-use guestmem::GuestMem;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::EpollEvent;
 
@@ -72,18 +70,6 @@ fn host() -> &'static Host {
     })
 }
 
-fn queue(data: &[u8], at: usize, size: u16, mem: &GuestMem) -> Option<Queue> {
-    let off =
-        |i: usize, align: u16| u16::from_le_bytes([data[at + i], data[at + i + 1]]) & !(align - 1);
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(size);
-    q.set_desc_table_address(Some(u32::from(off(0, 16))), Some(0));
-    q.set_avail_ring_address(Some(u32::from(off(2, 2))), Some(0));
-    q.set_used_ring_address(Some(u32::from(off(4, 4))), Some(0));
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
-}
-
 /// The worker's epoll events for the muxer (none of the worker's own fds are registered).
 fn dispatch(muxer: &mut Muxer) {
     let mut events = [EpollEvent::default(); 32];
@@ -105,7 +91,10 @@ fuzz_target!(|data: &[u8]| {
     let rest = &data[14..];
     let (script, memory) = rest.split_at(script_len.min(rest.len()));
     let mem = common::guest_memory(memory);
-    let (Some(rx), Some(tx)) = (queue(data, 1, size, &mem), queue(data, 7, size, &mem)) else {
+    let (Some(rx), Some(tx)) = (
+        common::queue(data, 1, size, false, &mem),
+        common::queue(data, 7, size, false, &mem),
+    ) else {
         return;
     };
     let host = host();
