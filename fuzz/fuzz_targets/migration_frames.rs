@@ -40,10 +40,9 @@ fuzz_target!(|data: &[u8]| {
                 if hello.magic != protocol::MAGIC || hello.version != protocol::VERSION {
                     continue;
                 }
-                if let Ok(config) = serde_json::from_value::<VmConfig>(hello.config) {
-                    let _ = config.validate(240, Some(64 << 30));
-                    let _ = arch::layout::ram_ranges(config.memory);
-                }
+                let config = VmConfig::new(hello.machine, hello.source_paths);
+                let _ = config.validate(240, Some(64 << 30));
+                let _ = arch::layout::ram_ranges(config.spec.memory);
             }
             Tag::Pages => {
                 let Ok((addr, pages)) = protocol::pages(&buf) else {

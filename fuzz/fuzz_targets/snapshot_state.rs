@@ -65,6 +65,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = snap.rebind(&[], None);
     let _ = check_cpu(&offered(), &snap);
     let _ = snap.config.validate(240, Some(64 << 30));
-    let _ = arch::layout::ram_ranges(snap.config.memory);
+    let _ = arch::layout::ram_ranges(snap.config.spec.memory);
     let _ = serde_json::to_vec(&snap);
 });

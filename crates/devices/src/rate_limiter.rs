@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
-use serde::{Deserialize, Serialize};
 
 /// Errors of a rate limiter.
 #[derive(Debug, thiserror::Error)]
@@ -27,40 +26,7 @@ pub enum RateLimiterError {
     EmptyBucket,
 }
 
-/// One bucket's settings: `size` tokens refill every `refill_time_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct TokenBucketConfig {
-    pub size: u64,
-    #[serde(default)]
-    pub one_time_burst: u64,
-    pub refill_time_ms: u64,
-}
-
-impl TokenBucketConfig {
-    /// `rate` tokens per second, with an initial extra `burst`.
-    pub fn per_second(rate: u64, burst: u64) -> Self {
-        TokenBucketConfig {
-            size: rate,
-            one_time_burst: burst,
-            refill_time_ms: 1000,
-        }
-    }
-}
-
-/// A limiter's settings; a missing bucket means no limit on that quantity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct RateLimiterConfig {
-    /// Bytes.
-    pub bandwidth: Option<TokenBucketConfig>,
-    /// Operations (requests, packets).
-    pub ops: Option<TokenBucketConfig>,
-}
-
-impl RateLimiterConfig {
-    pub fn is_unlimited(&self) -> bool {
-        self.bandwidth.is_none() && self.ops.is_none()
-    }
-}
+pub use spec::rate::{RateLimiterConfig, TokenBucketConfig};
 
 /// A bucket of tokens refilled continuously.
 #[derive(Debug, Clone)]

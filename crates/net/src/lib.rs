@@ -9,5 +9,5 @@
 pub mod mac;
 pub mod tap;
 
-pub use mac::{MacAddr, MacError};
+pub use mac::{random_local, MacAddr, MacError};
 pub use tap::{Tap, TapError};

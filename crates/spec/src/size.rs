@@ -75,6 +75,17 @@ pub fn parse(s: &str, plain: Plain) -> Result<u64, SizeError> {
     u64::try_from(bytes).map_err(|_| bad())
 }
 
+/// Formats a byte count the way users type it (`2G`, `512M`, else bytes), for messages.
+pub fn format(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{}G", bytes >> 30)
+    } else if bytes.is_multiple_of(1 << 20) {
+        format!("{}M", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use jail::sandbox::{Access, Exposure, JailSpec, Plan, Privileged, Role};
-use vmm::config::{ConsoleConfig, DiskConfig, VmConfig};
+use vmm::config::{ConsoleConfig, HostBindings, VmConfig};
 
 use crate::run::Error;
 
@@ -82,37 +82,37 @@ fn absolute_console(c: &mut ConsoleConfig) {
 fn absolute_bindings(
     console: &mut ConsoleConfig,
     api_socket: &mut Option<PathBuf>,
-    vsock: &mut Option<vmm::config::VsockConfig>,
+    vsock_socket: Option<&mut PathBuf>,
 ) {
     absolute_console(console);
     if let Some(p) = api_socket {
         *p = absolute(p);
     }
-    if let Some(v) = vsock {
-        v.socket = absolute(&v.socket);
+    if let Some(p) = vsock_socket {
+        *p = absolute(p);
     }
 }
 
 /// Makes every host path of a VM's configuration absolute.
 pub fn absolutize(c: &mut VmConfig) {
-    if let vmm::KernelSource::Path(p) = &mut c.kernel {
+    let boot = &mut c.spec.boot;
+    for p in boot.kernel.iter_mut().chain(boot.initrd.iter_mut()) {
         *p = absolute(p);
     }
-    if let Some(p) = &mut c.initrd {
-        *p = absolute(p);
+    let b: &mut HostBindings = &mut c.bindings;
+    for d in &mut b.disks {
+        *d = absolute(d);
     }
-    for d in &mut c.disks {
-        d.path = absolute(&d.path);
-    }
-    if let Some(v) = &mut c.virtio_console {
+    if let Some(v) = &mut b.virtio_console {
         absolute_console(v);
     }
-    absolute_bindings(&mut c.console, &mut c.api_socket, &mut c.vsock);
+    absolute_bindings(&mut b.console, &mut b.api_socket, b.vsock_socket.as_mut());
 }
 
 /// Makes every host path of a restore's options absolute.
 pub fn absolutize_restore(o: &mut vmm::vm::RestoreOptions) {
-    absolute_bindings(&mut o.console, &mut o.api_socket, &mut o.vsock);
+    let vsock = o.vsock.as_mut().map(|(_, socket)| socket);
+    absolute_bindings(&mut o.console, &mut o.api_socket, vsock);
 }
 
 impl Needs {
@@ -128,21 +128,21 @@ impl Needs {
     }
 
     /// What a VM binds at start: its console, API socket, vsock socket and taps.
-    fn bindings(
+    fn bindings<'a>(
         &mut self,
         console: &ConsoleConfig,
         api_socket: Option<&Path>,
-        vsock: Option<&vmm::config::VsockConfig>,
-        nets: &[vmm::config::NetConfig],
+        vsock_socket: Option<&Path>,
+        taps: impl Iterator<Item = &'a String>,
     ) {
         self.console(console);
         if let Some(p) = api_socket {
             self.socket(p);
         }
-        if let Some(v) = vsock {
-            self.socket(&v.socket);
+        if let Some(p) = vsock_socket {
+            self.socket(p);
         }
-        self.nets(nets.iter().map(|n| n.tap.clone()));
+        self.nets(taps.cloned());
     }
 
     fn socket(&mut self, path: &Path) {
@@ -160,14 +160,14 @@ impl Needs {
     }
 
     /// A disk and the images below it (read-only).
-    fn disk(&mut self, d: &DiskConfig) {
-        let top = if d.read_only {
+    fn disk(&mut self, path: &Path, read_only: bool) {
+        let top = if read_only {
             Access::Read
         } else {
             Access::ReadWrite
         };
-        self.add(&d.path, top);
-        if let Ok(layers) = block::ops::info(&d.path, true, false) {
+        self.add(path, top);
+        if let Ok(layers) = block::ops::info(path, true, false) {
             for l in layers.iter().skip(1) {
                 // At the path the chain resolves to (which the VMM opens), symbolic links
                 // and all.
@@ -191,23 +191,22 @@ impl Needs {
     /// What a VM built from `c` uses.
     pub fn of_config(c: &VmConfig) -> Needs {
         let mut n = Needs::default();
-        if let vmm::KernelSource::Path(p) = &c.kernel {
+        let boot = &c.spec.boot;
+        for p in boot.kernel.iter().chain(boot.initrd.iter()) {
             n.add(p, Access::Read);
         }
-        if let Some(p) = &c.initrd {
-            n.add(p, Access::Read);
+        let b = &c.bindings;
+        for (d, path) in c.spec.disks.iter().zip(&b.disks) {
+            n.disk(path, d.read_only);
         }
-        for d in &c.disks {
-            n.disk(d);
-        }
-        if let Some(v) = &c.virtio_console {
+        if let Some(v) = &b.virtio_console {
             n.console(v);
         }
         n.bindings(
-            &c.console,
-            c.api_socket.as_deref(),
-            c.vsock.as_ref(),
-            &c.nets,
+            &b.console,
+            b.api_socket.as_deref(),
+            b.vsock_socket.as_deref(),
+            b.taps.iter(),
         );
         n
     }
@@ -220,15 +219,14 @@ impl Needs {
         for d in dirs {
             n.add(&absolute(&d), Access::Read);
         }
-        for mut d in disks {
-            d.path = absolute(&d.path);
-            n.disk(&d);
+        for (path, read_only) in disks {
+            n.disk(&absolute(&path), read_only);
         }
         n.bindings(
             &opts.console,
             opts.api_socket.as_deref(),
-            opts.vsock.as_ref(),
-            &opts.nets,
+            opts.vsock.as_ref().map(|(_, socket)| socket.as_path()),
+            opts.nets.iter().map(|(_, tap)| tap),
         );
         if opts.memory == api::types::RestoreMemory::Userfaultfd {
             n.userfaultfd();
@@ -307,9 +305,7 @@ impl ConfineArgs {
             .unwrap_or_else(|| "on".to_string())
             .parse()?;
         if let Some(spec) = &self.jail {
-            let spec = JailSpec::parse(spec, |s| {
-                vmm::config::parse_size(s).map_err(|e| e.to_string())
-            })?;
+            let spec = JailSpec::parse(spec, |s| spec::cli::memory(s).map_err(|e| e.to_string()))?;
             let mut needs = needs()?;
             for p in &self.jail_path {
                 let (path, access) = match p.strip_suffix(":ro") {

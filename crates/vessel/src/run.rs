@@ -3,22 +3,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use arch::template::CpuTemplate;
 use clap::Args;
-use vmm::config::{
-    parse_balloon, parse_console, parse_disk, parse_protocol, parse_size, parse_transport,
-    parse_virtio_console, parse_vsock,
-};
+use spec::bindings::{HostBindings, VmDocument};
+use spec::cli;
+use spec::vm::{VmSpec, DEFAULT_CMDLINE};
 use vmm::vm::RestoreOptions;
-use vmm::{KernelSource, Vm, VmConfig};
+use vmm::{Vm, VmConfig};
 
 use crate::confine::{absolutize, absolutize_restore, ConfineArgs, Needs};
 
 /// The bundled guest (guests/), built by build.rs.
 static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vessel-guest.elf"));
-
-/// The command line given to a kernel when --cmdline is absent.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -43,9 +38,9 @@ pub struct RunArgs {
     /// little of each 2 MiB smaller.
     #[arg(long, value_name = "on|off", default_value = "on")]
     thp: String,
-    /// Serial console: stdio, file:PATH, socket:PATH or off.
-    #[arg(long, value_name = "WHERE", default_value = "stdio")]
-    console: String,
+    /// Serial console: stdio (the default), file:PATH, socket:PATH or off.
+    #[arg(long, value_name = "WHERE")]
+    console: Option<String>,
     /// CPU features to hide or require, e.g. `x86-64-v2`, `-avx512f,-x2apic`, `+aes`.
     #[arg(long, value_name = "SPEC", allow_hyphen_values = true)]
     cpu_template: Option<String>,
@@ -95,9 +90,22 @@ pub struct RunArgs {
     /// new backends, MACs, network rate limits and guest CID: a clone beside the original needs
     /// its own backends.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cpu_template", "disk", "rng", "virtio_console", "balloon",
+        "kernel", "initrd", "cpu_template", "disk", "rng", "virtio_console", "balloon", "config",
     ])]
     restore: Option<PathBuf>,
+    /// Boot the VM a JSON document describes: `{"spec": {...}, "bindings": {...}}`, the spec
+    /// being what the VM is (vCPUs, memory, boot source, devices) and the bindings this host's
+    /// files, taps, sockets and console (`--print-config` shows the document any flags make).
+    /// --api-socket and --console, when given, replace the document's.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "thp", "cpu_template", "boot_protocol",
+        "disk", "net", "rng", "vsock", "virtio_console", "balloon", "transport", "on_reboot",
+    ])]
+    config: Option<PathBuf>,
+    /// Print the VM document (spec and host bindings, JSON) these flags describe, and exit
+    /// without starting it.
+    #[arg(long, conflicts_with = "restore")]
+    print_config: bool,
     /// How a restored VM's memory comes in: lazy (mapped from the file, on first touch), eager
     /// (all before the guest runs) or uffd (anonymous memory; a userfaultfd thread copies
     /// each page in from the file on first touch).
@@ -130,6 +138,10 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] vmm::config::ConfigError),
     #[error(transparent)]
+    Arg(#[from] spec::cli::ArgError),
+    #[error("{path}: {why}")]
+    Document { path: String, why: String },
+    #[error(transparent)]
     Template(#[from] arch::template::Error),
     #[error(transparent)]
     Vm(#[from] vmm::Error),
@@ -157,53 +169,80 @@ impl Error {
     }
 }
 
-fn config(args: RunArgs) -> Result<VmConfig, Error> {
-    let kernel = match args.kernel {
-        Some(p) => KernelSource::Path(p),
-        None => KernelSource::Bytes("bundled-guest", BUNDLED_GUEST),
-    };
-    Ok(VmConfig {
+/// The VM document the flags describe.
+fn document(args: &RunArgs) -> Result<VmDocument, Error> {
+    let mut spec = VmSpec {
         cpus: args.cpus,
-        memory: parse_size(&args.memory)?,
-        thp: match args.thp.as_str() {
-            "on" => true,
-            "off" => false,
-            other => return Err(Error::Usage(format!("--thp {other}: expected on or off"))),
-        },
-        kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        console: parse_console(&args.console)?,
-        cpu_template: match &args.cpu_template {
-            Some(spec) => CpuTemplate::parse(spec)?,
-            None => CpuTemplate::default(),
-        },
-        boot_protocol: parse_protocol(&args.boot_protocol)?,
-        disks: args
-            .disk
-            .iter()
-            .map(|d| parse_disk(d))
-            .collect::<Result<_, _>>()?,
+        memory: cli::memory(&args.memory)?,
+        thp: cli::on_off(&args.thp)?,
+        cpu_template: args.cpu_template.clone().unwrap_or_default(),
+        transport: cli::transport(&args.transport)?,
+        on_reboot: cli::on_reboot(&args.on_reboot)?,
         rng: args.rng,
-        nets: parse_nets(&args.net)?,
-        vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
+        virtio_console: args.virtio_console.is_some(),
+        balloon: args.balloon.as_deref().map(cli::balloon).transpose()?,
+        ..VmSpec::default()
+    };
+    spec.boot.kernel = args.kernel.clone();
+    spec.boot.initrd = args.initrd.clone();
+    spec.boot.cmdline = args.cmdline.clone();
+    spec.boot.protocol = cli::protocol(&args.boot_protocol)?;
+    let mut bindings = HostBindings {
+        console: cli::console(args.console.as_deref().unwrap_or("stdio"))?,
         virtio_console: args
             .virtio_console
             .as_deref()
-            .map(parse_virtio_console)
+            .map(cli::virtio_console)
             .transpose()?,
-        balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
-        transport: parse_transport(&args.transport)?,
-        api_socket: args.api_socket,
-        on_reboot: vmm::config::parse_on_reboot(&args.on_reboot)?,
-        handed_over_disks: false,
-    })
+        api_socket: args.api_socket.clone(),
+        ..HostBindings::default()
+    };
+    for d in &args.disk {
+        let (disk, path) = cli::disk(d)?;
+        spec.disks.push(disk);
+        bindings.disks.push(path);
+    }
+    for (nic, tap) in parse_nets(&args.net)? {
+        spec.nets.push(nic);
+        bindings.taps.push(tap);
+    }
+    if let Some(v) = &args.vsock {
+        let (vsock, socket) = cli::vsock(v)?;
+        spec.vsock = Some(vsock);
+        bindings.vsock_socket = Some(socket);
+    }
+    Ok(VmDocument { spec, bindings })
 }
 
-fn parse_nets(specs: &[String]) -> Result<Vec<vmm::config::NetConfig>, Error> {
+/// The VM document in `path`, with the flags' --api-socket and --console over its own.
+fn read_document(path: &std::path::Path, args: &RunArgs) -> Result<VmDocument, Error> {
+    let bad = |why: String| Error::Document {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut doc: VmDocument = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if let Some(c) = &args.console {
+        doc.bindings.console = cli::console(c)?;
+    }
+    if let Some(p) = &args.api_socket {
+        doc.bindings.api_socket = Some(p.clone());
+    }
+    doc.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(doc)
+}
+
+/// The configuration of the VM `doc` describes (the bundled guest when it names no kernel).
+fn config(doc: VmDocument) -> VmConfig {
+    let mut config = VmConfig::new(doc.spec, doc.bindings);
+    config.bundled_kernel = Some(("bundled-guest", BUNDLED_GUEST));
+    config
+}
+
+fn parse_nets(specs: &[String]) -> Result<Vec<(spec::vm::Nic, String)>, Error> {
     Ok(specs
         .iter()
-        .map(|n| vmm::config::parse_net(n))
+        .map(|n| cli::net(n))
         .collect::<Result<_, _>>()?)
 }
 
@@ -225,10 +264,10 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
         Some(dir) => {
             let mut opts = RestoreOptions {
                 memory: parse_restore_memory(&args.restore_memory)?,
-                console: parse_console(&args.console)?,
+                console: cli::console(args.console.as_deref().unwrap_or("stdio"))?,
                 api_socket: args.api_socket.clone(),
                 nets: parse_nets(&args.net)?,
-                vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
+                vsock: args.vsock.as_deref().map(cli::vsock).transpose()?,
             };
             let dir = if jailed {
                 absolutize_restore(&mut opts);
@@ -242,12 +281,28 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
             Vm::restore(&dir, opts, start)?
         }
         None => {
-            let mut config = config(args)?;
+            let doc = match &args.config {
+                Some(path) => read_document(path, &args)?,
+                None => document(&args)?,
+            };
+            // Refused here, before a jail forks, rather than when the VM is built.
+            if !doc.spec.cpu_template.is_empty() {
+                arch::template::CpuTemplate::parse(&doc.spec.cpu_template)?;
+            }
+            if args.print_config {
+                let json = serde_json::to_string_pretty(&doc).map_err(|e| Error::Document {
+                    path: "-".into(),
+                    why: e.to_string(),
+                })?;
+                println!("{json}");
+                return Ok(0);
+            }
+            let mut config = config(doc);
             if jailed {
                 absolutize(&mut config);
             }
             if let Some(code) =
-                confine.apply(Some(config.cpus), || Ok(Needs::of_config(&config)))?
+                confine.apply(Some(config.spec.cpus), || Ok(Needs::of_config(&config)))?
             {
                 return Ok(code);
             }
@@ -261,7 +316,7 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
 pub fn serve(args: ServeArgs, start: Instant) -> Result<i32, Error> {
     let jailed = args.confine.jailed();
     let mut opts = RestoreOptions {
-        console: parse_console(&args.console)?,
+        console: cli::console(&args.console)?,
         api_socket: Some(args.api_socket.clone()),
         ..Default::default()
     };

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::{ActiveQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use guestmem::GuestMem;
+use spec::cli::balloon as parse_balloon;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::parse_balloon;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM: usize = 64 << 20;
@@ -202,7 +202,8 @@ fn the_balloon_flag_and_its_errors() {
     assert_eq!(o.status.code(), Some(0), "{o:?}");
     let o = run(&["run", "--balloon", "size=64M", "--memory", "64M"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--balloon size 64M is not below"));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("balloon.size: 64M is not below the guest memory of 64M"));
     let o = run(&["run", "--balloon", "colour=red"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid --balloon"));

@@ -96,7 +96,10 @@ fn bad_memory_size() {
 
 #[test]
 fn bad_thp_switch() {
-    rejects(&["--thp", "maybe"], "--thp maybe: expected on or off");
+    rejects(
+        &["--thp", "maybe"],
+        "invalid --thp 'maybe': expected on or off",
+    );
 }
 
 #[test]

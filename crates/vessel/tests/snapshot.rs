@@ -154,7 +154,7 @@ fn corrupt_or_foreign_state_is_refused() {
     assert!(stderr(&o).contains("checksum mismatch"), "{}", stderr(&o));
     // A state file of another format version.
     let text =
-        String::from_utf8_lossy(&good).replacen("\"format_version\":2", "\"format_version\":7", 1);
+        String::from_utf8_lossy(&good).replacen("\"format_version\":3", "\"format_version\":7", 1);
     std::fs::write(&state, text.as_bytes()).unwrap();
     let o = vessel(&["run", "--restore", dir.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));

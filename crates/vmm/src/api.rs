@@ -377,6 +377,7 @@ impl VmController for VmHandle {
         let stats_queue = self
             .machine
             .config
+            .spec
             .balloon
             .as_ref()
             .is_some_and(|c| c.stats);
@@ -453,18 +454,18 @@ pub fn device_list(
         detail: None,
     }];
     let mut kinds: Vec<(&str, usize)> = vec![
-        ("block", config.disks.len()),
-        ("net", config.nets.len()),
-        ("rng", usize::from(config.rng)),
-        ("vsock", usize::from(config.vsock.is_some())),
-        ("console", usize::from(config.virtio_console.is_some())),
-        ("balloon", usize::from(config.balloon.is_some())),
+        ("block", config.spec.disks.len()),
+        ("net", config.spec.nets.len()),
+        ("rng", usize::from(config.spec.rng)),
+        ("vsock", usize::from(config.spec.vsock.is_some())),
+        ("console", usize::from(config.spec.virtio_console)),
+        ("balloon", usize::from(config.spec.balloon.is_some())),
     ];
     kinds.retain(|(_, n)| *n > 0);
     let mut slot = 0usize;
     for (kind, n) in kinds {
         for i in 0..n {
-            let (address, irq) = match config.transport {
+            let (address, irq) = match config.spec.transport {
                 Transport::Mmio => (
                     format!(
                         "mmio {:#x}",
@@ -475,7 +476,7 @@ pub fn device_list(
                 ),
                 Transport::Pci => (format!("pci 00:{:02x}.0", slot + 1), None),
             };
-            let detail = match (kind, config.disks.get(i)) {
+            let detail = match (kind, config.spec.disks.get(i)) {
                 ("block", Some(d)) => Some(disk_detail(d, disk_engines.get(i).copied())),
                 _ => None,
             };
@@ -494,7 +495,7 @@ pub fn device_list(
 
 /// `engine io_uring, cache none, 2 queues, read-only, bw 10M/s, iops 100/s`.
 fn disk_detail(
-    d: &crate::config::DiskConfig,
+    d: &crate::config::Disk,
     engine: Option<devices::virtio::block::EngineKind>,
 ) -> String {
     let mut parts = vec![

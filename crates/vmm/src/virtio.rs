@@ -2,6 +2,7 @@
 //! virtio-mmio transport with its own register window, interrupt line and queue ioeventfds,
 //! announced to the guest through ACPI and the kernel command line.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use arch::acpi::MmioDevice;
@@ -19,7 +20,7 @@ use devices::{Bus, Interrupt};
 use guestmem::GuestMem;
 use hypervisor::IoSpace;
 
-use crate::config::{BalloonConfig, CacheMode, ConsoleConfig, DiskConfig, VmConfig, VsockConfig};
+use crate::config::{Balloon as BalloonSpec, CacheMode, ConsoleConfig, Disk, Nic, VmConfig};
 
 /// Errors setting up virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +100,10 @@ impl DiskBackend for NoFlush {
     }
 }
 
-/// A block device for `d`, its images locked; a dirty image is repaired unless `repair` is
-/// false (disks handed over by a migration's source).
-fn block_device(d: &DiskConfig, repair: bool) -> Result<Box<dyn VirtioDevice>, Error> {
-    let path = d.path.display().to_string();
+/// A block device for `d` on the image `file`, its images locked; a dirty image is repaired
+/// unless `repair` is false (disks handed over by a migration's source).
+fn block_device(d: &Disk, file: &Path, repair: bool) -> Result<Box<dyn VirtioDevice>, Error> {
+    let path = file.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
         direct: d.cache == CacheMode::None,
@@ -110,7 +111,7 @@ fn block_device(d: &DiskConfig, repair: bool) -> Result<Box<dyn VirtioDevice>, E
         repair_dirty: repair,
         ..Default::default()
     };
-    let disk = block::open(&d.path, opts).map_err(|source| Error::Disk {
+    let disk = block::open(file, opts).map_err(|source| Error::Disk {
         path: path.clone(),
         source,
     })?;
@@ -145,21 +146,21 @@ fn block_device(d: &DiskConfig, repair: bool) -> Result<Box<dyn VirtioDevice>, E
     Ok(Box::new(block))
 }
 
-/// A virtio-net device on the configured tap, opened (or created) now.
-fn net_device(n: &crate::config::NetConfig) -> Result<Box<dyn VirtioDevice>, Error> {
-    Net::with_tap(&n.tap, n.mac, n.queues)
+/// A virtio-net device on `tap`, opened (or created) now.
+fn net_device(n: &Nic, tap: &str) -> Result<Box<dyn VirtioDevice>, Error> {
+    Net::with_tap(tap, n.mac, n.queues)
         .and_then(|mut d| {
             d.set_rate_limiters(n.rx_limit, n.tx_limit)?;
             Ok(Box::new(d) as Box<dyn VirtioDevice>)
         })
         .map_err(|source| Error::Net {
-            tap: n.tap.clone(),
+            tap: tap.to_string(),
             source,
         })
 }
 
-fn vsock_device(v: &VsockConfig) -> Result<Box<dyn VirtioDevice>, Error> {
-    Ok(Box::new(Vsock::new(v.cid, &v.socket)?))
+fn vsock_device(cid: u64, socket: &Path) -> Result<Box<dyn VirtioDevice>, Error> {
+    Ok(Box::new(Vsock::new(cid, socket)?))
 }
 
 /// A virtio console on the same kinds of host backends as the serial console (without raw
@@ -189,7 +190,7 @@ impl DiscardMemory for HostDiscard {
 }
 
 /// A balloon on the host's memory, and the handle the VMM keeps.
-pub fn balloon_device(b: &BalloonConfig) -> Result<(Balloon, BalloonHandle), Error> {
+pub fn balloon_device(b: &BalloonSpec) -> Result<(Balloon, BalloonHandle), Error> {
     let opts = BalloonOptions {
         target: b.size,
         stats: b.stats,
@@ -237,24 +238,29 @@ pub fn setup(
     mmio: &mut Bus,
     config: &VmConfig,
 ) -> Result<VirtioDevices, Error> {
+    let (spec, host) = (&config.spec, &config.bindings);
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for d in &config.disks {
-        devices.push(block_device(d, !config.handed_over_disks)?);
+    // The configuration was validated: every device has its binding.
+    for (d, file) in spec.disks.iter().zip(&host.disks) {
+        devices.push(block_device(d, file, !config.handed_over_disks)?);
     }
-    for n in &config.nets {
-        devices.push(net_device(n)?);
+    for (n, tap) in spec.nets.iter().zip(&host.taps) {
+        devices.push(net_device(n, tap)?);
     }
-    if config.rng {
+    if spec.rng {
         devices.push(Box::new(Rng::new()));
     }
-    if let Some(v) = &config.vsock {
-        devices.push(vsock_device(v)?);
+    if let (Some(v), Some(socket)) = (&spec.vsock, &host.vsock_socket) {
+        devices.push(vsock_device(v.cid, socket)?);
     }
-    if let Some(c) = &config.virtio_console {
-        devices.push(virtio_console_device(c)?);
+    if spec.virtio_console {
+        let off = ConsoleConfig::Off;
+        devices.push(virtio_console_device(
+            host.virtio_console.as_ref().unwrap_or(&off),
+        )?);
     }
     let mut balloon = None;
-    if let Some(b) = &config.balloon {
+    if let Some(b) = &spec.balloon {
         let (device, handle) = balloon_device(b)?;
         devices.push(Box::new(device));
         balloon = Some(handle);
@@ -263,7 +269,7 @@ pub fn setup(
         balloon,
         ..Default::default()
     };
-    if config.transport == crate::config::Transport::Pci {
+    if spec.transport == crate::config::Transport::Pci {
         out.pci = Some(crate::pci::setup(vm, mem, mmio, devices)?);
         return Ok(out);
     }

@@ -29,10 +29,10 @@ pub struct RestoreOptions {
     pub memory: api::types::RestoreMemory,
     pub console: crate::config::ConsoleConfig,
     pub api_socket: Option<PathBuf>,
-    /// New taps (and MACs) for the network devices, all or none (clones).
-    pub nets: Vec<crate::config::NetConfig>,
+    /// New taps (and MACs, limits) for the network devices, all or none (clones).
+    pub nets: Vec<(crate::config::Nic, String)>,
     /// A new socket (and guest CID) for the vsock device (clones).
-    pub vsock: Option<crate::config::VsockConfig>,
+    pub vsock: Option<(crate::config::Vsock, PathBuf)>,
 }
 
 /// Errors building or starting a VM.
@@ -127,13 +127,7 @@ impl Machine {
     /// The configuration, with each disk's image as it is now.
     pub(crate) fn config_now(&self) -> VmConfig {
         let mut c = self.config.clone();
-        for (d, p) in c
-            .disks
-            .iter_mut()
-            .zip(devices::bus::lock(&self.disk_paths).iter())
-        {
-            d.path = p.clone();
-        }
+        c.bindings.disks = devices::bus::lock(&self.disk_paths).clone();
         c
     }
 }
@@ -220,19 +214,27 @@ pub(crate) struct KvmMachine {
     template: CpuTemplate,
 }
 
+/// The CPU template `config`'s spec names (none: the host's CPU).
+fn template(config: &VmConfig) -> Result<CpuTemplate, arch::template::Error> {
+    match config.spec.cpu_template.as_str() {
+        "" => Ok(CpuTemplate::default()),
+        t => CpuTemplate::parse(t),
+    }
+}
+
 impl KvmMachine {
     /// Builds the KVM half of `config` on `mem`.
     pub(crate) fn build(config: &VmConfig, mem: &GuestMem) -> Result<KvmMachine, Error> {
         let hv = Hypervisor::new()?;
         let max_vcpus = hv.max_vcpus() as u32;
-        config.validate(max_vcpus, crate::config::host_memory())?;
+        config.validate_machine(max_vcpus, crate::config::host_memory())?;
         let tsc_deadline = hv
             .info()
             .caps
             .iter()
             .any(|(n, ok)| *n == "TSC_DEADLINE_TIMER" && *ok);
         let mut base_cpuid = hv.supported_cpuid()?;
-        config.cpu_template.apply(&mut base_cpuid)?;
+        template(config)?.apply(&mut base_cpuid)?;
         let msr_list = hv.msr_index_list()?;
         let msr_indices = hv.msrs_to_save()?;
 
@@ -241,12 +243,12 @@ impl KvmMachine {
         vm.register_memory(mem)?;
 
         let topo = Topology {
-            cpus: config.cpus,
+            cpus: config.spec.cpus,
             tsc_deadline,
         };
         let msrs = regs::boot_msrs(&msr_list);
-        let mut vcpus = Vec::with_capacity(config.cpus as usize);
-        for id in 0..config.cpus {
+        let mut vcpus = Vec::with_capacity(config.spec.cpus as usize);
+        for id in 0..config.spec.cpus {
             let vcpu = vm.create_vcpu(u64::from(id))?;
             vcpu.set_cpuid(&cpuid::for_vcpu(&base_cpuid, id, topo))?;
             vcpu.set_msrs(&msrs)?;
@@ -261,17 +263,17 @@ impl KvmMachine {
             vcpus,
             msr_indices,
             max_vcpus,
-            cpus: config.cpus,
-            memory: config.memory,
-            template: config.cpu_template.clone(),
+            cpus: config.spec.cpus,
+            memory: config.spec.memory,
+            template: template(config)?,
         })
     }
 
     /// Whether it was built for `config`'s CPUs, memory and CPU template.
     fn fits(&self, config: &VmConfig) -> bool {
-        self.cpus == config.cpus
-            && self.memory == config.memory
-            && self.template == config.cpu_template
+        self.cpus == config.spec.cpus
+            && self.memory == config.spec.memory
+            && template(config).is_ok_and(|t| t == self.template)
     }
 }
 
@@ -279,14 +281,14 @@ impl Vm {
     /// Builds the VM: memory, irqchip, devices, kernel, tables and configured vCPUs.
     /// `start` is when the process started (for the boot-time marker).
     pub fn build(config: VmConfig, start: Instant) -> Result<Vm, Error> {
-        let mem = GuestMem::from_ranges(&layout::ram_ranges(config.memory)).map_err(|e| {
+        let mem = GuestMem::from_ranges(&layout::ram_ranges(config.spec.memory)).map_err(|e| {
             Error::Memory {
-                size: config.memory >> 20,
+                size: config.spec.memory >> 20,
                 reason: e.to_string(),
             }
         })?;
         // `--thp off` rules huge pages out even where the host's THP is `always`.
-        if !hypervisor::mem::advise_hugepages(&mem, config.thp) && config.thp {
+        if !hypervisor::mem::advise_hugepages(&mem, config.spec.thp) && config.spec.thp {
             tracing::debug!("no transparent huge pages for guest memory: small pages it is");
         }
         let mut vm = Vm::create(config, mem, None, start)?;
@@ -324,7 +326,7 @@ impl Vm {
         snap.rebind(&opts.nets, opts.vsock.as_ref())?;
         let hv = Hypervisor::new()?;
         crate::snapshot::check_cpu(&hv.offered_cpuid()?, &snap)?;
-        let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.memory)
+        let want: Vec<(u64, u64)> = layout::ram_ranges(snap.config.spec.memory)
             .iter()
             .map(|(a, s)| (a.0, *s as u64))
             .collect();
@@ -332,7 +334,7 @@ impl Vm {
         if want != have {
             return Err(SnapshotError::Mismatch(format!(
                 "memory regions {have:x?} where {} MiB of RAM has {want:x?}",
-                snap.config.memory >> 20
+                snap.config.spec.memory >> 20
             ))
             .into());
         }
@@ -350,17 +352,14 @@ impl Vm {
             ),
         };
         // A disk snapshot: a fresh overlay on each frozen image, for this VM alone.
-        let overlays = crate::snapshot::disks::prepare_restore(
-            &snap.frozen_disks,
-            &mut snap.config.disks,
-            dir,
-        )
-        .map_err(SnapshotError::from)?;
+        let overlays =
+            crate::snapshot::disks::prepare_restore(&snap.frozen_disks, &mut snap.config, dir)
+                .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
-        config.console = opts.console;
-        config.api_socket = opts.api_socket;
+        config.bindings.console = opts.console;
+        config.bindings.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
-        config.on_reboot = crate::config::OnReboot::Exit;
+        config.spec.on_reboot = crate::config::OnReboot::Exit;
         let mut vm =
             Vm::create_restored(None, config, mem, pager, start, &snap).inspect_err(|_| {
                 crate::snapshot::disks::remove_overlays(&overlays);
@@ -385,7 +384,7 @@ impl Vm {
         tracing::debug!(
             "restored {} vCPUs and {} MiB from {} ({} memory file{}) in {:?}",
             snap.vcpus.len(),
-            snap.config.memory >> 20,
+            snap.config.spec.memory >> 20,
             dir.display(),
             files.len(),
             if files.len() == 1 { "" } else { "s" },
@@ -409,7 +408,7 @@ impl Vm {
             Some(k) if k.fits(&config) => {
                 // Built (and validated) for another configuration of the same machine: this
                 // one has its own console and sockets to check.
-                config.validate(k.max_vcpus, crate::config::host_memory())?;
+                config.validate_machine(k.max_vcpus, crate::config::host_memory())?;
                 k
             }
             // Built for another machine: drop it (and its memory slots) first.
@@ -445,6 +444,11 @@ impl Vm {
         pager: Option<crate::snapshot::pager::Pager>,
         start: Instant,
     ) -> Result<Vm, Error> {
+        // The machine was checked with the KVM half; now this host's side of it.
+        config
+            .bindings
+            .check(&config.spec)
+            .map_err(crate::config::ConfigError::from)?;
         let KvmMachine {
             vm,
             vcpus,
@@ -460,7 +464,7 @@ impl Vm {
         }
 
         // Devices.
-        let mut console = Console::open(&config.console)?;
+        let mut console = Console::open(&config.bindings.console)?;
         let serial_irq: Arc<dyn Interrupt> = Arc::new(vm.irq_line(acpi::COM1_IRQ)?.event);
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.take_output())));
         let ged_irq: Arc<dyn Interrupt> = Arc::new(vm.irq_line(acpi::GED_IRQ)?.event);
@@ -471,8 +475,8 @@ impl Vm {
             acpi::RESET_VALUE,
         )));
         let boot_marker = Arc::new(Mutex::new(BootMarker::new(start)));
-        let low = layout::low_ram_end(config.memory);
-        let cmos = shared(Cmos::new(low, config.memory - low));
+        let low = layout::low_ram_end(config.spec.memory);
+        let cmos = shared(Cmos::new(low, config.spec.memory - low));
 
         let mut pio = Bus::new();
         pio.insert(serial.clone(), u64::from(acpi::COM1_PORT), 8)?;
@@ -498,10 +502,10 @@ impl Vm {
 
         tracing::debug!(
             "VM built: {} vCPUs, {} MiB",
-            config.cpus,
-            config.memory >> 20
+            config.spec.cpus,
+            config.spec.memory >> 20
         );
-        let power_on = if config.on_reboot == OnReboot::Restart {
+        let power_on = if config.spec.on_reboot == OnReboot::Restart {
             Some(PowerOn {
                 vm: vm.save_state()?,
                 vcpus: vcpus
@@ -515,7 +519,7 @@ impl Vm {
 
         Ok(Vm {
             machine: Arc::new(Machine {
-                disk_paths: Mutex::new(config.disks.iter().map(|d| d.path.clone()).collect()),
+                disk_paths: Mutex::new(config.bindings.disks.clone()),
                 config,
                 vm_fd: vm,
                 mem,
@@ -550,23 +554,31 @@ impl Vm {
         let mem = &self.machine.mem;
         let virtio = &self.machine.virtio;
         // Firmware tables and the kernel.
-        arch::mptable::setup_mptable(mem, config.cpus)?;
+        arch::mptable::setup_mptable(mem, config.spec.cpus)?;
         acpi::setup_reset_vector(mem)?;
         let pci_acpi = virtio.pci.as_ref().map(|p| p.acpi);
-        let rsdp = acpi::setup_acpi_with_pci(mem, config.cpus, &virtio.acpi, pci_acpi.as_ref())?;
+        let rsdp =
+            acpi::setup_acpi_with_pci(mem, config.spec.cpus, &virtio.acpi, pci_acpi.as_ref())?;
         write_generation_id(mem)?;
         // Guests find virtio-mmio devices in the DSDT; a guest told not to use ACPI gets them
         // on its command line instead (announcing both would make Linux probe each twice).
-        let mut cmdline = config.cmdline.clone();
-        if config.cmdline.split_whitespace().any(|w| w == "acpi=off") {
+        let mut cmdline = config.spec.boot.cmdline.clone();
+        if config
+            .spec
+            .boot
+            .cmdline
+            .split_whitespace()
+            .any(|w| w == "acpi=off")
+        {
             for p in &virtio.cmdline {
                 cmdline.push(' ');
                 cmdline.push_str(p);
             }
         }
-        let (kernel_path, _temp) = match &config.kernel {
-            KernelSource::Path(p) => (p.clone(), None),
-            KernelSource::Bytes(name, bytes) => {
+        let (kernel_path, _temp) = match config.kernel() {
+            None => return Err(crate::config::ConfigError::NoKernel.into()),
+            Some(KernelSource::Path(p)) => (p, None),
+            Some(KernelSource::Bytes(name, bytes)) => {
                 let t =
                     TempKernel::new(name, bytes).map_err(io("cannot stage the bundled guest"))?;
                 (t.path.clone(), Some(t))
@@ -574,11 +586,15 @@ impl Vm {
         };
         let spec = KernelSpec {
             kernel: &kernel_path,
-            initrd: config.initrd.as_deref(),
+            initrd: config.spec.boot.initrd.as_deref(),
             cmdline: &cmdline,
-            protocol: config.boot_protocol,
+            protocol: match config.spec.boot.protocol {
+                crate::config::BootProtocol::Auto => None,
+                crate::config::BootProtocol::Pvh => Some(regs::BootProtocol::Pvh),
+                crate::config::BootProtocol::Linux64 => Some(regs::BootProtocol::Linux64),
+            },
         };
-        let boot = boot::load(mem, config.memory, &spec, Some(rsdp))?;
+        let boot = boot::load(mem, config.spec.memory, &spec, Some(rsdp))?;
 
         let vcpu = devices::bus::lock(&self.machine.vcpus[0]);
         let sregs = regs::setup_sregs(mem, boot.protocol, vcpu.sregs()?)?;
@@ -648,7 +664,7 @@ impl Vm {
             return Ok(());
         };
         self.machine.virtio.reset_all();
-        for r in arch::layout::ram_ranges(self.machine.config.memory) {
+        for r in arch::layout::ram_ranges(self.machine.config.spec.memory) {
             hypervisor::mem::discard(&self.machine.mem, r.0, r.1 as u64).map_err(|e| {
                 Error::Io {
                     what: "cannot empty guest memory",
@@ -676,8 +692,8 @@ impl Vm {
         let switch = Arc::new(ApiSwitch::new(Arc::new(Ended {
             info: api::types::VmInfo {
                 state: api::types::VmState::Running,
-                vcpus: self.machine.config.cpus,
-                memory_bytes: self.machine.config.memory,
+                vcpus: self.machine.config.spec.cpus,
+                memory_bytes: self.machine.config.spec.memory,
                 boot_time_ms: None,
                 uptime_ms: 0,
                 devices: Vec::new(),
@@ -689,7 +705,7 @@ impl Vm {
         // The socket appears once the API talks to the running VM (a client that waits for
         // it may ask anything at once), and after the stop signals' handlers (it may signal).
         let mut server = None;
-        let path = self.machine.config.api_socket.clone();
+        let path = self.machine.config.bindings.api_socket.clone();
         let api = switch.clone();
         let result = self.run_attached_then(&switch, || {
             if let Some(path) = &path {
@@ -738,8 +754,8 @@ impl Vm {
                 me.clone(),
                 self.machine.clone(),
                 self.control.clone(),
-                self.machine.config.cpus,
-                self.machine.config.memory,
+                self.machine.config.spec.cpus,
+                self.machine.config.spec.memory,
                 self.started,
                 self.boot_marker.clone(),
                 self.machine.acpi_pm.clone(),
@@ -767,7 +783,10 @@ impl Vm {
         if let Some(t) = devices::bus::lock(&self.boot_marker).boot_time() {
             tracing::debug!("boot time {:?}", t);
         }
-        tracing::debug!("VM with {} vCPUs ended: {reason}", self.machine.config.cpus);
+        tracing::debug!(
+            "VM with {} vCPUs ended: {reason}",
+            self.machine.config.spec.cpus
+        );
         if let Some(p) = &self.machine.pager {
             tracing::info!("userfaultfd pager: {}", p.stats());
         }

@@ -38,28 +38,29 @@ impl MsiVectors for NoVectors {
 
 const MEMORY: u64 = 256 << 20;
 
-fn config(transport: Transport) -> VmConfig {
-    VmConfig {
-        cpus: 1,
-        memory: MEMORY,
-        thp: true,
-        kernel: Default::default(),
-        initrd: None,
-        cmdline: String::new(),
-        console: Default::default(),
-        cpu_template: Default::default(),
-        boot_protocol: None,
-        disks: Vec::new(),
-        rng: true,
-        nets: Vec::new(),
-        vsock: None,
-        virtio_console: None,
-        balloon: None,
-        transport,
-        api_socket: None,
-        on_reboot: Default::default(),
-        skip_disk_locks: false,
+/// Unsealed frames (tag, length, body): what the `migration_frames` target reads.
+struct Plain(Vec<u8>);
+
+impl protocol::FrameWrite for Plain {
+    fn write_frame(&mut self, tag: Tag, parts: &[&[u8]]) -> Result<(), protocol::ProtocolError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.0.push(tag as u8);
+        self.0.extend_from_slice(&(len as u64).to_le_bytes());
+        for p in parts {
+            self.0.extend_from_slice(p);
+        }
+        Ok(())
     }
+}
+
+fn config(transport: Transport) -> VmConfig {
+    let spec = vmm::config::VmSpec {
+        memory: MEMORY,
+        rng: true,
+        transport,
+        ..Default::default()
+    };
+    VmConfig::new(spec, Default::default())
 }
 
 fn snapshot(transport: Transport) -> VmSnapshot {
@@ -174,12 +175,13 @@ fn main() {
     // migration_frames: a pre-copy stream, and one that switches to post-copy.
     let dir = corpus.join("migration_frames");
     for (i, post) in [false, true].into_iter().enumerate() {
-        let mut w = Vec::new();
+        let mut w = Plain(Vec::new());
         let hello = Hello {
             magic: protocol::MAGIC.into(),
             version: protocol::VERSION,
             vessel_version: "0.1.0".into(),
-            config: serde_json::to_value(config(Transport::Mmio)).unwrap(),
+            machine: config(Transport::Mmio).spec,
+            source_paths: Default::default(),
             full_digest: post,
         };
         protocol::write_json(&mut w, Tag::Hello, &hello).unwrap();
@@ -207,7 +209,7 @@ fn main() {
             protocol::write_frame(&mut w, Tag::Pages, &[&addr.to_le_bytes(), &n, &pages]).unwrap();
             protocol::write_frame(&mut w, Tag::PostcopyEnd, &[]).unwrap();
         }
-        write(&dir, &format!("stream-{i}"), &w);
+        write(&dir, &format!("stream-{i}"), &w.0);
     }
 
     // qcow2: small images (512-byte clusters), one with data in a few clusters.
@@ -225,6 +227,7 @@ fn main() {
             backing_format: None,
             prealloc: Default::default(),
             cluster_size: Some(cluster),
+            force: true,
         };
         block::ops::create(&p, &opts).unwrap();
         if i == 0 {

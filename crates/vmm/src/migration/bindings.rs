@@ -1,22 +1,20 @@
 //! The host side of a migrated machine: the disk files, taps, vsock socket and console files
 //! each host chooses for itself.
 //!
-//! The source takes its host paths out of the machine description before it crosses
-//! ([`strip`]): `Hello` and `State` describe the machine only. The target binds its own
-//! ([`HostBindings::from_request`]): what `vm.migrate-receive` names, checked against the
-//! machine when `Hello` arrives (before any memory is sent), and applied to the machine in
-//! `State` ([`HostBindings::apply`]; taps and the vsock socket go through
-//! [`crate::snapshot::VmSnapshot::rebind`], as for a clone). The source's own paths travel
-//! beside the description (`Hello.source_paths`) and are used only when the request says
-//! `same_paths` (two processes on one host); otherwise the target never opens a path that came
-//! from the wire.
+//! The source takes its bindings out of the machine before it crosses ([`strip`]): `Hello`
+//! and `State` carry the [`VmSpec`] only. The target binds its own ([`Bound::from_request`]):
+//! what `vm.migrate-receive` names, checked against the spec when `Hello` arrives (before any
+//! memory is sent), and applied to the machine in `State` ([`Bound::apply`]; taps and the
+//! vsock socket go through [`crate::snapshot::VmSnapshot::rebind`], as for a clone). The
+//! source's own bindings travel beside the spec (`Hello.source_paths`) and are used only when
+//! the request says `same_paths` (two processes on one host); otherwise the target never
+//! opens a path that came from the wire.
 
 use std::path::PathBuf;
 
 use api::types::{DiskCache, MigrateReceiveRequest};
-use serde::{Deserialize, Serialize};
 
-use crate::config::{CacheMode, ConsoleConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{CacheMode, ConsoleConfig, HostBindings, Nic, VmConfig, VmSpec};
 use crate::snapshot::VmSnapshot;
 
 /// Errors binding a machine to this host.
@@ -44,39 +42,18 @@ pub enum BindError {
 
 const OR_SAME: &str = ", or same_paths for two processes on one host";
 
-/// A machine's host paths, as the source has them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourcePaths {
-    pub disks: Vec<PathBuf>,
-    pub taps: Vec<String>,
-    pub vsock_socket: Option<PathBuf>,
-    pub virtio_console: Option<ConsoleConfig>,
+/// Takes this host's bindings out of `config` (left with none), returning them without the
+/// console and API socket, which are the process's own.
+pub fn strip(config: &mut VmConfig) -> HostBindings {
+    let mut b = std::mem::take(&mut config.bindings);
+    b.console = ConsoleConfig::Off;
+    b.api_socket = None;
+    b
 }
 
-/// Takes the host paths out of `config` (they become empty), returning them.
-pub fn strip(config: &mut VmConfig) -> SourcePaths {
-    SourcePaths {
-        disks: config
-            .disks
-            .iter_mut()
-            .map(|d| std::mem::take(&mut d.path))
-            .collect(),
-        taps: config
-            .nets
-            .iter_mut()
-            .map(|n| std::mem::take(&mut n.tap))
-            .collect(),
-        vsock_socket: config.vsock.as_mut().map(|v| std::mem::take(&mut v.socket)),
-        virtio_console: config
-            .virtio_console
-            .as_mut()
-            .map(|c| std::mem::replace(c, ConsoleConfig::Off)),
-    }
-}
-
-/// This host's paths for a machine, as the receive request gives them.
+/// This host's bindings for a machine, as the receive request gives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBindings {
+pub struct Bound {
     /// Each disk's file and cache mode (none: the source's).
     disks: Vec<(PathBuf, Option<CacheMode>)>,
     taps: Vec<String>,
@@ -84,15 +61,14 @@ pub struct HostBindings {
     virtio_console: Option<ConsoleConfig>,
 }
 
-impl HostBindings {
-    /// The bindings for `machine` (the source's description, stripped) that `req` gives, the
-    /// source's `paths` filling in what it leaves out when it says `same_paths`; refused when
-    /// they do not fit the machine.
+impl Bound {
+    /// The bindings for `machine` that `req` gives, the source's `paths` filling in what it
+    /// leaves out when it says `same_paths`; refused when they do not fit the machine.
     pub fn from_request(
         req: &MigrateReceiveRequest,
-        machine: &VmConfig,
-        paths: &SourcePaths,
-    ) -> Result<HostBindings, BindError> {
+        machine: &VmSpec,
+        paths: &HostBindings,
+    ) -> Result<Bound, BindError> {
         let same = req.same_paths;
         let or_same = if same { "" } else { OR_SAME };
         let count = |what, one, flag, has: usize, named: usize| BindError::Count {
@@ -141,15 +117,13 @@ impl HostBindings {
         };
         // A virtio console writing to a file or socket: the source's only with same_paths,
         // else its output is discarded here.
-        let virtio_console =
-            machine
-                .virtio_console
-                .as_ref()
-                .map(|_| match (&paths.virtio_console, same) {
-                    (Some(c), true) => c.clone(),
-                    _ => ConsoleConfig::Off,
-                });
-        Ok(HostBindings {
+        let virtio_console = machine
+            .virtio_console
+            .then(|| match (&paths.virtio_console, same) {
+                (Some(c), true) => c.clone(),
+                _ => ConsoleConfig::Off,
+            });
+        Ok(Bound {
             disks,
             taps,
             vsock_socket,
@@ -164,52 +138,45 @@ impl HostBindings {
                 "the state has {has} {what}, the greeting announced {bound}"
             ))
         };
-        if snap.config.disks.len() != self.disks.len() {
-            return Err(changed("disks", snap.config.disks.len(), self.disks.len()));
+        let spec = &mut snap.config.spec;
+        if spec.disks.len() != self.disks.len() {
+            return Err(changed("disks", spec.disks.len(), self.disks.len()));
         }
-        if snap.config.nets.len() != self.taps.len() {
-            return Err(changed(
-                "network devices",
-                snap.config.nets.len(),
-                self.taps.len(),
-            ));
+        if spec.nets.len() != self.taps.len() {
+            return Err(changed("network devices", spec.nets.len(), self.taps.len()));
         }
-        if snap.config.vsock.is_some() != self.vsock_socket.is_some() {
+        if spec.vsock.is_some() != self.vsock_socket.is_some() {
             return Err(BindError::Changed("the vsock device".to_string()));
         }
-        for (d, (path, cache)) in snap.config.disks.iter_mut().zip(&self.disks) {
-            d.path = path.clone();
+        for (d, (_, cache)) in spec.disks.iter_mut().zip(&self.disks) {
             if let Some(c) = cache {
                 d.cache = *c;
             }
         }
+        snap.config.bindings = HostBindings {
+            disks: self.disks.iter().map(|(p, _)| p.clone()).collect(),
+            virtio_console: self.virtio_console.clone(),
+            ..HostBindings::default()
+        };
         // New taps and vsock socket as a clone gets them; the guest keeps its MAC and CID.
-        let nets: Vec<NetConfig> = snap
-            .config
+        let nets: Vec<(Nic, String)> = spec
             .nets
             .iter()
             .zip(&self.taps)
-            .map(|(n, tap)| NetConfig {
-                tap: tap.clone(),
-                mac: None,
-                ..n.clone()
+            .map(|(n, tap)| {
+                (
+                    Nic {
+                        mac: None,
+                        ..n.clone()
+                    },
+                    tap.clone(),
+                )
             })
             .collect();
-        let vsock = snap
-            .config
-            .vsock
-            .as_ref()
-            .zip(self.vsock_socket.as_ref())
-            .map(|(v, socket)| VsockConfig {
-                cid: v.cid,
-                socket: socket.clone(),
-            });
+        let vsock = spec.vsock.zip(self.vsock_socket.clone());
+        snap.config.bindings.taps = self.taps.clone();
         snap.rebind(&nets, vsock.as_ref())
-            .map_err(|e| BindError::Changed(e.to_string()))?;
-        if let Some(c) = &self.virtio_console {
-            snap.config.virtio_console = Some(c.clone());
-        }
-        Ok(())
+            .map_err(|e| BindError::Changed(e.to_string()))
     }
 }
 
@@ -228,23 +195,26 @@ mod tests {
 
     /// A machine without devices.
     fn bare() -> VmConfig {
-        serde_json::from_value(serde_json::json!({
-            "cpus": 1, "memory": 128 << 20, "disks": [], "rng": false, "nets": [],
-            "vsock": null, "virtio_console": null, "balloon": null, "transport": "Mmio",
-        }))
-        .unwrap()
+        VmConfig::new(VmSpec::default(), HostBindings::default())
     }
 
     fn machine() -> VmConfig {
-        use crate::config::{parse_disk, parse_net, parse_vsock};
+        use spec::cli;
         let mut c = bare();
-        c.disks = vec![
-            parse_disk("path=/src/a.raw").unwrap(),
-            parse_disk("path=/src/b.raw,cache=none").unwrap(),
-        ];
-        c.nets = vec![parse_net("tap=vtap0").unwrap()];
-        c.vsock = Some(parse_vsock("cid=5,socket=/src/v.sock").unwrap());
-        c.virtio_console = Some(ConsoleConfig::File("/src/console.log".into()));
+        for d in ["path=/src/a.raw", "path=/src/b.raw,cache=none"] {
+            let (d, path) = cli::disk(d).unwrap();
+            c.spec.disks.push(d);
+            c.bindings.disks.push(path);
+        }
+        let (nic, tap) = cli::net("tap=vtap0").unwrap();
+        c.spec.nets.push(nic);
+        c.bindings.taps.push(tap);
+        let (v, socket) = cli::vsock("cid=5,socket=/src/v.sock").unwrap();
+        c.spec.vsock = Some(v);
+        c.bindings.vsock_socket = Some(socket);
+        c.spec.virtio_console = true;
+        c.bindings.virtio_console = Some(ConsoleConfig::File("/src/console.log".into()));
+        c.bindings.api_socket = Some("/src/api.sock".into());
         c
     }
 
@@ -269,12 +239,13 @@ mod tests {
         );
         assert_eq!(paths.taps, ["vtap0"]);
         assert_eq!(paths.vsock_socket, Some("/src/v.sock".into()));
+        assert_eq!(paths.api_socket, None, "the process's own");
         let wire = serde_json::to_string(&c).unwrap();
         assert!(!wire.contains("/src/") && !wire.contains("vtap0"), "{wire}");
         // The machine itself is intact.
-        assert_eq!((c.disks.len(), c.nets.len()), (2, 1));
-        assert_eq!(c.disks[1].cache, CacheMode::None);
-        assert_eq!(c.vsock.as_ref().unwrap().cid, 5);
+        assert_eq!((c.spec.disks.len(), c.spec.nets.len()), (2, 1));
+        assert_eq!(c.spec.disks[1].cache, CacheMode::None);
+        assert_eq!(c.spec.vsock.as_ref().unwrap().cid, 5);
     }
 
     #[test]
@@ -282,7 +253,7 @@ mod tests {
         let mut c = machine();
         let paths = strip(&mut c);
         // Nothing named: refused, saying what is missing.
-        let e = HostBindings::from_request(&request(), &c, &paths).unwrap_err();
+        let e = Bound::from_request(&request(), &c.spec, &paths).unwrap_err();
         assert!(
             e.to_string().contains("2 disks, this receive names 0"),
             "{e}"
@@ -292,19 +263,19 @@ mod tests {
             path: "/dst/a.raw".into(),
             cache: None,
         }];
-        let e = HostBindings::from_request(&r, &c, &paths).unwrap_err();
+        let e = Bound::from_request(&r, &c.spec, &paths).unwrap_err();
         assert!(e.to_string().contains("names 1"), "{e}");
         r.disks.push(MigrateDisk {
             path: "/dst/b.raw".into(),
             cache: Some(DiskCache::Writeback),
         });
-        let e = HostBindings::from_request(&r, &c, &paths).unwrap_err();
+        let e = Bound::from_request(&r, &c.spec, &paths).unwrap_err();
         assert!(e.to_string().contains("network devices"), "{e}");
         r.taps = vec!["vtap9".into()];
-        let e = HostBindings::from_request(&r, &c, &paths).unwrap_err();
+        let e = Bound::from_request(&r, &c.spec, &paths).unwrap_err();
         assert!(e.to_string().contains("vsock"), "{e}");
         r.vsock_socket = Some("/dst/v.sock".into());
-        let b = HostBindings::from_request(&r, &c, &paths).unwrap();
+        let b = Bound::from_request(&r, &c.spec, &paths).unwrap();
         assert_eq!(
             b.disks[1],
             ("/dst/b.raw".into(), Some(CacheMode::Writeback))
@@ -316,7 +287,7 @@ mod tests {
         let mut same = request();
         same.same_paths = true;
         same.taps = vec!["vtap7".into()];
-        let b = HostBindings::from_request(&same, &c, &paths).unwrap();
+        let b = Bound::from_request(&same, &c.spec, &paths).unwrap();
         assert_eq!(b.disks[0], ("/src/a.raw".into(), None));
         assert_eq!(b.taps, ["vtap7"]);
         assert_eq!(b.vsock_socket, Some("/src/v.sock".into()));
@@ -329,16 +300,16 @@ mod tests {
             path: "/x".into(),
             cache: None,
         }];
-        assert!(HostBindings::from_request(&same, &c, &paths).is_err());
+        assert!(Bound::from_request(&same, &c.spec, &paths).is_err());
         // A vsock socket for a machine without one.
         let mut bare = bare();
         let none = strip(&mut bare);
         let mut r = request();
         r.vsock_socket = Some("/v".into());
         assert!(matches!(
-            HostBindings::from_request(&r, &bare, &none),
+            Bound::from_request(&r, &bare.spec, &none),
             Err(BindError::NoVsockDevice)
         ));
-        assert!(HostBindings::from_request(&request(), &bare, &none).is_ok());
+        assert!(Bound::from_request(&request(), &bare.spec, &none).is_ok());
     }
 }

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of `Hello`.
 pub const MAGIC: &str = "vessel-migration";
 /// The protocol version this Vessel speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest frame accepted (a batch of pages, or the state).
 pub const MAX_FRAME: u64 = 256 << 20;
 /// Pages per `Pages` frame at most.
@@ -124,12 +124,12 @@ pub struct Hello {
     pub magic: String,
     pub version: u32,
     pub vessel_version: String,
-    /// The machine (`VmConfig`), as JSON, without its host paths (disk files, taps, sockets).
-    pub config: serde_json::Value,
-    /// The source's host paths, used by the target only when its receive request says
+    /// The machine: its spec, with none of the source's host bindings.
+    pub machine: crate::config::VmSpec,
+    /// The source's bindings, used by the target only when its receive request says
     /// `same_paths` (see `bindings`).
     #[serde(default)]
-    pub source_paths: super::bindings::SourcePaths,
+    pub source_paths: crate::config::HostBindings,
     /// Digest all of guest memory at stop-and-copy ([`super::digest`]) rather than the logs
     /// of pages sent and received ([`super::PageLog`]).
     #[serde(default)]

@@ -10,7 +10,7 @@ use devices::bus::lock;
 use guestmem::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::bindings::HostBindings;
+use super::bindings::Bound;
 use super::protocol::{self, Hello, Round, Tag};
 use super::seal::{Channel, Role};
 use super::Outgoing;
@@ -193,22 +193,21 @@ fn receive_on(
         .into());
     }
     let full_digest = hello.full_digest;
-    let config: VmConfig = serde_json::from_value(hello.config)
-        .map_err(|e| MigrationError::Build(format!("configuration: {e}")))?;
+    let config = VmConfig::new(hello.machine, Default::default());
     // This host's disks, taps and sockets, from the receive request: refused now, before any
     // memory is sent, if they do not fit the machine.
-    let bindings = HostBindings::from_request(req, &config, &hello.source_paths)?;
-    let ranges = arch::layout::ram_ranges(config.memory);
+    let bindings = Bound::from_request(req, &config.spec, &hello.source_paths)?;
+    let ranges = arch::layout::ram_ranges(config.spec.memory);
     let mem = GuestMem::from_ranges(&ranges).map_err(|e| {
-        MigrationError::Build(format!("{} MiB of memory: {e}", config.memory >> 20))
+        MigrationError::Build(format!("{} MiB of memory: {e}", config.spec.memory >> 20))
     })?;
     // The source's choice: huge pages (fewer faults as the pages arrive) or none at all.
-    hypervisor::mem::advise_hugepages(&mem, config.thp);
+    hypervisor::mem::advise_hugepages(&mem, config.spec.thp);
     // The KVM half of the machine now, not in the downtime; a host that cannot build it
     // refuses before any page is sent.
     let kvm = KvmMachine::build(&config, &mem).map_err(|e| MigrationError::Build(e.to_string()))?;
     update(&|s| {
-        s.total_bytes = config.memory;
+        s.total_bytes = config.spec.memory;
         s.phase = MigrationPhase::Precopy;
         s.round = 1;
     });
@@ -266,9 +265,9 @@ fn receive_on(
         serde_json::from_slice(&state).map_err(|e| MigrationError::Build(format!("state: {e}")))?;
     bindings.apply(&mut snap)?;
     let mut config = snap.config.clone();
-    config.console = opts.console.clone();
-    config.api_socket = opts.api_socket.clone();
-    config.on_reboot = crate::config::OnReboot::Exit;
+    config.bindings.console = opts.console.clone();
+    config.bindings.api_socket = opts.api_socket.clone();
+    config.spec.on_reboot = crate::config::OnReboot::Exit;
     // The source has flushed its disks, stopped its devices and released the disks' locks:
     // this side takes them (and fails the migration if someone else has them).
     config.handed_over_disks = true;

@@ -261,7 +261,7 @@ pub fn send(
         *s = MigrationStatus {
             phase: MigrationPhase::Setup,
             role: Some(MigrationRole::Send),
-            total_bytes: m.config.memory,
+            total_bytes: m.config.spec.memory,
             ..Default::default()
         }
     });
@@ -287,8 +287,7 @@ pub fn send(
             magic: protocol::MAGIC.to_string(),
             version: protocol::VERSION,
             vessel_version: env!("CARGO_PKG_VERSION").to_string(),
-            config: serde_json::to_value(machine)
-                .map_err(|e| protocol::ProtocolError::Bad(e.to_string()))?,
+            machine: machine.spec,
             full_digest: req.full_digest,
             source_paths,
         };

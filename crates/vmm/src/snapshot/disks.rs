@@ -22,7 +22,7 @@ use std::sync::Arc;
 use block::DiskBackend;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CacheMode, DiskConfig};
+use crate::config::{CacheMode, Disk, VmConfig};
 
 /// A disk image frozen by a disk snapshot: the content that goes with the saved memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +73,7 @@ pub(crate) struct Planned {
 
 /// The overlays a disk snapshot into `dir` creates, checked before anything is paused: every
 /// writable disk gets `<image>.<dir name>.qcow2` next to its image, which must not exist.
-pub(crate) fn plan(disks: &[DiskConfig], dir: &Path) -> Result<Vec<Planned>, DiskSnapshotError> {
+pub(crate) fn plan(config: &VmConfig, dir: &Path) -> Result<Vec<Planned>, DiskSnapshotError> {
     let name = dir
         .canonicalize()
         .ok()
@@ -81,11 +81,9 @@ pub(crate) fn plan(disks: &[DiskConfig], dir: &Path) -> Result<Vec<Planned>, Dis
         .filter(|n| !n.is_empty())
         .ok_or_else(|| DiskSnapshotError::DirName(dir.display().to_string()))?;
     let mut out = Vec::new();
-    for (index, d) in disks.iter().enumerate().filter(|(_, d)| !d.read_only) {
-        let image = d
-            .path
-            .canonicalize()
-            .map_err(|e| disk_err(index, &d.path, e))?;
+    let disks = config.spec.disks.iter().zip(&config.bindings.disks);
+    for (index, (_, path)) in disks.enumerate().filter(|(_, (d, _))| !d.read_only) {
+        let image = path.canonicalize().map_err(|e| disk_err(index, path, e))?;
         let file = image
             .file_name()
             .ok_or_else(|| disk_err(index, &image, "no file name"))?;
@@ -163,7 +161,7 @@ fn create_overlay(
 fn open_overlay(
     index: usize,
     overlay: &Path,
-    d: &DiskConfig,
+    d: &Disk,
 ) -> Result<Arc<LateLocked>, DiskSnapshotError> {
     let opts = block::OpenOptions {
         read_only: false,
@@ -183,10 +181,10 @@ fn open_overlay(
 impl crate::vm::Machine {
     /// The engine serving each disk now, in configuration order.
     pub(crate) fn disk_engines(&self) -> Vec<devices::virtio::block::EngineKind> {
-        (0..self.config.disks.len())
+        (0..self.config.spec.disks.len())
             .map(|i| {
                 self.with_block(i, |b| b.engine())
-                    .unwrap_or(self.config.disks[i].engine)
+                    .unwrap_or(self.config.spec.disks[i].engine)
             })
             .collect()
     }
@@ -219,7 +217,7 @@ impl crate::vm::Machine {
     /// Hands the disks over to a live migration's target: flushes each and releases its image
     /// locks, so that the target can take them. The devices must be paused.
     pub(crate) fn hand_over_disks(&self) -> Result<(), String> {
-        for i in 0..self.config.disks.len() {
+        for i in 0..self.config.spec.disks.len() {
             let disk = self.disk_backend(i)?;
             disk.flush().map_err(|e| format!("disk {i}: flush: {e}"))?;
             disk.release_locks();
@@ -231,7 +229,7 @@ impl crate::vm::Machine {
     /// that is still letting go of them. The VM must not run on without them.
     pub(crate) fn take_back_disks(&self) -> Result<(), String> {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        for i in 0..self.config.disks.len() {
+        for i in 0..self.config.spec.disks.len() {
             let disk = self.disk_backend(i)?;
             loop {
                 match disk.retake_locks() {
@@ -257,7 +255,7 @@ impl crate::vm::Machine {
     ) -> Result<Vec<FrozenDisk>, DiskSnapshotError> {
         let mut frozen = Vec::with_capacity(planned.len());
         for p in planned {
-            let d = &self.config.disks[p.index];
+            let d = &self.config.spec.disks[p.index];
             let size = self
                 .with_block(p.index, |b| b.disk().size())
                 .ok_or_else(|| disk_err(p.index, &p.image, "no block device"))?;
@@ -320,7 +318,7 @@ impl crate::vm::Machine {
 /// configuration at them. Returns the overlays created (to remove if the restore fails).
 pub(crate) fn prepare_restore(
     frozen: &[FrozenDisk],
-    disks: &mut [DiskConfig],
+    config: &mut VmConfig,
     dir: &Path,
 ) -> Result<Vec<PathBuf>, DiskSnapshotError> {
     let mut created = Vec::new();
@@ -329,7 +327,10 @@ pub(crate) fn prepare_restore(
             .canonicalize()
             .map_err(|e| DiskSnapshotError::DirName(format!("{}: {e}", dir.display())))?;
         for f in frozen {
-            let Some(d) = disks.get_mut(f.index) else {
+            let (Some(d), Some(path)) = (
+                config.spec.disks.get_mut(f.index),
+                config.bindings.disks.get_mut(f.index),
+            ) else {
                 return Err(disk_err(f.index, &f.path, "no such disk in the saved VM"));
             };
             let now = describe(f.index, &f.path)?;
@@ -369,7 +370,7 @@ pub(crate) fn prepare_restore(
             };
             create_overlay(f.index, &overlay, &f.path, &backing_name, size)?;
             created.push(overlay.clone());
-            d.path = overlay;
+            *path = overlay;
             if d.engine == devices::virtio::block::EngineKind::IoUring {
                 // A qcow2 overlay: io_uring serves raw files only.
                 d.engine = devices::virtio::block::EngineKind::Auto;
@@ -397,16 +398,17 @@ pub(crate) fn remove_overlays(paths: &[PathBuf]) {
 mod tests {
     use super::*;
 
-    fn disk(path: &Path, read_only: bool) -> DiskConfig {
-        DiskConfig {
-            path: path.to_path_buf(),
-            read_only,
-            cache: CacheMode::Writeback,
-            serial: None,
-            queues: 1,
-            engine: Default::default(),
-            rate_limit: Default::default(),
+    /// A VM with these disks (file, read-only).
+    fn disks(list: &[(&Path, bool)]) -> VmConfig {
+        let mut c = VmConfig::new(Default::default(), Default::default());
+        for (path, read_only) in list {
+            c.spec.disks.push(Disk {
+                read_only: *read_only,
+                ..Disk::new()
+            });
+            c.bindings.disks.push(path.to_path_buf());
         }
+        c
     }
 
     #[test]
@@ -417,7 +419,7 @@ mod tests {
         std::fs::write(&b, [0u8; 4096]).unwrap();
         let snap = t.path().join("snap1");
         std::fs::create_dir(&snap).unwrap();
-        let p = plan(&[disk(&a, false), disk(&b, true)], &snap).unwrap();
+        let p = plan(&disks(&[(&a, false), (&b, true)]), &snap).unwrap();
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].index, 0);
         assert_eq!(
@@ -425,7 +427,7 @@ mod tests {
             t.path().canonicalize().unwrap().join("a.raw.snap1.qcow2")
         );
         std::fs::write(&p[0].overlay, b"").unwrap();
-        let e = plan(&[disk(&a, false)], &snap).unwrap_err();
+        let e = plan(&disks(&[(&a, false)]), &snap).unwrap_err();
         assert!(e.to_string().contains("exists already"), "{e}");
     }
 
@@ -437,13 +439,13 @@ mod tests {
         let snap = t.path().join("snap");
         std::fs::create_dir(&snap).unwrap();
         let frozen = vec![describe(0, &a.canonicalize().unwrap()).unwrap()];
-        let mut disks = vec![disk(&a, false)];
-        let made = prepare_restore(&frozen, &mut disks, &snap).unwrap();
-        let mut disks2 = vec![disk(&a, false)];
-        let made2 = prepare_restore(&frozen, &mut disks2, &snap).unwrap();
+        let mut vm = disks(&[(&a, false)]);
+        let made = prepare_restore(&frozen, &mut vm, &snap).unwrap();
+        let mut vm2 = disks(&[(&a, false)]);
+        let made2 = prepare_restore(&frozen, &mut vm2, &snap).unwrap();
         assert_ne!(made, made2, "each restore has its own overlay");
-        for (m, d) in [(&made, &disks), (&made2, &disks2)] {
-            assert_eq!(d[0].path, m[0]);
+        for (m, c) in [(&made, &vm), (&made2, &vm2)] {
+            assert_eq!(c.bindings.disks[0], m[0]);
             assert!(m[0].starts_with(snap.canonicalize().unwrap()));
             let chain = block::chain::resolve_chain(&m[0], None).unwrap();
             assert_eq!(chain.len(), 2);
@@ -469,8 +471,8 @@ mod tests {
             .set_modified(later)
             .unwrap();
         let before = std::fs::read_dir(&snap).unwrap().count();
-        let mut disks3 = vec![disk(&a, false)];
-        let e = prepare_restore(&frozen, &mut disks3, &snap).unwrap_err();
+        let mut vm3 = disks(&[(&a, false)]);
+        let e = prepare_restore(&frozen, &mut vm3, &snap).unwrap_err();
         assert!(e.to_string().contains("changed since the snapshot"), "{e}");
         assert_eq!(std::fs::read_dir(&snap).unwrap().count(), before);
     }

@@ -3,15 +3,15 @@
 //!
 //! ```text
 //! VESSEL-SNAPSHOT
-//! {"format_version":2,"vessel_version":"0.1.0","body_len":1234,"body_crc32":305419896,
+//! {"format_version":3,"vessel_version":"0.1.0","body_len":1234,"body_crc32":305419896,
 //!  "snapshot_id":"9f2c…","parent":{"dir":"/snaps/full","id":"41d0…"}}
 //! {...the state...}
 //! ```
 //!
 //! (the header is one line). Every snapshot has a random `snapshot_id`; a diff snapshot names
 //! its `parent` (absolute directory and id), whose memory file holds the pages the diff left
-//! out. Version 2 added both; version 1 files (no id, no parent: full snapshots) are still
-//! read. A file from a newer format is refused with a version error (never half-read), so an
+//! out. Version 2 added both; version 3 records the machine as a spec with its host bindings
+//! (`VmConfig { spec, bindings }`), and older files are refused with a version error. A file from a newer format is refused with a version error (never half-read), so an
 //! older Vessel never mistakes a diff snapshot for a full one. The checksum catches truncation
 //! and bit rot before any state reaches KVM. Files are written to a temporary name, synced and
 //! renamed, so a crash never leaves a half-written snapshot under the real name.
@@ -26,11 +26,20 @@ use serde::{Deserialize, Serialize};
 /// First line of every state file.
 pub const MAGIC: &str = "VESSEL-SNAPSHOT";
 /// The state format this Vessel writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest state format this Vessel reads.
-pub const OLDEST_VERSION: u32 = 1;
+pub const OLDEST_VERSION: u32 = 3;
 /// Longest header line accepted.
 const MAX_HEADER: usize = 4096;
+
+/// The versions this Vessel reads, for messages.
+fn supported_versions() -> String {
+    if OLDEST_VERSION == FORMAT_VERSION {
+        format!("version {FORMAT_VERSION}")
+    } else {
+        format!("versions {OLDEST_VERSION} to {FORMAT_VERSION}")
+    }
+}
 
 /// Errors reading or writing a state file.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +54,8 @@ pub enum FormatError {
     NotASnapshot(String),
     #[error(
         "{path}: snapshot format version {found} (written by Vessel {writer}); this Vessel \
-         {ours} reads versions {OLDEST_VERSION} to {FORMAT_VERSION} only"
+         {ours} reads {versions} only",
+        versions = supported_versions()
     )]
     Version {
         path: String,
@@ -246,20 +256,19 @@ mod tests {
         assert_eq!(l.id.len(), 32);
         assert_ne!(l.id, l.parent.unwrap().id);
         assert!(!p.with_extension("tmp").exists());
-        // A version 1 file (no id, no parent) is still read.
+        // A version 2 file (a machine before specs) is refused by its version.
         let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
         let mut lines: Vec<&str> = text.splitn(3, '\n').collect();
         let body = lines[2];
-        let v1 = format!(
-            "{{\"format_version\":1,\"vessel_version\":\"0.1.0\",\"body_len\":{},\"body_crc32\":{}}}",
+        let v2 = format!(
+            "{{\"format_version\":2,\"vessel_version\":\"0.1.0\",\"body_len\":{},\"body_crc32\":{}}}",
             body.len(),
             crc32fast::hash(body.as_bytes())
         );
-        lines[1] = &v1;
+        lines[1] = &v2;
         std::fs::write(&p, lines.join("\n")).unwrap();
-        let (s, l) = read_state_lineage::<S>(&p).unwrap();
-        assert_eq!(s, sample());
-        assert_eq!(l, Lineage::default());
+        let e = read_state_lineage::<S>(&p).unwrap_err();
+        assert!(matches!(e, FormatError::Version { found: 2, .. }), "{e}");
     }
 
     #[test]
@@ -295,10 +304,10 @@ mod tests {
         let p = d.path().join("state");
         write_state(&p, &sample(), &Lineage::default()).unwrap();
         let text = String::from_utf8(std::fs::read(&p).unwrap()).unwrap();
-        let text = text.replacen("\"format_version\":2", "\"format_version\":99", 1);
+        let text = text.replacen("\"format_version\":3", "\"format_version\":99", 1);
         std::fs::write(&p, text).unwrap();
         let e = read_state::<S>(&p).unwrap_err();
         assert!(matches!(e, FormatError::Version { found: 99, .. }), "{e}");
-        assert!(e.to_string().contains("reads versions 1 to 2 only"), "{e}");
+        assert!(e.to_string().contains("reads version 3 only"), "{e}");
     }
 }

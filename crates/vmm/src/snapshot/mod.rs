@@ -239,7 +239,7 @@ impl Machine {
             return Err(bad_dir("it holds the base snapshot".to_string()));
         }
         let planned = if disk_snapshot {
-            disks::plan(&self.config_now().disks, &dir)?
+            disks::plan(&self.config_now(), &dir)?
         } else {
             Vec::new()
         };
@@ -259,7 +259,7 @@ impl Machine {
             // restored guest should not see that time pass.
             let mut state = self.state(memory::layout_of(&self.mem))?;
             for f in &frozen {
-                state.config.disks[f.index].path = f.path.clone();
+                state.config.bindings.disks[f.index] = f.path.clone();
             }
             state.frozen_disks = frozen;
             let path = dir.join(MEMORY_FILE);
@@ -421,34 +421,27 @@ impl Machine {
 }
 
 impl VmSnapshot {
-    /// The saved state of virtio device `index` (in `virtio::setup` order).
-    fn device_mut(&mut self, index: usize) -> Option<&mut devices::virtio::VirtioDeviceState> {
-        match &mut self.virtio {
-            VirtioState::Mmio(t) => t.get_mut(index).map(|t| &mut t.device),
-            VirtioState::Pci { functions, .. } => functions.get_mut(index).map(|f| &mut f.device),
-        }
-    }
-
     /// Gives the restored VM new host-side backends for its network devices (all of them, in
     /// order: a clone needs its own taps) and its vsock device (a clone needs its own socket),
     /// with a new MAC, guest CID or network rate limits (each direction) where given; the saved
     /// ones otherwise. Each device is then built with the address and limits its state holds.
     pub fn rebind(
         &mut self,
-        nets: &[crate::config::NetConfig],
-        vsock: Option<&crate::config::VsockConfig>,
+        nets: &[(crate::config::Nic, String)],
+        vsock: Option<&(crate::config::Vsock, std::path::PathBuf)>,
     ) -> Result<(), SnapshotError> {
         let mismatch = |s: String| SnapshotError::Mismatch(s);
-        let first_net = self.config.disks.len();
-        if !nets.is_empty() && nets.len() != self.config.nets.len() {
+        let (spec, host) = (&mut self.config.spec, &mut self.config.bindings);
+        let first_net = spec.disks.len();
+        if !nets.is_empty() && nets.len() != spec.nets.len() {
             return Err(mismatch(format!(
                 "the saved VM has {} network devices; give a --net for each, or none",
-                self.config.nets.len()
+                spec.nets.len()
             )));
         }
-        for i in 0..self.config.nets.len() {
+        for i in 0..spec.nets.len() {
             let (saved_mac, saved_rx, saved_tx) =
-                match self.device_mut(first_net + i).map(|d| &d.specific) {
+                match device_mut(&mut self.virtio, first_net + i).map(|d| &d.specific) {
                     Some(devices::virtio::DeviceSpecificState::Net(n)) => {
                         (n.mac, n.rx_rate_limiter, n.tx_rate_limiter)
                     }
@@ -462,46 +455,57 @@ impl VmSnapshot {
                 }
             };
             let (rx_limit, tx_limit) = match nets.get(i) {
-                Some(n) => (given(n.rx_limit, saved_rx), given(n.tx_limit, saved_tx)),
+                Some((n, _)) => (given(n.rx_limit, saved_rx), given(n.tx_limit, saved_tx)),
                 None => (saved_rx, saved_tx),
             };
-            let (tap, mac) = match nets.get(i) {
-                Some(n) => {
-                    if n.queues != self.config.nets[i].queues {
+            let mac = match nets.get(i) {
+                Some((n, tap)) => {
+                    if n.queues != spec.nets[i].queues {
                         return Err(mismatch(format!(
                             "network device {i} had {} queue pairs, not {}",
-                            self.config.nets[i].queues, n.queues
+                            spec.nets[i].queues, n.queues
                         )));
                     }
-                    (n.tap.clone(), n.mac.unwrap_or(saved_mac))
+                    host.taps[i] = tap.clone();
+                    n.mac.unwrap_or(saved_mac)
                 }
-                None => (self.config.nets[i].tap.clone(), saved_mac),
+                None => saved_mac,
             };
-            if let Some(d) = self.device_mut(first_net + i) {
+            if let Some(d) = device_mut(&mut self.virtio, first_net + i) {
                 d.set_net_mac(mac).map_err(|e| mismatch(e.to_string()))?;
                 d.set_net_rate_limiters(rx_limit, tx_limit)
                     .map_err(|e| mismatch(e.to_string()))?;
             }
-            self.config.nets[i].tap = tap;
-            self.config.nets[i].mac = Some(mac);
-            self.config.nets[i].rx_limit = rx_limit;
-            self.config.nets[i].tx_limit = tx_limit;
+            spec.nets[i].mac = Some(mac);
+            spec.nets[i].rx_limit = rx_limit;
+            spec.nets[i].tx_limit = tx_limit;
         }
-        if let Some(v) = vsock {
-            let Some(saved) = &self.config.vsock else {
+        if let Some((v, socket)) = vsock {
+            let Some(saved) = &mut spec.vsock else {
                 return Err(mismatch("the saved VM has no vsock device".to_string()));
             };
             if saved.cid != v.cid {
-                let index = first_net + self.config.nets.len() + usize::from(self.config.rng);
-                let d = self
-                    .device_mut(index)
+                let index = first_net + spec.nets.len() + usize::from(spec.rng);
+                let d = device_mut(&mut self.virtio, index)
                     .ok_or_else(|| mismatch("no saved state for the vsock device".to_string()))?;
                 d.set_vsock_cid(v.cid)
                     .map_err(|e| mismatch(e.to_string()))?;
             }
-            self.config.vsock = Some(v.clone());
+            *saved = *v;
+            host.vsock_socket = Some(socket.clone());
         }
         Ok(())
+    }
+}
+
+/// The saved state of virtio device `index` (in `virtio::setup` order).
+fn device_mut(
+    virtio: &mut VirtioState,
+    index: usize,
+) -> Option<&mut devices::virtio::VirtioDeviceState> {
+    match virtio {
+        VirtioState::Mmio(t) => t.get_mut(index).map(|t| &mut t.device),
+        VirtioState::Pci { functions, .. } => functions.get_mut(index).map(|f| &mut f.device),
     }
 }
 
@@ -539,17 +543,21 @@ fn check_parent(base: &SnapshotBase, child: &Path) -> Result<(), SnapshotError> 
 /// is `regions`) down to its full snapshot; returns the memory files, the full snapshot's
 /// first. Each parent must be there, have the id its child recorded and the same memory
 /// layout.
+/// The snapshot directories of a chain, and its disks' files with whether each is read-only.
+pub type RestorePaths = (Vec<std::path::PathBuf>, Vec<(std::path::PathBuf, bool)>);
+
 /// What restoring the snapshot in `dir` reads and writes on the host: the directories of its
-/// chain of snapshots, and its disks. A jail exposes these to the restoring VMM.
-pub fn restore_paths(
-    dir: &Path,
-) -> Result<(Vec<std::path::PathBuf>, Vec<crate::config::DiskConfig>), SnapshotError> {
+/// chain of snapshots, and its disk files (each with whether it is read-only). A jail
+/// exposes these to the restoring VMM.
+pub fn restore_paths(dir: &Path) -> Result<RestorePaths, SnapshotError> {
     let (snap, lineage): (VmSnapshot, Lineage) = format::read_state_lineage(&dir.join(STATE_FILE))?;
     let dirs = resolve_chain(dir, &lineage, &snap.memory)?
         .iter()
         .filter_map(|f| f.parent().map(Path::to_path_buf))
         .collect();
-    Ok((dirs, snap.config.disks))
+    let disks = snap.config.bindings.disks.into_iter();
+    let read_only = snap.config.spec.disks.iter().map(|d| d.read_only);
+    Ok((dirs, disks.zip(read_only).collect()))
 }
 
 pub fn resolve_chain(

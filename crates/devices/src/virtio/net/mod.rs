@@ -101,8 +101,8 @@ const GUEST_OFFLOADS: [(u32, u32); 5] = [
 pub enum NetError {
     #[error("{0} queue pairs requested; 1 to {MAX_QUEUE_PAIRS} are possible")]
     QueuePairs(usize),
-    #[error("MAC address: {0}")]
-    Mac(#[from] ::net::MacError),
+    #[error("cannot make a random MAC address: {0}")]
+    Mac(#[source] std::io::Error),
     #[error(transparent)]
     Tap(#[from] ::net::TapError),
     #[error("rate limiter: {0}")]
@@ -161,7 +161,7 @@ impl Net {
         }
         let mac = match mac {
             Some(m) => m,
-            None => MacAddr::random_local()?,
+            None => ::net::random_local().map_err(NetError::Mac)?,
         };
         let mut features = feature(VIRTIO_F_VERSION_1)
             | feature(VIRTIO_RING_F_INDIRECT_DESC)

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 
 use block::{AlignedBuf, DiskBackend};
 use guestmem::GuestMem;
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::RequestError;
@@ -36,49 +35,7 @@ pub(crate) const BOUNCE_LEN: usize = 256 * 1024;
 /// Alignment of bounce buffers: enough for `O_DIRECT` on any file.
 pub(crate) const BOUNCE_ALIGN: usize = 4096;
 
-/// Which engine serves a disk (`--disk ...,engine=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EngineKind {
-    /// io_uring for raw files when the kernel allows it, else threads.
-    #[default]
-    Auto,
-    IoUring,
-    Threads,
-    Sync,
-}
-
-impl EngineKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EngineKind::Auto => "auto",
-            EngineKind::IoUring => "io_uring",
-            EngineKind::Threads => "threads",
-            EngineKind::Sync => "sync",
-        }
-    }
-}
-
-impl std::fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for EngineKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(EngineKind::Auto),
-            "io_uring" | "io-uring" | "uring" => Ok(EngineKind::IoUring),
-            "threads" => Ok(EngineKind::Threads),
-            "sync" => Ok(EngineKind::Sync),
-            _ => Err(format!(
-                "unknown engine '{s}': expected auto, io_uring, threads or sync"
-            )),
-        }
-    }
-}
+pub use spec::vm::EngineKind;
 
 /// Errors choosing or starting an engine.
 #[derive(Debug, thiserror::Error)]
