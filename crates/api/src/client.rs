@@ -117,6 +117,11 @@ impl Client {
         self.put(Endpoint::Snapshot, Some(req))
     }
 
+    /// Boots the VM `doc` describes in an empty `vessel serve`.
+    pub fn boot(&self, doc: &crate::types::VmDocument) -> Result<(), ClientError> {
+        self.put(Endpoint::Boot, Some(doc))
+    }
+
     pub fn restore(&self, req: &RestoreRequest) -> Result<(), ClientError> {
         self.put(Endpoint::Restore, Some(req))
     }

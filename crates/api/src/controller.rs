@@ -2,8 +2,12 @@
 
 use crate::types::{
     ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateReceiveResponse,
-    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo,
+    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmDocument, VmInfo,
 };
+
+/// The message of `vm.boot` to a process that has a VM.
+pub const HAS_VM: &str =
+    "this process has a VM already: vm.boot starts one in an empty `vessel serve`";
 
 /// The message of a balloon request to a VM without a balloon.
 pub const NO_BALLOON: &str = "this VM has no balloon (start it with --balloon)";
@@ -22,6 +26,13 @@ pub const NO_BALLOON: &str = "this VM has no balloon (start it with --balloon)";
 pub trait VmController: Send + Sync + 'static {
     /// State, size, devices, version.
     fn info(&self) -> Result<VmInfo, ApiError>;
+    /// Builds and starts the VM `doc` describes in this empty process (`vessel serve`);
+    /// returns once it runs. A spec or bindings that cannot be a VM is a 400 naming the
+    /// field. By default: a 409, there is a VM already.
+    fn boot(&self, doc: VmDocument) -> Result<(), ApiError> {
+        let _ = doc;
+        Err(ApiError::conflict(HAS_VM))
+    }
     /// Parks every vCPU (at an instruction boundary); returns once they are parked.
     fn pause(&self) -> Result<(), ApiError>;
     /// Releases the parked vCPUs.

@@ -39,13 +39,15 @@ pub enum CtlError {
     EmptyTokenFile(PathBuf),
     #[error("invalid --disk '{0}': expected PATH or PATH,cache=writeback|none|unsafe")]
     Disk(String),
+    #[error("{path}: {why}")]
+    Document { path: PathBuf, why: String },
 }
 
 impl CtlError {
     /// The exit code: 2 for a bad command line, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CtlError::Usage(_) => 2,
+            CtlError::Usage(_) | CtlError::Document { .. } => 2,
             _ => 1,
         }
     }
@@ -90,6 +92,12 @@ pub enum CtlCommand {
         /// overlay next to each image (`<image>.<dir name>.qcow2`).
         #[arg(long)]
         disk_snapshot: bool,
+    },
+    /// Boots the VM a JSON document describes (its spec and host bindings, as `vessel run
+    /// --print-config` writes them) in an empty `vessel serve`.
+    Boot {
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
     },
     /// Restores a snapshot.
     Restore {
@@ -277,6 +285,16 @@ fn run_polling(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i3
             };
             let msg = format!("snapshot written to {}", dir.display());
             done(out, json, client.snapshot(&req), &msg)?;
+        }
+        CtlCommand::Boot { config } => {
+            let bad = |why: String| CtlError::Document {
+                path: config.clone(),
+                why,
+            };
+            let text = std::fs::read_to_string(config).map_err(|e| bad(e.to_string()))?;
+            let doc: crate::types::VmDocument =
+                serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            done(out, json, client.boot(&doc), "booted")?;
         }
         CtlCommand::Restore { dir, memory } => {
             let req = RestoreRequest {
@@ -537,10 +555,7 @@ fn parse_disk(s: &str) -> Result<MigrateDisk, CtlError> {
     }
     let cache = match cache {
         None => None,
-        Some("writeback") => Some(DiskCache::Writeback),
-        Some("none") => Some(DiskCache::None),
-        Some("unsafe") => Some(DiskCache::Unsafe),
-        Some(_) => return Err(bad()),
+        Some(c) => Some(c.parse::<DiskCache>().map_err(|_| bad())?),
     };
     Ok(MigrateDisk {
         path: PathBuf::from(path),

@@ -6,11 +6,13 @@
 //! - [`client::Client`]: a blocking client, one method per route.
 //! - [`ctl`]: `vessel ctl`, the command line client.
 //!
-//! The OpenAPI 3.0 document is `openapi.json` in this crate, served at `/api/v1/openapi.json`.
+//! - [`openapi`]: the OpenAPI document, generated from the types and the routes' table,
+//!   served at `/api/v1/openapi.json` (`vessel ctl openapi` prints it).
 
 pub mod client;
 pub mod controller;
 pub mod ctl;
+pub mod openapi;
 pub mod server;
 pub mod types;
 
@@ -19,6 +21,3 @@ mod tests;
 
 pub use controller::VmController;
 pub use types::ApiError;
-
-/// The OpenAPI 3.0 document, served as-is.
-pub const OPENAPI_JSON: &str = include_str!("../openapi.json");

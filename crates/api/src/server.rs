@@ -273,7 +273,7 @@ async fn dispatch(
         Endpoint::Ping => Json(Pong::current()).into_response(),
         Endpoint::OpenApi => (
             [(header::CONTENT_TYPE, "application/json")],
-            crate::OPENAPI_JSON,
+            crate::openapi::json(),
         )
             .into_response(),
         Endpoint::Info => Json(call(c, |c| c.info()).await?).into_response(),
@@ -291,6 +291,12 @@ async fn dispatch(
         Endpoint::Restore => {
             let req = parse(&body)?;
             no_content(call(c, move |c| c.restore(req)).await?)
+        }
+        Endpoint::Boot => {
+            let doc: crate::types::VmDocument = parse(&body)?;
+            doc.validate()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            no_content(call(c, move |c| c.boot(doc)).await?)
         }
         Endpoint::MigrateSend => {
             let req = parse(&body)?;

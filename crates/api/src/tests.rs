@@ -76,6 +76,12 @@ impl VmController for FakeVm {
         self.record("info", String::new())?;
         Ok(fake_info())
     }
+    fn boot(&self, doc: VmDocument) -> Result<(), ApiError> {
+        self.record(
+            "boot",
+            format!(" {} cpus, disks {:?}", doc.spec.cpus, doc.bindings.disks),
+        )
+    }
     fn pause(&self) -> Result<(), ApiError> {
         self.record("pause", String::new())
     }
@@ -284,7 +290,7 @@ fn every_route_through_the_client() {
     let doc = c.openapi().unwrap();
     assert_eq!(
         doc,
-        serde_json::from_str::<Value>(crate::OPENAPI_JSON).unwrap()
+        serde_json::from_str::<Value>(crate::openapi::json()).unwrap()
     );
     assert_eq!(
         vm.calls(),
@@ -309,8 +315,8 @@ fn every_route_through_the_client() {
 
 #[test]
 fn openapi_covers_every_route_and_schema() {
-    let doc: Value = serde_json::from_str(crate::OPENAPI_JSON).unwrap();
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.0"));
+    let doc: Value = serde_json::from_str(crate::openapi::json()).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
     let paths = doc["paths"].as_object().unwrap();
     for ep in Endpoint::ALL {
         let method = ep.method().as_str().to_ascii_lowercase();
@@ -422,11 +428,24 @@ fn openapi_covers_every_route_and_schema() {
         "BalloonSetRequest",
         serde_json::to_value(BalloonSetRequest { target_bytes: 1 }).unwrap(),
     );
-    let stats = schemas["BalloonStats"]["properties"].as_object().unwrap();
-    assert_eq!(stats.len(), BALLOON_STATS.len());
+    // The statistics are a map of counters, their names in its description.
+    let stats = &schemas["BalloonInfo"]["properties"]["stats"];
+    let text = stats.to_string();
     for name in BALLOON_STATS {
-        assert!(stats.contains_key(name), "BalloonStats.{name} missing");
+        assert!(
+            text.contains(name),
+            "BalloonInfo.stats does not name {name}: {text}"
+        );
     }
+    // The boot document: a spec and its bindings, with the spec's fields.
+    check(
+        "VmDocument",
+        serde_json::to_value(VmDocument::default()).unwrap(),
+    );
+    check(
+        "VmSpec",
+        serde_json::to_value(spec::vm::VmSpec::default()).unwrap(),
+    );
     let phases = schemas["MigrationPhase"]["enum"].as_array().unwrap();
     for p in [
         MigrationPhase::None,
@@ -440,6 +459,38 @@ fn openapi_covers_every_route_and_schema() {
     ] {
         assert!(phases.contains(&serde_json::to_value(p).unwrap()), "{p}");
     }
+}
+
+#[test]
+fn boot_takes_a_document_and_refuses_a_bad_one_by_field() {
+    let (vm, _h, c) = start();
+    let boot = Endpoint::Boot.path();
+    let put = |body: &str| c.raw("PUT", &boot, Some(body.as_bytes())).unwrap();
+    assert_error(
+        &put(r#"{"spec": {"cpus": 0}}"#),
+        400,
+        "cpus: must be at least 1",
+    );
+    assert_error(&put(r#"{"spec": {"cpu": 2}}"#), 400, "unknown field `cpu`");
+    assert_error(
+        &put(r#"{"spec": {"disks": [{"queues": 0}]}, "bindings": {"disks": ["/d"]}}"#),
+        400,
+        "disks[0].queues",
+    );
+    assert_error(&put(r#"{"spec": {"disks": [{}]}}"#), 400, "bindings.disks");
+    assert_error(
+        &put(r#"{"spec": {"memory": "lots"}}"#),
+        400,
+        "'lots' is not a size",
+    );
+    assert!(vm.calls().is_empty(), "{:?}", vm.calls());
+    let doc: VmDocument = serde_json::from_str(
+        r#"{"spec": {"cpus": 2, "memory": "128M", "disks": [{}]},
+            "bindings": {"disks": ["/img.qcow2"]}}"#,
+    )
+    .unwrap();
+    c.boot(&doc).unwrap();
+    assert_eq!(vm.calls(), [r#"boot 2 cpus, disks ["/img.qcow2"]"#]);
 }
 
 #[test]

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// `vm.boot`'s body: the VM to boot (its spec) and this host's files, taps and sockets for it.
+pub use spec::bindings::VmDocument;
+
 /// The API version in every route (`/api/v1/...`).
 pub const API_VERSION: &str = "v1";
 
@@ -35,6 +38,7 @@ impl Method {
 pub enum Endpoint {
     Ping,
     OpenApi,
+    Boot,
     Info,
     Pause,
     Resume,
@@ -51,9 +55,10 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 15] = [
+    pub const ALL: [Endpoint; 16] = [
         Endpoint::Ping,
         Endpoint::OpenApi,
+        Endpoint::Boot,
         Endpoint::Info,
         Endpoint::Pause,
         Endpoint::Resume,
@@ -74,6 +79,7 @@ impl Endpoint {
         match self {
             Endpoint::Ping => "ping",
             Endpoint::OpenApi => "openapi.json",
+            Endpoint::Boot => "vm.boot",
             Endpoint::Info => "vm.info",
             Endpoint::Pause => "vm.pause",
             Endpoint::Resume => "vm.resume",
@@ -112,7 +118,7 @@ impl Endpoint {
 ///
 /// Mirrors `vmm::control::RunState` (Running, Paused, Stopping) plus `stopped`, once the vCPUs
 /// have been joined and an exit reason recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
     /// `vessel serve`: no VM yet; waiting for a restore or an incoming migration.
@@ -137,7 +143,7 @@ impl std::fmt::Display for VmState {
 }
 
 /// One device of the VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceInfo {
     /// A stable identifier (`serial0`, `block0`, `rng0`, ...).
     pub id: String,
@@ -155,7 +161,7 @@ pub struct DeviceInfo {
 }
 
 /// `GET /api/v1/vm.info`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmInfo {
     pub state: VmState,
     pub vcpus: u32,
@@ -178,7 +184,7 @@ pub struct VmInfo {
 }
 
 /// The counters of a userfaultfd restore's pager.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PagerInfo {
     /// Page faults served (each fills up to a 256 KiB chunk around the fault).
     pub faults: u64,
@@ -191,7 +197,7 @@ pub struct PagerInfo {
 }
 
 /// `GET /api/v1/ping`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Pong {
     /// Vessel's API crate version.
     pub version: String,
@@ -210,10 +216,11 @@ impl Pong {
 
 /// `PUT /api/v1/vm.snapshot`: a running VM is paused for it and resumed before the files are
 /// synced; a paused VM stays paused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// The directory the snapshot is written to (created if missing, must be empty).
+    #[schema(value_type = String)]
     pub dir: PathBuf,
     /// Write only the memory dirtied since the previous snapshot.
     #[serde(default)]
@@ -225,7 +232,7 @@ pub struct SnapshotRequest {
 }
 
 /// How a restored VM gets its memory back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestoreMemory {
     /// Map the memory file copy-on-write; pages are read on first touch.
@@ -238,9 +245,10 @@ pub enum RestoreMemory {
 }
 
 /// `PUT /api/v1/vm.restore`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
+    #[schema(value_type = String)]
     pub dir: PathBuf,
     #[serde(default)]
     pub memory: RestoreMemory,
@@ -255,7 +263,7 @@ fn default_downtime_ms() -> u64 {
 
 /// `PUT /api/v1/vm.migrate-send`: starts sending the VM; returns at once, progress is in
 /// `vm.migration-status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateSendRequest {
     /// Destination: `tcp:HOST:PORT` or `unix:PATH`.
@@ -299,7 +307,7 @@ pub struct MigrateSendRequest {
 
 /// A migration's shared secret (at least 16 characters; the target generates 64 hex digits,
 /// 256 bits, when none is given). Its `Debug` form hides it, so it never reaches a log.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct MigrationToken(pub String);
 
@@ -328,7 +336,7 @@ impl MigrateSendRequest {
 }
 
 /// What a migration does when pre-copy cannot get the last round under the downtime limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum IfNotConverged {
     /// The migration fails and the VM runs on at the source.
@@ -341,7 +349,7 @@ pub enum IfNotConverged {
 }
 
 /// `PUT /api/v1/vm.migrate-receive`: waits for an incoming migration; returns at once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateReceiveRequest {
     /// Where to listen: `tcp:HOST:PORT` or `unix:PATH`.
@@ -360,6 +368,7 @@ pub struct MigrateReceiveRequest {
     pub taps: Vec<String>,
     /// This host's socket for the source's vsock device (the guest keeps its CID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub vsock_socket: Option<PathBuf>,
     /// Use the source's own host paths (disk files, taps, vsock socket, virtio-console file)
     /// for whatever this request does not give: only for a migration between two processes
@@ -369,37 +378,29 @@ pub struct MigrateReceiveRequest {
 }
 
 /// A disk's binding on the migration target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateDisk {
     /// The disk image on this host (the same contents as the source's, shared or copied).
+    #[schema(value_type = String)]
     pub path: PathBuf,
     /// The host cache mode on this host (default: the source's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<DiskCache>,
 }
 
-/// A disk's host cache mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DiskCache {
-    /// Through the host's page cache.
-    Writeback,
-    /// O_DIRECT: around the host's page cache.
-    None,
-    /// Guest flushes are ignored: fastest, and data is lost if the host crashes.
-    Unsafe,
-}
+/// A disk's host cache mode: the spec's.
+pub use spec::vm::CacheMode as DiskCache;
 
 /// `vm.migrate-receive`'s answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrateReceiveResponse {
     /// The migration's secret, to give to `vm.migrate-send` on the source.
     pub token: MigrationToken,
 }
 
 /// Where a migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationPhase {
     /// No migration has been started.
@@ -450,7 +451,7 @@ impl std::fmt::Display for MigrationPhase {
 }
 
 /// Which side of a migration this VM is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationRole {
     Send,
@@ -458,7 +459,7 @@ pub enum MigrationRole {
 }
 
 /// `GET /api/v1/vm.migration-status`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationStatus {
     pub phase: MigrationPhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,13 +518,15 @@ pub const BALLOON_STATS: [&str; 10] = [
 ];
 
 /// `GET /api/v1/vm.balloon`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BalloonInfo {
     /// What the guest is asked to hand over, in bytes (a multiple of 4 KiB).
     pub target_bytes: u64,
     /// What the guest says it has handed over, in bytes.
     pub actual_bytes: u64,
-    /// The guest's last reported memory statistics, by name (see [`BALLOON_STATS`]); absent
+    /// The guest's last reported memory statistics, by name: `swap_in`, `swap_out`,
+    /// `major_faults`, `minor_faults`, `free_memory`, `total_memory`, `available_memory`,
+    /// `disk_caches`, `hugetlb_allocations`, `hugetlb_failures` ([`BALLOON_STATS`]); absent
     /// when the balloon has no statistics queue or the guest has not reported yet. Only the
     /// statistics the guest sent are present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -532,7 +535,7 @@ pub struct BalloonInfo {
 
 /// `PUT /api/v1/vm.balloon-set`: a new balloon target; the guest is told at once (a
 /// configuration change interrupt) and inflates or deflates towards it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonSetRequest {
     /// Bytes the guest should hand over (rounded down to 4 KiB pages); must be below the guest
@@ -542,7 +545,9 @@ pub struct BalloonSetRequest {
 
 /// An API error: an HTTP status and a message. On the wire it is `{"message": "..."}` with the
 /// status as the response's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema,
+)]
 #[error("{message}")]
 pub struct ApiError {
     /// The HTTP status (not serialized: it is the response's status).

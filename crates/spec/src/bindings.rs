@@ -12,14 +12,16 @@ use serde::{Deserialize, Serialize};
 use crate::vm::{SpecError, VmSpec};
 
 /// Where a console goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Console {
     /// The terminal: raw mode when stdin is a TTY, Ctrl-A x quits.
     Stdio,
     /// Output appended to a file; no input.
+    #[schema(value_type = String)]
     File(PathBuf),
     /// A Unix socket Vessel listens on; one client at a time reads and types.
+    #[schema(value_type = String)]
     Socket(PathBuf),
     /// Discarded.
     #[default]
@@ -45,11 +47,12 @@ impl std::str::FromStr for Console {
 }
 
 /// This host's side of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostBindings {
     /// One image file per disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
     pub disks: Vec<PathBuf>,
     /// One tap interface per network device (created if it does not exist).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -57,15 +60,18 @@ pub struct HostBindings {
     /// The vsock device's Unix socket: host clients connect to it; guest connections to port
     /// N go to `<socket>_N`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub vsock_socket: Option<PathBuf>,
-    /// The serial console.
-    #[serde(default)]
-    pub console: Console,
+    /// The serial console; none: the process's own (`vessel run`: the terminal; `vessel
+    /// serve`: its `--console`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<Console>,
     /// The virtio console, when the spec has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub virtio_console: Option<Console>,
     /// Where the control API listens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub api_socket: Option<PathBuf>,
 }
 
@@ -139,7 +145,7 @@ impl HostBindings {
                 "the spec has no virtio console",
             ));
         }
-        if self.virtio_console == Some(Console::Stdio) && self.console == Console::Stdio {
+        if self.virtio_console == Some(Console::Stdio) && self.console == Some(Console::Stdio) {
             return Err(SpecError::new(
                 "bindings.virtio_console",
                 "stdio needs the serial console off the terminal (console off, file:PATH or socket:PATH)",
@@ -150,7 +156,7 @@ impl HostBindings {
 }
 
 /// A VM to run: what it is and where (`vessel run --config FILE`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmDocument {
     pub spec: VmSpec,
@@ -213,7 +219,7 @@ mod tests {
         c = b.clone();
         c.virtio_console = Some(Console::Off);
         assert_eq!(field(&c), "bindings.virtio_console");
-        b.console = Console::Stdio;
+        b.console = Some(Console::Stdio);
         b.check(&spec).unwrap();
     }
 
@@ -225,7 +231,7 @@ mod tests {
         )
         .unwrap();
         d.validate().unwrap();
-        assert_eq!(d.bindings.console, Console::File("/log".into()));
+        assert_eq!(d.bindings.console, Some(Console::File("/log".into())));
         let e = serde_json::from_str::<VmDocument>(r#"{"spec":{},"bindngs":{}}"#).unwrap_err();
         assert!(e.to_string().contains("bindngs"), "{e}");
     }

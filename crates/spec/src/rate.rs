@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One bucket's settings: `size` tokens refill every `refill_time_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenBucketConfig {
     pub size: u64,
     #[serde(default)]
@@ -24,7 +24,7 @@ impl TokenBucketConfig {
 }
 
 /// A limiter's settings; a missing bucket means no limit on that quantity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RateLimiterConfig {
     /// Bytes.
     pub bandwidth: Option<TokenBucketConfig>,

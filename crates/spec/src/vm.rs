@@ -48,7 +48,7 @@ impl SpecError {
 }
 
 /// A VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// The spec format ([`VERSION`]).
@@ -57,7 +57,7 @@ pub struct VmSpec {
     /// vCPUs.
     #[serde(default = "one")]
     pub cpus: u32,
-    /// Guest RAM in bytes (in JSON also a size such as `"512M"`).
+    /// Guest RAM in bytes (also a string with a unit, such as `"512M"`).
     #[serde(default = "default_memory", with = "size_serde")]
     pub memory: u64,
     /// Back guest RAM with transparent huge pages (`MADV_HUGEPAGE`).
@@ -132,13 +132,15 @@ impl Default for VmSpec {
 }
 
 /// What the VM boots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Boot {
     /// A bzImage or ELF vmlinux; none: the guest bundled with Vessel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub initrd: Option<PathBuf>,
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
@@ -158,7 +160,7 @@ impl Default for Boot {
 }
 
 /// How the kernel is entered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BootProtocol {
     /// PVH when the ELF kernel has the note, else Linux's 64-bit boot protocol.
@@ -169,7 +171,7 @@ pub enum BootProtocol {
 }
 
 /// Which virtio transport the VM's devices use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
     #[default]
@@ -178,7 +180,7 @@ pub enum Transport {
 }
 
 /// What a guest-initiated reset does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnReboot {
     /// Vessel exits with the reset code (3), as Firecracker does.
@@ -190,7 +192,7 @@ pub enum OnReboot {
 }
 
 /// How a disk's writes reach the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CacheMode {
     /// Through the host page cache; guest flushes become fsync (the default).
@@ -225,7 +227,7 @@ impl std::str::FromStr for CacheMode {
 }
 
 /// Which engine serves a disk's I/O.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EngineKind {
     /// io_uring for raw files when the kernel allows it, else threads.
@@ -269,7 +271,7 @@ impl std::str::FromStr for EngineKind {
 }
 
 /// A virtio disk; its file is a host binding.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
     #[serde(default)]
@@ -300,11 +302,12 @@ impl Disk {
 }
 
 /// A virtio network device; its tap is a host binding.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
     /// The guest's MAC address (a random locally administered one if absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "52:54:00:12:34:56")]
     pub mac: Option<MacAddr>,
     /// Queue pairs (a multi-queue tap when more than one).
     #[serde(default = "one16")]
@@ -328,7 +331,7 @@ impl Nic {
 }
 
 /// A virtio-vsock device; its host socket is a host binding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Vsock {
     /// The guest's context id (3 to 4294967294).
@@ -336,7 +339,7 @@ pub struct Vsock {
 }
 
 /// A virtio memory balloon.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Balloon {
     /// The initial target: bytes the guest is asked to give back.

@@ -106,7 +106,9 @@ pub fn absolutize(c: &mut VmConfig) {
     if let Some(v) = &mut b.virtio_console {
         absolute_console(v);
     }
-    absolute_bindings(&mut b.console, &mut b.api_socket, b.vsock_socket.as_mut());
+    let off = &mut ConsoleConfig::Off;
+    let console = b.console.as_mut().unwrap_or(off);
+    absolute_bindings(console, &mut b.api_socket, b.vsock_socket.as_mut());
 }
 
 /// Makes every host path of a restore's options absolute.
@@ -203,7 +205,7 @@ impl Needs {
             n.console(v);
         }
         n.bindings(
-            &b.console,
+            b.console.as_ref().unwrap_or(&ConsoleConfig::Off),
             b.api_socket.as_deref(),
             b.vsock_socket.as_deref(),
             b.taps.iter(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use spec::bindings::{HostBindings, VmDocument};
+use spec::bindings::{Console, HostBindings, VmDocument};
 use spec::cli;
 use spec::vm::{VmSpec, DEFAULT_CMDLINE};
 use vmm::vm::RestoreOptions;
@@ -188,7 +188,7 @@ fn document(args: &RunArgs) -> Result<VmDocument, Error> {
     spec.boot.cmdline = args.cmdline.clone();
     spec.boot.protocol = cli::protocol(&args.boot_protocol)?;
     let mut bindings = HostBindings {
-        console: cli::console(args.console.as_deref().unwrap_or("stdio"))?,
+        console: Some(cli::console(args.console.as_deref().unwrap_or("stdio"))?),
         virtio_console: args
             .virtio_console
             .as_deref()
@@ -222,8 +222,11 @@ fn read_document(path: &std::path::Path, args: &RunArgs) -> Result<VmDocument, E
     };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let mut doc: VmDocument = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    if let Some(c) = &args.console {
-        doc.bindings.console = cli::console(c)?;
+    // The flag's console, else the document's, else the terminal.
+    match &args.console {
+        Some(c) => doc.bindings.console = Some(cli::console(c)?),
+        None if doc.bindings.console.is_none() => doc.bindings.console = Some(Console::Stdio),
+        None => {}
     }
     if let Some(p) = &args.api_socket {
         doc.bindings.api_socket = Some(p.clone());
@@ -330,7 +333,12 @@ pub fn serve(args: ServeArgs, start: Instant) -> Result<i32, Error> {
     {
         return Ok(code);
     }
-    report(vmm::session::serve(&socket, opts, start)?)
+    report(vmm::session::serve(
+        &socket,
+        opts,
+        Some(("bundled-guest", BUNDLED_GUEST)),
+        start,
+    )?)
 }
 
 /// Says how the VM ended; returns the exit code.

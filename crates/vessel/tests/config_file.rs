@@ -148,3 +148,42 @@ fn a_bad_document_is_refused_naming_the_field() {
         stderr(&o)
     );
 }
+
+#[test]
+fn vessel_serve_boots_a_document_put_on_its_api() {
+    use common::soak::Console;
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("serve-boot");
+    let api = dir.file("api.sock");
+    let api = api.to_str().unwrap();
+    let mut vm = Console::spawn(&["serve", "--api-socket", api]);
+    wait_for(std::path::Path::new(api));
+    let file = dir.file("vm.json");
+    // A bad document: refused by field, and the process still waits for a good one.
+    std::fs::write(&file, r#"{"spec": {"nets": [{}]}}"#).unwrap();
+    let o = ctl(std::path::Path::new(api), &["boot", file.to_str().unwrap()]);
+    assert_code(&o, 1);
+    assert!(
+        stderr(&o).contains("bindings.taps: 0 given for 1"),
+        "{}",
+        stderr(&o)
+    );
+    let doc = json!({
+        "spec": {"cpus": 2, "boot": {"cmdline": "console=ttyS0 action=soak soakms=50"}},
+    });
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let o = ctl(std::path::Path::new(api), &["boot", file.to_str().unwrap()]);
+    assert_code(&o, 0);
+    vm.soak_lines(2, 2);
+    let o = ctl(std::path::Path::new(api), &["--json", "info"]);
+    assert_code(&o, 0);
+    let info: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["vcpus"], 2);
+    // One VM per process.
+    let o = ctl(std::path::Path::new(api), &["boot", file.to_str().unwrap()]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("has a VM already"), "{}", stderr(&o));
+    vm.soak_lines(2, 1);
+    assert_eq!(vm.stop(), Some(143));
+}

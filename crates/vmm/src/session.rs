@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use api::types::{
     ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateReceiveResponse,
-    MigrateSendRequest, MigrationStatus, MigrationToken, RestoreRequest, SnapshotRequest, VmInfo,
-    VmState,
+    MigrateSendRequest, MigrationStatus, MigrationToken, RestoreRequest, SnapshotRequest,
+    VmDocument, VmInfo, VmState,
 };
 use api::VmController;
 use devices::bus::lock;
@@ -51,6 +51,9 @@ impl ApiSwitch {
 impl VmController for ApiSwitch {
     fn info(&self) -> Result<VmInfo, ApiError> {
         self.now().info()
+    }
+    fn boot(&self, doc: VmDocument) -> Result<(), ApiError> {
+        self.now().boot(doc)
     }
     fn pause(&self) -> Result<(), ApiError> {
         self.now().pause()
@@ -95,6 +98,7 @@ impl VmController for ApiSwitch {
 
 /// What `vessel serve` is asked to start.
 pub enum Start {
+    Boot(Box<VmDocument>),
     Restore(RestoreRequest),
     /// Answered once listening; the VM starts when the migration completes.
     MigrateReceive(MigrateReceiveRequest),
@@ -114,7 +118,8 @@ pub struct Empty {
     incoming: Mutex<Option<Arc<Canceller>>>,
 }
 
-const NO_VM: &str = "no VM yet: restore a snapshot (vm.restore) first";
+const NO_VM: &str =
+    "no VM yet: boot one (vm.boot), restore a snapshot (vm.restore) or receive a migration first";
 
 impl Empty {
     fn start(&self, what: Start) -> Result<(), ApiError> {
@@ -164,6 +169,9 @@ impl VmController for Empty {
     }
     fn snapshot(&self, _req: SnapshotRequest) -> Result<(), ApiError> {
         Err(ApiError::conflict(NO_VM))
+    }
+    fn boot(&self, doc: VmDocument) -> Result<(), ApiError> {
+        self.start(Start::Boot(Box::new(doc)))
     }
     fn restore(&self, req: RestoreRequest) -> Result<(), ApiError> {
         self.start(Start::Restore(req))
@@ -257,9 +265,15 @@ impl VmController for Ended {
     }
 }
 
-/// `vessel serve`: an API on `socket` and no VM until one is restored through it; then runs
-/// that VM to its end. `opts` are the host-side settings of the VM to come (console, ...).
-pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<ExitReason, Error> {
+/// `vessel serve`: an API on `socket` and no VM until one is booted, restored or received
+/// through it; then runs that VM to its end. `opts` are the host-side settings of the VM to
+/// come (console, ...); `bundled` the kernel a spec that names none boots.
+pub fn serve(
+    socket: &Path,
+    opts: RestoreOptions,
+    bundled: Option<(&'static str, &'static [u8])>,
+    start: Instant,
+) -> Result<ExitReason, Error> {
     let (tx, rx) = mpsc::channel::<(Start, Reply)>();
     let migration = Arc::new(Mutex::new(MigrationStatus::default()));
     let empty = Arc::new(Empty {
@@ -288,6 +302,20 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
             }
         };
         match what {
+            Start::Boot(doc) => match boot_config(*doc, &opts, socket, bundled) {
+                Ok(config) => match Vm::build(config, start) {
+                    Ok(vm) => {
+                        let _ = reply.send(Ok(()));
+                        break vm.run_attached(&switch);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::bad_request(e.to_string())));
+                    }
+                },
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Start::Restore(req) => {
                 let mut o = opts.clone();
                 o.memory = req.memory;
@@ -343,6 +371,33 @@ pub fn serve(socket: &Path, opts: RestoreOptions, start: Instant) -> Result<Exit
     };
     server.stop();
     result
+}
+
+/// The configuration of the VM `doc` describes in this process: its console is the
+/// document's or the process's, its API socket the process's own.
+fn boot_config(
+    doc: VmDocument,
+    opts: &RestoreOptions,
+    socket: &Path,
+    bundled: Option<(&'static str, &'static [u8])>,
+) -> Result<crate::config::VmConfig, ApiError> {
+    if doc
+        .bindings
+        .api_socket
+        .as_deref()
+        .is_some_and(|p| p != socket)
+    {
+        return Err(ApiError::bad_request(
+            "bindings.api_socket: the VM's API is this socket; leave it out",
+        ));
+    }
+    let mut config = crate::config::VmConfig::new(doc.spec, doc.bindings);
+    if config.bindings.console.is_none() {
+        config.bindings.console = Some(opts.console.clone());
+    }
+    config.bindings.api_socket = Some(socket.to_path_buf());
+    config.bundled_kernel = bundled;
+    Ok(config)
 }
 
 /// Runs `f` while a watcher cancels `cancel` when one of the stop signals' `flags` is raised.

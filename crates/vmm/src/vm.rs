@@ -356,7 +356,7 @@ impl Vm {
             crate::snapshot::disks::prepare_restore(&snap.frozen_disks, &mut snap.config, dir)
                 .map_err(SnapshotError::from)?;
         let mut config = snap.config.clone();
-        config.bindings.console = opts.console;
+        config.bindings.console = Some(opts.console);
         config.bindings.api_socket = opts.api_socket;
         // Nothing to boot again: a reset of a restored VM ends it.
         config.spec.on_reboot = crate::config::OnReboot::Exit;
@@ -464,7 +464,13 @@ impl Vm {
         }
 
         // Devices.
-        let mut console = Console::open(&config.bindings.console)?;
+        let mut console = Console::open(
+            config
+                .bindings
+                .console
+                .as_ref()
+                .unwrap_or(&crate::config::ConsoleConfig::Off),
+        )?;
         let serial_irq: Arc<dyn Interrupt> = Arc::new(vm.irq_line(acpi::COM1_IRQ)?.event);
         let serial = Arc::new(Mutex::new(Serial::new(serial_irq, console.take_output())));
         let ged_irq: Arc<dyn Interrupt> = Arc::new(vm.irq_line(acpi::GED_IRQ)?.event);

@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use api::types::{DiskCache, MigrateReceiveRequest};
+use api::types::MigrateReceiveRequest;
 
 use crate::config::{CacheMode, ConsoleConfig, HostBindings, Nic, VmConfig, VmSpec};
 use crate::snapshot::VmSnapshot;
@@ -46,7 +46,7 @@ const OR_SAME: &str = ", or same_paths for two processes on one host";
 /// console and API socket, which are the process's own.
 pub fn strip(config: &mut VmConfig) -> HostBindings {
     let mut b = std::mem::take(&mut config.bindings);
-    b.console = ConsoleConfig::Off;
+    b.console = None;
     b.api_socket = None;
     b
 }
@@ -84,7 +84,7 @@ impl Bound {
         } else if req.disks.len() == machine.disks.len() {
             req.disks
                 .iter()
-                .map(|d| (d.path.clone(), d.cache.map(cache_mode)))
+                .map(|d| (d.path.clone(), d.cache))
                 .collect()
         } else {
             return Err(count(
@@ -180,14 +180,6 @@ impl Bound {
     }
 }
 
-fn cache_mode(c: DiskCache) -> CacheMode {
-    match c {
-        DiskCache::Writeback => CacheMode::Writeback,
-        DiskCache::None => CacheMode::None,
-        DiskCache::Unsafe => CacheMode::Unsafe,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,7 +259,7 @@ mod tests {
         assert!(e.to_string().contains("names 1"), "{e}");
         r.disks.push(MigrateDisk {
             path: "/dst/b.raw".into(),
-            cache: Some(DiskCache::Writeback),
+            cache: Some(CacheMode::Writeback),
         });
         let e = Bound::from_request(&r, &c.spec, &paths).unwrap_err();
         assert!(e.to_string().contains("network devices"), "{e}");

@@ -265,7 +265,7 @@ fn receive_on(
         serde_json::from_slice(&state).map_err(|e| MigrationError::Build(format!("state: {e}")))?;
     bindings.apply(&mut snap)?;
     let mut config = snap.config.clone();
-    config.bindings.console = opts.console.clone();
+    config.bindings.console = Some(opts.console.clone());
     config.bindings.api_socket = opts.api_socket.clone();
     config.spec.on_reboot = crate::config::OnReboot::Exit;
     // The source has flushed its disks, stopped its devices and released the disks' locks:
