@@ -14,6 +14,9 @@ pub enum Action {
     TripleFault,
     /// `action=hold`: spin in ring 3 forever.
     Hold,
+    /// `action=idle`: park every CPU in ring 0 (`cli; hlt`): the VM runs on using no host
+    /// CPU, until it is stopped from outside.
+    Idle,
     /// `action=fault`: execute `ud2` in ring 3, to exercise the exception
     /// path (prints `FAIL: exception 6 ...`, exit status 2).
     Fault,
@@ -330,6 +333,7 @@ fn parse_action(value: &[u8]) -> Option<Action> {
         b"reboot" => Action::Reboot,
         b"triplefault" => Action::TripleFault,
         b"hold" => Action::Hold,
+        b"idle" => Action::Idle,
         b"fault" => Action::Fault,
         b"soak" => Action::Soak,
         b"exit" => Action::Exit(0),

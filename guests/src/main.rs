@@ -320,6 +320,7 @@ fn finish(action: Action, rsdp: Option<u64>, soak_hook: &mut dyn FnMut()) -> ! {
     match action {
         Action::Exit(status) => cpu::exit(status),
         Action::Hold => cpu::spin_forever(),
+        Action::Idle => cpu::park(),
         Action::TripleFault => cpu::triple_fault(),
         Action::Fault => cpu::invalid_opcode(),
         Action::Soak => soak::bsp(soak_hook),

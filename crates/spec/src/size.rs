@@ -86,6 +86,49 @@ pub fn format(bytes: u64) -> String {
     }
 }
 
+/// Sizes in JSON (`#[serde(with = "spec::size::json")]`): a number of bytes, or a string
+/// with a unit (`"512M"`; a plain number in a string is MiB, as on the command line). Written
+/// as a number of bytes.
+pub mod json {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Size::deserialize(d)? {
+            Size::Bytes(n) => Ok(n),
+            Size::Text(t) => super::parse(&t, super::Plain::MiB).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// The same for an optional size.
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(n) => s.serialize_some(n),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(with = "super")] u64);
+            Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,7 +58,7 @@ pub struct VmSpec {
     #[serde(default = "one")]
     pub cpus: u32,
     /// Guest RAM in bytes (also a string with a unit, such as `"512M"`).
-    #[serde(default = "default_memory", with = "size_serde")]
+    #[serde(default = "default_memory", with = "crate::size::json")]
     pub memory: u64,
     /// Back guest RAM with transparent huge pages (`MADV_HUGEPAGE`).
     #[serde(default = "yes")]
@@ -343,7 +343,7 @@ pub struct Vsock {
 #[serde(deny_unknown_fields)]
 pub struct Balloon {
     /// The initial target: bytes the guest is asked to give back.
-    #[serde(default, with = "size_serde")]
+    #[serde(default, with = "crate::size::json")]
     pub size: u64,
     /// The statistics queue.
     #[serde(default)]
@@ -459,32 +459,6 @@ impl VmSpec {
             + usize::from(self.vsock.is_some())
             + usize::from(self.virtio_console)
             + usize::from(self.balloon.is_some())
-    }
-}
-
-/// Sizes in JSON: a number of bytes, or a string with a unit (`"512M"`; a plain number in a
-/// string is MiB, as on the command line). Written as a number of bytes.
-mod size_serde {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(*v)
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        match Size::deserialize(d)? {
-            Size::Bytes(n) => Ok(n),
-            Size::Text(t) => {
-                crate::size::parse(&t, crate::size::Plain::MiB).map_err(serde::de::Error::custom)
-            }
-        }
     }
 }
 

@@ -29,6 +29,15 @@ enum Command {
     Ctl(api::ctl::CtlArgs),
     /// Create, inspect, snapshot, convert and check disk images (raw, qcow2).
     Image(block::cli::ImageArgs),
+    /// The host's VM manager: named, persistent VMs from templates, each a supervised
+    /// `vessel run` process, behind a REST API on a Unix socket.
+    Daemon(manager::cli::DaemonArgs),
+    /// The daemon's VMs: list, create, start, stop, console, delete, ...
+    Vm(manager::cli::VmArgs),
+    /// The daemon's templates: what VMs are made from.
+    Template(manager::cli::TemplateArgs),
+    /// The daemon's events (--follow for new ones as they happen).
+    Events(manager::cli::EventsArgs),
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -64,6 +73,12 @@ fn main() {
             block::cli::run(args).map_err(|e| failed(&e, vmm::exit::EXIT_ERROR))
         }
         Command::Ctl(args) => api::ctl::run(&args).map_err(|e| failed(&e, e.exit_code())),
+        Command::Daemon(args) => manager::cli::daemon(args).map_err(|e| failed(&e, e.exit_code())),
+        Command::Vm(args) => manager::cli::vm(args).map_err(|e| failed(&e, e.exit_code())),
+        Command::Template(args) => {
+            manager::cli::template(args).map_err(|e| failed(&e, e.exit_code()))
+        }
+        Command::Events(args) => manager::cli::events(args).map_err(|e| failed(&e, e.exit_code())),
     };
     match result {
         Ok(code) => std::process::exit(code),

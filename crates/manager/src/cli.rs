@@ -1,0 +1,552 @@
+//! The manager's command line: `vessel daemon`, and its clients `vessel vm`, `vessel
+//! template` and `vessel events`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use spec::vm::VmSpec;
+
+use crate::client::{Client, ClientError};
+use crate::layout::{default_run, default_socket, default_state, Layout};
+use crate::store::{Event, RestartPolicy, SqliteStore, Template};
+use crate::vms::{Manager, StopRequest, TemplateCreate, VmCreate, VmView};
+
+/// Errors of the manager's commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Manager(#[from] crate::vms::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CliError {
+    /// 2 for a bad command line or request the daemon refused as such, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Client(ClientError::Api { status: 400, .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+    let what = what.into();
+    move |source| CliError::Io { what, source }
+}
+
+/// `vessel daemon`.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// The API's Unix socket (default: RUN/vessel.sock, or $VESSEL_SOCKET).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Where templates, VMs, disks and the database live (default: /var/lib/vessel for
+    /// root, else $XDG_STATE_HOME/vessel).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where sockets live (default: /run/vessel for root, else $XDG_RUNTIME_DIR/vessel).
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Start every VM in a jail with these settings (`vessel run --jail`), e.g.
+    /// `uid=990,gid=990`.
+    #[arg(long, value_name = "SPEC")]
+    vm_jail: Option<String>,
+}
+
+/// The client commands' common options.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The daemon's socket (default: $VESSEL_SOCKET, else RUN/vessel.sock).
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// Print the daemon's JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl ClientArgs {
+    fn client(&self) -> Client {
+        Client::new(&self.socket.clone().unwrap_or_else(default_socket))
+    }
+}
+
+/// `vessel vm`.
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// The VMs: name, state, vCPUs, memory, uptime.
+    List,
+    /// Makes a VM from a template (thin overlays on its disks).
+    Create {
+        name: String,
+        #[arg(long, short)]
+        template: String,
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory: 512M, 2G (a plain number is MiB).
+        #[arg(long, value_parser = |s: &str| spec::cli::memory(s).map_err(|e| e.to_string()))]
+        memory: Option<u64>,
+        /// The kernel command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// never, on-failure or always.
+        #[arg(long, value_enum, default_value = "on-failure")]
+        restart: RestartArg,
+        /// Start it when the daemon starts.
+        #[arg(long)]
+        autostart: bool,
+        /// Its place among autostarted VMs (lower first).
+        #[arg(long, default_value_t = 0)]
+        order: i64,
+        /// Start it now.
+        #[arg(long)]
+        start: bool,
+    },
+    /// All about one VM.
+    Info {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    /// The ACPI power button, then after --timeout seconds SIGTERM, then SIGKILL.
+    Stop {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Ends the VM's process at once.
+    Kill {
+        name: String,
+    },
+    Restart {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Deletes a stopped VM and its disks.
+    Delete {
+        name: String,
+    },
+    /// Attaches this terminal to the VM's serial console (Ctrl-] detaches).
+    Console {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RestartArg {
+    Never,
+    OnFailure,
+    Always,
+}
+
+impl From<RestartArg> for RestartPolicy {
+    fn from(r: RestartArg) -> RestartPolicy {
+        match r {
+            RestartArg::Never => RestartPolicy::Never,
+            RestartArg::OnFailure => RestartPolicy::OnFailure,
+            RestartArg::Always => RestartPolicy::Always,
+        }
+    }
+}
+
+/// `vessel template`.
+#[derive(Args, Debug)]
+pub struct TemplateArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: TemplateCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplateCommand {
+    List,
+    /// Makes a template: a VM spec (from --spec FILE, else the flags) and base disks.
+    Create {
+        name: String,
+        /// A spec file (the `spec` of `vessel run --print-config`).
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
+        /// The kernel (default: the bundled guest).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long, value_parser = |s: &str| spec::cli::memory(s).map_err(|e| e.to_string()))]
+        memory: Option<u64>,
+        /// A base disk image (repeatable); each VM gets a thin overlay on it.
+        #[arg(long = "disk", value_name = "IMAGE")]
+        disks: Vec<PathBuf>,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+/// `vessel events`.
+#[derive(Args, Debug)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Only events after this id.
+    #[arg(long, default_value_t = 0)]
+    since: i64,
+    /// Keep printing new events as they happen.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+/// Runs `vessel daemon` until SIGINT or SIGTERM; its VMs run on.
+pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
+    let layout = Layout {
+        state: args.state_dir.unwrap_or_else(default_state),
+        run: args.run_dir.unwrap_or_else(default_run),
+    };
+    let socket = args
+        .socket
+        .unwrap_or_else(|| layout.run.join("vessel.sock"));
+    layout
+        .create()
+        .map_err(io(format!("cannot create {}", layout.state.display())))?;
+    let store = Arc::new(SqliteStore::open(&layout.db())?);
+    let vessel = std::env::current_exe().map_err(io("cannot find the vessel binary"))?;
+    let mut vm_args = Vec::new();
+    if let Some(j) = args.vm_jail {
+        vm_args.extend(["--jail".to_string(), j]);
+    }
+    let manager = Manager::new(store, layout, vessel, vm_args);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the runtime"))?;
+    rt.block_on(async {
+        let router = crate::server::router(manager.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async {
+            let _ = rx.await;
+        };
+        let serving = tokio::spawn({
+            let socket = socket.clone();
+            async move { crate::server::serve(&socket, router, stop).await }
+        });
+        // VMs come back (adopted or started) with the API already answering.
+        let m = manager.clone();
+        let recovered = tokio::task::spawn_blocking(move || m.recover()).await;
+        match recovered {
+            Ok(Err(e)) => tracing::error!("recovering the VMs: {e}"),
+            Err(e) => tracing::error!("recovering the VMs: {e}"),
+            Ok(Ok(())) => {}
+        }
+        tracing::info!("vessel daemon on {}", socket.display());
+        eprintln!("vessel daemon: listening on {}", socket.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(io("signals"))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            r = serving => {
+                return match r {
+                    Ok(Ok(())) => Ok(0),
+                    Ok(Err(e)) => Err(io(format!("serving {}", socket.display()))(e)),
+                    Err(e) => Err(CliError::Usage(e.to_string())),
+                };
+            }
+        }
+        let _ = tx.send(());
+        // Followers of the events stream do not hold the daemon up.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let _ = std::fs::remove_file(&socket);
+        eprintln!("vessel daemon: stopped (its VMs run on)");
+        Ok(0)
+    })
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(v).unwrap_or_default();
+    writeln!(std::io::stdout(), "{s}").map_err(io("stdout"))
+}
+
+fn size(bytes: u64) -> String {
+    spec::size::format(bytes)
+}
+
+fn uptime(ms: Option<u64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) => {
+            let s = ms / 1000;
+            match s {
+                0..60 => format!("{s}s"),
+                60..3600 => format!("{}m{}s", s / 60, s % 60),
+                _ => format!("{}h{}m", s / 3600, s % 3600 / 60),
+            }
+        }
+    }
+}
+
+fn print_vms(vms: &[VmView]) {
+    println!(
+        "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8}  TEMPLATE",
+        "NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"
+    );
+    for v in vms {
+        let state = serde_json::to_value(v.state)
+            .ok()
+            .and_then(|s| s.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8}  {}",
+            v.record.name,
+            state,
+            v.record.spec.cpus,
+            size(v.record.spec.memory),
+            uptime(v.uptime_ms),
+            v.record.pid.map_or("-".into(), |p| p.to_string()),
+            v.record.template
+        );
+    }
+}
+
+/// `vessel vm ...`.
+pub fn vm(args: VmArgs) -> Result<i32, CliError> {
+    let c = args.client.client();
+    let json = args.client.json;
+    let show = |v: VmView, what: &str| -> Result<i32, CliError> {
+        if json {
+            print_json(&v)?;
+        } else {
+            println!("{}: {what}", v.record.name);
+        }
+        Ok(0)
+    };
+    let path = |name: &str, action: &str| format!("/api/v1/vms/{name}/{action}");
+    match args.command {
+        VmCommand::List => {
+            let vms: Vec<VmView> = c.get("/api/v1/vms")?;
+            if json {
+                print_json(&vms)?;
+            } else {
+                print_vms(&vms);
+            }
+            Ok(0)
+        }
+        VmCommand::Create {
+            name,
+            template,
+            cpus,
+            memory,
+            cmdline,
+            restart,
+            autostart,
+            order,
+            start,
+        } => {
+            let req = VmCreate {
+                name,
+                template,
+                cpus,
+                memory,
+                cmdline,
+                restart: restart.into(),
+                autostart,
+                autostart_order: order,
+                start,
+            };
+            let v: VmView = c.send_json("POST", "/api/v1/vms", &req)?;
+            let what = if start {
+                "created and started"
+            } else {
+                "created"
+            };
+            show(v, what)
+        }
+        VmCommand::Info { name } => {
+            let v: VmView = c.get(&format!("/api/v1/vms/{name}"))?;
+            print_json(&v)?;
+            Ok(0)
+        }
+        VmCommand::Start { name } => {
+            let v = c.send_json("PUT", &path(&name, "start"), &serde_json::json!({}))?;
+            show(v, "started")
+        }
+        VmCommand::Stop { name, timeout } => {
+            let req = StopRequest {
+                timeout_s: Some(timeout),
+            };
+            show(c.send_json("PUT", &path(&name, "stop"), &req)?, "stopped")
+        }
+        VmCommand::Kill { name } => {
+            let v = c.send_json("PUT", &path(&name, "kill"), &serde_json::json!({}))?;
+            show(v, "killed")
+        }
+        VmCommand::Restart { name, timeout } => {
+            let req = StopRequest {
+                timeout_s: Some(timeout),
+            };
+            show(
+                c.send_json("PUT", &path(&name, "restart"), &req)?,
+                "restarted",
+            )
+        }
+        VmCommand::Delete { name } => {
+            c.call("DELETE", &format!("/api/v1/vms/{name}"), None)?;
+            if !json {
+                println!("{name}: deleted");
+            }
+            Ok(0)
+        }
+        VmCommand::Console { name } => {
+            let v: VmView = c.get(&format!("/api/v1/vms/{name}"))?;
+            crate::console::attach(&name, &v.console_socket)
+        }
+    }
+}
+
+/// `vessel template ...`.
+pub fn template(args: TemplateArgs) -> Result<i32, CliError> {
+    let c = args.client.client();
+    match args.command {
+        TemplateCommand::List => {
+            let ts: Vec<Template> = c.get("/api/v1/templates")?;
+            if args.client.json {
+                print_json(&ts)?;
+            } else {
+                println!(
+                    "{:<20} {:>5} {:>7} {:>5}  KERNEL",
+                    "NAME", "VCPUS", "MEMORY", "DISKS"
+                );
+                for t in ts {
+                    let kernel = t
+                        .spec
+                        .boot
+                        .kernel
+                        .as_ref()
+                        .map_or("(bundled guest)".into(), |k| k.display().to_string());
+                    println!(
+                        "{:<20} {:>5} {:>7} {:>5}  {kernel}",
+                        t.name,
+                        t.spec.cpus,
+                        size(t.spec.memory),
+                        t.base_disks.len()
+                    );
+                }
+            }
+            Ok(0)
+        }
+        TemplateCommand::Create {
+            name,
+            spec,
+            kernel,
+            initrd,
+            cmdline,
+            cpus,
+            memory,
+            disks,
+        } => {
+            let mut s: VmSpec = match &spec {
+                Some(f) => {
+                    let text = std::fs::read_to_string(f).map_err(io(f.display().to_string()))?;
+                    serde_json::from_str(&text)
+                        .map_err(|e| CliError::Usage(format!("{}: {e}", f.display())))?
+                }
+                None => VmSpec::default(),
+            };
+            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            if let Some(k) = kernel {
+                s.boot.kernel = Some(abs(k));
+            }
+            if let Some(i) = initrd {
+                s.boot.initrd = Some(abs(i));
+            }
+            if let Some(c) = cmdline {
+                s.boot.cmdline = c;
+            }
+            if let Some(n) = cpus {
+                s.cpus = n;
+            }
+            if let Some(m) = memory {
+                s.memory = m;
+            }
+            let req = TemplateCreate {
+                name,
+                spec: s,
+                base_disks: disks.into_iter().map(abs).collect(),
+            };
+            let t: Template = c.send_json("POST", "/api/v1/templates", &req)?;
+            if args.client.json {
+                print_json(&t)?;
+            } else {
+                println!("template {}: created", t.name);
+            }
+            Ok(0)
+        }
+        TemplateCommand::Delete { name } => {
+            c.call("DELETE", &format!("/api/v1/templates/{name}"), None)?;
+            println!("template {name}: deleted");
+            Ok(0)
+        }
+    }
+}
+
+fn print_event(e: &Event, json: bool) -> bool {
+    let line = if json {
+        serde_json::to_string(e).unwrap_or_default()
+    } else {
+        format!("{:>6} {:<18} {:<16} {}", e.id, e.kind, e.subject, e.message)
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+/// `vessel events`.
+pub fn events(args: EventsArgs) -> Result<i32, CliError> {
+    let c = args.client.client();
+    let json = args.client.json;
+    if args.follow {
+        c.follow(
+            &format!("/api/v1/events/stream?since={}", args.since),
+            |data| match serde_json::from_str::<Event>(data) {
+                Ok(e) => print_event(&e, json),
+                Err(_) => true,
+            },
+        )?;
+    } else {
+        let es: Vec<Event> = c.get(&format!("/api/v1/events?since={}", args.since))?;
+        if json {
+            print_json(&es)?;
+        } else {
+            for e in &es {
+                print_event(e, false);
+            }
+        }
+    }
+    Ok(0)
+}

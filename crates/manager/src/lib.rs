@@ -1,0 +1,22 @@
+//! `vessel daemon`: the manager of a host's VMs.
+//!
+//! - [`store`]: templates, VMs and events behind the [`store::Store`] trait; SQLite here.
+//! - [`vms`]: the [`vms::Manager`]: templates, VMs made from them (thin overlays), their
+//!   processes (started, watched, stopped, restarted by policy, adopted again after a daemon
+//!   restart), events.
+//! - [`process`]: a VM's `vessel run` process, watched through a pidfd.
+//! - [`layout`]: where state, disks, logs and sockets live.
+//! - [`server`], [`client`]: the REST API on a Unix socket (axum) and its client (hyper).
+//! - [`cli`], [`console`]: `vessel daemon`, `vessel vm`, `vessel template`, `vessel events`.
+//!
+//! The manager talks to VMs only through their processes and their own API (`api`), never
+//! through the VMM's internals.
+
+pub mod cli;
+pub mod client;
+pub mod console;
+pub mod layout;
+pub mod process;
+pub mod server;
+pub mod store;
+pub mod vms;

@@ -1,0 +1,394 @@
+//! What the daemon remembers: templates, VMs and events, behind [`Store`] so that a cluster
+//! store (etcd) can replace the embedded one. [`SqliteStore`] keeps them in one SQLite file
+//! (WAL, a schema version, every write in a transaction).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use spec::vm::VmSpec;
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("a record in the database is not valid: {0}")]
+    Record(#[from] serde_json::Error),
+    #[error("{what} {name} exists already")]
+    Exists { what: &'static str, name: String },
+    #[error("no {what} named {name}")]
+    NotFound { what: &'static str, name: String },
+    #[error("the database {path} has schema version {found}; this Vessel knows {SCHEMA}")]
+    Schema { path: String, found: i64 },
+}
+
+/// A template: a VM spec to copy and, for each of its disks, the base image a new VM's thin
+/// overlay sits on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Template {
+    pub name: String,
+    pub spec: VmSpec,
+    /// One base image per disk of the spec (absolute paths).
+    #[schema(value_type = Vec<String>)]
+    pub base_disks: Vec<PathBuf>,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+/// What a VM should be doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+/// When the daemon starts a VM whose process ended without being asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never: the VM is marked crashed.
+    Never,
+    /// When it failed (exit code not 0, a signal, a crash): at most 5 times in 60 s.
+    #[default]
+    OnFailure,
+    /// Whenever it ends, unless it was stopped through the daemon (same rate limit).
+    Always,
+}
+
+/// A VM the daemon keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmRecord {
+    pub name: String,
+    /// The template it was made from.
+    pub template: String,
+    pub spec: VmSpec,
+    /// Its disks' files (overlays on the template's bases), one per disk of the spec.
+    #[schema(value_type = Vec<String>)]
+    pub disks: Vec<PathBuf>,
+    pub desired: Desired,
+    pub restart: RestartPolicy,
+    /// Started when the daemon starts (in `autostart_order`, then by name).
+    pub autostart: bool,
+    pub autostart_order: i64,
+    /// The process running it, while it runs.
+    pub pid: Option<u32>,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Event {
+    /// Increasing; `vessel events --since ID` follows on from one.
+    pub id: i64,
+    /// Milliseconds since the epoch.
+    pub time_ms: u64,
+    /// The VM (or template) it concerns; empty for the daemon itself.
+    pub subject: String,
+    /// `vm.created`, `vm.started`, `vm.stopped`, `vm.crashed`, `vm.restarted`, ...
+    pub kind: String,
+    pub message: String,
+}
+
+/// The daemon's memory.
+pub trait Store: Send + Sync {
+    fn add_template(&self, t: &Template) -> Result<(), StoreError>;
+    fn template(&self, name: &str) -> Result<Template, StoreError>;
+    fn templates(&self) -> Result<Vec<Template>, StoreError>;
+    fn delete_template(&self, name: &str) -> Result<(), StoreError>;
+    fn add_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// Replaces the VM's record (it must exist).
+    fn put_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    fn vm(&self, name: &str) -> Result<VmRecord, StoreError>;
+    fn vms(&self) -> Result<Vec<VmRecord>, StoreError>;
+    fn delete_vm(&self, name: &str) -> Result<(), StoreError>;
+    /// Records an event; returns it with its id and time.
+    fn add_event(&self, subject: &str, kind: &str, message: &str) -> Result<Event, StoreError>;
+    /// Events after `since`, oldest first, at most `limit`.
+    fn events(&self, since: i64, limit: usize) -> Result<Vec<Event>, StoreError>;
+}
+
+/// The schema this Vessel writes.
+const SCHEMA: i64 = 1;
+
+/// Events kept: older ones are dropped as new ones come.
+const EVENTS_KEPT: i64 = 10_000;
+
+/// The store in one SQLite file.
+pub struct SqliteStore {
+    db: Mutex<Connection>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the epoch.
+pub fn now_s() -> u64 {
+    now_ms() / 1000
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let db = Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        match version {
+            0 => {
+                db.execute_batch(
+                    "BEGIN;
+                     CREATE TABLE templates (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+                     CREATE TABLE vms (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+                     CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                         time_ms INTEGER NOT NULL, subject TEXT NOT NULL, kind TEXT NOT NULL,
+                         message TEXT NOT NULL);
+                     PRAGMA user_version = 1;
+                     COMMIT;",
+                )?;
+            }
+            SCHEMA => {}
+            found => {
+                return Err(StoreError::Schema {
+                    path: path.display().to_string(),
+                    found,
+                })
+            }
+        }
+        Ok(SqliteStore { db: Mutex::new(db) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert<T: Serialize>(
+        &self,
+        table: &str,
+        what: &'static str,
+        name: &str,
+        body: &T,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(body)?;
+        let sql = format!("INSERT INTO {table} (name, body) VALUES (?1, ?2)");
+        match self.db().execute(&sql, params![name, body]) {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Exists {
+                    what,
+                    name: name.to_string(),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        table: &str,
+        what: &'static str,
+        name: &str,
+    ) -> Result<T, StoreError> {
+        let sql = format!("SELECT body FROM {table} WHERE name = ?1");
+        let body: Option<String> = self
+            .db()
+            .query_row(&sql, params![name], |r| r.get(0))
+            .optional()?;
+        let body = body.ok_or_else(|| StoreError::NotFound {
+            what,
+            name: name.to_string(),
+        })?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(&self, table: &str) -> Result<Vec<T>, StoreError> {
+        let db = self.db();
+        let mut q = db.prepare(&format!("SELECT body FROM {table} ORDER BY name"))?;
+        let bodies = q
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(bodies
+            .iter()
+            .map(|b| serde_json::from_str(b))
+            .collect::<Result<_, _>>()?)
+    }
+
+    fn delete(&self, table: &str, what: &'static str, name: &str) -> Result<(), StoreError> {
+        let n = self.db().execute(
+            &format!("DELETE FROM {table} WHERE name = ?1"),
+            params![name],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what,
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    fn add_template(&self, t: &Template) -> Result<(), StoreError> {
+        self.insert("templates", "template", &t.name, t)
+    }
+    fn template(&self, name: &str) -> Result<Template, StoreError> {
+        self.get("templates", "template", name)
+    }
+    fn templates(&self) -> Result<Vec<Template>, StoreError> {
+        self.all("templates")
+    }
+    fn delete_template(&self, name: &str) -> Result<(), StoreError> {
+        self.delete("templates", "template", name)
+    }
+    fn add_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.insert("vms", "VM", &vm.name, vm)
+    }
+    fn put_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let body = serde_json::to_string(vm)?;
+        let n = self.db().execute(
+            "UPDATE vms SET body = ?2 WHERE name = ?1",
+            params![vm.name, body],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound {
+                what: "VM",
+                name: vm.name.clone(),
+            });
+        }
+        Ok(())
+    }
+    fn vm(&self, name: &str) -> Result<VmRecord, StoreError> {
+        self.get("vms", "VM", name)
+    }
+    fn vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.all("vms")
+    }
+    fn delete_vm(&self, name: &str) -> Result<(), StoreError> {
+        self.delete("vms", "VM", name)
+    }
+    fn add_event(&self, subject: &str, kind: &str, message: &str) -> Result<Event, StoreError> {
+        let time_ms = now_ms();
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT INTO events (time_ms, subject, kind, message) VALUES (?1, ?2, ?3, ?4)",
+            params![time_ms as i64, subject, kind, message],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "DELETE FROM events WHERE id <= ?1",
+            params![id - EVENTS_KEPT],
+        )?;
+        tx.commit()?;
+        Ok(Event {
+            id,
+            time_ms,
+            subject: subject.to_string(),
+            kind: kind.to_string(),
+            message: message.to_string(),
+        })
+    }
+    fn events(&self, since: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let db = self.db();
+        let mut q = db.prepare(
+            "SELECT id, time_ms, subject, kind, message FROM events WHERE id > ?1
+             ORDER BY id LIMIT ?2",
+        )?;
+        let rows = q.query_map(params![since, limit as i64], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                time_ms: r.get::<_, i64>(1)? as u64,
+                subject: r.get(2)?,
+                kind: r.get(3)?,
+                message: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            template: "t".into(),
+            spec: VmSpec::default(),
+            disks: vec!["/d".into()],
+            desired: Desired::Running,
+            restart: RestartPolicy::OnFailure,
+            autostart: false,
+            autostart_order: 0,
+            pid: Some(7),
+            created: 1,
+        }
+    }
+
+    #[test]
+    fn records_survive_a_reopen_and_names_are_unique() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("vessel.db");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.add_template(&Template {
+                name: "t".into(),
+                spec: VmSpec::default(),
+                base_disks: vec![],
+                created: 1,
+            })
+            .unwrap();
+            s.add_vm(&vm("b")).unwrap();
+            s.add_vm(&vm("a")).unwrap();
+            assert!(matches!(s.add_vm(&vm("a")), Err(StoreError::Exists { .. })));
+            let mut a = s.vm("a").unwrap();
+            a.desired = Desired::Stopped;
+            a.pid = None;
+            s.put_vm(&a).unwrap();
+            s.add_event("a", "vm.created", "from t").unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let names: Vec<String> = s.vms().unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(s.vm("a").unwrap().desired, Desired::Stopped);
+        assert_eq!(s.template("t").unwrap().name, "t");
+        let e = s.events(0, 10).unwrap();
+        assert_eq!((e.len(), e[0].kind.as_str()), (1, "vm.created"));
+        let second = s.add_event("b", "vm.started", "").unwrap();
+        assert_eq!(s.events(e[0].id, 10).unwrap(), [second]);
+        s.delete_vm("a").unwrap();
+        assert!(matches!(s.vm("a"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(s.delete_vm("a"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(
+            s.put_vm(&vm("zz")),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("vessel.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 9)
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Schema { found: 9, .. })
+        ));
+    }
+}

@@ -1,0 +1,669 @@
+//! The manager: templates and VMs, their processes, the restart policy and the events.
+//!
+//! A VM's record says what it should be doing ([`Desired`]); its process, while it runs, is
+//! in [`Manager`]'s table and watched by a thread that reports its end at once. An end the
+//! daemon did not ask for is a crash: the restart policy decides whether the VM starts again
+//! (at most [`RESTARTS`] times in [`RESTART_WINDOW`]). When the daemon starts it adopts the
+//! VM processes still running (checked by pid and command line) and starts the VMs that
+//! should run and do not, so that restarting the daemon never stops a VM.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use serde::{Deserialize, Serialize};
+use spec::bindings::{Console, HostBindings, VmDocument};
+use spec::vm::{Disk, VmSpec};
+use tokio::sync::broadcast;
+
+use crate::layout::{check_name, rotate_log, Layout};
+use crate::process::{VmProcess, Waiter};
+use crate::store::{now_s, Desired, Event, RestartPolicy, Store, StoreError, Template, VmRecord};
+
+/// Restarts allowed within [`RESTART_WINDOW`] before the policy gives up.
+pub const RESTARTS: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a new VM process may take to open its API.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Errors of the manager's operations, each with the HTTP status the API gives it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Error {
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::Store(StoreError::NotFound { .. }) => 404,
+            Error::Store(StoreError::Exists { .. }) | Error::Conflict(_) => 409,
+            Error::BadRequest(_) => 400,
+            _ => 500,
+        }
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> Error {
+    Error::BadRequest(e.to_string())
+}
+
+/// `POST /api/v1/templates`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateCreate {
+    pub name: String,
+    /// What VMs made from it are (their disks' options too); defaults as `vessel run`.
+    #[serde(default)]
+    pub spec: VmSpec,
+    /// A base image for each disk (absolute paths); a VM gets a thin qcow2 overlay on each.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub base_disks: Vec<PathBuf>,
+}
+
+/// `POST /api/v1/vms`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub name: String,
+    pub template: String,
+    /// vCPUs (default: the template's).
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Memory in bytes or with a unit (`"512M"`; default: the template's).
+    #[serde(default, with = "spec::size::json::option")]
+    #[schema(value_type = Option<u64>)]
+    pub memory: Option<u64>,
+    /// The kernel command line (default: the template's).
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Start it when the daemon starts.
+    #[serde(default)]
+    pub autostart: bool,
+    /// Lower first among autostarted VMs.
+    #[serde(default)]
+    pub autostart_order: i64,
+    /// Start it now.
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// `PUT /api/v1/vms/{name}/stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the guest has to power off after the ACPI power button before it is stopped
+    /// (SIGTERM, then SIGKILL); default 30.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// What a VM is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Stopped,
+    /// It should run and does not: its process ended and the restart policy gave up (or
+    /// says never).
+    Crashed,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmView {
+    #[serde(flatten)]
+    pub record: VmRecord,
+    pub state: VmState,
+    /// Milliseconds since its process started (this daemon's count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// Restarts by the policy within the last minute.
+    pub restarts: u32,
+    #[schema(value_type = String)]
+    pub api_socket: PathBuf,
+    #[schema(value_type = String)]
+    pub console_socket: PathBuf,
+}
+
+/// A running VM process.
+struct Running {
+    process: Arc<VmProcess>,
+    started: Instant,
+}
+
+/// The manager's live state.
+#[derive(Default)]
+struct Live {
+    running: HashMap<String, Running>,
+    /// Recent restarts by the policy, per VM.
+    restarts: HashMap<String, VecDeque<Instant>>,
+}
+
+/// The daemon's core.
+pub struct Manager {
+    store: Arc<dyn Store>,
+    layout: Layout,
+    /// The `vessel` binary VM processes run.
+    vessel: PathBuf,
+    /// Extra arguments for every VM process (`--jail ...`).
+    vm_args: Vec<String>,
+    live: Mutex<Live>,
+    /// Serializes operations that change a VM (start, stop, delete, the restart policy).
+    ops: Mutex<()>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Manager {
+    pub fn new(
+        store: Arc<dyn Store>,
+        layout: Layout,
+        vessel: PathBuf,
+        vm_args: Vec<String>,
+    ) -> Arc<Manager> {
+        Arc::new(Manager {
+            store,
+            layout,
+            vessel,
+            vm_args,
+            live: Mutex::default(),
+            ops: Mutex::new(()),
+            events: broadcast::channel(1024).0,
+        })
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// New events as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// Records and announces an event (a store failure is logged, never fatal).
+    fn event(&self, subject: &str, kind: &str, message: impl AsRef<str>) {
+        let message = message.as_ref();
+        tracing::info!("{kind} {subject}: {message}");
+        match self.store.add_event(subject, kind, message) {
+            Ok(e) => {
+                let _ = self.events.send(e);
+            }
+            Err(e) => tracing::error!("cannot record event {kind} {subject}: {e}"),
+        }
+    }
+
+    // Templates.
+
+    pub fn create_template(&self, req: TemplateCreate) -> Result<Template, Error> {
+        check_name(&req.name).map_err(bad)?;
+        let mut spec = req.spec;
+        spec.validate().map_err(|e| bad(format!("spec.{e}")))?;
+        if spec.disks.len() > req.base_disks.len() {
+            return Err(bad(format!(
+                "base_disks: {} given for {} disks",
+                req.base_disks.len(),
+                spec.disks.len()
+            )));
+        }
+        spec.disks.resize(req.base_disks.len(), Disk::new());
+        for (i, b) in req.base_disks.iter().enumerate() {
+            if !b.is_absolute() {
+                return Err(bad(format!(
+                    "base_disks[{i}]: {} is not absolute",
+                    b.display()
+                )));
+            }
+            block::ops::info(b, false, false).map_err(|e| bad(format!("base_disks[{i}]: {e}")))?;
+        }
+        let t = Template {
+            name: req.name,
+            spec,
+            base_disks: req.base_disks,
+            created: now_s(),
+        };
+        self.store.add_template(&t)?;
+        self.event(&t.name, "template.created", "");
+        Ok(t)
+    }
+
+    pub fn delete_template(&self, name: &str) -> Result<(), Error> {
+        let users: Vec<String> = self
+            .store
+            .vms()?
+            .into_iter()
+            .filter(|v| v.template == name)
+            .map(|v| v.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "template {name} is the base of {}",
+                users.join(", ")
+            )));
+        }
+        self.store.delete_template(name)?;
+        self.event(name, "template.deleted", "");
+        Ok(())
+    }
+
+    // VMs.
+
+    /// Makes a VM from a template: its spec with the request's changes, a thin overlay on
+    /// each base disk.
+    pub fn create_vm(self: &Arc<Self>, req: VmCreate) -> Result<VmView, Error> {
+        check_name(&req.name).map_err(bad)?;
+        let t = self.store.template(&req.template)?;
+        let mut spec = t.spec.clone();
+        if let Some(c) = req.cpus {
+            spec.cpus = c;
+        }
+        if let Some(m) = req.memory {
+            spec.memory = m;
+        }
+        if let Some(c) = &req.cmdline {
+            spec.boot.cmdline = c.clone();
+        }
+        // Random MACs per VM, not the template's.
+        for n in &mut spec.nets {
+            n.mac = None;
+        }
+        spec.validate().map_err(bad)?;
+        let _op = self.ops();
+        if self.store.vm(&req.name).is_ok() {
+            return Err(StoreError::Exists {
+                what: "VM",
+                name: req.name,
+            }
+            .into());
+        }
+        let dir = self.layout.vm_dir(&req.name);
+        if dir.exists() {
+            return Err(Error::Conflict(format!(
+                "{} exists (left by an earlier VM of this name?)",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Failed(e.to_string()))?;
+        let made = (|| {
+            let mut disks = Vec::new();
+            for (i, base) in t.base_disks.iter().enumerate() {
+                let path = self.layout.disk(&req.name, i);
+                let opts = block::ops::CreateOptions {
+                    format: Some(block::Format::Qcow2),
+                    size: None,
+                    backing: Some(base.display().to_string()),
+                    backing_format: None,
+                    prealloc: Default::default(),
+                    cluster_size: None,
+                    force: false,
+                };
+                block::ops::create(&path, &opts)
+                    .map_err(|e| Error::Failed(format!("disk {i}: {e}")))?;
+                disks.push(path);
+            }
+            let vm = VmRecord {
+                name: req.name.clone(),
+                template: t.name.clone(),
+                spec,
+                disks,
+                desired: Desired::Stopped,
+                restart: req.restart,
+                autostart: req.autostart,
+                autostart_order: req.autostart_order,
+                pid: None,
+                created: now_s(),
+            };
+            self.store.add_vm(&vm)?;
+            Ok(vm)
+        })();
+        let vm = match made {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        self.event(&vm.name, "vm.created", format!("from template {}", t.name));
+        drop(_op);
+        if req.start {
+            self.start(&vm.name)?;
+        }
+        self.view(&vm.name)
+    }
+
+    /// The VM `name` as the API shows it.
+    pub fn view(&self, name: &str) -> Result<VmView, Error> {
+        let record = self.store.vm(name)?;
+        Ok(self.view_of(record))
+    }
+
+    fn view_of(&self, record: VmRecord) -> VmView {
+        let live = self.live();
+        let running = live.running.get(&record.name);
+        let state = match (running, record.desired) {
+            (Some(_), _) => VmState::Running,
+            (None, Desired::Running) => VmState::Crashed,
+            (None, Desired::Stopped) => VmState::Stopped,
+        };
+        let restarts = live.restarts.get(&record.name).map_or(0, |r| {
+            r.iter().filter(|t| t.elapsed() < RESTART_WINDOW).count()
+        }) as u32;
+        VmView {
+            uptime_ms: running.map(|r| r.started.elapsed().as_millis() as u64),
+            restarts,
+            api_socket: self.layout.api_socket(&record.name),
+            console_socket: self.layout.console_socket(&record.name),
+            state,
+            record,
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<VmView>, Error> {
+        Ok(self
+            .store
+            .vms()?
+            .into_iter()
+            .map(|r| self.view_of(r))
+            .collect())
+    }
+
+    /// The document the VM's process boots.
+    fn document(&self, vm: &VmRecord) -> VmDocument {
+        VmDocument {
+            spec: vm.spec.clone(),
+            bindings: HostBindings {
+                disks: vm.disks.clone(),
+                console: Some(Console::Socket(self.layout.console_socket(&vm.name))),
+                api_socket: Some(self.layout.api_socket(&vm.name)),
+                ..HostBindings::default()
+            },
+        }
+    }
+
+    /// Starts the VM (it must not be running).
+    pub fn start(self: &Arc<Self>, name: &str) -> Result<VmView, Error> {
+        let _op = self.ops();
+        let mut vm = self.store.vm(name)?;
+        if self.live().running.contains_key(name) {
+            return Err(Error::Conflict(format!("{name} is running")));
+        }
+        vm.desired = Desired::Running;
+        self.launch(&mut vm)?;
+        self.event(name, "vm.started", format!("pid {}", vm.pid.unwrap_or(0)));
+        drop(_op);
+        self.view(name)
+    }
+
+    /// Starts the VM's process, waits for its API, records it; `vm.desired` is saved.
+    fn launch(self: &Arc<Self>, vm: &mut VmRecord) -> Result<(), Error> {
+        let failed = |e: String| Error::Failed(format!("cannot start {}: {e}", vm.name));
+        let run = self.layout.vm_run(&vm.name);
+        std::fs::create_dir_all(&run).map_err(|e| failed(e.to_string()))?;
+        let api = self.layout.api_socket(&vm.name);
+        for s in [&api, &self.layout.console_socket(&vm.name)] {
+            let _ = std::fs::remove_file(s);
+        }
+        let config = self.layout.vm_config(&vm.name);
+        let doc =
+            serde_json::to_string_pretty(&self.document(vm)).map_err(|e| failed(e.to_string()))?;
+        std::fs::write(&config, doc).map_err(|e| failed(e.to_string()))?;
+        let log = self.layout.vm_log(&vm.name);
+        rotate_log(&log);
+        let mut args = vec!["run".to_string()];
+        args.extend(self.vm_args.iter().cloned());
+        args.push("--config".into());
+        args.push(config.display().to_string());
+        let process =
+            VmProcess::spawn(&self.vessel, &args, &log).map_err(|e| failed(e.to_string()))?;
+        let waiter = process.waiter().map_err(|e| failed(e.to_string()))?;
+        // Ready once its API answers; a process that ends first failed to start.
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if api::client::Client::new(&api).ping().is_ok() {
+                break;
+            }
+            if waiter.wait(Some(Duration::from_millis(50))) || Instant::now() > deadline {
+                let _ = process.signal(Signal::KILL);
+                waiter.wait(Some(Duration::from_secs(5)));
+                let how = process.reap();
+                return Err(failed(format!("{how}: {}", log_tail(&log))));
+            }
+        }
+        vm.pid = Some(process.pid);
+        self.store.put_vm(vm)?;
+        self.watch(&vm.name, process, waiter, Instant::now());
+        Ok(())
+    }
+
+    /// Tracks a running process and reports its end.
+    fn watch(self: &Arc<Self>, name: &str, process: VmProcess, waiter: Waiter, started: Instant) {
+        let process = Arc::new(process);
+        self.live().running.insert(
+            name.to_string(),
+            Running {
+                process: process.clone(),
+                started,
+            },
+        );
+        let me = Arc::downgrade(self);
+        let name = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("watch-{name}"))
+            .stack_size(64 << 10)
+            .spawn(move || {
+                waiter.wait(None);
+                if let Some(m) = me.upgrade() {
+                    m.ended(&name, process);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot watch the process of a VM: {e}");
+        }
+    }
+
+    /// A VM's process ended: record it, then restart it if the policy says so.
+    fn ended(self: &Arc<Self>, name: &str, process: Arc<VmProcess>) {
+        let _op = self.ops();
+        let pid = process.pid;
+        {
+            let mut live = self.live();
+            if live.running.get(name).is_some_and(|r| r.process.pid == pid) {
+                live.running.remove(name);
+            }
+        }
+        let how = process.reap();
+        let Ok(mut vm) = self.store.vm(name) else {
+            return; // deleted
+        };
+        if vm.pid == Some(pid) {
+            vm.pid = None;
+            let _ = self.store.put_vm(&vm);
+        }
+        if vm.desired == Desired::Stopped {
+            self.event(name, "vm.stopped", how.to_string());
+            return;
+        }
+        self.event(name, "vm.crashed", how.to_string());
+        let restart = match vm.restart {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => how.failed(),
+            RestartPolicy::Always => true,
+        };
+        if !restart {
+            return;
+        }
+        let allowed = {
+            let mut live = self.live();
+            let recent = live.restarts.entry(name.to_string()).or_default();
+            recent.retain(|t| t.elapsed() < RESTART_WINDOW);
+            if recent.len() >= RESTARTS {
+                false
+            } else {
+                recent.push_back(Instant::now());
+                true
+            }
+        };
+        if !allowed {
+            self.event(
+                name,
+                "vm.restart-limit",
+                format!(
+                    "{RESTARTS} restarts within {}s: left stopped",
+                    RESTART_WINDOW.as_secs()
+                ),
+            );
+            return;
+        }
+        match self.launch(&mut vm) {
+            Ok(()) => self.event(name, "vm.restarted", format!("pid {}", vm.pid.unwrap_or(0))),
+            Err(e) => self.event(name, "vm.restart-failed", e.to_string()),
+        }
+    }
+
+    /// Stops the VM: the ACPI power button, then after `timeout` SIGTERM, then SIGKILL.
+    pub fn stop(&self, name: &str, timeout: Duration) -> Result<VmView, Error> {
+        let process = self.mark_stopped(name)?;
+        if let Some(p) = process {
+            let waiter = p.waiter().map_err(|e| Error::Failed(e.to_string()))?;
+            let _ = api::client::Client::new(self.layout.api_socket(name)).shutdown();
+            if !waiter.wait(Some(timeout)) {
+                let _ = p.signal(Signal::TERM);
+                if !waiter.wait(Some(Duration::from_secs(10))) {
+                    let _ = p.signal(Signal::KILL);
+                    waiter.wait(Some(Duration::from_secs(10)));
+                }
+            }
+            self.wait_gone(name, p.pid);
+        }
+        self.view(name)
+    }
+
+    /// Kills the VM's process at once.
+    pub fn kill(&self, name: &str) -> Result<VmView, Error> {
+        if let Some(p) = self.mark_stopped(name)? {
+            let _ = p.signal(Signal::KILL);
+            if let Ok(w) = p.waiter() {
+                w.wait(Some(Duration::from_secs(10)));
+            }
+            self.wait_gone(name, p.pid);
+        }
+        self.view(name)
+    }
+
+    /// Records that the VM should be stopped; returns its process if it runs.
+    fn mark_stopped(&self, name: &str) -> Result<Option<Arc<VmProcess>>, Error> {
+        let _op = self.ops();
+        let mut vm = self.store.vm(name)?;
+        vm.desired = Desired::Stopped;
+        self.store.put_vm(&vm)?;
+        Ok(self.live().running.get(name).map(|r| r.process.clone()))
+    }
+
+    /// Waits (briefly) until the watcher has recorded the end of process `pid`.
+    fn wait_gone(&self, name: &str, pid: u32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && self
+                .live()
+                .running
+                .get(name)
+                .is_some_and(|r| r.process.pid == pid)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Deletes a stopped VM with its disks and files.
+    pub fn delete(&self, name: &str) -> Result<(), Error> {
+        let _op = self.ops();
+        let vm = self.store.vm(name)?;
+        if self.live().running.contains_key(name) {
+            return Err(Error::Conflict(format!("{name} is running: stop it first")));
+        }
+        for d in &vm.disks {
+            if let Err(e) = std::fs::remove_file(d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(Error::Failed(format!("{}: {e}", d.display())));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.layout.vm_dir(name));
+        let _ = std::fs::remove_dir_all(self.layout.vm_run(name));
+        self.store.delete_vm(name)?;
+        self.live().restarts.remove(name);
+        self.event(name, "vm.deleted", "");
+        Ok(())
+    }
+
+    /// At the daemon's start: adopts the VM processes still running, then starts the VMs
+    /// that should run (autostart ones in their order) and do not.
+    pub fn recover(self: &Arc<Self>) -> Result<(), Error> {
+        let mut vms = self.store.vms()?;
+        vms.sort_by_key(|v| (v.autostart_order, v.name.clone()));
+        for mut vm in vms {
+            let marker = self.layout.vm_config(&vm.name).display().to_string();
+            if let Some(p) = vm.pid.and_then(|pid| VmProcess::adopt(pid, &marker)) {
+                match p.waiter() {
+                    Ok(w) => {
+                        self.event(&vm.name, "vm.adopted", format!("pid {}", p.pid));
+                        let ago = crate::process::started_ago(p.pid).unwrap_or_default();
+                        let started = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+                        self.watch(&vm.name, p, w, started);
+                        continue;
+                    }
+                    Err(e) => tracing::warn!("cannot watch {}: {e}", vm.name),
+                }
+            }
+            let was_running = vm.pid.take().is_some();
+            if vm.autostart || vm.desired == Desired::Running {
+                if was_running {
+                    self.event(&vm.name, "vm.crashed", "ended while the daemon was away");
+                }
+                vm.desired = Desired::Running;
+                let _op = self.ops();
+                match self.launch(&mut vm) {
+                    Ok(()) => self.event(&vm.name, "vm.started", "at daemon start"),
+                    Err(e) => {
+                        let _ = self.store.put_vm(&vm);
+                        self.event(&vm.name, "vm.start-failed", e.to_string());
+                    }
+                }
+            } else if was_running {
+                self.store.put_vm(&vm)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The last lines of a VM's log, for an error message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(5)..];
+    if tail.is_empty() {
+        format!("no output (log {})", log.display())
+    } else {
+        tail.join(" / ")
+    }
+}

@@ -1,0 +1,292 @@
+//! `vessel daemon` on the direct host: VMs made from a template of the bundled guest, kept
+//! running by the daemon (restarted by policy when killed from outside), surviving a restart
+//! of the daemon, and leaving nothing behind once deleted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A daemon on its own directories.
+struct Daemon {
+    child: Child,
+    state: PathBuf,
+    run: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let (state, run) = (dir.join("state"), dir.join("run"));
+        let socket = run.join("vessel.sock");
+        let child = Command::new(VESSEL)
+            .args(["daemon", "--state-dir", state.to_str().unwrap()])
+            .args(["--run-dir", run.to_str().unwrap()])
+            .args(["--socket", socket.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the daemon");
+        let d = Daemon {
+            child,
+            state,
+            run,
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !d.vessel(&["vm", "list"]).status.success() {
+            assert!(Instant::now() < deadline, "the daemon did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn vessel(&self, args: &[&str]) -> std::process::Output {
+        let mut all = args.to_vec();
+        all.extend(["--socket", self.socket.to_str().unwrap()]);
+        vessel(&all)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.vessel(args);
+        assert_code(&o, 0);
+        stdout(&o)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        self.json(&["vm", "info", name])
+    }
+
+    /// The events' kinds and subjects, `kind subject message` each.
+    fn events(&self) -> Vec<String> {
+        self.json(&["events"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{} {} {}", e["kind"], e["subject"], e["message"]).replace('"', ""))
+            .collect()
+    }
+
+    /// SIGTERM, and its exit code.
+    fn stop(mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+}
+
+/// Processes whose command line mentions `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(marker) && !c.contains("daemon") {
+                found.push(c);
+            }
+        }
+    }
+    found
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ten_vms_from_a_template_survive_a_kill_and_a_daemon_restart_then_leave_nothing() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager");
+    let base = dir.file("base.raw");
+    raw_disk(&base, 4 << 20);
+    let d = Daemon::start(&dir.0);
+    d.ok(&[
+        "template",
+        "create",
+        "tiny",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+        "--memory",
+        "64M",
+        "--disk",
+        base.to_str().unwrap(),
+    ]);
+    let names: Vec<String> = (0..10).map(|i| format!("vm{i}")).collect();
+    for n in &names {
+        d.ok(&["vm", "create", n, "--template", "tiny", "--start"]);
+    }
+    // All listed, running, each on its own thin overlay.
+    let list = d.json(&["vm", "list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 10);
+    for v in list {
+        assert_eq!(v["state"], "running", "{v}");
+        let disk = PathBuf::from(v["disks"][0].as_str().unwrap());
+        assert!(disk.starts_with(&d.state), "{}", disk.display());
+        assert_eq!(&std::fs::read(&disk).unwrap()[..4], b"QFI\xfb");
+    }
+    let table = d.ok(&["vm", "list"]);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" running ")).count(),
+        10,
+        "{table}"
+    );
+
+    // Killed from outside: restarted by the policy, with events saying so.
+    let old = d.vm("vm3")["pid"].as_u64().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &old.to_string()])
+        .status()
+        .unwrap();
+    wait_until("vm3 restarted", || {
+        let v = d.vm("vm3");
+        v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p != old)
+    });
+    let events = d.events();
+    assert!(
+        events.contains(&"vm.crashed vm3 killed by signal 9".to_string()),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("vm.restarted vm3")),
+        "{events:#?}"
+    );
+    assert_eq!(d.vm("vm3")["restarts"], 1);
+
+    // The daemon restarts: the VMs run on, and it finds every one again.
+    let pids: Vec<u64> = names
+        .iter()
+        .map(|n| d.vm(n)["pid"].as_u64().unwrap())
+        .collect();
+    let dir_path = dir.0.clone();
+    assert_eq!(d.stop(), Some(0));
+    for p in &pids {
+        assert!(alive(*p), "VM process {p} ended with the daemon");
+    }
+    let d = Daemon::start(&dir_path);
+    for (n, p) in names.iter().zip(&pids) {
+        let v = d.vm(n);
+        assert_eq!(v["state"], "running", "{v}");
+        assert_eq!(v["pid"].as_u64(), Some(*p), "{v}");
+    }
+    let adopted = d
+        .events()
+        .iter()
+        .filter(|e| e.starts_with("vm.adopted"))
+        .count();
+    assert_eq!(adopted, 10);
+
+    // Stop them all at once (the idle guest ignores the power button: the timeout ends it).
+    std::thread::scope(|s| {
+        for n in &names {
+            let d = &d;
+            s.spawn(move || d.ok(&["vm", "stop", n, "--timeout", "1"]));
+        }
+    });
+    for (n, p) in names.iter().zip(&pids) {
+        assert_eq!(d.vm(n)["state"], "stopped");
+        assert!(!alive(*p), "{n}'s process {p} still runs");
+    }
+    // A stopped VM stays stopped (no restart), and comes back with start.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.vm("vm0")["state"], "stopped");
+    d.ok(&["vm", "start", "vm0"]);
+    assert_eq!(d.vm("vm0")["state"], "running");
+    let o = d.vessel(&["vm", "delete", "vm0"]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("vm0 is running"), "{}", stderr(&o));
+    d.ok(&["vm", "kill", "vm0"]);
+
+    // Deleted: no process, socket, overlay or record left.
+    let o = d.vessel(&["template", "delete", "tiny"]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("is the base of"), "{}", stderr(&o));
+    for n in &names {
+        d.ok(&["vm", "delete", n]);
+    }
+    d.ok(&["template", "delete", "tiny"]);
+    assert_eq!(d.json(&["vm", "list"]), serde_json::json!([]));
+    let (state, run) = (d.state.clone(), d.run.clone());
+    assert_eq!(d.stop(), Some(0));
+    let marker = state.display().to_string();
+    assert_eq!(processes_with(&marker), Vec::<String>::new());
+    assert_eq!(std::fs::read_dir(state.join("vms")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(run.join("vms")).unwrap().count(), 0);
+    assert!(!run.join("vessel.sock").exists());
+    use manager::store::Store;
+    let db = manager::store::SqliteStore::open(&state.join("vessel.db")).unwrap();
+    assert!(db.vms().unwrap().is_empty());
+    assert!(db.templates().unwrap().is_empty());
+    assert!(base.exists(), "the template's base stays");
+}
+
+#[test]
+fn bad_requests_are_refused_clearly() {
+    let dir = TempDir::new("manager-bad");
+    let d = Daemon::start(&dir.0);
+    let refused = |args: &[&str], code: i32, want: &str| {
+        let o = d.vessel(args);
+        assert_code(&o, code);
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    };
+    refused(
+        &["vm", "create", "a", "-t", "nope"],
+        1,
+        "no template named nope",
+    );
+    refused(&["template", "create", "../x"], 2, "is not a name");
+    refused(
+        &["template", "create", "t", "--disk", "/nonexistent.raw"],
+        2,
+        "base_disks[0]",
+    );
+    refused(&["template", "create", "t", "--cpus", "0"], 2, "spec.cpus");
+    d.ok(&["template", "create", "t"]);
+    refused(&["template", "create", "t"], 1, "exists already");
+    refused(&["vm", "start", "ghost"], 1, "no VM named ghost");
+    d.ok(&["vm", "create", "a", "-t", "t"]);
+    refused(&["vm", "create", "a", "-t", "t"], 1, "exists already");
+    // A VM that cannot start (no such kernel): the error says why, the VM stays stopped.
+    let spec = dir.file("spec.json");
+    std::fs::write(&spec, r#"{"boot": {"kernel": "/nonexistent/vmlinuz"}}"#).unwrap();
+    d.ok(&[
+        "template",
+        "create",
+        "broken",
+        "--spec",
+        spec.to_str().unwrap(),
+    ]);
+    d.ok(&["vm", "create", "b", "-t", "broken"]);
+    refused(&["vm", "start", "b"], 1, "/nonexistent/vmlinuz");
+    assert_eq!(d.vm("b")["state"], "stopped");
+    let o = d.vessel(&["vm", "list"]);
+    assert_code(&o, 0);
+}
