@@ -23,12 +23,15 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tokio_stream::StreamExt;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use crate::vms::{Error, Manager, StopRequest};
+use crate::store::Template;
+use crate::vms::{Error, Manager, StopRequest, TemplateCreate, VmCreate, VmView};
 
 /// The longest request body accepted.
 const MAX_BODY: usize = 1 << 20;
@@ -79,45 +82,110 @@ struct Since {
     since: i64,
 }
 
-/// The router.
-pub fn router(m: Arc<Manager>) -> Router {
-    Router::new()
-        .route("/api/v1/ping", get(ping))
-        .route("/api/v1/templates", get(templates).post(create_template))
-        .route(
-            "/api/v1/templates/{name}",
-            get(template).delete(delete_template),
-        )
-        .route("/api/v1/vms", get(vms).post(create_vm))
-        .route("/api/v1/vms/{name}", get(vm).delete(delete_vm))
-        .route("/api/v1/vms/{name}/{action}", put(act))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/events/stream", get(stream))
-        .fallback(|| async { Failure(ApiError::not_found("no such route")) })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(m)
+/// The errors every route may answer: `{"message": ...}` with the status.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum Errors {
+    /// A malformed request, or values out of range (the message names the field).
+    #[response(status = 400)]
+    BadRequest(ApiError),
+    /// No such VM or template (or route).
+    #[response(status = 404)]
+    NotFound(ApiError),
+    /// Not possible now: the name exists, the VM runs, the template is in use.
+    #[response(status = 409)]
+    Conflict(ApiError),
+    /// The daemon failed: the message says why (a VM that could not start: its log's end).
+    #[response(status = 500)]
+    Failed(ApiError),
 }
 
+/// The API document: schemas from the types, paths from the routes themselves.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    components(schemas(ApiError)),
+    info(
+        title = "Vessel daemon API",
+        version = "1",
+        description = "The host's VM manager, on the Unix socket of `vessel daemon` \
+                   (default /run/vessel/vessel.sock). Bodies and answers are JSON; errors are \
+                   {\"message\": \"...\"} with a 4xx/5xx status.",
+        license(name = "Apache-2.0"),
+    )
+)]
+struct Doc;
+
+/// The router and its OpenAPI document, made together: a route cannot be missing from one.
+pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, doc) = OpenApiRouter::with_openapi(Doc::openapi())
+        .routes(routes!(ping))
+        .routes(routes!(templates, create_template))
+        .routes(routes!(template, delete_template))
+        .routes(routes!(vms, create_vm))
+        .routes(routes!(vm, delete_vm))
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(kill))
+        .routes(routes!(restart))
+        .routes(routes!(events))
+        .routes(routes!(stream))
+        .split_for_parts();
+    let router = router
+        .fallback(|| async { Failure(ApiError::not_found("no such route")) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(m);
+    (router, doc)
+}
+
+/// The router.
+pub fn router(m: Arc<Manager>) -> Router {
+    let (router, doc) = router_and_doc(m);
+    let json = doc.to_pretty_json().unwrap_or_default();
+    router.route(
+        "/api/v1/openapi.json",
+        axum::routing::get(move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                json,
+            )
+        }),
+    )
+}
+
+/// Checks that the daemon answers.
+#[utoipa::path(get, path = "/api/v1/ping", responses((status = 200, body = api::types::Pong)))]
 async fn ping() -> Json<api::types::Pong> {
     Json(api::types::Pong::current())
 }
 
-async fn templates(State(m): State<Arc<Manager>>) -> Reply<Vec<crate::store::Template>> {
+/// The templates.
+#[utoipa::path(get, path = "/api/v1/templates",
+    responses((status = 200, body = Vec<Template>), Errors))]
+async fn templates(State(m): State<Arc<Manager>>) -> Reply<Vec<Template>> {
     blocking(move || Ok(m.store().templates()?)).await
 }
 
+/// One template.
+#[utoipa::path(get, path = "/api/v1/templates/{name}",
+    params(("name" = String, Path)), responses((status = 200, body = Template), Errors))]
 async fn template(
     State(m): State<Arc<Manager>>,
     UrlPath(name): UrlPath<String>,
-) -> Reply<crate::store::Template> {
+) -> Reply<Template> {
     blocking(move || Ok(m.store().template(&name)?)).await
 }
 
-async fn create_template(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<crate::store::Template> {
+/// Makes a template: a spec and base disks (checked: they must open).
+#[utoipa::path(post, path = "/api/v1/templates", request_body = TemplateCreate,
+    responses((status = 200, body = Template), Errors))]
+async fn create_template(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<Template> {
     let req = body(&b)?;
     blocking(move || m.create_template(req)).await
 }
 
+/// Deletes a template no VM is made from.
+#[utoipa::path(delete, path = "/api/v1/templates/{name}",
+    params(("name" = String, Path)), responses((status = 204), Errors))]
 async fn delete_template(
     State(m): State<Arc<Manager>>,
     UrlPath(name): UrlPath<String>,
@@ -126,22 +194,30 @@ async fn delete_template(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn vms(State(m): State<Arc<Manager>>) -> Reply<Vec<crate::vms::VmView>> {
+/// The VMs, with their state.
+#[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = Vec<VmView>), Errors))]
+async fn vms(State(m): State<Arc<Manager>>) -> Reply<Vec<VmView>> {
     blocking(move || m.list()).await
 }
 
-async fn vm(
-    State(m): State<Arc<Manager>>,
-    UrlPath(name): UrlPath<String>,
-) -> Reply<crate::vms::VmView> {
+/// One VM.
+#[utoipa::path(get, path = "/api/v1/vms/{name}",
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn vm(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
     blocking(move || m.view(&name)).await
 }
 
-async fn create_vm(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<crate::vms::VmView> {
+/// Makes a VM from a template (and starts it with `start`).
+#[utoipa::path(post, path = "/api/v1/vms", request_body = VmCreate,
+    responses((status = 200, body = VmView), Errors))]
+async fn create_vm(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<VmView> {
     let req = body(&b)?;
     blocking(move || m.create_vm(req)).await
 }
 
+/// Deletes a stopped VM with its disks, files and record.
+#[utoipa::path(delete, path = "/api/v1/vms/{name}",
+    params(("name" = String, Path)), responses((status = 204), Errors))]
 async fn delete_vm(
     State(m): State<Arc<Manager>>,
     UrlPath(name): UrlPath<String>,
@@ -150,34 +226,55 @@ async fn delete_vm(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn act(
-    State(m): State<Arc<Manager>>,
-    UrlPath((name, action)): UrlPath<(String, String)>,
-    b: Bytes,
-) -> Reply<crate::vms::VmView> {
-    match action.as_str() {
-        "start" => blocking(move || m.start(&name)).await,
-        "stop" => {
-            let req: StopRequest = body(&b)?;
-            let timeout = Duration::from_secs(req.timeout_s.unwrap_or(30));
-            blocking(move || m.stop(&name, timeout)).await
-        }
-        "kill" => blocking(move || m.kill(&name)).await,
-        "restart" => {
-            let req: StopRequest = body(&b)?;
-            let timeout = Duration::from_secs(req.timeout_s.unwrap_or(30));
-            blocking(move || {
-                m.stop(&name, timeout)?;
-                m.start(&name)
-            })
-            .await
-        }
-        other => Err(Failure(ApiError::not_found(format!(
-            "no action '{other}': start, stop, kill or restart"
-        )))),
-    }
+/// Starts a VM; returns once its own API answers.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/start",
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn start(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
+    blocking(move || m.start(&name)).await
 }
 
+fn timeout(req: &StopRequest) -> Duration {
+    Duration::from_secs(req.timeout_s.unwrap_or(30))
+}
+
+/// Stops a VM: the ACPI power button, then after the timeout SIGTERM, then SIGKILL.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/stop", request_body = Option<StopRequest>,
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn stop(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    b: Bytes,
+) -> Reply<VmView> {
+    let req: StopRequest = body(&b)?;
+    blocking(move || m.stop(&name, timeout(&req))).await
+}
+
+/// Ends a VM's process at once.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/kill",
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn kill(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
+    blocking(move || m.kill(&name)).await
+}
+
+/// Stops a VM (as stop), then starts it.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/restart", request_body = Option<StopRequest>,
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn restart(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    b: Bytes,
+) -> Reply<VmView> {
+    let req: StopRequest = body(&b)?;
+    blocking(move || {
+        m.stop(&name, timeout(&req))?;
+        m.start(&name)
+    })
+    .await
+}
+
+/// The events after `since`, oldest first.
+#[utoipa::path(get, path = "/api/v1/events", params(("since" = Option<i64>, Query)),
+    responses((status = 200, body = Vec<crate::store::Event>), Errors))]
 async fn events(
     State(m): State<Arc<Manager>>,
     Query(q): Query<Since>,
@@ -187,6 +284,9 @@ async fn events(
 
 /// The events after `since`, then each new one, as server-sent events (`id`, `event` the
 /// kind, `data` the event's JSON).
+#[utoipa::path(get, path = "/api/v1/events/stream", params(("since" = Option<i64>, Query)),
+    responses((status = 200, content_type = "text/event-stream", body = crate::store::Event),
+        Errors))]
 async fn stream(
     State(m): State<Arc<Manager>>,
     Query(q): Query<Since>,
