@@ -65,6 +65,17 @@ pub struct DaemonArgs {
     /// `uid=990,gid=990`.
     #[arg(long, value_name = "SPEC")]
     vm_jail: Option<String>,
+    /// Also serve the API on TCP (`ADDR:PORT`), over TLS, to holders of a token (`vessel
+    /// token create`).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// The TLS certificate (PEM) for --listen (default: STATE/tls/daemon.crt, self-signed,
+    /// made the first time).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The client commands' common options.
@@ -73,15 +84,112 @@ pub struct ClientArgs {
     /// The daemon's socket (default: $VESSEL_SOCKET, else RUN/vessel.sock).
     #[arg(long, value_name = "PATH", global = true)]
     socket: Option<PathBuf>,
+    /// A daemon's TCP listener instead (`HOST:PORT`, TLS; or $VESSEL_REMOTE).
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    remote: Option<String>,
+    /// The token for --remote (or $VESSEL_TOKEN).
+    #[arg(long, value_name = "SECRET", global = true)]
+    token: Option<String>,
+    /// The certificate to trust for --remote (PEM; the daemon's STATE/tls/daemon.crt, or
+    /// $VESSEL_TLS_CA).
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_ca: Option<PathBuf>,
     /// Print the daemon's JSON.
     #[arg(long, global = true)]
     json: bool,
 }
 
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
 impl ClientArgs {
-    fn client(&self) -> Client {
-        Client::new(&self.socket.clone().unwrap_or_else(default_socket))
+    fn client(&self) -> Result<Client, CliError> {
+        let Some(remote) = self.remote.clone().or_else(|| env("VESSEL_REMOTE")) else {
+            return Ok(Client::new(
+                &self.socket.clone().unwrap_or_else(default_socket),
+            ));
+        };
+        let ca = self
+            .tls_ca
+            .clone()
+            .or_else(|| env("VESSEL_TLS_CA").map(PathBuf::from))
+            .ok_or_else(|| {
+                CliError::Usage(
+                    "--remote needs --tls-ca FILE (the daemon's certificate, \
+                     STATE/tls/daemon.crt) or VESSEL_TLS_CA"
+                        .into(),
+                )
+            })?;
+        let token = self.token.clone().or_else(|| env("VESSEL_TOKEN"));
+        Ok(Client::remote(&remote, &ca, token)?)
     }
+}
+
+/// `vessel token`.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// The tokens (names and roles).
+    List,
+    /// Makes a token for the TCP listener and prints its secret (shown this once).
+    Create {
+        name: String,
+        /// admin (everything) or read-only (GET requests only).
+        #[arg(long, value_enum, default_value = "read-only")]
+        role: RoleArg,
+    },
+    /// Revokes a token.
+    Delete { name: String },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Admin,
+    ReadOnly,
+}
+
+/// `vessel token ...`.
+pub fn token(args: TokenArgs) -> Result<i32, CliError> {
+    let c = args.client.client()?;
+    match args.command {
+        TokenCommand::List => {
+            let ts: Vec<crate::store::Token> = c.get("/api/v1/tokens")?;
+            if args.client.json {
+                print_json(&ts)?;
+            } else {
+                for t in ts {
+                    let role = serde_json::to_value(t.role).unwrap_or_default();
+                    println!("{:<20} {}", t.name, role.as_str().unwrap_or(""));
+                }
+            }
+        }
+        TokenCommand::Create { name, role } => {
+            let role = match role {
+                RoleArg::Admin => crate::store::Role::Admin,
+                RoleArg::ReadOnly => crate::store::Role::ReadOnly,
+            };
+            let req = crate::auth::TokenCreate { name, role };
+            let t: crate::auth::TokenCreated = c.send_json("POST", "/api/v1/tokens", &req)?;
+            if args.client.json {
+                print_json(&t)?;
+            } else {
+                println!("{}", t.secret);
+            }
+        }
+        TokenCommand::Delete { name } => {
+            c.call("DELETE", &format!("/api/v1/tokens/{name}"), None)?;
+            println!("token {name}: deleted");
+        }
+    }
+    Ok(0)
 }
 
 /// `vessel vm`.
@@ -241,6 +349,17 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
     if let Some(j) = args.vm_jail {
         vm_args.extend(["--jail".to_string(), j]);
     }
+    let listen = args.listen;
+    let tls = match &listen {
+        Some(_) => {
+            let usage = |e: crate::auth::AuthError| CliError::Usage(e.to_string());
+            let (cert, key) =
+                crate::auth::certificate(&layout.state, args.tls_cert.zip(args.tls_key))
+                    .map_err(usage)?;
+            Some((crate::auth::acceptor(&cert, &key).map_err(usage)?, cert))
+        }
+        None => None,
+    };
     let manager = Manager::new(store, layout, vessel, vm_args);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -267,6 +386,22 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
         }
         tracing::info!("vessel daemon on {}", socket.display());
         eprintln!("vessel daemon: listening on {}", socket.display());
+        let (stop_tcp, stopped) = tokio::sync::watch::channel(false);
+        if let (Some(addr), Some((acceptor, cert))) = (&listen, &tls) {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(format!("cannot listen on {addr}")))?;
+            tokio::spawn(crate::auth::serve_tls(
+                listener,
+                acceptor.clone(),
+                crate::server::tcp_router(manager.clone()),
+                stopped,
+            ));
+            eprintln!(
+                "vessel daemon: listening on {addr} (TLS, certificate {}; tokens: vessel token)",
+                cert.display()
+            );
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(io("signals"))?;
         tokio::select! {
@@ -281,6 +416,7 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
             }
         }
         let _ = tx.send(());
+        let _ = stop_tcp.send(true);
         // Followers of the events stream do not hold the daemon up.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let _ = std::fs::remove_file(&socket);
@@ -337,7 +473,7 @@ fn print_vms(vms: &[VmView]) {
 
 /// `vessel vm ...`.
 pub fn vm(args: VmArgs) -> Result<i32, CliError> {
-    let c = args.client.client();
+    let c = args.client.client()?;
     let json = args.client.json;
     let show = |v: VmView, what: &str| -> Result<i32, CliError> {
         if json {
@@ -432,7 +568,7 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
 
 /// `vessel template ...`.
 pub fn template(args: TemplateArgs) -> Result<i32, CliError> {
-    let c = args.client.client();
+    let c = args.client.client()?;
     match args.command {
         TemplateCommand::List => {
             let ts: Vec<Template> = c.get("/api/v1/templates")?;
@@ -528,7 +664,7 @@ fn print_event(e: &Event, json: bool) -> bool {
 
 /// `vessel events`.
 pub fn events(args: EventsArgs) -> Result<i32, CliError> {
-    let c = args.client.client();
+    let c = args.client.client()?;
     let json = args.client.json;
     if args.follow {
         c.follow(

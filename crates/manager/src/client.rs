@@ -1,4 +1,5 @@
-//! A blocking client of the daemon's API (hyper over its Unix socket).
+//! A blocking client of the daemon's API (hyper over its Unix socket, or over TLS to its TCP
+//! listener with a bearer token).
 
 use std::path::{Path, PathBuf};
 
@@ -27,17 +28,108 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
 }
 
-/// The daemon's API at a socket.
-#[derive(Debug, Clone)]
+/// How the client reaches the daemon.
+#[derive(Clone)]
+enum Transport {
+    Unix(PathBuf),
+    Tls {
+        /// `HOST:PORT`.
+        addr: String,
+        connector: tokio_rustls::TlsConnector,
+        token: Option<String>,
+    },
+}
+
+/// The daemon's API.
+#[derive(Clone)]
 pub struct Client {
-    socket: PathBuf,
+    transport: Transport,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An HTTP/1 connection over `io`, driven in the background.
+async fn handshake<IO>(io: IO) -> Result<Sender, ClientError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 impl Client {
+    /// The daemon on its Unix socket.
     pub fn new(socket: &Path) -> Client {
         Client {
-            socket: socket.to_path_buf(),
+            transport: Transport::Unix(socket.to_path_buf()),
         }
+    }
+
+    /// The daemon's TCP listener at `addr` (`HOST:PORT`), trusting the certificates in `ca`,
+    /// with a bearer `token`.
+    pub fn remote(addr: &str, ca: &Path, token: Option<String>) -> Result<Client, ClientError> {
+        let connector = crate::auth::connector(ca).map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok(Client {
+            transport: Transport::Tls {
+                addr: addr.to_string(),
+                connector,
+                token,
+            },
+        })
+    }
+
+    /// A connection to the daemon.
+    async fn connect(&self) -> Result<Sender, ClientError> {
+        match &self.transport {
+            Transport::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                handshake(stream).await
+            }
+            Transport::Tls {
+                addr, connector, ..
+            } => {
+                let connect = |source| ClientError::Connect {
+                    path: addr.clone(),
+                    source,
+                };
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(connect)?;
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| ClientError::Http(format!("{host}: {e}")))?;
+                let tls = connector.connect(name, tcp).await.map_err(connect)?;
+                handshake(tls).await
+            }
+        }
+    }
+
+    /// A request to the daemon, with the token when there is one.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json");
+        if let Transport::Tls { token: Some(t), .. } = &self.transport {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Http(e.to_string()))
     }
 
     /// `method path` with an optional JSON body; the answer's body (empty for 204).
@@ -61,27 +153,12 @@ impl Client {
         body: Option<&serde_json::Value>,
     ) -> Result<Bytes, ClientError> {
         let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.socket.display().to_string(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| http(&e))?;
-        tokio::spawn(conn);
+        let mut sender = self.connect().await?;
         let data = match body {
             Some(v) => serde_json::to_vec(v)?,
             None => Vec::new(),
         };
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(data)))
-            .map_err(|e| http(&e))?;
+        let req = self.request(method, path, data)?;
         let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
         let status = resp.status().as_u16();
         let bytes = resp
@@ -132,21 +209,8 @@ impl Client {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         rt.block_on(async {
             let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: self.socket.display().to_string(),
-                    source,
-                })?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| http(&e))?;
-            tokio::spawn(conn);
-            let req = Request::builder()
-                .uri(path)
-                .header("host", "localhost")
-                .body(Full::new(Bytes::new()))
-                .map_err(|e| http(&e))?;
+            let mut sender = self.connect().await?;
+            let req = self.request("GET", path, Vec::new())?;
             let mut body = sender
                 .send_request(req)
                 .await

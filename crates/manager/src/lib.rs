@@ -6,12 +6,14 @@
 //!   restart), events.
 //! - [`process`]: a VM's `vessel run` process, watched through a pidfd.
 //! - [`layout`]: where state, disks, logs and sockets live.
-//! - [`server`], [`client`]: the REST API on a Unix socket (axum) and its client (hyper).
+//! - [`server`], [`client`]: the REST API on a Unix socket (axum), and optionally on TCP with
+//!   TLS and bearer tokens ([`auth`]: admin and read-only roles); its client (hyper).
 //! - [`cli`], [`console`]: `vessel daemon`, `vessel vm`, `vessel template`, `vessel events`.
 //!
 //! The manager talks to VMs only through their processes and their own API (`api`), never
 //! through the VMM's internals.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod console;

@@ -10,7 +10,12 @@
 //! PUT    /api/v1/vms/{name}/start|stop|kill|restart                 (stop: StopRequest)
 //! GET    /api/v1/events?since=ID        the events after ID (JSON list)
 //! GET    /api/v1/events/stream?since=ID the same, then each new one (server-sent events)
+//! GET    /api/v1/tokens                 POST /api/v1/tokens         (TokenCreate)
+//! DELETE /api/v1/tokens/{name}
+//! GET    /api/v1/openapi.json           this API's OpenAPI document
 //! ```
+//!
+//! On TCP ([`tcp_router`]) every request needs a token; see [`crate::auth`].
 
 use std::convert::Infallible;
 use std::path::Path;
@@ -129,12 +134,22 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(restart))
         .routes(routes!(events))
         .routes(routes!(stream))
+        .routes(routes!(tokens, create_token))
+        .routes(routes!(delete_token))
         .split_for_parts();
     let router = router
         .fallback(|| async { Failure(ApiError::not_found("no such route")) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(m);
     (router, doc)
+}
+
+/// The router for the TCP listener: every request needs a token ([`crate::auth`]).
+pub fn tcp_router(m: Arc<Manager>) -> Router {
+    router(m.clone()).layer(axum::middleware::from_fn_with_state(
+        m,
+        crate::auth::require_token,
+    ))
 }
 
 /// The router.
@@ -270,6 +285,32 @@ async fn restart(
         m.start(&name)
     })
     .await
+}
+
+/// The tokens of the TCP listener (names and roles; never their secrets). Admins only.
+#[utoipa::path(get, path = "/api/v1/tokens",
+    responses((status = 200, body = Vec<crate::store::Token>), Errors))]
+async fn tokens(State(m): State<Arc<Manager>>) -> Reply<Vec<crate::store::Token>> {
+    blocking(move || Ok(m.store().tokens()?)).await
+}
+
+/// Makes a token for the TCP listener; its secret is in this answer only. Admins only.
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = crate::auth::TokenCreate,
+    responses((status = 200, body = crate::auth::TokenCreated), Errors))]
+async fn create_token(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<crate::auth::TokenCreated> {
+    let req = body(&b)?;
+    blocking(move || crate::auth::create(m.store(), req)).await
+}
+
+/// Revokes a token. Admins only.
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}",
+    params(("name" = String, Path)), responses((status = 204), Errors))]
+async fn delete_token(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<StatusCode, Failure> {
+    let _ = blocking(move || Ok(m.store().delete_token(&name)?)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The events after `since`, oldest first.

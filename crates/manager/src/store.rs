@@ -93,8 +93,34 @@ pub struct Event {
     pub message: String,
 }
 
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Look only: GET requests.
+    ReadOnly,
+}
+
+/// A bearer token for the daemon's TCP listener; only its SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Token {
+    pub name: String,
+    pub role: Role,
+    /// The secret's SHA-256, hex.
+    #[serde(skip_serializing, default)]
+    #[schema(ignore)]
+    pub hash: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
 /// The daemon's memory.
 pub trait Store: Send + Sync {
+    fn add_token(&self, t: &Token) -> Result<(), StoreError>;
+    fn tokens(&self) -> Result<Vec<Token>, StoreError>;
+    fn delete_token(&self, name: &str) -> Result<(), StoreError>;
     fn add_template(&self, t: &Template) -> Result<(), StoreError>;
     fn template(&self, name: &str) -> Result<Template, StoreError>;
     fn templates(&self) -> Result<Vec<Template>, StoreError>;
@@ -148,6 +174,7 @@ impl SqliteStore {
                     "BEGIN;
                      CREATE TABLE templates (name TEXT PRIMARY KEY, body TEXT NOT NULL);
                      CREATE TABLE vms (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+                     CREATE TABLE tokens (name TEXT PRIMARY KEY, body TEXT NOT NULL);
                      CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT,
                          time_ms INTEGER NOT NULL, subject TEXT NOT NULL, kind TEXT NOT NULL,
                          message TEXT NOT NULL);
@@ -238,7 +265,40 @@ impl SqliteStore {
     }
 }
 
+/// A token as stored: with its hash.
+#[derive(Serialize, Deserialize)]
+struct StoredToken {
+    name: String,
+    role: Role,
+    hash: String,
+    created: u64,
+}
+
 impl Store for SqliteStore {
+    fn add_token(&self, t: &Token) -> Result<(), StoreError> {
+        let stored = StoredToken {
+            name: t.name.clone(),
+            role: t.role,
+            hash: t.hash.clone(),
+            created: t.created,
+        };
+        self.insert("tokens", "token", &t.name, &stored)
+    }
+    fn tokens(&self) -> Result<Vec<Token>, StoreError> {
+        let all: Vec<StoredToken> = self.all("tokens")?;
+        Ok(all
+            .into_iter()
+            .map(|t| Token {
+                name: t.name,
+                role: t.role,
+                hash: t.hash,
+                created: t.created,
+            })
+            .collect())
+    }
+    fn delete_token(&self, name: &str) -> Result<(), StoreError> {
+        self.delete("tokens", "token", name)
+    }
     fn add_template(&self, t: &Template) -> Result<(), StoreError> {
         self.insert("templates", "template", &t.name, t)
     }

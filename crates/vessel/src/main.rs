@@ -38,6 +38,8 @@ enum Command {
     Template(manager::cli::TemplateArgs),
     /// The daemon's events (--follow for new ones as they happen).
     Events(manager::cli::EventsArgs),
+    /// Tokens for the daemon's TCP listener (admin or read-only).
+    Token(manager::cli::TokenArgs),
 }
 
 fn init_logging(filter: Option<&str>) {
@@ -79,6 +81,7 @@ fn main() {
             manager::cli::template(args).map_err(|e| failed(&e, e.exit_code()))
         }
         Command::Events(args) => manager::cli::events(args).map_err(|e| failed(&e, e.exit_code())),
+        Command::Token(args) => manager::cli::token(args).map_err(|e| failed(&e, e.exit_code())),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -21,12 +21,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
         let (state, run) = (dir.join("state"), dir.join("run"));
         let socket = run.join("vessel.sock");
         let child = Command::new(VESSEL)
             .args(["daemon", "--state-dir", state.to_str().unwrap()])
             .args(["--run-dir", run.to_str().unwrap()])
             .args(["--socket", socket.to_str().unwrap()])
+            .args(extra)
             .stdin(Stdio::null())
             .spawn()
             .expect("start the daemon");
@@ -325,15 +330,18 @@ fn the_openapi_document_is_the_api() {
     ops.sort();
     let want = [
         "DELETE /api/v1/templates/{name}",
+        "DELETE /api/v1/tokens/{name}",
         "DELETE /api/v1/vms/{name}",
         "GET /api/v1/events",
         "GET /api/v1/events/stream",
         "GET /api/v1/ping",
         "GET /api/v1/templates",
         "GET /api/v1/templates/{name}",
+        "GET /api/v1/tokens",
         "GET /api/v1/vms",
         "GET /api/v1/vms/{name}",
         "POST /api/v1/templates",
+        "POST /api/v1/tokens",
         "POST /api/v1/vms",
         "PUT /api/v1/vms/{name}/kill",
         "PUT /api/v1/vms/{name}/restart",
@@ -420,4 +428,113 @@ fn events_follow_as_they_happen() {
     assert_eq!(next()["kind"], "vm.deleted");
     let _ = follow.kill();
     let _ = follow.wait();
+}
+
+/// A free TCP port on the loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Over TCP the API is TLS with the daemon's certificate and bearer tokens: none or a wrong
+/// one is a 401, a read-only one may look but not start or delete (403), an admin one may.
+#[test]
+fn tcp_needs_tls_and_a_token_and_read_only_tokens_only_look() {
+    let dir = TempDir::new("manager-tcp");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start_with(&dir.0, &["--listen", &addr]);
+    d.ok(&[
+        "template",
+        "create",
+        "t",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+    ]);
+    d.ok(&["vm", "create", "a", "-t", "t"]);
+    let reader = d.ok(&["token", "create", "reader", "--role", "read-only"]);
+    let admin = d.ok(&["token", "create", "boss", "--role", "admin"]);
+    let (reader, admin) = (reader.trim(), admin.trim());
+    assert!(reader.starts_with("vsl_") && reader.len() == 68, "{reader}");
+    let listed = d.ok(&["token", "list"]);
+    assert!(
+        listed.contains("reader") && listed.contains("read-only"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(reader),
+        "secrets are never listed: {listed}"
+    );
+    let ca = d.state.join("tls/daemon.crt");
+    let remote = |token: Option<&str>, args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--remote", &addr, "--tls-ca", ca.to_str().unwrap()]);
+        if let Some(t) = token {
+            all.extend(["--token", t]);
+        }
+        vessel(&all)
+    };
+    // No token, a wrong one: refused.
+    for t in [None, Some("vsl_00")] {
+        let o = remote(t, &["vm", "list"]);
+        assert_code(&o, 1);
+        assert!(
+            stderr(&o).contains("a valid token is needed"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    // Read-only: list and info, not start, delete or tokens.
+    let o = remote(Some(reader), &["vm", "list"]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains("a "), "{}", stdout(&o));
+    assert_code(&remote(Some(reader), &["vm", "info", "a"]), 0);
+    for args in [
+        &["vm", "start", "a"][..],
+        &["vm", "delete", "a"],
+        &["token", "list"],
+        &["token", "create", "more", "--role", "admin"],
+    ] {
+        let o = remote(Some(reader), args);
+        assert_code(&o, 1);
+        assert!(stderr(&o).contains("read-only"), "{args:?}: {}", stderr(&o));
+    }
+    assert_eq!(d.vm("a")["state"], "stopped");
+    // Admin: everything.
+    assert_code(&remote(Some(admin), &["vm", "start", "a"]), 0);
+    assert_eq!(d.vm("a")["state"], "running");
+    assert_code(&remote(Some(admin), &["vm", "kill", "a"]), 0);
+    assert_code(&remote(Some(admin), &["vm", "delete", "a"]), 0);
+    // A revoked token stops working; a client that does not trust the certificate is refused.
+    d.ok(&["token", "delete", "reader"]);
+    assert_code(&remote(Some(reader), &["vm", "list"]), 1);
+    let other = dir.file("other.crt");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&ca).unwrap().replace("MII", "MIJ"),
+    )
+    .unwrap();
+    let o = vessel(&[
+        "vm",
+        "list",
+        "--remote",
+        &addr,
+        "--tls-ca",
+        other.to_str().unwrap(),
+        "--token",
+        admin,
+    ]);
+    assert_code(&o, 1);
+    // Plain HTTP on the TLS port gets nothing.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(&addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let _ = plain.write_all(b"GET /api/v1/vms HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
 }
