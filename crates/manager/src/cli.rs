@@ -248,6 +248,14 @@ enum VmCommand {
     Kill {
         name: String,
     },
+    /// Parks the VM's vCPUs.
+    Pause {
+        name: String,
+    },
+    /// Lets a paused VM run again.
+    Resume {
+        name: String,
+    },
     Restart {
         name: String,
         #[arg(long, default_value_t = 30)]
@@ -542,6 +550,14 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
         VmCommand::Kill { name } => {
             let v = c.send_json("PUT", &path(&name, "kill"), &serde_json::json!({}))?;
             show(v, "killed")
+        }
+        VmCommand::Pause { name } => {
+            let v = c.send_json("PUT", &path(&name, "pause"), &serde_json::json!({}))?;
+            show(v, "paused")
+        }
+        VmCommand::Resume { name } => {
+            let v = c.send_json("PUT", &path(&name, "resume"), &serde_json::json!({}))?;
+            show(v, "resumed")
         }
         VmCommand::Restart { name, timeout } => {
             let req = StopRequest {

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod console;
 pub mod layout;
+pub mod metrics;
 pub mod process;
 pub mod server;
 pub mod store;

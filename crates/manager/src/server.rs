@@ -7,7 +7,8 @@
 //! GET    /api/v1/templates/{name}       DELETE /api/v1/templates/{name}
 //! GET    /api/v1/vms                    POST /api/v1/vms            (VmCreate)
 //! GET    /api/v1/vms/{name}             DELETE /api/v1/vms/{name}
-//! PUT    /api/v1/vms/{name}/start|stop|kill|restart                 (stop: StopRequest)
+//! PUT    /api/v1/vms/{name}/start|stop|kill|restart|pause|resume    (stop: StopRequest)
+//! GET    /api/v1/metrics                Prometheus metrics
 //! GET    /api/v1/events?since=ID        the events after ID (JSON list)
 //! GET    /api/v1/events/stream?since=ID the same, then each new one (server-sent events)
 //! GET    /api/v1/tokens                 POST /api/v1/tokens         (TokenCreate)
@@ -131,6 +132,9 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(start))
         .routes(routes!(stop))
         .routes(routes!(kill))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(metrics))
         .routes(routes!(restart))
         .routes(routes!(events))
         .routes(routes!(stream))
@@ -269,6 +273,36 @@ async fn stop(
     params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
 async fn kill(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
     blocking(move || m.kill(&name)).await
+}
+
+/// Parks a running VM's vCPUs.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/pause",
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn pause(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
+    blocking(move || m.pause(&name, true)).await
+}
+
+/// Lets a paused VM's vCPUs run again.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/resume",
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn resume(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
+    blocking(move || m.pause(&name, false)).await
+}
+
+/// Prometheus metrics: VMs by state; each VM's size, state, restarts, uptime, CPU time and
+/// memory; the daemon's own.
+#[utoipa::path(get, path = "/api/v1/metrics",
+    responses((status = 200, content_type = "text/plain; version=0.0.4", body = String), Errors))]
+async fn metrics(State(m): State<Arc<Manager>>) -> Result<Response, Failure> {
+    let text = blocking(move || m.metrics()).await?.0;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Stops a VM (as stop), then starts it.

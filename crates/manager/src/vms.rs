@@ -115,6 +115,8 @@ pub struct StopRequest {
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     Running,
+    /// Its vCPUs are parked (`vessel vm pause`).
+    Paused,
     Stopped,
     /// It should run and does not: its process ended and the restart policy gave up (or
     /// says never).
@@ -142,6 +144,8 @@ pub struct VmView {
 struct Running {
     process: Arc<VmProcess>,
     started: Instant,
+    /// Paused through the daemon.
+    paused: bool,
 }
 
 /// The manager's live state.
@@ -361,6 +365,7 @@ impl Manager {
         let live = self.live();
         let running = live.running.get(&record.name);
         let state = match (running, record.desired) {
+            (Some(r), _) if r.paused => VmState::Paused,
             (Some(_), _) => VmState::Running,
             (None, Desired::Running) => VmState::Crashed,
             (None, Desired::Stopped) => VmState::Stopped,
@@ -463,6 +468,7 @@ impl Manager {
             Running {
                 process: process.clone(),
                 started,
+                paused: false,
             },
         );
         let me = Arc::downgrade(self);
@@ -556,6 +562,38 @@ impl Manager {
             self.wait_gone(name, p.pid);
         }
         self.view(name)
+    }
+
+    /// Parks the VM's vCPUs (`paused`) or lets them go.
+    pub fn pause(&self, name: &str, paused: bool) -> Result<VmView, Error> {
+        let _op = self.ops();
+        self.store.vm(name)?;
+        if !self.live().running.contains_key(name) {
+            return Err(Error::Conflict(format!("{name} is not running")));
+        }
+        let api = api::client::Client::new(self.layout.api_socket(name));
+        let r = if paused { api.pause() } else { api.resume() };
+        r.map_err(|e| Error::Conflict(format!("{name}: {e}")))?;
+        if let Some(r) = self.live().running.get_mut(name) {
+            r.paused = paused;
+        }
+        let kind = if paused { "vm.paused" } else { "vm.resumed" };
+        self.event(name, kind, "");
+        drop(_op);
+        self.view(name)
+    }
+
+    /// The Prometheus metrics of the host's VMs and of the daemon.
+    pub fn metrics(&self) -> Result<String, Error> {
+        let views = self.list()?;
+        let pids: Vec<(String, u32)> = {
+            let live = self.live();
+            live.running
+                .iter()
+                .map(|(n, r)| (n.clone(), r.process.pid))
+                .collect()
+        };
+        Ok(crate::metrics::render(&views, &pids))
     }
 
     /// Kills the VM's process at once.

@@ -334,6 +334,7 @@ fn the_openapi_document_is_the_api() {
         "DELETE /api/v1/vms/{name}",
         "GET /api/v1/events",
         "GET /api/v1/events/stream",
+        "GET /api/v1/metrics",
         "GET /api/v1/ping",
         "GET /api/v1/templates",
         "GET /api/v1/templates/{name}",
@@ -344,7 +345,9 @@ fn the_openapi_document_is_the_api() {
         "POST /api/v1/tokens",
         "POST /api/v1/vms",
         "PUT /api/v1/vms/{name}/kill",
+        "PUT /api/v1/vms/{name}/pause",
         "PUT /api/v1/vms/{name}/restart",
+        "PUT /api/v1/vms/{name}/resume",
         "PUT /api/v1/vms/{name}/start",
         "PUT /api/v1/vms/{name}/stop",
     ];
@@ -537,4 +540,51 @@ fn tcp_needs_tls_and_a_token_and_read_only_tokens_only_look() {
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
     assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+}
+
+/// Pause and resume through the daemon (the VM's own API agrees), and the metrics.
+#[test]
+fn pause_resume_and_metrics() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager-pause");
+    let d = Daemon::start(&dir.0);
+    d.ok(&[
+        "template",
+        "create",
+        "t",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+        "--cpus",
+        "2",
+    ]);
+    d.ok(&["vm", "create", "a", "-t", "t", "--start"]);
+    d.ok(&["vm", "create", "b", "-t", "t"]);
+    let api = d.vm("a")["api_socket"].as_str().unwrap().to_string();
+    let vm_state = || {
+        let o = ctl(Path::new(&api), &["--json", "info"]);
+        serde_json::from_str::<Value>(&stdout(&o)).unwrap()["state"].clone()
+    };
+    d.ok(&["vm", "pause", "a"]);
+    assert_eq!(d.vm("a")["state"], "paused");
+    assert_eq!(vm_state(), "paused");
+    d.ok(&["vm", "resume", "a"]);
+    assert_eq!(d.vm("a")["state"], "running");
+    assert_eq!(vm_state(), "running");
+    let o = d.vessel(&["vm", "pause", "b"]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("b is not running"), "{}", stderr(&o));
+    let c = manager::client::Client::new(&d.socket);
+    let m = String::from_utf8(c.call("GET", "/api/v1/metrics", None).unwrap().to_vec()).unwrap();
+    for want in [
+        "vessel_vms{state=\"running\"} 1",
+        "vessel_vms{state=\"stopped\"} 1",
+        "vessel_vm_vcpus{vm=\"a\"} 2",
+        "vessel_vm_up{vm=\"b\"} 0",
+        "vessel_vm_cpu_seconds_total{vm=\"a\"} ",
+        "vessel_vm_resident_bytes{vm=\"a\"} ",
+        "vessel_daemon_resident_bytes ",
+    ] {
+        assert!(m.contains(want), "{want} not in:\n{m}");
+    }
+    d.ok(&["vm", "kill", "a"]);
 }
