@@ -230,6 +230,16 @@ enum VmCommand {
         /// Start it now.
         #[arg(long)]
         start: bool,
+        /// cloud-init: the guest's hostname (in a NoCloud seed disk, label CIDATA).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// cloud-init: an SSH public key, or a file holding one (repeatable).
+        #[arg(long = "ssh-key", value_name = "KEY|FILE")]
+        ssh_keys: Vec<String>,
+        /// cloud-init: the user-data file (a #cloud-config or a script) instead of the one
+        /// made from --hostname and --ssh-key.
+        #[arg(long, value_name = "FILE")]
+        user_data: Option<PathBuf>,
     },
     /// All about one VM.
     Info {
@@ -512,7 +522,32 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             autostart,
             order,
             start,
+            hostname,
+            ssh_keys,
+            user_data,
         } => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(io(p.display().to_string()))
+            };
+            let mut keys = Vec::new();
+            for k in ssh_keys {
+                let path = std::path::Path::new(&k);
+                if !k.contains(' ') && path.exists() {
+                    keys.extend(
+                        read(path)?
+                            .lines()
+                            .filter(|l| !l.trim().is_empty())
+                            .map(str::to_string),
+                    );
+                } else {
+                    keys.push(k);
+                }
+            }
+            let seed = crate::seed::Seed {
+                hostname,
+                ssh_keys: keys,
+                user_data: user_data.as_deref().map(read).transpose()?,
+            };
             let req = VmCreate {
                 name,
                 template,
@@ -523,6 +558,7 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
                 autostart,
                 autostart_order: order,
                 start,
+                cloud_init: (!seed.is_empty()).then_some(seed),
             };
             let v: VmView = c.send_json("POST", "/api/v1/vms", &req)?;
             let what = if start {

@@ -6,6 +6,7 @@
 //!   restart), events.
 //! - [`process`]: a VM's `vessel run` process, watched through a pidfd.
 //! - [`layout`]: where state, disks, logs and sockets live.
+//! - [`seed`]: cloud-init's NoCloud seed disk (`CIDATA`), made without outside tools.
 //! - [`server`], [`client`]: the REST API on a Unix socket (axum), and optionally on TCP with
 //!   TLS and bearer tokens ([`auth`]: admin and read-only roles); its client (hyper).
 //! - [`cli`], [`console`]: `vessel daemon`, `vessel vm`, `vessel template`, `vessel events`.
@@ -20,6 +21,7 @@ pub mod console;
 pub mod layout;
 pub mod metrics;
 pub mod process;
+pub mod seed;
 pub mod server;
 pub mod store;
 pub mod vms;

@@ -98,6 +98,9 @@ pub struct VmCreate {
     /// Start it now.
     #[serde(default)]
     pub start: bool,
+    /// A cloud-init NoCloud seed for it (a read-only `CIDATA` disk after the template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::seed::Seed>,
 }
 
 /// `PUT /api/v1/vms/{name}/stop`.
@@ -292,6 +295,10 @@ impl Manager {
             n.mac = None;
         }
         spec.validate().map_err(bad)?;
+        let seed = req.cloud_init.clone().filter(|s| !s.is_empty());
+        if let Some(s) = &seed {
+            s.check().map_err(|e| bad(format!("cloud_init.{e}")))?;
+        }
         let _op = self.ops();
         if self.store.vm(&req.name).is_ok() {
             return Err(StoreError::Exists {
@@ -323,6 +330,18 @@ impl Manager {
                 };
                 block::ops::create(&path, &opts)
                     .map_err(|e| Error::Failed(format!("disk {i}: {e}")))?;
+                disks.push(path);
+            }
+            if let Some(s) = &seed {
+                let path = self.layout.vm_dir(&req.name).join("seed.img");
+                let instance = format!("{}-{}", req.name, now_s());
+                s.write(&path, &instance)
+                    .map_err(|e| Error::Failed(format!("the cloud-init seed: {e}")))?;
+                spec.disks.push(Disk {
+                    read_only: true,
+                    serial: Some("cidata".into()),
+                    ..Disk::new()
+                });
                 disks.push(path);
             }
             let vm = VmRecord {

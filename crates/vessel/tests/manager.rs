@@ -588,3 +588,67 @@ fn pause_resume_and_metrics() {
     }
     d.ok(&["vm", "kill", "a"]);
 }
+
+/// `--hostname` and `--ssh-key` make a cloud-init NoCloud seed: a read-only FAT disk
+/// labelled CIDATA with meta-data and user-data, after the template's disks.
+#[test]
+fn a_cloud_init_seed_goes_with_the_vm() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager-seed");
+    let d = Daemon::start(&dir.0);
+    let base = dir.file("base.raw");
+    raw_disk(&base, 1 << 20);
+    let key = dir.file("id.pub");
+    std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA me@laptop\n").unwrap();
+    d.ok(&[
+        "template",
+        "create",
+        "t",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+        "--disk",
+        base.to_str().unwrap(),
+    ]);
+    let o = d.vessel(&[
+        "vm",
+        "create",
+        "bad",
+        "-t",
+        "t",
+        "--hostname",
+        "no_such host",
+    ]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("cloud_init.hostname"), "{}", stderr(&o));
+    d.ok(&[
+        "vm",
+        "create",
+        "web1",
+        "-t",
+        "t",
+        "--hostname",
+        "web1.example",
+        "--ssh-key",
+        key.to_str().unwrap(),
+        "--start",
+    ]);
+    let v = d.vm("web1");
+    assert_eq!(v["state"], "running");
+    let disks = v["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    assert_eq!(v["spec"]["disks"][1]["read_only"], true);
+    assert_eq!(v["spec"]["disks"][1]["serial"], "cidata");
+    let seed = std::fs::read(disks[1].as_str().unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&seed);
+    for want in [
+        "CIDATA",
+        "local-hostname: web1.example",
+        "#cloud-config\nhostname: web1.example",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA me@laptop",
+    ] {
+        assert!(text.contains(want), "{want} not in the seed");
+    }
+    d.ok(&["vm", "kill", "web1"]);
+    d.ok(&["vm", "delete", "web1"]);
+    assert!(!Path::new(disks[1].as_str().unwrap()).exists());
+}
