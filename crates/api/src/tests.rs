@@ -64,6 +64,7 @@ fn fake_info() -> VmInfo {
             address: Some("pio 0x3f8".into()),
             irq: Some(4),
             detail: Some("16550A".into()),
+            path: None,
         }],
         version: "0.1.0".into(),
         exit_reason: None,

@@ -158,6 +158,9 @@ pub struct DeviceInfo {
     /// How the device is backed, for example `raw, engine io_uring, cache none` for a disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A disk's image file now (a disk snapshot moves the VM to a new overlay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// `GET /api/v1/vm.info`.

@@ -258,6 +258,9 @@ enum VmCommand {
     Kill {
         name: String,
     },
+    /// Snapshots: the VM and its disks together.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Parks the VM's vCPUs.
     Pause {
         name: String,
@@ -279,6 +282,18 @@ enum VmCommand {
     Console {
         name: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Snapshots the running VM: memory, devices and disks at one instant.
+    Create { name: String, snapshot: String },
+    /// The VM's snapshots.
+    List { name: String },
+    /// Starts the stopped VM from the snapshot.
+    Restore { name: String, snapshot: String },
+    /// Deletes a snapshot's memory and state.
+    Delete { name: String, snapshot: String },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -587,6 +602,36 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             let v = c.send_json("PUT", &path(&name, "kill"), &serde_json::json!({}))?;
             show(v, "killed")
         }
+        VmCommand::Snapshot(cmd) => match cmd {
+            SnapshotCommand::Create { name, snapshot } => {
+                let path = format!("/api/v1/vms/{name}/snapshots");
+                let v = c.send_json("POST", &path, &serde_json::json!({ "name": snapshot }))?;
+                show(v, &format!("snapshot {snapshot} taken"))
+            }
+            SnapshotCommand::List { name } => {
+                let ss: Vec<crate::store::Snapshot> =
+                    c.get(&format!("/api/v1/vms/{name}/snapshots"))?;
+                if json {
+                    print_json(&ss)?;
+                } else {
+                    for s in ss {
+                        println!("{:<20} {}", s.name, s.dir.display());
+                    }
+                }
+                Ok(0)
+            }
+            SnapshotCommand::Restore { name, snapshot } => {
+                let path = format!("/api/v1/vms/{name}/snapshots/{snapshot}/restore");
+                let v = c.send_json("PUT", &path, &serde_json::json!({}))?;
+                show(v, &format!("restored from snapshot {snapshot}"))
+            }
+            SnapshotCommand::Delete { name, snapshot } => {
+                let path = format!("/api/v1/vms/{name}/snapshots/{snapshot}");
+                let v: VmView = serde_json::from_slice(&c.call("DELETE", &path, None)?)
+                    .map_err(ClientError::from)?;
+                show(v, &format!("snapshot {snapshot} deleted"))
+            }
+        },
         VmCommand::Pause { name } => {
             let v = c.send_json("PUT", &path(&name, "pause"), &serde_json::json!({}))?;
             show(v, "paused")

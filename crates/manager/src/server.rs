@@ -9,6 +9,8 @@
 //! GET    /api/v1/vms/{name}             DELETE /api/v1/vms/{name}
 //! PUT    /api/v1/vms/{name}/start|stop|kill|restart|pause|resume    (stop: StopRequest)
 //! GET    /api/v1/metrics                Prometheus metrics
+//! GET    /api/v1/vms/{name}/snapshots   POST (SnapshotCreate): VM and disks together
+//! PUT    /api/v1/vms/{name}/snapshots/{snapshot}/restore    DELETE .../{snapshot}
 //! GET    /api/v1/events?since=ID        the events after ID (JSON list)
 //! GET    /api/v1/events/stream?since=ID the same, then each new one (server-sent events)
 //! GET    /api/v1/tokens                 POST /api/v1/tokens         (TokenCreate)
@@ -135,6 +137,9 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(pause))
         .routes(routes!(resume))
         .routes(routes!(metrics))
+        .routes(routes!(snapshots, create_snapshot))
+        .routes(routes!(delete_snapshot))
+        .routes(routes!(restore_snapshot))
         .routes(routes!(restart))
         .routes(routes!(events))
         .routes(routes!(stream))
@@ -303,6 +308,57 @@ async fn metrics(State(m): State<Arc<Manager>>) -> Result<Response, Failure> {
         text,
     )
         .into_response())
+}
+
+/// A VM's snapshots.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/snapshots", params(("name" = String, Path)),
+    responses((status = 200, body = Vec<crate::store::Snapshot>), Errors))]
+async fn snapshots(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+) -> Reply<Vec<crate::store::Snapshot>> {
+    blocking(move || Ok(m.store().vm(&name)?.snapshots)).await
+}
+
+/// `POST /api/v1/vms/{name}/snapshots`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SnapshotCreate {
+    name: String,
+}
+
+/// Snapshots a running VM with its disks (it pauses for the memory, then goes on).
+#[utoipa::path(post, path = "/api/v1/vms/{name}/snapshots", request_body = SnapshotCreate,
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn create_snapshot(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    b: Bytes,
+) -> Reply<VmView> {
+    let req: SnapshotCreate = body(&b)?;
+    blocking(move || m.snapshot_create(&name, &req.name)).await
+}
+
+/// Starts the stopped VM from a snapshot: memory, devices and disks as they were.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/snapshots/{snapshot}/restore",
+    params(("name" = String, Path), ("snapshot" = String, Path)),
+    responses((status = 200, body = VmView), Errors))]
+async fn restore_snapshot(
+    State(m): State<Arc<Manager>>,
+    UrlPath((name, snapshot)): UrlPath<(String, String)>,
+) -> Reply<VmView> {
+    blocking(move || m.snapshot_restore(&name, &snapshot)).await
+}
+
+/// Deletes a snapshot's memory and state (its disk layers stay in the VM's disks).
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/snapshots/{snapshot}",
+    params(("name" = String, Path), ("snapshot" = String, Path)),
+    responses((status = 200, body = VmView), Errors))]
+async fn delete_snapshot(
+    State(m): State<Arc<Manager>>,
+    UrlPath((name, snapshot)): UrlPath<(String, String)>,
+) -> Reply<VmView> {
+    blocking(move || m.snapshot_delete(&name, &snapshot)).await
 }
 
 /// Stops a VM (as stop), then starts it.

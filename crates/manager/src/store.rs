@@ -77,6 +77,24 @@ pub struct VmRecord {
     pub pid: Option<u32>,
     /// Seconds since the epoch.
     pub created: u64,
+    /// Its snapshots (VM and disks together), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<Snapshot>,
+    /// The snapshot its next start restores, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub restore_from: Option<PathBuf>,
+}
+
+/// A snapshot of a VM: its memory and devices, and its disks frozen at the same instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Snapshot {
+    pub name: String,
+    /// Its directory (state and memory files).
+    #[schema(value_type = String)]
+    pub dir: PathBuf,
+    /// Seconds since the epoch.
+    pub created: u64,
 }
 
 /// Something that happened.
@@ -394,6 +412,8 @@ mod tests {
             autostart_order: 0,
             pid: Some(7),
             created: 1,
+            snapshots: Vec::new(),
+            restore_from: None,
         }
     }
 

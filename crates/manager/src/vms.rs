@@ -355,6 +355,8 @@ impl Manager {
                 autostart_order: req.autostart_order,
                 pid: None,
                 created: now_s(),
+                snapshots: Vec::new(),
+                restore_from: None,
             };
             self.store.add_vm(&vm)?;
             Ok(vm)
@@ -455,8 +457,21 @@ impl Manager {
         rotate_log(&log);
         let mut args = vec!["run".to_string()];
         args.extend(self.vm_args.iter().cloned());
-        args.push("--config".into());
-        args.push(config.display().to_string());
+        // The API socket on the command line too: it tells this VM's process from any other
+        // (`recover`), whether it boots or restores.
+        args.extend(["--api-socket".into(), api.display().to_string()]);
+        match &vm.restore_from {
+            Some(dir) => {
+                let console = self.layout.console_socket(&vm.name);
+                args.extend([
+                    "--restore".into(),
+                    dir.display().to_string(),
+                    "--console".into(),
+                    format!("socket:{}", console.display()),
+                ]);
+            }
+            None => args.extend(["--config".into(), config.display().to_string()]),
+        }
         let process =
             VmProcess::spawn(&self.vessel, &args, &log).map_err(|e| failed(e.to_string()))?;
         let waiter = process.waiter().map_err(|e| failed(e.to_string()))?;
@@ -474,9 +489,140 @@ impl Manager {
             }
         }
         vm.pid = Some(process.pid);
+        if vm.restore_from.take().is_some() {
+            // A restored VM writes to fresh overlays on its snapshot's frozen disks: they are
+            // its disks from now on.
+            match api::client::Client::new(&api).info() {
+                Ok(info) => {
+                    let now: Vec<PathBuf> = info
+                        .devices
+                        .iter()
+                        .filter(|d| d.kind == "virtio-block")
+                        .filter_map(|d| d.path.as_ref().map(PathBuf::from))
+                        .collect();
+                    if now.len() == vm.disks.len() {
+                        vm.disks = now;
+                    }
+                }
+                Err(e) => tracing::warn!("{}: its disks after the restore: {e}", vm.name),
+            }
+        }
         self.store.put_vm(vm)?;
         self.watch(&vm.name, process, waiter, Instant::now());
         Ok(())
+    }
+
+    /// Takes a snapshot of the running VM: memory, devices and its disks frozen at the same
+    /// instant (the VM goes on with a new overlay on each).
+    pub fn snapshot_create(&self, name: &str, snap: &str) -> Result<VmView, Error> {
+        check_name(snap).map_err(bad)?;
+        let _op = self.ops();
+        let mut vm = self.store.vm(name)?;
+        if !self.live().running.contains_key(name) {
+            return Err(Error::Conflict(format!("{name} is not running")));
+        }
+        if vm.snapshots.iter().any(|s| s.name == snap) {
+            return Err(Error::Conflict(format!(
+                "{name} has a snapshot {snap} already"
+            )));
+        }
+        let dir = self.layout.vm_dir(name).join("snapshots").join(snap);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Failed(e.to_string()))?;
+        let req = api::types::SnapshotRequest {
+            dir: dir.clone(),
+            diff: false,
+            disk_snapshot: true,
+        };
+        let api = api::client::Client::new(self.layout.api_socket(name));
+        if let Err(e) = api.snapshot(&req) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(Error::Failed(format!("{name}: snapshot {snap}: {e}")));
+        }
+        // The disks it writes to now.
+        let info = api
+            .info()
+            .map_err(|e| Error::Failed(format!("{name}: after snapshot {snap}: {e}")))?;
+        let now: Vec<PathBuf> = info
+            .devices
+            .iter()
+            .filter(|d| d.kind == "virtio-block")
+            .filter_map(|d| d.path.as_ref().map(PathBuf::from))
+            .collect();
+        if now.len() == vm.disks.len() {
+            vm.disks = now;
+        }
+        vm.snapshots.push(crate::store::Snapshot {
+            name: snap.to_string(),
+            dir,
+            created: now_s(),
+        });
+        self.store.put_vm(&vm)?;
+        self.event(name, "vm.snapshot-created", snap);
+        drop(_op);
+        self.view(name)
+    }
+
+    /// Makes the stopped VM's next start restore snapshot `snap`, and starts it.
+    pub fn snapshot_restore(self: &Arc<Self>, name: &str, snap: &str) -> Result<VmView, Error> {
+        {
+            let _op = self.ops();
+            let mut vm = self.store.vm(name)?;
+            if self.live().running.contains_key(name) {
+                return Err(Error::Conflict(format!("{name} is running: stop it first")));
+            }
+            let s = vm
+                .snapshots
+                .iter()
+                .find(|s| s.name == snap)
+                .ok_or_else(|| {
+                    Error::from(StoreError::NotFound {
+                        what: "snapshot",
+                        name: format!("{name}/{snap}"),
+                    })
+                })?;
+            vm.restore_from = Some(s.dir.clone());
+            self.store.put_vm(&vm)?;
+        }
+        self.event(name, "vm.snapshot-restoring", snap);
+        self.start(name)
+    }
+
+    /// Deletes a snapshot's memory and state. Its frozen disk images stay: they are layers of
+    /// the VM's disks now.
+    pub fn snapshot_delete(&self, name: &str, snap: &str) -> Result<VmView, Error> {
+        let _op = self.ops();
+        let mut vm = self.store.vm(name)?;
+        let i = vm
+            .snapshots
+            .iter()
+            .position(|s| s.name == snap)
+            .ok_or_else(|| {
+                Error::from(StoreError::NotFound {
+                    what: "snapshot",
+                    name: format!("{name}/{snap}"),
+                })
+            })?;
+        let s = vm.snapshots.remove(i);
+        if vm.restore_from.as_ref() == Some(&s.dir) {
+            vm.restore_from = None;
+        }
+        // Overlays a restore made inside the directory may be the VM's disks now: keep those.
+        let in_use = vm.disks.iter().any(|d| d.starts_with(&s.dir));
+        let removed = if in_use {
+            ["state", "memory"]
+                .iter()
+                .try_for_each(|f| match std::fs::remove_file(s.dir.join(f)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                })
+        } else {
+            std::fs::remove_dir_all(&s.dir)
+        };
+        removed.map_err(|e| Error::Failed(format!("{}: {e}", s.dir.display())))?;
+        self.store.put_vm(&vm)?;
+        self.event(name, "vm.snapshot-deleted", snap);
+        drop(_op);
+        self.view(name)
     }
 
     /// Tracks a running process and reports its end.
@@ -678,7 +824,7 @@ impl Manager {
         let mut vms = self.store.vms()?;
         vms.sort_by_key(|v| (v.autostart_order, v.name.clone()));
         for mut vm in vms {
-            let marker = self.layout.vm_config(&vm.name).display().to_string();
+            let marker = self.layout.api_socket(&vm.name).display().to_string();
             if let Some(p) = vm.pid.and_then(|pid| VmProcess::adopt(pid, &marker)) {
                 match p.waiter() {
                     Ok(w) => {

@@ -163,7 +163,7 @@ impl VmController for VmHandle {
                 .map(|d| d.as_millis() as u64),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             // The engines as they are now: a disk snapshot may have moved a disk to another.
-            devices: device_list(&self.machine.config, &self.machine.disk_engines()),
+            devices: device_list(&self.machine.config_now(), &self.machine.disk_engines()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             exit_reason: exit.map(|r| r.to_string()),
             pager: self.machine.pager.as_ref().map(|p| {
@@ -452,6 +452,7 @@ pub fn device_list(
         address: Some(format!("pio {:#x}", arch::acpi::COM1_PORT)),
         irq: Some(arch::acpi::COM1_IRQ),
         detail: None,
+        path: None,
     }];
     let mut kinds: Vec<(&str, usize)> = vec![
         ("block", config.spec.disks.len()),
@@ -480,12 +481,21 @@ pub fn device_list(
                 ("block", Some(d)) => Some(disk_detail(d, disk_engines.get(i).copied())),
                 _ => None,
             };
+            let path = match kind {
+                "block" => config
+                    .bindings
+                    .disks
+                    .get(i)
+                    .map(|p| p.display().to_string()),
+                _ => None,
+            };
             list.push(DeviceInfo {
                 id: format!("{kind}{i}"),
                 kind: format!("virtio-{kind}"),
                 address: Some(address),
                 irq,
                 detail,
+                path,
             });
             slot += 1;
         }
