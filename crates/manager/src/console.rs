@@ -53,7 +53,7 @@ pub fn attach(name: &str, socket: &Path) -> Result<i32, CliError> {
         what: "console".into(),
         source,
     })?;
-    std::thread::spawn(move || {
+    let output = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         let mut out = std::io::stdout();
         while let Ok(n) = from_vm.read(&mut buf) {
@@ -71,7 +71,14 @@ pub fn attach(name: &str, socket: &Path) -> Result<i32, CliError> {
     let mut stdin = std::io::stdin();
     loop {
         let n = match stdin.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            // The end of input (a pipe, /dev/null): nothing more to send, but the console
+            // goes on showing until the VM ends or this is interrupted.
+            Ok(0) => {
+                let _ = to_vm.shutdown(std::net::Shutdown::Write);
+                let _ = output.join();
+                return Ok(0);
+            }
+            Err(_) => break,
             Ok(n) => n,
         };
         let chunk = &buf[..n];
