@@ -378,10 +378,6 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
         .map_err(io(format!("cannot create {}", layout.state.display())))?;
     let store = Arc::new(SqliteStore::open(&layout.db())?);
     let vessel = std::env::current_exe().map_err(io("cannot find the vessel binary"))?;
-    let mut vm_args = Vec::new();
-    if let Some(j) = args.vm_jail {
-        vm_args.extend(["--jail".to_string(), j]);
-    }
     let listen = args.listen;
     let tls = match &listen {
         Some(_) => {
@@ -393,7 +389,7 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
         }
         None => None,
     };
-    let manager = Manager::new(store, layout, vessel, vm_args);
+    let manager = Manager::new(store, layout, vessel, args.vm_jail)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -167,6 +167,8 @@ pub struct Manager {
     vessel: PathBuf,
     /// Extra arguments for every VM process (`--jail ...`).
     vm_args: Vec<String>,
+    /// The user and group jailed VMs run as: their files are made theirs.
+    jail_owner: Option<(u32, u32)>,
     live: Mutex<Live>,
     /// Serializes operations that change a VM (start, stop, delete, the restart policy).
     ops: Mutex<()>,
@@ -174,21 +176,33 @@ pub struct Manager {
 }
 
 impl Manager {
+    /// The manager; `jail` (as `vessel run --jail` takes it) starts every VM in a jail.
     pub fn new(
         store: Arc<dyn Store>,
         layout: Layout,
         vessel: PathBuf,
-        vm_args: Vec<String>,
-    ) -> Arc<Manager> {
-        Arc::new(Manager {
+        jail: Option<String>,
+    ) -> Result<Arc<Manager>, Error> {
+        let mut vm_args = Vec::new();
+        let mut jail_owner = None;
+        if let Some(j) = jail {
+            let spec = jail::sandbox::JailSpec::parse(&j, |s| {
+                spec::cli::memory(s).map_err(|e| e.to_string())
+            })
+            .map_err(|e| bad(format!("--vm-jail: {e}")))?;
+            jail_owner = Some((spec.uid, spec.gid));
+            vm_args.extend(["--jail".to_string(), j]);
+        }
+        Ok(Arc::new(Manager {
             store,
             layout,
             vessel,
             vm_args,
+            jail_owner,
             live: Mutex::default(),
             ops: Mutex::new(()),
             events: broadcast::channel(1024).0,
-        })
+        }))
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -455,6 +469,12 @@ impl Manager {
         std::fs::write(&config, doc).map_err(|e| failed(e.to_string()))?;
         let log = self.layout.vm_log(&vm.name);
         rotate_log(&log);
+        if let Some((uid, gid)) = self.jail_owner {
+            // A jailed VMM writes its disks and makes its sockets as the jail's user.
+            for d in [self.layout.vm_dir(&vm.name), run.clone()] {
+                give(&d, uid, gid).map_err(|e| failed(format!("{}: {e}", d.display())))?;
+            }
+        }
         let mut args = vec!["run".to_string()];
         args.extend(self.vm_args.iter().cloned());
         // The API socket on the command line too: it tells this VM's process from any other
@@ -857,6 +877,20 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// Gives `path` and everything below it to `uid`:`gid` (symbolic links themselves).
+fn give(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    use rustix::fs::{chownat, AtFlags, CWD};
+    use rustix::process::{Gid, Uid};
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    chownat(CWD, path, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            give(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 /// The last lines of a VM's log, for an error message.

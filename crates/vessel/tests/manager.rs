@@ -738,3 +738,56 @@ fn a_vm_snapshot_restores_memory_and_disk() {
     d.ok(&["vm", "delete", "a"]);
     assert_eq!(std::fs::read_dir(d.state.join("vms")).unwrap().count(), 0);
 }
+
+/// With `--vm-jail`, every VM runs jailed as that user (its files made the user's), and
+/// everything still works: start, the console, a kill and the restart, delete.
+#[test]
+fn the_daemon_starts_every_vm_in_the_jail() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    assert!(root && have_kvm(), "the jail tests need root and /dev/kvm");
+    let dir = TempDir::new("manager-jail");
+    let base = dir.file("base.raw");
+    raw_disk(&base, 4 << 20);
+    let d = Daemon::start_with(&dir.0, &["--vm-jail", "uid=64123,gid=64123"]);
+    d.ok(&[
+        "template",
+        "create",
+        "t",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+        "--disk",
+        base.to_str().unwrap(),
+    ]);
+    d.ok(&["vm", "create", "a", "-t", "t", "--start"]);
+    let v = d.vm("a");
+    assert_eq!(v["state"], "running", "{v}");
+    // The process the daemon watches is the jail's keeper; the VMM below it is the user's.
+    let keeper = v["pid"].as_u64().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
+    let vmm: u64 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "64123"),
+        "{uid}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let disk = v["disks"][0].as_str().unwrap();
+    assert_eq!(std::fs::metadata(disk).unwrap().uid(), 64123);
+    // Killed from outside (the VMM itself): restarted, jailed again.
+    Command::new("kill")
+        .args(["-KILL", &vmm.to_string()])
+        .status()
+        .unwrap();
+    wait_until("a restarted", || {
+        let v = d.vm("a");
+        v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p != keeper)
+    });
+    d.ok(&["vm", "kill", "a"]);
+    d.ok(&["vm", "delete", "a"]);
+    assert_eq!(std::fs::read_dir(d.state.join("vms")).unwrap().count(), 0);
+}

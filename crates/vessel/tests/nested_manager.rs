@@ -137,7 +137,9 @@ fn the_daemon_runs_a_debian_vm_with_its_cloud_init_seed_console_and_snapshot() {
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&cmd);
     let console = |from: &str, to: &str| -> String {
-        let start = log.find(from).unwrap_or_else(|| panic!("no '{from}' in:\n{log}"));
+        let start = log
+            .find(from)
+            .unwrap_or_else(|| panic!("no '{from}' in:\n{log}"));
         let rest = &log[start..];
         let end = rest.find(to).unwrap_or(rest.len());
         rest[..end]
@@ -165,14 +167,28 @@ fn the_daemon_runs_a_debian_vm_with_its_cloud_init_seed_console_and_snapshot() {
     // Restored: the guest goes on where it was (its beats carry on, no new boot).
     let restored = console("L1MGR: console after the restore:", "L1MGR: booted again");
     assert!(restored.contains("GUEST: beat"), "{restored}");
-    assert!(!restored.contains("Linux version"), "a restore is not a boot:\n{restored}");
+    assert!(
+        !restored.contains("Linux version"),
+        "a restore is not a boot:\n{restored}"
+    );
     // Booted cold on the restored disks: the file written before the snapshot is there.
-    let again = console("L1MGR: console after a boot on the restored disks:", "L1MGR: event");
+    let again = console(
+        "L1MGR: console after a boot on the restored disks:",
+        "L1MGR: event",
+    );
     assert!(
         again.contains(&format!("ROOTFS: found /before: {wrote}")),
         "{again}"
     );
-    for e in ["vm.snapshot-created", "vm.snapshot-restoring", "vm.started", "vm.deleted"] {
-        assert!(log.contains(&format!("L1MGR: event: ")) && log.contains(e), "{e}:\n{log}");
+    for e in [
+        "vm.snapshot-created",
+        "vm.snapshot-restoring",
+        "vm.started",
+        "vm.deleted",
+    ] {
+        assert!(
+            log.contains(&format!("L1MGR: event: ")) && log.contains(e),
+            "{e}:\n{log}"
+        );
     }
 }
