@@ -1,157 +1,18 @@
-//! The server, client and ctl together, over real Unix sockets, against a fake VM.
+//! The server and client together, over real Unix sockets, against a fake VM
+//! ([`crate::testing`]).
 
-use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::client::{Client, ClientError};
-use crate::ctl::{self, CtlArgs, CtlError};
-use crate::server::{serve, ServeError, ServerHandle, MAX_BODY_BYTES};
+use crate::server::{serve, ServeError, MAX_BODY_BYTES};
+use crate::testing::*;
 use crate::types::*;
 use crate::VmController;
-use clap::Parser;
-
-/// A fake VM: records every call; can be told to fail or panic.
-#[derive(Default)]
-struct FakeVm {
-    calls: Mutex<Vec<String>>,
-    fail: Mutex<Option<ApiError>>,
-    panic_on: Mutex<Option<&'static str>>,
-    statuses: Mutex<VecDeque<MigrationStatus>>,
-    balloon: Mutex<BalloonInfo>,
-}
-
-impl FakeVm {
-    fn record(&self, call: &'static str, arg: String) -> Result<(), ApiError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(format!("{call}{arg}").trim().to_string());
-        if *self.panic_on.lock().unwrap() == Some(call) {
-            panic!("fake VM told to panic in {call}");
-        }
-        match self.fail.lock().unwrap().clone() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-
-    fn fail_with(&self, e: Option<ApiError>) {
-        *self.fail.lock().unwrap() = e;
-    }
-}
-
-fn fake_info() -> VmInfo {
-    VmInfo {
-        state: VmState::Running,
-        vcpus: 2,
-        memory_bytes: 512 << 20,
-        boot_time_ms: Some(42),
-        uptime_ms: 1500,
-        devices: vec![DeviceInfo {
-            id: "serial0".into(),
-            kind: "serial".into(),
-            address: Some("pio 0x3f8".into()),
-            irq: Some(4),
-            detail: Some("16550A".into()),
-            path: None,
-        }],
-        version: "0.1.0".into(),
-        exit_reason: None,
-        pager: None,
-    }
-}
-
-impl VmController for FakeVm {
-    fn info(&self) -> Result<VmInfo, ApiError> {
-        self.record("info", String::new())?;
-        Ok(fake_info())
-    }
-    fn boot(&self, doc: VmDocument) -> Result<(), ApiError> {
-        self.record(
-            "boot",
-            format!(" {} cpus, disks {:?}", doc.spec.cpus, doc.bindings.disks),
-        )
-    }
-    fn pause(&self) -> Result<(), ApiError> {
-        self.record("pause", String::new())
-    }
-    fn resume(&self) -> Result<(), ApiError> {
-        self.record("resume", String::new())
-    }
-    fn shutdown(&self) -> Result<(), ApiError> {
-        self.record("shutdown", String::new())
-    }
-    fn reset(&self) -> Result<(), ApiError> {
-        self.record("reset", String::new())
-    }
-    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
-        self.record("snapshot", format!(" {req:?}"))
-    }
-    fn restore(&self, req: RestoreRequest) -> Result<(), ApiError> {
-        self.record("restore", format!(" {req:?}"))
-    }
-    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
-        self.record("migrate_send", format!(" {req:?}"))
-    }
-    fn migrate_receive(
-        &self,
-        req: MigrateReceiveRequest,
-    ) -> Result<MigrateReceiveResponse, ApiError> {
-        self.record("migrate_receive", format!(" {req:?}"))?;
-        Ok(MigrateReceiveResponse {
-            token: req
-                .token
-                .unwrap_or_else(|| MigrationToken("generated-token-0123456789".into())),
-        })
-    }
-    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
-        self.record("migration_status", String::new())?;
-        let mut q = self.statuses.lock().unwrap();
-        Ok(if q.len() > 1 {
-            q.pop_front().unwrap_or_default()
-        } else {
-            q.front().cloned().unwrap_or_default()
-        })
-    }
-    fn migrate_cancel(&self) -> Result<(), ApiError> {
-        self.record("migrate_cancel", String::new())
-    }
-    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
-        self.record("balloon", String::new())?;
-        Ok(self.balloon.lock().unwrap().clone())
-    }
-    fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
-        self.record("set_balloon", format!(" {req:?}"))?;
-        self.balloon.lock().unwrap().target_bytes = req.target_bytes;
-        Ok(())
-    }
-}
-
-fn fake_balloon() -> BalloonInfo {
-    BalloonInfo {
-        target_bytes: 64 << 20,
-        actual_bytes: 32 << 20,
-        stats: Some(
-            [
-                ("free_memory".to_string(), 100 << 20),
-                ("major_faults".to_string(), 7),
-                ("swap_in".to_string(), 0),
-            ]
-            .into(),
-        ),
-    }
-}
 
 /// A controller that implements only what it must: the balloon methods are the trait's.
 struct Bare;
@@ -193,23 +54,6 @@ impl VmController for Bare {
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         Ok(())
     }
-}
-
-fn socket_path() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    std::env::temp_dir().join(format!(
-        "vessel-api-test-{}-{}.sock",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-fn start() -> (Arc<FakeVm>, ServerHandle, Client) {
-    let vm = Arc::new(FakeVm::default());
-    let path = socket_path();
-    let handle = serve(&path, vm.clone()).unwrap();
-    let client = Client::new(&path).with_timeout(Some(Duration::from_secs(30)));
-    (vm, handle, client)
 }
 
 fn json_body(r: &crate::client::RawResponse) -> Value {
@@ -653,9 +497,8 @@ fn balloon_routes_default_to_no_balloon() {
         assert_eq!(api.status, 409);
         assert!(api.message.contains("this VM has no balloon"), "{e}");
     }
-    let (r, _) = ctl(&path, &["balloon"]);
     assert_eq!(
-        r.unwrap_err().to_string(),
+        c.balloon().unwrap_err().to_string(),
         "this VM has no balloon (start it with --balloon) (HTTP 409)"
     );
     // The rest of the API is unaffected.
@@ -784,204 +627,6 @@ fn stop_does_not_remove_a_replaced_socket() {
     assert!(path.exists());
     drop(theirs);
     std::fs::remove_file(&path).unwrap();
-}
-
-fn ctl(path: &std::path::Path, args: &[&str]) -> (Result<i32, CtlError>, String) {
-    let mut v = vec!["vessel-ctl", "--api-socket", path.to_str().unwrap()];
-    v.extend_from_slice(args);
-    let args = CtlArgs::try_parse_from(v).unwrap();
-    let mut out = Vec::new();
-    let r = ctl::run_for_test(&args, &mut out, Duration::from_millis(5));
-    (r, String::from_utf8(out).unwrap())
-}
-
-#[test]
-fn ctl_verbs() {
-    let (vm, h, _c) = start();
-    let p = h.socket_path().to_path_buf();
-    let (r, out) = ctl(&p, &["info"]);
-    assert_eq!(r.unwrap(), 0);
-    assert!(
-        out.contains("state:    running") && out.contains("serial0"),
-        "{out}"
-    );
-    let (r, out) = ctl(&p, &["--json", "info"]);
-    assert_eq!(r.unwrap(), 0);
-    assert_eq!(serde_json::from_str::<VmInfo>(&out).unwrap(), fake_info());
-    let (r, out) = ctl(&p, &["pause"]);
-    assert_eq!((r.unwrap(), out.as_str()), (0, "paused\n"));
-    let (r, out) = ctl(&p, &["ping"]);
-    assert_eq!(
-        (r.unwrap(), out.starts_with("ok: Vessel API v1")),
-        (0, true)
-    );
-    let (r, _) = ctl(&p, &["snapshot", "--dir", "/s", "--disk-snapshot"]);
-    assert_eq!(r.unwrap(), 0);
-    let (r, _) = ctl(&p, &["restore", "--dir", "/s", "--memory", "eager"]);
-    assert_eq!(r.unwrap(), 0);
-    let (r, out) = ctl(&p, &["openapi"]);
-    assert_eq!(r.unwrap(), 0);
-    assert!(out.contains("vm.migrate-send"));
-    let (r, out) = ctl(&p, &["migrate", "status"]);
-    assert_eq!((r.unwrap(), out.as_str()), (0, "migration: none\n"));
-    assert_eq!(
-        vm.calls()[2..5],
-        [
-            "pause".to_string(),
-            r#"snapshot SnapshotRequest { dir: "/s", diff: false, disk_snapshot: true }"#.into(),
-            r#"restore RestoreRequest { dir: "/s", memory: Eager }"#.into(),
-        ]
-    );
-    *vm.balloon.lock().unwrap() = fake_balloon();
-    let (r, out) = ctl(&p, &["balloon"]);
-    assert_eq!(r.unwrap(), 0);
-    assert_eq!(
-        out,
-        "target:   64.0 MiB\nactual:   32.0 MiB\nstats:\n  swap_in              0 B\n  \
-         major_faults         7\n  free_memory          100.0 MiB\n"
-    );
-    let (r, out) = ctl(&p, &["--json", "balloon"]);
-    assert_eq!(r.unwrap(), 0);
-    assert_eq!(
-        serde_json::from_str::<BalloonInfo>(&out).unwrap(),
-        fake_balloon()
-    );
-    let (r, out) = ctl(&p, &["balloon", "1G"]);
-    assert_eq!(
-        (r.unwrap(), out.as_str()),
-        (0, "balloon target set to 1.0 GiB\n")
-    );
-    let (r, out) = ctl(&p, &["--json", "balloon", "0"]);
-    assert_eq!((r.unwrap(), out.as_str()), (0, "{}\n"));
-    assert_eq!(
-        vm.calls()[vm.calls().len() - 2..],
-        [
-            "set_balloon BalloonSetRequest { target_bytes: 1073741824 }".to_string(),
-            "set_balloon BalloonSetRequest { target_bytes: 0 }".to_string(),
-        ]
-    );
-    *vm.balloon.lock().unwrap() = BalloonInfo::default();
-    let (r, out) = ctl(&p, &["balloon"]);
-    assert_eq!(r.unwrap(), 0);
-    assert!(out.ends_with("stats:    none\n"), "{out}");
-    vm.fail_with(Some(ApiError::bad_request(
-        "the balloon target 1G is not below the guest memory of 512M",
-    )));
-    let (r, _) = ctl(&p, &["balloon", "1G"]);
-    assert!(r.unwrap_err().to_string().contains("(HTTP 400)"));
-    vm.fail_with(Some(ApiError::conflict("not paused")));
-    let (r, _) = ctl(&p, &["resume"]);
-    let e = r.unwrap_err();
-    assert_eq!(e.to_string(), "not paused (HTTP 409)");
-    drop(h);
-    let (r, _) = ctl(&p, &["info"]);
-    assert!(matches!(
-        r,
-        Err(CtlError::Client(ClientError::Connect { .. }))
-    ));
-}
-
-fn status(phase: MigrationPhase, round: u32, done: u64, left: u64) -> MigrationStatus {
-    MigrationStatus {
-        phase,
-        role: Some(MigrationRole::Send),
-        round,
-        total_bytes: 1 << 30,
-        transferred_bytes: done,
-        remaining_bytes: left,
-        dirty_rate: 1 << 20,
-        expected_downtime_ms: 20,
-        ..Default::default()
-    }
-}
-
-#[test]
-fn ctl_migrate_send_follows_progress_until_the_end() {
-    let (vm, h, _c) = start();
-    let p = h.socket_path().to_path_buf();
-    let progress = [
-        status(MigrationPhase::Setup, 0, 0, 1 << 30),
-        status(MigrationPhase::Precopy, 1, 1 << 29, 1 << 29),
-        status(MigrationPhase::Precopy, 2, 1 << 30, 1 << 20),
-        status(MigrationPhase::StopAndCopy, 3, (1 << 30) + (1 << 20), 0),
-        MigrationStatus {
-            downtime_ms: Some(12),
-            ..status(MigrationPhase::Completed, 3, (1 << 30) + (1 << 20), 0)
-        },
-    ];
-    *vm.statuses.lock().unwrap() = progress.iter().cloned().collect();
-    let (r, out) = ctl(
-        &p,
-        &[
-            "migrate",
-            "send",
-            "--to",
-            "tcp:127.0.0.1:1",
-            "--bandwidth",
-            "100",
-            "--token",
-            "t",
-        ],
-    );
-    assert_eq!(r.unwrap(), 0, "{out}");
-    assert!(
-        out.starts_with("migration: completed (sending), round 3"),
-        "{out}"
-    );
-    assert!(out.contains("downtime 12 ms"), "{out}");
-    let polls = vm
-        .calls()
-        .iter()
-        .filter(|c| *c == "migration_status")
-        .count();
-    assert_eq!(polls, 5);
-
-    *vm.statuses.lock().unwrap() = [MigrationStatus {
-        error: Some("connection reset".into()),
-        ..status(MigrationPhase::Failed, 2, 5, 5)
-    }]
-    .into();
-    let (r, out) = ctl(
-        &p,
-        &["--json", "migrate", "send", "--to", "x", "--token", "t"],
-    );
-    assert_eq!(r.unwrap(), 1);
-    let s: MigrationStatus = serde_json::from_str(&out).unwrap();
-    assert_eq!(s.error.as_deref(), Some("connection reset"));
-
-    *vm.statuses.lock().unwrap() = [status(MigrationPhase::Cancelled, 2, 5, 5)].into();
-    let (r, out) = ctl(&p, &["migrate", "receive", "--listen", "x", "--wait"]);
-    assert_eq!(r.unwrap(), 1);
-    assert!(
-        out.starts_with("listening on x\ntoken: generated-token-0123456789\nmigration: cancelled"),
-        "{out}"
-    );
-    // The token the target makes, for scripts.
-    let (r, out) = ctl(&p, &["--json", "migrate", "receive", "--listen", "x"]);
-    assert_eq!(r.unwrap(), 0);
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["token"], "generated-token-0123456789");
-    let (r, out) = ctl(
-        &p,
-        &[
-            "migrate",
-            "receive",
-            "--listen",
-            "x",
-            "--token",
-            "mine-0123456789abcdef",
-        ],
-    );
-    assert_eq!(r.unwrap(), 0);
-    assert!(out.ends_with("token: mine-0123456789abcdef\n"), "{out}");
-
-    let (r, out) = ctl(
-        &p,
-        &["migrate", "send", "--to", "x", "--no-wait", "--token", "t"],
-    );
-    assert_eq!((r.unwrap(), out.as_str()), (0, "migration to x started\n"));
-    let (r, out) = ctl(&p, &["migrate", "cancel"]);
-    assert_eq!((r.unwrap(), out.as_str()), (0, "migration cancelled\n"));
 }
 
 #[test]

@@ -26,7 +26,7 @@ enum Command {
     /// Say what this host's KVM offers and whether it runs guest kernels natively.
     HostCheck(host_check::HostCheckArgs),
     /// Control a running VM through its API socket (`vessel run --api-socket`).
-    Ctl(api::ctl::CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Create, inspect, snapshot, convert and check disk images (raw, qcow2).
     Image(block::cli::ImageArgs),
     /// The host's VM manager: named, persistent VMs from templates, each a supervised
@@ -74,7 +74,7 @@ fn main() {
         Command::Image(args) => {
             block::cli::run(args).map_err(|e| failed(&e, vmm::exit::EXIT_ERROR))
         }
-        Command::Ctl(args) => api::ctl::run(&args).map_err(|e| failed(&e, e.exit_code())),
+        Command::Ctl(args) => ctl::run(&args).map_err(|e| failed(&e, e.exit_code())),
         Command::Daemon(args) => manager::cli::daemon(args).map_err(|e| failed(&e, e.exit_code())),
         Command::Vm(args) => manager::cli::vm(args).map_err(|e| failed(&e, e.exit_code())),
         Command::Template(args) => {

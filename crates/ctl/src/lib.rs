@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::client::{Client, ClientError};
-use crate::types::{
+use api::client::{Client, ClientError};
+use api::types::{
     BalloonInfo, BalloonSetRequest, DiskCache, IfNotConverged, MigrateDisk, MigrateReceiveRequest,
     MigrateSendRequest, MigrationPhase, MigrationStatus, MigrationToken, RestoreMemory,
     RestoreRequest, SnapshotRequest, VmInfo, DEFAULT_DOWNTIME_MS,
@@ -292,7 +292,7 @@ fn run_polling(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i3
                 why,
             };
             let text = std::fs::read_to_string(config).map_err(|e| bad(e.to_string()))?;
-            let doc: crate::types::VmDocument =
+            let doc: api::types::VmDocument =
                 serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
             done(out, json, client.boot(&doc), "booted")?;
         }
@@ -499,8 +499,8 @@ pub fn summary(s: &MigrationStatus) -> String {
     let mut line = format!("migration: {}", s.phase);
     if let Some(role) = s.role {
         line.push_str(match role {
-            crate::types::MigrationRole::Send => " (sending)",
-            crate::types::MigrationRole::Receive => " (receiving)",
+            api::types::MigrationRole::Send => " (sending)",
+            api::types::MigrationRole::Receive => " (receiving)",
         });
     }
     if s.phase != MigrationPhase::None {
@@ -628,7 +628,7 @@ fn print_balloon(out: &mut dyn Write, b: &BalloonInfo) -> io::Result<()> {
     };
     writeln!(out, "stats:")?;
     // In the spec's order; the counts as they are, the rest in bytes.
-    for name in crate::types::BALLOON_STATS {
+    for name in api::types::BALLOON_STATS {
         if let Some(v) = stats.get(name) {
             let counted = name.ends_with("faults") || name.starts_with("hugetlb");
             let v = if counted { v.to_string() } else { bytes(*v) };
@@ -636,7 +636,7 @@ fn print_balloon(out: &mut dyn Write, b: &BalloonInfo) -> io::Result<()> {
         }
     }
     for (name, v) in stats {
-        if !crate::types::BALLOON_STATS.contains(&name.as_str()) {
+        if !api::types::BALLOON_STATS.contains(&name.as_str()) {
             writeln!(out, "  {name:<20} {v}")?;
         }
     }
@@ -666,11 +666,7 @@ fn bytes(n: u64) -> String {
 }
 
 #[cfg(test)]
-pub(crate) fn run_for_test(
-    args: &CtlArgs,
-    out: &mut dyn Write,
-    poll: Duration,
-) -> Result<i32, CtlError> {
+pub fn run_for_test(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i32, CtlError> {
     run_polling(args, out, poll)
 }
 
@@ -914,3 +910,6 @@ mod tests {
         assert_eq!(bytes(2 << 30), "2.0 GiB");
     }
 }
+
+#[cfg(test)]
+mod api_tests;

@@ -1,0 +1,166 @@
+//! A fake VM behind a real API server, for the tests of this crate and of its clients (`ctl`):
+//! it records every call and can be told to fail or panic.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::server::{serve, ServerHandle};
+use crate::types::*;
+use crate::VmController;
+
+/// A fake VM: records every call; can be told to fail or panic.
+#[derive(Default)]
+pub struct FakeVm {
+    pub calls: Mutex<Vec<String>>,
+    pub fail: Mutex<Option<ApiError>>,
+    pub panic_on: Mutex<Option<&'static str>>,
+    pub statuses: Mutex<VecDeque<MigrationStatus>>,
+    pub balloon: Mutex<BalloonInfo>,
+}
+
+impl FakeVm {
+    pub fn record(&self, call: &'static str, arg: String) -> Result<(), ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("{call}{arg}").trim().to_string());
+        if *self.panic_on.lock().unwrap() == Some(call) {
+            panic!("fake VM told to panic in {call}");
+        }
+        match self.fail.lock().unwrap().clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn fail_with(&self, e: Option<ApiError>) {
+        *self.fail.lock().unwrap() = e;
+    }
+}
+
+pub fn fake_info() -> VmInfo {
+    VmInfo {
+        state: VmState::Running,
+        vcpus: 2,
+        memory_bytes: 512 << 20,
+        boot_time_ms: Some(42),
+        uptime_ms: 1500,
+        devices: vec![DeviceInfo {
+            id: "serial0".into(),
+            kind: "serial".into(),
+            address: Some("pio 0x3f8".into()),
+            irq: Some(4),
+            detail: Some("16550A".into()),
+            path: None,
+        }],
+        version: "0.1.0".into(),
+        exit_reason: None,
+        pager: None,
+    }
+}
+
+impl VmController for FakeVm {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.record("info", String::new())?;
+        Ok(fake_info())
+    }
+    fn boot(&self, doc: VmDocument) -> Result<(), ApiError> {
+        self.record(
+            "boot",
+            format!(" {} cpus, disks {:?}", doc.spec.cpus, doc.bindings.disks),
+        )
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        self.record("pause", String::new())
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        self.record("resume", String::new())
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.record("shutdown", String::new())
+    }
+    fn reset(&self) -> Result<(), ApiError> {
+        self.record("reset", String::new())
+    }
+    fn snapshot(&self, req: SnapshotRequest) -> Result<(), ApiError> {
+        self.record("snapshot", format!(" {req:?}"))
+    }
+    fn restore(&self, req: RestoreRequest) -> Result<(), ApiError> {
+        self.record("restore", format!(" {req:?}"))
+    }
+    fn migrate_send(&self, req: MigrateSendRequest) -> Result<(), ApiError> {
+        self.record("migrate_send", format!(" {req:?}"))
+    }
+    fn migrate_receive(
+        &self,
+        req: MigrateReceiveRequest,
+    ) -> Result<MigrateReceiveResponse, ApiError> {
+        self.record("migrate_receive", format!(" {req:?}"))?;
+        Ok(MigrateReceiveResponse {
+            token: req
+                .token
+                .unwrap_or_else(|| MigrationToken("generated-token-0123456789".into())),
+        })
+    }
+    fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
+        self.record("migration_status", String::new())?;
+        let mut q = self.statuses.lock().unwrap();
+        Ok(if q.len() > 1 {
+            q.pop_front().unwrap_or_default()
+        } else {
+            q.front().cloned().unwrap_or_default()
+        })
+    }
+    fn migrate_cancel(&self) -> Result<(), ApiError> {
+        self.record("migrate_cancel", String::new())
+    }
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        self.record("balloon", String::new())?;
+        Ok(self.balloon.lock().unwrap().clone())
+    }
+    fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
+        self.record("set_balloon", format!(" {req:?}"))?;
+        self.balloon.lock().unwrap().target_bytes = req.target_bytes;
+        Ok(())
+    }
+}
+
+pub fn fake_balloon() -> BalloonInfo {
+    BalloonInfo {
+        target_bytes: 64 << 20,
+        actual_bytes: 32 << 20,
+        stats: Some(
+            [
+                ("free_memory".to_string(), 100 << 20),
+                ("major_faults".to_string(), 7),
+                ("swap_in".to_string(), 0),
+            ]
+            .into(),
+        ),
+    }
+}
+
+pub fn socket_path() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "vessel-api-test-{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+pub fn start() -> (Arc<FakeVm>, ServerHandle, Client) {
+    let vm = Arc::new(FakeVm::default());
+    let path = socket_path();
+    let handle = serve(&path, vm.clone()).unwrap();
+    let client = Client::new(&path).with_timeout(Some(Duration::from_secs(30)));
+    (vm, handle, client)
+}
