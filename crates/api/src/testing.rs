@@ -164,3 +164,29 @@ pub fn start() -> (Arc<FakeVm>, ServerHandle, Client) {
     let client = Client::new(&path).with_timeout(Some(Duration::from_secs(30)));
     (vm, handle, client)
 }
+
+/// The `$ref`s of an OpenAPI document that name no schema of its own.
+pub fn unresolved_refs(doc: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(doc, &mut all);
+    let schemas = &doc["components"]["schemas"];
+    all.into_iter()
+        .filter(|r| {
+            r.strip_prefix("#/components/schemas/")
+                .is_none_or(|name| schemas.get(name).is_none())
+        })
+        .collect()
+}

@@ -512,18 +512,9 @@ impl Manager {
         if vm.restore_from.take().is_some() {
             // A restored VM writes to fresh overlays on its snapshot's frozen disks: they are
             // its disks from now on.
-            match api::client::Client::new(&api).info() {
-                Ok(info) => {
-                    let now: Vec<PathBuf> = info
-                        .devices
-                        .iter()
-                        .filter(|d| d.kind == "virtio-block")
-                        .filter_map(|d| d.path.as_ref().map(PathBuf::from))
-                        .collect();
-                    if now.len() == vm.disks.len() {
-                        vm.disks = now;
-                    }
-                }
+            match disks_now(&api::client::Client::new(&api), vm.disks.len()) {
+                Ok(Some(now)) => vm.disks = now,
+                Ok(None) => {}
                 Err(e) => tracing::warn!("{}: its disks after the restore: {e}", vm.name),
             }
         }
@@ -559,16 +550,9 @@ impl Manager {
             return Err(Error::Failed(format!("{name}: snapshot {snap}: {e}")));
         }
         // The disks it writes to now.
-        let info = api
-            .info()
-            .map_err(|e| Error::Failed(format!("{name}: after snapshot {snap}: {e}")))?;
-        let now: Vec<PathBuf> = info
-            .devices
-            .iter()
-            .filter(|d| d.kind == "virtio-block")
-            .filter_map(|d| d.path.as_ref().map(PathBuf::from))
-            .collect();
-        if now.len() == vm.disks.len() {
+        if let Some(now) = disks_now(&api, vm.disks.len())
+            .map_err(|e| Error::Failed(format!("{name}: after snapshot {snap}: {e}")))?
+        {
             vm.disks = now;
         }
         vm.snapshots.push(crate::store::Snapshot {
@@ -590,17 +574,8 @@ impl Manager {
             if self.live().running.contains_key(name) {
                 return Err(Error::Conflict(format!("{name} is running: stop it first")));
             }
-            let s = vm
-                .snapshots
-                .iter()
-                .find(|s| s.name == snap)
-                .ok_or_else(|| {
-                    Error::from(StoreError::NotFound {
-                        what: "snapshot",
-                        name: format!("{name}/{snap}"),
-                    })
-                })?;
-            vm.restore_from = Some(s.dir.clone());
+            let i = snapshot_index(&vm, snap)?;
+            vm.restore_from = Some(vm.snapshots[i].dir.clone());
             self.store.put_vm(&vm)?;
         }
         self.event(name, "vm.snapshot-restoring", snap);
@@ -612,16 +587,7 @@ impl Manager {
     pub fn snapshot_delete(&self, name: &str, snap: &str) -> Result<VmView, Error> {
         let _op = self.ops();
         let mut vm = self.store.vm(name)?;
-        let i = vm
-            .snapshots
-            .iter()
-            .position(|s| s.name == snap)
-            .ok_or_else(|| {
-                Error::from(StoreError::NotFound {
-                    what: "snapshot",
-                    name: format!("{name}/{snap}"),
-                })
-            })?;
+        let i = snapshot_index(&vm, snap)?;
         let s = vm.snapshots.remove(i);
         if vm.restore_from.as_ref() == Some(&s.dir) {
             vm.restore_from = None;
@@ -660,7 +626,8 @@ impl Manager {
         let name = name.to_string();
         let spawned = std::thread::Builder::new()
             .name(format!("watch-{name}"))
-            .stack_size(64 << 10)
+            // The default stack: a restart runs here (an HTTP client, a runtime). It is only
+            // reserved address space until used.
             .spawn(move || {
                 waiter.wait(None);
                 if let Some(m) = me.upgrade() {
@@ -877,6 +844,35 @@ impl Manager {
         }
         Ok(())
     }
+}
+
+/// The image files a running VM's `count` disks are on now, from its API (none if it shows
+/// another count).
+fn disks_now(
+    api: &api::client::Client,
+    count: usize,
+) -> Result<Option<Vec<PathBuf>>, api::client::ClientError> {
+    let now: Vec<PathBuf> = api
+        .info()?
+        .devices
+        .iter()
+        .filter(|d| d.kind == "virtio-block")
+        .filter_map(|d| d.path.as_ref().map(PathBuf::from))
+        .collect();
+    Ok((now.len() == count).then_some(now))
+}
+
+/// Where snapshot `snap` of `vm` is in its list.
+fn snapshot_index(vm: &VmRecord, snap: &str) -> Result<usize, Error> {
+    vm.snapshots
+        .iter()
+        .position(|s| s.name == snap)
+        .ok_or_else(|| {
+            Error::from(StoreError::NotFound {
+                what: "snapshot",
+                name: format!("{}/{snap}", vm.name),
+            })
+        })
 }
 
 /// Gives `path` and everything below it to `uid`:`gid` (symbolic links themselves).

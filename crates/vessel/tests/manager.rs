@@ -67,6 +67,22 @@ impl Daemon {
         serde_json::from_str(&self.ok(&all)).unwrap()
     }
 
+    /// Template `t` of the idle bundled guest with a base disk of `size` bytes in `dir`.
+    fn idle_template_with_disk(&self, dir: &TempDir, size: u64) -> PathBuf {
+        let base = dir.file("base.raw");
+        raw_disk(&base, size);
+        self.ok(&[
+            "template",
+            "create",
+            "t",
+            "--cmdline",
+            "console=ttyS0 action=idle",
+            "--disk",
+            base.to_str().unwrap(),
+        ]);
+        base
+    }
+
     fn vm(&self, name: &str) -> Value {
         self.json(&["vm", "info", name])
     }
@@ -369,24 +385,7 @@ fn the_openapi_document_is_the_api() {
         assert!(schemas.contains_key(s), "{s} missing");
     }
     // Every reference resolves.
-    fn refs(v: &Value, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                if let Some(Value::String(r)) = m.get("$ref") {
-                    out.push(r.clone());
-                }
-                m.values().for_each(|v| refs(v, out));
-            }
-            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
-            _ => {}
-        }
-    }
-    let mut all = Vec::new();
-    refs(&doc, &mut all);
-    for r in all {
-        let name = r.strip_prefix("#/components/schemas/").unwrap();
-        assert!(schemas.contains_key(name), "{r} does not resolve");
-    }
+    assert_eq!(api::testing::unresolved_refs(&doc), Vec::<String>::new());
     // An unknown route is the fallback's 404.
     match c.call("GET", "/api/v1/nothing", None) {
         Err(manager::client::ClientError::Api {
@@ -600,19 +599,9 @@ fn a_cloud_init_seed_goes_with_the_vm() {
     assert!(have_kvm(), "/dev/kvm is required");
     let dir = TempDir::new("manager-seed");
     let d = Daemon::start(&dir.0);
-    let base = dir.file("base.raw");
-    raw_disk(&base, 1 << 20);
+    d.idle_template_with_disk(&dir, 1 << 20);
     let key = dir.file("id.pub");
     std::fs::write(&key, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA me@laptop\n").unwrap();
-    d.ok(&[
-        "template",
-        "create",
-        "t",
-        "--cmdline",
-        "console=ttyS0 action=idle",
-        "--disk",
-        base.to_str().unwrap(),
-    ]);
     let o = d.vessel(&[
         "vm",
         "create",
@@ -664,17 +653,7 @@ fn a_vm_snapshot_restores_memory_and_disk() {
     assert!(have_kvm(), "/dev/kvm is required");
     let dir = TempDir::new("manager-snap");
     let d = Daemon::start(&dir.0);
-    let base = dir.file("base.raw");
-    raw_disk(&base, 32 << 20);
-    d.ok(&[
-        "template",
-        "create",
-        "t",
-        "--cmdline",
-        "console=ttyS0 action=idle",
-        "--disk",
-        base.to_str().unwrap(),
-    ]);
+    d.idle_template_with_disk(&dir, 32 << 20);
     d.ok(&["vm", "create", "a", "-t", "t", "--start"]);
     let before = d.vm("a")["disks"][0].as_str().unwrap().to_string();
     // The guest writes its pattern at boot; wait until it is on the disk.
@@ -749,18 +728,8 @@ fn the_daemon_starts_every_vm_in_the_jail() {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
     assert!(root && have_kvm(), "the jail tests need root and /dev/kvm");
     let dir = TempDir::new("manager-jail");
-    let base = dir.file("base.raw");
-    raw_disk(&base, 4 << 20);
     let d = Daemon::start_with(&dir.0, &["--vm-jail", "uid=64123,gid=64123"]);
-    d.ok(&[
-        "template",
-        "create",
-        "t",
-        "--cmdline",
-        "console=ttyS0 action=idle",
-        "--disk",
-        base.to_str().unwrap(),
-    ]);
+    d.idle_template_with_disk(&dir, 4 << 20);
     d.ok(&["vm", "create", "a", "-t", "t", "--start"]);
     let v = d.vm("a");
     assert_eq!(v["state"], "running", "{v}");

@@ -246,27 +246,7 @@ sleep 10
 #[test]
 fn debian_kernel_ext4_root_survives_write_sync_and_reboot() {
     // An ext4 image with busybox and the init above (mkfs.ext4 -d copies a directory in).
-    let tree = repo_root().join(format!("target/nested-rootfs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    for d in ["proc", "sys", "dev", "tmp"] {
-        std::fs::create_dir_all(tree.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static");
-    let init = tree.join("init");
-    std::fs::write(&init, ROOTFS_INIT).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let image = repo_root().join(format!("target/nested-rootfs-{}.ext4", std::process::id()));
-    let _ = std::fs::remove_file(&image);
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "vessel-root", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("64M")
-        .status()
-        .expect("run mkfs.ext4 (e2fsprogs)");
-    assert!(status.success(), "mkfs.ext4");
+    let image = ext4_root(&std::process::id().to_string(), ROOTFS_INIT);
     let l1_file = format!("{}:/root.ext4", image.display());
     let log = nested_run(&[
         "--timeout",
@@ -278,7 +258,6 @@ fn debian_kernel_ext4_root_survives_write_sync_and_reboot() {
          --disk path=/root.ext4 --on-reboot restart \
          --cmdline 'console=ttyS0 panic=1 l2mods=virtio_mmio,virtio_blk l2root=/dev/vda'",
     ]);
-    let _ = std::fs::remove_dir_all(&tree);
     // Mounted read-write as the root, written, synced; the VM reset and booted again in the
     // same Vessel, and the second boot read the file back.
     assert!(log.contains("ROOTFS: / is /dev/vda ext4 rw"), "{log}");

@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use common::nested::*;
 
 /// `/init` of the VM's ext4 root: reads the NoCloud seed (the second disk, FAT, label
@@ -90,36 +87,10 @@ $V events | sed 's/^/L1MGR: event: /'
 echo "L1MGR: done"
 "#;
 
-fn rootfs(tag: &str) -> PathBuf {
-    let tree = repo_root().join(format!("target/nested-mgr-root-{tag}"));
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    for d in ["proc", "sys", "dev", "tmp"] {
-        std::fs::create_dir_all(tree.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static");
-    let init = tree.join("init");
-    std::fs::write(&init, ROOTFS_INIT).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let image = repo_root().join(format!("target/nested-mgr-root-{tag}.ext4"));
-    let _ = std::fs::remove_file(&image);
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "vessel-root", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("64M")
-        .status()
-        .expect("run mkfs.ext4 (e2fsprogs)");
-    assert!(status.success(), "mkfs.ext4");
-    let _ = std::fs::remove_dir_all(&tree);
-    image
-}
-
 #[test]
 fn the_daemon_runs_a_debian_vm_with_its_cloud_init_seed_console_and_snapshot() {
     let tag = std::process::id().to_string();
-    let image = rootfs(&tag);
+    let image = ext4_root(&format!("mgr-{tag}"), ROOTFS_INIT);
     let cmd = repo_root().join(format!("target/nested-mgr-{tag}.sh"));
     std::fs::write(&cmd, L1_CMD).unwrap();
     let log = nested_run(&[

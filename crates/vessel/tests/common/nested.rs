@@ -97,3 +97,31 @@ pub fn nested_env(key: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{key} in nested.env"));
     PathBuf::from(line.trim_matches('\''))
 }
+
+/// An ext4 image (64 MiB, label `vessel-root`) holding busybox and `init` as `/init`, made
+/// with `mkfs.ext4 -d` (e2fsprogs) at `target/nested-root-TAG.ext4`.
+pub fn ext4_root(tag: &str, init: &str) -> PathBuf {
+    let tree = repo_root().join(format!("target/nested-root-{tag}"));
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    for d in ["proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static");
+    let path = tree.join("init");
+    std::fs::write(&path, init).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let image = repo_root().join(format!("target/nested-root-{tag}.ext4"));
+    let _ = std::fs::remove_file(&image);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "vessel-root", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4");
+    let _ = std::fs::remove_dir_all(&tree);
+    image
+}
