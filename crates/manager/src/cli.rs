@@ -261,6 +261,14 @@ enum VmCommand {
     /// Snapshots: the VM and its disks together.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Saves the VM to disk and ends its process; `vm start` (or the daemon's next start)
+    /// brings it back where it was. `--all`: every running VM (a host going down).
+    Suspend {
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+    },
     /// Parks the VM's vCPUs.
     Pause {
         name: String,
@@ -628,6 +636,24 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
                 show(v, &format!("snapshot {snapshot} deleted"))
             }
         },
+        VmCommand::Suspend {
+            name: Some(name), ..
+        } => {
+            let v = c.send_json("PUT", &path(&name, "suspend"), &serde_json::json!({}))?;
+            show(v, "suspended (saved to disk)")
+        }
+        VmCommand::Suspend { name: None, .. } => {
+            let done: Vec<String> =
+                c.send_json("PUT", "/api/v1/suspend-all", &serde_json::json!({}))?;
+            if json {
+                print_json(&done)?;
+            } else {
+                for n in done {
+                    println!("{n}: suspended (saved to disk)");
+                }
+            }
+            Ok(0)
+        }
         VmCommand::Pause { name } => {
             let v = c.send_json("PUT", &path(&name, "pause"), &serde_json::json!({}))?;
             show(v, "paused")

@@ -39,6 +39,7 @@ pub fn render(vms: &[VmView], pids: &[(String, u32)]) -> String {
     let state_name = |s: VmState| match s {
         VmState::Running => "running",
         VmState::Paused => "paused",
+        VmState::Suspended => "suspended",
         VmState::Stopped => "stopped",
         VmState::Crashed => "crashed",
     };
@@ -49,6 +50,7 @@ pub fn render(vms: &[VmView], pids: &[(String, u32)]) -> String {
     for s in [
         VmState::Running,
         VmState::Paused,
+        VmState::Suspended,
         VmState::Stopped,
         VmState::Crashed,
     ] {

@@ -8,6 +8,7 @@
 //! GET    /api/v1/vms                    POST /api/v1/vms            (VmCreate)
 //! GET    /api/v1/vms/{name}             DELETE /api/v1/vms/{name}
 //! PUT    /api/v1/vms/{name}/start|stop|kill|restart|pause|resume    (stop: StopRequest)
+//! PUT    /api/v1/vms/{name}/suspend     PUT /api/v1/suspend-all     (saved to disk)
 //! GET    /api/v1/metrics                Prometheus metrics
 //! GET    /api/v1/vms/{name}/snapshots   POST (SnapshotCreate): VM and disks together
 //! PUT    /api/v1/vms/{name}/snapshots/{snapshot}/restore    DELETE .../{snapshot}
@@ -135,6 +136,8 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(stop))
         .routes(routes!(kill))
         .routes(routes!(pause))
+        .routes(routes!(suspend))
+        .routes(routes!(suspend_all))
         .routes(routes!(resume))
         .routes(routes!(metrics))
         .routes(routes!(snapshots, create_snapshot))
@@ -285,6 +288,22 @@ async fn kill(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> 
     params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
 async fn pause(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
     blocking(move || m.pause(&name, true)).await
+}
+
+/// Saves a running VM to disk (memory, devices, disks) and ends its process; its next start
+/// restores it.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/suspend",
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn suspend(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Reply<VmView> {
+    blocking(move || m.suspend(&name)).await
+}
+
+/// Suspends every running VM (a host going down: `vessel-guests.service`); the names done.
+/// The daemon restores them when it next starts.
+#[utoipa::path(put, path = "/api/v1/suspend-all",
+    responses((status = 200, body = Vec<String>), Errors))]
+async fn suspend_all(State(m): State<Arc<Manager>>) -> Reply<Vec<String>> {
+    blocking(move || m.suspend_all()).await
 }
 
 /// Lets a paused VM's vCPUs run again.

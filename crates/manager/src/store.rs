@@ -43,6 +43,9 @@ pub struct Template {
 pub enum Desired {
     Running,
     Stopped,
+    /// Saved to disk (memory, devices, disks) and stopped: its next start restores it
+    /// (a host going down; `vessel vm suspend`).
+    Suspended,
 }
 
 /// When the daemon starts a VM whose process ended without being asked to.

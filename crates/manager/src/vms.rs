@@ -120,6 +120,8 @@ pub enum VmState {
     Running,
     /// Its vCPUs are parked (`vessel vm pause`).
     Paused,
+    /// Saved to disk; its next start (or the daemon's) restores it.
+    Suspended,
     Stopped,
     /// It should run and does not: its process ended and the restart policy gave up (or
     /// says never).
@@ -404,6 +406,7 @@ impl Manager {
             (Some(_), _) => VmState::Running,
             (None, Desired::Running) => VmState::Crashed,
             (None, Desired::Stopped) => VmState::Stopped,
+            (None, Desired::Suspended) => VmState::Suspended,
         };
         let restarts = live.restarts.get(&record.name).map_or(0, |r| {
             r.iter().filter(|t| t.elapsed() < RESTART_WINDOW).count()
@@ -509,7 +512,14 @@ impl Manager {
             }
         }
         vm.pid = Some(process.pid);
-        if vm.restore_from.take().is_some() {
+        if let Some(dir) = vm.restore_from.take() {
+            // A suspended VM's saved memory and state are spent once it runs again (the
+            // overlays in that directory are its disks now).
+            if dir.starts_with(self.layout.vm_dir(&vm.name).join("suspended")) {
+                for f in ["state", "memory"] {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
+            }
             // A restored VM writes to fresh overlays on its snapshot's frozen disks: they are
             // its disks from now on.
             match disks_now(&api::client::Client::new(&api), vm.disks.len()) {
@@ -538,23 +548,7 @@ impl Manager {
             )));
         }
         let dir = self.layout.vm_dir(name).join("snapshots").join(snap);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Failed(e.to_string()))?;
-        let req = api::types::SnapshotRequest {
-            dir: dir.clone(),
-            diff: false,
-            disk_snapshot: true,
-        };
-        let api = api::client::Client::new(self.layout.api_socket(name));
-        if let Err(e) = api.snapshot(&req) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(Error::Failed(format!("{name}: snapshot {snap}: {e}")));
-        }
-        // The disks it writes to now.
-        if let Some(now) = disks_now(&api, vm.disks.len())
-            .map_err(|e| Error::Failed(format!("{name}: after snapshot {snap}: {e}")))?
-        {
-            vm.disks = now;
-        }
+        self.save(&mut vm, &dir)?;
         vm.snapshots.push(crate::store::Snapshot {
             name: snap.to_string(),
             dir,
@@ -564,6 +558,71 @@ impl Manager {
         self.event(name, "vm.snapshot-created", snap);
         drop(_op);
         self.view(name)
+    }
+
+    /// Saves the running VM into `dir` (memory, devices, and its disks frozen at the same
+    /// instant); `vm.disks` become the new overlays it goes on with.
+    fn save(&self, vm: &mut VmRecord, dir: &Path) -> Result<(), Error> {
+        let name = vm.name.clone();
+        std::fs::create_dir_all(dir).map_err(|e| Error::Failed(e.to_string()))?;
+        let req = api::types::SnapshotRequest {
+            dir: dir.to_path_buf(),
+            diff: false,
+            disk_snapshot: true,
+        };
+        let api = api::client::Client::new(self.layout.api_socket(&name));
+        if let Err(e) = api.snapshot(&req) {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(Error::Failed(format!("{name}: snapshot: {e}")));
+        }
+        // The disks it writes to now.
+        if let Some(now) = disks_now(&api, vm.disks.len())
+            .map_err(|e| Error::Failed(format!("{name}: after the snapshot: {e}")))?
+        {
+            vm.disks = now;
+        }
+        Ok(())
+    }
+
+    /// Saves the running VM to disk and ends its process; its next start (by `vm start`, or
+    /// the daemon's own start) restores it where it was.
+    pub fn suspend(&self, name: &str) -> Result<VmView, Error> {
+        let process = {
+            let _op = self.ops();
+            let mut vm = self.store.vm(name)?;
+            let Some(process) = self.live().running.get(name).map(|r| r.process.clone()) else {
+                return Err(Error::Conflict(format!("{name} is not running")));
+            };
+            let dir = self
+                .layout
+                .vm_dir(name)
+                .join("suspended")
+                .join(format!("{}", now_s()));
+            self.save(&mut vm, &dir)?;
+            vm.desired = Desired::Suspended;
+            vm.restore_from = Some(dir);
+            self.store.put_vm(&vm)?;
+            process
+        };
+        let _ = process.signal(Signal::KILL);
+        if let Ok(w) = process.waiter() {
+            w.wait(Some(Duration::from_secs(10)));
+        }
+        self.wait_gone(name, process.pid);
+        self.view(name)
+    }
+
+    /// Suspends every running VM (a host going down), one at a time; the names suspended.
+    pub fn suspend_all(&self) -> Result<Vec<String>, Error> {
+        let names: Vec<String> = self.live().running.keys().cloned().collect();
+        let mut done = Vec::new();
+        for n in names {
+            match self.suspend(&n) {
+                Ok(_) => done.push(n),
+                Err(e) => self.event(&n, "vm.suspend-failed", e.to_string()),
+            }
+        }
+        Ok(done)
     }
 
     /// Makes the stopped VM's next start restore snapshot `snap`, and starts it.
@@ -657,9 +716,16 @@ impl Manager {
             vm.pid = None;
             let _ = self.store.put_vm(&vm);
         }
-        if vm.desired == Desired::Stopped {
-            self.event(name, "vm.stopped", how.to_string());
-            return;
+        match vm.desired {
+            Desired::Stopped => {
+                self.event(name, "vm.stopped", how.to_string());
+                return;
+            }
+            Desired::Suspended => {
+                self.event(name, "vm.suspended", "saved to disk");
+                return;
+            }
+            Desired::Running => {}
         }
         self.event(name, "vm.crashed", how.to_string());
         let restart = match vm.restart {
@@ -825,7 +891,7 @@ impl Manager {
                 }
             }
             let was_running = vm.pid.take().is_some();
-            if vm.autostart || vm.desired == Desired::Running {
+            if vm.autostart || vm.desired != Desired::Stopped {
                 if was_running {
                     self.event(&vm.name, "vm.crashed", "ended while the daemon was away");
                 }

@@ -363,6 +363,7 @@ fn the_openapi_document_is_the_api() {
         "POST /api/v1/tokens",
         "POST /api/v1/vms",
         "POST /api/v1/vms/{name}/snapshots",
+        "PUT /api/v1/suspend-all",
         "PUT /api/v1/vms/{name}/kill",
         "PUT /api/v1/vms/{name}/pause",
         "PUT /api/v1/vms/{name}/restart",
@@ -370,6 +371,7 @@ fn the_openapi_document_is_the_api() {
         "PUT /api/v1/vms/{name}/snapshots/{snapshot}/restore",
         "PUT /api/v1/vms/{name}/start",
         "PUT /api/v1/vms/{name}/stop",
+        "PUT /api/v1/vms/{name}/suspend",
     ];
     assert_eq!(ops, want);
     // The schemas are the types': a VM's view names its state and its spec's fields.
@@ -758,5 +760,70 @@ fn the_daemon_starts_every_vm_in_the_jail() {
     });
     d.ok(&["vm", "kill", "a"]);
     d.ok(&["vm", "delete", "a"]);
+    assert_eq!(std::fs::read_dir(d.state.join("vms")).unwrap().count(), 0);
+}
+
+/// Suspended to disk (a host going down), the VMs come back where they were when the daemon
+/// starts again; one suspended by hand comes back with `vm start`.
+#[test]
+fn suspended_vms_come_back_when_the_daemon_starts_again() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager-suspend");
+    let d = Daemon::start(&dir.0);
+    d.idle_template_with_disk(&dir, 8 << 20);
+    for n in ["a", "b"] {
+        d.ok(&["vm", "create", n, "-t", "t", "--start"]);
+    }
+    let pids: Vec<u64> = ["a", "b"]
+        .iter()
+        .map(|n| d.vm(n)["pid"].as_u64().unwrap())
+        .collect();
+    let out = d.ok(&["vm", "suspend", "--all"]);
+    assert!(
+        out.contains("a: suspended") && out.contains("b: suspended"),
+        "{out}"
+    );
+    for (n, p) in ["a", "b"].iter().zip(&pids) {
+        assert_eq!(d.vm(n)["state"], "suspended");
+        assert!(!alive(*p), "{n} still runs");
+    }
+    let events = d.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("vm.suspended"))
+            .count(),
+        2,
+        "{events:#?}"
+    );
+    // The host comes back: the daemon restores them.
+    let dir_path = dir.0.clone();
+    assert_eq!(d.stop(), Some(0));
+    let d = Daemon::start(&dir_path);
+    for n in ["a", "b"] {
+        // The daemon answers at once and restores its VMs meanwhile.
+        wait_until("restored", || d.vm(n)["state"] == "running");
+        let v = d.vm(n);
+        let disk = v["disks"][0].as_str().unwrap();
+        assert!(
+            disk.contains("/suspended/"),
+            "restored onto new overlays: {disk}"
+        );
+        let saved = Path::new(disk).parent().unwrap();
+        assert!(!saved.join("memory").exists(), "the saved memory is spent");
+        let api = v["api_socket"].as_str().unwrap().to_string();
+        let info: Value =
+            serde_json::from_str(&stdout(&ctl(Path::new(&api), &["--json", "info"]))).unwrap();
+        assert_eq!(info["state"], "running");
+    }
+    // By hand: suspend, then start.
+    d.ok(&["vm", "suspend", "a"]);
+    assert_eq!(d.vm("a")["state"], "suspended");
+    d.ok(&["vm", "start", "a"]);
+    assert_eq!(d.vm("a")["state"], "running");
+    for n in ["a", "b"] {
+        d.ok(&["vm", "kill", n]);
+        d.ok(&["vm", "delete", n]);
+    }
     assert_eq!(std::fs::read_dir(d.state.join("vms")).unwrap().count(), 0);
 }
