@@ -426,15 +426,20 @@ fn bad_requests_are_json_4xx_and_never_reach_the_vm() {
         405,
         "method",
     );
-    // Oversized bodies, sent as they are: the server answers 413 before reading them all (an
-    // HTTP client may see only the connection closing under its write).
+    // Oversized bodies, sent as they are: the server answers 413 without reading them and
+    // closes. A client still writing may not see that answer: the kernel can report the
+    // close (the body unread) before the 413. Either way nothing reaches the VM.
     let big = vec![b' '; MAX_BODY_BYTES + 1];
-    assert!(raw_exchange(c.socket_path(), snap, &big).starts_with("HTTP/1.1 413"));
-    let mut big = br#"{"dir":""#.to_vec();
-    big.extend(std::iter::repeat_n(b'a', 4 * MAX_BODY_BYTES));
-    big.extend_from_slice(br#""}"#);
-    let answer = raw_exchange(c.socket_path(), snap, &big);
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let mut json_big = br#"{"dir":""#.to_vec();
+    json_big.extend(std::iter::repeat_n(b'a', 4 * MAX_BODY_BYTES));
+    json_big.extend_from_slice(br#""}"#);
+    for body in [&big, &json_big] {
+        let answer = raw_exchange(c.socket_path(), snap, body);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 413"),
+            "{answer:?}"
+        );
+    }
     assert!(vm.calls().is_empty(), "{:?}", vm.calls());
     // Empty and `{}` bodies are fine for actions.
     assert_eq!(
