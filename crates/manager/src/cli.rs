@@ -242,12 +242,9 @@ enum VmCommand {
         user_data: Option<PathBuf>,
     },
     /// All about one VM.
-    Info {
-        name: String,
-    },
-    Start {
-        name: String,
-    },
+    Info { name: String },
+    /// Starts the VM (restoring it if it was suspended); returns once its API answers.
+    Start { name: String },
     /// The ACPI power button, then after --timeout seconds SIGTERM, then SIGKILL.
     Stop {
         name: String,
@@ -255,9 +252,7 @@ enum VmCommand {
         timeout: u64,
     },
     /// Ends the VM's process at once.
-    Kill {
-        name: String,
-    },
+    Kill { name: String },
     /// Snapshots: the VM and its disks together.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -270,26 +265,19 @@ enum VmCommand {
         all: bool,
     },
     /// Parks the VM's vCPUs.
-    Pause {
-        name: String,
-    },
+    Pause { name: String },
     /// Lets a paused VM run again.
-    Resume {
-        name: String,
-    },
+    Resume { name: String },
+    /// Stops the VM (as stop), then starts it.
     Restart {
         name: String,
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
     /// Deletes a stopped VM and its disks.
-    Delete {
-        name: String,
-    },
+    Delete { name: String },
     /// Attaches this terminal to the VM's serial console (Ctrl-] detaches).
-    Console {
-        name: String,
-    },
+    Console { name: String },
 }
 
 #[derive(Subcommand, Debug)]
