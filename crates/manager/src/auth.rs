@@ -89,10 +89,8 @@ fn refuse(status: u16, message: &str) -> Response {
     r
 }
 
-/// The role of the request's bearer token, if it is one of the daemon's.
-fn role_of(store: &dyn Store, req: &Request) -> Option<Role> {
-    let header = req.headers().get(axum::http::header::AUTHORIZATION)?;
-    let secret = header.to_str().ok()?.strip_prefix("Bearer ")?.trim();
+/// The role of the bearer token `secret`, if it is one of the daemon's.
+fn role_of(store: &dyn Store, secret: &str) -> Option<Role> {
     let h = hash(secret);
     store
         .tokens()
@@ -105,20 +103,19 @@ fn role_of(store: &dyn Store, req: &Request) -> Option<Role> {
 /// The TCP listener's gate: a known token, and for a read-only one a GET that is not about
 /// tokens.
 pub async fn require_token(State(m): State<Arc<Manager>>, req: Request, next: Next) -> Response {
-    let m2 = m.clone();
-    let (parts, body) = req.into_parts();
-    let probe = Request::from_parts(parts, axum::body::Body::empty());
-    let (role, probe) = match tokio::task::spawn_blocking(move || {
-        let r = role_of(m2.store(), &probe);
-        (r, probe)
-    })
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => return refuse(500, "internal error checking the token"),
+    let secret = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok()?.strip_prefix("Bearer "))
+        .map(|s| s.trim().to_string());
+    let role = match secret {
+        None => None,
+        // The store is synchronous (SQLite).
+        Some(s) => match tokio::task::spawn_blocking(move || role_of(m.store(), &s)).await {
+            Ok(r) => r,
+            Err(_) => return refuse(500, "internal error checking the token"),
+        },
     };
-    let (parts, _) = probe.into_parts();
-    let req = Request::from_parts(parts, body);
     match role {
         None => refuse(401, "a valid token is needed: Authorization: Bearer SECRET"),
         Some(Role::ReadOnly)

@@ -479,14 +479,10 @@ fn print_vms(vms: &[VmView]) {
         "NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"
     );
     for v in vms {
-        let state = serde_json::to_value(v.state)
-            .ok()
-            .and_then(|s| s.as_str().map(str::to_string))
-            .unwrap_or_default();
         println!(
             "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8}  {}",
             v.record.name,
-            state,
+            v.state.as_str(),
             v.record.spec.cpus,
             size(v.record.spec.memory),
             uptime(v.uptime_ms),
@@ -509,6 +505,13 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
         Ok(0)
     };
     let path = |name: &str, action: &str| format!("/api/v1/vms/{name}/{action}");
+    // A VM action without a body, its answer shown with `what`.
+    let act = |name: &str, action: &str, what: &str| -> Result<i32, CliError> {
+        show(
+            c.send_json("PUT", &path(name, action), &serde_json::json!({}))?,
+            what,
+        )
+    };
     match args.command {
         VmCommand::List => {
             let vms: Vec<VmView> = c.get("/api/v1/vms")?;
@@ -580,20 +583,14 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             print_json(&v)?;
             Ok(0)
         }
-        VmCommand::Start { name } => {
-            let v = c.send_json("PUT", &path(&name, "start"), &serde_json::json!({}))?;
-            show(v, "started")
-        }
+        VmCommand::Start { name } => act(&name, "start", "started"),
         VmCommand::Stop { name, timeout } => {
             let req = StopRequest {
                 timeout_s: Some(timeout),
             };
             show(c.send_json("PUT", &path(&name, "stop"), &req)?, "stopped")
         }
-        VmCommand::Kill { name } => {
-            let v = c.send_json("PUT", &path(&name, "kill"), &serde_json::json!({}))?;
-            show(v, "killed")
-        }
+        VmCommand::Kill { name } => act(&name, "kill", "killed"),
         VmCommand::Snapshot(cmd) => match cmd {
             SnapshotCommand::Create { name, snapshot } => {
                 let path = format!("/api/v1/vms/{name}/snapshots");
@@ -626,10 +623,7 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
         },
         VmCommand::Suspend {
             name: Some(name), ..
-        } => {
-            let v = c.send_json("PUT", &path(&name, "suspend"), &serde_json::json!({}))?;
-            show(v, "suspended (saved to disk)")
-        }
+        } => act(&name, "suspend", "suspended (saved to disk)"),
         VmCommand::Suspend { name: None, .. } => {
             let done: Vec<String> =
                 c.send_json("PUT", "/api/v1/suspend-all", &serde_json::json!({}))?;
@@ -642,14 +636,8 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             }
             Ok(0)
         }
-        VmCommand::Pause { name } => {
-            let v = c.send_json("PUT", &path(&name, "pause"), &serde_json::json!({}))?;
-            show(v, "paused")
-        }
-        VmCommand::Resume { name } => {
-            let v = c.send_json("PUT", &path(&name, "resume"), &serde_json::json!({}))?;
-            show(v, "resumed")
-        }
+        VmCommand::Pause { name } => act(&name, "pause", "paused"),
+        VmCommand::Resume { name } => act(&name, "resume", "resumed"),
         VmCommand::Restart { name, timeout } => {
             let req = StopRequest {
                 timeout_s: Some(timeout),

@@ -8,12 +8,9 @@ use crate::vms::{VmState, VmView};
 
 /// A process's CPU seconds (user + system) and resident bytes.
 fn process(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // utime and stime are the 14th and 15th fields, the 12th and 13th after the name.
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let hz = rustix::param::clock_ticks_per_second() as f64;
+    let f = crate::process::stat_fields(pid)?;
+    // utime and stime are fields 14 and 15.
+    let ticks = f.get(14 - 3)? + f.get(15 - 3)?;
     let rss_pages: u64 = std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()?
         .split(' ')
@@ -21,7 +18,7 @@ fn process(pid: u32) -> Option<(f64, u64)> {
         .parse()
         .ok()?;
     Some((
-        ticks as f64 / hz,
+        crate::process::ticks_to_secs(ticks),
         rss_pages * rustix::param::page_size() as u64,
     ))
 }
@@ -36,13 +33,6 @@ fn label(v: &str) -> String {
 /// The metrics text.
 pub fn render(vms: &[VmView], pids: &[(String, u32)]) -> String {
     let mut out = String::new();
-    let state_name = |s: VmState| match s {
-        VmState::Running => "running",
-        VmState::Paused => "paused",
-        VmState::Suspended => "suspended",
-        VmState::Stopped => "stopped",
-        VmState::Crashed => "crashed",
-    };
     let _ = writeln!(
         out,
         "# HELP vessel_vms VMs by state.\n# TYPE vessel_vms gauge"
@@ -55,7 +45,7 @@ pub fn render(vms: &[VmView], pids: &[(String, u32)]) -> String {
         VmState::Crashed,
     ] {
         let n = vms.iter().filter(|v| v.state == s).count();
-        let _ = writeln!(out, "vessel_vms{{state=\"{}\"}} {n}", state_name(s));
+        let _ = writeln!(out, "vessel_vms{{state=\"{}\"}} {n}", s.as_str());
     }
     let metric = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -152,5 +142,18 @@ mod tests {
         let text = render(&[], &[]);
         assert!(text.contains("vessel_vms{state=\"running\"} 0"), "{text}");
         assert!(text.contains("vessel_daemon_resident_bytes "), "{text}");
+    }
+
+    #[test]
+    fn state_names_are_the_apis() {
+        for s in [
+            VmState::Running,
+            VmState::Paused,
+            VmState::Suspended,
+            VmState::Stopped,
+            VmState::Crashed,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
     }
 }

@@ -157,22 +157,37 @@ impl VmProcess {
     }
 }
 
+/// The numeric fields of `/proc/PID/stat` from the 3rd on (after the command name, which may
+/// hold spaces, in parentheses): `proc(5)`'s field N is `[N - 3]`.
+pub fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    // The state (field 3) is a letter: 0 in its place.
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// Clock ticks (`proc(5)`'s unit of CPU time and start time) in seconds.
+pub fn ticks_to_secs(ticks: u64) -> f64 {
+    ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+}
+
 /// How long ago process `pid` started (from `/proc`), for a process the daemon adopts.
 pub fn started_ago(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses; starttime is the
-    // 22nd field, the 20th after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let ticks: u64 = rest.split(' ').nth(19)?.parse().ok()?;
+    // starttime is field 22.
+    let ticks = *stat_fields(pid)?.get(22 - 3)?;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
         .split(' ')
         .next()?
         .parse()
         .ok()?;
-    let hz = rustix::param::clock_ticks_per_second();
-    let started = ticks as f64 / hz as f64;
-    Some(Duration::from_secs_f64((uptime - started).max(0.0)))
+    Some(Duration::from_secs_f64(
+        (uptime - ticks_to_secs(ticks)).max(0.0),
+    ))
 }
 
 /// Waits for a process to end.

@@ -128,6 +128,19 @@ pub enum VmState {
     Crashed,
 }
 
+impl VmState {
+    /// The state as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Suspended => "suspended",
+            VmState::Stopped => "stopped",
+            VmState::Crashed => "crashed",
+        }
+    }
+}
+
 /// A VM as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmView {
@@ -249,7 +262,7 @@ impl Manager {
                 spec.disks.len()
             )));
         }
-        spec.disks.resize(req.base_disks.len(), Disk::new());
+        spec.disks.resize(req.base_disks.len(), Disk::default());
         for (i, b) in req.base_disks.iter().enumerate() {
             if !b.is_absolute() {
                 return Err(bad(format!(
@@ -356,7 +369,7 @@ impl Manager {
                 spec.disks.push(Disk {
                     read_only: true,
                     serial: Some("cidata".into()),
-                    ..Disk::new()
+                    ..Disk::default()
                 });
                 disks.push(path);
             }
@@ -604,11 +617,7 @@ impl Manager {
             self.store.put_vm(&vm)?;
             process
         };
-        let _ = process.signal(Signal::KILL);
-        if let Ok(w) = process.waiter() {
-            w.wait(Some(Duration::from_secs(10)));
-        }
-        self.wait_gone(name, process.pid);
+        self.kill_process(name, &process);
         self.view(name)
     }
 
@@ -817,13 +826,18 @@ impl Manager {
     /// Kills the VM's process at once.
     pub fn kill(&self, name: &str) -> Result<VmView, Error> {
         if let Some(p) = self.mark_stopped(name)? {
-            let _ = p.signal(Signal::KILL);
-            if let Ok(w) = p.waiter() {
-                w.wait(Some(Duration::from_secs(10)));
-            }
-            self.wait_gone(name, p.pid);
+            self.kill_process(name, &p);
         }
         self.view(name)
+    }
+
+    /// SIGKILLs VM `name`'s process and waits until its watcher has recorded the end.
+    fn kill_process(&self, name: &str, p: &VmProcess) {
+        let _ = p.signal(Signal::KILL);
+        if let Ok(w) = p.waiter() {
+            w.wait(Some(Duration::from_secs(10)));
+        }
+        self.wait_gone(name, p.pid);
     }
 
     /// Records that the VM should be stopped; returns its process if it runs.

@@ -191,8 +191,8 @@ mod tests {
     #[test]
     fn bindings_must_fit_the_spec() {
         let spec = VmSpec {
-            disks: vec![Disk::new()],
-            nets: vec![Nic::new(), Nic::new()],
+            disks: vec![Disk::default()],
+            nets: vec![Nic::default(), Nic::default()],
             vsock: Some(Vsock { cid: 3 }),
             ..VmSpec::default()
         };

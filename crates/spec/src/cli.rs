@@ -76,7 +76,7 @@ pub fn disk(spec: &str) -> Result<(Disk, PathBuf), ArgError> {
         spec: spec.to_string(),
         why: why.to_string(),
     };
-    let mut disk = Disk::new();
+    let mut disk = Disk::default();
     let mut path = PathBuf::new();
     let (mut bw, mut iops, mut bw_burst, mut iops_burst) = (None, None, None, None);
     for (i, item) in spec.split(',').enumerate() {
@@ -243,7 +243,7 @@ pub fn net(spec: &str) -> Result<(Nic, String), ArgError> {
         spec: spec.to_string(),
         why: why.to_string(),
     };
-    let mut nic = Nic::new();
+    let mut nic = Nic::default();
     let mut tap = String::new();
     let mut rates = [None; 8];
     for item in spec.split(',') {

@@ -271,7 +271,7 @@ impl std::str::FromStr for EngineKind {
 }
 
 /// A virtio disk; its file is a host binding.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
     #[serde(default)]
@@ -291,18 +291,22 @@ pub struct Disk {
     pub rate_limit: RateLimiterConfig,
 }
 
-impl Disk {
-    /// A disk with the defaults: read-write, writeback, one queue, the automatic engine.
-    pub fn new() -> Disk {
+/// What `{}` is: read-write, writeback, one queue, the automatic engine, no limit.
+impl Default for Disk {
+    fn default() -> Disk {
         Disk {
+            read_only: false,
+            cache: CacheMode::default(),
+            serial: None,
             queues: 1,
-            ..Disk::default()
+            engine: EngineKind::default(),
+            rate_limit: RateLimiterConfig::default(),
         }
     }
 }
 
 /// A virtio network device; its tap is a host binding.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
     /// The guest's MAC address (a random locally administered one if absent).
@@ -320,12 +324,14 @@ pub struct Nic {
     pub tx_limit: RateLimiterConfig,
 }
 
-impl Nic {
-    /// A device with one queue pair, a random MAC and no limits.
-    pub fn new() -> Nic {
+/// What `{}` is: one queue pair, a random MAC, no limits.
+impl Default for Nic {
+    fn default() -> Nic {
         Nic {
+            mac: None,
             queues: 1,
-            ..Nic::default()
+            rx_limit: RateLimiterConfig::default(),
+            tx_limit: RateLimiterConfig::default(),
         }
     }
 }
@@ -465,6 +471,12 @@ impl VmSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_default_as_an_empty_object_reads() {
+        assert_eq!(serde_json::from_str::<Disk>("{}").unwrap(), Disk::default());
+        assert_eq!(serde_json::from_str::<Nic>("{}").unwrap(), Nic::default());
+    }
 
     #[test]
     fn an_empty_object_is_the_command_lines_default() {

@@ -14,15 +14,6 @@ use std::time::{Duration, Instant};
 use common::soak::Console;
 use common::*;
 
-fn require_root() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    assert!(root && have_kvm(), "the jail tests need root and /dev/kvm");
-}
-
 /// A directory the jail's user owns.
 fn owned_dir(tmp: &TempDir, name: &str, uid: u32) -> PathBuf {
     let d = tmp.file(name);

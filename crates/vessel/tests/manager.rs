@@ -724,11 +724,7 @@ fn a_vm_snapshot_restores_memory_and_disk() {
 /// everything still works: start, the console, a kill and the restart, delete.
 #[test]
 fn the_daemon_starts_every_vm_in_the_jail() {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    assert!(root && have_kvm(), "the jail tests need root and /dev/kvm");
+    require_root();
     let dir = TempDir::new("manager-jail");
     let d = Daemon::start_with(&dir.0, &["--vm-jail", "uid=64123,gid=64123"]);
     d.idle_template_with_disk(&dir, 4 << 20);

@@ -154,7 +154,7 @@ mod tests {
 
     fn add_disks(c: &mut VmConfig, n: usize) {
         for _ in 0..n {
-            c.spec.disks.push(Disk::new());
+            c.spec.disks.push(Disk::default());
             c.bindings.disks.push("/a".into());
         }
     }

@@ -84,6 +84,16 @@ pub fn assert_code(o: &Output, code: i32) {
 }
 
 /// Whether this machine can run VMs at all (every test host of this project can).
+/// Fails unless this runs as root with /dev/kvm (the jail's tests need both).
+pub fn require_root() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    assert!(root && have_kvm(), "the jail tests need root and /dev/kvm");
+}
+
 pub fn have_kvm() -> bool {
     std::fs::OpenOptions::new()
         .read(true)

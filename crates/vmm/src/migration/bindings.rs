@@ -155,6 +155,7 @@ impl Bound {
         }
         snap.config.bindings = HostBindings {
             disks: self.disks.iter().map(|(p, _)| p.clone()).collect(),
+            taps: self.taps.clone(),
             virtio_console: self.virtio_console.clone(),
             ..HostBindings::default()
         };
@@ -174,7 +175,6 @@ impl Bound {
             })
             .collect();
         let vsock = spec.vsock.zip(self.vsock_socket.clone());
-        snap.config.bindings.taps = self.taps.clone();
         snap.rebind(&nets, vsock.as_ref())
             .map_err(|e| BindError::Changed(e.to_string()))
     }

@@ -404,7 +404,7 @@ mod tests {
         for (path, read_only) in list {
             c.spec.disks.push(Disk {
                 read_only: *read_only,
-                ..Disk::new()
+                ..Disk::default()
             });
             c.bindings.disks.push(path.to_path_buf());
         }
