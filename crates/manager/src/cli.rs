@@ -96,7 +96,7 @@ pub struct ClientArgs {
     tls_ca: Option<PathBuf>,
     /// Print the daemon's JSON.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -104,7 +104,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 impl ClientArgs {
-    fn client(&self) -> Result<Client, CliError> {
+    pub(crate) fn client(&self) -> Result<Client, CliError> {
         let Some(remote) = self.remote.clone().or_else(|| env("VESSEL_REMOTE")) else {
             return Ok(Client::new(
                 &self.socket.clone().unwrap_or_else(default_socket),
@@ -227,6 +227,16 @@ enum VmCommand {
         /// Its place among autostarted VMs (lower first).
         #[arg(long, default_value_t = 0)]
         order: i64,
+        /// Seconds the daemon waits after autostarting it before the next VM.
+        #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+        delay: u64,
+        /// The size of its first disk (at least the template's): 20G.
+        #[arg(long, value_parser = |s: &str| spec::size::parse(s, spec::size::Plain::Bytes).map_err(|e| e.to_string()))]
+        disk_size: Option<u64>,
+        /// A pool volume (POOL/VOLUME) attached as one more disk; it outlives the VM
+        /// (repeatable).
+        #[arg(long = "volume", value_name = "POOL/VOLUME")]
+        volumes: Vec<String>,
         /// Start it now.
         #[arg(long)]
         start: bool,
@@ -274,8 +284,39 @@ enum VmCommand {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Deletes a stopped VM and its disks.
+    /// Deletes a stopped VM and its disks (attached pool volumes stay).
     Delete { name: String },
+    /// Changes the VM's machine (applied at its next start) or settings; with no flag,
+    /// opens its spec in $EDITOR.
+    Edit {
+        name: String,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long, value_parser = |s: &str| spec::cli::memory(s).map_err(|e| e.to_string()))]
+        memory: Option<u64>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        #[arg(long, value_enum)]
+        restart: Option<RestartArg>,
+        #[arg(long)]
+        autostart: Option<bool>,
+        /// Its place among autostarted VMs.
+        #[arg(long)]
+        order: Option<i64>,
+        /// Seconds before the next autostarted VM.
+        #[arg(long, value_name = "SECONDS")]
+        delay: Option<u64>,
+        /// The whole spec from a file.
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
+    },
+    /// Makes NEW, a copy of the stopped VM NAME with its own disks and new MACs.
+    Clone {
+        name: String,
+        new: String,
+        #[arg(long)]
+        start: bool,
+    },
     /// Attaches this terminal to the VM's serial console (Ctrl-] detaches).
     Console { name: String },
 }
@@ -338,9 +379,14 @@ enum TemplateCommand {
         cpus: Option<u32>,
         #[arg(long, value_parser = |s: &str| spec::cli::memory(s).map_err(|e| e.to_string()))]
         memory: Option<u64>,
-        /// A base disk image (repeatable); each VM gets a thin overlay on it.
-        #[arg(long = "disk", value_name = "IMAGE")]
+        /// A base disk image or a pool volume as POOL/VOLUME (repeatable); each VM gets a
+        /// thin overlay on it.
+        #[arg(long = "disk", value_name = "IMAGE|POOL/VOLUME")]
         disks: Vec<PathBuf>,
+        /// Made from this stopped VM instead: its spec, its disks flattened into new bases.
+        #[arg(long, value_name = "VM", conflicts_with_all = ["spec", "kernel", "initrd",
+            "cmdline", "cpus", "memory", "disks"])]
+        from_vm: Option<String>,
     },
     Delete {
         name: String,
@@ -386,6 +432,7 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
         None => None,
     };
     let manager = Manager::new(store, layout, vessel, args.vm_jail)?;
+    manager.ensure_default_pool()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -450,12 +497,12 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
     })
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v).unwrap_or_default();
     writeln!(std::io::stdout(), "{s}").map_err(io("stdout"))
 }
 
-fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     spec::size::format(bytes)
 }
 
@@ -531,6 +578,9 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             restart,
             autostart,
             order,
+            delay,
+            disk_size,
+            volumes,
             start,
             hostname,
             ssh_keys,
@@ -567,6 +617,9 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
                 restart: restart.into(),
                 autostart,
                 autostart_order: order,
+                autostart_delay_s: delay,
+                disk_size,
+                volumes,
                 start,
                 cloud_init: (!seed.is_empty()).then_some(seed),
             };
@@ -654,6 +707,54 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             }
             Ok(0)
         }
+        VmCommand::Edit {
+            name,
+            cpus,
+            memory,
+            cmdline,
+            restart,
+            autostart,
+            order,
+            delay,
+            spec,
+        } => {
+            let read_spec = |f: &std::path::Path| -> Result<VmSpec, CliError> {
+                let text = std::fs::read_to_string(f).map_err(io(f.display().to_string()))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| CliError::Usage(format!("{}: {e}", f.display())))
+            };
+            let mut req = crate::edit::VmEdit {
+                spec: spec.as_deref().map(read_spec).transpose()?,
+                cpus,
+                memory,
+                cmdline,
+                restart: restart.map(Into::into),
+                autostart,
+                autostart_order: order,
+                autostart_delay_s: delay,
+            };
+            if serde_json::to_value(&req).ok()
+                == serde_json::to_value(crate::edit::VmEdit::default()).ok()
+            {
+                let v: VmView = c.get(&format!("/api/v1/vms/{name}"))?;
+                match edit_in_editor(&v.record.spec)? {
+                    Some(s) => req.spec = Some(s),
+                    None => {
+                        println!("{name}: unchanged");
+                        return Ok(0);
+                    }
+                }
+            }
+            show(
+                c.send_json("PATCH", &format!("/api/v1/vms/{name}"), &req)?,
+                "changed",
+            )
+        }
+        VmCommand::Clone { name, new, start } => {
+            let req = crate::edit::VmClone { name: new, start };
+            let v: VmView = c.send_json("POST", &path(&name, "clone"), &req)?;
+            show(v, &format!("created, a clone of {name}"))
+        }
         VmCommand::Console { name } => {
             let v: VmView = c.get(&format!("/api/v1/vms/{name}"))?;
             crate::console::attach(&name, &v.console_socket)
@@ -701,6 +802,7 @@ pub fn template(args: TemplateArgs) -> Result<i32, CliError> {
             cpus,
             memory,
             disks,
+            from_vm,
         } => {
             let mut s: VmSpec = match &spec {
                 Some(f) => {
@@ -710,7 +812,13 @@ pub fn template(args: TemplateArgs) -> Result<i32, CliError> {
                 }
                 None => VmSpec::default(),
             };
-            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            // A path stays as given when it names a volume (POOL/VOLUME, not a file here).
+            let abs = |p: PathBuf| {
+                if p.is_relative() && !p.exists() && p.components().count() == 2 {
+                    return p;
+                }
+                std::path::absolute(&p).unwrap_or(p)
+            };
             if let Some(k) = kernel {
                 s.boot.kernel = Some(abs(k));
             }
@@ -730,6 +838,7 @@ pub fn template(args: TemplateArgs) -> Result<i32, CliError> {
                 name,
                 spec: s,
                 base_disks: disks.into_iter().map(abs).collect(),
+                from_vm,
             };
             let t: Template = c.send_json("POST", "/api/v1/templates", &req)?;
             if args.client.json {
@@ -745,6 +854,49 @@ pub fn template(args: TemplateArgs) -> Result<i32, CliError> {
             Ok(0)
         }
     }
+}
+
+/// Opens `spec` in $EDITOR (or vi) until it parses or the user gives up; None when unchanged.
+fn edit_in_editor(spec: &VmSpec) -> Result<Option<VmSpec>, CliError> {
+    let text = serde_json::to_string_pretty(spec).map_err(|e| CliError::Usage(e.to_string()))?;
+    let path = std::env::temp_dir().join(format!("vessel-edit-{}.json", std::process::id()));
+    std::fs::write(&path, &text).map_err(io(path.display().to_string()))?;
+    let editor = env("VISUAL")
+        .or_else(|| env("EDITOR"))
+        .unwrap_or_else(|| "vi".into());
+    let result = loop {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{editor} \"$1\""))
+            .arg("sh")
+            .arg(&path)
+            .status()
+            .map_err(io(format!("cannot run {editor}")))?;
+        if !status.success() {
+            break Err(CliError::Usage(format!(
+                "{editor} failed ({status}): nothing changed"
+            )));
+        }
+        let new = std::fs::read_to_string(&path).map_err(io(path.display().to_string()))?;
+        if new == text {
+            break Ok(None);
+        }
+        match serde_json::from_str::<VmSpec>(&new) {
+            Ok(s) => break Ok(Some(s)),
+            Err(e) => {
+                eprint!("{e}\nedit again? [Y/n] ");
+                let mut answer = String::new();
+                let _ = std::io::stdin().read_line(&mut answer);
+                if answer.trim().eq_ignore_ascii_case("n") {
+                    break Err(CliError::Usage(
+                        "the spec does not parse: nothing changed".into(),
+                    ));
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 fn print_event(e: &Event, json: bool) -> bool {

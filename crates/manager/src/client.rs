@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -46,7 +47,16 @@ pub struct Client {
     transport: Transport,
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+/// A request body: whole, or streamed (an upload).
+type Body = BoxBody<Bytes, std::io::Error>;
+
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+fn whole(data: Vec<u8>) -> Body {
+    Full::new(Bytes::from(data))
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// An HTTP/1 connection over `io`, driven in the background.
 async fn handshake<IO>(io: IO) -> Result<Sender, ClientError>
@@ -114,12 +124,7 @@ impl Client {
     }
 
     /// A request to the daemon, with the token when there is one.
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Vec<u8>,
-    ) -> Result<Request<Full<Bytes>>, ClientError> {
+    fn request(&self, method: &str, path: &str, body: Body) -> Result<Request<Body>, ClientError> {
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -128,7 +133,13 @@ impl Client {
         if let Transport::Tls { token: Some(t), .. } = &self.transport {
             b = b.header("authorization", format!("Bearer {t}"));
         }
-        b.body(Full::new(Bytes::from(body)))
+        b.body(body).map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .map_err(|e| ClientError::Http(e.to_string()))
     }
 
@@ -139,26 +150,57 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Bytes, ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        rt.block_on(self.send(method, path, body))
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<Bytes, ClientError> {
-        let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
-        let mut sender = self.connect().await?;
         let data = match body {
             Some(v) => serde_json::to_vec(v)?,
             None => Vec::new(),
         };
-        let req = self.request(method, path, data)?;
+        Self::runtime()?.block_on(self.send(method, path, whole(data)))
+    }
+
+    /// `PUT path` with the bytes of `file` as the body, streamed; the answer decoded.
+    pub fn upload<T: DeserializeOwned>(&self, path: &str, file: &Path) -> Result<T, ClientError> {
+        use hyper::body::Frame;
+        use std::io::Read;
+        let mut f = std::fs::File::open(file).map_err(|source| ClientError::Connect {
+            path: file.display().to_string(),
+            source,
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        // The file is read on its own thread, a chunk at a time, as the request takes them.
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let chunk = match f.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => Ok(Frame::data(Bytes::copy_from_slice(&buf[..n]))),
+                    Err(e) => Err(e),
+                };
+                let last = chunk.is_err();
+                if tx.blocking_send(chunk).is_err() || last {
+                    return;
+                }
+            }
+        });
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+        let mut req = self.request("PUT", path, body)?;
+        req.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/octet-stream"),
+        );
+        let answer = Self::runtime()?.block_on(self.exchange(req));
+        let _ = reader.join();
+        Ok(serde_json::from_slice(&answer?)?)
+    }
+
+    async fn send(&self, method: &str, path: &str, body: Body) -> Result<Bytes, ClientError> {
+        let req = self.request(method, path, body)?;
+        self.exchange(req).await
+    }
+
+    /// Sends `req`; the answer's body, or its error.
+    async fn exchange(&self, req: Request<Body>) -> Result<Bytes, ClientError> {
+        let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
+        let mut sender = self.connect().await?;
         let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
         let status = resp.status().as_u16();
         let bytes = resp
@@ -203,14 +245,10 @@ impl Client {
         path: &str,
         mut each: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        rt.block_on(async {
+        Self::runtime()?.block_on(async {
             let http = |e: &dyn std::fmt::Display| ClientError::Http(e.to_string());
             let mut sender = self.connect().await?;
-            let req = self.request("GET", path, Vec::new())?;
+            let req = self.request("GET", path, whole(Vec::new()))?;
             let mut body = sender
                 .send_request(req)
                 .await

@@ -5,6 +5,10 @@
 //! STATE/vms/NAME/disk-N.qcow2      the VM's disks (thin overlays on its template's bases)
 //! STATE/vms/NAME/vm.json           the document its process boots (spec and bindings)
 //! STATE/vms/NAME/vm.log            its process's output (rotated at 4 MiB)
+//! STATE/vms/NAME/seed.img          its cloud-init seed (CIDATA), if it has one
+//! STATE/vms/NAME/snapshots/SNAP/   a snapshot: state, memory, the disks frozen then
+//! STATE/templates/NAME/disk-N.qcow2  the bases of a template made from a VM
+//! STATE/images/                    the `default` storage pool
 //! RUN/vessel.sock                  the daemon's API
 //! RUN/vms/NAME/api.sock            the VM's own API
 //! RUN/vms/NAME/console.sock        its serial console (with scrollback)
@@ -63,6 +67,9 @@ impl Layout {
     }
     pub fn vm_dir(&self, name: &str) -> PathBuf {
         self.state.join("vms").join(name)
+    }
+    pub fn template_dir(&self, name: &str) -> PathBuf {
+        self.state.join("templates").join(name)
     }
     pub fn vm_run(&self, name: &str) -> PathBuf {
         self.run.join("vms").join(name)

@@ -4,6 +4,9 @@
 //! - [`vms`]: the [`vms::Manager`]: templates, VMs made from them (thin overlays), their
 //!   processes (started, watched, stopped, restarted by policy, adopted again after a daemon
 //!   restart), events.
+//! - [`edit`]: `vm edit`, `vm clone`, templates made from a stopped VM.
+//! - [`storage`], [`storage_cli`]: storage pools (directories) and their volumes; `vessel
+//!   pool`, `vessel volume`.
 //! - [`process`]: a VM's `vessel run` process, watched through a pidfd.
 //! - [`layout`]: where state, disks, logs and sockets live.
 //! - [`seed`]: cloud-init's NoCloud seed disk (`CIDATA`), made without outside tools.
@@ -18,10 +21,13 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod console;
+pub mod edit;
 pub mod layout;
 pub mod metrics;
 pub mod process;
 pub mod seed;
 pub mod server;
+pub mod storage;
+pub mod storage_cli;
 pub mod store;
 pub mod vms;

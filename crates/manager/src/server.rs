@@ -7,6 +7,7 @@
 //! GET    /api/v1/templates/{name}       DELETE /api/v1/templates/{name}
 //! GET    /api/v1/vms                    POST /api/v1/vms            (VmCreate)
 //! GET    /api/v1/vms/{name}             DELETE /api/v1/vms/{name}
+//! PATCH  /api/v1/vms/{name}             (VmEdit)   POST /api/v1/vms/{name}/clone (VmClone)
 //! PUT    /api/v1/vms/{name}/start|stop|kill|restart|pause|resume    (stop: StopRequest)
 //! PUT    /api/v1/vms/{name}/suspend     PUT /api/v1/suspend-all     (saved to disk)
 //! GET    /api/v1/metrics                Prometheus metrics
@@ -18,6 +19,8 @@
 //! DELETE /api/v1/tokens/{name}
 //! GET    /api/v1/openapi.json           this API's OpenAPI document
 //! ```
+//!
+//! and the storage pools' and volumes' ([`storage`]).
 //!
 //! On TCP ([`tcp_router`]) every request needs a token; see [`crate::auth`].
 
@@ -45,7 +48,9 @@ use crate::vms::{Error, Manager, StopRequest, TemplateCreate, VmCreate, VmView};
 /// The longest request body accepted.
 const MAX_BODY: usize = 1 << 20;
 
-struct Failure(ApiError);
+mod storage;
+
+pub(crate) struct Failure(ApiError);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -61,10 +66,10 @@ impl From<Error> for Failure {
     }
 }
 
-type Reply<T> = Result<Json<T>, Failure>;
+pub(crate) type Reply<T> = Result<Json<T>, Failure>;
 
 /// Runs a manager call on the blocking pool (they wait on processes and files).
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<Json<T>, Failure> {
     match tokio::task::spawn_blocking(f).await {
@@ -76,7 +81,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A JSON body of type `T` (an empty body is `{}`).
-fn body<T: for<'de> Deserialize<'de>>(b: &Bytes) -> Result<T, Failure> {
+pub(crate) fn body<T: for<'de> Deserialize<'de>>(b: &Bytes) -> Result<T, Failure> {
     let b: &[u8] = if b.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -94,7 +99,7 @@ struct Since {
 /// The errors every route may answer: `{"message": ...}` with the status.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
-enum Errors {
+pub(crate) enum Errors {
     /// A malformed request, or values out of range (the message names the field).
     #[response(status = 400)]
     BadRequest(ApiError),
@@ -126,12 +131,12 @@ struct Doc;
 
 /// The router and its OpenAPI document, made together: a route cannot be missing from one.
 pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
-    let (router, doc) = OpenApiRouter::with_openapi(Doc::openapi())
+    let router = OpenApiRouter::with_openapi(Doc::openapi())
         .routes(routes!(ping))
         .routes(routes!(templates, create_template))
         .routes(routes!(template, delete_template))
         .routes(routes!(vms, create_vm))
-        .routes(routes!(vm, delete_vm))
+        .routes(routes!(vm, delete_vm, edit))
         .routes(routes!(start))
         .routes(routes!(stop))
         .routes(routes!(kill))
@@ -144,11 +149,12 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(delete_snapshot))
         .routes(routes!(restore_snapshot))
         .routes(routes!(restart))
+        .routes(routes!(clone))
         .routes(routes!(events))
         .routes(routes!(stream))
         .routes(routes!(tokens, create_token))
-        .routes(routes!(delete_token))
-        .split_for_parts();
+        .routes(routes!(delete_token));
+    let (router, doc) = storage::routes(router).split_for_parts();
     let router = router
         .fallback(|| async { Failure(ApiError::not_found("no such route")) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -394,6 +400,30 @@ async fn restart(
         m.start(&name)
     })
     .await
+}
+
+/// Changes a VM's spec or settings (the machine's changes apply at its next start).
+#[utoipa::path(patch, path = "/api/v1/vms/{name}", request_body = crate::edit::VmEdit,
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn edit(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    b: Bytes,
+) -> Reply<VmView> {
+    let req = body(&b)?;
+    blocking(move || m.edit(&name, req)).await
+}
+
+/// Makes a new VM, a copy of a stopped one with its own disks.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/clone", request_body = crate::edit::VmClone,
+    params(("name" = String, Path)), responses((status = 200, body = VmView), Errors))]
+async fn clone(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    b: Bytes,
+) -> Reply<VmView> {
+    let req = body(&b)?;
+    blocking(move || m.clone_vm(&name, req)).await
 }
 
 /// The tokens of the TCP listener (names and roles; never their secrets). Admins only.

@@ -37,6 +37,17 @@ pub struct Template {
     pub created: u64,
 }
 
+/// A storage pool: a directory whose image files are its volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StoragePool {
+    pub name: String,
+    /// Its directory (absolute).
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
 /// What a VM should be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -76,6 +87,9 @@ pub struct VmRecord {
     /// Started when the daemon starts (in `autostart_order`, then by name).
     pub autostart: bool,
     pub autostart_order: i64,
+    /// Seconds the daemon waits after autostarting it before it starts the next VM.
+    #[serde(default)]
+    pub autostart_delay_s: u64,
     /// The process running it, while it runs.
     pub pid: Option<u32>,
     /// Seconds since the epoch.
@@ -83,6 +97,9 @@ pub struct VmRecord {
     /// Its snapshots (VM and disks together), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<Snapshot>,
+    /// What its cloud-init seed (its last disk) holds, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::seed::Seed>,
     /// The snapshot its next start restores, once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
@@ -146,6 +163,10 @@ pub trait Store: Send + Sync {
     fn template(&self, name: &str) -> Result<Template, StoreError>;
     fn templates(&self) -> Result<Vec<Template>, StoreError>;
     fn delete_template(&self, name: &str) -> Result<(), StoreError>;
+    fn add_pool(&self, p: &StoragePool) -> Result<(), StoreError>;
+    fn pool(&self, name: &str) -> Result<StoragePool, StoreError>;
+    fn pools(&self) -> Result<Vec<StoragePool>, StoreError>;
+    fn delete_pool(&self, name: &str) -> Result<(), StoreError>;
     fn add_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
     /// Replaces the VM's record (it must exist).
     fn put_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
@@ -159,7 +180,18 @@ pub trait Store: Send + Sync {
 }
 
 /// The schema this Vessel writes.
-const SCHEMA: i64 = 1;
+const SCHEMA: i64 = 2;
+
+/// What takes the schema from each version to the next (index 0: from nothing to 1).
+const MIGRATIONS: [&str; SCHEMA as usize] = [
+    "CREATE TABLE templates (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE vms (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE tokens (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+     CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT,
+         time_ms INTEGER NOT NULL, subject TEXT NOT NULL, kind TEXT NOT NULL,
+         message TEXT NOT NULL);",
+    "CREATE TABLE pools (name TEXT PRIMARY KEY, body TEXT NOT NULL);",
+];
 
 /// Events kept: older ones are dropped as new ones come.
 const EVENTS_KEPT: i64 = 10_000;
@@ -189,27 +221,17 @@ impl SqliteStore {
         db.pragma_update(None, "synchronous", "FULL")?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        match version {
-            0 => {
-                db.execute_batch(
-                    "BEGIN;
-                     CREATE TABLE templates (name TEXT PRIMARY KEY, body TEXT NOT NULL);
-                     CREATE TABLE vms (name TEXT PRIMARY KEY, body TEXT NOT NULL);
-                     CREATE TABLE tokens (name TEXT PRIMARY KEY, body TEXT NOT NULL);
-                     CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT,
-                         time_ms INTEGER NOT NULL, subject TEXT NOT NULL, kind TEXT NOT NULL,
-                         message TEXT NOT NULL);
-                     PRAGMA user_version = 1;
-                     COMMIT;",
-                )?;
-            }
-            SCHEMA => {}
-            found => {
-                return Err(StoreError::Schema {
-                    path: path.display().to_string(),
-                    found,
-                })
-            }
+        if !(0..=SCHEMA).contains(&version) {
+            return Err(StoreError::Schema {
+                path: path.display().to_string(),
+                found: version,
+            });
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            db.execute_batch(&format!(
+                "BEGIN; {step} PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))?;
         }
         Ok(SqliteStore { db: Mutex::new(db) })
     }
@@ -332,6 +354,18 @@ impl Store for SqliteStore {
     fn delete_template(&self, name: &str) -> Result<(), StoreError> {
         self.delete("templates", "template", name)
     }
+    fn add_pool(&self, p: &StoragePool) -> Result<(), StoreError> {
+        self.insert("pools", "pool", &p.name, p)
+    }
+    fn pool(&self, name: &str) -> Result<StoragePool, StoreError> {
+        self.get("pools", "pool", name)
+    }
+    fn pools(&self) -> Result<Vec<StoragePool>, StoreError> {
+        self.all("pools")
+    }
+    fn delete_pool(&self, name: &str) -> Result<(), StoreError> {
+        self.delete("pools", "pool", name)
+    }
     fn add_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         self.insert("vms", "VM", &vm.name, vm)
     }
@@ -413,6 +447,8 @@ mod tests {
             restart: RestartPolicy::OnFailure,
             autostart: false,
             autostart_order: 0,
+            autostart_delay_s: 0,
+            cloud_init: None,
             pid: Some(7),
             created: 1,
             snapshots: Vec::new(),
@@ -458,6 +494,40 @@ mod tests {
             s.put_vm(&vm("zz")),
             Err(StoreError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_version_1_database_is_brought_up_to_date() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("vessel.db");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(&format!("{} PRAGMA user_version = 1;", MIGRATIONS[0]))
+                .unwrap();
+            // A record as version 1 wrote it: without the fields added since.
+            let mut old = serde_json::to_value(vm("old")).unwrap();
+            old.as_object_mut().unwrap().remove("autostart_delay_s");
+            db.execute(
+                "INSERT INTO vms (name, body) VALUES ('old', ?1)",
+                params![old.to_string()],
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.vm("old").unwrap().autostart_delay_s, 0);
+        let p = StoragePool {
+            name: "p".into(),
+            path: "/srv/p".into(),
+            created: 1,
+        };
+        s.add_pool(&p).unwrap();
+        assert_eq!(s.pools().unwrap(), [p]);
+        drop(s);
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA);
     }
 
     #[test]

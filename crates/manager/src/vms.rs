@@ -65,10 +65,15 @@ pub struct TemplateCreate {
     /// What VMs made from it are (their disks' options too); defaults as `vessel run`.
     #[serde(default)]
     pub spec: VmSpec,
-    /// A base image for each disk (absolute paths); a VM gets a thin qcow2 overlay on each.
+    /// A base image for each disk (an absolute path, or a volume as `POOL/VOLUME`); a VM
+    /// gets a thin qcow2 overlay on each.
     #[serde(default)]
     #[schema(value_type = Vec<String>)]
     pub base_disks: Vec<PathBuf>,
+    /// Made from this stopped VM instead: its spec, its disks flattened into new bases
+    /// (then `spec` and `base_disks` must be left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_vm: Option<String>,
 }
 
 /// `POST /api/v1/vms`.
@@ -95,6 +100,18 @@ pub struct VmCreate {
     /// Lower first among autostarted VMs.
     #[serde(default)]
     pub autostart_order: i64,
+    /// Seconds to wait after autostarting it before the next VM starts.
+    #[serde(default)]
+    pub autostart_delay_s: u64,
+    /// The size of its first disk (at least the template's base), in bytes or with a unit
+    /// (`"20G"`); default the base's.
+    #[serde(default, with = "spec::size::json::option")]
+    #[schema(value_type = Option<u64>)]
+    pub disk_size: Option<u64>,
+    /// Volumes (`POOL/VOLUME`) attached as more disks after the template's; they outlive
+    /// the VM.
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// Start it now.
     #[serde(default)]
     pub start: bool,
@@ -224,7 +241,7 @@ impl Manager {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(crate) fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
         self.ops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -237,8 +254,17 @@ impl Manager {
         &*self.store
     }
 
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Whether VM `name`'s process runs.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.live().running.contains_key(name)
+    }
+
     /// Records and announces an event (a store failure is logged, never fatal).
-    fn event(&self, subject: &str, kind: &str, message: impl AsRef<str>) {
+    pub(crate) fn event(&self, subject: &str, kind: &str, message: impl AsRef<str>) {
         let message = message.as_ref();
         tracing::info!("{kind} {subject}: {message}");
         match self.store.add_event(subject, kind, message) {
@@ -251,8 +277,22 @@ impl Manager {
 
     // Templates.
 
-    pub fn create_template(&self, req: TemplateCreate) -> Result<Template, Error> {
+    pub fn create_template(&self, mut req: TemplateCreate) -> Result<Template, Error> {
         check_name(&req.name).map_err(bad)?;
+        if let Some(vm) = &req.from_vm {
+            if req.spec != VmSpec::default() || !req.base_disks.is_empty() {
+                return Err(bad("from_vm: spec and base_disks come from the VM"));
+            }
+            return self.template_from_vm(&req.name, vm);
+        }
+        for (i, b) in req.base_disks.iter_mut().enumerate() {
+            if b.is_relative() {
+                let v = b.to_string_lossy().into_owned();
+                *b = self
+                    .volume_path(&v)
+                    .map_err(|e| bad(format!("base_disks[{i}]: {e}")))?;
+            }
+        }
         let mut spec = req.spec;
         spec.validate().map_err(|e| bad(format!("spec.{e}")))?;
         if spec.disks.len() > req.base_disks.len() {
@@ -298,6 +338,8 @@ impl Manager {
             )));
         }
         self.store.delete_template(name)?;
+        // The bases it made (from a VM); bases it was given stay.
+        let _ = std::fs::remove_dir_all(self.layout.template_dir(name));
         self.event(name, "template.deleted", "");
         Ok(())
     }
@@ -328,6 +370,18 @@ impl Manager {
         if let Some(s) = &seed {
             s.check().map_err(|e| bad(format!("cloud_init.{e}")))?;
         }
+        if req.disk_size.is_some() && t.base_disks.is_empty() {
+            return Err(bad(format!("disk_size: template {} has no disk", t.name)));
+        }
+        let volumes = req
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                self.volume_path(v)
+                    .map_err(|e| bad(format!("volumes[{i}]: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let _op = self.ops();
         if self.store.vm(&req.name).is_ok() {
             return Err(StoreError::Exists {
@@ -359,19 +413,17 @@ impl Manager {
                 };
                 block::ops::create(&path, &opts)
                     .map_err(|e| Error::Failed(format!("disk {i}: {e}")))?;
+                if let (0, Some(size)) = (i, req.disk_size) {
+                    grow(&path, size).map_err(|e| bad(format!("disk_size: {e}")))?;
+                }
                 disks.push(path);
             }
+            for v in volumes {
+                spec.disks.push(Disk::default());
+                disks.push(v);
+            }
             if let Some(s) = &seed {
-                let path = self.layout.vm_dir(&req.name).join("seed.img");
-                let instance = format!("{}-{}", req.name, now_s());
-                s.write(&path, &instance)
-                    .map_err(|e| Error::Failed(format!("the cloud-init seed: {e}")))?;
-                spec.disks.push(Disk {
-                    read_only: true,
-                    serial: Some("cidata".into()),
-                    ..Disk::default()
-                });
-                disks.push(path);
+                self.write_seed(&req.name, s, &mut spec, &mut disks)?;
             }
             let vm = VmRecord {
                 name: req.name.clone(),
@@ -382,6 +434,8 @@ impl Manager {
                 restart: req.restart,
                 autostart: req.autostart,
                 autostart_order: req.autostart_order,
+                autostart_delay_s: req.autostart_delay_s,
+                cloud_init: seed.clone(),
                 pid: None,
                 created: now_s(),
                 snapshots: Vec::new(),
@@ -403,6 +457,27 @@ impl Manager {
             self.start(&vm.name)?;
         }
         self.view(&vm.name)
+    }
+
+    /// Writes VM `name`'s cloud-init seed (a new instance id) and adds it as its last disk.
+    pub(crate) fn write_seed(
+        &self,
+        name: &str,
+        seed: &crate::seed::Seed,
+        spec: &mut VmSpec,
+        disks: &mut Vec<PathBuf>,
+    ) -> Result<(), Error> {
+        let path = self.layout.vm_dir(name).join("seed.img");
+        let instance = format!("{name}-{}", now_s());
+        seed.write(&path, &instance)
+            .map_err(|e| Error::Failed(format!("the cloud-init seed: {e}")))?;
+        spec.disks.push(Disk {
+            read_only: true,
+            serial: Some("cidata".into()),
+            ..Disk::default()
+        });
+        disks.push(path);
+        Ok(())
     }
 
     /// The VM `name` as the API shows it.
@@ -870,7 +945,9 @@ impl Manager {
         if self.live().running.contains_key(name) {
             return Err(Error::Conflict(format!("{name} is running: stop it first")));
         }
-        for d in &vm.disks {
+        // Its own disks are in its directory; attached volumes stay in their pools.
+        let dir = self.layout.vm_dir(name);
+        for d in vm.disks.iter().filter(|d| d.starts_with(&dir)) {
             if let Err(e) = std::fs::remove_file(d) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     return Err(Error::Failed(format!("{}: {e}", d.display())));
@@ -918,6 +995,11 @@ impl Manager {
                         self.event(&vm.name, "vm.start-failed", e.to_string());
                     }
                 }
+                drop(_op);
+                if vm.autostart && vm.autostart_delay_s > 0 {
+                    // As Proxmox's `startup: up=`: the next VM waits for this one.
+                    std::thread::sleep(Duration::from_secs(vm.autostart_delay_s));
+                }
             } else if was_running {
                 self.store.put_vm(&vm)?;
             }
@@ -940,6 +1022,25 @@ fn disks_now(
         .filter_map(|d| d.path.as_ref().map(PathBuf::from))
         .collect();
     Ok((now.len() == count).then_some(now))
+}
+
+/// Grows a new disk to `size` (never shrinks it).
+fn grow(path: &Path, size: u64) -> Result<(), String> {
+    let now = block::ops::info(path, false, false)
+        .map_err(|e| e.to_string())?
+        .first()
+        .map_or(0, |i| i.virtual_size);
+    if size < now {
+        return Err(format!(
+            "{} is smaller than the template's disk ({})",
+            spec::size::format(size),
+            spec::size::format(now)
+        ));
+    }
+    if size > now {
+        block::ops::resize(path, size, false).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Where snapshot `snap` of `vm` is in its list.

@@ -36,6 +36,10 @@ enum Command {
     Vm(manager::cli::VmArgs),
     /// The daemon's templates: what VMs are made from.
     Template(manager::cli::TemplateArgs),
+    /// The daemon's storage pools (directories of volumes).
+    Pool(manager::storage_cli::PoolArgs),
+    /// The volumes of the daemon's pools: create, list, resize, upload, delete.
+    Volume(manager::storage_cli::VolumeArgs),
     /// The daemon's events (--follow for new ones as they happen).
     Events(manager::cli::EventsArgs),
     /// Tokens for the daemon's TCP listener (admin or read-only).
@@ -79,6 +83,12 @@ fn main() {
         Command::Vm(args) => manager::cli::vm(args).map_err(|e| failed(&e, e.exit_code())),
         Command::Template(args) => {
             manager::cli::template(args).map_err(|e| failed(&e, e.exit_code()))
+        }
+        Command::Pool(args) => {
+            manager::storage_cli::pool(args).map_err(|e| failed(&e, e.exit_code()))
+        }
+        Command::Volume(args) => {
+            manager::storage_cli::volume(args).map_err(|e| failed(&e, e.exit_code()))
         }
         Command::Events(args) => manager::cli::events(args).map_err(|e| failed(&e, e.exit_code())),
         Command::Token(args) => manager::cli::token(args).map_err(|e| failed(&e, e.exit_code())),

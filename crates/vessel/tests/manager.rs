@@ -326,7 +326,11 @@ fn the_openapi_document_is_the_api() {
     for (path, item) in paths {
         for method in item.as_object().unwrap().keys() {
             ops.push(format!("{} {path}", method.to_uppercase()));
-            let url = path.replace("{name}", "ghost").replace("{snapshot}", "s");
+            let url = path
+                .replace("{name}", "ghost")
+                .replace("{snapshot}", "s")
+                .replace("{pool}", "ghost")
+                .replace("{volume}", "v");
             let body = (method != "get").then(|| serde_json::json!({"name": "ghost"}));
             if path.ends_with("/stream") {
                 continue; // never ends; the events route has the same handler's data
@@ -345,6 +349,8 @@ fn the_openapi_document_is_the_api() {
     }
     ops.sort();
     let want = [
+        "DELETE /api/v1/pools/{pool}",
+        "DELETE /api/v1/pools/{pool}/volumes/{volume}",
         "DELETE /api/v1/templates/{name}",
         "DELETE /api/v1/tokens/{name}",
         "DELETE /api/v1/vms/{name}",
@@ -353,16 +359,26 @@ fn the_openapi_document_is_the_api() {
         "GET /api/v1/events/stream",
         "GET /api/v1/metrics",
         "GET /api/v1/ping",
+        "GET /api/v1/pools",
+        "GET /api/v1/pools/{pool}",
+        "GET /api/v1/pools/{pool}/volumes",
+        "GET /api/v1/pools/{pool}/volumes/{volume}",
         "GET /api/v1/templates",
         "GET /api/v1/templates/{name}",
         "GET /api/v1/tokens",
         "GET /api/v1/vms",
         "GET /api/v1/vms/{name}",
         "GET /api/v1/vms/{name}/snapshots",
+        "PATCH /api/v1/vms/{name}",
+        "POST /api/v1/pools",
+        "POST /api/v1/pools/{pool}/volumes",
         "POST /api/v1/templates",
         "POST /api/v1/tokens",
         "POST /api/v1/vms",
+        "POST /api/v1/vms/{name}/clone",
         "POST /api/v1/vms/{name}/snapshots",
+        "PUT /api/v1/pools/{pool}/volumes/{volume}/resize",
+        "PUT /api/v1/pools/{pool}/volumes/{volume}/upload",
         "PUT /api/v1/suspend-all",
         "PUT /api/v1/vms/{name}/kill",
         "PUT /api/v1/vms/{name}/pause",
@@ -425,7 +441,9 @@ fn events_follow_as_they_happen() {
     let next = || -> Value {
         serde_json::from_str(&rx.recv_timeout(Duration::from_secs(30)).unwrap()).unwrap()
     };
-    assert_eq!(next()["kind"], "template.created", "the past first");
+    // The past first: the daemon's default pool, then the template.
+    assert_eq!(next()["kind"], "pool.created");
+    assert_eq!(next()["kind"], "template.created");
     d.ok(&["vm", "create", "a", "-t", "t"]);
     let e = next();
     assert_eq!(
@@ -822,4 +840,348 @@ fn suspended_vms_come_back_when_the_daemon_starts_again() {
         d.ok(&["vm", "delete", n]);
     }
     assert_eq!(std::fs::read_dir(d.state.join("vms")).unwrap().count(), 0);
+}
+
+/// Storage pools and volumes: the default pool, a pool of a directory, volumes made, resized,
+/// uploaded (hostile images refused), used as a template's base and attached to a VM, never
+/// deleted while in use, and outliving the VM they were attached to.
+#[test]
+fn pools_and_volumes() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager-pools");
+    let d = Daemon::start(&dir.0);
+    let pools = d.json(&["pool", "list"]);
+    assert_eq!(pools[0]["name"], "default", "{pools}");
+    assert_eq!(
+        pools[0]["path"].as_str().unwrap(),
+        d.state.join("images").to_str().unwrap()
+    );
+    let pdir = dir.file("pool-p");
+    d.ok(&["pool", "create", "p", "--path", pdir.to_str().unwrap()]);
+    // The same directory twice, a relative name, a bad name: refused.
+    let o = d.vessel(&["pool", "create", "q", "--path", pdir.to_str().unwrap()]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("is pool p already"), "{}", stderr(&o));
+    let o = d.vessel(&["volume", "create", "p", "../x", "--size", "1M"]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("name:"), "{}", stderr(&o));
+
+    // Made, listed, resized.
+    d.ok(&["volume", "create", "p", "data", "--size", "16M"]);
+    let v = d.json(&["volume", "info", "p", "data"]);
+    assert_eq!(
+        (v["format"].as_str(), v["size"].as_u64()),
+        (Some("qcow2"), Some(16 << 20))
+    );
+    d.ok(&["volume", "resize", "p", "data", "32M"]);
+    assert_eq!(d.json(&["volume", "info", "p", "data"])["size"], 32 << 20);
+    let o = d.vessel(&["volume", "resize", "p", "data", "8M"]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("shrink"), "{}", stderr(&o));
+
+    // Uploaded: a raw image becomes a volume; an image naming a backing file, or a corrupt
+    // qcow2 image, is refused and leaves nothing.
+    let base = dir.file("base.raw");
+    raw_disk(&base, 8 << 20);
+    d.ok(&["volume", "upload", "p", "base", base.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(pdir.join("base")).unwrap(),
+        std::fs::read(&base).unwrap()
+    );
+    let sneaky = dir.file("sneaky.qcow2");
+    let o = vessel(&[
+        "image",
+        "create",
+        "-b",
+        "/etc/shadow",
+        "-F",
+        "raw",
+        sneaky.to_str().unwrap(),
+    ]);
+    assert_code(&o, 0);
+    let o = d.vessel(&["volume", "upload", "p", "sneaky", sneaky.to_str().unwrap()]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("backing file"), "{}", stderr(&o));
+    let broken = dir.file("broken.qcow2");
+    let o = vessel(&["image", "create", broken.to_str().unwrap(), "4M"]);
+    assert_code(&o, 0);
+    let mut bytes = std::fs::read(&broken).unwrap();
+    bytes[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes()); // l1 table far past the end
+    std::fs::write(&broken, bytes).unwrap();
+    let o = d.vessel(&["volume", "upload", "p", "broken", broken.to_str().unwrap()]);
+    assert_code(&o, 2);
+    let names: Vec<String> = std::fs::read_dir(&pdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["base", "data"]);
+
+    // A template on a volume, a VM with a volume attached.
+    d.ok(&[
+        "template",
+        "create",
+        "t",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+        "--disk",
+        "p/base",
+    ]);
+    d.ok(&[
+        "vm",
+        "create",
+        "a",
+        "-t",
+        "t",
+        "--volume",
+        "p/data",
+        "--disk-size",
+        "16M",
+        "--start",
+    ]);
+    let v = d.vm("a");
+    assert_eq!(v["state"], "running");
+    assert_eq!(
+        v["disks"][1].as_str().unwrap(),
+        pdir.join("data").to_str().unwrap()
+    );
+    let first = d.json(&["volume", "info", "p", "base"]);
+    assert_eq!(first["used_by"], serde_json::json!(["template:t"]));
+    let info = vessel(&[
+        "image",
+        "info",
+        "--json",
+        "-U",
+        v["disks"][0].as_str().unwrap(),
+    ]);
+    let info: Value = serde_json::from_str(&stdout(&info)).unwrap();
+    assert_eq!(
+        info["virtual-size"],
+        16 << 20,
+        "--disk-size grows the overlay"
+    );
+    let o = d.vessel(&["volume", "resize", "p", "data", "64M"]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("running"), "{}", stderr(&o));
+    for (pool_or_vol, args) in [
+        ("volume", vec!["volume", "delete", "p", "data"]),
+        ("volume", vec!["volume", "delete", "p", "base"]),
+        ("pool", vec!["pool", "delete", "p"]),
+    ] {
+        let o = d.vessel(&args);
+        assert_code(&o, 1);
+        assert!(
+            stderr(&o).contains("in use"),
+            "{pool_or_vol}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(d.json(&["pool", "info", "p"])["volumes"], 2);
+
+    // The VM goes; the attached volume stays, free again.
+    d.ok(&["vm", "kill", "a"]);
+    d.ok(&["vm", "delete", "a"]);
+    assert!(pdir.join("data").exists());
+    assert_eq!(
+        d.json(&["volume", "info", "p", "data"]).get("used_by"),
+        None
+    );
+    d.ok(&["template", "delete", "t"]);
+    d.ok(&["volume", "delete", "p", "data"]);
+    d.ok(&["volume", "delete", "p", "base"]);
+    d.ok(&["pool", "delete", "p"]);
+    assert_eq!(std::fs::read_dir(&pdir).unwrap().count(), 0);
+    let events = d.events();
+    for want in [
+        "pool.created p",
+        "volume.uploaded p/base",
+        "volume.resized p/data",
+        "pool.deleted p",
+    ] {
+        assert!(
+            events.iter().any(|e| e.starts_with(want)),
+            "{want}: {events:#?}"
+        );
+    }
+}
+
+/// `vm edit` (flags, a spec file, $EDITOR), `vm clone` of a VM with a snapshot (the clone
+/// stands on its own), and a template made from a stopped VM.
+#[test]
+fn edit_clone_and_template_from_a_vm() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager-edit");
+    let d = Daemon::start(&dir.0);
+    d.idle_template_with_disk(&dir, 32 << 20);
+    d.ok(&["vm", "create", "a", "-t", "t", "--start", "--hostname", "a"]);
+    let pattern = b"vessel virtio-blk sector 8\n";
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let disk = d.vm("a")["disks"][0].as_str().unwrap().to_string();
+    wait_until("the guest's pattern", || {
+        contains(&std::fs::read(&disk).unwrap(), pattern)
+    });
+    // A snapshot: a's disk is now an overlay on a layer inside its directory.
+    d.ok(&["vm", "snapshot", "create", "a", "s1"]);
+
+    // Edits: refused while it would break, the field named when bad.
+    let o = d.vessel(&["vm", "clone", "a", "b"]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("stop it first"), "{}", stderr(&o));
+    d.ok(&[
+        "vm",
+        "edit",
+        "a",
+        "--memory",
+        "96M",
+        "--restart",
+        "never",
+        "--delay",
+        "3",
+    ]);
+    let v = d.vm("a");
+    assert_eq!(
+        (v["spec"]["memory"].as_u64(), v["restart"].as_str()),
+        (Some(96 << 20), Some("never"))
+    );
+    assert_eq!(v["autostart_delay_s"], 3);
+    let o = d.vessel(&["vm", "edit", "a", "--cpus", "0"]);
+    assert_code(&o, 2);
+    assert!(stderr(&o).contains("cpus"), "{}", stderr(&o));
+    d.ok(&["vm", "kill", "a"]);
+    // $EDITOR on its spec.
+    let o = Command::new(VESSEL)
+        .args(["vm", "edit", "a", "--socket", d.socket.to_str().unwrap()])
+        .env("EDITOR", "sed -i s/\\\"cpus\\\":\\ 1,/\\\"cpus\\\":\\ 2,/")
+        .output()
+        .unwrap();
+    assert_code(&o, 0);
+    assert_eq!(d.vm("a")["spec"]["cpus"], 2);
+    d.ok(&["vm", "start", "a"]);
+    let api = d.vm("a")["api_socket"].as_str().unwrap().to_string();
+    let info: Value =
+        serde_json::from_str(&stdout(&ctl(Path::new(&api), &["--json", "info"]))).unwrap();
+    assert_eq!(info["vcpus"], 2, "{info}");
+    d.ok(&["vm", "kill", "a"]);
+
+    // A clone: its own disks (the snapshot's layer folded in), a new seed and MACs.
+    d.ok(&["vm", "clone", "a", "b"]);
+    let b = d.vm("b");
+    assert_eq!(b["cloud_init"]["hostname"], "b");
+    let b_disk = b["disks"][0].as_str().unwrap().to_string();
+    assert!(
+        b_disk.starts_with(d.state.join("vms/b").to_str().unwrap()),
+        "{b_disk}"
+    );
+    let chain = vessel(&["image", "info", "--backing-chain", "--json", &b_disk]);
+    assert_code(&chain, 0);
+    let chain = stdout(&chain);
+    assert!(
+        chain.contains("base.raw") && !chain.contains("/vms/a/"),
+        "{chain}"
+    );
+    // a goes; b keeps what a wrote, and boots.
+    d.ok(&["vm", "delete", "a"]);
+    let read_sector = |disk: &str| {
+        let raw = dir.file("read.raw");
+        let _ = std::fs::remove_file(&raw);
+        assert_code(
+            &vessel(&["image", "convert", "-O", "raw", disk, raw.to_str().unwrap()]),
+            0,
+        );
+        common::sector(&raw, 8)
+    };
+    assert!(read_sector(&b_disk).starts_with(pattern));
+    d.ok(&["vm", "start", "b"]);
+    assert_eq!(d.vm("b")["state"], "running");
+    d.ok(&["vm", "kill", "b"]);
+
+    // A template from b: a flattened base; a VM from it has b's data.
+    d.ok(&["template", "create", "t2", "--from-vm", "b"]);
+    let t2 = d.json(&["template", "list"]);
+    let t2 = t2
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "t2")
+        .unwrap()
+        .clone();
+    let base = t2["base_disks"][0].as_str().unwrap().to_string();
+    assert!(
+        base.starts_with(d.state.join("templates/t2").to_str().unwrap()),
+        "{base}"
+    );
+    assert_eq!(
+        t2["spec"]["disks"].as_array().unwrap().len(),
+        1,
+        "the seed stays with b"
+    );
+    d.ok(&["vm", "create", "c", "-t", "t2"]);
+    let c_disk = d.vm("c")["disks"][0].as_str().unwrap().to_string();
+    assert!(read_sector(&c_disk).starts_with(pattern));
+    d.ok(&["vm", "delete", "c"]);
+    d.ok(&["vm", "delete", "b"]);
+    d.ok(&["template", "delete", "t2"]);
+    assert!(!Path::new(&base).exists());
+    assert_eq!(std::fs::read_dir(d.state.join("vms")).unwrap().count(), 0);
+}
+
+/// Autostarted VMs start in their order, each waiting for the delay of the one before.
+#[test]
+fn autostart_keeps_order_and_delay() {
+    assert!(have_kvm(), "/dev/kvm is required");
+    let dir = TempDir::new("manager-autostart");
+    let d = Daemon::start(&dir.0);
+    d.ok(&[
+        "template",
+        "create",
+        "t",
+        "--cmdline",
+        "console=ttyS0 action=idle",
+    ]);
+    d.ok(&[
+        "vm",
+        "create",
+        "late",
+        "-t",
+        "t",
+        "--autostart",
+        "--order",
+        "2",
+    ]);
+    d.ok(&[
+        "vm",
+        "create",
+        "early",
+        "-t",
+        "t",
+        "--autostart",
+        "--order",
+        "1",
+        "--delay",
+        "2",
+    ]);
+    d.ok(&["vm", "create", "manual", "-t", "t"]);
+    assert_eq!(d.stop(), Some(0));
+    let d = Daemon::start(&dir.0);
+    wait_until("both autostarted", || {
+        d.vm("early")["state"] == "running" && d.vm("late")["state"] == "running"
+    });
+    assert_eq!(d.vm("manual")["state"], "stopped");
+    let events = d.json(&["events"]);
+    let started = |name: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "vm.started" && e["subject"] == name)
+            .unwrap()["time_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    let gap = started("late") - started("early");
+    assert!(gap >= 2000, "late started {gap} ms after early");
+    for n in ["early", "late"] {
+        d.ok(&["vm", "kill", n]);
+    }
 }
