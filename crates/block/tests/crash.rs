@@ -148,3 +148,34 @@ fn verify(
         );
     }
 }
+
+/// The state a kill leaves right after a write that allocated a new L2 table, before any
+/// flush: everything the writer wrote is in the file (as after SIGKILL, the page cache
+/// keeps it), nothing it only cached. A reference to a cluster whose refcount is not on disk
+/// yet would let the next writer hand that cluster out twice: it must never be there.
+#[test]
+fn a_kill_right_after_allocating_leaves_no_unrefcounted_cluster() {
+    let d = tmp();
+    for (i, off) in [0u64, 1 << 30, 3 << 30].into_iter().enumerate() {
+        let img = p(d.path(), &format!("fresh{i}.qcow2"));
+        vessel(&["create", &img, "4G"]);
+        let disk = block::open(
+            &img,
+            block::OpenOptions {
+                lock: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        disk.write_at(&[0x5a; 4096], off).unwrap();
+        // No flush, no drop: what SIGKILL leaves.
+        std::mem::forget(disk);
+        let report = block::ops::check(std::path::Path::new(&img), false).unwrap();
+        assert_eq!(
+            (report.corruptions, report.check_errors),
+            (0, 0),
+            "a write at {off:#x}: {:?}",
+            report.messages
+        );
+    }
+}

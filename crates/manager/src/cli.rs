@@ -310,6 +310,36 @@ enum VmCommand {
         #[arg(long, value_name = "FILE")]
         spec: Option<PathBuf>,
     },
+    /// Moves the running VM to another host's daemon, live (its disks must be on storage
+    /// both hosts reach).
+    Migrate {
+        name: String,
+        /// The target daemon's socket (a daemon on this host).
+        #[arg(long, value_name = "PATH", required_unless_present = "to_remote")]
+        to_socket: Option<PathBuf>,
+        /// The target daemon's TCP listener (`HOST:PORT`, TLS).
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "to_socket")]
+        to_remote: Option<String>,
+        /// The token for --to-remote.
+        #[arg(long, value_name = "SECRET")]
+        to_token: Option<String>,
+        /// The certificate to trust for --to-remote.
+        #[arg(long, value_name = "FILE", requires = "to_remote")]
+        to_tls_ca: Option<PathBuf>,
+        /// Where the target's VMM listens (`tcp:HOST:PORT`, port 0 for any, or `unix:PATH`;
+        /// default: `tcp:127.0.0.1:0` with --to-socket, `tcp:HOST:0` of --to-remote).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// The longest pause of the last round.
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Switch to post-copy when pre-copy does not converge.
+        #[arg(long)]
+        post_copy: bool,
+        /// A bandwidth cap in megabits per second.
+        #[arg(long, value_name = "MBPS")]
+        bandwidth: Option<u64>,
+    },
     /// Makes NEW, a copy of the stopped VM NAME with its own disks and new MACs.
     Clone {
         name: String,
@@ -748,6 +778,42 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             show(
                 c.send_json("PATCH", &format!("/api/v1/vms/{name}"), &req)?,
                 "changed",
+            )
+        }
+        VmCommand::Migrate {
+            name,
+            to_socket,
+            to_remote,
+            to_token,
+            to_tls_ca,
+            listen,
+            downtime_ms,
+            post_copy,
+            bandwidth,
+        } => {
+            let target = match (&to_socket, &to_remote) {
+                (Some(s), _) => Client::new(s),
+                (None, Some(r)) => {
+                    let ca = to_tls_ca.ok_or_else(|| {
+                        CliError::Usage("--to-remote needs --to-tls-ca FILE".into())
+                    })?;
+                    Client::remote(r, &ca, to_token)?
+                }
+                (None, None) => return Err(CliError::Usage("--to-socket or --to-remote".into())),
+            };
+            let listen = listen.or_else(|| {
+                let host = to_remote.as_ref()?.rsplit_once(':')?.0.to_string();
+                Some(format!("tcp:{host}:0"))
+            });
+            crate::migrate::run(
+                &c,
+                &target,
+                &name,
+                listen,
+                downtime_ms,
+                post_copy,
+                bandwidth,
+                json,
             )
         }
         VmCommand::Clone { name, new, start } => {

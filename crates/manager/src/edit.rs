@@ -2,7 +2,7 @@
 //! copy with its own disks), and templates made from a stopped VM (its disks flattened into
 //! new bases).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -137,12 +137,12 @@ impl Manager {
         if dir.exists() {
             return Err(Error::Conflict(format!("{} exists", dir.display())));
         }
-        let own = own_disks(&src, &src_dir);
-        if own.len() < src.disks.len() - usize::from(src.cloud_init.is_some()) {
+        if !src.volumes.is_empty() {
             return Err(Error::Conflict(format!(
                 "{name} has pool volumes attached: a clone cannot share them"
             )));
         }
+        let own = &src.disks[..src.disks.len() - usize::from(src.cloud_init.is_some())];
         std::fs::create_dir_all(&dir).map_err(|e| Error::Failed(e.to_string()))?;
         let made = (|| {
             let mut spec = src.spec.clone();
@@ -265,16 +265,6 @@ fn stopped(m: &Manager, vm: &VmRecord) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-/// A VM's own disks (in its directory), in order, its seed left out.
-fn own_disks(vm: &VmRecord, dir: &Path) -> Vec<PathBuf> {
-    let count = vm.disks.len() - usize::from(vm.cloud_init.is_some());
-    vm.disks[..count]
-        .iter()
-        .take_while(|d| d.starts_with(dir))
-        .cloned()
-        .collect()
 }
 
 /// Copies VM disk `from` (an overlay whose lower layers may be in the VM's directory

@@ -24,6 +24,7 @@ pub mod console;
 pub mod edit;
 pub mod layout;
 pub mod metrics;
+pub mod migrate;
 pub mod process;
 pub mod seed;
 pub mod server;

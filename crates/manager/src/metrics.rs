@@ -37,13 +37,7 @@ pub fn render(vms: &[VmView], pids: &[(String, u32)]) -> String {
         out,
         "# HELP vessel_vms VMs by state.\n# TYPE vessel_vms gauge"
     );
-    for s in [
-        VmState::Running,
-        VmState::Paused,
-        VmState::Suspended,
-        VmState::Stopped,
-        VmState::Crashed,
-    ] {
+    for s in VmState::ALL {
         let n = vms.iter().filter(|v| v.state == s).count();
         let _ = writeln!(out, "vessel_vms{{state=\"{}\"}} {n}", s.as_str());
     }
@@ -146,13 +140,7 @@ mod tests {
 
     #[test]
     fn state_names_are_the_apis() {
-        for s in [
-            VmState::Running,
-            VmState::Paused,
-            VmState::Suspended,
-            VmState::Stopped,
-            VmState::Crashed,
-        ] {
+        for s in VmState::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
     }

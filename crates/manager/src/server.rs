@@ -8,6 +8,8 @@
 //! GET    /api/v1/vms                    POST /api/v1/vms            (VmCreate)
 //! GET    /api/v1/vms/{name}             DELETE /api/v1/vms/{name}
 //! PATCH  /api/v1/vms/{name}             (VmEdit)   POST /api/v1/vms/{name}/clone (VmClone)
+//! PUT    /api/v1/vms/{name}/migrate     (MigrateRequest): to another daemon's VMM
+//! POST   /api/v1/migrations/incoming    (IncomingMigration): ready this host for a VM
 //! PUT    /api/v1/vms/{name}/start|stop|kill|restart|pause|resume    (stop: StopRequest)
 //! PUT    /api/v1/vms/{name}/suspend     PUT /api/v1/suspend-all     (saved to disk)
 //! GET    /api/v1/metrics                Prometheus metrics
@@ -150,6 +152,8 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(restore_snapshot))
         .routes(routes!(restart))
         .routes(routes!(clone))
+        .routes(routes!(migrate))
+        .routes(routes!(incoming))
         .routes(routes!(events))
         .routes(routes!(stream))
         .routes(routes!(tokens, create_token))
@@ -424,6 +428,31 @@ async fn clone(
 ) -> Reply<VmView> {
     let req = body(&b)?;
     blocking(move || m.clone_vm(&name, req)).await
+}
+
+/// Sends a running VM to another host's daemon, which [`incoming`] readied; returns once the
+/// migration has ended (the VM is then gone from here), or failed (it runs on here).
+#[utoipa::path(put, path = "/api/v1/vms/{name}/migrate",
+    request_body = crate::migrate::MigrateRequest, params(("name" = String, Path)),
+    responses((status = 200, body = crate::migrate::Migrated), Errors))]
+async fn migrate(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    b: Bytes,
+) -> Reply<crate::migrate::Migrated> {
+    let req = body(&b)?;
+    blocking(move || m.migrate(&name, req)).await
+}
+
+/// Readies this host for a VM another daemon is about to send: checks its disks are
+/// reachable here, starts an empty VMM listening for it; the VM is `incoming` until the
+/// migration completes.
+#[utoipa::path(post, path = "/api/v1/migrations/incoming",
+    request_body = crate::migrate::IncomingMigration,
+    responses((status = 200, body = crate::migrate::IncomingReady), Errors))]
+async fn incoming(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<crate::migrate::IncomingReady> {
+    let req = body(&b)?;
+    blocking(move || m.incoming(req)).await
 }
 
 /// The tokens of the TCP listener (names and roles; never their secrets). Admins only.

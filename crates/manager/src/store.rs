@@ -82,6 +82,10 @@ pub struct VmRecord {
     /// Its disks' files (overlays on the template's bases), one per disk of the spec.
     #[schema(value_type = Vec<String>)]
     pub disks: Vec<PathBuf>,
+    /// Those of `disks` that are pool volumes attached to it: they outlive it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub volumes: Vec<PathBuf>,
     pub desired: Desired,
     pub restart: RestartPolicy,
     /// Started when the daemon starts (in `autostart_order`, then by name).
@@ -97,6 +101,11 @@ pub struct VmRecord {
     /// Its snapshots (VM and disks together), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<Snapshot>,
+    /// Where its disks and snapshots are when that is not this daemon's directory for it (a
+    /// VM that migrated here from another daemon, which left them there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub home: Option<PathBuf>,
     /// What its cloud-init seed (its last disk) holds, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::seed::Seed>,
@@ -449,6 +458,8 @@ mod tests {
             autostart_order: 0,
             autostart_delay_s: 0,
             cloud_init: None,
+            volumes: Vec::new(),
+            home: None,
             pid: Some(7),
             created: 1,
             snapshots: Vec::new(),

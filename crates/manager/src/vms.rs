@@ -7,7 +7,7 @@
 //! VM processes still running (checked by pid and command line) and starts the VMs that
 //! should run and do not, so that restarting the daemon never stops a VM.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -143,9 +143,23 @@ pub enum VmState {
     /// It should run and does not: its process ended and the restart policy gave up (or
     /// says never).
     Crashed,
+    /// Being sent to another host's daemon (`vessel vm migrate`).
+    Migrating,
+    /// Being received from another host's daemon, until the migration completes.
+    Incoming,
 }
 
 impl VmState {
+    pub const ALL: [VmState; 7] = [
+        VmState::Running,
+        VmState::Paused,
+        VmState::Suspended,
+        VmState::Stopped,
+        VmState::Crashed,
+        VmState::Migrating,
+        VmState::Incoming,
+    ];
+
     /// The state as the API writes it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -154,6 +168,8 @@ impl VmState {
             VmState::Suspended => "suspended",
             VmState::Stopped => "stopped",
             VmState::Crashed => "crashed",
+            VmState::Migrating => "migrating",
+            VmState::Incoming => "incoming",
         }
     }
 }
@@ -169,6 +185,9 @@ pub struct VmView {
     pub uptime_ms: Option<u64>,
     /// Restarts by the policy within the last minute.
     pub restarts: u32,
+    /// Its directory: disks, snapshots, log.
+    #[schema(value_type = String)]
+    pub dir: PathBuf,
     #[schema(value_type = String)]
     pub api_socket: PathBuf,
     #[schema(value_type = String)]
@@ -185,10 +204,15 @@ struct Running {
 
 /// The manager's live state.
 #[derive(Default)]
-struct Live {
+pub(crate) struct Live {
     running: HashMap<String, Running>,
     /// Recent restarts by the policy, per VM.
     restarts: HashMap<String, VecDeque<Instant>>,
+    /// VMs migrating away: an end of their process is the migration's to judge (`Some(ok)`
+    /// once it ended, ok for exit code 0), never a crash.
+    pub(crate) migrating: HashMap<String, Option<bool>>,
+    /// VMs a migration is bringing here, until it completes.
+    pub(crate) incoming: HashSet<String>,
 }
 
 /// The daemon's core.
@@ -237,7 +261,7 @@ impl Manager {
         }))
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+    pub(crate) fn live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -418,9 +442,9 @@ impl Manager {
                 }
                 disks.push(path);
             }
-            for v in volumes {
+            for v in &volumes {
                 spec.disks.push(Disk::default());
-                disks.push(v);
+                disks.push(v.clone());
             }
             if let Some(s) = &seed {
                 self.write_seed(&req.name, s, &mut spec, &mut disks)?;
@@ -436,6 +460,8 @@ impl Manager {
                 autostart_order: req.autostart_order,
                 autostart_delay_s: req.autostart_delay_s,
                 cloud_init: seed.clone(),
+                volumes,
+                home: None,
                 pid: None,
                 created: now_s(),
                 snapshots: Vec::new(),
@@ -490,6 +516,8 @@ impl Manager {
         let live = self.live();
         let running = live.running.get(&record.name);
         let state = match (running, record.desired) {
+            _ if live.incoming.contains(&record.name) => VmState::Incoming,
+            _ if live.migrating.contains_key(&record.name) => VmState::Migrating,
             (Some(r), _) if r.paused => VmState::Paused,
             (Some(_), _) => VmState::Running,
             (None, Desired::Running) => VmState::Crashed,
@@ -502,6 +530,10 @@ impl Manager {
         VmView {
             uptime_ms: running.map(|r| r.started.elapsed().as_millis() as u64),
             restarts,
+            dir: record
+                .home
+                .clone()
+                .unwrap_or_else(|| self.layout.vm_dir(&record.name)),
             api_socket: self.layout.api_socket(&record.name),
             console_socket: self.layout.console_socket(&record.name),
             state,
@@ -545,8 +577,29 @@ impl Manager {
         self.view(name)
     }
 
+    /// Gives files the VM's process writes (disks that came from a migration, a snapshot's
+    /// directory) to the jail's user.
+    pub(crate) fn give_to_jail(&self, paths: &[PathBuf]) -> Result<(), Error> {
+        if let Some((uid, gid)) = self.jail_owner {
+            for d in paths {
+                give(d, uid, gid).map_err(|e| Error::Failed(format!("{}: {e}", d.display())))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the VM's process, waits for its API, records it; `vm.desired` is saved.
     fn launch(self: &Arc<Self>, vm: &mut VmRecord) -> Result<(), Error> {
+        self.launch_as(vm, false)
+    }
+
+    /// As [`Self::launch`]; `incoming`: an empty VMM (`vessel serve`) that a migration
+    /// fills, allowed (in a jail) the VM's disks.
+    pub(crate) fn launch_as(
+        self: &Arc<Self>,
+        vm: &mut VmRecord,
+        incoming: bool,
+    ) -> Result<(), Error> {
         let failed = |e: String| Error::Failed(format!("cannot start {}: {e}", vm.name));
         let run = self.layout.vm_run(&vm.name);
         std::fs::create_dir_all(&run).map_err(|e| failed(e.to_string()))?;
@@ -568,17 +621,31 @@ impl Manager {
         }
         let mut args = vec!["run".to_string()];
         args.extend(self.vm_args.iter().cloned());
+        if self.jail_owner.is_some() {
+            // Its own directory: snapshots and suspends write there.
+            let dir = self.layout.vm_dir(&vm.name);
+            args.extend(["--jail-path".into(), dir.display().to_string()]);
+        }
         // The API socket on the command line too: it tells this VM's process from any other
         // (`recover`), whether it boots or restores.
         args.extend(["--api-socket".into(), api.display().to_string()]);
+        let console = format!("socket:{}", self.layout.console_socket(&vm.name).display());
         match &vm.restore_from {
+            _ if incoming => {
+                args[0] = "serve".into();
+                args.extend(["--console".into(), console]);
+                if self.jail_owner.is_some() {
+                    for d in &vm.disks {
+                        args.extend(jail_paths(d).map_err(failed)?);
+                    }
+                }
+            }
             Some(dir) => {
-                let console = self.layout.console_socket(&vm.name);
                 args.extend([
                     "--restore".into(),
                     dir.display().to_string(),
                     "--console".into(),
-                    format!("socket:{}", console.display()),
+                    console,
                 ]);
             }
             None => args.extend(["--config".into(), config.display().to_string()]),
@@ -653,6 +720,7 @@ impl Manager {
     fn save(&self, vm: &mut VmRecord, dir: &Path) -> Result<(), Error> {
         let name = vm.name.clone();
         std::fs::create_dir_all(dir).map_err(|e| Error::Failed(e.to_string()))?;
+        self.give_to_jail(&[dir.to_path_buf()])?;
         let req = api::types::SnapshotRequest {
             dir: dir.to_path_buf(),
             diff: false,
@@ -793,6 +861,10 @@ impl Manager {
             }
         }
         let how = process.reap();
+        if let Some(end) = self.live().migrating.get_mut(name) {
+            *end = Some(!how.failed());
+            return;
+        }
         let Ok(mut vm) = self.store.vm(name) else {
             return; // deleted
         };
@@ -945,14 +1017,20 @@ impl Manager {
         if self.live().running.contains_key(name) {
             return Err(Error::Conflict(format!("{name} is running: stop it first")));
         }
-        // Its own disks are in its directory; attached volumes stay in their pools.
-        let dir = self.layout.vm_dir(name);
-        for d in vm.disks.iter().filter(|d| d.starts_with(&dir)) {
+        // Attached volumes stay in their pools. A VM that migrated here may have its disks
+        // and snapshots elsewhere (on storage both hosts reach).
+        for d in vm.disks.iter().filter(|d| !vm.volumes.contains(d)) {
             if let Err(e) = std::fs::remove_file(d) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     return Err(Error::Failed(format!("{}: {e}", d.display())));
                 }
             }
+        }
+        for s in &vm.snapshots {
+            let _ = std::fs::remove_dir_all(&s.dir);
+        }
+        if let Some(home) = &vm.home {
+            let _ = std::fs::remove_dir_all(home);
         }
         let _ = std::fs::remove_dir_all(self.layout.vm_dir(name));
         let _ = std::fs::remove_dir_all(self.layout.vm_run(name));
@@ -1022,6 +1100,17 @@ fn disks_now(
         .filter_map(|d| d.path.as_ref().map(PathBuf::from))
         .collect();
     Ok((now.len() == count).then_some(now))
+}
+
+/// `--jail-path` arguments for a disk and its backing chain (only the disk itself written).
+fn jail_paths(disk: &Path) -> Result<Vec<String>, String> {
+    let chain = block::chain::resolve_chain(disk, None).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (i, l) in chain.iter().enumerate() {
+        let ro = if i == 0 { "" } else { ":ro" };
+        out.extend(["--jail-path".into(), format!("{}{ro}", l.path.display())]);
+    }
+    Ok(out)
 }
 
 /// Grows a new disk to `size` (never shrinks it).

@@ -144,11 +144,17 @@ fn run_until_lines(args: &[&str], needle: &str, want: usize) -> String {
         .spawn()
         .unwrap();
     let pid = child.id();
+    // Past 60 s the child is killed, but only while it is unreaped (its pid still its own).
+    let (done, finished) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(60));
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status();
+        if finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .is_err()
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
     });
     let mut out = String::new();
     let mut seen = 0;
@@ -161,11 +167,22 @@ fn run_until_lines(args: &[&str], needle: &str, want: usize) -> String {
             break;
         }
     }
+    let _ = done.send(());
+    let _ = watchdog.join();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-    let status = child.wait().unwrap();
-    drop(watchdog);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     assert!(
         seen >= want,
         "{seen} of {want} '{needle}' lines ({status}):\n{out}"

@@ -32,15 +32,36 @@ pub fn vessel_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Outpu
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vessel");
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        // The process may be gone already; a failed kill is fine.
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let out = child.wait_with_output().expect("wait for vessel");
-    drop(watchdog);
-    out
+    // Killed through its handle, before it is reaped: never another process that got its
+    // pid later (pids wrap quickly here).
+    let mut child = child;
+    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read(child.stdout.take().map(|o| Box::new(o) as _));
+    let err = read(child.stderr.take().map(|e| Box::new(e) as _));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for vessel") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().expect("wait for vessel");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Runs `vessel ctl` against the VM whose API listens on `socket`.
