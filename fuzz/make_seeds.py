@@ -152,9 +152,9 @@ data=bytes([4,0])+offs(0,0x200,0x400)+offs(0x1000,0x1200,0x1400)+offs(0x1800,0x1
 save('console_rng', 'seed1', data)
 
 # ---- API requests: route index (Endpoint::ALL order), then a well-formed body
-routes = ['ping','openapi.json','vm.info','vm.pause','vm.resume','vm.shutdown','vm.reset','vm.snapshot',
-          'vm.restore','vm.migrate-send','vm.migrate-receive','vm.migration-status','vm.migrate-cancel',
-          'vm.balloon','vm.balloon-set']
+routes = ['ping','openapi.json','vm.boot','vm.info','vm.pause','vm.resume','vm.shutdown','vm.reset',
+          'vm.snapshot','vm.restore','vm.migrate-send','vm.migrate-receive','vm.migration-status',
+          'vm.migrate-cancel','vm.balloon','vm.balloon-set','vm.counters']
 bodies = {
     'vm.pause': b'{}', 'vm.resume': b'', 'vm.shutdown': b' ', 'vm.reset': b'{}', 'vm.migrate-cancel': b'{}',
     'vm.snapshot': b'{"dir":"/tmp/snap","diff":true,"disk_snapshot":false}',
@@ -162,6 +162,7 @@ bodies = {
     'vm.migrate-send': b'{"to":"tcp:127.0.0.1:4444","downtime_ms":100,"bandwidth_mbps":1000,"post_copy":true,"post_copy_after_rounds":2,"full_digest":true}',
     'vm.migrate-receive': b'{"listen":"unix:/tmp/m.sock"}',
     'vm.balloon-set': b'{"target_bytes":1048576}',
+    'vm.boot': b'{"spec":{"cpus":1,"memory":"64M","disks":[{}]},"bindings":{"disks":["/d.raw"]}}',
 }
 for i, r in enumerate(routes):
     save('api_requests', 'seed-' + r, bytes([i]) + bodies.get(r, b''))

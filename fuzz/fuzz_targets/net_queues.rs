@@ -23,7 +23,8 @@ use std::sync::atomic::AtomicU16;
 use std::sync::Arc;
 
 use devices::virtio::net::{
-    deliver, CtrlHandler, NetBackend, TxHandler, TxStats, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN,
+    deliver, CtrlHandler, NetBackend, NetCounters, TxHandler, HDR_LEN, MAX_PACKET_LEN,
+    MIN_FRAME_LEN,
 };
 use devices::virtio::queue::{process_queue, Chain};
 use libfuzzer_sys::fuzz_target;
@@ -63,11 +64,11 @@ fuzz_target!(|data: &[u8]| {
     if let Some(mut q) = common::queue(data, 2, size, event_idx, &mem) {
         let backend: Arc<dyn NetBackend> = Arc::new(Sink);
         let mut buf = Vec::new();
-        let mut stats = TxStats::default();
+        let counters = NetCounters::default();
         let mut handler = TxHandler {
             backend: &*backend,
             buf: &mut buf,
-            stats: &mut stats,
+            counters: &counters,
             limiter: None,
         };
         // Twice: the second pass sees the used ring the first one wrote.
@@ -76,7 +77,8 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
         }
-        assert!(stats.bytes <= stats.packets * MAX_PACKET_LEN as u64);
+        let sent = counters.snapshot();
+        assert!(sent.tx_bytes <= sent.tx_packets * MAX_PACKET_LEN as u64);
     }
 
     if let Some(mut q) = common::queue(data, 8, size, event_idx, &mem) {

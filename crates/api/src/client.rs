@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::types::{
     ApiError, BalloonInfo, BalloonSetRequest, Endpoint, MigrateReceiveRequest,
     MigrateReceiveResponse, MigrateSendRequest, MigrationStatus, Pong, RestoreRequest,
-    SnapshotRequest, VmInfo,
+    SnapshotRequest, VmCounters, VmInfo,
 };
 
 /// The largest response the client reads.
@@ -153,6 +153,11 @@ impl Client {
     /// Sets the balloon's target.
     pub fn set_balloon(&self, req: &BalloonSetRequest) -> Result<(), ClientError> {
         self.put(Endpoint::BalloonSet, Some(req))
+    }
+
+    /// The vCPUs', disks' and network devices' counters.
+    pub fn counters(&self) -> Result<VmCounters, ClientError> {
+        self.get(Endpoint::Counters)
     }
 
     fn get<T: DeserializeOwned>(&self, ep: Endpoint) -> Result<T, ClientError> {

@@ -2,7 +2,8 @@
 
 use crate::types::{
     ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateReceiveResponse,
-    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmDocument, VmInfo,
+    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmCounters, VmDocument,
+    VmInfo,
 };
 
 /// The message of `vm.boot` to a process that has a VM.
@@ -11,6 +12,9 @@ pub const HAS_VM: &str =
 
 /// The message of a balloon request to a VM without a balloon.
 pub const NO_BALLOON: &str = "this VM has no balloon (start it with --balloon)";
+
+/// The message of a counters request to a process without a VM.
+pub const NO_COUNTERS: &str = "no VM here: nothing is counted";
 
 /// What the API server asks of a VM.
 ///
@@ -67,5 +71,10 @@ pub trait VmController: Send + Sync + 'static {
     fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
         let _ = req;
         Err(ApiError::conflict(NO_BALLOON))
+    }
+    /// The vCPUs', disks' and network devices' counters; cheap (atomic loads), and answered
+    /// while the VM is paused. By default: a 409, no VM.
+    fn counters(&self) -> Result<VmCounters, ApiError> {
+        Err(ApiError::conflict(NO_COUNTERS))
     }
 }

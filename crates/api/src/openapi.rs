@@ -150,6 +150,20 @@ pub fn route(ep: Endpoint) -> Route {
             Some("BalloonSetRequest"),
             None,
         ),
+        Endpoint::Counters => r(
+            "vmCounters",
+            "Counters of the vCPUs, disks and network devices.",
+            Some(
+                "vCPU exits by kind, each disk's requests and bytes by kind and its errors, each \
+                 network device's frames and bytes each way and its drops. Counted since the \
+                 devices were made in this process: a VM restored from a snapshot or received \
+                 by a migration starts from 0. Answers while the VM runs or is paused (without \
+                 disturbing it), and with the last values once it has stopped; 409 in a \
+                 `vessel serve` that has no VM yet.",
+            ),
+            None,
+            Some("VmCounters"),
+        ),
     }
 }
 
@@ -179,6 +193,7 @@ pub fn route(ep: Endpoint) -> Route {
         MigrationStatus,
         BalloonInfo,
         BalloonSetRequest,
+        VmCounters,
     ))
 )]
 struct Schemas;

@@ -279,6 +279,7 @@ async fn dispatch(
         Endpoint::Info => Json(call(c, |c| c.info()).await?).into_response(),
         Endpoint::MigrationStatus => Json(call(c, |c| c.migration_status()).await?).into_response(),
         Endpoint::Balloon => Json(call(c, |c| c.balloon()).await?).into_response(),
+        Endpoint::Counters => Json(call(c, |c| c.counters()).await?).into_response(),
         Endpoint::Pause => action(&body, c, |c| c.pause()).await?,
         Endpoint::Resume => action(&body, c, |c| c.resume()).await?,
         Endpoint::Shutdown => action(&body, c, |c| c.shutdown()).await?,

@@ -20,6 +20,8 @@ pub struct FakeVm {
     pub panic_on: Mutex<Option<&'static str>>,
     pub statuses: Mutex<VecDeque<MigrationStatus>>,
     pub balloon: Mutex<BalloonInfo>,
+    /// What `counters` answers (see [`fake_counters`]).
+    pub counters: Mutex<VmCounters>,
 }
 
 impl FakeVm {
@@ -130,6 +132,51 @@ impl VmController for FakeVm {
         self.record("set_balloon", format!(" {req:?}"))?;
         self.balloon.lock().unwrap().target_bytes = req.target_bytes;
         Ok(())
+    }
+    fn counters(&self) -> Result<VmCounters, ApiError> {
+        self.record("counters", String::new())?;
+        Ok(self.counters.lock().unwrap().clone())
+    }
+}
+
+/// Counters of a VM with 2 vCPUs, a disk and a network device, every field non-zero.
+pub fn fake_counters() -> VmCounters {
+    VmCounters {
+        vcpus: (0..2)
+            .map(|index| VcpuCounters {
+                index,
+                exits: 28,
+                io_exits: 10,
+                mmio_exits: 8,
+                hlt_exits: 1,
+                interrupted_exits: 5,
+                shutdown_exits: 1,
+                system_event_exits: 2,
+                other_exits: 1,
+            })
+            .collect(),
+        disks: vec![DiskCounters {
+            id: "block0".into(),
+            index: 0,
+            read_ops: 3,
+            read_bytes: 12288,
+            write_ops: 2,
+            write_bytes: 4608,
+            flush_ops: 1,
+            discard_ops: 1,
+            write_zeroes_ops: 1,
+            errors: 1,
+        }],
+        nics: vec![NicCounters {
+            id: "net0".into(),
+            index: 0,
+            rx_packets: 4,
+            rx_bytes: 400,
+            rx_dropped: 1,
+            tx_packets: 5,
+            tx_bytes: 500,
+            tx_dropped: 1,
+        }],
     }
 }
 

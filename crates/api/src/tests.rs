@@ -132,6 +132,8 @@ fn every_route_through_the_client() {
     })
     .unwrap();
     assert_eq!(c.balloon().unwrap().target_bytes, 1 << 30);
+    *vm.counters.lock().unwrap() = fake_counters();
+    assert_eq!(c.counters().unwrap(), fake_counters());
     let doc = c.openapi().unwrap();
     assert_eq!(
         doc,
@@ -154,6 +156,7 @@ fn every_route_through_the_client() {
             "balloon",
             "set_balloon BalloonSetRequest { target_bytes: 1073741824 }",
             "balloon",
+            "counters",
         ]
     );
 }
@@ -252,6 +255,40 @@ fn openapi_covers_every_route_and_schema() {
         .unwrap(),
     );
     check("BalloonInfo", serde_json::to_value(fake_balloon()).unwrap());
+    // The counters: every field of every part (fake_counters sets them all).
+    let counters = fake_counters();
+    check("VmCounters", serde_json::to_value(&counters).unwrap());
+    check(
+        "VcpuCounters",
+        serde_json::to_value(counters.vcpus[0]).unwrap(),
+    );
+    check(
+        "DiskCounters",
+        serde_json::to_value(&counters.disks[0]).unwrap(),
+    );
+    check(
+        "NicCounters",
+        serde_json::to_value(&counters.nics[0]).unwrap(),
+    );
+    for schema in ["VmCounters", "VcpuCounters", "DiskCounters", "NicCounters"] {
+        let s = &schemas[schema];
+        assert!(
+            s["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{schema} has no description: {s}"
+        );
+        for (name, p) in s["properties"].as_object().unwrap() {
+            assert!(
+                p["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{schema}.{name} has no description"
+            );
+        }
+    }
+    let counters_route = &doc["paths"][Endpoint::Counters.path()]["get"];
+    assert_eq!(counters_route["operationId"], "vmCounters");
+    assert_eq!(
+        counters_route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/VmCounters"
+    );
     check(
         "BalloonSetRequest",
         serde_json::to_value(BalloonSetRequest { target_bytes: 1 }).unwrap(),
@@ -494,6 +531,32 @@ fn controller_errors_keep_status_and_message() {
         })
         .unwrap_err();
     assert_eq!(e.api_error().unwrap().status, 501);
+}
+
+#[test]
+fn counters_default_to_no_vm_and_are_a_get() {
+    let path = socket_path();
+    let _h = serve(&path, Arc::new(Bare)).unwrap();
+    let c = Client::new(&path);
+    let e = c.counters().unwrap_err();
+    let api = e.api_error().unwrap();
+    assert_eq!(api.status, 409, "{e}");
+    assert!(api.message.contains("no VM"), "{e}");
+    assert_eq!(Endpoint::Counters.path(), "/api/v1/vm.counters");
+    assert_error(
+        &c.raw("PUT", "/api/v1/vm.counters", None).unwrap(),
+        405,
+        "method",
+    );
+    let (vm, _h2, c2) = start();
+    assert_eq!(c2.counters().unwrap(), VmCounters::default());
+    let r = c2.raw("GET", "/api/v1/vm.counters", None).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        json_body(&r),
+        serde_json::json!({"vcpus": [], "disks": [], "nics": []})
+    );
+    assert_eq!(vm.calls(), ["counters", "counters"]);
 }
 
 #[test]

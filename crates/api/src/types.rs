@@ -52,10 +52,11 @@ pub enum Endpoint {
     MigrateCancel,
     Balloon,
     BalloonSet,
+    Counters,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 16] = [
+    pub const ALL: [Endpoint; 17] = [
         Endpoint::Ping,
         Endpoint::OpenApi,
         Endpoint::Boot,
@@ -72,6 +73,7 @@ impl Endpoint {
         Endpoint::MigrateCancel,
         Endpoint::Balloon,
         Endpoint::BalloonSet,
+        Endpoint::Counters,
     ];
 
     /// The last path segment (`vm.pause`).
@@ -93,6 +95,7 @@ impl Endpoint {
             Endpoint::MigrateCancel => "vm.migrate-cancel",
             Endpoint::Balloon => "vm.balloon",
             Endpoint::BalloonSet => "vm.balloon-set",
+            Endpoint::Counters => "vm.counters",
         }
     }
 
@@ -108,7 +111,8 @@ impl Endpoint {
             | Endpoint::OpenApi
             | Endpoint::Info
             | Endpoint::MigrationStatus
-            | Endpoint::Balloon => Method::Get,
+            | Endpoint::Balloon
+            | Endpoint::Counters => Method::Get,
             _ => Method::Put,
         }
     }
@@ -197,6 +201,96 @@ pub struct PagerInfo {
     pub zero_pages: u64,
     /// Pages the guest gave back (balloon): they read as zeroes afterwards.
     pub discarded_pages: u64,
+}
+
+/// `GET /api/v1/vm.counters`: what the vCPUs and the disk and network devices did, counted
+/// since they were made in this process. Every value only grows while the process lives;
+/// they are not part of a snapshot or a migration, so a restored VM or a migration's target
+/// starts from 0 (a consumer sees a counter reset). Answered while the VM runs and while it is
+/// paused; after the VM has stopped, the last values.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmCounters {
+    /// One entry per vCPU, by index.
+    pub vcpus: Vec<VcpuCounters>,
+    /// One entry per disk (virtio-blk device), in the VM's order.
+    pub disks: Vec<DiskCounters>,
+    /// One entry per network device (virtio-net), in the VM's order.
+    pub nics: Vec<NicCounters>,
+}
+
+/// A vCPU's exits from `KVM_RUN` to Vessel, by kind. Exits KVM handles itself (the in-kernel
+/// irqchip, ioeventfd notifications, halts with an in-kernel LAPIC) never reach Vessel and are
+/// not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VcpuCounters {
+    /// The vCPU's index (0 is the boot vCPU).
+    pub index: u32,
+    /// All exits: the sum of the kinds below.
+    pub exits: u64,
+    /// Port I/O (`in`, `out`) handled by a device on the I/O bus.
+    pub io_exits: u64,
+    /// MMIO reads and writes handled by a device on the MMIO bus (virtio registers, ...).
+    pub mmio_exits: u64,
+    /// `hlt` exits that reach Vessel (KVM's in-kernel LAPIC handles halts itself: normally 0).
+    pub hlt_exits: u64,
+    /// Runs interrupted by a signal: a pause, a snapshot, a stop kicking the vCPU.
+    pub interrupted_exits: u64,
+    /// Triple faults (the VM ends).
+    pub shutdown_exits: u64,
+    /// KVM system events: power off, reset, guest crash.
+    pub system_event_exits: u64,
+    /// Anything else: internal errors, failed VM entries, unexpected exits.
+    pub other_exits: u64,
+}
+
+/// A disk's requests, counted when the device completes them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DiskCounters {
+    /// The device's identifier in `vm.info`'s devices (`block0`, `block1`, ...).
+    pub id: String,
+    /// The disk's index in the VM's spec (`disks[index]`).
+    pub index: u32,
+    /// Reads completed successfully.
+    pub read_ops: u64,
+    /// Bytes read into guest memory.
+    pub read_bytes: u64,
+    /// Writes completed successfully.
+    pub write_ops: u64,
+    /// Bytes written from guest memory.
+    pub write_bytes: u64,
+    /// Flushes completed successfully (`cache=unsafe` drops them, counted all the same).
+    pub flush_ops: u64,
+    /// Discards completed successfully.
+    pub discard_ops: u64,
+    /// Write-zeroes requests completed successfully.
+    pub write_zeroes_ops: u64,
+    /// Requests completed with an error status: I/O errors of the image, requests out of
+    /// range or malformed, writes to a read-only disk, request types not supported.
+    pub errors: u64,
+}
+
+/// A network device's frames. Bytes are Ethernet frame bytes, without the 12-byte virtio-net
+/// header.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NicCounters {
+    /// The device's identifier in `vm.info`'s devices (`net0`, `net1`, ...).
+    pub id: String,
+    /// The device's index in the VM's spec (`nets[index]`).
+    pub index: u32,
+    /// Frames delivered to the guest.
+    pub rx_packets: u64,
+    /// Bytes of the frames delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames read from the tap and dropped: too short, too long for the guest's buffers, or
+    /// meeting a malformed buffer (the tap's own queue drops what overflows it, unseen here).
+    pub rx_dropped: u64,
+    /// Frames the guest sent to the tap.
+    pub tx_packets: u64,
+    /// Bytes of the frames the guest sent.
+    pub tx_bytes: u64,
+    /// Frames the guest sent that were dropped: malformed, too short or too long, outside guest
+    /// memory, or refused by the tap.
+    pub tx_dropped: u64,
 }
 
 /// `GET /api/v1/ping`.

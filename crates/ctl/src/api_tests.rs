@@ -105,6 +105,34 @@ fn ctl_verbs() {
     ));
 }
 
+#[test]
+fn ctl_counters_prints_the_json() {
+    let (vm, h, _c) = start();
+    let p = h.socket_path().to_path_buf();
+    *vm.counters.lock().unwrap() = fake_counters();
+    for args in [&["counters"][..], &["--json", "counters"]] {
+        let (r, out) = ctl(&p, args);
+        assert_eq!(r.unwrap(), 0, "{args:?}");
+        assert_eq!(
+            serde_json::from_str::<VmCounters>(&out).unwrap(),
+            fake_counters(),
+            "{args:?}"
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["disks"][0]["id"], "block0");
+        assert_eq!(v["nics"][0]["tx_bytes"], 500);
+        assert_eq!(v["vcpus"][1]["io_exits"], 10);
+    }
+    assert_eq!(vm.calls(), ["counters", "counters"]);
+    vm.fail_with(Some(ApiError::conflict("no VM here: nothing is counted")));
+    let (r, out) = ctl(&p, &["counters"]);
+    assert_eq!(
+        r.unwrap_err().to_string(),
+        "no VM here: nothing is counted (HTTP 409)"
+    );
+    assert!(out.is_empty(), "{out}");
+}
+
 fn status(phase: MigrationPhase, round: u32, done: u64, left: u64) -> MigrationStatus {
     MigrationStatus {
         phase,

@@ -116,6 +116,9 @@ pub enum CtlCommand {
         #[arg(value_name = "SIZE", value_parser = parse_size)]
         size: Option<u64>,
     },
+    /// Prints the counters of the vCPUs (exits by kind), disks (requests, bytes, errors) and
+    /// network devices (frames, bytes, drops), as JSON. Also while the VM is paused.
+    Counters,
     /// Prints the OpenAPI document.
     Openapi,
 }
@@ -308,6 +311,8 @@ fn run_polling(args: &CtlArgs, out: &mut dyn Write, poll: Duration) -> Result<i3
             let doc = client.openapi()?;
             print_json(out, &doc)?;
         }
+        // JSON with or without --json: the counters are for programs (and `jq`).
+        CtlCommand::Counters => print_json(out, &client.counters()?)?,
         CtlCommand::Migrate(m) => return migrate(&client, m, json, out, poll),
         CtlCommand::Balloon { size: Some(size) } => {
             let req = BalloonSetRequest {
@@ -751,6 +756,8 @@ mod tests {
             &["migrate", "status"],
             &["migrate", "cancel"],
             &["openapi"],
+            &["counters"],
+            &["--json", "counters"],
             &["balloon"],
             &["--json", "balloon"],
             &["balloon", "64M"],
@@ -808,6 +815,7 @@ mod tests {
             &["balloon", "lots"],
             &["balloon", "-1M"],
             &["balloon", "64M", "extra"],
+            &["counters", "extra"],
         ] {
             assert!(p(bad).is_err(), "{bad:?}");
         }

@@ -6,7 +6,8 @@
 //! touched and the tests run in parallel. The echo server is this test binary itself, run again
 //! inside the namespace (`ip netns exec`) as the `echo_server_helper` test with
 //! `VESSEL_NET_ECHO` set. Guards delete the namespaces (and with them the taps) even when a
-//! test fails. Needs root, `/dev/net/tun` and iproute2; skipped otherwise.
+//! test fails. Needs root, `/dev/net/tun` and iproute2; skipped otherwise. One test reads the
+//! device's counters (`vm.counters`) back against what the guest says it sent and received.
 
 mod common;
 
@@ -340,4 +341,113 @@ fn bad_net_options_are_refused() {
             "{spec}: {err}"
         );
     }
+}
+
+#[test]
+fn counters_count_the_frames_each_way_and_the_disk() {
+    if !can_run() {
+        return;
+    }
+    let ns = NetNs::new("cnt");
+    let tap = tap_name("c");
+    ns.tap(&tap, "");
+    let _echo = ns.echo_server("10.0.2.2:7300");
+    let tmp = TempDir::new("net-counters");
+    let disk = tmp.file("disk.raw");
+    raw_disk(&disk, 1 << 20);
+    let socket = tmp.file("api.sock");
+    // The guest tests its disk, then its NIC (ARP, an echo, 5 more datagrams), then holds.
+    let mut vm = common::soak::Console::spawn_command(&[
+        "ip",
+        "netns",
+        "exec",
+        &ns.0,
+        VESSEL,
+        "run",
+        "--api-socket",
+        socket.to_str().unwrap(),
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--net",
+        &format!("tap={tap},mac={GUEST_MAC}"),
+        "--cmdline",
+        "action=hold net=echo-peer netip=10.0.2.15 netpeer=10.0.2.2:7300 netburst=5",
+    ]);
+    let mut sent_received = None;
+    loop {
+        let line = vm.line(Duration::from_secs(60));
+        assert!(!line.starts_with("FAIL"), "{}", vm.seen);
+        if let Some((_, counts)) = line.split_once(&format!("mac {GUEST_MAC}: sent ")) {
+            // "N, received M"
+            let (sent, received) = counts.split_once(", received ").unwrap();
+            sent_received = Some((
+                sent.parse::<u64>().unwrap(),
+                received.parse::<u64>().unwrap(),
+            ));
+        }
+        if line == "virtio-net echo ok" {
+            break;
+        }
+    }
+    let (sent, received) = sent_received.unwrap_or_else(|| panic!("{}", vm.seen));
+    let api = api::client::Client::new(&socket).with_timeout(Some(Duration::from_secs(30)));
+    let c = api.counters().unwrap();
+    assert_eq!(c.nics.len(), 1, "{c:?}");
+    let n = &c.nics[0];
+    assert_eq!((n.id.as_str(), n.index), ("net0", 0), "{n:?}");
+    // Every chain the guest saw used went to the tap (nothing dropped): an ARP request, the
+    // echo datagram (more on a retry) and the 5 of the burst at least, each padded to 60
+    // bytes and at most a full Ethernet frame.
+    assert_eq!(
+        (n.tx_packets, n.tx_dropped),
+        (sent, 0),
+        "guest sent {sent}: {n:?}"
+    );
+    assert!(n.tx_packets >= 7, "{n:?}");
+    assert!(
+        n.tx_bytes >= 60 * n.tx_packets && n.tx_bytes <= 1514 * n.tx_packets,
+        "{n:?}"
+    );
+    // The guest took every frame it counted from the used ring (the peer's ARP reply and the
+    // echo at least); more may have come after its test.
+    assert!(
+        n.rx_packets >= received && received >= 2,
+        "guest received {received}: {n:?}"
+    );
+    assert!(
+        n.rx_bytes >= 42 * n.rx_packets && n.rx_bytes <= 1514 * n.rx_packets,
+        "{n:?}"
+    );
+    assert_eq!(n.rx_dropped, 0, "{n:?}");
+    // The disk's test ran before: 8 sectors and the last one written, read back, flushed.
+    assert_eq!(c.disks.len(), 1, "{c:?}");
+    let d = &c.disks[0];
+    assert_eq!(
+        (
+            d.id.as_str(),
+            d.read_ops,
+            d.read_bytes,
+            d.write_ops,
+            d.write_bytes,
+            d.flush_ops
+        ),
+        ("block0", 2, 4608, 2, 4608, 1),
+        "{d:?}"
+    );
+    assert_eq!(d.errors, 0, "{d:?}");
+    assert_eq!(c.vcpus.len(), 1, "{c:?}");
+    assert!(
+        c.vcpus[0].mmio_exits > 0 && c.vcpus[0].io_exits > 0,
+        "{c:?}"
+    );
+    // Held: nothing goes down on a second read.
+    std::thread::sleep(Duration::from_millis(200));
+    let again = api.counters().unwrap();
+    assert!(again.vcpus[0].exits >= c.vcpus[0].exits, "{again:?}");
+    let (n2, d2) = (&again.nics[0], &again.disks[0]);
+    assert!(
+        n2.rx_packets >= n.rx_packets && n2.tx_packets == n.tx_packets,
+        "{n2:?}"
+    );
+    assert_eq!(d2, d, "the disk is idle");
 }

@@ -1,5 +1,6 @@
 //! The VM's side of the control API (`vessel run --api-socket`): [`api::VmController`] over the
-//! run control, the vCPU kick handles and the ACPI power button.
+//! run control, the vCPU kick handles and the ACPI power button; the counters of the vCPUs and
+//! devices ([`counters`]), read without stopping or locking anything.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -8,13 +9,16 @@ use std::time::{Duration, Instant};
 use std::collections::BTreeMap;
 
 use api::types::{
-    ApiError, BalloonInfo, BalloonSetRequest, DeviceInfo, MigrateReceiveRequest,
-    MigrateSendRequest, MigrationStatus, RestoreRequest, SnapshotRequest, VmInfo, VmState,
+    ApiError, BalloonInfo, BalloonSetRequest, DeviceInfo, DiskCounters, MigrateReceiveRequest,
+    MigrateSendRequest, MigrationStatus, NicCounters, RestoreRequest, SnapshotRequest, VmCounters,
+    VmInfo, VmState,
 };
 use api::VmController;
 use devices::bus::lock;
 use devices::legacy::{AcpiPm, BootMarker};
 use devices::virtio::balloon::{BalloonError, BalloonHandle, BalloonStats};
+use devices::virtio::block::BlockCountersSnapshot;
+use devices::virtio::net::NetCountersSnapshot;
 use hypervisor::KickHandle;
 
 use crate::control::{Control, RunState};
@@ -415,6 +419,72 @@ impl VmController for VmHandle {
         );
         Ok(())
     }
+
+    fn counters(&self) -> Result<VmCounters, ApiError> {
+        // Atomic loads only: the same whether the VM runs, is paused or is stopping.
+        Ok(counters(&self.machine))
+    }
+}
+
+/// The counters of `machine`'s vCPUs, disks and network devices now.
+pub(crate) fn counters(machine: &crate::vm::Machine) -> VmCounters {
+    VmCounters {
+        vcpus: machine
+            .vcpu_counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| c.snapshot(i as u32))
+            .collect(),
+        disks: machine
+            .virtio
+            .disk_counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| disk_counters(i, c.snapshot()))
+            .collect(),
+        nics: machine
+            .virtio
+            .nic_counters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| nic_counters(i, c.snapshot()))
+            .collect(),
+    }
+}
+
+/// Disk `index`'s counters, named as `vm.info` names its device.
+fn disk_counters(index: usize, s: BlockCountersSnapshot) -> DiskCounters {
+    DiskCounters {
+        id: device_id("block", index),
+        index: index as u32,
+        read_ops: s.read_ops,
+        read_bytes: s.read_bytes,
+        write_ops: s.write_ops,
+        write_bytes: s.write_bytes,
+        flush_ops: s.flush_ops,
+        discard_ops: s.discard_ops,
+        write_zeroes_ops: s.write_zeroes_ops,
+        errors: s.errors,
+    }
+}
+
+/// Network device `index`'s counters, named as `vm.info` names it.
+fn nic_counters(index: usize, s: NetCountersSnapshot) -> NicCounters {
+    NicCounters {
+        id: device_id("net", index),
+        index: index as u32,
+        rx_packets: s.rx_packets,
+        rx_bytes: s.rx_bytes,
+        rx_dropped: s.rx_dropped,
+        tx_packets: s.tx_packets,
+        tx_bytes: s.tx_bytes,
+        tx_dropped: s.tx_dropped,
+    }
+}
+
+/// The `id` of the `i`-th virtio device of `kind` (`block0`, `net1`).
+fn device_id(kind: &str, i: usize) -> String {
+    format!("{kind}{i}")
 }
 
 /// The statistics the guest sent, by their API names (tags this device does not name are
@@ -490,7 +560,7 @@ pub fn device_list(
                 _ => None,
             };
             list.push(DeviceInfo {
-                id: format!("{kind}{i}"),
+                id: device_id(kind, i),
                 kind: format!("virtio-{kind}"),
                 address: Some(address),
                 irq,
@@ -551,5 +621,73 @@ mod tests {
             .into()
         );
         assert!(stats_map(&BalloonStats::default()).is_empty());
+    }
+
+    #[test]
+    fn counters_name_their_devices_as_info_does() {
+        let spec = crate::config::VmSpec {
+            disks: vec![crate::config::Disk::default(); 2],
+            nets: vec![crate::config::Nic::default()],
+            rng: true,
+            ..Default::default()
+        };
+        let bindings = crate::config::HostBindings {
+            disks: vec!["/a.raw".into(), "/b.qcow2".into()],
+            taps: vec!["tap0".into()],
+            ..Default::default()
+        };
+        let config = crate::config::VmConfig::new(spec, bindings);
+        let ids = |kind: &str| -> Vec<String> {
+            device_list(&config, &[])
+                .into_iter()
+                .filter(|d| d.kind == kind)
+                .map(|d| d.id)
+                .collect()
+        };
+        let blk = BlockCountersSnapshot {
+            read_ops: 1,
+            read_bytes: 512,
+            write_ops: 2,
+            write_bytes: 4096,
+            flush_ops: 3,
+            discard_ops: 4,
+            write_zeroes_ops: 5,
+            errors: 6,
+        };
+        let disks: Vec<DiskCounters> = (0..2).map(|i| disk_counters(i, blk)).collect();
+        assert_eq!(
+            disks.iter().map(|d| d.id.clone()).collect::<Vec<_>>(),
+            ids("virtio-block")
+        );
+        assert_eq!(
+            disks[1],
+            DiskCounters {
+                id: "block1".into(),
+                index: 1,
+                read_ops: 1,
+                read_bytes: 512,
+                write_ops: 2,
+                write_bytes: 4096,
+                flush_ops: 3,
+                discard_ops: 4,
+                write_zeroes_ops: 5,
+                errors: 6,
+            }
+        );
+        let net = NetCountersSnapshot {
+            rx_packets: 1,
+            rx_bytes: 60,
+            rx_dropped: 2,
+            tx_packets: 3,
+            tx_bytes: 180,
+            tx_dropped: 4,
+        };
+        let nic = nic_counters(0, net);
+        assert_eq!(vec![nic.id.clone()], ids("virtio-net"));
+        assert_eq!(
+            (nic.index, nic.rx_packets, nic.rx_bytes, nic.rx_dropped),
+            (0, 1, 60, 2)
+        );
+        assert_eq!((nic.tx_packets, nic.tx_bytes, nic.tx_dropped), (3, 180, 4));
     }
 }

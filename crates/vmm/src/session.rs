@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use api::types::{
     ApiError, BalloonInfo, BalloonSetRequest, MigrateReceiveRequest, MigrateReceiveResponse,
     MigrateSendRequest, MigrationStatus, MigrationToken, RestoreRequest, SnapshotRequest,
-    VmDocument, VmInfo, VmState,
+    VmCounters, VmDocument, VmInfo, VmState,
 };
 use api::VmController;
 use devices::bus::lock;
@@ -93,6 +93,9 @@ impl VmController for ApiSwitch {
     }
     fn set_balloon(&self, req: BalloonSetRequest) -> Result<(), ApiError> {
         self.now().set_balloon(req)
+    }
+    fn counters(&self) -> Result<VmCounters, ApiError> {
+        self.now().counters()
     }
 }
 
@@ -201,6 +204,9 @@ impl VmController for Empty {
     fn migration_status(&self) -> Result<MigrationStatus, ApiError> {
         Ok(lock(&self.migration).clone())
     }
+    fn counters(&self) -> Result<VmCounters, ApiError> {
+        Err(ApiError::conflict(NO_VM))
+    }
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         match lock(&self.incoming).as_ref() {
             Some(c) if c.cancel() => Ok(()),
@@ -212,9 +218,12 @@ impl VmController for Empty {
     }
 }
 
-/// The process after its VM stopped (until it exits): info says how it ended.
+/// The process after its VM stopped (until it exits): info says how it ended, counters are
+/// the last values.
 pub struct Ended {
     pub info: VmInfo,
+    /// None before the VM ran.
+    pub counters: Option<VmCounters>,
 }
 
 impl Ended {
@@ -262,6 +271,9 @@ impl VmController for Ended {
     }
     fn migrate_cancel(&self) -> Result<(), ApiError> {
         Err(self.gone())
+    }
+    fn counters(&self) -> Result<VmCounters, ApiError> {
+        self.counters.clone().ok_or_else(|| self.gone())
     }
 }
 

@@ -9,10 +9,10 @@ use arch::acpi::MmioDevice;
 use arch::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_IRQS, VIRTIO_MMIO_SIZE};
 use block::DiskBackend;
 use devices::virtio::balloon::{Balloon, BalloonHandle, BalloonOptions, DiscardMemory};
-use devices::virtio::block::{Block, BlockOptions};
+use devices::virtio::block::{Block, BlockCounters, BlockOptions};
 use devices::virtio::console::{Console, ConsoleBackend};
 use devices::virtio::mmio::{cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::Net;
+use devices::virtio::net::{Net, NetCounters};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
@@ -102,7 +102,7 @@ impl DiskBackend for NoFlush {
 
 /// A block device for `d` on the image `file`, its images locked; a dirty image is repaired
 /// unless `repair` is false (disks handed over by a migration's source).
-fn block_device(d: &Disk, file: &Path, repair: bool) -> Result<Box<dyn VirtioDevice>, Error> {
+fn block_device(d: &Disk, file: &Path, repair: bool) -> Result<Block, Error> {
     let path = file.display().to_string();
     let opts = block::OpenOptions {
         read_only: d.read_only,
@@ -143,15 +143,15 @@ fn block_device(d: &Disk, file: &Path, repair: bool) -> Result<Box<dyn VirtioDev
             ", rate limited"
         }
     );
-    Ok(Box::new(block))
+    Ok(block)
 }
 
 /// A virtio-net device on `tap`, opened (or created) now.
-fn net_device(n: &Nic, tap: &str) -> Result<Box<dyn VirtioDevice>, Error> {
+fn net_device(n: &Nic, tap: &str) -> Result<Net, Error> {
     Net::with_tap(tap, n.mac, n.queues)
         .and_then(|mut d| {
             d.set_rate_limiters(n.rx_limit, n.tx_limit)?;
-            Ok(Box::new(d) as Box<dyn VirtioDevice>)
+            Ok(d)
         })
         .map_err(|source| Error::Net {
             tap: tap.to_string(),
@@ -216,6 +216,11 @@ pub struct VirtioDevices {
     pub pci: Option<crate::pci::PciHost>,
     /// The balloon's handle (target, statistics), for the API later.
     pub balloon: Option<BalloonHandle>,
+    /// Each disk's counters, in configuration order (read by the API without touching the
+    /// devices).
+    pub disk_counters: Vec<Arc<BlockCounters>>,
+    /// Each network device's counters, in configuration order.
+    pub nic_counters: Vec<Arc<NetCounters>>,
 }
 
 impl VirtioDevices {
@@ -240,12 +245,17 @@ pub fn setup(
 ) -> Result<VirtioDevices, Error> {
     let (spec, host) = (&config.spec, &config.bindings);
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let (mut disk_counters, mut nic_counters) = (Vec::new(), Vec::new());
     // The configuration was validated: every device has its binding.
     for (d, file) in spec.disks.iter().zip(&host.disks) {
-        devices.push(block_device(d, file, !config.handed_over_disks)?);
+        let block = block_device(d, file, !config.handed_over_disks)?;
+        disk_counters.push(block.counters());
+        devices.push(Box::new(block));
     }
     for (n, tap) in spec.nets.iter().zip(&host.taps) {
-        devices.push(net_device(n, tap)?);
+        let net = net_device(n, tap)?;
+        nic_counters.push(net.counters());
+        devices.push(Box::new(net));
     }
     if spec.rng {
         devices.push(Box::new(Rng::new()));
@@ -267,6 +277,8 @@ pub fn setup(
     }
     let mut out = VirtioDevices {
         balloon,
+        disk_counters,
+        nic_counters,
         ..Default::default()
     };
     if spec.transport == crate::config::Transport::Pci {

@@ -105,6 +105,8 @@ pub struct Machine {
     pub(crate) vm_fd: hypervisor::Vm,
     pub(crate) mem: GuestMem,
     pub(crate) vcpus: Vec<vcpu::SharedVcpu>,
+    /// Each vCPU's exits, counted by its threads (one after another across guest reboots).
+    pub(crate) vcpu_counters: Vec<Arc<vcpu::VcpuCounters>>,
     pub(crate) virtio: crate::virtio::VirtioDevices,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) cmos: Arc<Mutex<Cmos>>,
@@ -529,6 +531,7 @@ impl Vm {
                 config,
                 vm_fd: vm,
                 mem,
+                vcpu_counters: vcpus.iter().map(|_| Arc::default()).collect(),
                 vcpus,
                 virtio,
                 serial,
@@ -625,8 +628,8 @@ impl Vm {
             control: self.control.clone(),
         };
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.machine.vcpus.len());
-        for v in &self.machine.vcpus {
-            match vcpu::spawn(v.clone(), ctx.clone()) {
+        for (v, counters) in self.machine.vcpus.iter().zip(&self.machine.vcpu_counters) {
+            match vcpu::spawn(v.clone(), ctx.clone(), counters.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     self.control.request_exit(ExitReason::Error(format!(
@@ -707,6 +710,7 @@ impl Vm {
                 exit_reason: None,
                 pager: None,
             },
+            counters: None,
         })));
         // The socket appears once the API talks to the running VM (a client that waits for
         // it may ask anything at once), and after the stop signals' handlers (it may signal).
@@ -799,7 +803,10 @@ impl Vm {
         if let Ok(mut info) = api::VmController::info(&*handle) {
             info.state = api::types::VmState::Stopped;
             info.exit_reason = Some(reason.to_string());
-            switch.set(Arc::new(Ended { info }));
+            switch.set(Arc::new(Ended {
+                info,
+                counters: Some(crate::api::counters(&self.machine)),
+            }));
         }
         Ok(reason)
     }

@@ -7,7 +7,9 @@
 //! One worker thread per queue ([`worker`]) parses requests ([`request`]) and hands them to an
 //! I/O engine ([`engine`]: io_uring, a thread pool, or synchronous calls), several in flight and
 //! completing in any order, within an optional rate limit shared by the queues ([`limiter`]).
+//! The workers count what they complete in the device's [`BlockCounters`].
 
+mod counters;
 pub mod engine;
 pub mod request;
 mod worker;
@@ -35,6 +37,7 @@ use super::{
 };
 use crate::rate_limiter::RateLimiterConfig;
 use crate::rate_limiter::SharedLimiter;
+pub use counters::{BlockCounters, BlockCountersSnapshot};
 pub use engine::{EngineError, EngineKind};
 pub use request::BlockHandler;
 
@@ -138,6 +141,8 @@ pub struct Block {
     workers: Vec<BlockWorker>,
     /// The I/O threads of the threads and io_uring engines, while active.
     pool: Option<Arc<ThreadPool>>,
+    /// What the queue workers completed, since the device was made.
+    counters: Arc<BlockCounters>,
 }
 
 impl Block {
@@ -216,7 +221,14 @@ impl Block {
             limiter,
             workers: Vec::new(),
             pool: None,
+            counters: Arc::default(),
         })
+    }
+
+    /// The device's counters (requests and bytes by kind, errors), updated by its queue
+    /// workers as requests complete; they go on across resets and disk switches.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
     }
 
     /// The disk served.
@@ -407,6 +419,7 @@ impl VirtioDevice for Block {
                 parser.clone(),
                 engine,
                 self.limiter.clone(),
+                self.counters.clone(),
             )
             .map_err(ActivateError::Worker)?;
             let name = format!("virtio-blk-q{index}");

@@ -177,6 +177,7 @@ impl<'a> Driver<'a> {
             Parser::new(&**disk, features, test_id()),
             engine,
             limiter,
+            Arc::default(),
         )
         .unwrap()
     }
@@ -396,6 +397,19 @@ fn write_read_flush_get_id() {
             [Some(1), Some(1025), Some(1), Some(21)],
             "{kind}"
         );
+        // Counted: one of each, the data bytes (GET_ID is neither I/O nor an error).
+        assert_eq!(
+            bq.counters(),
+            BlockCountersSnapshot {
+                read_ops: 1,
+                read_bytes: 1024,
+                write_ops: 1,
+                write_bytes: 1024,
+                flush_ops: 1,
+                ..Default::default()
+            },
+            "{kind}"
+        );
     }
 }
 
@@ -490,6 +504,17 @@ fn discard_and_write_zeroes_with(kind: EngineKind) {
     assert!(data[12 * 512..16 * 512].iter().all(|&b| b == 0xaa));
     assert!(data[16 * 512..18 * 512].iter().all(|&b| b == 0));
     assert!(data[18 * 512..].iter().all(|&b| b == 0xaa));
+    // One discard and one write-zeroes served; the six refused ones are errors.
+    assert_eq!(
+        bq.counters(),
+        BlockCountersSnapshot {
+            discard_ops: 1,
+            write_zeroes_ops: 1,
+            errors: 6,
+            ..Default::default()
+        },
+        "{kind}"
+    );
 
     // Not negotiated: unsupported.
     let mut d = Driver::new(&m);
@@ -554,6 +579,12 @@ fn out_of_range_unaligned_and_unsupported() {
         assert_eq!(d.status(unsupp), VIRTIO_BLK_S_UNSUPP);
         assert_eq!(d.status(scsi), VIRTIO_BLK_S_UNSUPP);
         assert_eq!(d.tq.used_idx(), 8);
+        let c = bq.counters();
+        assert_eq!(
+            (c.read_ops, c.read_bytes, c.write_ops, c.errors),
+            (1, 512, 0, 7),
+            "{kind}"
+        );
     }
 }
 
@@ -741,6 +772,9 @@ fn multiqueue_with(kind: EngineKind) {
     let states = dev.queue_states();
     assert_eq!(states.len(), 2);
     assert!(states.iter().all(|(_, s)| s.next_used == 1));
+    // Both queues count into the device's counters.
+    let counters = dev.counters();
+    assert_eq!(counters.snapshot().flush_ops, 2);
 
     // Corrupt queue 1's available index: NEEDS_RESET; queue 0 keeps working.
     d1.tq.set_avail_idx(1000);
@@ -758,6 +792,9 @@ fn multiqueue_with(kind: EngineKind) {
     dev.reset();
     assert!(dev.queue_states().is_empty());
     assert_eq!(dev.acked_features(), 0);
+    // A reset keeps them: they count for the device's life in this process.
+    assert_eq!(counters.snapshot().flush_ops, 3);
+    assert_eq!(dev.counters().snapshot().flush_ops, 3);
 }
 
 #[test]

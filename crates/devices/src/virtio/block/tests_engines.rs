@@ -204,7 +204,15 @@ fn slots_freed_at_the_end_of_a_full_pass_bring_the_worker_back() {
         held: Vec::new(),
     };
     let parser = Parser::new(&*disk, rw_features(), super::tests::test_id());
-    let mut bq = BlockQueue::new(d.tq.queue(), m.clone(), parser, Box::new(engine), None).unwrap();
+    let mut bq = BlockQueue::new(
+        d.tq.queue(),
+        m.clone(),
+        parser,
+        Box::new(engine),
+        None,
+        Arc::default(),
+    )
+    .unwrap();
     // A guest that makes one chain available again and again: 8 fill the table, 5 wait.
     let status = d.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, W)]);
     let head = d.head(status);
@@ -253,6 +261,9 @@ fn io_errors_from_the_file_are_ioerr() {
         assert_eq!(d.status(short), VIRTIO_BLK_S_IOERR, "{kind}");
         assert_eq!(d.used_len(short), Some(1), "{kind}");
         assert_eq!(d.status(ok), VIRTIO_BLK_S_OK, "{kind}");
+        // The failed read is an error, not a read.
+        let c = bq.counters();
+        assert_eq!((c.read_ops, c.read_bytes, c.errors), (1, 4096, 1), "{kind}");
     }
     if engine::uring::available().is_err() {
         return;

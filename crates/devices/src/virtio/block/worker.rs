@@ -26,6 +26,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::counters::{BlockCounters, OpKind};
 use super::engine::{wait_readable, Completion, Engine};
 use super::request::{Parsed, Parser, VIRTIO_BLK_S_OK};
 use crate::bus::lock;
@@ -46,6 +47,9 @@ struct InFlight {
     head: u16,
     status: GuestAddress,
     written: u32,
+    /// For the counters.
+    kind: OpKind,
+    bytes: u64,
 }
 
 /// One queue's requests: parsing, submission, completion.
@@ -64,6 +68,8 @@ pub(crate) struct BlockQueue {
     free: Vec<usize>,
     chain: Chain,
     done: Vec<Completion>,
+    /// The device's counters, shared by its queues.
+    counters: Arc<BlockCounters>,
 }
 
 impl BlockQueue {
@@ -73,6 +79,7 @@ impl BlockQueue {
         parser: Parser,
         engine: Box<dyn Engine>,
         limiter: Option<Arc<SharedLimiter>>,
+        counters: Arc<BlockCounters>,
     ) -> io::Result<Self> {
         let depth = usize::from(queue.size().max(1));
         Ok(BlockQueue {
@@ -87,6 +94,7 @@ impl BlockQueue {
             free: (0..depth).rev().collect(),
             chain: Chain::default(),
             done: Vec::new(),
+            counters,
         })
     }
 
@@ -139,9 +147,13 @@ impl BlockQueue {
                 continue;
             }
             let (status, written) = match c.result {
-                Ok(()) => (VIRTIO_BLK_S_OK, f.written),
+                Ok(()) => {
+                    self.counters.completed(f.kind, f.bytes);
+                    (VIRTIO_BLK_S_OK, f.written)
+                }
                 Err(e) => {
                     tracing::debug!("virtio-blk: request {}: {e}", f.head);
+                    self.counters.failed();
                     (e.status(), 0)
                 }
             };
@@ -201,6 +213,10 @@ impl BlockQueue {
                             status,
                             written,
                         } => {
+                            // GET_ID, or a request refused without I/O.
+                            if status != VIRTIO_BLK_S_OK {
+                                self.counters.failed();
+                            }
                             self.finish(&mut q, head, status_addr, status, written)?;
                             used += 1;
                         }
@@ -230,6 +246,8 @@ impl BlockQueue {
                                 head,
                                 status: status_addr,
                                 written,
+                                kind: OpKind::of(&op),
+                                bytes: op.bytes(),
                             });
                             self.engine.submit(token, op);
                         }
@@ -305,6 +323,12 @@ impl BlockQueue {
             p = self.process(&never)?;
         }
         Ok(p)
+    }
+
+    /// The device's counters now (tests).
+    #[cfg(test)]
+    pub(crate) fn counters(&self) -> super::BlockCountersSnapshot {
+        self.counters.snapshot()
     }
 
     /// The next available-ring index the queue will take.

@@ -17,8 +17,11 @@
 //! and frame bytes, the virtio-net header not counted), shared by all queue pairs
 //! ([`SharedLimiter`]). Transmit chains beyond the budget stay in the ring; received frames beyond it
 //! stay in the tap's kernel queue.
+//!
+//! Every pair counts the frames it passes and drops in the device's [`NetCounters`].
 
 mod backend;
+mod counters;
 mod ctrl;
 mod rx;
 mod tx;
@@ -36,10 +39,11 @@ use virtio_queue::QueueState;
 
 pub use ::net::MacAddr;
 pub use backend::NetBackend;
+pub use counters::{NetCounters, NetCountersSnapshot};
 // The queue handlers on their own, for fuzz targets.
 pub use ctrl::CtrlHandler;
 pub use rx::{deliver, DropReason, RxOutcome};
-pub use tx::{TxError, TxHandler, TxStats};
+pub use tx::{TxError, TxHandler};
 
 use super::worker::QueueWorker;
 use super::{
@@ -149,6 +153,8 @@ pub struct Net {
     limiters: Limiters,
     workers: Vec<PairWorker>,
     ctrl: Option<QueueWorker>,
+    /// What the queue pairs passed and dropped, since the device was made.
+    counters: Arc<NetCounters>,
 }
 
 impl Net {
@@ -216,7 +222,14 @@ impl Net {
             limiters: Limiters::default(),
             workers: Vec::new(),
             ctrl: None,
+            counters: Arc::default(),
         })
+    }
+
+    /// The device's counters (frames and bytes each way, drops), updated by its queue-pair
+    /// workers; they go on across resets.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
     }
 
     /// Limit what the device receives (`rx`) and transmits (`tx`), for all its queue pairs
@@ -416,6 +429,7 @@ impl VirtioDevice for Net {
                 PairOptions {
                     mrg,
                     limiters: self.limiters.clone(),
+                    counters: self.counters.clone(),
                 },
             )
             .map_err(|e| ActivateError::Worker(e.into()))?;

@@ -126,6 +126,19 @@ impl<'a> Harness<'a> {
         ]);
     }
 
+    /// Waits (up to 5 s) until the device's counters are `want`.
+    fn wait_counters(&self, want: NetCountersSnapshot) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.dev.counters().snapshot();
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "counters {got:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// A control command; returns the ack byte.
     fn command(&mut self, n: u16, cmd: &[u8]) -> u8 {
         let at = CTRL_BUF + u64::from(n) * 0x100;
@@ -267,6 +280,12 @@ fn transmit_reaches_the_backend() {
     let n = h.peers[0].recv(&mut got).unwrap();
     assert_eq!(&got[..n], &big[..]);
     assert!(h.int.queue.load(AtomicOrdering::SeqCst) >= 1);
+    // Frame bytes, without the virtio-net header.
+    h.wait_counters(NetCountersSnapshot {
+        tx_packets: 2,
+        tx_bytes: (100 + MAX_FRAME_LEN) as u64,
+        ..Default::default()
+    });
 }
 
 #[test]
@@ -292,6 +311,12 @@ fn malformed_transmit_chains_drop_only_their_packet() {
     h.peers[0].set_nonblocking(true).unwrap();
     assert!(h.peers[0].recv(&mut got).is_err(), "only one packet sent");
     assert!(!*h.int.needs_reset.lock().unwrap());
+    h.wait_counters(NetCountersSnapshot {
+        tx_packets: 1,
+        tx_bytes: 60,
+        tx_dropped: 4,
+        ..Default::default()
+    });
 }
 
 #[test]
@@ -316,6 +341,11 @@ fn receive_into_one_chain_per_frame() {
         &read(&m, RX_BUF + 0x1000, p2.len())[HDR_LEN..],
         &p2[HDR_LEN..]
     );
+    h.wait_counters(NetCountersSnapshot {
+        rx_packets: 2,
+        rx_bytes: 1000 + 1514,
+        ..Default::default()
+    });
 }
 
 #[test]
@@ -396,6 +426,13 @@ fn receive_drops_what_cannot_fit_and_returns_bad_buffers() {
         &packet(100, 2)[HDR_LEN..]
     );
     assert!(!*h.int.needs_reset.lock().unwrap());
+    // The oversized frame and the runt were dropped; the last one waits for buffers.
+    h.wait_counters(NetCountersSnapshot {
+        rx_packets: 1,
+        rx_bytes: 100,
+        rx_dropped: 2,
+        ..Default::default()
+    });
 }
 
 #[test]

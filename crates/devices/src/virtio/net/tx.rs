@@ -9,7 +9,7 @@ use std::sync::Arc;
 use guestmem::GuestMem;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN};
+use super::{NetBackend, NetCounters, HDR_LEN, MAX_PACKET_LEN, MIN_FRAME_LEN};
 use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{Chain, ChainHandler, Cursor, MAX_CHAIN_DESCRIPTORS};
 
@@ -30,20 +30,13 @@ pub enum TxError {
     Backend(String),
 }
 
-/// Counters of a transmit queue.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct TxStats {
-    pub packets: u64,
-    pub bytes: u64,
-    pub dropped: u64,
-}
-
 /// Serves transmit chains for one pass over the queue.
 pub struct TxHandler<'a> {
     pub backend: &'a dyn NetBackend,
     /// Holds one packet; [`MAX_PACKET_LEN`] bytes at most.
     pub buf: &'a mut Vec<u8>,
-    pub stats: &'a mut TxStats,
+    /// The device's counters: packets sent (frame bytes, the header not counted) and dropped.
+    pub counters: &'a NetCounters,
     /// The device's transmit limiter, and this queue pair's wake-up eventfd for it.
     pub limiter: Option<(&'a SharedLimiter, &'a Arc<EventFd>)>,
 }
@@ -95,11 +88,12 @@ impl ChainHandler for TxHandler<'_> {
         match self.send(mem, chain) {
             Ok(Sent::Limited) => return None,
             Ok(Sent::Done) => {
-                self.stats.packets += 1;
-                self.stats.bytes += chain.readable_len;
+                // At least a header and an Ethernet header: checked before sending.
+                self.counters
+                    .sent(chain.readable_len.saturating_sub(HDR_LEN as u64));
             }
             Err(e) => {
-                self.stats.dropped += 1;
+                self.counters.tx_dropped();
                 // One line per bad packet would let a guest flood the log.
                 crate::warn_limited!("virtio-net: transmit packet dropped: {e}");
             }

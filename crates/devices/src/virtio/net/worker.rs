@@ -22,8 +22,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::rx::{deliver, RxOutcome};
-use super::tx::{TxHandler, TxStats};
-use super::{NetBackend, HDR_LEN, MAX_PACKET_LEN};
+use super::tx::TxHandler;
+use super::{NetBackend, NetCounters, HDR_LEN, MAX_PACKET_LEN};
 use crate::bus::lock;
 use crate::rate_limiter::SharedLimiter;
 use crate::virtio::queue::{process_queue_until, Chain, QueueError};
@@ -40,14 +40,6 @@ const TOKEN_RX_TIMER: u64 = 6;
 
 /// Frames delivered per wake-up before the worker looks at its other events again.
 const RX_BUDGET: usize = 256;
-
-/// Counters of a receive queue.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct RxStats {
-    pub packets: u64,
-    pub bytes: u64,
-    pub dropped: u64,
-}
 
 /// A running queue-pair worker. Dropping it stops the thread.
 pub struct PairWorker {
@@ -72,6 +64,8 @@ pub struct PairOptions {
     /// Mergeable receive buffers.
     pub mrg: bool,
     pub limiters: Limiters,
+    /// The device's counters, shared by its pairs.
+    pub counters: Arc<NetCounters>,
 }
 
 struct Pair {
@@ -107,8 +101,7 @@ struct Pair {
     pool: Vec<Chain>,
     tx_buf: Vec<u8>,
     tx_chain: Chain,
-    rx_stats: RxStats,
-    tx_stats: TxStats,
+    counters: Arc<NetCounters>,
     broken: bool,
 }
 
@@ -123,7 +116,11 @@ impl PairWorker {
         backend: Arc<dyn NetBackend>,
         opts: PairOptions,
     ) -> Result<PairWorker, WorkerError> {
-        let PairOptions { mrg, limiters } = opts;
+        let PairOptions {
+            mrg,
+            limiters,
+            counters,
+        } = opts;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(WorkerError::EventFd)?);
         let wake_thread = wake.clone();
         let (rx_index, tx_index) = (rx.index, tx.index);
@@ -179,8 +176,7 @@ impl PairWorker {
                 pool: Vec::new(),
                 tx_buf: Vec::new(),
                 tx_chain: Chain::default(),
-                rx_stats: RxStats::default(),
-                tx_stats: TxStats::default(),
+                counters,
                 broken: false,
             })
         })?;
@@ -362,7 +358,7 @@ impl Pair {
         let mut handler = TxHandler {
             backend: &*self.backend,
             buf: &mut self.tx_buf,
-            stats: &mut self.tx_stats,
+            counters: &self.counters,
             limiter: self.limiters.tx.as_deref().map(|l| (l, &self.wake)),
         };
         match process_queue_until(
@@ -411,7 +407,7 @@ impl Pair {
                 None => match self.backend.recv(&mut self.rx_buf) {
                     Ok(len) if len > MAX_PACKET_LEN => {
                         // Filled the whole buffer: possibly truncated.
-                        self.rx_stats.dropped += 1;
+                        self.counters.rx_dropped();
                         continue;
                     }
                     Ok(len) => len,
@@ -457,13 +453,12 @@ impl Pair {
                 RxOutcome::Delivered(_) => {
                     self.pending = None;
                     self.rx_granted = false;
-                    self.rx_stats.packets += 1;
-                    self.rx_stats.bytes += len as u64;
+                    self.counters.received(len.saturating_sub(HDR_LEN) as u64);
                 }
                 RxOutcome::Dropped { why, .. } => {
                     self.pending = None;
                     self.rx_granted = false;
-                    self.rx_stats.dropped += 1;
+                    self.counters.rx_dropped();
                     crate::warn_limited!(
                         "virtio-net queue {}: received frame of {len} bytes dropped: {why:?}",
                         self.rx_index
