@@ -967,7 +967,24 @@ impl Manager {
                 .map(|(n, r)| (n.clone(), r.process.pid))
                 .collect()
         };
-        Ok(crate::metrics::render(&views, &pids))
+        // Each running VM's own counters and migration, asked of all at once (a VM that
+        // does not answer within a second is left out).
+        let live: Vec<crate::metrics::VmLive> = std::thread::scope(|s| {
+            let asks: Vec<_> = pids
+                .iter()
+                .map(|(name, _)| {
+                    let api = api::client::Client::new(self.layout.api_socket(name))
+                        .with_timeout(Some(Duration::from_secs(1)));
+                    s.spawn(move || crate::metrics::VmLive {
+                        name: name.clone(),
+                        counters: api.counters().ok(),
+                        migration: api.migration_status().ok(),
+                    })
+                })
+                .collect();
+            asks.into_iter().filter_map(|a| a.join().ok()).collect()
+        });
+        Ok(crate::metrics::render(&views, &pids, &live))
     }
 
     /// Kills the VM's process at once.

@@ -573,6 +573,8 @@ fn pause_resume_and_metrics() {
     assert!(have_kvm(), "/dev/kvm is required");
     let dir = TempDir::new("manager-pause");
     let d = Daemon::start(&dir.0);
+    let base = dir.file("base.raw");
+    raw_disk(&base, 4 << 20);
     d.ok(&[
         "template",
         "create",
@@ -581,6 +583,8 @@ fn pause_resume_and_metrics() {
         "console=ttyS0 action=idle",
         "--cpus",
         "2",
+        "--disk",
+        base.to_str().unwrap(),
     ]);
     d.ok(&["vm", "create", "a", "-t", "t", "--start"]);
     d.ok(&["vm", "create", "b", "-t", "t"]);
@@ -608,9 +612,31 @@ fn pause_resume_and_metrics() {
         "vessel_vm_cpu_seconds_total{vm=\"a\"} ",
         "vessel_vm_resident_bytes{vm=\"a\"} ",
         "vessel_daemon_resident_bytes ",
+        "vessel_vm_vcpu_exits_total{vm=\"a\",vcpu=\"1\"} ",
+        "vessel_vm_net_rx_packets_total ",
     ] {
         assert!(m.contains(want), "{want} not in:\n{m}");
     }
+    // The VM's own counters: the guest writes its disk at boot.
+    let value = |text: &str, series: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    wait_until("the disk's writes in the metrics", || {
+        let m =
+            String::from_utf8(c.call("GET", "/api/v1/metrics", None).unwrap().to_vec()).unwrap();
+        value(
+            &m,
+            "vessel_vm_disk_write_ops_total{vm=\"a\",disk=\"block0\"}",
+        )
+        .is_some_and(|n| n > 0)
+            && value(
+                &m,
+                "vessel_vm_disk_write_bytes_total{vm=\"a\",disk=\"block0\"}",
+            )
+            .is_some_and(|n| n >= 512)
+    });
     d.ok(&["vm", "kill", "a"]);
 }
 
