@@ -65,6 +65,11 @@ pub struct DaemonArgs {
     /// `uid=990,gid=990`.
     #[arg(long, value_name = "SPEC")]
     vm_jail: Option<String>,
+    /// Jail every VM as a user (and group) of its own from this range, e.g.
+    /// `200000-265535` (instead of --vm-jail's uid and gid; its other settings apply).
+    #[arg(long, value_name = "FIRST-LAST",
+        value_parser = |s: &str| crate::jailing::parse_range(s).map_err(|e| e.to_string()))]
+    vm_uids: Option<(u32, u32)>,
     /// Also serve the API on TCP (`ADDR:PORT`), over TLS, to holders of a token (`vessel
     /// token create`).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -461,7 +466,9 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
         }
         None => None,
     };
-    let manager = Manager::new(store, layout, vessel, args.vm_jail)?;
+    let jail = crate::jailing::VmJail::new(args.vm_jail, args.vm_uids)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let manager = Manager::new(store, layout, vessel, jail)?;
     manager.ensure_default_pool()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

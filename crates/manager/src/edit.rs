@@ -176,6 +176,7 @@ impl Manager {
                 snapshots: Vec::new(),
                 restore_from: None,
                 cloud_init: seed,
+                jail_uid: None,
                 ..src.clone()
             };
             self.store().add_vm(&vm)?;

@@ -8,6 +8,7 @@
 //! - [`storage`], [`storage_cli`]: storage pools (directories) and their volumes; `vessel
 //!   pool`, `vessel volume`.
 //! - [`process`]: a VM's `vessel run` process, watched through a pidfd.
+//! - [`jailing`]: how VM processes are jailed (one user for all, or one each).
 //! - [`layout`]: where state, disks, logs and sockets live.
 //! - [`seed`]: cloud-init's NoCloud seed disk (`CIDATA`), made without outside tools.
 //! - [`server`], [`client`]: the REST API on a Unix socket (axum), and optionally on TCP with
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod client;
 pub mod console;
 pub mod edit;
+pub mod jailing;
 pub mod layout;
 pub mod metrics;
 pub mod migrate;

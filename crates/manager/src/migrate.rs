@@ -156,12 +156,14 @@ impl Manager {
         vm.desired = Desired::Stopped;
         vm.pid = None;
         vm.restore_from = None;
+        vm.jail_uid = None; // one of this host's
         vm.created = crate::store::now_s();
         let name = vm.name.clone();
         self.live().incoming.insert(name.clone());
         let ready = (|| {
             self.store().add_vm(&vm)?;
-            self.give_to_jail(&vm.disks)?;
+            let disks = vm.disks.clone();
+            self.give_to_jail(&mut vm, &disks)?;
             self.launch_as(&mut vm, true)?;
             let api = api::client::Client::new(self.layout().api_socket(&name));
             let disks = vm

@@ -101,6 +101,9 @@ pub struct VmRecord {
     /// Its snapshots (VM and disks together), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<Snapshot>,
+    /// The user and group (the same id) its jailed VMM runs as, its own (`--vm-uids`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_uid: Option<u32>,
     /// Where its disks and snapshots are when that is not this daemon's directory for it (a
     /// VM that migrated here from another daemon, which left them there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -460,6 +463,7 @@ mod tests {
             cloud_init: None,
             volumes: Vec::new(),
             home: None,
+            jail_uid: None,
             pid: Some(7),
             created: 1,
             snapshots: Vec::new(),

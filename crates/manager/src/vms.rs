@@ -221,10 +221,8 @@ pub struct Manager {
     layout: Layout,
     /// The `vessel` binary VM processes run.
     vessel: PathBuf,
-    /// Extra arguments for every VM process (`--jail ...`).
-    vm_args: Vec<String>,
-    /// The user and group jailed VMs run as: their files are made theirs.
-    jail_owner: Option<(u32, u32)>,
+    /// How VM processes are jailed (their files are made their users').
+    jail: Option<crate::jailing::VmJail>,
     live: Mutex<Live>,
     /// Serializes operations that change a VM (start, stop, delete, the restart policy).
     ops: Mutex<()>,
@@ -237,24 +235,13 @@ impl Manager {
         store: Arc<dyn Store>,
         layout: Layout,
         vessel: PathBuf,
-        jail: Option<String>,
+        jail: Option<crate::jailing::VmJail>,
     ) -> Result<Arc<Manager>, Error> {
-        let mut vm_args = Vec::new();
-        let mut jail_owner = None;
-        if let Some(j) = jail {
-            let spec = jail::sandbox::JailSpec::parse(&j, |s| {
-                spec::cli::memory(s).map_err(|e| e.to_string())
-            })
-            .map_err(|e| bad(format!("--vm-jail: {e}")))?;
-            jail_owner = Some((spec.uid, spec.gid));
-            vm_args.extend(["--jail".to_string(), j]);
-        }
         Ok(Arc::new(Manager {
             store,
             layout,
             vessel,
-            vm_args,
-            jail_owner,
+            jail,
             live: Mutex::default(),
             ops: Mutex::new(()),
             events: broadcast::channel(1024).0,
@@ -462,6 +449,7 @@ impl Manager {
                 cloud_init: seed.clone(),
                 volumes,
                 home: None,
+                jail_uid: None,
                 pid: None,
                 created: now_s(),
                 snapshots: Vec::new(),
@@ -577,12 +565,20 @@ impl Manager {
         self.view(name)
     }
 
-    /// Gives files the VM's process writes (disks that came from a migration, a snapshot's
-    /// directory) to the jail's user.
-    pub(crate) fn give_to_jail(&self, paths: &[PathBuf]) -> Result<(), Error> {
-        if let Some((uid, gid)) = self.jail_owner {
+    /// Gives files the VM's process writes (its directories, disks that came from a
+    /// migration, a snapshot's directory) to its jail's user (given one first if it has its
+    /// own and none yet).
+    pub(crate) fn give_to_jail(&self, vm: &mut VmRecord, paths: &[PathBuf]) -> Result<(), Error> {
+        let Some(jail) = &self.jail else {
+            return Ok(());
+        };
+        let others = self.store.vms()?;
+        jail.allocate(vm, others.iter())
+            .map_err(|e| Error::Conflict(e.to_string()))?;
+        if let Some((uid, gid)) = jail.ids(vm) {
             for d in paths {
-                give(d, uid, gid).map_err(|e| Error::Failed(format!("{}: {e}", d.display())))?;
+                crate::jailing::give(d, uid, gid)
+                    .map_err(|e| Error::Failed(format!("{}: {e}", d.display())))?;
             }
         }
         Ok(())
@@ -600,7 +596,8 @@ impl Manager {
         vm: &mut VmRecord,
         incoming: bool,
     ) -> Result<(), Error> {
-        let failed = |e: String| Error::Failed(format!("cannot start {}: {e}", vm.name));
+        let vm_name = vm.name.clone();
+        let failed = |e: String| Error::Failed(format!("cannot start {vm_name}: {e}"));
         let run = self.layout.vm_run(&vm.name);
         std::fs::create_dir_all(&run).map_err(|e| failed(e.to_string()))?;
         let api = self.layout.api_socket(&vm.name);
@@ -613,15 +610,12 @@ impl Manager {
         std::fs::write(&config, doc).map_err(|e| failed(e.to_string()))?;
         let log = self.layout.vm_log(&vm.name);
         rotate_log(&log);
-        if let Some((uid, gid)) = self.jail_owner {
-            // A jailed VMM writes its disks and makes its sockets as the jail's user.
-            for d in [self.layout.vm_dir(&vm.name), run.clone()] {
-                give(&d, uid, gid).map_err(|e| failed(format!("{}: {e}", d.display())))?;
-            }
-        }
+        // A jailed VMM writes its disks and makes its sockets as the jail's user.
+        let own = [self.layout.vm_dir(&vm.name), run.clone()];
+        self.give_to_jail(vm, &own)?;
         let mut args = vec!["run".to_string()];
-        args.extend(self.vm_args.iter().cloned());
-        if self.jail_owner.is_some() {
+        if let Some(j) = &self.jail {
+            args.extend(j.args(vm));
             // Its own directory: snapshots and suspends write there.
             let dir = self.layout.vm_dir(&vm.name);
             args.extend(["--jail-path".into(), dir.display().to_string()]);
@@ -634,7 +628,7 @@ impl Manager {
             _ if incoming => {
                 args[0] = "serve".into();
                 args.extend(["--console".into(), console]);
-                if self.jail_owner.is_some() {
+                if self.jail.is_some() {
                     for d in &vm.disks {
                         args.extend(jail_paths(d).map_err(failed)?);
                     }
@@ -720,7 +714,7 @@ impl Manager {
     fn save(&self, vm: &mut VmRecord, dir: &Path) -> Result<(), Error> {
         let name = vm.name.clone();
         std::fs::create_dir_all(dir).map_err(|e| Error::Failed(e.to_string()))?;
-        self.give_to_jail(&[dir.to_path_buf()])?;
+        self.give_to_jail(vm, &[dir.to_path_buf()])?;
         let req = api::types::SnapshotRequest {
             dir: dir.to_path_buf(),
             diff: false,
@@ -1160,20 +1154,6 @@ fn snapshot_index(vm: &VmRecord, snap: &str) -> Result<usize, Error> {
                 name: format!("{}/{snap}", vm.name),
             })
         })
-}
-
-/// Gives `path` and everything below it to `uid`:`gid` (symbolic links themselves).
-fn give(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    use rustix::fs::{chownat, AtFlags, CWD};
-    use rustix::process::{Gid, Uid};
-    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
-    chownat(CWD, path, Some(u), Some(g), AtFlags::SYMLINK_NOFOLLOW)?;
-    if std::fs::symlink_metadata(path)?.is_dir() {
-        for e in std::fs::read_dir(path)? {
-            give(&e?.path(), uid, gid)?;
-        }
-    }
-    Ok(())
 }
 
 /// The last lines of a VM's log, for an error message.

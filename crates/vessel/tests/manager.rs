@@ -1344,3 +1344,53 @@ fn a_vm_migrates_live_to_another_daemon() {
     assert!(!Path::new(&disk).exists(), "its disk goes with it");
     assert_eq!(std::fs::read_dir(a.state.join("vms")).unwrap().count(), 0);
 }
+
+/// With `--vm-uids`, every jailed VM runs as a user of its own, kept across restarts and
+/// given back when the VM goes; a full range is a clear refusal.
+#[test]
+fn each_jailed_vm_runs_as_its_own_user() {
+    require_root();
+    let dir = TempDir::new("manager-uids");
+    let d = Daemon::start_with(&dir.0, &["--vm-uids", "64200-64201"]);
+    d.idle_template_with_disk(&dir, 4 << 20);
+    let vmm_uid = |name: &str| -> u32 {
+        let keeper = d.vm(name)["pid"].as_u64().unwrap();
+        let children =
+            std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
+        let vmm: u64 = children.split_whitespace().next().unwrap().parse().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        uid.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    use std::os::unix::fs::MetadataExt;
+    let disk_owner = |name: &str| {
+        let v = d.vm(name);
+        std::fs::metadata(v["disks"][0].as_str().unwrap())
+            .unwrap()
+            .uid()
+    };
+    for n in ["a", "b", "c"] {
+        d.ok(&["vm", "create", n, "-t", "t"]);
+    }
+    d.ok(&["vm", "start", "a"]);
+    d.ok(&["vm", "start", "b"]);
+    let (ua, ub) = (vmm_uid("a"), vmm_uid("b"));
+    assert_eq!((ua, ub), (64200, 64201));
+    assert_eq!((disk_owner("a"), disk_owner("b")), (64200, 64201));
+    assert_eq!(d.vm("a")["jail_uid"], 64200);
+    // None left for c.
+    let o = d.vessel(&["vm", "start", "c"]);
+    assert_code(&o, 1);
+    assert!(stderr(&o).contains("no free user id"), "{}", stderr(&o));
+    // a keeps its user across a restart; once deleted, c gets it.
+    d.ok(&["vm", "restart", "a", "--timeout", "1"]);
+    assert_eq!(vmm_uid("a"), 64200);
+    d.ok(&["vm", "kill", "a"]);
+    d.ok(&["vm", "delete", "a"]);
+    d.ok(&["vm", "start", "c"]);
+    assert_eq!(vmm_uid("c"), 64200);
+    for n in ["b", "c"] {
+        d.ok(&["vm", "kill", n]);
+        d.ok(&["vm", "delete", n]);
+    }
+}
