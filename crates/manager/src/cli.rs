@@ -352,6 +352,12 @@ enum VmCommand {
         #[arg(long)]
         start: bool,
     },
+    /// The end of the VM's log (its VMM's messages; the guest's output is on `vm console`).
+    Log {
+        name: String,
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+    },
     /// Attaches this terminal to the VM's serial console (Ctrl-] detaches).
     Console { name: String },
 }
@@ -827,6 +833,15 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             let req = crate::edit::VmClone { name: new, start };
             let v: VmView = c.send_json("POST", &path(&name, "clone"), &req)?;
             show(v, &format!("created, a clone of {name}"))
+        }
+        VmCommand::Log { name, lines } => {
+            let text = c.call(
+                "GET",
+                &format!("/api/v1/vms/{name}/log?lines={lines}"),
+                None,
+            )?;
+            std::io::stdout().write_all(&text).map_err(io("stdout"))?;
+            Ok(0)
         }
         VmCommand::Console { name } => {
             let v: VmView = c.get(&format!("/api/v1/vms/{name}"))?;

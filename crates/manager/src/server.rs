@@ -9,6 +9,7 @@
 //! GET    /api/v1/vms/{name}             DELETE /api/v1/vms/{name}
 //! PATCH  /api/v1/vms/{name}             (VmEdit)   POST /api/v1/vms/{name}/clone (VmClone)
 //! PUT    /api/v1/vms/{name}/migrate     (MigrateRequest): to another daemon's VMM
+//! GET    /api/v1/vms/{name}/log?lines=N the end of its process's output
 //! POST   /api/v1/migrations/incoming    (IncomingMigration): ready this host for a VM
 //! PUT    /api/v1/vms/{name}/start|stop|kill|restart|pause|resume    (stop: StopRequest)
 //! PUT    /api/v1/vms/{name}/suspend     PUT /api/v1/suspend-all     (saved to disk)
@@ -152,6 +153,7 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(restore_snapshot))
         .routes(routes!(restart))
         .routes(routes!(clone))
+        .routes(routes!(log))
         .routes(routes!(migrate))
         .routes(routes!(incoming))
         .routes(routes!(events))
@@ -416,6 +418,33 @@ async fn edit(
 ) -> Reply<VmView> {
     let req = body(&b)?;
     blocking(move || m.edit(&name, req)).await
+}
+
+#[derive(Deserialize)]
+struct Lines {
+    lines: Option<usize>,
+}
+
+/// The end of a VM's log: its process's output (the VMM's messages; its serial console is
+/// on the console socket), 100 lines unless `lines` says.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/log",
+    params(("name" = String, Path), ("lines" = Option<usize>, Query)),
+    responses((status = 200, content_type = "text/plain", body = String), Errors))]
+async fn log(
+    State(m): State<Arc<Manager>>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<Lines>,
+) -> Result<Response, Failure> {
+    let lines = q.lines.unwrap_or(100);
+    let text = blocking(move || m.log(&name, lines)).await?.0;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Makes a new VM, a copy of a stopped one with its own disks.

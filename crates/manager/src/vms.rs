@@ -951,6 +951,20 @@ impl Manager {
         self.view(name)
     }
 
+    /// The last `lines` lines of the VM's log (its process's output, the rotated file first).
+    pub fn log(&self, name: &str, lines: usize) -> Result<String, Error> {
+        self.store.vm(name)?;
+        let log = self.layout.vm_log(name);
+        let mut text = std::fs::read_to_string(log.with_extension("log.1")).unwrap_or_default();
+        text.push_str(&std::fs::read_to_string(&log).unwrap_or_default());
+        let all: Vec<&str> = text.lines().collect();
+        let mut out = all[all.len().saturating_sub(lines)..].join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        Ok(out)
+    }
+
     /// The Prometheus metrics of the host's VMs and of the daemon.
     pub fn metrics(&self) -> Result<String, Error> {
         let views = self.list()?;

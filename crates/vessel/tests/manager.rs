@@ -368,6 +368,7 @@ fn the_openapi_document_is_the_api() {
         "GET /api/v1/tokens",
         "GET /api/v1/vms",
         "GET /api/v1/vms/{name}",
+        "GET /api/v1/vms/{name}/log",
         "GET /api/v1/vms/{name}/snapshots",
         "PATCH /api/v1/vms/{name}",
         "POST /api/v1/migrations/incoming",
@@ -617,6 +618,10 @@ fn pause_resume_and_metrics() {
     ] {
         assert!(m.contains(want), "{want} not in:\n{m}");
     }
+    // Its log: the VMM's own messages.
+    let log = d.ok(&["vm", "log", "a", "-n", "5"]);
+    assert!(log.contains("guest boot marker"), "{log}");
+    assert!(log.lines().count() <= 5);
     // The VM's own counters: the guest writes its disk at boot.
     let value = |text: &str, series: &str| -> Option<u64> {
         text.lines()
