@@ -238,6 +238,10 @@ enum VmCommand {
         /// The size of its first disk (at least the template's): 20G.
         #[arg(long, value_parser = |s: &str| spec::size::parse(s, spec::size::Plain::Bytes).map_err(|e| e.to_string()))]
         disk_size: Option<u64>,
+        /// A NIC on a managed network: NETWORK[,mac=MAC] (repeatable; replaces the template's
+        /// NICs, taking their options in order).
+        #[arg(long = "net", value_name = "NETWORK[,mac=MAC]")]
+        nets: Vec<String>,
         /// A pool volume (POOL/VOLUME) attached as one more disk; it outlives the VM
         /// (repeatable).
         #[arg(long = "volume", value_name = "POOL/VOLUME")]
@@ -493,7 +497,14 @@ pub fn daemon(args: DaemonArgs) -> Result<i32, CliError> {
         });
         // VMs come back (adopted or started) with the API already answering.
         let m = manager.clone();
-        let recovered = tokio::task::spawn_blocking(move || m.recover()).await;
+        let recovered = tokio::task::spawn_blocking(move || {
+            // Networks first: the VMs that start now need their bridges.
+            if let Err(e) = m.recover_networks() {
+                tracing::error!("recovering the networks: {e}");
+            }
+            m.recover()
+        })
+        .await;
         match recovered {
             Ok(Err(e)) => tracing::error!("recovering the VMs: {e}"),
             Err(e) => tracing::error!("recovering the VMs: {e}"),
@@ -565,18 +576,24 @@ fn uptime(ms: Option<u64>) -> String {
 
 fn print_vms(vms: &[VmView]) {
     println!(
-        "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8}  TEMPLATE",
-        "NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID"
+        "{:<20} {:<9} {:>5} {:>7} {:>9} {:>8}  {:<15} TEMPLATE",
+        "NAME", "STATE", "VCPUS", "MEMORY", "UPTIME", "PID", "ADDRESS"
     );
     for v in vms {
+        let ips: Vec<String> = v.addresses.iter().map(|a| a.ip.to_string()).collect();
         println!(
-            "{:<20} {:<8} {:>5} {:>7} {:>9} {:>8}  {}",
+            "{:<20} {:<9} {:>5} {:>7} {:>9} {:>8}  {:<15} {}",
             v.record.name,
             v.state.as_str(),
             v.record.spec.cpus,
             size(v.record.spec.memory),
             uptime(v.uptime_ms),
             v.record.pid.map_or("-".into(), |p| p.to_string()),
+            if ips.is_empty() {
+                "-".to_string()
+            } else {
+                ips.join(",")
+            },
             v.record.template
         );
     }
@@ -623,6 +640,7 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
             order,
             delay,
             disk_size,
+            nets,
             volumes,
             start,
             hostname,
@@ -663,6 +681,7 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
                 autostart_delay_s: delay,
                 disk_size,
                 volumes,
+                nets,
                 start,
                 cloud_init: (!seed.is_empty()).then_some(seed),
             };

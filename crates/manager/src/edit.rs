@@ -148,7 +148,7 @@ impl Manager {
             let mut spec = src.spec.clone();
             spec.disks.truncate(own.len());
             for n in &mut spec.nets {
-                n.mac = None;
+                n.mac = Some(net::random_local().map_err(|e| Error::Failed(e.to_string()))?);
             }
             let mut disks = Vec::new();
             for (i, from) in own.iter().enumerate() {
@@ -191,6 +191,7 @@ impl Manager {
         };
         self.event(&vm.name, "vm.created", format!("a clone of {name}"));
         drop(_op);
+        self.sync_hosts(&vm.networks);
         if req.start {
             self.start(&vm.name)?;
         }

@@ -9,6 +9,7 @@
 //! STATE/vms/NAME/snapshots/SNAP/   a snapshot: state, memory, the disks frozen then
 //! STATE/templates/NAME/disk-N.qcow2  the bases of a template made from a VM
 //! STATE/images/                    the `default` storage pool
+//! STATE/networks/NAME/             a network's dnsmasq files: conf, hosts, leases, log
 //! RUN/vessel.sock                  the daemon's API
 //! RUN/vms/NAME/api.sock            the VM's own API
 //! RUN/vms/NAME/console.sock        its serial console (with scrollback)
@@ -106,6 +107,27 @@ impl Layout {
         }
         Ok(())
     }
+}
+
+/// Makes `dir` readable by other users (0755), and its parent and grandparent traversable:
+/// a network's dnsmasq, which drops to `nobody`, reads its files there (STATE/networks/NAME).
+pub fn readable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| -> std::io::Result<()> {
+        let now = std::fs::metadata(p)?.permissions().mode() & 0o7777;
+        if now | mode != now {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(now | mode))?;
+        }
+        Ok(())
+    };
+    set(dir, 0o755)?;
+    if let Some(parent) = dir.parent() {
+        set(parent, 0o711)?;
+        if let Some(gp) = parent.parent() {
+            set(gp, 0o711)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks a VM or template name: 1 to 63 of `a-z A-Z 0-9 - _ .`, not starting with `.` or

@@ -7,6 +7,8 @@
 //! - [`edit`]: `vm edit`, `vm clone`, templates made from a stopped VM.
 //! - [`storage`], [`storage_cli`]: storage pools (directories) and their volumes; `vessel
 //!   pool`, `vessel volume`.
+//! - [`networks`], [`net_cli`]: the managed networks (`vessel net`, [`netmgr`]) and the VMs'
+//!   NICs on them (taps, names, addresses).
 //! - [`process`]: a VM's `vessel run` process, watched through a pidfd.
 //! - [`jailing`]: how VM processes are jailed (one user for all, or one each).
 //! - [`layout`]: where state, disks, logs and sockets live.
@@ -27,6 +29,8 @@ pub mod jailing;
 pub mod layout;
 pub mod metrics;
 pub mod migrate;
+pub mod net_cli;
+pub mod networks;
 pub mod process;
 pub mod seed;
 pub mod server;

@@ -179,7 +179,9 @@ impl Manager {
                     listen: listen.clone(),
                     token: None,
                     disks,
-                    taps: Vec::new(),
+                    taps: (0..vm.networks.len())
+                        .map(|i| crate::networks::tap_name(&name, i))
+                        .collect(),
                     vsock_socket: None,
                     same_paths: false,
                 })
@@ -192,6 +194,7 @@ impl Manager {
         drop(_op);
         match ready {
             Ok(r) => {
+                self.sync_hosts(&vm.networks);
                 self.event(&name, "vm.incoming", format!("listening on {listen}"));
                 let me = self.clone();
                 let watched = std::thread::Builder::new()
@@ -311,8 +314,17 @@ impl Manager {
             Ok(status) => {
                 // The VM runs on the other host, on the same disks: they stay (in its home,
                 // which is this daemon's directory for it unless it came from elsewhere).
+                if let Ok(v) = self.store().vm(name) {
+                    self.unplug(&v);
+                }
                 let away = self.store().vm(name).map(|v| v.home.is_some());
+                let networks = self
+                    .store()
+                    .vm(name)
+                    .map(|v| v.networks)
+                    .unwrap_or_default();
                 let _ = self.store().delete_vm(name);
+                self.sync_hosts(&networks);
                 if let Ok(true) = away {
                     let _ = std::fs::remove_dir_all(self.layout().vm_dir(name));
                 } else {
@@ -342,6 +354,7 @@ impl Manager {
                     if let Ok(mut vm) = self.store().vm(name) {
                         vm.pid = None;
                         let _ = self.store().put_vm(&vm);
+                        self.unplug(&vm);
                     }
                     self.event(name, "vm.crashed", "its VMM ended during the migration");
                 }

@@ -23,7 +23,7 @@
 //! GET    /api/v1/openapi.json           this API's OpenAPI document
 //! ```
 //!
-//! and the storage pools' and volumes' ([`storage`]).
+//! and the storage pools' and volumes' ([`storage`]), the networks' ([`networks`]).
 //!
 //! On TCP ([`tcp_router`]) every request needs a token; see [`crate::auth`].
 
@@ -51,6 +51,7 @@ use crate::vms::{Error, Manager, StopRequest, TemplateCreate, VmCreate, VmView};
 /// The longest request body accepted.
 const MAX_BODY: usize = 1 << 20;
 
+mod networks;
 mod storage;
 
 pub(crate) struct Failure(ApiError);
@@ -160,7 +161,7 @@ pub fn router_and_doc(m: Arc<Manager>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(stream))
         .routes(routes!(tokens, create_token))
         .routes(routes!(delete_token));
-    let (router, doc) = storage::routes(router).split_for_parts();
+    let (router, doc) = networks::routes(storage::routes(router)).split_for_parts();
     let router = router
         .fallback(|| async { Failure(ApiError::not_found("no such route")) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -37,6 +37,17 @@ pub struct Template {
     pub created: u64,
 }
 
+/// A managed network as the daemon keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkRecord {
+    #[serde(flatten)]
+    pub def: netmgr::NetworkDef,
+    /// Whether it should be up (started, and not stopped since).
+    pub active: bool,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
 /// A storage pool: a directory whose image files are its volumes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoragePool {
@@ -82,6 +93,9 @@ pub struct VmRecord {
     /// Its disks' files (overlays on the template's bases), one per disk of the spec.
     #[schema(value_type = Vec<String>)]
     pub disks: Vec<PathBuf>,
+    /// The managed network of each NIC of its spec (`spec.nets[i]` is on `networks[i]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
     /// Those of `disks` that are pool volumes attached to it: they outlive it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<String>)]
@@ -175,6 +189,11 @@ pub trait Store: Send + Sync {
     fn template(&self, name: &str) -> Result<Template, StoreError>;
     fn templates(&self) -> Result<Vec<Template>, StoreError>;
     fn delete_template(&self, name: &str) -> Result<(), StoreError>;
+    fn add_network(&self, n: &NetworkRecord) -> Result<(), StoreError>;
+    fn put_network(&self, n: &NetworkRecord) -> Result<(), StoreError>;
+    fn network(&self, name: &str) -> Result<NetworkRecord, StoreError>;
+    fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError>;
+    fn delete_network(&self, name: &str) -> Result<(), StoreError>;
     fn add_pool(&self, p: &StoragePool) -> Result<(), StoreError>;
     fn pool(&self, name: &str) -> Result<StoragePool, StoreError>;
     fn pools(&self) -> Result<Vec<StoragePool>, StoreError>;
@@ -192,7 +211,7 @@ pub trait Store: Send + Sync {
 }
 
 /// The schema this Vessel writes.
-const SCHEMA: i64 = 2;
+const SCHEMA: i64 = 3;
 
 /// What takes the schema from each version to the next (index 0: from nothing to 1).
 const MIGRATIONS: [&str; SCHEMA as usize] = [
@@ -203,6 +222,7 @@ const MIGRATIONS: [&str; SCHEMA as usize] = [
          time_ms INTEGER NOT NULL, subject TEXT NOT NULL, kind TEXT NOT NULL,
          message TEXT NOT NULL);",
     "CREATE TABLE pools (name TEXT PRIMARY KEY, body TEXT NOT NULL);",
+    "CREATE TABLE networks (name TEXT PRIMARY KEY, body TEXT NOT NULL);",
 ];
 
 /// Events kept: older ones are dropped as new ones come.
@@ -273,6 +293,24 @@ impl SqliteStore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn replace<T: Serialize>(
+        &self,
+        table: &str,
+        what: &'static str,
+        name: &str,
+        body: &T,
+    ) -> Result<(), StoreError> {
+        let body = serde_json::to_string(body)?;
+        let sql = format!("UPDATE {table} SET body = ?2 WHERE name = ?1");
+        if self.db().execute(&sql, params![name, body])? == 0 {
+            return Err(StoreError::NotFound {
+                what,
+                name: name.to_string(),
+            });
+        }
+        Ok(())
     }
 
     fn get<T: for<'de> Deserialize<'de>>(
@@ -366,6 +404,21 @@ impl Store for SqliteStore {
     fn delete_template(&self, name: &str) -> Result<(), StoreError> {
         self.delete("templates", "template", name)
     }
+    fn add_network(&self, n: &NetworkRecord) -> Result<(), StoreError> {
+        self.insert("networks", "network", &n.def.name, n)
+    }
+    fn put_network(&self, n: &NetworkRecord) -> Result<(), StoreError> {
+        self.replace("networks", "network", &n.def.name, n)
+    }
+    fn network(&self, name: &str) -> Result<NetworkRecord, StoreError> {
+        self.get("networks", "network", name)
+    }
+    fn networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
+        self.all("networks")
+    }
+    fn delete_network(&self, name: &str) -> Result<(), StoreError> {
+        self.delete("networks", "network", name)
+    }
     fn add_pool(&self, p: &StoragePool) -> Result<(), StoreError> {
         self.insert("pools", "pool", &p.name, p)
     }
@@ -382,18 +435,7 @@ impl Store for SqliteStore {
         self.insert("vms", "VM", &vm.name, vm)
     }
     fn put_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let body = serde_json::to_string(vm)?;
-        let n = self.db().execute(
-            "UPDATE vms SET body = ?2 WHERE name = ?1",
-            params![vm.name, body],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NotFound {
-                what: "VM",
-                name: vm.name.clone(),
-            });
-        }
-        Ok(())
+        self.replace("vms", "VM", &vm.name, vm)
     }
     fn vm(&self, name: &str) -> Result<VmRecord, StoreError> {
         self.get("vms", "VM", name)
@@ -462,6 +504,7 @@ mod tests {
             autostart_delay_s: 0,
             cloud_init: None,
             volumes: Vec::new(),
+            networks: Vec::new(),
             home: None,
             jail_uid: None,
             pid: Some(7),

@@ -115,6 +115,10 @@ pub struct VmCreate {
     /// Start it now.
     #[serde(default)]
     pub start: bool,
+    /// Its NICs: a managed network each (`NETWORK[,mac=MAC]`), replacing the template's
+    /// NICs (whose options they take, in order); a stable MAC each.
+    #[serde(default)]
+    pub nets: Vec<String>,
     /// A cloud-init NoCloud seed for it (a read-only `CIDATA` disk after the template's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::seed::Seed>,
@@ -185,6 +189,9 @@ pub struct VmView {
     pub uptime_ms: Option<u64>,
     /// Restarts by the policy within the last minute.
     pub restarts: u32,
+    /// Its addresses on its networks (from their DHCP leases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<crate::networks::NicAddress>,
     /// Its directory: disks, snapshots, log.
     #[schema(value_type = String)]
     pub dir: PathBuf,
@@ -224,6 +231,8 @@ pub struct Manager {
     /// How VM processes are jailed (their files are made their users').
     jail: Option<crate::jailing::VmJail>,
     live: Mutex<Live>,
+    /// The managed networks' live state ([`crate::networks`]).
+    pub(crate) nets: Mutex<crate::networks::NetLive>,
     /// Serializes operations that change a VM (start, stop, delete, the restart policy).
     ops: Mutex<()>,
     events: broadcast::Sender<Event>,
@@ -243,6 +252,7 @@ impl Manager {
             vessel,
             jail,
             live: Mutex::default(),
+            nets: crate::networks::new_live(),
             ops: Mutex::new(()),
             events: broadcast::channel(1024).0,
         }))
@@ -372,10 +382,9 @@ impl Manager {
         if let Some(c) = &req.cmdline {
             spec.boot.cmdline = c.clone();
         }
-        // Random MACs per VM, not the template's.
-        for n in &mut spec.nets {
-            n.mac = None;
-        }
+        // Its own NICs, on the networks named, each with a MAC of its own.
+        let (nics, networks) = self.nics_for(&t.spec.nets, &req.nets)?;
+        spec.nets = nics;
         spec.validate().map_err(bad)?;
         let seed = req.cloud_init.clone().filter(|s| !s.is_empty());
         if let Some(s) = &seed {
@@ -448,6 +457,7 @@ impl Manager {
                 autostart_delay_s: req.autostart_delay_s,
                 cloud_init: seed.clone(),
                 volumes,
+                networks: networks.clone(),
                 home: None,
                 jail_uid: None,
                 pid: None,
@@ -467,6 +477,7 @@ impl Manager {
         };
         self.event(&vm.name, "vm.created", format!("from template {}", t.name));
         drop(_op);
+        self.sync_hosts(&networks);
         if req.start {
             self.start(&vm.name)?;
         }
@@ -501,6 +512,11 @@ impl Manager {
     }
 
     fn view_of(&self, record: VmRecord) -> VmView {
+        let addresses = if record.networks.is_empty() {
+            Vec::new()
+        } else {
+            self.addresses(&record)
+        };
         let live = self.live();
         let running = live.running.get(&record.name);
         let state = match (running, record.desired) {
@@ -516,6 +532,7 @@ impl Manager {
             r.iter().filter(|t| t.elapsed() < RESTART_WINDOW).count()
         }) as u32;
         VmView {
+            addresses,
             uptime_ms: running.map(|r| r.started.elapsed().as_millis() as u64),
             restarts,
             dir: record
@@ -544,6 +561,9 @@ impl Manager {
             spec: vm.spec.clone(),
             bindings: HostBindings {
                 disks: vm.disks.clone(),
+                taps: (0..vm.networks.len())
+                    .map(|i| crate::networks::tap_name(&vm.name, i))
+                    .collect(),
                 console: Some(Console::Socket(self.layout.console_socket(&vm.name))),
                 api_socket: Some(self.layout.api_socket(&vm.name)),
                 ..HostBindings::default()
@@ -613,6 +633,8 @@ impl Manager {
         // A jailed VMM writes its disks and makes its sockets as the jail's user.
         let own = [self.layout.vm_dir(&vm.name), run.clone()];
         self.give_to_jail(vm, &own)?;
+        let owner = self.jail.as_ref().and_then(|j| j.ids(vm)).unwrap_or((0, 0));
+        self.plug(vm, owner)?;
         let mut args = vec!["run".to_string()];
         if let Some(j) = &self.jail {
             args.extend(j.args(vm));
@@ -644,22 +666,31 @@ impl Manager {
             }
             None => args.extend(["--config".into(), config.display().to_string()]),
         }
-        let process =
-            VmProcess::spawn(&self.vessel, &args, &log).map_err(|e| failed(e.to_string()))?;
-        let waiter = process.waiter().map_err(|e| failed(e.to_string()))?;
-        // Ready once its API answers; a process that ends first failed to start.
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if api::client::Client::new(&api).ping().is_ok() {
-                break;
+        let started = (|| {
+            let process =
+                VmProcess::spawn(&self.vessel, &args, &log).map_err(|e| failed(e.to_string()))?;
+            let waiter = process.waiter().map_err(|e| failed(e.to_string()))?;
+            // Ready once its API answers; a process that ends first failed to start.
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if api::client::Client::new(&api).ping().is_ok() {
+                    return Ok((process, waiter));
+                }
+                if waiter.wait(Some(Duration::from_millis(50))) || Instant::now() > deadline {
+                    let _ = process.signal(Signal::KILL);
+                    waiter.wait(Some(Duration::from_secs(5)));
+                    let how = process.reap();
+                    return Err(failed(format!("{how}: {}", log_tail(&log))));
+                }
             }
-            if waiter.wait(Some(Duration::from_millis(50))) || Instant::now() > deadline {
-                let _ = process.signal(Signal::KILL);
-                waiter.wait(Some(Duration::from_secs(5)));
-                let how = process.reap();
-                return Err(failed(format!("{how}: {}", log_tail(&log))));
+        })();
+        let (process, waiter) = match started {
+            Ok(p) => p,
+            Err(e) => {
+                self.unplug(vm);
+                return Err(e);
             }
-        }
+        };
         vm.pid = Some(process.pid);
         if let Some(dir) = vm.restore_from.take() {
             // A suspended VM's saved memory and state are spent once it runs again (the
@@ -862,6 +893,8 @@ impl Manager {
         let Ok(mut vm) = self.store.vm(name) else {
             return; // deleted
         };
+        // Its taps go with its process (a restart makes them again).
+        self.unplug(&vm);
         if vm.pid == Some(pid) {
             vm.pid = None;
             let _ = self.store.put_vm(&vm);
@@ -1061,6 +1094,8 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.layout.vm_run(name));
         self.store.delete_vm(name)?;
         self.live().restarts.remove(name);
+        self.unplug(&vm);
+        self.sync_hosts(&vm.networks);
         self.event(name, "vm.deleted", "");
         Ok(())
     }

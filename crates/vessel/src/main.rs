@@ -36,6 +36,8 @@ enum Command {
     Vm(manager::cli::VmArgs),
     /// The daemon's templates: what VMs are made from.
     Template(manager::cli::TemplateArgs),
+    /// The daemon's managed networks: NAT, isolated or bridged, with DHCP and DNS.
+    Net(manager::net_cli::NetArgs),
     /// The daemon's storage pools (directories of volumes).
     Pool(manager::storage_cli::PoolArgs),
     /// The volumes of the daemon's pools: create, list, resize, upload, delete.
@@ -84,6 +86,7 @@ fn main() {
         Command::Template(args) => {
             manager::cli::template(args).map_err(|e| failed(&e, e.exit_code()))
         }
+        Command::Net(args) => manager::net_cli::net(args).map_err(|e| failed(&e, e.exit_code())),
         Command::Pool(args) => {
             manager::storage_cli::pool(args).map_err(|e| failed(&e, e.exit_code()))
         }

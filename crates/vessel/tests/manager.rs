@@ -5,142 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::*;
 use common::*;
 use serde_json::Value;
-
-/// A daemon on its own directories.
-struct Daemon {
-    child: Child,
-    state: PathBuf,
-    run: PathBuf,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        Daemon::start_with(dir, &[])
-    }
-
-    fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
-        let (state, run) = (dir.join("state"), dir.join("run"));
-        let socket = run.join("vessel.sock");
-        let child = Command::new(VESSEL)
-            .args(["daemon", "--state-dir", state.to_str().unwrap()])
-            .args(["--run-dir", run.to_str().unwrap()])
-            .args(["--socket", socket.to_str().unwrap()])
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the daemon");
-        let d = Daemon {
-            child,
-            state,
-            run,
-            socket,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !d.vessel(&["vm", "list"]).status.success() {
-            assert!(Instant::now() < deadline, "the daemon did not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn vessel(&self, args: &[&str]) -> std::process::Output {
-        let mut all = args.to_vec();
-        all.extend(["--socket", self.socket.to_str().unwrap()]);
-        vessel(&all)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.vessel(args);
-        assert_code(&o, 0);
-        stdout(&o)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        serde_json::from_str(&self.ok(&all)).unwrap()
-    }
-
-    /// Template `t` of the idle bundled guest with a base disk of `size` bytes in `dir`.
-    fn idle_template_with_disk(&self, dir: &TempDir, size: u64) -> PathBuf {
-        let base = dir.file("base.raw");
-        raw_disk(&base, size);
-        self.ok(&[
-            "template",
-            "create",
-            "t",
-            "--cmdline",
-            "console=ttyS0 action=idle",
-            "--disk",
-            base.to_str().unwrap(),
-        ]);
-        base
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        self.json(&["vm", "info", name])
-    }
-
-    /// The events' kinds and subjects, `kind subject message` each.
-    fn events(&self) -> Vec<String> {
-        self.json(&["events"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| format!("{} {} {}", e["kind"], e["subject"], e["message"]).replace('"', ""))
-            .collect()
-    }
-
-    /// SIGTERM, and its exit code.
-    fn stop(mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().ok().and_then(|s| s.code())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn alive(pid: u64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z")
-}
-
-/// Processes whose command line mentions `marker`.
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            if c.contains(marker) && !c.contains("daemon") {
-                found.push(c);
-            }
-        }
-    }
-    found
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn ten_vms_from_a_template_survive_a_kill_and_a_daemon_restart_then_leave_nothing() {
@@ -330,7 +200,8 @@ fn the_openapi_document_is_the_api() {
                 .replace("{name}", "ghost")
                 .replace("{snapshot}", "s")
                 .replace("{pool}", "ghost")
-                .replace("{volume}", "v");
+                .replace("{volume}", "v")
+                .replace("{network}", "ghost");
             let body = (method != "get").then(|| serde_json::json!({"name": "ghost"}));
             if path.ends_with("/stream") {
                 continue; // never ends; the events route has the same handler's data
@@ -349,6 +220,7 @@ fn the_openapi_document_is_the_api() {
     }
     ops.sort();
     let want = [
+        "DELETE /api/v1/networks/{network}",
         "DELETE /api/v1/pools/{pool}",
         "DELETE /api/v1/pools/{pool}/volumes/{volume}",
         "DELETE /api/v1/templates/{name}",
@@ -358,6 +230,8 @@ fn the_openapi_document_is_the_api() {
         "GET /api/v1/events",
         "GET /api/v1/events/stream",
         "GET /api/v1/metrics",
+        "GET /api/v1/networks",
+        "GET /api/v1/networks/{network}",
         "GET /api/v1/ping",
         "GET /api/v1/pools",
         "GET /api/v1/pools/{pool}",
@@ -372,6 +246,7 @@ fn the_openapi_document_is_the_api() {
         "GET /api/v1/vms/{name}/snapshots",
         "PATCH /api/v1/vms/{name}",
         "POST /api/v1/migrations/incoming",
+        "POST /api/v1/networks",
         "POST /api/v1/pools",
         "POST /api/v1/pools/{pool}/volumes",
         "POST /api/v1/templates",
@@ -379,6 +254,8 @@ fn the_openapi_document_is_the_api() {
         "POST /api/v1/vms",
         "POST /api/v1/vms/{name}/clone",
         "POST /api/v1/vms/{name}/snapshots",
+        "PUT /api/v1/networks/{network}/start",
+        "PUT /api/v1/networks/{network}/stop",
         "PUT /api/v1/pools/{pool}/volumes/{volume}/resize",
         "PUT /api/v1/pools/{pool}/volumes/{volume}/upload",
         "PUT /api/v1/suspend-all",
