@@ -381,8 +381,9 @@ impl Manager {
                 )));
             }
             let tap = tap_name(&vm.name, i);
+            let mac = vm.spec.nets.get(i).and_then(|n| n.mac);
             links
-                .ensure_tap(&tap, owner.0, owner.1, &rec.def.bridge_name())
+                .ensure_tap(&tap, owner.0, owner.1, mac, &rec.def.bridge_name())
                 .map_err(|e| Error::Failed(format!("{}: NIC {i} on {n}: {e}", vm.name)))?;
             taps.push(tap);
         }

@@ -99,6 +99,27 @@ impl IfReq {
 // The ioctl request numbers encode the argument sizes.
 const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
 
+/// `struct ifreq` as `SIOCSIFHWADDR` uses it: the name and a `struct sockaddr`.
+#[repr(C)]
+struct IfReqHw {
+    name: [u8; libc::IFNAMSIZ],
+    family: libc::sa_family_t,
+    addr: [u8; 14],
+    _pad: [u8; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<IfReqHw>() == 40);
+
+/// The MAC address of the host's side of a VM's tap: the guest's with the first byte 0xfe,
+/// as libvirt makes it. The tap keeps one address across restarts, restores and migrations
+/// of the VM (so the guest's neighbour entry for a host-routed tap stays right), and a
+/// bridge, whose address is its lowest port's unless set, never takes it.
+pub fn host_mac(guest: crate::MacAddr) -> crate::MacAddr {
+    let mut b = guest.bytes();
+    b[0] = 0xfe;
+    crate::MacAddr(b)
+}
+
 /// Checks an interface name the way the kernel will take it.
 pub fn check_name(name: &str) -> Result<(), TapError> {
     let ok = !name.is_empty()
@@ -190,14 +211,23 @@ impl Tap {
     }
 
     /// Creates multi-queue tap `name`, persistent and owned by `uid`:`gid`, so that a process
-    /// of that user with no capabilities can attach to it (a jailed VMM). Returns false
-    /// without touching it when an interface of that name exists already.
-    pub fn create_persistent(name: &str, uid: u32, gid: u32) -> Result<bool, TapError> {
+    /// of that user with no capabilities can attach to it (a jailed VMM), with MAC address
+    /// `mac` if given. Returns false without touching it when an interface of that name exists
+    /// already.
+    pub fn create_persistent(
+        name: &str,
+        uid: u32,
+        gid: u32,
+        mac: Option<crate::MacAddr>,
+    ) -> Result<bool, TapError> {
         check_name(name)?;
         if exists(name) {
             return Ok(false);
         }
         let tap = Tap::open_with(name, 1, true)?.remove(0);
+        if let Some(m) = mac {
+            tap.set_mac(m)?;
+        }
         let fd = tap.file.as_raw_fd();
         for (req, arg, what) in [
             (TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER"),
@@ -244,6 +274,29 @@ impl Tap {
     /// The interface name (as the kernel gave it).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Sets the interface's own MAC address (`SIOCSIFHWADDR`, which the tun driver takes on
+    /// its file).
+    pub fn set_mac(&self, mac: crate::MacAddr) -> Result<(), TapError> {
+        let mut req = IfReqHw {
+            name: [0; libc::IFNAMSIZ],
+            family: libc::ARPHRD_ETHER,
+            addr: [0; 14],
+            _pad: [0; 8],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        req.addr[..6].copy_from_slice(&mac.bytes());
+        // SAFETY: SIOCSIFHWADDR reads a `struct ifreq` holding a `struct sockaddr`; `req` is
+        // one (40 bytes) and lives through the call. The fd is ours and open.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                libc::SIOCSIFHWADDR,
+                &req as *const IfReqHw,
+            )
+        };
+        self.check(rc, "SIOCSIFHWADDR")
     }
 
     /// Sets the length of the virtio-net header on each frame.
@@ -335,6 +388,13 @@ pub fn exists(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_host_side_mac_is_the_guests_with_fe_first() {
+        let g: crate::MacAddr = "52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(host_mac(g).to_string(), "fe:54:00:12:34:56");
+    }
+
     use super::*;
 
     fn have_tun() -> bool {
@@ -369,12 +429,15 @@ mod tests {
             return;
         }
         let name = format!("vtp{}", std::process::id() % 100_000);
-        assert!(Tap::create_persistent(&name, 4242, 4243).unwrap());
+        let mac: crate::MacAddr = "fe:54:00:00:00:07".parse().unwrap();
+        assert!(Tap::create_persistent(&name, 4242, 4243, Some(mac)).unwrap());
         assert!(exists(&name), "gone with its file");
         let owner = std::fs::read_to_string(format!("/sys/class/net/{name}/owner")).unwrap();
         assert_eq!(owner.trim(), "4242");
+        let address = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap();
+        assert_eq!(address.trim(), "fe:54:00:00:00:07");
         // Made already: left alone.
-        assert!(!Tap::create_persistent(&name, 1, 1).unwrap());
+        assert!(!Tap::create_persistent(&name, 1, 1, None).unwrap());
         // A multi-queue persistent tap takes the VMM's queues.
         drop(Tap::open_queues(&name, 2).unwrap());
         Tap::remove_persistent(&name).unwrap();

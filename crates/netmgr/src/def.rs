@@ -248,6 +248,18 @@ impl NetworkDef {
         }
     }
 
+    /// The bridge's address: locally administered, derived from the network's name (stable
+    /// across restarts of the network and the host).
+    pub fn bridge_mac(&self) -> net::MacAddr {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.name.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let b = h.to_be_bytes();
+        net::MacAddr::local_from([b[0], b[1], b[2], b[3], b[4], b[5]])
+    }
+
     /// Whether Vessel makes (and removes) the bridge, the addresses and the firewall.
     pub fn managed(&self) -> bool {
         self.mode != Mode::Bridge

@@ -131,7 +131,7 @@ pub fn start(
     }
     let r = (|| {
         let br = def.bridge_name();
-        links.ensure_bridge(&br)?;
+        links.ensure_bridge(&br, def.bridge_mac())?;
         if let Some(a) = def.ipv4 {
             links.add_address(&br, a)?;
         }

@@ -122,15 +122,17 @@ impl Links {
             .ok_or_else(|| LinkError::Missing(name.to_string()))
     }
 
-    /// Makes bridge `name` unless it exists; whether it made it.
-    pub fn ensure_bridge(&self, name: &str) -> Result<bool, LinkError> {
+    /// Makes bridge `name` with address `mac` unless it exists; whether it made it. A bridge
+    /// with an address set keeps it: otherwise it takes its lowest port's, and changes as
+    /// VMs come and go (the guests' neighbour entries for their gateway then go stale).
+    pub fn ensure_bridge(&self, name: &str, mac: net::MacAddr) -> Result<bool, LinkError> {
         if self.get(name)?.is_some() {
             return Ok(false);
         }
         let name = name.to_string();
         self.run(async |h| {
             h.link()
-                .add(LinkBridge::new(&name).build())
+                .add(LinkBridge::new(&name).address(mac.bytes().to_vec()).build())
                 .execute()
                 .await
                 .map_err(nl(format!("make bridge {name}")))
@@ -216,16 +218,18 @@ impl Links {
         })
     }
 
-    /// Makes a persistent tap `name` for `uid`:`gid` (unless it exists), a port of `bridge`,
-    /// up.
+    /// Makes a persistent tap `name` for `uid`:`gid` (unless it exists) with the host-side
+    /// address of guest MAC `mac` ([`net::tap::host_mac`]), a port of `bridge`, up.
     pub fn ensure_tap(
         &self,
         name: &str,
         uid: u32,
         gid: u32,
+        mac: Option<net::MacAddr>,
         bridge: &str,
     ) -> Result<(), LinkError> {
-        net::Tap::create_persistent(name, uid, gid).map_err(|source| LinkError::Tap {
+        let host = mac.map(net::tap::host_mac);
+        net::Tap::create_persistent(name, uid, gid, host).map_err(|source| LinkError::Tap {
             name: name.to_string(),
             source,
         })?;

@@ -270,7 +270,7 @@ impl Privileged for JailTap {
         spec.netns == Some(jail::sandbox::NetNs::New) || !net::tap::exists(&self.0)
     }
     fn setup(&mut self, spec: &JailSpec) -> Result<(), String> {
-        net::tap::Tap::create_persistent(&self.0, spec.uid, spec.gid)
+        net::tap::Tap::create_persistent(&self.0, spec.uid, spec.gid, None)
             .map(drop)
             .map_err(|e| e.to_string())
     }

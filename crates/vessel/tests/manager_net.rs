@@ -155,6 +155,13 @@ fn vms_on_a_managed_network_and_nothing_left_behind() {
         "cat /sys/class/net/$(ip -o link show master vsl-lab | head -1 | cut -d: -f2 | tr -d ' ' | cut -d@ -f1)/owner",
     );
     assert!(tap_owner.trim().starts_with("6430"), "{tap_owner}");
+    // The host's side of b's tap has b's MAC with 0xfe first (as libvirt's), the same each
+    // time the tap is made; the bridge keeps an address of its own.
+    let links = ns.ok("ip -o link show master vsl-lab");
+    assert!(links.contains("fe:54:00:aa:bb:02"), "{links}");
+    let bridge_mac = |ns: &Netns| ns.ok("cat /sys/class/net/vsl-lab/address");
+    let mac_before = bridge_mac(&ns);
+    assert!(!mac_before.starts_with("fe:"), "{mac_before}");
     // Stopping the network is refused while they run; a NIC on a network that is not
     // there is refused when the VM is made.
     let o = d.vessel(&["net", "stop", "lab"]);
@@ -179,6 +186,7 @@ fn vms_on_a_managed_network_and_nothing_left_behind() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(dnsmasqs(&net_dir), 1, "one dnsmasq, not two");
+    assert_eq!(bridge_mac(&ns), mac_before);
     let rules_again = ns.ok("nft list ruleset");
     assert_eq!(
         rules_again.matches("vessel:lab").count(),

@@ -23,8 +23,8 @@ mkdir -p /tmp
     sleep 0.3
   done ) &
 nc -ll -p 7000 -e /bin/cat &
-# The stall watchdog: when the guest's records stop coming for 60 s while a Vessel runs, dump
-# what each Vessel thread is doing (state, CPU time, kernel stack) and KVM's exit counters
+# The stall watchdog: when the guest's records and echoes stop coming for 60 s while a Vessel
+# runs, dump what each Vessel thread is doing (state, CPU time, kernel stack) and KVM's exit counters
 # (twice, 5 s apart) and L1's interrupts, then power off: the test fails with the evidence.
 # It runs at the highest priority, in case the stall starves L1's other processes.
 diag() {
@@ -48,17 +48,31 @@ diag() {
 watchdog() {
     last=-1; same=0
     while :; do
-        n=$(cat /tmp/*.out 2>/dev/null | grep -c "L2MIG: record")
+        # Progress: records written, or lines echoed over TCP (after the last record).
+        n="$(cat /tmp/*.out 2>/dev/null | grep -c "L2MIG: record") $(cat /tmp/*.out 2>/dev/null | sed -n 's/.*echoed //p' | tail -n 1)"
         if [ "$n" = "$last" ] && pidof vessel >/dev/null; then same=$((same + 1)); else same=0; fi
         last=$n
         if [ $same -ge 60 ] && ! grep -q "L2MIG: disk records" /tmp/*.out 2>/dev/null; then
-            echo "L1MIG: STALL: no new record for 60 s (records: $n)"
+            echo "L1MIG: STALL: no new record or echo for 60 s (records, echoed: $n)"
+            tail -n 60 /tmp/net.diag
             diag
             poweroff -f
         fi
         sleep 1
     done
 }
+# Every 3 s: each Vessel's NIC counters and L1's side of the echo connection (its send queue
+# and retransmission timer in /proc/net/tcp: port 7000 is 1B58), to tell a guest that
+# receives nothing from a host that sends nothing.
+( while :; do
+    for s in /tmp/*.sock; do
+        [ -S "$s" ] || continue
+        c=$($V ctl --json --api-socket $s counters 2>/dev/null | tr -d ' \n' | sed -n 's/.*"nics":\[{\([^]]*\)}\].*/\1/p')
+        [ -n "$c" ] && echo "L1NET: $(basename $s) $c"
+    done
+    awk '$2 ~ /:1B58$/ && $4 == "01" { print "L1NET: tcp tx_queue:rx_queue " $5 " timer " $6 " retrans " $7 }' /proc/net/tcp
+    sleep 3
+  done ) > /tmp/net.diag 2>&1 &
 watchdog &
 # At the highest priority, so that it runs even if a stalled guest starves L1's processes.
 renice -n -20 -p $! >/dev/null 2>&1
@@ -99,6 +113,7 @@ wait $restored
 rc=$?
 sleep 1
 echo "L1MIG: last VMM exit code $rc"
+grep -v '^$' /tmp/net.diag | tail -n 60
 exit $rc
 "#;
 

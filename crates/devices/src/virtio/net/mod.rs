@@ -258,12 +258,22 @@ impl Net {
         if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
             return Err(NetError::QueuePairs(usize::from(queue_pairs)));
         }
+        let mac = match mac {
+            Some(m) => m,
+            None => ::net::random_local().map_err(NetError::Mac)?,
+        };
+        let made = !::net::tap::exists(name);
         let taps = ::net::Tap::open_queues(name, usize::from(queue_pairs))?;
+        if made {
+            // A tap made here gets the address derived from the guest's (`host_mac`): the
+            // same again when the VM is restored or moves to another tap of that name.
+            taps[0].set_mac(::net::tap::host_mac(mac))?;
+        }
         let backends = taps
             .into_iter()
             .map(|t| Arc::new(t) as Arc<dyn NetBackend>)
             .collect();
-        Net::new(backends, mac)
+        Net::new(backends, Some(mac))
     }
 
     /// The device's MAC address.
