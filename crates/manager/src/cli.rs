@@ -293,8 +293,33 @@ enum VmCommand {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Deletes a stopped VM and its disks (attached pool volumes stay).
-    Delete { name: String },
+    /// Deletes a stopped VM and its disks (attached pool volumes and a defined VM's images
+    /// stay).
+    Delete {
+        name: String,
+        /// Leave its disks where they are (`vm info` showed them).
+        #[arg(long)]
+        keep_disks: bool,
+    },
+    /// Defines a VM from a whole spec (the `spec` of `vessel run --print-config`) and an
+    /// image for each of its disks, used in place (they stay when the VM is deleted).
+    Define {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        spec: PathBuf,
+        /// An image for each disk of the spec, in order (repeatable).
+        #[arg(long = "disk", value_name = "IMAGE")]
+        disks: Vec<PathBuf>,
+        /// A NIC on a managed network for each NIC of the spec: NETWORK[,mac=MAC].
+        #[arg(long = "net", value_name = "NETWORK[,mac=MAC]")]
+        nets: Vec<String>,
+        #[arg(long, value_enum, default_value = "on-failure")]
+        restart: RestartArg,
+        #[arg(long)]
+        autostart: bool,
+        #[arg(long)]
+        start: bool,
+    },
     /// Changes the VM's machine (applied at its next start) or settings; with no flag,
     /// opens its spec in $EDITOR.
     Edit {
@@ -684,6 +709,7 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
                 nets,
                 start,
                 cloud_init: (!seed.is_empty()).then_some(seed),
+                ..VmCreate::default()
             };
             let v: VmView = c.send_json("POST", "/api/v1/vms", &req)?;
             let what = if start {
@@ -762,12 +788,49 @@ pub fn vm(args: VmArgs) -> Result<i32, CliError> {
                 "restarted",
             )
         }
-        VmCommand::Delete { name } => {
-            c.call("DELETE", &format!("/api/v1/vms/{name}"), None)?;
+        VmCommand::Delete { name, keep_disks } => {
+            let q = if keep_disks { "?keep_disks=true" } else { "" };
+            c.call("DELETE", &format!("/api/v1/vms/{name}{q}"), None)?;
             if !json {
-                println!("{name}: deleted");
+                println!(
+                    "{name}: deleted{}",
+                    if keep_disks { " (its disks kept)" } else { "" }
+                );
             }
             Ok(0)
+        }
+        VmCommand::Define {
+            name,
+            spec,
+            disks,
+            nets,
+            restart,
+            autostart,
+            start,
+        } => {
+            let text = std::fs::read_to_string(&spec).map_err(io(spec.display().to_string()))?;
+            let s: VmSpec = serde_json::from_str(&text)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", spec.display())))?;
+            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let req = VmCreate {
+                name,
+                spec: Some(s),
+                disks: disks.into_iter().map(abs).collect(),
+                nets,
+                restart: restart.into(),
+                autostart,
+                start,
+                ..VmCreate::default()
+            };
+            let v: VmView = c.send_json("POST", "/api/v1/vms", &req)?;
+            show(
+                v,
+                if start {
+                    "defined and started"
+                } else {
+                    "defined"
+                },
+            )
         }
         VmCommand::Edit {
             name,

@@ -247,7 +247,8 @@ async fn vm(State(m): State<Arc<Manager>>, UrlPath(name): UrlPath<String>) -> Re
     blocking(move || m.view(&name)).await
 }
 
-/// Makes a VM from a template (and starts it with `start`).
+/// Makes a VM from a template, or from a whole spec and its images (and starts it with
+/// `start`).
 #[utoipa::path(post, path = "/api/v1/vms", request_body = VmCreate,
     responses((status = 200, body = VmView), Errors))]
 async fn create_vm(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<VmView> {
@@ -255,14 +256,22 @@ async fn create_vm(State(m): State<Arc<Manager>>, b: Bytes) -> Reply<VmView> {
     blocking(move || m.create_vm(req)).await
 }
 
-/// Deletes a stopped VM with its disks, files and record.
+#[derive(Deserialize)]
+struct Keep {
+    #[serde(default)]
+    keep_disks: bool,
+}
+
+/// Deletes a stopped VM with its disks, files and record (`keep_disks`: its disks stay).
 #[utoipa::path(delete, path = "/api/v1/vms/{name}",
-    params(("name" = String, Path)), responses((status = 204), Errors))]
+    params(("name" = String, Path), ("keep_disks" = Option<bool>, Query)),
+    responses((status = 204), Errors))]
 async fn delete_vm(
     State(m): State<Arc<Manager>>,
     UrlPath(name): UrlPath<String>,
+    Query(q): Query<Keep>,
 ) -> Result<StatusCode, Failure> {
-    let _ = blocking(move || m.delete(&name)).await?;
+    let _ = blocking(move || m.delete(&name, q.keep_disks)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

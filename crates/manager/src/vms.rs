@@ -81,7 +81,18 @@ pub struct TemplateCreate {
 #[serde(deny_unknown_fields)]
 pub struct VmCreate {
     pub name: String,
+    /// The template it is made from (thin overlays on its bases); or, for a VM defined
+    /// without one (`vessel vm define`), empty, with `spec` and `disks`.
+    #[serde(default)]
     pub template: String,
+    /// A whole spec instead of a template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<VmSpec>,
+    /// With `spec`: an image for each of its disks, used in place (absolute paths); they are
+    /// the user's and stay when the VM is deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub disks: Vec<PathBuf>,
     /// vCPUs (default: the template's).
     #[serde(default)]
     pub cpus: Option<u32>,
@@ -371,7 +382,39 @@ impl Manager {
     /// each base disk.
     pub fn create_vm(self: &Arc<Self>, req: VmCreate) -> Result<VmView, Error> {
         check_name(&req.name).map_err(bad)?;
-        let t = self.store.template(&req.template)?;
+        let t = match (&req.spec, req.template.is_empty()) {
+            (Some(_), false) => return Err(bad("template, spec: one or the other")),
+            (None, true) => return Err(bad("template: required (or a spec and its disks)")),
+            (None, false) => self.store.template(&req.template)?,
+            (Some(s), true) => {
+                if s.disks.len() != req.disks.len() {
+                    return Err(bad(format!(
+                        "disks: {} given for the spec's {} disks",
+                        req.disks.len(),
+                        s.disks.len()
+                    )));
+                }
+                for (i, d) in req.disks.iter().enumerate() {
+                    if !d.is_absolute() || !d.is_file() {
+                        return Err(bad(format!(
+                            "disks[{i}]: {} is not an image here",
+                            d.display()
+                        )));
+                    }
+                }
+                Template {
+                    name: String::new(),
+                    spec: s.clone(),
+                    base_disks: Vec::new(),
+                    created: 0,
+                }
+            }
+        };
+        if req.spec.is_none() && !req.disks.is_empty() {
+            return Err(bad(
+                "disks: only with a spec (a template's VM gets overlays)",
+            ));
+        }
         let mut spec = t.spec.clone();
         if let Some(c) = req.cpus {
             spec.cpus = c;
@@ -419,7 +462,8 @@ impl Manager {
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::Failed(e.to_string()))?;
         let made = (|| {
-            let mut disks = Vec::new();
+            // A defined VM's own images, in place.
+            let mut disks = req.disks.clone();
             for (i, base) in t.base_disks.iter().enumerate() {
                 let path = self.layout.disk(&req.name, i);
                 let opts = block::ops::CreateOptions {
@@ -442,6 +486,8 @@ impl Manager {
                 spec.disks.push(Disk::default());
                 disks.push(v.clone());
             }
+            let mut kept = req.disks.clone();
+            kept.extend(volumes.iter().cloned());
             if let Some(s) = &seed {
                 self.write_seed(&req.name, s, &mut spec, &mut disks)?;
             }
@@ -456,7 +502,7 @@ impl Manager {
                 autostart_order: req.autostart_order,
                 autostart_delay_s: req.autostart_delay_s,
                 cloud_init: seed.clone(),
-                volumes,
+                volumes: kept,
                 networks: networks.clone(),
                 home: None,
                 jail_uid: None,
@@ -475,7 +521,12 @@ impl Manager {
                 return Err(e);
             }
         };
-        self.event(&vm.name, "vm.created", format!("from template {}", t.name));
+        let from = if t.name.is_empty() {
+            "from a spec".to_string()
+        } else {
+            format!("from template {}", t.name)
+        };
+        self.event(&vm.name, "vm.created", from);
         drop(_op);
         self.sync_hosts(&networks);
         if req.start {
@@ -1069,34 +1120,53 @@ impl Manager {
     }
 
     /// Deletes a stopped VM with its disks and files.
-    pub fn delete(&self, name: &str) -> Result<(), Error> {
+    /// Deletes a stopped VM with its disks and files; `keep_disks` leaves its disks (and the
+    /// directory that holds them) where they are.
+    pub fn delete(&self, name: &str, keep_disks: bool) -> Result<(), Error> {
         let _op = self.ops();
         let vm = self.store.vm(name)?;
         if self.live().running.contains_key(name) {
             return Err(Error::Conflict(format!("{name} is running: stop it first")));
         }
-        // Attached volumes stay in their pools. A VM that migrated here may have its disks
-        // and snapshots elsewhere (on storage both hosts reach).
-        for d in vm.disks.iter().filter(|d| !vm.volumes.contains(d)) {
+        if keep_disks {
+            for f in [self.layout.vm_config(name), self.layout.vm_log(name)] {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_file(self.layout.vm_log(name).with_extension("log.1"));
+        }
+        // Attached volumes (and a defined VM's images) stay. A VM that migrated here may
+        // have its disks and snapshots elsewhere (on storage both hosts reach).
+        let doomed = vm
+            .disks
+            .iter()
+            .filter(|d| !keep_disks && !vm.volumes.contains(d));
+        for d in doomed {
             if let Err(e) = std::fs::remove_file(d) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     return Err(Error::Failed(format!("{}: {e}", d.display())));
                 }
             }
         }
-        for s in &vm.snapshots {
-            let _ = std::fs::remove_dir_all(&s.dir);
+        if !keep_disks {
+            for s in &vm.snapshots {
+                let _ = std::fs::remove_dir_all(&s.dir);
+            }
+            if let Some(home) = &vm.home {
+                let _ = std::fs::remove_dir_all(home);
+            }
+            let _ = std::fs::remove_dir_all(self.layout.vm_dir(name));
         }
-        if let Some(home) = &vm.home {
-            let _ = std::fs::remove_dir_all(home);
-        }
-        let _ = std::fs::remove_dir_all(self.layout.vm_dir(name));
         let _ = std::fs::remove_dir_all(self.layout.vm_run(name));
         self.store.delete_vm(name)?;
         self.live().restarts.remove(name);
         self.unplug(&vm);
         self.sync_hosts(&vm.networks);
-        self.event(name, "vm.deleted", "");
+        let kept = if keep_disks {
+            format!("its disks kept in {}", self.layout.vm_dir(name).display())
+        } else {
+            String::new()
+        };
+        self.event(name, "vm.deleted", kept);
         Ok(())
     }
 
