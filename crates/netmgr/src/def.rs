@@ -240,6 +240,22 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
 }
 
 impl NetworkDef {
+    /// A network of `mode` with the host's address and subnet `ipv4`, and every other
+    /// setting at its default.
+    pub fn new(name: &str, mode: Mode, ipv4: Option<Ipv4Cidr>) -> NetworkDef {
+        NetworkDef {
+            name: name.to_string(),
+            mode,
+            bridge: None,
+            ipv4,
+            dhcp_range: None,
+            domain: None,
+            forwards: Vec::new(),
+            static_leases: Vec::new(),
+            autostart: true,
+        }
+    }
+
     /// The bridge's name.
     pub fn bridge_name(&self) -> String {
         match &self.bridge {
@@ -412,17 +428,7 @@ mod tests {
     use super::*;
 
     fn nat(ipv4: &str) -> NetworkDef {
-        NetworkDef {
-            name: "default".into(),
-            mode: Mode::Nat,
-            bridge: None,
-            ipv4: Some(ipv4.parse().unwrap()),
-            dhcp_range: None,
-            domain: None,
-            forwards: vec![],
-            static_leases: vec![],
-            autostart: true,
-        }
+        NetworkDef::new("default", Mode::Nat, Some(ipv4.parse().unwrap()))
     }
 
     #[test]

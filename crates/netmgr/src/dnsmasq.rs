@@ -220,15 +220,8 @@ mod tests {
 
     fn def(mode: Mode) -> NetworkDef {
         NetworkDef {
-            name: "lab".into(),
-            mode,
-            bridge: None,
-            ipv4: Some("10.88.0.1/24".parse().unwrap()),
-            dhcp_range: None,
-            domain: None,
-            forwards: vec![],
             static_leases: vec!["52:54:00:00:00:09=10.88.0.9=db".parse().unwrap()],
-            autostart: true,
+            ..NetworkDef::new("lab", mode, Some("10.88.0.1/24".parse().unwrap()))
         }
     }
 

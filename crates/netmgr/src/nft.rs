@@ -257,17 +257,7 @@ mod tests {
     use super::*;
 
     fn def(mode: Mode) -> NetworkDef {
-        NetworkDef {
-            name: "lab-1".into(),
-            mode,
-            bridge: None,
-            ipv4: Some("10.88.0.1/24".parse().unwrap()),
-            dhcp_range: None,
-            domain: None,
-            forwards: vec![],
-            static_leases: vec![],
-            autostart: true,
-        }
+        NetworkDef::new("lab-1", mode, Some("10.88.0.1/24".parse().unwrap()))
     }
 
     #[test]

@@ -179,17 +179,7 @@ fn end(mut c: Child) {
 }
 
 fn nat(name: &str, ipv4: &str) -> NetworkDef {
-    NetworkDef {
-        name: name.into(),
-        mode: Mode::Nat,
-        bridge: None,
-        ipv4: Some(ipv4.parse().unwrap()),
-        dhcp_range: None,
-        domain: None,
-        forwards: vec![],
-        static_leases: vec![],
-        autostart: true,
-    }
+    NetworkDef::new(name, Mode::Nat, Some(ipv4.parse().unwrap()))
 }
 
 #[test]
