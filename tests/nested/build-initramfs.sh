@@ -17,6 +17,11 @@
 #   --l1-file SRC:DST    extra file for the L1 initramfs (repeatable)
 #   --l2-file SRC:DST    extra file for the L2 initramfs (repeatable)
 #   --l1-tree DIR        copy DIR's contents into the L1 initramfs root
+#   --l1-modules LIST    kernel modules (+deps) L1 scripts may `modprobe` (e.g. the
+#                        bridge, tun, veth and nf_tables ones for networks)
+#   --l1-bin PATH        a host program for L1 at the same path, with the shared
+#                        libraries `ldd` names and the loader (repeatable): L1 has
+#                        no libc of its own (e.g. /usr/sbin/dnsmasq, /usr/sbin/nft)
 #   --allow-dynamic      skip the "vessel must be static" check (run.sh's
 #                        --reference-qemu uses a shell wrapper as /vessel)
 #   --cache DIR          cache dir of prepare.sh (default <repo>/.cache/nested)
@@ -27,7 +32,7 @@ OUT="" VESSEL="" L2_CMD="" HAVE_L2_CMD=0
 VESSEL_ARGS=""
 CACHE_DIR="${NESTED_CACHE_DIR:-$DEFAULT_CACHE_DIR}"
 L2_MODULES="virtio_mmio virtio_pci virtio_blk virtio_net virtio_console virtio-rng vmw_vsock_virtio_transport virtio_balloon"
-L1_FILES=() L2_FILES=() L1_TREES=() CHECK_STATIC=1
+L1_FILES=() L2_FILES=() L1_TREES=() L1_BINS=() L1_MODULES="" CHECK_STATIC=1
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -39,6 +44,8 @@ while [ $# -gt 0 ]; do
         --l1-file) L1_FILES+=("$2"); shift 2 ;;
         --l2-file) L2_FILES+=("$2"); shift 2 ;;
         --l1-tree) L1_TREES+=("$2"); shift 2 ;;
+        --l1-bin) L1_BINS+=("$2"); shift 2 ;;
+        --l1-modules) L1_MODULES="$2"; shift 2 ;;
         --allow-dynamic) CHECK_STATIC=0; shift ;;
         --cache) CACHE_DIR="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -77,26 +84,43 @@ add_files() {
     done
 }
 
+# add_binary ROOT PATH: a dynamically linked host program at its own path under ROOT, with
+# each shared library ldd resolves and the program loader, at theirs.
+add_binary() {
+    local root="$1" bin="$2" lib
+    [ -x "$bin" ] || die "--l1-bin '$bin' is not an executable"
+    need_cmd ldd
+    for lib in "$bin" $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        mkdir -p "$root/$(dirname "$lib")"
+        cp -L "$lib" "$root/$lib"
+    done
+}
+
+# add_modules ROOT NAME... : the modules and their dependencies in the normal tree layout
+# under ROOT, with a matching modules.dep, so that busybox `modprobe NAME` works there.
+add_modules() {
+    local root="$1" moddir mods m; shift
+    moddir="$root/lib/modules/$NESTED_KVER"
+    mkdir -p "$moddir"
+    mods="$(resolve_modules "$NESTED_MODDIR" "$@")" || die "cannot resolve modules: $*"
+    for m in $mods; do
+        mkdir -p "$moddir/$(dirname "$m")"
+        cp "$NESTED_MODDIR/$m" "$moddir/$m"
+    done
+    # Keep only the modules.dep lines of the modules copied.
+    # shellcheck disable=SC2086
+    printf '%s\n' $mods | sed 's/$/:/' > "$OUT/mods.txt"
+    grep -F -f "$OUT/mods.txt" "$NESTED_MODDIR/modules.dep" |
+        awk -F: 'NR==FNR { want[$1]=1; next } ($1 in want)' "$OUT/mods.txt" - >> "$moddir/modules.dep"
+    rm -f "$OUT/mods.txt"
+}
+
 # ---- L2 ----------------------------------------------------------------------
 L2="$OUT/l2-root"
 skeleton "$L2" l2-init
 if [ -n "$L2_MODULES" ]; then
-    # Copy the modules with their dependencies in the normal tree layout plus a
-    # matching modules.dep, so busybox `modprobe NAME` works in L2.
-    l2moddir="$L2/lib/modules/$NESTED_KVER"
-    mkdir -p "$l2moddir"
     # shellcheck disable=SC2086  # word lists on purpose
-    mods="$(resolve_modules "$NESTED_MODDIR" $L2_MODULES)" || die "cannot resolve L2 modules: $L2_MODULES"
-    for m in $mods; do
-        mkdir -p "$l2moddir/$(dirname "$m")"
-        cp "$NESTED_MODDIR/$m" "$l2moddir/$m"
-    done
-    # Keep only the modules.dep lines of the modules we copied.
-    # shellcheck disable=SC2086
-    printf '%s\n' $mods | sed 's/$/:/' > "$OUT/l2-mods.txt"
-    grep -F -f "$OUT/l2-mods.txt" "$NESTED_MODDIR/modules.dep" |
-        awk -F: 'NR==FNR { want[$1]=1; next } ($1 in want)' "$OUT/l2-mods.txt" - > "$l2moddir/modules.dep"
-    rm -f "$OUT/l2-mods.txt"
+    add_modules "$L2" $L2_MODULES
 fi
 if [ "$HAVE_L2_CMD" = 1 ]; then
     printf '%s\n' "$L2_CMD" > "$L2/l2-cmd"
@@ -116,6 +140,13 @@ mkdir -p "$L1/l2"
 cp "$NESTED_KERNEL" "$L1/l2/vmlinuz"
 cp "$OUT/l2-initrd.cpio.gz" "$L1/l2/initrd.cpio.gz"
 add_files "$L1" ${L1_FILES[@]+"${L1_FILES[@]}"}
+if [ -n "$L1_MODULES" ]; then
+    # shellcheck disable=SC2086
+    add_modules "$L1" $L1_MODULES
+fi
+for b in ${L1_BINS[@]+"${L1_BINS[@]}"}; do
+    add_binary "$L1" "$b"
+done
 for t in ${L1_TREES[@]+"${L1_TREES[@]}"}; do
     [ -d "$t" ] || die "--l1-tree '$t' is not a directory"
     cp -a "$t/." "$L1/"

@@ -22,6 +22,9 @@
 #   --l2-cmd STR         shell script run by L2's /init (stored as /l2-cmd)
 #   --l2-modules LIST    kernel modules (+deps) in the L2 initramfs
 #   --l1-file SRC:DST    extra file in the L1 initramfs (repeatable)
+#   --l1-modules LIST    kernel modules (+deps) L1 scripts may modprobe
+#   --l1-bin PATH        a dynamically linked host program for L1, with its
+#                        libraries (repeatable; e.g. /usr/sbin/dnsmasq)
 #   --l2-file SRC:DST    extra file in the L2 initramfs (repeatable)
 #   --l1-cpus N          L1 vCPUs (default 1: two make multi-threaded TCG flaky)
 #   --l1-memory MB       L1 memory in MiB (default 2048)
@@ -62,7 +65,7 @@ while [ $# -gt 0 ]; do
         --keep) KEEP=1; shift; continue ;;
         --reference-qemu) REFERENCE=1; shift; continue ;;
         --vessel|--vessel-args|--cpus|--memory|--l2-append|--l2-cmd|--l2-modules|\
-        --l1-file|--l2-file|--l1-cpus|--l1-memory|--l1-append|--expect|--timeout|\
+        --l1-file|--l1-bin|--l1-modules|--l2-file|--l1-cpus|--l1-memory|--l1-append|--expect|--timeout|\
         --log|--cache)
             [ $# -ge 2 ] || fail_setup "option $1 needs a value (try --help)" ;;
         *) fail_setup "unknown argument '$1' (try --help)" ;;
@@ -73,7 +76,7 @@ while [ $# -gt 0 ]; do
         --cpus) L2_CPUS="$2" ;;
         --memory) L2_MEM="$2" ;;
         --l2-append) L2_APPEND="$2" ;;
-        --l2-cmd|--l2-modules|--l1-file|--l2-file) BUILD_ARGS+=("$1" "$2") ;;
+        --l2-cmd|--l2-modules|--l1-file|--l1-bin|--l1-modules|--l2-file) BUILD_ARGS+=("$1" "$2") ;;
         --l1-cpus) L1_CPUS="$2" ;;
         --l1-memory) L1_MEM="$2" ;;
         --l1-append) L1_APPEND="$2" ;;
