@@ -33,6 +33,8 @@ pub(crate) struct NetLive {
     seen: HashMap<String, HashMap<String, Ipv4Addr>>,
     /// Network -> the port forwards last applied.
     dnat: HashMap<String, Vec<netmgr::nft::Dnat>>,
+    /// Network -> why its forwards could not be applied, last time (reported once).
+    dnat_error: HashMap<String, String>,
 }
 
 /// A network as the API shows it.
@@ -424,6 +426,17 @@ impl Manager {
     /// networks that should be down, stale dnsmasqs), brings up the networks that should be
     /// up, and starts the lease watcher.
     pub fn recover_networks(self: &Arc<Self>) -> Result<(), Error> {
+        // The lease watcher runs whether or not there are networks yet.
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("leases".into())
+            .spawn(move || loop {
+                std::thread::sleep(LEASE_POLL);
+                match me.upgrade() {
+                    Some(m) => m.watch_leases(),
+                    None => return,
+                }
+            });
         let recs = self.store().networks()?;
         if recs.is_empty() {
             return Ok(());
@@ -451,16 +464,6 @@ impl Manager {
                 Err(e) => self.event(&rec.def.name, "net.start-failed", e.to_string()),
             }
         }
-        let me = Arc::downgrade(self);
-        let _ = std::thread::Builder::new()
-            .name("leases".into())
-            .spawn(move || loop {
-                std::thread::sleep(LEASE_POLL);
-                match me.upgrade() {
-                    Some(m) => m.watch_leases(),
-                    None => return,
-                }
-            });
         Ok(())
     }
 
@@ -492,9 +495,18 @@ impl Manager {
             if self.net_live().dnat.get(&n) != Some(&dnat) {
                 match netmgr::nft::apply(&netmgr::nft::ruleset(&rec.def, &dnat)) {
                     Ok(()) => {
-                        self.net_live().dnat.insert(n.clone(), dnat);
+                        let mut live = self.net_live();
+                        live.dnat.insert(n.clone(), dnat);
+                        live.dnat_error.remove(&n);
                     }
-                    Err(e) => tracing::warn!("network {n}: its forwards: {e}"),
+                    Err(e) => {
+                        let e = e.to_string();
+                        let new = self.net_live().dnat_error.insert(n.clone(), e.clone())
+                            != Some(e.clone());
+                        if new {
+                            self.event(&n, "net.forward-failed", e);
+                        }
+                    }
                 }
             }
         }
