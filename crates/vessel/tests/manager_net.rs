@@ -170,6 +170,52 @@ fn vms_on_a_managed_network_and_nothing_left_behind() {
     let o = d.vessel(&["vm", "create", "c", "-t", "t", "--net", "nosuch"]);
     assert_code(&o, 2);
     assert!(stderr(&o).contains("nets[0]"), "{}", stderr(&o));
+    // A lease for a's MAC (a namespace standing in for its guest, on the bridge): the daemon
+    // sees the address, reports it, shows it, and points the port forward at it.
+    let guest = Netns::new("g");
+    ns.ok(&format!(
+        "ip link add vg{0} type veth peer name eth0 netns {1} && ip link set vg{0} master vsl-lab up",
+        std::process::id() % 10_000,
+        guest.0
+    ));
+    let script = dir.file("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && ip addr add $ip/24 dev $interface && echo got $ip\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let got = guest.ok(&format!(
+        "ip link set eth0 address {mac_a} && ip link set eth0 up && \
+         busybox udhcpc -i eth0 -n -q -t 10 -T 1 -s {}",
+        script.display()
+    ));
+    let ip = got
+        .lines()
+        .find_map(|l| l.strip_prefix("got "))
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let shown = d.vm("a")["addresses"][0]["ip"] == ip.as_str();
+        let table = ns.ok("nft list table ip vessel_lab");
+        let events = d.events();
+        if shown
+            && table.contains(&format!("dnat to {ip}:80"))
+            && events
+                .iter()
+                .any(|e| e.starts_with(&format!("vm.address a {ip} on lab")))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ip}: {table}\n{events:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    drop(guest);
     // A VM's process ends: its tap goes.
     d.ok(&["vm", "kill", "b"]);
     assert_eq!(ns.ok("ip -o link show master vsl-lab").lines().count(), 1);
