@@ -180,6 +180,7 @@ impl Manager {
                     token: None,
                     disks,
                     taps: Vec::new(),
+                    nets: Vec::new(),
                     vsock_socket: None,
                     same_paths: false,
                 })
