@@ -167,3 +167,14 @@ bodies = {
 for i, r in enumerate(routes):
     save('api_requests', 'seed-' + r, bytes([i]) + bodies.get(r, b''))
 save('api_requests', 'seed-wrong-method', bytes([0x80 | routes.index('vm.balloon-set')]) + b'{"target_bytes":1}')
+save('api_requests', 'seed-receive-nets', bytes([routes.index('vm.migrate-receive')]) + b'{"listen":"unix:/tmp/m.sock","nets":[{"tap":"t0"},{"socket":"/run/p.sock"}]}')
+save('api_requests', 'seed-boot-stream', bytes([routes.index('vm.boot')]) + b'{"spec":{"nets":[{},{}]},"bindings":{"nets":[{"socket":"/run/p.sock"},{"passt":{"forwards":[{"protocol":"tcp","host":8080,"guest":80}]}}]}}')
+
+# ---- stream socket framing (net_stream): selector 0 reader, 1 writer, 2 backend
+def frame(n, seed): return bytes((i * 13 + seed) & 0xff for i in range(n))
+def wire(f): return struct.pack('>I', len(f)) + f
+stream = wire(frame(60, 1)) + wire(frame(1514, 2)) + wire(frame(1, 3))
+save('net_stream', 'seed-reader', bytes([0]) + bytes([1, 3, 200, 7] * ((len(stream) + 2) // 12)) + stream)
+save('net_stream', 'seed-reader-bad', bytes([0]) + bytes([50, 50]) + wire(frame(60, 1)) + struct.pack('>I', 0) + b'xxxx')
+save('net_stream', 'seed-writer', bytes([1]) + struct.pack('<HHH', 59, 1513, 0) + bytes([0, 1, 0, 255, 3, 0, 0, 77]))
+save('net_stream', 'seed-backend', bytes([2]) + stream + struct.pack('>I', 0xffffffff))

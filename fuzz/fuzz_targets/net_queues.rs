@@ -70,6 +70,7 @@ fuzz_target!(|data: &[u8]| {
             buf: &mut buf,
             counters: &counters,
             limiter: None,
+            blocked: false,
         };
         // Twice: the second pass sees the used ring the first one wrote.
         for _ in 0..2 {

@@ -118,6 +118,7 @@ fn every_route_through_the_client() {
                 cache: Some(DiskCache::None),
             }],
             taps: vec!["vtap1".into()],
+            nets: vec![],
             vsock_socket: None,
             same_paths: false,
         })
@@ -150,7 +151,7 @@ fn every_route_through_the_client() {
             r#"snapshot SnapshotRequest { dir: "/snap", diff: true, disk_snapshot: false }"#,
             r#"restore RestoreRequest { dir: "/snap", memory: Userfaultfd }"#,
             r#"migrate_send MigrateSendRequest { to: "tcp:127.0.0.1:4444", downtime_ms: 100, bandwidth_mbps: Some(1000), post_copy: false, post_copy_after_rounds: None, if_not_converged: None, max_rounds: None, full_digest: false, token: MigrationToken(<hidden>) }"#,
-            r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock", token: None, disks: [MigrateDisk { path: "/d.raw", cache: Some(None) }], taps: ["vtap1"], vsock_socket: None, same_paths: false }"#,
+            r#"migrate_receive MigrateReceiveRequest { listen: "unix:/tmp/m.sock", token: None, disks: [MigrateDisk { path: "/d.raw", cache: Some(None) }], taps: ["vtap1"], nets: [], vsock_socket: None, same_paths: false }"#,
             "migration_status",
             "migrate_cancel",
             "balloon",
@@ -234,6 +235,7 @@ fn openapi_covers_every_route_and_schema() {
                 cache: Some(DiskCache::Writeback),
             }],
             taps: vec!["t".into()],
+            nets: vec![spec::bindings::NetBinding::Socket("/s".into())],
             vsock_socket: Some("/v".into()),
             same_paths: true,
         })
@@ -310,6 +312,18 @@ fn openapi_covers_every_route_and_schema() {
     check(
         "VmSpec",
         serde_json::to_value(spec::vm::VmSpec::default()).unwrap(),
+    );
+    // The bindings' schema has both network fields: nets, and taps (its older form).
+    let bindings: Value = serde_json::from_str(
+        r#"{"disks": ["/d"], "nets": [{"socket": "/s"}], "vsock_socket": "/v",
+            "console": "stdio", "virtio_console": "off", "api_socket": "/a"}"#,
+    )
+    .unwrap();
+    check("HostBindings", bindings);
+    check("HostBindings", serde_json::json!({"taps": ["t"]}));
+    assert!(
+        schemas.contains_key("NetBinding"),
+        "NetBinding schema missing"
     );
     let phases = schemas["MigrationPhase"]["enum"].as_array().unwrap();
     for p in [

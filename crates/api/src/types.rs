@@ -281,15 +281,16 @@ pub struct NicCounters {
     pub rx_packets: u64,
     /// Bytes of the frames delivered to the guest.
     pub rx_bytes: u64,
-    /// Frames read from the tap and dropped: too short, too long for the guest's buffers, or
-    /// meeting a malformed buffer (the tap's own queue drops what overflows it, unseen here).
+    /// Frames read from the backend (tap or stream socket) and dropped: too short, too long for
+    /// the guest's buffers, or meeting a malformed buffer (the tap's own queue drops what
+    /// overflows it, unseen here).
     pub rx_dropped: u64,
-    /// Frames the guest sent to the tap.
+    /// Frames the guest sent to the backend (tap or stream socket).
     pub tx_packets: u64,
     /// Bytes of the frames the guest sent.
     pub tx_bytes: u64,
     /// Frames the guest sent that were dropped: malformed, too short or too long, outside guest
-    /// memory, or refused by the tap.
+    /// memory, or refused by the backend (a stream socket whose peer went away).
     pub tx_dropped: u64,
 }
 
@@ -460,9 +461,17 @@ pub struct MigrateReceiveRequest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<MigrateDisk>,
     /// This host's tap for each of the source's network devices, in order (unless
-    /// `same_paths`). The guest keeps its MAC address.
+    /// `same_paths`): the older form of `nets`, for taps only (give one or the other). The
+    /// guest keeps its MAC address.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub taps: Vec<String>,
+    /// This host's backend for each of the source's network devices, in order (unless
+    /// `same_paths`): `{"tap": NAME}` for a device on a tap at the source, `{"socket": PATH}`
+    /// (a listening stream socket, such as a passt started here) for one on a stream socket or
+    /// passt. A device keeps its kind of backend (its guest negotiated that backend's offloads);
+    /// a target does not start passt. The guest keeps its MAC address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<spec::bindings::NetBinding>,
     /// This host's socket for the source's vsock device (the guest keeps its CID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]

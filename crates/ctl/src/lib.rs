@@ -39,6 +39,8 @@ pub enum CtlError {
     EmptyTokenFile(PathBuf),
     #[error("invalid --disk '{0}': expected PATH or PATH,cache=writeback|none|unsafe")]
     Disk(String),
+    #[error("{0}")]
+    Net(String),
     #[error("{path}: {why}")]
     Document { path: PathBuf, why: String },
 }
@@ -47,7 +49,7 @@ impl CtlError {
     /// The exit code: 2 for a bad command line, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CtlError::Usage(_) | CtlError::Document { .. } => 2,
+            CtlError::Usage(_) | CtlError::Document { .. } | CtlError::Net(_) => 2,
             _ => 1,
         }
     }
@@ -187,8 +189,13 @@ pub enum MigrateCommand {
         #[arg(long, value_name = "PATH[,cache=MODE]")]
         disk: Vec<String>,
         /// This host's tap for the source's next network device (once per device, in order).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "net")]
         tap: Vec<String>,
+        /// This host's backend for the source's next network device (once per device, in
+        /// order): tap=NAME for a device on a tap, socket=PATH (a listening stream socket, such
+        /// as `passt --socket PATH` made here) for one on a stream socket or passt.
+        #[arg(long, value_name = "tap=NAME|socket=PATH")]
+        net: Vec<String>,
         /// This host's socket for the source's vsock device.
         #[arg(long, value_name = "PATH")]
         vsock_socket: Option<PathBuf>,
@@ -380,6 +387,7 @@ fn migrate(
             token_file,
             disk,
             tap,
+            net,
             vsock_socket,
             same_paths,
         } => {
@@ -387,11 +395,16 @@ fn migrate(
                 .iter()
                 .map(|d| parse_disk(d))
                 .collect::<Result<Vec<_>, _>>()?;
+            let nets = net
+                .iter()
+                .map(|n| spec::cli::net_binding(n).map_err(|e| CtlError::Net(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
             let r = client.migrate_receive(&MigrateReceiveRequest {
                 listen: listen.clone(),
                 token: read_token(token, token_file)?,
                 disks,
                 taps: tap.clone(),
+                nets,
                 vsock_socket: vsock_socket.clone(),
                 same_paths: *same_paths,
             })?;
@@ -751,6 +764,16 @@ mod tests {
                 "vtap0",
                 "--vsock-socket",
                 "/v.sock",
+            ],
+            &[
+                "migrate",
+                "receive",
+                "--listen",
+                "unix:/m",
+                "--net",
+                "tap=vtap0",
+                "--net",
+                "socket=/run/p.sock",
             ],
             &["migrate", "receive", "--listen", "unix:/m", "--same-paths"],
             &["migrate", "status"],

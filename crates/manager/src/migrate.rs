@@ -182,6 +182,7 @@ impl Manager {
                     taps: (0..vm.networks.len())
                         .map(|i| crate::networks::tap_name(&name, i))
                         .collect(),
+                    nets: Vec::new(),
                     vsock_socket: None,
                     same_paths: false,
                 })

@@ -612,8 +612,10 @@ impl Manager {
             spec: vm.spec.clone(),
             bindings: HostBindings {
                 disks: vm.disks.clone(),
-                taps: (0..vm.networks.len())
-                    .map(|i| crate::networks::tap_name(&vm.name, i))
+                nets: (0..vm.networks.len())
+                    .map(|i| {
+                        spec::netbinding::NetBinding::Tap(crate::networks::tap_name(&vm.name, i))
+                    })
                     .collect(),
                 console: Some(Console::Socket(self.layout.console_socket(&vm.name))),
                 api_socket: Some(self.layout.api_socket(&vm.name)),

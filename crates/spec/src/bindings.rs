@@ -1,15 +1,25 @@
-//! [`HostBindings`]: where a VM runs on this host: its disk files, taps, sockets and
-//! consoles. A [`crate::vm::VmSpec`] says what the VM is; its bindings are this host's and
-//! are never taken from a snapshot's or a migration peer's word without the host's say.
+//! [`HostBindings`]: where a VM runs on this host: its disk files, network backends (taps,
+//! stream sockets, passt), sockets and consoles. A [`crate::vm::VmSpec`] says what the VM is;
+//! its bindings are this host's and are never taken from a snapshot's or a migration peer's
+//! word without the host's say.
 //!
 //! Devices and their bindings pair up in order: `disks[i]` is the file of the spec's
-//! `disks[i]`, `taps[i]` the tap of `nets[i]`.
+//! `disks[i]`, `nets[i]` ([`NetBinding`]) the backend of the spec's `nets[i]`.
+//!
+//! JSON: `"nets": [{"tap": "vtap0"}, {"socket": "/run/p.sock"}, {"passt": {}}]`. Documents
+//! from before stream sockets bind taps only, as `"taps": ["vtap0", ...]`: still read (the
+//! same as `nets` of taps; a document may not have both), and still written when every
+//! binding is a tap, so an older Vessel reads what this one writes for such a VM.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::vm::{SpecError, VmSpec};
+
+pub use crate::netbinding::{
+    check_socket_path, NetBinding, Passt, PortForward, Protocol, MAX_SOCKET_PATH,
+};
 
 /// Where a console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -47,32 +57,120 @@ impl std::str::FromStr for Console {
 }
 
 /// This host's side of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "BindingsDoc", into = "BindingsDoc")]
+pub struct HostBindings {
+    /// One image file per disk.
+    pub disks: Vec<PathBuf>,
+    /// One backend per network device: a tap, a stream socket or passt.
+    pub nets: Vec<NetBinding>,
+    /// The vsock device's Unix socket: host clients connect to it; guest connections to port
+    /// N go to `<socket>_N`.
+    pub vsock_socket: Option<PathBuf>,
+    /// The serial console; none: the process's own (`vessel run`: the terminal; `vessel
+    /// serve`: its `--console`).
+    pub console: Option<Console>,
+    /// The virtio console, when the spec has one.
+    pub virtio_console: Option<Console>,
+    /// Where the control API listens.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// [`HostBindings`] as JSON: `nets`, or `taps` as documents wrote it before stream sockets.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct HostBindings {
+#[schema(as = HostBindings)]
+struct BindingsDoc {
     /// One image file per disk.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<String>)]
-    pub disks: Vec<PathBuf>,
-    /// One tap interface per network device (created if it does not exist).
+    disks: Vec<PathBuf>,
+    /// One backend per network device, in order: `{"tap": NAME}` (created if it does not
+    /// exist), `{"socket": PATH}` (a listening Unix stream socket speaking QEMU's stream
+    /// protocol, such as passt's) or `{"passt": {"forwards": [...]}}` (passt started by Vessel).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub taps: Vec<String>,
+    nets: Vec<NetBinding>,
+    /// One tap interface per network device: the older form of `nets` when every device is on
+    /// a tap (either field, not both).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    taps: Vec<String>,
     /// The vsock device's Unix socket: host clients connect to it; guest connections to port
     /// N go to `<socket>_N`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
-    pub vsock_socket: Option<PathBuf>,
+    vsock_socket: Option<PathBuf>,
     /// The serial console; none: the process's own (`vessel run`: the terminal; `vessel
     /// serve`: its `--console`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub console: Option<Console>,
+    console: Option<Console>,
     /// The virtio console, when the spec has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub virtio_console: Option<Console>,
+    virtio_console: Option<Console>,
     /// Where the control API listens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
-    pub api_socket: Option<PathBuf>,
+    api_socket: Option<PathBuf>,
+}
+
+impl TryFrom<BindingsDoc> for HostBindings {
+    type Error = String;
+    fn try_from(d: BindingsDoc) -> Result<Self, String> {
+        let nets = match (d.nets.is_empty(), d.taps.is_empty()) {
+            (_, true) => d.nets,
+            (true, false) => d.taps.into_iter().map(NetBinding::Tap).collect(),
+            (false, false) => {
+                return Err("bindings: give nets or taps (its older form), not both".to_string())
+            }
+        };
+        Ok(HostBindings {
+            disks: d.disks,
+            nets,
+            vsock_socket: d.vsock_socket,
+            console: d.console,
+            virtio_console: d.virtio_console,
+            api_socket: d.api_socket,
+        })
+    }
+}
+
+impl From<HostBindings> for BindingsDoc {
+    fn from(b: HostBindings) -> Self {
+        // Taps only: the older form, which every Vessel reads.
+        let taps: Option<Vec<String>> = b.nets.iter().map(|n| n.tap().map(String::from)).collect();
+        let (nets, taps) = match taps {
+            Some(taps) => (Vec::new(), taps),
+            None => (b.nets, Vec::new()),
+        };
+        BindingsDoc {
+            disks: b.disks,
+            nets,
+            taps,
+            vsock_socket: b.vsock_socket,
+            console: b.console,
+            virtio_console: b.virtio_console,
+            api_socket: b.api_socket,
+        }
+    }
+}
+
+impl utoipa::PartialSchema for HostBindings {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <BindingsDoc as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl utoipa::ToSchema for HostBindings {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("HostBindings")
+    }
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        <BindingsDoc as utoipa::ToSchema>::schemas(schemas)
+    }
 }
 
 /// Checks a tap interface name (what the kernel takes, and no path or alias characters).
@@ -95,8 +193,9 @@ pub fn check_tap(name: &str) -> Result<(), String> {
 }
 
 impl HostBindings {
-    /// Checks that these bindings fit `spec`: one file per disk, one distinct tap per network
-    /// device, a socket for the vsock device, at most one console on the terminal.
+    /// Checks that these bindings fit `spec`: one file per disk, one backend per network
+    /// device (distinct taps, absolute distinct sockets, one queue pair on a stream), a socket
+    /// for the vsock device, at most one console on the terminal.
     pub fn check(&self, spec: &VmSpec) -> Result<(), SpecError> {
         let count = |field: &str, has: usize, want: usize, what: &str| {
             if has == want {
@@ -109,21 +208,12 @@ impl HostBindings {
             }
         };
         count("disks", self.disks.len(), spec.disks.len(), "disks")?;
-        count("taps", self.taps.len(), spec.nets.len(), "network devices")?;
         for (i, d) in self.disks.iter().enumerate() {
             if d.as_os_str().is_empty() {
                 return Err(SpecError::new(format!("bindings.disks[{i}]"), "empty path"));
             }
         }
-        for (i, t) in self.taps.iter().enumerate() {
-            check_tap(t).map_err(|why| SpecError::new(format!("bindings.taps[{i}]"), why))?;
-            if self.taps[..i].contains(t) {
-                return Err(SpecError::new(
-                    format!("bindings.taps[{i}]"),
-                    format!("tap {t} is used by another network device"),
-                ));
-            }
-        }
+        crate::netbinding::check(&self.nets, &spec.nets)?;
         match (&spec.vsock, &self.vsock_socket) {
             (Some(_), None) => {
                 return Err(SpecError::new(
@@ -198,7 +288,7 @@ mod tests {
         };
         let mut b = HostBindings {
             disks: vec!["/d".into()],
-            taps: vec!["t0".into(), "t1".into()],
+            nets: vec![NetBinding::Tap("t0".into()), NetBinding::Tap("t1".into())],
             vsock_socket: Some("/v".into()),
             ..HostBindings::default()
         };
@@ -208,11 +298,19 @@ mod tests {
         c.disks.clear();
         assert_eq!(field(&c), "bindings.disks");
         c = b.clone();
-        c.taps[1] = "t0".into();
-        assert_eq!(field(&c), "bindings.taps[1]");
+        c.nets[1] = NetBinding::Tap("t0".into());
+        assert_eq!(field(&c), "bindings.nets[1].tap");
         c = b.clone();
-        c.taps[0] = "a/b".into();
-        assert_eq!(field(&c), "bindings.taps[0]");
+        c.nets[0] = NetBinding::Tap("a/b".into());
+        assert_eq!(field(&c), "bindings.nets[0].tap");
+        c = b.clone();
+        c.nets.pop();
+        assert_eq!(field(&c), "bindings.nets");
+        c = b.clone();
+        c.nets[1] = NetBinding::Socket("relative.sock".into());
+        assert_eq!(field(&c), "bindings.nets[1].socket");
+        c.nets[1] = NetBinding::Socket("/run/p.sock".into());
+        c.check(&spec).unwrap();
         c = b.clone();
         c.vsock_socket = None;
         assert_eq!(field(&c), "bindings.vsock_socket");
@@ -234,5 +332,36 @@ mod tests {
         assert_eq!(d.bindings.console, Some(Console::File("/log".into())));
         let e = serde_json::from_str::<VmDocument>(r#"{"spec":{},"bindngs":{}}"#).unwrap_err();
         assert!(e.to_string().contains("bindngs"), "{e}");
+        let e = serde_json::from_str::<HostBindings>(r#"{"tapz":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("tapz"), "{e}");
+    }
+
+    #[test]
+    fn older_documents_bind_taps_as_taps() {
+        let old = r#"{"disks":["/d"],"taps":["vtap0","vtap1"],"vsock_socket":"/v"}"#;
+        let b: HostBindings = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            b.nets,
+            [
+                NetBinding::Tap("vtap0".into()),
+                NetBinding::Tap("vtap1".into())
+            ]
+        );
+        // Written as it was read: taps only take the older form.
+        assert_eq!(serde_json::to_string(&b).unwrap(), old);
+        let new = r#"{"nets":[{"tap":"vtap0"},{"socket":"/run/p.sock"},{"passt":{}}]}"#;
+        let b: HostBindings = serde_json::from_str(new).unwrap();
+        assert_eq!(b.nets[1], NetBinding::Socket("/run/p.sock".into()));
+        assert_eq!(b.nets[2], NetBinding::Passt(Passt::default()));
+        assert_eq!(serde_json::to_string(&b).unwrap(), new);
+        // nets of taps only: read, written the older way.
+        let b: HostBindings = serde_json::from_str(r#"{"nets":[{"tap":"t"}]}"#).unwrap();
+        assert_eq!(serde_json::to_string(&b).unwrap(), r#"{"taps":["t"]}"#);
+        let e = serde_json::from_str::<HostBindings>(r#"{"taps":["a"],"nets":[{"tap":"b"}]}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let empty: HostBindings = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, HostBindings::default());
+        assert_eq!(serde_json::to_string(&empty).unwrap(), "{}");
     }
 }

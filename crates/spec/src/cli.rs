@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::bindings::{check_tap, Console};
+use crate::bindings::{check_tap, Console, NetBinding, Passt, PortForward};
 use crate::rate::{RateLimiterConfig, TokenBucketConfig};
 use crate::vm::{
     check_cid, check_queues, check_serial, Balloon, BootProtocol, Disk, Nic, OnReboot, Transport,
@@ -235,17 +235,29 @@ fn rate_limiters(
     ))
 }
 
-/// Parses a `--net` value: `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]` and rate limits
+/// Parses a `--net` value: the backend, one of `tap=NAME` (a tap interface), `socket=PATH` (a
+/// listening Unix stream socket speaking QEMU's stream protocol, such as passt's) or `passt`
+/// (Vessel starts passt, with `forward=tcp|udp:HOSTPORT[:GUESTPORT]` repeatable), then
+/// `[,mac=AA:BB:CC:DD:EE:FF][,queues=N]` (queues on a tap only) and rate limits
 /// `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` per second, each with an optional
-/// one-time `_burst` on top (`tx_bw_burst=BYTES`, ...). Returns the device and its tap.
-pub fn net(spec: &str) -> Result<(Nic, String), ArgError> {
+/// one-time `_burst` on top (`tx_bw_burst=BYTES`, ...). Returns the device and its binding (a
+/// socket's path as given: relative ones are the caller's to resolve).
+pub fn net(spec: &str) -> Result<(Nic, NetBinding), ArgError> {
     let bad = |why: &str| ArgError::BadNet {
         spec: spec.to_string(),
         why: why.to_string(),
     };
     let mut nic = Nic::default();
-    let mut tap = String::new();
+    let mut binding: Option<NetBinding> = None;
+    let mut forwards: Vec<PortForward> = Vec::new();
     let mut rates = [None; 8];
+    let mut bind = |b: NetBinding| {
+        if binding.replace(b).is_some() {
+            Err(bad("give one of tap=NAME, socket=PATH or passt"))
+        } else {
+            Ok(())
+        }
+    };
     for item in spec.split(',') {
         if let Some((key, v)) = item.split_once('=') {
             if let Some(i) = RATE_OPTIONS.iter().position(|o| *o == key) {
@@ -265,8 +277,11 @@ pub fn net(spec: &str) -> Result<(Nic, String), ArgError> {
         match item.split_once('=') {
             Some(("tap" | "ifname", name)) => {
                 check_tap(name).map_err(|e| bad(&e))?;
-                tap = name.to_string();
+                bind(NetBinding::Tap(name.to_string()))?;
             }
+            Some(("socket", path)) if !path.is_empty() => bind(NetBinding::Socket(path.into()))?,
+            None if item == "passt" => bind(NetBinding::Passt(Passt::default()))?,
+            Some(("forward", f)) => forwards.push(f.parse().map_err(|e: String| bad(&e))?),
             Some(("mac", v)) => {
                 nic.mac =
                     Some(crate::mac::MacAddr::parse_unicast(v).map_err(|e| bad(&e.to_string()))?)
@@ -279,11 +294,38 @@ pub fn net(spec: &str) -> Result<(Nic, String), ArgError> {
             _ => return Err(bad(&format!("unknown or empty option '{item}'"))),
         }
     }
-    if tap.is_empty() {
-        return Err(bad("tap= is required"));
+    let mut binding =
+        binding.ok_or_else(|| bad("one of tap=NAME, socket=PATH or passt is required"))?;
+    match &mut binding {
+        NetBinding::Passt(p) => p.forwards = forwards,
+        _ if !forwards.is_empty() => {
+            return Err(bad(
+                "forward= is for passt (Vessel starts it with the forwards); with socket=, the \
+                 socket's owner forwards ports",
+            ))
+        }
+        _ => {}
+    }
+    if binding.is_stream() && nic.queues != 1 {
+        return Err(bad(
+            "queues= is for taps: a stream socket carries one queue pair",
+        ));
     }
     (nic.rx_limit, nic.tx_limit) = rate_limiters(&rates).map_err(|e| bad(&e))?;
-    Ok((nic, tap))
+    Ok((nic, binding))
+}
+
+/// Parses a network device's binding alone (a migration target's): `tap=NAME`,
+/// `socket=PATH` or `passt[,forward=...]`, without the device's own options.
+pub fn net_binding(spec: &str) -> Result<NetBinding, ArgError> {
+    let (nic, binding) = net(spec)?;
+    if nic != Nic::default() {
+        return Err(ArgError::BadNet {
+            spec: spec.to_string(),
+            why: "only the binding (tap=NAME, socket=PATH or passt) goes here: the device keeps its MAC, queues and limits".into(),
+        });
+    }
+    Ok(binding)
 }
 
 /// Parses a `--transport` value.
@@ -358,7 +400,7 @@ mod tests {
     #[test]
     fn nets() {
         let (n, tap) = net("tap=vtap0,mac=52:54:00:12:34:56,queues=4").unwrap();
-        assert_eq!(tap, "vtap0");
+        assert_eq!(tap, NetBinding::Tap("vtap0".into()));
         assert_eq!(n.mac.unwrap().to_string(), "52:54:00:12:34:56");
         assert_eq!(n.queues, 4);
         assert_eq!(net("tap=t").unwrap().0.queues, 1);
@@ -375,11 +417,61 @@ mod tests {
             "tap=t,queues=0",
             "tap=t,queues=17",
             "tap=t,colour=red",
+            "socket=",
+            "tap=t,socket=/s",
+            "passt,passt",
+            "passt,forward=tcp",
+            "passt,forward=tcp:0",
+            "passt,forward=icmp:1",
+            "socket=/s,forward=tcp:80",
+            "tap=t,forward=tcp:80",
+            "socket=/s,queues=2",
+            "passt,queues=4",
+            "passt=1",
         ] {
             assert!(net(bad).is_err(), "{bad}");
         }
         let e = net("tap=t,mac=zz").unwrap_err().to_string();
         assert!(e.starts_with("invalid --net 'tap=t,mac=zz': "), "{e}");
+        let e = net("mac=52:54:00:12:34:56").unwrap_err().to_string();
+        assert!(e.contains("one of tap=NAME, socket=PATH or passt"), "{e}");
+        let e = net("socket=/s,queues=2").unwrap_err().to_string();
+        assert!(e.contains("one queue pair"), "{e}");
+    }
+
+    #[test]
+    fn stream_nets() {
+        let (n, b) = net("socket=/run/p.sock,mac=52:54:00:12:34:56,rx_pps=100").unwrap();
+        assert_eq!(b, NetBinding::Socket("/run/p.sock".into()));
+        assert_eq!(n.queues, 1);
+        assert!(n.rx_limit.ops.is_some());
+        // Relative paths are kept as given (the caller resolves them).
+        assert_eq!(
+            net("socket=p.sock").unwrap().1,
+            NetBinding::Socket("p.sock".into())
+        );
+        let (_, b) = net("passt").unwrap();
+        assert_eq!(b, NetBinding::Passt(Passt::default()));
+        let (n, b) =
+            net("mac=52:54:00:12:34:56,passt,forward=tcp:8080:80,forward=udp:5353").unwrap();
+        assert!(n.mac.is_some());
+        let NetBinding::Passt(p) = b else {
+            panic!("{b:?}")
+        };
+        assert_eq!(
+            p.forwards,
+            [
+                "tcp:8080:80".parse().unwrap(),
+                "udp:5353:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            net_binding("socket=/s"),
+            Ok(NetBinding::Socket("/s".into()))
+        );
+        assert_eq!(net_binding("tap=t0"), Ok(NetBinding::Tap("t0".into())));
+        assert!(net_binding("tap=t0,mac=52:54:00:12:34:56").is_err());
+        assert!(net_binding("tap=t0,queues=2").is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use jail::sandbox::{Access, Exposure, JailSpec, Plan, Privileged, Role};
-use vmm::config::{ConsoleConfig, HostBindings, VmConfig};
+use vmm::config::{ConsoleConfig, HostBindings, NetBinding, VmConfig};
 
 use crate::run::Error;
 
@@ -93,6 +93,19 @@ fn absolute_bindings(
     }
 }
 
+/// Makes a network device's socket path absolute (its own, or its passt's).
+fn absolute_net(b: &mut NetBinding) {
+    match b {
+        NetBinding::Socket(p) => *p = absolute(p),
+        NetBinding::Passt(p) => {
+            if let Some(s) = &mut p.socket {
+                *s = absolute(s);
+            }
+        }
+        NetBinding::Tap(_) => {}
+    }
+}
+
 /// Makes every host path of a VM's configuration absolute.
 pub fn absolutize(c: &mut VmConfig) {
     let boot = &mut c.spec.boot;
@@ -103,6 +116,7 @@ pub fn absolutize(c: &mut VmConfig) {
     for d in &mut b.disks {
         *d = absolute(d);
     }
+    b.nets.iter_mut().for_each(absolute_net);
     if let Some(v) = &mut b.virtio_console {
         absolute_console(v);
     }
@@ -113,6 +127,7 @@ pub fn absolutize(c: &mut VmConfig) {
 
 /// Makes every host path of a restore's options absolute.
 pub fn absolutize_restore(o: &mut vmm::vm::RestoreOptions) {
+    o.nets.iter_mut().for_each(|(_, b)| absolute_net(b));
     let vsock = o.vsock.as_mut().map(|(_, socket)| socket);
     absolute_bindings(&mut o.console, &mut o.api_socket, vsock);
 }
@@ -129,13 +144,13 @@ impl Needs {
         }
     }
 
-    /// What a VM binds at start: its console, API socket, vsock socket and taps.
+    /// What a VM binds at start: its console, API socket, vsock socket and network backends.
     fn bindings<'a>(
         &mut self,
         console: &ConsoleConfig,
         api_socket: Option<&Path>,
         vsock_socket: Option<&Path>,
-        taps: impl Iterator<Item = &'a String>,
+        nets: impl Iterator<Item = &'a NetBinding>,
     ) {
         self.console(console);
         if let Some(p) = api_socket {
@@ -144,7 +159,13 @@ impl Needs {
         if let Some(p) = vsock_socket {
             self.socket(p);
         }
-        self.nets(taps.cloned());
+        let nets: Vec<&NetBinding> = nets.collect();
+        // A stream socket (its own, or the passt's started for it) is bound into the jail
+        // itself: the VMM connects to it, as the jail's user.
+        for p in nets.iter().filter_map(|b| b.stream_path()) {
+            self.add(p, Access::Connect);
+        }
+        self.nets(nets.iter().filter_map(|b| b.tap()).map(String::from));
     }
 
     fn socket(&mut self, path: &Path) {
@@ -208,7 +229,7 @@ impl Needs {
             b.console.as_ref().unwrap_or(&ConsoleConfig::Off),
             b.api_socket.as_deref(),
             b.vsock_socket.as_deref(),
-            b.taps.iter(),
+            b.nets.iter(),
         );
         n
     }
@@ -228,7 +249,7 @@ impl Needs {
             &opts.console,
             opts.api_socket.as_deref(),
             opts.vsock.as_ref().map(|(_, socket)| socket.as_path()),
-            opts.nets.iter().map(|(_, tap)| tap),
+            opts.nets.iter().map(|(_, binding)| binding),
         );
         if opts.memory == api::types::RestoreMemory::Userfaultfd {
             n.userfaultfd();
@@ -285,6 +306,16 @@ impl ConfineArgs {
     /// Whether the VMM is to be jailed (its paths must then be absolute).
     pub fn jailed(&self) -> bool {
         self.jail.is_some()
+    }
+
+    /// The jail's user and group, when the VMM is to be jailed (what runs for it outside the
+    /// jail, passt, runs as them).
+    pub fn jail_user(&self) -> Result<Option<(u32, u32)>, Error> {
+        let Some(spec) = &self.jail else {
+            return Ok(None);
+        };
+        let spec = JailSpec::parse(spec, |s| spec::cli::memory(s).map_err(|e| e.to_string()))?;
+        Ok(Some((spec.uid, spec.gid)))
     }
 
     /// Confines the process: the jail (if asked; the keeper gets `Some(exit code)` back once

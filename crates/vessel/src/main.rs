@@ -2,6 +2,7 @@
 
 mod confine;
 mod host_check;
+mod passt;
 mod run;
 
 use clap::{Parser, Subcommand};

@@ -4,13 +4,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use spec::bindings::{Console, HostBindings, VmDocument};
+use spec::bindings::{Console, HostBindings, NetBinding, VmDocument};
 use spec::cli;
-use spec::vm::{VmSpec, DEFAULT_CMDLINE};
+use spec::vm::{Nic, VmSpec, DEFAULT_CMDLINE};
 use vmm::vm::RestoreOptions;
 use vmm::{Vm, VmConfig};
 
 use crate::confine::{absolutize, absolutize_restore, ConfineArgs, Needs};
+use crate::passt::{Passt, PasstError};
 
 /// The bundled guest (guests/), built by build.rs.
 static BUNDLED_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vessel-guest.elf"));
@@ -52,10 +53,14 @@ pub struct RunArgs {
     /// [,engine=auto|io_uring|threads|sync][,bw=BYTES][,iops=N][,bw_burst=BYTES][,iops_burst=N]`.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// A virtio network device on a tap interface (created if absent), repeatable:
-    /// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,queues=N]`, with rate limits per second for the
-    /// device: `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` (K/M/G suffixes) and one-time
-    /// bursts `[,tx_bw_burst=BYTES]` (likewise `tx_pps_burst`, `rx_bw_burst`, `rx_pps_burst`).
+    /// A virtio network device, repeatable, on one of: `tap=NAME` (a tap interface, created if
+    /// absent), `socket=PATH` (a listening Unix stream socket speaking QEMU's stream protocol,
+    /// such as `passt --socket PATH` made), `passt` (Vessel starts passt as the VM's user, no
+    /// privileges needed; `forward=tcp|udp:HOSTPORT[:GUESTPORT]` repeatable brings host ports
+    /// in). Then `[,mac=AA:BB:CC:DD:EE:FF][,queues=N]` (queues: taps only) and rate limits per
+    /// second for the device: `[,tx_bw=BYTES][,tx_pps=N][,rx_bw=BYTES][,rx_pps=N]` (K/M/G
+    /// suffixes) with one-time bursts `[,tx_bw_burst=BYTES]` (likewise `tx_pps_burst`,
+    /// `rx_bw_burst`, `rx_pps_burst`).
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// A virtio entropy device fed from the host's getrandom.
@@ -153,6 +158,8 @@ pub enum Error {
     Jail(#[from] jail::sandbox::Error),
     #[error(transparent)]
     Affinity(#[from] jail::affinity::Error),
+    #[error(transparent)]
+    Passt(#[from] PasstError),
 }
 
 impl Error {
@@ -202,9 +209,9 @@ fn document(args: &RunArgs) -> Result<VmDocument, Error> {
         spec.disks.push(disk);
         bindings.disks.push(path);
     }
-    for (nic, tap) in parse_nets(&args.net)? {
+    for (nic, binding) in parse_nets(&args.net)? {
         spec.nets.push(nic);
-        bindings.taps.push(tap);
+        bindings.nets.push(binding);
     }
     if let Some(v) = &args.vsock {
         let (vsock, socket) = cli::vsock(v)?;
@@ -242,11 +249,48 @@ fn config(doc: VmDocument) -> VmConfig {
     config
 }
 
-fn parse_nets(specs: &[String]) -> Result<Vec<(spec::vm::Nic, String)>, Error> {
-    Ok(specs
+/// The `--net` flags' devices and bindings, a socket's path made absolute (a document's must
+/// be).
+fn parse_nets(specs: &[String]) -> Result<Vec<(Nic, NetBinding)>, Error> {
+    specs
         .iter()
-        .map(|n| cli::net(n))
-        .collect::<Result<_, _>>()?)
+        .map(|n| {
+            let (nic, mut binding) = cli::net(n)?;
+            if let NetBinding::Socket(p) = &mut binding {
+                if let Ok(a) = std::path::absolute(&*p) {
+                    *p = a;
+                }
+            }
+            Ok((nic, binding))
+        })
+        .collect()
+}
+
+/// Starts a passt for each `passt` binding and gives the binding its socket. The processes
+/// end when the returned values drop.
+fn start_passts<'a>(
+    nets: impl Iterator<Item = &'a mut NetBinding>,
+    jail_user: Option<(u32, u32)>,
+) -> Result<Vec<Passt>, Error> {
+    let mut started = Vec::new();
+    for (i, b) in nets.enumerate() {
+        if let NetBinding::Passt(p) = b {
+            let passt = Passt::start(i, &p.forwards, jail_user)?;
+            p.socket = Some(passt.socket().to_path_buf());
+            started.push(passt);
+        }
+    }
+    Ok(started)
+}
+
+/// After the jail: the jailed VMM leaves its passts to the keeper, which started them.
+fn after_jail(passts: Vec<Passt>, jailed: bool) -> Vec<Passt> {
+    if jailed {
+        passts.into_iter().for_each(Passt::disown);
+        Vec::new()
+    } else {
+        passts
+    }
 }
 
 fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
@@ -263,6 +307,9 @@ fn parse_restore_memory(s: &str) -> Result<api::types::RestoreMemory, Error> {
 pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
     let confine = std::mem::take(&mut args.confine);
     let jailed = confine.jailed();
+    // Each passt started for the VM lives (in this process, or the jail's keeper) until the
+    // VM has ended.
+    let passts: Vec<Passt>;
     let vm = match args.restore.clone() {
         Some(dir) => {
             let mut opts = RestoreOptions {
@@ -272,6 +319,17 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
                 nets: parse_nets(&args.net)?,
                 vsock: args.vsock.as_deref().map(cli::vsock).transpose()?,
             };
+            if opts.nets.is_empty() {
+                // A device saved on passt needs a new one: bind every device as it was.
+                let saved = vmm::snapshot::saved_nets(&dir).map_err(vmm::Error::from)?;
+                if saved.iter().any(|(_, b)| matches!(b, NetBinding::Passt(_))) {
+                    opts.nets = saved
+                        .into_iter()
+                        .map(|(n, b)| (Nic { mac: None, ..n }, b))
+                        .collect();
+                }
+            }
+            let started = start_passts(opts.nets.iter_mut().map(|(_, b)| b), confine.jail_user()?)?;
             let dir = if jailed {
                 absolutize_restore(&mut opts);
                 crate::confine::absolute(&dir)
@@ -281,6 +339,7 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
             if let Some(code) = confine.apply(None, || Needs::of_restore(&dir, &opts))? {
                 return Ok(code);
             }
+            passts = after_jail(started, jailed);
             Vm::restore(&dir, opts, start)?
         }
         None => {
@@ -301,6 +360,20 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
                 return Ok(0);
             }
             let mut config = config(doc);
+            if config
+                .bindings
+                .nets
+                .iter()
+                .any(|b| matches!(b, NetBinding::Passt(_)))
+            {
+                // No passt for a VM that cannot start.
+                config
+                    .spec
+                    .validate()
+                    .and_then(|()| config.bindings.check(&config.spec))
+                    .map_err(vmm::config::ConfigError::from)?;
+            }
+            let started = start_passts(config.bindings.nets.iter_mut(), confine.jail_user()?)?;
             if jailed {
                 absolutize(&mut config);
             }
@@ -309,10 +382,13 @@ pub fn run(mut args: RunArgs, start: Instant) -> Result<i32, Error> {
             {
                 return Ok(code);
             }
+            passts = after_jail(started, jailed);
             Vm::build(config, start)?
         }
     };
-    report(vm.run()?)
+    let reason = vm.run()?;
+    drop(passts);
+    report(reason)
 }
 
 /// `vessel serve`: an empty VMM with an API, waiting for a snapshot to restore.

@@ -164,7 +164,7 @@ fn vessel_serve_boots_a_document_put_on_its_api() {
     let o = ctl(std::path::Path::new(api), &["boot", file.to_str().unwrap()]);
     assert_code(&o, 1);
     assert!(
-        stderr(&o).contains("bindings.taps: 0 given for 1"),
+        stderr(&o).contains("bindings.nets: 0 given for 1"),
         "{}",
         stderr(&o)
     );

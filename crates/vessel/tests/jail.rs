@@ -292,6 +292,89 @@ fn a_jailed_vm_gets_a_tap_made_for_its_user_and_removed_after() {
     assert_eq!(vm.stop(), Some(143));
 }
 
+#[test]
+fn a_jailed_vm_connects_to_its_stream_socket_and_runs_passt_as_its_user() {
+    require_root();
+    const UID: u32 = 42_008;
+    let tmp = TempDir::new("jail-stream");
+    let dir = owned_dir(&tmp, "sockets", UID);
+    let sock = dir.join("net.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // The jail's user must be able to connect: refused, saying so, before anything starts.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let net = format!("socket={}", sock.display());
+    let jail = format!("uid={UID},gid={UID}");
+    let o = vessel(&["run", "--jail", &jail, "--net", &net]);
+    assert_code(&o, 2);
+    assert!(
+        stderr(&o).contains(&format!("cannot connect to {}", sock.display())),
+        "{}",
+        stderr(&o)
+    );
+    // Its own socket: bound into the jail at its path, the guest's frames arrive.
+    chown(&sock, Some(UID), Some(UID)).unwrap();
+    let peer = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        all.len()
+    });
+    let o = vessel(&["run", "--jail", &jail, "--net", &net]);
+    assert_code(&o, 0);
+    assert!(stdout(&o).contains(": sent 2,"), "{}", stdout(&o));
+    // An ARP request and a UDP broadcast, each with its length.
+    assert!(peer.join().unwrap() >= 2 * (4 + 60));
+
+    // passt, started by Vessel outside the jail as the jail's user, its socket in the jail.
+    let tmpdir = owned_dir(&tmp, "tmp", UID);
+    let err = tmp.file("stderr");
+    let mut vm = spawn_logged(
+        &[
+            "run",
+            "--jail",
+            &format!("{jail},netns=new"),
+            "--net",
+            "passt",
+            "--cmdline",
+            "'action=soak soakms=50'",
+        ],
+        &format!("TMPDIR={}", tmpdir.display()),
+        &err,
+    );
+    vm.soak_lines(1, 1);
+    let keeper = vm.child.id();
+    let children: Vec<u32> =
+        std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+    let passt = children
+        .iter()
+        .copied()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("--one-off"))
+        })
+        .unwrap_or_else(|| panic!("no passt among the keeper's children {children:?}"));
+    assert_eq!(status(passt, "Uid")[1], UID.to_string());
+    let dirs = || std::fs::read_dir(&tmpdir).unwrap().count();
+    assert_eq!(dirs(), 1, "passt's private directory");
+    assert_eq!(vm.stop(), Some(143));
+    assert_eq!(dirs(), 0, "passt's directory is left behind");
+    let gone = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(passt) {
+        assert!(Instant::now() < deadline, "passt outlives the VM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The host CPUs thread `name` of process `pid` may run on.
 fn thread_cpus(pid: u32, name: &str) -> String {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {

@@ -319,7 +319,10 @@ fn vessel_creates_a_missing_tap() {
 #[test]
 fn bad_net_options_are_refused() {
     for (spec, want) in [
-        ("mac=52:54:00:12:34:56", "tap= is required"),
+        (
+            "mac=52:54:00:12:34:56",
+            "one of tap=NAME, socket=PATH or passt is required",
+        ),
         ("tap=a/b", "tap takes an interface name"),
         ("tap=t0,mac=01:00:5e:00:00:01", "multicast"),
         ("tap=t0,queues=99", "queues takes a number from 1 to 16"),

@@ -549,6 +549,8 @@ pub fn device_list(
             };
             let detail = match (kind, config.spec.disks.get(i)) {
                 ("block", Some(d)) => Some(disk_detail(d, disk_engines.get(i).copied())),
+                // The network backend: `tap vtap0`, `socket PATH` or `passt`.
+                ("net", _) => config.bindings.nets.get(i).map(|b| b.describe()),
                 _ => None,
             };
             let path = match kind {
@@ -633,7 +635,7 @@ mod tests {
         };
         let bindings = crate::config::HostBindings {
             disks: vec!["/a.raw".into(), "/b.qcow2".into()],
-            taps: vec!["tap0".into()],
+            nets: vec![crate::config::NetBinding::Tap("tap0".into())],
             ..Default::default()
         };
         let config = crate::config::VmConfig::new(spec, bindings);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::bindings::{Console as ConsoleConfig, HostBindings};
+pub use spec::bindings::{Console as ConsoleConfig, HostBindings, NetBinding};
 pub use spec::cli::ArgError;
 pub use spec::size::format as format_size;
 pub use spec::vm::{
@@ -189,11 +189,11 @@ mod tests {
         let mut c = cfg(1, 64 << 20);
         let (nic, tap) = cli::net("tap=a").unwrap();
         c.spec.nets = vec![nic.clone(), nic];
-        c.bindings.taps = vec![tap.clone(), "b".into()];
+        c.bindings.nets = vec![tap.clone(), NetBinding::Tap("b".into())];
         assert_eq!(c.validate(8, None), Ok(()));
-        c.bindings.taps[1] = tap;
+        c.bindings.nets[1] = tap;
         assert!(
-            matches!(c.validate(8, None), Err(ConfigError::Spec(e)) if e.field == "bindings.taps[1]")
+            matches!(c.validate(8, None), Err(ConfigError::Spec(e)) if e.field == "bindings.nets[1].tap")
         );
         let mut c = cfg(1, 64 << 20);
         c.spec.balloon = Some(cli::balloon("size=64M").unwrap());

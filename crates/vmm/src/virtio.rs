@@ -20,7 +20,9 @@ use devices::{Bus, Interrupt};
 use guestmem::GuestMem;
 use hypervisor::IoSpace;
 
-use crate::config::{Balloon as BalloonSpec, CacheMode, ConsoleConfig, Disk, Nic, VmConfig};
+use crate::config::{
+    Balloon as BalloonSpec, CacheMode, ConsoleConfig, Disk, NetBinding, Nic, VmConfig,
+};
 
 /// Errors setting up virtio devices.
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +39,18 @@ pub enum Error {
         #[source]
         source: devices::virtio::block::BlockError,
     },
-    #[error("network device on tap {tap}: {source}")]
+    #[error("network device on {binding}: {source}")]
     Net {
-        tap: String,
+        binding: String,
         #[source]
         source: devices::virtio::net::NetError,
     },
+    #[error(
+        "network device {0}: its passt was not started (`vessel run` starts passt for --net \
+         passt; a VM restored or received through the API needs socket=PATH of a passt started \
+         beforehand, `passt --socket PATH`)"
+    )]
+    PasstNotStarted(usize),
     #[error("virtio-console: {0}")]
     Console(#[from] devices::virtio::console::ConsoleError),
     #[error("virtio-balloon: {0}")]
@@ -146,17 +154,30 @@ fn block_device(d: &Disk, file: &Path, repair: bool) -> Result<Block, Error> {
     Ok(block)
 }
 
-/// A virtio-net device on `tap`, opened (or created) now.
-fn net_device(n: &Nic, tap: &str) -> Result<Net, Error> {
-    Net::with_tap(tap, n.mac, n.queues)
-        .and_then(|mut d| {
-            d.set_rate_limiters(n.rx_limit, n.tx_limit)?;
-            Ok(d)
-        })
-        .map_err(|source| Error::Net {
-            tap: tap.to_string(),
-            source,
-        })
+/// Network device `index` on its binding: a tap opened (or created) now, or a stream socket
+/// connected now (its own, or the passt's `vessel run` started).
+fn net_device(index: usize, n: &Nic, binding: &NetBinding) -> Result<Net, Error> {
+    match binding {
+        NetBinding::Tap(tap) => Net::with_tap(tap, n.mac, n.queues),
+        NetBinding::Socket(path) => Net::with_stream(path, n.mac),
+        NetBinding::Passt(p) => match &p.socket {
+            Some(path) => Net::with_stream(path, n.mac),
+            None => return Err(Error::PasstNotStarted(index)),
+        },
+    }
+    .and_then(|mut d| {
+        d.set_rate_limiters(n.rx_limit, n.tx_limit)?;
+        Ok(d)
+    })
+    .map_err(|source| Error::Net {
+        binding: match binding.stream_path() {
+            Some(path) if matches!(binding, NetBinding::Passt(_)) => {
+                format!("passt (socket {})", path.display())
+            }
+            _ => binding.describe(),
+        },
+        source,
+    })
 }
 
 fn vsock_device(cid: u64, socket: &Path) -> Result<Box<dyn VirtioDevice>, Error> {
@@ -252,8 +273,8 @@ pub fn setup(
         disk_counters.push(block.counters());
         devices.push(Box::new(block));
     }
-    for (n, tap) in spec.nets.iter().zip(&host.taps) {
-        let net = net_device(n, tap)?;
+    for (i, (n, binding)) in spec.nets.iter().zip(&host.nets).enumerate() {
+        let net = net_device(i, n, binding)?;
         nic_counters.push(net.counters());
         devices.push(Box::new(net));
     }

@@ -29,8 +29,9 @@ pub struct RestoreOptions {
     pub memory: api::types::RestoreMemory,
     pub console: crate::config::ConsoleConfig,
     pub api_socket: Option<PathBuf>,
-    /// New taps (and MACs, limits) for the network devices, all or none (clones).
-    pub nets: Vec<(crate::config::Nic, String)>,
+    /// New backends (and MACs, limits) for the network devices, all or none (clones): taps,
+    /// stream sockets, passt (started by the caller: its socket set).
+    pub nets: Vec<(crate::config::Nic, crate::config::NetBinding)>,
     /// A new socket (and guest CID) for the vsock device (clones).
     pub vsock: Option<(crate::config::Vsock, PathBuf)>,
 }

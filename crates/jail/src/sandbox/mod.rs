@@ -166,6 +166,9 @@ pub enum Access {
     Output,
     /// A directory the VMM creates sockets in (the API socket, a socket console, vsock).
     SocketDir,
+    /// A listening Unix socket the VMM connects to (a network device's stream socket, such as
+    /// passt's): the socket itself is bound into the jail, and needs write permission.
+    Connect,
 }
 
 /// A host path the jailed VMM needs, at the same path inside the jail.

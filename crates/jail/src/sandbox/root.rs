@@ -64,6 +64,7 @@ pub(crate) fn check_access(e: &Exposure, uid: u32, gid: u32) -> Result<(), Error
         Access::Output if !e.path.exists() => return Ok(()),
         Access::Output => (e.path.clone(), 0o2, "write"),
         Access::SocketDir => (e.path.clone(), 0o3, "create sockets in"),
+        Access::Connect => (e.path.clone(), 0o2, "connect to"),
     };
     let m = std::fs::metadata(&path).map_err(os(format!("{}", path.display())))?;
     let need = if m.is_dir() && e.access != Access::SocketDir {
@@ -252,7 +253,7 @@ pub(crate) fn landlock(exposures: &[Exposure], devices: &[PathBuf]) -> Result<()
         let access = match e.access {
             Access::Read => read,
             Access::ReadWrite | Access::SocketDir => all,
-            Access::Output => AccessFs::from_file(abi) & !AccessFs::Execute,
+            Access::Output | Access::Connect => AccessFs::from_file(abi) & !AccessFs::Execute,
         };
         rules.push((e.path.clone(), access));
     }

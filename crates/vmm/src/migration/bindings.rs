@@ -1,5 +1,5 @@
-//! The host side of a migrated machine: the disk files, taps, vsock socket and console files
-//! each host chooses for itself.
+//! The host side of a migrated machine: the disk files, network backends (taps, stream
+//! sockets), vsock socket and console files each host chooses for itself.
 //!
 //! The source takes its bindings out of the machine before it crosses ([`strip`]): `Hello`
 //! and `State` carry the [`VmSpec`] only. The target binds its own ([`Bound::from_request`]):
@@ -8,13 +8,15 @@
 //! vsock socket go through [`crate::snapshot::VmSnapshot::rebind`], as for a clone). The
 //! source's own bindings travel beside the spec (`Hello.source_paths`) and are used only when
 //! the request says `same_paths` (two processes on one host); otherwise the target never
-//! opens a path that came from the wire.
+//! opens a path that came from the wire (it reads only their kinds: a network device stays on
+//! a tap or on a stream socket). A stream socket is never shared: its peer (passt) serves one
+//! connection, so the target names its own even with `same_paths`; it never starts passt.
 
 use std::path::PathBuf;
 
 use api::types::MigrateReceiveRequest;
 
-use crate::config::{CacheMode, ConsoleConfig, HostBindings, Nic, VmConfig, VmSpec};
+use crate::config::{CacheMode, ConsoleConfig, HostBindings, NetBinding, Nic, VmConfig, VmSpec};
 use crate::snapshot::VmSnapshot;
 
 /// Errors binding a machine to this host.
@@ -38,6 +40,20 @@ pub enum BindError {
     NoVsockDevice,
     #[error("the machine changed during the migration: {0}")]
     Changed(String),
+    #[error("this receive names both taps and nets: give the network devices' bindings in nets (taps is its older form)")]
+    TapsAndNets,
+    #[error(
+        "network device {0} is on a stream socket at the source, which same_paths cannot share \
+         (its peer serves one connection): name this host's socket for it in nets"
+    )]
+    SharedStream(usize),
+    #[error(
+        "nets[{0}]: a migration target does not start passt: start one here (passt --socket \
+         PATH) and give {{\"socket\": PATH}}"
+    )]
+    Passt(usize),
+    #[error("nets[{0}]: {1}")]
+    Net(usize, String),
 }
 
 const OR_SAME: &str = ", or same_paths for two processes on one host";
@@ -56,7 +72,7 @@ pub fn strip(config: &mut VmConfig) -> HostBindings {
 pub struct Bound {
     /// Each disk's file and cache mode (none: the source's).
     disks: Vec<(PathBuf, Option<CacheMode>)>,
-    taps: Vec<String>,
+    nets: Vec<NetBinding>,
     vsock_socket: Option<PathBuf>,
     virtio_console: Option<ConsoleConfig>,
 }
@@ -95,19 +111,56 @@ impl Bound {
                 req.disks.len(),
             ));
         };
-        let taps = if req.taps.is_empty() && same && paths.taps.len() == machine.nets.len() {
-            paths.taps.clone()
-        } else if req.taps.len() == machine.nets.len() {
-            req.taps.clone()
+        if !req.taps.is_empty() && !req.nets.is_empty() {
+            return Err(BindError::TapsAndNets);
+        }
+        let given: Vec<NetBinding> = if req.nets.is_empty() {
+            req.taps.iter().cloned().map(NetBinding::Tap).collect()
+        } else {
+            req.nets.clone()
+        };
+        let nets = if given.is_empty() && same && paths.nets.len() == machine.nets.len() {
+            // Taps are shared (both sides attach to a multi-queue tap); streams are not.
+            if let Some(i) = paths.nets.iter().position(NetBinding::is_stream) {
+                return Err(BindError::SharedStream(i));
+            }
+            paths.nets.clone()
+        } else if given.len() == machine.nets.len() {
+            given
         } else {
             return Err(count(
                 "network devices",
                 "device",
-                "--tap",
+                "nets entry (--net)",
                 machine.nets.len(),
-                req.taps.len(),
+                given.len(),
             ));
         };
+        for (i, b) in nets.iter().enumerate() {
+            match b {
+                NetBinding::Passt(_) => return Err(BindError::Passt(i)),
+                NetBinding::Socket(p) => {
+                    spec::bindings::check_socket_path(p).map_err(|why| BindError::Net(i, why))?
+                }
+                NetBinding::Tap(t) => {
+                    spec::bindings::check_tap(t).map_err(|why| BindError::Net(i, why))?
+                }
+            }
+            // Only the kind of the source's binding is read here, never its path.
+            if let Some(was) = paths.nets.get(i) {
+                crate::snapshot::check_same_kind(i, was, b)
+                    .map_err(|why| BindError::Net(i, why))?;
+            }
+            if b.is_stream() && machine.nets[i].queues != 1 {
+                return Err(BindError::Net(
+                    i,
+                    format!(
+                        "the device has {} queue pairs; a stream socket carries one",
+                        machine.nets[i].queues
+                    ),
+                ));
+            }
+        }
         let vsock_socket = match (&machine.vsock, &req.vsock_socket) {
             (None, None) => None,
             (None, Some(_)) => return Err(BindError::NoVsockDevice),
@@ -125,7 +178,7 @@ impl Bound {
             });
         Ok(Bound {
             disks,
-            taps,
+            nets,
             vsock_socket,
             virtio_console,
         })
@@ -142,8 +195,8 @@ impl Bound {
         if spec.disks.len() != self.disks.len() {
             return Err(changed("disks", spec.disks.len(), self.disks.len()));
         }
-        if spec.nets.len() != self.taps.len() {
-            return Err(changed("network devices", spec.nets.len(), self.taps.len()));
+        if spec.nets.len() != self.nets.len() {
+            return Err(changed("network devices", spec.nets.len(), self.nets.len()));
         }
         if spec.vsock.is_some() != self.vsock_socket.is_some() {
             return Err(BindError::Changed("the vsock device".to_string()));
@@ -155,22 +208,22 @@ impl Bound {
         }
         snap.config.bindings = HostBindings {
             disks: self.disks.iter().map(|(p, _)| p.clone()).collect(),
-            taps: self.taps.clone(),
+            nets: self.nets.clone(),
             virtio_console: self.virtio_console.clone(),
             ..HostBindings::default()
         };
-        // New taps and vsock socket as a clone gets them; the guest keeps its MAC and CID.
-        let nets: Vec<(Nic, String)> = spec
+        // New backends and vsock socket as a clone gets them; the guest keeps its MAC and CID.
+        let nets: Vec<(Nic, NetBinding)> = spec
             .nets
             .iter()
-            .zip(&self.taps)
-            .map(|(n, tap)| {
+            .zip(&self.nets)
+            .map(|(n, binding)| {
                 (
                     Nic {
                         mac: None,
                         ..n.clone()
                     },
-                    tap.clone(),
+                    binding.clone(),
                 )
             })
             .collect();
@@ -200,7 +253,7 @@ mod tests {
         }
         let (nic, tap) = cli::net("tap=vtap0").unwrap();
         c.spec.nets.push(nic);
-        c.bindings.taps.push(tap);
+        c.bindings.nets.push(tap);
         let (v, socket) = cli::vsock("cid=5,socket=/src/v.sock").unwrap();
         c.spec.vsock = Some(v);
         c.bindings.vsock_socket = Some(socket);
@@ -216,6 +269,7 @@ mod tests {
             token: None,
             disks: vec![],
             taps: vec![],
+            nets: vec![],
             vsock_socket: None,
             same_paths: false,
         }
@@ -229,7 +283,7 @@ mod tests {
             paths.disks,
             [PathBuf::from("/src/a.raw"), "/src/b.raw".into()]
         );
-        assert_eq!(paths.taps, ["vtap0"]);
+        assert_eq!(paths.nets, [NetBinding::Tap("vtap0".into())]);
         assert_eq!(paths.vsock_socket, Some("/src/v.sock".into()));
         assert_eq!(paths.api_socket, None, "the process's own");
         let wire = serde_json::to_string(&c).unwrap();
@@ -281,7 +335,7 @@ mod tests {
         same.taps = vec!["vtap7".into()];
         let b = Bound::from_request(&same, &c.spec, &paths).unwrap();
         assert_eq!(b.disks[0], ("/src/a.raw".into(), None));
-        assert_eq!(b.taps, ["vtap7"]);
+        assert_eq!(b.nets, [NetBinding::Tap("vtap7".into())]);
         assert_eq!(b.vsock_socket, Some("/src/v.sock".into()));
         assert_eq!(
             b.virtio_console,
@@ -303,5 +357,65 @@ mod tests {
             Err(BindError::NoVsockDevice)
         ));
         assert!(Bound::from_request(&request(), &bare.spec, &none).is_ok());
+    }
+
+    #[test]
+    fn a_stream_socket_is_the_targets_own_and_stays_a_stream() {
+        use spec::cli;
+        let mut c = bare();
+        for n in ["tap=vtap0", "socket=/src/p.sock", "passt"] {
+            let (nic, b) = cli::net(n).unwrap();
+            c.spec.nets.push(nic);
+            c.bindings.nets.push(b);
+        }
+        let paths = strip(&mut c);
+        let wire = serde_json::to_string(&c).unwrap();
+        assert!(!wire.contains("/src/p.sock"), "{wire}");
+        let mut r = request();
+        let tap = || NetBinding::Tap("vtap9".into());
+        let sock = |p: &str| NetBinding::Socket(p.into());
+        r.nets = vec![tap(), sock("/dst/a.sock"), sock("/dst/b.sock")];
+        let b = Bound::from_request(&r, &c.spec, &paths).unwrap();
+        assert_eq!(b.nets, r.nets);
+        // The older field for taps, and not both.
+        r.taps = vec!["vtap9".into()];
+        assert!(matches!(
+            Bound::from_request(&r, &c.spec, &paths),
+            Err(BindError::TapsAndNets)
+        ));
+        r.taps.clear();
+        // A device keeps its kind of backend.
+        for (i, wrong) in [(0, sock("/dst/a.sock")), (1, tap()), (2, tap())] {
+            let mut w = r.clone();
+            w.nets[i] = wrong;
+            let e = Bound::from_request(&w, &c.spec, &paths).unwrap_err();
+            assert!(
+                matches!(&e, BindError::Net(n, why) if *n == i && why.contains("offloads")),
+                "{i}: {e}"
+            );
+        }
+        // No passt here; sockets are absolute.
+        let mut w = r.clone();
+        w.nets[2] = NetBinding::Passt(Default::default());
+        assert!(matches!(
+            Bound::from_request(&w, &c.spec, &paths),
+            Err(BindError::Passt(2))
+        ));
+        w.nets[2] = sock("relative.sock");
+        let e = Bound::from_request(&w, &c.spec, &paths).unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        // same_paths shares the source's taps, never its streams.
+        let mut same = request();
+        same.same_paths = true;
+        let e = Bound::from_request(&same, &c.spec, &paths).unwrap_err();
+        assert!(matches!(e, BindError::SharedStream(1)), "{e}");
+        same.nets = r.nets.clone();
+        assert!(Bound::from_request(&same, &c.spec, &paths).is_ok());
+        // A JSON request names them as the document does.
+        let req: MigrateReceiveRequest = serde_json::from_str(
+            r#"{"listen": "unix:/m", "nets": [{"tap": "t"}, {"socket": "/s"}, {"socket": "/t"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(req.nets[1], sock("/s"));
     }
 }

@@ -422,12 +422,14 @@ impl Machine {
 
 impl VmSnapshot {
     /// Gives the restored VM new host-side backends for its network devices (all of them, in
-    /// order: a clone needs its own taps) and its vsock device (a clone needs its own socket),
-    /// with a new MAC, guest CID or network rate limits (each direction) where given; the saved
-    /// ones otherwise. Each device is then built with the address and limits its state holds.
+    /// order: a clone needs its own taps or sockets) and its vsock device (a clone needs its
+    /// own socket), with a new MAC, guest CID or network rate limits (each direction) where
+    /// given; the saved ones otherwise. Each device is then built with the address and limits
+    /// its state holds. A device keeps its kind of backend: a tap's device offers the guest
+    /// offloads a stream socket cannot carry, and the guest negotiated them.
     pub fn rebind(
         &mut self,
-        nets: &[(crate::config::Nic, String)],
+        nets: &[(crate::config::Nic, crate::config::NetBinding)],
         vsock: Option<&(crate::config::Vsock, std::path::PathBuf)>,
     ) -> Result<(), SnapshotError> {
         let mismatch = |s: String| SnapshotError::Mismatch(s);
@@ -459,14 +461,20 @@ impl VmSnapshot {
                 None => (saved_rx, saved_tx),
             };
             let mac = match nets.get(i) {
-                Some((n, tap)) => {
+                Some((n, binding)) => {
                     if n.queues != spec.nets[i].queues {
                         return Err(mismatch(format!(
                             "network device {i} had {} queue pairs, not {}",
                             spec.nets[i].queues, n.queues
                         )));
                     }
-                    host.taps[i] = tap.clone();
+                    if let Some(saved) = host.nets.get(i) {
+                        check_same_kind(i, saved, binding).map_err(mismatch)?;
+                    }
+                    match host.nets.get_mut(i) {
+                        Some(b) => *b = binding.clone(),
+                        None => host.nets.push(binding.clone()),
+                    }
                     n.mac.unwrap_or(saved_mac)
                 }
                 None => saved_mac,
@@ -496,6 +504,47 @@ impl VmSnapshot {
         }
         Ok(())
     }
+}
+
+/// Refuses to move network device `i` between a tap and a stream socket: the device offered
+/// the guest what its backend takes (a tap: checksum and segmentation offloads; a stream:
+/// none), and a restored or migrated guest goes on with what it negotiated.
+pub fn check_same_kind(
+    i: usize,
+    was: &crate::config::NetBinding,
+    now: &crate::config::NetBinding,
+) -> Result<(), String> {
+    if was.is_stream() == now.is_stream() {
+        return Ok(());
+    }
+    let kind = |b: &crate::config::NetBinding| {
+        if b.is_stream() {
+            "a stream socket (socket= or passt)"
+        } else {
+            "a tap"
+        }
+    };
+    Err(format!(
+        "network device {i} was on {}, and its guest negotiated that backend's offloads: give it {} again, not {}",
+        kind(was),
+        kind(was),
+        kind(now)
+    ))
+}
+
+/// The network devices of the snapshot in `dir` and their saved bindings (for the host side
+/// to prepare a restore: the passt a saved `passt` binding needs).
+pub fn saved_nets(
+    dir: &Path,
+) -> Result<Vec<(crate::config::Nic, crate::config::NetBinding)>, SnapshotError> {
+    let (snap, _): (VmSnapshot, Lineage) = format::read_state_lineage(&dir.join(STATE_FILE))?;
+    let config = snap.config;
+    Ok(config
+        .spec
+        .nets
+        .into_iter()
+        .zip(config.bindings.nets)
+        .collect())
 }
 
 /// The saved state of virtio device `index` (in `virtio::setup` order).

@@ -1,5 +1,6 @@
-//! Where a network device's frames go: [`NetBackend`], implemented by a tap queue. Tests use a
-//! datagram socket pair instead, which keeps frame boundaries the same way.
+//! Where a network device's frames go: [`NetBackend`], implemented by a tap queue and by a
+//! stream socket ([`super::stream::StreamBackend`]: passt, QEMU's `-netdev stream` peers).
+//! Tests use a datagram socket pair too, which keeps frame boundaries as a tap does.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -12,12 +13,25 @@ pub trait NetBackend: Send + Sync {
     /// Read one frame into `buf`; `WouldBlock` when there is none. A frame longer than `buf` may
     /// be truncated to its length.
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Write one frame.
+    /// Write one frame. A backend on a byte stream may keep the part the stream does not take
+    /// now, to finish in [`NetBackend::flush`].
     fn send(&self, buf: &[u8]) -> io::Result<usize>;
+    /// Write what an earlier [`NetBackend::send`] kept. `Ok(false)` while some of it is still to
+    /// go: the caller sends nothing more until then, and polls [`NetBackend::raw_fd`] for
+    /// writability meanwhile. Backends that take each frame whole have nothing kept.
+    fn flush(&self) -> io::Result<bool> {
+        Ok(true)
+    }
     /// Accept these offloads (`TUN_F_*`) in received frames. Backends without offloads accept
     /// them all: their frames never need them.
     fn set_offload(&self, _flags: u32) -> io::Result<()> {
         Ok(())
+    }
+    /// Whether the backend honours the checksum and segmentation fields of the virtio-net
+    /// header (a tap's kernel does). Without, the device offers the guest none of those
+    /// offloads, either way, and never asks [`NetBackend::set_offload`] for any.
+    fn takes_offloads(&self) -> bool {
+        true
     }
     /// Attach (deliver frames to) or detach this queue of a multi-queue backend.
     fn set_queue_enabled(&self, _enabled: bool) -> io::Result<()> {

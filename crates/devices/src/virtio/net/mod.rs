@@ -1,15 +1,19 @@
-//! virtio-net: the network device (virtio 1.2 §5.1) on a [`NetBackend`], normally a tap.
+//! virtio-net: the network device (virtio 1.2 §5.1) on a [`NetBackend`]: a tap, or a Unix
+//! stream socket speaking QEMU's stream protocol ([`stream`]: passt).
 //!
 //! Queues: a receive and a transmit queue per queue pair (`rx0, tx0, rx1, tx1, ...`), then the
 //! control queue. Every frame carries the 12-byte `virtio_net_hdr_v1`, passed through to the tap
 //! as it is (`IFF_VNET_HDR`), so checksum and segmentation offloads work end to end: the tap's
-//! offloads (`TUNSETOFFLOAD`) follow the negotiated `GUEST_*` features.
+//! offloads (`TUNSETOFFLOAD`) follow the negotiated `GUEST_*` features. A backend that takes no
+//! offloads ([`NetBackend::takes_offloads`]: the stream socket, whose peer sees bare frames)
+//! gets a device that offers neither `CSUM`/`HOST_*` nor `GUEST_*`: every frame is complete.
 //!
 //! One worker thread per queue pair ([`worker`]) waits on the backend and both queues'
 //! notifications. Receive ([`rx`]): a frame read from the backend goes into the next available
 //! chain, or chains with `MRG_RXBUF`; with no room, the frame is kept and the backend is not
 //! polled until the driver adds buffers. Transmit ([`tx`]): each chain is gathered into one
-//! write. A malformed chain or an oversized frame drops only that packet. The control queue
+//! write; a backend that could not finish the last one ([`NetBackend::flush`]) leaves the
+//! chains in the ring and is polled for writability until it has. A malformed chain or an oversized frame drops only that packet. The control queue
 //! ([`ctrl`]) accepts RX-mode and MAC-table commands (no filtering is done) and
 //! `VQ_PAIRS_SET`, which attaches and detaches the tap's queues.
 //!
@@ -24,6 +28,7 @@ mod backend;
 mod counters;
 mod ctrl;
 mod rx;
+mod stream;
 mod tx;
 mod worker;
 
@@ -43,6 +48,7 @@ pub use counters::{NetCounters, NetCountersSnapshot};
 // The queue handlers on their own, for fuzz targets.
 pub use ctrl::CtrlHandler;
 pub use rx::{deliver, DropReason, RxOutcome};
+pub use stream::{FrameReader, FrameWriter, StreamBackend, StreamError, PREFIX_LEN};
 pub use tx::{TxError, TxHandler};
 
 use super::worker::QueueWorker;
@@ -109,6 +115,8 @@ pub enum NetError {
     Mac(#[source] std::io::Error),
     #[error(transparent)]
     Tap(#[from] ::net::TapError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
 }
@@ -176,31 +184,33 @@ impl Net {
             | feature(VIRTIO_NET_F_STATUS)
             | feature(VIRTIO_NET_F_MRG_RXBUF)
             | feature(VIRTIO_NET_F_CTRL_VQ)
-            | feature(VIRTIO_NET_F_CTRL_RX)
-            // The tap takes any header the guest writes: checksum and segmentation offloads.
-            | feature(VIRTIO_NET_F_CSUM)
-            | feature(VIRTIO_NET_F_HOST_TSO4)
-            | feature(VIRTIO_NET_F_HOST_TSO6)
-            | feature(VIRTIO_NET_F_HOST_ECN)
-            | feature(VIRTIO_NET_F_HOST_UFO);
-        // Guest offloads: those the backend accepts (UFO is refused by some kernels).
-        let all = GUEST_OFFLOADS.iter().fold(0, |a, (_, f)| a | f);
+            | feature(VIRTIO_NET_F_CTRL_RX);
         let backend = &backends[0];
-        for (try_flags, without) in [
-            (all, 0u32),
-            (all & !::net::tap::TUN_F_UFO, VIRTIO_NET_F_GUEST_UFO),
-        ] {
-            if backend.set_offload(try_flags).is_ok() {
-                for (bit, _) in GUEST_OFFLOADS {
-                    if without == 0 || bit != without {
-                        features |= feature(bit);
+        if backend.takes_offloads() {
+            // The tap takes any header the guest writes: checksum and segmentation offloads.
+            features |= feature(VIRTIO_NET_F_CSUM)
+                | feature(VIRTIO_NET_F_HOST_TSO4)
+                | feature(VIRTIO_NET_F_HOST_TSO6)
+                | feature(VIRTIO_NET_F_HOST_ECN)
+                | feature(VIRTIO_NET_F_HOST_UFO);
+            // Guest offloads: those the backend accepts (UFO is refused by some kernels).
+            let all = GUEST_OFFLOADS.iter().fold(0, |a, (_, f)| a | f);
+            for (try_flags, without) in [
+                (all, 0u32),
+                (all & !::net::tap::TUN_F_UFO, VIRTIO_NET_F_GUEST_UFO),
+            ] {
+                if backend.set_offload(try_flags).is_ok() {
+                    for (bit, _) in GUEST_OFFLOADS {
+                        if without == 0 || bit != without {
+                            features |= feature(bit);
+                        }
                     }
+                    break;
                 }
-                break;
             }
-        }
-        if let Err(e) = backend.set_offload(0) {
-            tracing::warn!("virtio-net: cannot clear the backend's offloads: {e}");
+            if let Err(e) = backend.set_offload(0) {
+                tracing::warn!("virtio-net: cannot clear the backend's offloads: {e}");
+            }
         }
         if pairs > 1 {
             features |= feature(VIRTIO_NET_F_MQ);
@@ -274,6 +284,13 @@ impl Net {
             .map(|t| Arc::new(t) as Arc<dyn NetBackend>)
             .collect();
         Net::new(backends, Some(mac))
+    }
+
+    /// A network device on the listening Unix stream socket at `path` (QEMU's stream
+    /// protocol: passt), connected now; one queue pair, no offloads.
+    pub fn with_stream(path: &std::path::Path, mac: Option<MacAddr>) -> Result<Net, NetError> {
+        let backend = StreamBackend::connect(path)?;
+        Net::new(vec![Arc::new(backend)], mac)
     }
 
     /// The device's MAC address.

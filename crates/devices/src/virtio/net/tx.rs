@@ -2,7 +2,9 @@
 //!
 //! With a rate limiter, a well-formed packet is sent only once the limiter grants it (one
 //! packet, the frame's bytes without the virtio-net header); otherwise its chain stays in the
-//! available ring and the pass ends until the limiter's timer wakes the worker.
+//! available ring and the pass ends until the limiter's timer wakes the worker. Likewise while
+//! the backend is still writing an earlier packet ([`NetBackend::flush`], a stream socket):
+//! the chain waits in the ring ([`TxHandler::blocked`]) until the backend polls writable.
 
 use std::sync::Arc;
 
@@ -39,6 +41,9 @@ pub struct TxHandler<'a> {
     pub counters: &'a NetCounters,
     /// The device's transmit limiter, and this queue pair's wake-up eventfd for it.
     pub limiter: Option<(&'a SharedLimiter, &'a Arc<EventFd>)>,
+    /// Set when a chain was left in the ring because the backend has an earlier packet still
+    /// to write: poll it for writability before the next pass.
+    pub blocked: bool,
 }
 
 /// What became of a transmit chain.
@@ -46,6 +51,8 @@ enum Sent {
     Done,
     /// The limiter has no tokens for it now.
     Limited,
+    /// The backend is still writing an earlier packet.
+    Blocked,
 }
 
 impl TxHandler<'_> {
@@ -60,6 +67,12 @@ impl TxHandler<'_> {
         }
         if len > MAX_PACKET_LEN as u64 {
             return Err(TxError::TooBig(len));
+        }
+        // Before the limiter: a packet put back for the backend is not charged twice.
+        match self.backend.flush() {
+            Ok(true) => {}
+            Ok(false) => return Ok(Sent::Blocked),
+            Err(e) => return Err(TxError::Backend(e.to_string())),
         }
         if let Some((limiter, waker)) = self.limiter {
             if !limiter.consume(1, len - HDR_LEN as u64, waker) {
@@ -87,6 +100,10 @@ impl ChainHandler for TxHandler<'_> {
     fn try_handle(&mut self, mem: &GuestMem, chain: &mut Chain) -> Option<u32> {
         match self.send(mem, chain) {
             Ok(Sent::Limited) => return None,
+            Ok(Sent::Blocked) => {
+                self.blocked = true;
+                return None;
+            }
             Ok(Sent::Done) => {
                 // At least a header and an Ethernet header: checked before sending.
                 self.counters

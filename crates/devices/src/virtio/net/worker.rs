@@ -6,6 +6,11 @@
 //! the receive queue, so an idle guest costs nothing and no frame is lost here (the kernel's tap
 //! queue drops what overflows it). Transmit: every notification serves the available chains.
 //!
+//! A backend still writing an earlier packet ([`NetBackend::flush`]: a stream socket whose peer
+//! reads slowly) makes transmission stop the same way: the chain stays in the ring and the
+//! backend is polled for writability (`EPOLLOUT`, beside `EPOLLIN` for receiving) until the
+//! packet is out, then the pass goes on.
+//!
 //! Rate limits ([`SharedLimiter`], one per direction, shared by all pairs): a transmit chain
 //! the limiter refuses stays in the ring and transmission stops; a received frame it refuses is
 //! kept (as when there are no buffers) and the backend leaves the epoll set, so that the kernel
@@ -86,6 +91,8 @@ struct Pair {
     limiters: Limiters,
     /// Transmission waits for the transmit limiter.
     tx_limited: bool,
+    /// Transmission waits for the backend to finish writing a packet (it is polled writable).
+    tx_blocked: bool,
     /// The pending frame waits for the receive limiter.
     rx_limited: bool,
     /// The receive limiter granted the pending frame already.
@@ -97,7 +104,8 @@ struct Pair {
     waiting: bool,
     /// The backend failed (say, the tap was deleted): it is not polled any more.
     backend_failed: bool,
-    backend_polled: bool,
+    /// The events the backend is polled for (none: not in the epoll set).
+    backend_polled: EventSet,
     pool: Vec<Chain>,
     tx_buf: Vec<u8>,
     tx_chain: Chain,
@@ -166,13 +174,14 @@ impl PairWorker {
                 mrg,
                 limiters,
                 tx_limited: false,
+                tx_blocked: false,
                 rx_limited: false,
                 rx_granted: false,
                 rx_buf: vec![0; MAX_PACKET_LEN + 1],
                 pending: None,
                 waiting: false,
                 backend_failed: false,
-                backend_polled: false,
+                backend_polled: EventSet::empty(),
                 pool: Vec::new(),
                 tx_buf: Vec::new(),
                 tx_chain: Chain::default(),
@@ -274,7 +283,18 @@ impl WorkerLoop for Pair {
                         let _ = self.rx_kick.read();
                         rx = true;
                     }
-                    TOKEN_BACKEND => rx = true,
+                    TOKEN_BACKEND => {
+                        let ready = ev.event_set();
+                        let out = EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP;
+                        if self.tx_blocked && ready.intersects(out) {
+                            // The backend can take more (or failed: the pass finds out).
+                            self.tx_blocked = false;
+                            self.tx_pass();
+                        }
+                        if self.backend_polled.contains(EventSet::IN) {
+                            rx = true;
+                        }
+                    }
                     TOKEN_WAKE => {
                         let _ = self.wake.read();
                         // The backend queue may have been attached or detached, or a limiter
@@ -320,39 +340,61 @@ impl Pair {
         }
     }
 
-    /// Poll the backend only while frames can go somewhere: not broken, the backend queue
-    /// enabled (a detached tap queue polls as an error forever) and working, and no frame
-    /// waiting for receive buffers or for the receive limiter.
+    /// Poll the backend for reading only while frames can go somewhere: not broken, the
+    /// backend queue enabled (a detached tap queue polls as an error forever) and working, and
+    /// no frame waiting for receive buffers or for the receive limiter; for writing while a
+    /// packet it could not finish holds transmission back.
     fn update_poll(&mut self) {
-        let on = !self.broken
+        let read = !self.broken
             && !self.backend_failed
             && !self.waiting
             && !self.rx_limited
             && self.backend.is_enabled();
-        if self.backend_polled == on {
+        let write = !self.broken && self.tx_blocked;
+        let mut want = EventSet::empty();
+        if read {
+            want |= EventSet::IN;
+        }
+        if write {
+            want |= EventSet::OUT;
+        }
+        if self.backend_polled == want {
             return;
         }
         let fd = self.backend.raw_fd();
-        let r = if on {
-            self.epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, TOKEN_BACKEND),
-            )
-        } else {
+        let event = EpollEvent::new(want, TOKEN_BACKEND);
+        let r = if want.is_empty() {
             self.epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        } else if self.backend_polled.is_empty() {
+            self.epoll.ctl(ControlOperation::Add, fd, event)
+        } else {
+            self.epoll.ctl(ControlOperation::Modify, fd, event)
         };
         match r {
-            Ok(()) => self.backend_polled = on,
+            Ok(()) => self.backend_polled = want,
             Err(e) => tracing::error!("virtio-net queue {}: epoll: {e}", self.rx_index),
         }
     }
 
     fn tx_pass(&mut self) {
-        if self.broken || self.tx_limited {
+        if self.broken || self.tx_blocked {
             return;
         }
+        if !self.tx_limited {
+            self.serve_tx();
+        }
+        // The backend may still hold the end of a packet (the last one sent, or one whose
+        // chain went back to the ring): poll it for writability until that is out, even when
+        // the ring is empty.
+        if !self.broken && !self.tx_blocked {
+            self.tx_blocked = matches!(self.backend.flush(), Ok(false));
+        }
+        self.update_poll();
+    }
+
+    /// One pass over the transmit ring.
+    fn serve_tx(&mut self) {
         let q = self.tx.clone();
         let mut q = lock(&q);
         let mut handler = TxHandler {
@@ -360,20 +402,25 @@ impl Pair {
             buf: &mut self.tx_buf,
             counters: &self.counters,
             limiter: self.limiters.tx.as_deref().map(|l| (l, &self.wake)),
+            blocked: false,
         };
-        match process_queue_until(
+        let result = process_queue_until(
             &mut q,
             &self.mem,
             &mut self.tx_chain,
             &mut handler,
             self.stop.flag(),
-        ) {
+        );
+        let blocked = handler.blocked;
+        match result {
             Ok(p) => {
                 if p.notify {
                     self.notify(self.tx_index);
                 }
-                // The limiter refused a packet: its timer wakes this worker.
-                self.tx_limited = p.deferred;
+                // The limiter refused a packet (its timer wakes this worker), or the backend
+                // is still writing an earlier one (it is polled writable: see update_poll).
+                self.tx_blocked = p.deferred && blocked;
+                self.tx_limited = p.deferred && !blocked;
                 if p.pending {
                     // More to do: come back through epoll, so that a stop request and receive
                     // work are seen between two passes.
