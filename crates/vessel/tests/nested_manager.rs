@@ -58,6 +58,15 @@ wait_console() {
         sleep 2
     done
 }
+# Every 60 s, the state of the processes this script waits on (a console poll once hung here
+# with L1 idle): pid, state, wait channel, command line.
+( while :; do
+    sleep 60
+    for p in /proc/[0-9]*; do
+        c=$(tr '\0' ' ' < $p/cmdline 2>/dev/null)
+        case "$c" in *vessel*|timeout*|grep*) echo "L1DIAG: ${p#/proc/} $(cut -d' ' -f3 $p/stat 2>/dev/null) $(cat $p/wchan 2>/dev/null) $c";; esac
+    done
+  done ) &
 MODS=virtio_mmio,virtio_blk,vfat,nls_cp437,nls_ascii,nls_utf8
 $V template create deb --kernel /l2/vmlinuz --initrd /l2/initrd.cpio.gz --memory 256M \
   --cmdline "console=ttyS0 panic=1 l2mods=$MODS l2root=/dev/vda" --disk /root.ext4 || exit 1
