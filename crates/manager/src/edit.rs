@@ -10,11 +10,7 @@ use spec::vm::VmSpec;
 
 use crate::layout::check_name;
 use crate::store::{now_s, Desired, RestartPolicy, StoreError, Template, VmRecord};
-use crate::vms::{Error, Manager, VmView};
-
-fn bad(e: impl std::fmt::Display) -> Error {
-    Error::BadRequest(e.to_string())
-}
+use crate::vms::{bad, Error, Manager, VmView};
 
 /// `PATCH /api/v1/vms/{name}`: what to change (anything left out stays). Changes to the
 /// machine (spec, cpus, memory, cmdline) apply at its next start.

@@ -81,6 +81,18 @@ impl Layout {
     pub fn vm_log(&self, name: &str) -> PathBuf {
         self.vm_dir(name).join("vm.log")
     }
+    /// The log as it was before its last rotation.
+    pub fn vm_log_rotated(&self, name: &str) -> PathBuf {
+        self.vm_log(name).with_extension("log.1")
+    }
+    /// The files the daemon writes for a VM beside its disks: its document and its logs.
+    pub fn vm_files(&self, name: &str) -> [PathBuf; 3] {
+        [
+            self.vm_config(name),
+            self.vm_log(name),
+            self.vm_log_rotated(name),
+        ]
+    }
     pub fn api_socket(&self, name: &str) -> PathBuf {
         self.vm_run(name).join("api.sock")
     }

@@ -23,17 +23,13 @@ use api::types::{
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Desired, StoreError, VmRecord};
-use crate::vms::{Error, Manager};
+use crate::vms::{bad, Error, Manager};
 
 /// How often a migration's status is read.
 const POLL: Duration = Duration::from_millis(100);
 
 /// How long an incoming VMM waits for its source before it is given up.
 const INCOMING_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn bad(e: impl std::fmt::Display) -> Error {
-    Error::BadRequest(e.to_string())
-}
 
 /// `POST /api/v1/migrations/incoming`: a VM on its way here.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -261,7 +257,7 @@ impl Manager {
     fn forget_incoming(&self, name: &str) {
         let _op = self.ops();
         let _ = self.store().delete_vm(name);
-        for f in [self.layout().vm_config(name), self.layout().vm_log(name)] {
+        for f in self.layout().vm_files(name) {
             let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_dir(self.layout().vm_dir(name));
@@ -329,11 +325,9 @@ impl Manager {
                 if let Ok(true) = away {
                     let _ = std::fs::remove_dir_all(self.layout().vm_dir(name));
                 } else {
-                    for f in [self.layout().vm_config(name), self.layout().vm_log(name)] {
+                    for f in self.layout().vm_files(name) {
                         let _ = std::fs::remove_file(f);
                     }
-                    let _ =
-                        std::fs::remove_file(self.layout().vm_log(name).with_extension("log.1"));
                 }
                 let _ = std::fs::remove_dir_all(self.layout().vm_run(name));
                 let downtime = status

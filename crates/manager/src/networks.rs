@@ -75,12 +75,7 @@ pub struct NetworkCreate {
 /// The tap of NIC `index` of VM `name`: stable (a VM's process finds the same one again),
 /// at most 15 characters.
 pub fn tap_name(vm: &str, index: usize) -> String {
-    // FNV-1a, 64 bits.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in vm.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = netmgr::name_hash(vm);
     format!("vt{:010x}{:x}", h & 0xff_ffff_ffff, index % 16)
 }
 
@@ -104,6 +99,12 @@ pub fn parse_nic(s: &str) -> Result<(String, Option<net::MacAddr>), String> {
 impl Manager {
     fn net_live(&self) -> std::sync::MutexGuard<'_, NetLive> {
         self.nets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the network is up: its dnsmasq runs (a `bridge` network has none: it is up
+    /// once started).
+    fn is_up(&self, rec: &NetworkRecord) -> bool {
+        self.net_live().dnsmasq.contains_key(&rec.def.name) || (!rec.def.managed() && rec.active)
     }
 
     fn net_dir(&self, name: &str) -> PathBuf {
@@ -299,8 +300,7 @@ impl Manager {
         let mut vms: Vec<String> = self.hosts_on(&name)?.into_iter().map(|h| h.name).collect();
         vms.dedup();
         Ok(NetworkView {
-            running: self.net_live().dnsmasq.contains_key(&name)
-                || (!record.def.managed() && record.active),
+            running: self.is_up(&record),
             bridge: record.def.bridge_name(),
             leases: self.leases_of(&name),
             vms,
@@ -322,7 +322,11 @@ impl Manager {
             let Ok(hosts) = self.hosts_on(n) else {
                 continue;
             };
-            let pid = self.net_live().dnsmasq.get(n).map(Child::id);
+            let pid = {
+                let mut live = self.net_live();
+                live.dnat.remove(n);
+                live.dnsmasq.get(n).map(Child::id)
+            };
             let files = netmgr::dnsmasq::Files {
                 dir: self.net_dir(n),
             };
@@ -375,8 +379,7 @@ impl Manager {
         let mut taps = Vec::new();
         for (i, n) in vm.networks.iter().enumerate() {
             let rec = self.store().network(n)?;
-            let up = self.net_live().dnsmasq.contains_key(n) || (!rec.def.managed() && rec.active);
-            if !up {
+            if !self.is_up(&rec) {
                 return Err(Error::Conflict(format!(
                     "{}: network {n} is not running (vessel net start {n})",
                     vm.name
@@ -471,9 +474,6 @@ impl Manager {
     fn watch_leases(&self) {
         let running: Vec<String> = self.net_live().dnsmasq.keys().cloned().collect();
         for n in running {
-            let Ok(rec) = self.store().network(&n) else {
-                continue;
-            };
             let leases = self.leases_of(&n);
             let now: HashMap<String, Ipv4Addr> =
                 leases.iter().map(|l| (l.mac.to_string(), l.ip)).collect();
@@ -487,8 +487,19 @@ impl Manager {
                         }
                     }
                 }
+            }
+            // The forwards follow the leases and the VMs on the network (`sync_hosts` drops
+            // them to have them made again), and are tried again while they fail.
+            let stale = now != before || !self.net_live().dnat.contains_key(&n);
+            if now != before {
                 self.net_live().seen.insert(n.clone(), now);
             }
+            if !stale {
+                continue;
+            }
+            let Ok(rec) = self.store().network(&n) else {
+                continue;
+            };
             let Ok(dnat) = self.dnat_of(&rec.def, &leases) else {
                 continue;
             };

@@ -13,14 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::check_name;
 use crate::store::{now_s, StoragePool, StoreError};
-use crate::vms::{Error, Manager};
+use crate::vms::{bad, Error, Manager};
 
 /// The pool the daemon makes for itself (in its state directory) when none has that name.
 pub const DEFAULT_POOL: &str = "default";
-
-fn bad(e: impl std::fmt::Display) -> Error {
-    Error::BadRequest(e.to_string())
-}
 
 fn failed(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Failed(format!("{}: {e}", path.display()))

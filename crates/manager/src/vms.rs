@@ -53,7 +53,7 @@ impl Error {
     }
 }
 
-fn bad(e: impl std::fmt::Display) -> Error {
+pub(crate) fn bad(e: impl std::fmt::Display) -> Error {
     Error::BadRequest(e.to_string())
 }
 
@@ -1041,7 +1041,8 @@ impl Manager {
     pub fn log(&self, name: &str, lines: usize) -> Result<String, Error> {
         self.store.vm(name)?;
         let log = self.layout.vm_log(name);
-        let mut text = std::fs::read_to_string(log.with_extension("log.1")).unwrap_or_default();
+        let mut text =
+            std::fs::read_to_string(self.layout.vm_log_rotated(name)).unwrap_or_default();
         text.push_str(&std::fs::read_to_string(&log).unwrap_or_default());
         let all: Vec<&str> = text.lines().collect();
         let mut out = all[all.len().saturating_sub(lines)..].join("\n");
@@ -1131,10 +1132,9 @@ impl Manager {
             return Err(Error::Conflict(format!("{name} is running: stop it first")));
         }
         if keep_disks {
-            for f in [self.layout.vm_config(name), self.layout.vm_log(name)] {
+            for f in self.layout.vm_files(name) {
                 let _ = std::fs::remove_file(f);
             }
-            let _ = std::fs::remove_file(self.layout.vm_log(name).with_extension("log.1"));
         }
         // Attached volumes (and a defined VM's images) stay. A VM that migrated here may
         // have its disks and snapshots elsewhere (on storage both hosts reach).

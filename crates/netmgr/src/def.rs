@@ -222,6 +222,14 @@ fn yes() -> bool {
     true
 }
 
+/// A stable 64-bit hash of a name (FNV-1a), for the names and addresses derived from it
+/// (a network's bridge address, a VM NIC's tap name): the same on every host and run.
+pub fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Whether `name` is a Linux interface name (1 to 15 characters, no `/`, space or `:`).
 pub fn check_ifname(name: &str) -> Result<(), String> {
     if name.is_empty()
@@ -267,12 +275,7 @@ impl NetworkDef {
     /// The bridge's address: locally administered, derived from the network's name (stable
     /// across restarts of the network and the host).
     pub fn bridge_mac(&self) -> net::MacAddr {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in self.name.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        let b = h.to_be_bytes();
+        let b = name_hash(&self.name).to_be_bytes();
         net::MacAddr::local_from([b[0], b[1], b[2], b[3], b[4], b[5]])
     }
 

@@ -19,7 +19,7 @@ pub mod nft;
 use std::path::Path;
 use std::process::Child;
 
-pub use def::{DefError, Forward, Ipv4Cidr, Mode, NetworkDef, Proto, StaticLease};
+pub use def::{name_hash, DefError, Forward, Ipv4Cidr, Mode, NetworkDef, Proto, StaticLease};
 pub use dnsmasq::{Host, Lease};
 pub use link::Links;
 
